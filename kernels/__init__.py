@@ -1,0 +1,1 @@
+"""Tensor ops of the MoE layer: plain-PyTorch references and Triton kernels."""

@@ -1,0 +1,1 @@
+"""The editor face: a pygls language server on top of assistant.tasks."""

@@ -1,0 +1,1 @@
+"""The MoE language model: tokenizer, layers, training, generation, checkpoints."""

@@ -1,0 +1,1 @@
+"""Corpus building, synthetic task data and token packing."""

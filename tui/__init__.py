@@ -1,0 +1,1 @@
+"""The terminal face: a Textual chat app on top of assistant.tasks."""
