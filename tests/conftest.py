@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny tokenizer and a tiny model, built in seconds on the CPU."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _sample_sources() -> list[Path]:
+    """A few KB of real Python to train the tiny tokenizer: the project's own code and some stdlib."""
+    import json
+    import textwrap
+
+    files = sorted((ROOT / "model").rglob("*.py")) + sorted((ROOT / "kernels").glob("*.py"))
+    std = Path(json.__file__).parent
+    files += sorted(std.glob("*.py")) + [Path(textwrap.__file__)]
+    return [f for f in files if f.is_file()]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_path(tmp_path_factory) -> Path:
+    from model.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    return train_tokenizer(_sample_sources(), out, vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_path):
+    from model.tokenizer import Tokenizer
+
+    return Tokenizer.load(tiny_tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_path) -> Path:
+    import dataclasses
+
+    import torch
+
+    from model.checkpoint import export
+    from model.config import get_preset
+    from model.transformer import Transformer
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(get_preset("tiny"), vocab_size=512)
+    model = Transformer(cfg)
+    out = tmp_path_factory.mktemp("tiny_model")
+    export(model, cfg, tiny_tokenizer_path, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def python_exe() -> str:
+    return sys.executable
