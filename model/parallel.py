@@ -1,0 +1,116 @@
+"""Scale-out on PyTorch's own distributed engine: DeviceMesh, expert parallelism, FSDP2/HSDP.
+
+Layout (as in torchtitan): the data-parallel ranks form a ``(dp_replicate, dp_shard)`` mesh
+for the dense parameters (attention, dense and shared MLPs, embeddings); the routed experts
+live on an expert mesh ``(dp_replicate, dp_shard // ep, ep)``: each EP rank holds
+``n_experts // ep`` experts, and the remaining data-parallel dimension FSDP-shards them.
+EP ranks are the fastest-varying dimension, so an EP group stays inside a node when the
+world spans nodes (ranks are numbered node by node) and the all-to-all rides NVLink.
+
+Expert-parallel dispatch: every rank groups its (token, expert) assignments by expert,
+exchanges per-expert counts with ``all_to_all_single``, sends the token rows to the ranks
+owning their experts (uneven splits), runs the local experts through the same ``kernels``
+ops, and sends the outputs back with the inverse all-to-all; the weighted sum over k
+happens where the tokens live. Both all-to-alls are differentiable
+(``torch.distributed.nn.functional.all_to_all_single``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+import kernels
+
+
+def ep_moe_experts(
+    x_TD: torch.Tensor,
+    weights_TK: torch.Tensor,
+    experts_TK: torch.Tensor,
+    w_gate_local: torch.Tensor,
+    w_up_local: torch.Tensor,
+    w_down_local: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """``kernels.moe_experts`` with the experts spread over the ranks of ``group``.
+
+    ``experts_TK`` holds global expert ids; rank r of the group owns experts
+    ``[r * E_local, (r + 1) * E_local)``. Returns this rank's ``y_TD``.
+    """
+    W = dist.get_world_size(group)
+    E_local = w_gate_local.shape[0]
+    E = E_local * W
+    T, D = x_TD.shape
+    x_perm, counts_E, _, row_index = kernels.permute(x_TD, experts_TK, E)
+
+    # 1. how many rows each rank sends to each of my local experts
+    counts_recv = torch.empty_like(counts_E)
+    dist.all_to_all_single(counts_recv, counts_E, group=group)
+    counts_send_WE = counts_E.view(W, E_local)
+    counts_recv_WE = counts_recv.view(W, E_local)
+    send_splits = counts_send_WE.sum(1).tolist()
+    recv_splits = counts_recv_WE.sum(1).tolist()
+
+    # 2. the token rows themselves (uneven splits), differentiable
+    x_recv = dist_fn.all_to_all_single(
+        x_perm.new_empty((sum(recv_splits), D)), x_perm, recv_splits, send_splits, group=group
+    )
+    # rows arrive ordered by (source rank, local expert): tag each with its local expert
+    local_ids = torch.repeat_interleave(
+        torch.arange(E_local, device=x_TD.device).repeat(W), counts_recv_WE.reshape(-1)
+    )
+    ones = torch.ones((x_recv.shape[0], 1), dtype=torch.float32, device=x_TD.device)
+    y_recv = kernels.moe_experts(x_recv, ones, local_ids[:, None], w_gate_local, w_up_local, w_down_local)
+
+    # 3. back to the ranks the tokens came from, then the weighted sum over k
+    y_perm = dist_fn.all_to_all_single(
+        y_recv.new_empty((x_perm.shape[0], y_recv.shape[1])), y_recv, send_splits, recv_splits, group=group
+    )
+    return kernels.unpermute(y_perm, weights_TK, row_index, T)
+
+
+@dataclass
+class ParallelDims:
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: whatever the world size leaves
+    ep: int = 1
+
+    def resolve(self, world_size: int) -> ParallelDims:
+        shard = self.dp_shard if self.dp_shard > 0 else world_size // max(self.dp_replicate, 1)
+        dims = ParallelDims(self.dp_replicate, shard, self.ep)
+        if dims.dp_replicate * dims.dp_shard != world_size:
+            raise ValueError(
+                f"--dp-replicate {dims.dp_replicate} x --dp-shard {dims.dp_shard} != world size {world_size}"
+            )
+        if dims.ep < 1 or dims.dp_shard % dims.ep != 0:
+            raise ValueError(f"--ep {dims.ep} must divide --dp-shard {dims.dp_shard}")
+        return dims
+
+
+def ep_group_ranks(dims: ParallelDims, world_size: int) -> list[list[int]]:
+    """Rank lists of the EP groups: consecutive ranks (the fastest mesh dimension)."""
+    return [list(range(s, s + dims.ep)) for s in range(0, world_size, dims.ep)]
+
+
+def shard_experts(moe: torch.nn.Module, rank_in_group: int, group_size: int, group) -> None:
+    """Keep only this rank's slice of the stacked expert weights and route through EP."""
+    E = moe.w_gate.shape[0]
+    if E % group_size:
+        raise ValueError(f"n_experts {E} is not divisible by ep {group_size}")
+    n = E // group_size
+    sl = slice(rank_in_group * n, (rank_in_group + 1) * n)
+    for name in ("w_gate", "w_up", "w_down"):
+        full = getattr(moe, name)
+        setattr(moe, name, torch.nn.Parameter(full.detach()[sl].clone(), requires_grad=full.requires_grad))
+    moe.expert_offset = rank_in_group * n
+    moe.experts_fn = functools.partial(ep_moe_experts, group=group)
+
+
+def env_rank() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment (single process: 0, 1, 0)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))

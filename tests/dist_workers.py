@@ -1,0 +1,71 @@
+"""Worker programs for the distributed tests, launched with torchrun (gloo, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def _init() -> tuple[int, int]:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _ep_inputs(rank: int, T: int, D: int, E: int, K: int, starve: int):
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(T, D, generator=g, dtype=torch.float64)
+    logits = torch.randn(T, E, generator=g, dtype=torch.float64)
+    logits[:, starve] = -1e9  # this expert receives no tokens from anyone
+    return x, logits
+
+
+def ep_layer(out_path: str) -> None:
+    """EP forward/backward of the routed experts equals the single-process reference."""
+    import kernels
+    from kernels.reference import moe_experts
+    from model.parallel import ep_moe_experts
+
+    rank, world = _init()
+    T, D, F, E, K = 7 + rank, 8, 6, 4 * world, 2
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(E, D, F, generator=g, dtype=torch.float64),
+         torch.randn(E, D, F, generator=g, dtype=torch.float64),
+         torch.randn(E, F, D, generator=g, dtype=torch.float64)]
+    n = E // world
+    local = [p[rank * n:(rank + 1) * n].clone().requires_grad_(True) for p in w]
+    x, logits = _ep_inputs(rank, T, D, E, K, starve=E - 1)
+    x.requires_grad_(True)
+    weights, experts = kernels.route(logits, K)
+    weights = weights.double().requires_grad_(True)
+    y = ep_moe_experts(x, weights, experts, *local, group=None)
+    (y * torch.arange(y.numel(), dtype=y.dtype).reshape(y.shape).cos()).sum().backward()
+
+    # reference on one process: every rank's tokens through the full weights
+    full = [p.clone().requires_grad_(True) for p in w]
+    errs = {"y": 0.0, "dx": 0.0, "dweights": 0.0, "dw": 0.0}
+    for r in range(world):
+        xr, lr = _ep_inputs(r, 7 + r, D, E, K, starve=E - 1)
+        xr.requires_grad_(True)
+        wr, er = kernels.route(lr, K)
+        wr = wr.double().requires_grad_(True)
+        yr = moe_experts(xr, wr, er, *full)
+        (yr * torch.arange(yr.numel(), dtype=yr.dtype).reshape(yr.shape).cos()).sum().backward()
+        if r == rank:
+            errs["y"] = (yr - y).abs().max().item()
+            errs["dx"] = (xr.grad - x.grad).abs().max().item()
+            errs["dweights"] = (wr.grad - weights.grad).abs().max().item()
+    for p_full, p_local in zip(full, local):
+        errs["dw"] = max(errs["dw"], (p_full.grad[rank * n:(rank + 1) * n] - p_local.grad).abs().max().item())
+    errs["empty_expert_grad"] = full[0].grad[E - 1].abs().max().item()
+    with open(f"{out_path}.{rank}", "w") as f:
+        json.dump(errs, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    globals()[sys.argv[1]](*sys.argv[2:])
