@@ -1,0 +1,90 @@
+"""The MoE feed-forward block: fp32 router, stacked routed experts, shared experts, balance losses.
+
+Dropless: every token goes through exactly ``top_k`` routed experts (no capacity factor).
+The routed-expert math runs only through the public ops of ``kernels``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from model.config import ModelConfig
+from model.layers import SwiGLU
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, D, Fh = cfg.n_experts, cfg.dim, cfg.expert_hidden
+        self.n_experts, self.top_k = E, cfg.top_k
+        self.score_func, self.renormalize = cfg.score_func, cfg.route_renormalize
+        self.aux_loss_coef, self.z_loss_coef = cfg.aux_loss_coef, cfg.z_loss_coef
+        self.use_bias = cfg.bias_update_rate > 0
+        self.gate = nn.Linear(D, E, bias=False)  # the router; always evaluated in float32
+        self.w_gate = nn.Parameter(torch.empty(E, D, Fh))
+        self.w_up = nn.Parameter(torch.empty(E, D, Fh))
+        self.w_down = nn.Parameter(torch.empty(E, Fh, D))
+        self.shared = SwiGLU(D, cfg.n_shared_experts * Fh) if cfg.n_shared_experts > 0 else None
+        # DeepSeek-V3 selection bias: shifts which experts are chosen, never the weights.
+        self.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32))
+        # tokens per expert accumulated over training forwards since the last bias update
+        self.register_buffer("counts_acc", torch.zeros(E, dtype=torch.float32), persistent=False)
+        self.last: dict[str, torch.Tensor] = {}
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        x_TD = x_BTD.reshape(B * T, D)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        bias = self.expert_bias if self.use_bias else None
+        weights_TK, experts_TK = kernels.route(logits_TE, self.top_k, self.score_func, bias, self.renormalize)
+
+        x_in = x_TD
+        if torch.is_autocast_enabled(x_TD.device.type):
+            x_in = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
+        y_TD = kernels.moe_experts(x_in, weights_TK, experts_TK, self.w_gate, self.w_up, self.w_down)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_in)
+        self._record(logits_TE, experts_TK)
+        return y_TD.reshape(B, T, D).to(x_BTD.dtype)
+
+    def _record(self, logits_TE: torch.Tensor, experts_TK: torch.Tensor) -> None:
+        """Tensor statistics of this forward (no host sync) and, when training, the losses."""
+        counts = torch.bincount(experts_TK.reshape(-1), minlength=self.n_experts).float()
+        last = {"counts": counts}
+        if self.training:
+            self.counts_acc += counts
+        if torch.is_grad_enabled() and (self.aux_loss_coef > 0 or self.z_loss_coef > 0):
+            if self.score_func == "softmax":
+                probs = logits_TE.softmax(-1)
+            else:
+                s = logits_TE.sigmoid()
+                probs = s / s.sum(-1, keepdim=True)
+            frac = counts / counts.sum().clamp_min(1)  # f_i: share of assignments (no grad)
+            last["balance_loss"] = self.n_experts * (frac * probs.mean(0)).sum()
+            last["z_loss"] = torch.logsumexp(logits_TE, dim=-1).square().mean()
+        self.last = last
+
+    def aux_loss(self) -> torch.Tensor:
+        """Weighted balance + z loss of the last forward (zero if disabled or not computed)."""
+        total = self.expert_bias.new_zeros(())
+        if "balance_loss" in self.last:
+            total = total + self.aux_loss_coef * self.last["balance_loss"] + self.z_loss_coef * self.last["z_loss"]
+        return total
+
+    @torch.no_grad()
+    def update_bias(self, counts_E: torch.Tensor, rate: float) -> None:
+        """Sign-based DeepSeek-V3 update: raise the bias of underloaded experts, lower overloaded."""
+        counts = counts_E.to(self.expert_bias.device).float()
+        self.expert_bias += rate * torch.sign(counts.mean() - counts)
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.gate.weight, std=std)
+        nn.init.normal_(self.w_gate, std=std)
+        nn.init.normal_(self.w_up, std=std)
+        nn.init.normal_(self.w_down, std=out_std)
+        self.expert_bias.zero_()
+        self.counts_acc.zero_()

@@ -1,0 +1,159 @@
+"""The MoE transformer: embedding -> n_dense_layers dense blocks -> MoE blocks -> RMSNorm -> tied head.
+
+Pre-norm residual blocks, grouped-query attention with rotary embeddings and an optional
+preallocated KV cache. ``forward`` returns float32 logits; ``aux_loss()`` the weighted balance
+and z losses of the last forward (train.py adds it to the LM loss); ``last_stats`` plain numbers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+from model.layers import Attention, KVCache, RMSNorm, SwiGLU, attention_mask, rope_tables
+from model.moe import MoE
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn: nn.Module = MoE(cfg) if moe else SwiGLU(cfg.dim, cfg.dense_hidden)
+
+    def forward(self, x, cos, sin, start_pos=0, cache=None, mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, start_pos, cache, mask)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, moe=i >= cfg.n_dense_layers) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_weights()
+
+    # ----------------------------------------------------------------- init
+    def reset_buffers(self, device=None) -> None:
+        """(Re)compute the RoPE tables, e.g. after ``to_empty`` from the meta device."""
+        device = device if device is not None else self.tok_emb.weight.device
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device=None) -> None:
+        """Embedding and projections N(0, 0.02); residual outputs scaled by 1/sqrt(2 * n_layers)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        if self.tok_emb.weight.device.type != "meta":
+            self.reset_buffers(buffer_device)
+        nn.init.normal_(self.tok_emb.weight, std=std)
+        for block in self.layers:
+            block.attn_norm.reset_parameters()
+            block.ffn_norm.reset_parameters()
+            for lin in (block.attn.wq, block.attn.wk, block.attn.wv):
+                nn.init.normal_(lin.weight, std=std)
+            nn.init.normal_(block.attn.wo.weight, std=out_std)
+            if isinstance(block.ffn, MoE):
+                block.ffn.reset_parameters(std, out_std)
+            ffn = block.ffn.shared if isinstance(block.ffn, MoE) else block.ffn
+            if ffn is not None:
+                nn.init.normal_(ffn.w1.weight, std=std)
+                nn.init.normal_(ffn.w3.weight, std=std)
+                nn.init.normal_(ffn.w2.weight, std=out_std)
+        self.norm.reset_parameters()
+
+    # ----------------------------------------------------------------- forward
+    def setup_cache(self, batch: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
+        max_len = self.cfg.max_seq_len if max_len is None else max_len
+        if max_len > self.cfg.max_seq_len:
+            raise ValueError(f"cache length {max_len} exceeds the context length {self.cfg.max_seq_len}")
+        device = device if device is not None else self.tok_emb.weight.device
+        dtype = dtype if dtype is not None else self.tok_emb.weight.dtype
+        return KVCache(self.cfg.n_layers, batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, device, dtype)
+
+    def forward(self, tokens_BT: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        B, T = tokens_BT.shape
+        end = start_pos + T
+        limit = cache.max_len if cache is not None else self.cfg.max_seq_len
+        if end > limit:
+            raise ValueError(f"sequence end {end} exceeds the {'cache' if cache else 'context'} length {limit}")
+        pad = cache.pad_lens if cache is not None else None
+        if pad is None:
+            cos, sin = self.rope_cos[None, start_pos:end], self.rope_sin[None, start_pos:end]
+        else:  # per-row positions: a row's first real token is position 0
+            pos = (torch.arange(start_pos, end, device=tokens_BT.device)[None] - pad[:, None]).clamp_min(0)
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        mask = None
+        if cache is not None and (pad is not None or (start_pos > 0 and T > 1)):
+            mask = attention_mask(start_pos, T, pad, tokens_BT.device)
+        h = self.tok_emb(tokens_BT)
+        for i, block in enumerate(self.layers):
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            h = block(h, cos, sin, start_pos, kv, mask)
+        h = self.norm(h)
+        return F.linear(h, self.tok_emb.weight).float()
+
+    # ----------------------------------------------------------------- MoE bookkeeping
+    def moe_layers(self) -> list[MoE]:
+        return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
+
+    def aux_loss(self) -> torch.Tensor:
+        """Summed weighted balance + z losses of the last forward (a zero tensor if disabled)."""
+        total = self.tok_emb.weight.new_zeros((), dtype=torch.float32)
+        for moe in self.moe_layers():
+            total = total + moe.aux_loss()
+        return total
+
+    def expert_counts(self) -> torch.Tensor:
+        """Tokens per expert accumulated over training forwards since the last bias update: [n_moe, E]."""
+        layers = self.moe_layers()
+        if not layers:
+            return torch.zeros(0, 0)
+        return torch.stack([m.counts_acc for m in layers])
+
+    @torch.no_grad()
+    def update_bias(self, counts_LE: torch.Tensor | None = None, rate: float | None = None) -> None:
+        """DeepSeek-V3 aux-loss-free balancing step; call once per optimizer step.
+
+        ``counts_LE`` defaults to ``expert_counts()`` (all-reduce it first when data parallel).
+        Resets the accumulated counts.
+        """
+        rate = self.cfg.bias_update_rate if rate is None else rate
+        layers = self.moe_layers()
+        counts = self.expert_counts() if counts_LE is None else counts_LE
+        for moe, c in zip(layers, counts):
+            if rate > 0:
+                moe.update_bias(c, rate)
+            moe.counts_acc.zero_()
+
+    @property
+    def last_stats(self) -> dict:
+        """MoE statistics of the last forward as plain numbers (syncs with the device)."""
+        per_layer, imbalance, balance, z = [], [], [], []
+        for moe in self.moe_layers():
+            if "counts" not in moe.last:
+                continue
+            counts = moe.last["counts"]
+            per_layer.append([int(c) for c in counts.tolist()])
+            imbalance.append(float(counts.max() / counts.mean().clamp_min(1e-9)))
+            if "balance_loss" in moe.last:
+                balance.append(float(moe.last["balance_loss"].detach()))
+                z.append(float(moe.last["z_loss"].detach()))
+        return {
+            "tokens_per_expert": per_layer,
+            "imbalance": imbalance,  # max / mean tokens per expert, per MoE layer
+            "max_imbalance": max(imbalance, default=0.0),
+            "balance_loss": sum(balance) / len(balance) if balance else 0.0,
+            "z_loss": sum(z) / len(z) if z else 0.0,
+            "expert_bias": [m.expert_bias.tolist() for m in self.moe_layers()],
+        }
