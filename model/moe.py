@@ -15,6 +15,24 @@ from model.config import ModelConfig
 from model.layers import SwiGLU
 
 
+class GroupedExperts(nn.Module):
+    """The routed experts as stacked weights, one SwiGLU MLP per expert.
+
+    A module of its own so that scale-out can place it on the expert mesh (expert
+    parallelism swaps ``experts_fn`` for the all-to-all version; see model/parallel.py).
+    """
+
+    def __init__(self, n_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.w_gate = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.w_up = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.w_down = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.experts_fn = kernels.moe_experts
+
+    def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+        return self.experts_fn(x_TD, weights_TK, experts_TK, self.w_gate, self.w_up, self.w_down)
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -24,9 +42,7 @@ class MoE(nn.Module):
         self.aux_loss_coef, self.z_loss_coef = cfg.aux_loss_coef, cfg.z_loss_coef
         self.use_bias = cfg.bias_update_rate > 0
         self.gate = nn.Linear(D, E, bias=False)  # the router; always evaluated in float32
-        self.w_gate = nn.Parameter(torch.empty(E, D, Fh))
-        self.w_up = nn.Parameter(torch.empty(E, D, Fh))
-        self.w_down = nn.Parameter(torch.empty(E, Fh, D))
+        self.experts = GroupedExperts(E, D, Fh)
         self.shared = SwiGLU(D, cfg.n_shared_experts * Fh) if cfg.n_shared_experts > 0 else None
         # DeepSeek-V3 selection bias: shifts which experts are chosen, never the weights.
         self.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32))
@@ -45,7 +61,7 @@ class MoE(nn.Module):
         x_in = x_TD
         if torch.is_autocast_enabled(x_TD.device.type):
             x_in = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
-        y_TD = kernels.moe_experts(x_in, weights_TK, experts_TK, self.w_gate, self.w_up, self.w_down)
+        y_TD = self.experts(x_in, weights_TK, experts_TK)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_in)
         self._record(logits_TE, experts_TK)
@@ -83,8 +99,8 @@ class MoE(nn.Module):
 
     def reset_parameters(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.gate.weight, std=std)
-        nn.init.normal_(self.w_gate, std=std)
-        nn.init.normal_(self.w_up, std=std)
-        nn.init.normal_(self.w_down, std=out_std)
+        nn.init.normal_(self.experts.w_gate, std=std)
+        nn.init.normal_(self.experts.w_up, std=std)
+        nn.init.normal_(self.experts.w_down, std=out_std)
         self.expert_bias.zero_()
         self.counts_acc.zero_()

@@ -125,7 +125,7 @@ def test_moe_block_matches_the_per_expert_loop():
         y = moe(x)
         logits = torch.nn.functional.linear(x[0], moe.gate.weight)
         w, e = kernels.route(logits, moe.top_k, moe.score_func)
-        ref = kernels.moe_experts_loop(x[0], w, e, moe.w_gate, moe.w_up, moe.w_down) + moe.shared(x[0])
+        ref = kernels.moe_experts_loop(x[0], w, e, moe.experts.w_gate, moe.experts.w_up, moe.experts.w_down) + moe.shared(x[0])
     torch.testing.assert_close(y[0], ref, atol=1e-5, rtol=1e-4)
 
 
@@ -142,7 +142,7 @@ def test_aux_losses_are_exposed_weighted_and_differentiable():
     assert stats["z_loss"] > 0
     (logits.logsumexp(-1).mean() + aux).backward()
     assert moe.gate.weight.grad is not None and moe.gate.weight.grad.abs().sum() > 0
-    assert moe.w_down.grad.abs().sum() > 0
+    assert moe.experts.w_down.grad.abs().sum() > 0
     off = make(tiny(aux_loss_coef=0.0, z_loss_coef=0.0)).train()
     off(x)
     assert float(off.aux_loss()) == 0.0
