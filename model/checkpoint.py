@@ -1,0 +1,248 @@
+"""Released weights: export to / load from a directory, never through pickle.
+
+A model directory holds::
+
+    model.safetensors   the weights (float32/float16/bfloat16, or int8 + fp16 per-channel scales)
+    config.json         {"format", "format_version", "config", "dtype", "quantization",
+                         "weights_file", "sha256", "size", "tokenizer"}
+    tokenizer.model     the sentencepiece model
+
+int8 storage quantises every weight matrix per output channel (reduction over dim 1: the
+input dim of a Linear [out, in], the width of the embedding [V, D] (= the tied head's output
+rows) and the input dim of the stacked experts [E, in, out]); the router gate, norms and the
+selection bias stay float32. Weights are dequantised to float32 at load.
+
+Training state (optimizer, step, ...) is train.py's DCP checkpoint; ``moecoder export``
+turns one into a model directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.config import ModelConfig
+from model.transformer import Transformer
+
+FORMAT = "moecoder-weights"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.model"
+SCALE_SUFFIX = ".qscale"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A missing, corrupt or mismatched model directory (one-line message)."""
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Any  # model.tokenizer.Tokenizer
+    config: ModelConfig
+
+
+def default_model_dir() -> Path:
+    """The shipped model: ``model/weights/``."""
+    return Path(__file__).resolve().parent / "weights"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _quantizable(name: str, t: torch.Tensor) -> bool:
+    return t.is_floating_point() and t.ndim >= 2 and not name.endswith("ffn.gate.weight")
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel (absmax over dim 1); returns (int8 weights, fp16 scales)."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-8).half()
+    q = torch.round(w / scale.float()).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()
+
+
+def export(model: Transformer, cfg: ModelConfig, tokenizer_path, out_dir, int8: bool = False,
+           dtype: str = "float32", overwrite: bool = False) -> Path:
+    """Write ``out_dir`` (created if needed). Refuses to replace an existing export unless ``overwrite``."""
+    from safetensors.torch import save_file
+
+    if dtype not in _DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r} (choose from {', '.join(_DTYPES)})")
+    out = Path(out_dir)
+    tok_src = Path(tokenizer_path)
+    if tok_src.is_dir():
+        tok_src = tok_src / TOKENIZER
+    if not tok_src.is_file():
+        raise CheckpointError(f"tokenizer not found: {tok_src}")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a directory")
+    existing = [n for n in (WEIGHTS, CONFIG, TOKENIZER) if (out / n).exists()]
+    if existing and not overwrite:
+        raise CheckpointError(f"{out} already holds a model ({', '.join(existing)}); refusing to overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+
+    tensors: dict[str, torch.Tensor] = {}
+    quantized: list[str] = []
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu()
+        if int8 and _quantizable(name, t):
+            tensors[name], tensors[name + SCALE_SUFFIX] = quantize_int8(t)
+            quantized.append(name)
+        elif t.is_floating_point():
+            keep32 = int8 or name.endswith(("expert_bias", "ffn.gate.weight"))
+            tensors[name] = t.float().contiguous() if keep32 else t.to(_DTYPES[dtype]).contiguous()
+        else:
+            tensors[name] = t.contiguous()
+
+    # write to temporary names, then rename: a crash never leaves a half-written model
+    tmp_w, tmp_c, tmp_t = out / (WEIGHTS + ".tmp"), out / (CONFIG + ".tmp"), out / (TOKENIZER + ".tmp")
+    save_file(tensors, str(tmp_w), metadata={"format": FORMAT})
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": cfg.to_dict(),
+        "dtype": "float32" if int8 else dtype,
+        "quantization": {"method": "int8-per-channel", "scale_dtype": "float16", "axis": 1,
+                         "tensors": quantized} if int8 else None,
+        "weights_file": WEIGHTS,
+        "sha256": _sha256(tmp_w),
+        "size": tmp_w.stat().st_size,
+        "tokenizer": TOKENIZER,
+    }
+    tmp_c.write_text(json.dumps(meta, indent=2) + "\n")
+    shutil.copyfile(tok_src, tmp_t)
+    os.replace(tmp_w, out / WEIGHTS)
+    os.replace(tmp_t, out / TOKENIZER)
+    os.replace(tmp_c, out / CONFIG)
+    return out
+
+
+def read_config(model_dir) -> tuple[ModelConfig, dict]:
+    """Parse and validate ``config.json``; returns (config, full metadata)."""
+    d = Path(model_dir)
+    path = d / CONFIG
+    if not d.is_dir():
+        raise CheckpointError(f"model directory not found: {d}")
+    if not path.is_file():
+        raise CheckpointError(f"not a model directory (no {CONFIG}): {d}")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} config")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unsupported format version {meta.get('format_version')!r}")
+    try:
+        cfg = ModelConfig.from_dict(meta.get("config"))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return cfg, meta
+
+
+def _read_tensors(path: Path, meta: dict) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    if not path.is_file():
+        raise CheckpointError(f"weights file missing: {path}")
+    size = path.stat().st_size
+    if "size" in meta and size != meta["size"]:
+        raise CheckpointError(f"{path}: size {size} bytes, expected {meta['size']} (truncated or replaced file)")
+    data = path.read_bytes()
+    if "sha256" in meta and hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise CheckpointError(f"{path}: sha256 mismatch (corrupt or replaced file)")
+    try:
+        return load(data)
+    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def state_dict_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
+    """Dequantise int8 entries; leaves the others as stored."""
+    q = meta.get("quantization") or {}
+    qnames = set(q.get("tensors", []))
+    sd: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        if name in qnames:
+            scale = tensors.get(name + SCALE_SUFFIX)
+            if scale is None or t.dtype != torch.int8:
+                raise CheckpointError(f"quantised tensor {name} lacks its int8 data or scale")
+            sd[name] = dequantize_int8(t, scale)
+        else:
+            sd[name] = t
+    return sd
+
+
+def check_state_dict(sd: dict[str, torch.Tensor], model: Transformer, where: str) -> None:
+    """Every key present with the right shape, nothing extra: else one clear CheckpointError."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    extra = [k for k in sd if k not in expected]
+    if missing:
+        raise CheckpointError(f"{where}: missing {len(missing)} tensor(s) for this config, e.g. {missing[0]}")
+    if extra:
+        raise CheckpointError(f"{where}: {len(extra)} tensor(s) not in this config, e.g. {extra[0]}")
+    for k, t in expected.items():
+        if tuple(sd[k].shape) != tuple(t.shape):
+            raise CheckpointError(
+                f"{where}: {k} has shape {list(sd[k].shape)} but the config expects {list(t.shape)} "
+                "(checkpoint from another config?)")
+        if not sd[k].is_floating_point() and t.is_floating_point():
+            raise CheckpointError(f"{where}: {k} has dtype {sd[k].dtype}, expected floating point")
+
+
+def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], device="cpu", where: str = "") -> Transformer:
+    """A Transformer on ``device`` holding ``sd`` (validated) in float32, in eval mode."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    check_state_dict(sd, model, where)
+    model.to_empty(device=device)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+    model.reset_buffers(torch.device(device))
+    for m in model.moe_layers():
+        m.counts_acc.zero_()
+    return model.eval()
+
+
+def load_model(model_dir=None, device="cpu") -> LoadedModel:
+    """Load a model directory (None = the shipped model); CheckpointError on any problem."""
+    from model.tokenizer import Tokenizer
+
+    d = default_model_dir() if model_dir is None else Path(model_dir)
+    cfg, meta = read_config(d)
+    weights = d / str(meta.get("weights_file", WEIGHTS))
+    sd = state_dict_from_tensors(_read_tensors(weights, meta), meta)
+    model = build_model(cfg, sd, device, where=str(weights))
+    tok_path = d / str(meta.get("tokenizer", TOKENIZER))
+    if not tok_path.is_file():
+        raise CheckpointError(f"tokenizer missing: {tok_path}")
+    try:
+        tok = Tokenizer.load(tok_path)
+    except ValueError as e:
+        raise CheckpointError(str(e).splitlines()[0]) from None
+    if tok.vocab_size > cfg.vocab_size:
+        raise CheckpointError(
+            f"{tok_path}: tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}")
+    return LoadedModel(model, tok, cfg)
