@@ -1,0 +1,589 @@
+"""`moecoder chat`: the Textual chat app.
+
+The app talks to the model only through ``assistant`` (via :mod:`tui.api`): a turn is a
+``TaskRequest`` streamed by ``Engine.stream`` on a thread worker; events come back to the
+UI with ``call_from_thread``. Escape cancels the engine's ``CancelToken``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from textual import on
+from textual.actions import SkipAction
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Footer, Header
+
+from tui import api
+from tui.commands import (
+    Attachment,
+    CommandError,
+    find_attachment,
+    find_function,
+    help_markdown,
+    parse_command,
+    parse_file_line,
+    parse_line_range,
+    read_attachment,
+    route_free_text,
+)
+from tui.store import Conversation, Store, Turn
+from tui.widgets import AssistantTurn, FilesPanel, HelpMessage, NoteMessage, PromptArea, UserMessage
+
+EngineFactory = Callable[[str | None], Any]
+
+WELCOME = "Ask about code, or attach a file with /add PATH. /help lists the commands."
+
+
+def one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    msg = lines[0] if lines else type(e).__name__
+    return msg if isinstance(e, ValueError | OSError) else f"{type(e).__name__}: {msg}"
+
+
+class ChatApp(App):
+    """The chat: conversation on the left, attached files and budget on the right."""
+
+    CSS_PATH = "chat.tcss"
+    TITLE = "moecoder chat"
+    BINDINGS = [
+        Binding("escape", "stop", "Stop", priority=True),
+        Binding("ctrl+r", "toggle_reasoning", "Reasoning"),
+        Binding("ctrl+b", "toggle_files", "Files"),
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+    ]
+
+    def __init__(
+        self,
+        *,
+        engine: Any | None = None,
+        engine_factory: EngineFactory | None = None,
+        model_dir: str | None = None,
+        files: Sequence[str] = (),
+        resume: bool = False,
+        data_dir: Path | None = None,
+        cwd: Path | None = None,
+        clock: Callable[[], float] = time.time,
+        max_file_bytes: int | None = None,
+    ) -> None:
+        super().__init__()
+        self._engine = engine
+        self._factory: EngineFactory = engine_factory or api.load_engine
+        self._model_dir = model_dir
+        self._engine_lock = threading.Lock()
+        self._model_label = "engine ready" if engine is not None else "loading model…"
+        self._initial_files = list(files)
+        self._resume = resume
+        self.store = Store(data_dir)
+        self.cwd = cwd or Path.cwd()
+        self.clock = clock
+        self._max_file_bytes = max_file_bytes
+        self.conversation = Conversation.new(clock)
+        self.attachments: list[Attachment] = []
+        self.show_reasoning = False
+        self.current: AssistantTurn | None = None
+        self._cancel: Any | None = None
+        self._budget_lines: list[str] = []
+        self._file_tokens: dict[str, int] = {}
+
+    # -- layout ---------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="body"):
+            with Vertical(id="main"):
+                yield VerticalScroll(id="conversation")
+                yield PromptArea(id="prompt", placeholder="Ask, or /help  (Enter send, Ctrl+J new line)")
+            yield FilesPanel(id="files")
+        yield Footer()
+
+    @property
+    def conv_view(self) -> VerticalScroll:
+        return self.query_one("#conversation", VerticalScroll)
+
+    @property
+    def prompt(self) -> PromptArea:
+        return self.query_one("#prompt", PromptArea)
+
+    async def on_mount(self) -> None:
+        self.sub_title = self._model_label
+        self.conv_view.anchor()
+        self.prompt.focus()
+        if self._resume:
+            await self._resume_last()
+        else:
+            await self._note(WELCOME)
+        for f in self._initial_files:
+            await self._attach(f)
+        if self._engine is None:
+            self.run_worker(self._load_initial, thread=True, group="load", exit_on_error=False)
+        self._refresh_files()
+
+    # -- messages into the conversation -----------------------------------------------
+    async def _note(self, text: str, kind: str = "info", save: bool = True) -> None:
+        await self.conv_view.mount(NoteMessage(text, kind))
+        if save:
+            self.conversation.turns.append(Turn(role="note", text=text, status=kind))
+
+    async def _error(self, text: str) -> None:
+        await self._note(text, "error")
+
+    def _save(self) -> None:
+        self.conversation.updated = self.clock()
+        self.conversation.history = list(self.prompt.prompt_history[-200:])
+        self.conversation.attachments = [a.path for a in self.attachments]
+        try:
+            self.store.save(self.conversation)
+        except OSError as e:
+            self.notify(f"could not save the conversation: {one_line(e)}", severity="error")
+
+    # -- the engine -------------------------------------------------------------------
+    def _post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn`` on the UI thread from a worker (ignored once the app is gone)."""
+        try:
+            self.call_from_thread(fn, *args)
+        except RuntimeError:
+            pass
+
+    def _engine_or_load(self) -> Any:
+        with self._engine_lock:
+            if self._engine is None:
+                self._engine = self._factory(self._model_dir)
+            return self._engine
+
+    def _load_initial(self) -> None:
+        try:
+            engine = self._engine_or_load()
+        except Exception as e:  # noqa: BLE001 - shown in the chat
+            self._post(self._loaded, None, one_line(e))
+            return
+        self._post(self._loaded, engine, "")
+
+    async def _loaded(self, engine: Any, error: str) -> None:
+        if engine is None:
+            self._model_label = "no model"
+            self.sub_title = self._model_label
+            await self._error(f"could not load the model: {error}. Use /model PATH to load a checkpoint.")
+            return
+        self._model_label = f"model ready · context {engine.context_length:,}"
+        self.sub_title = self._model_label
+        self._update_budget()
+
+    def _switch_model(self, path: str) -> None:
+        try:
+            engine = self._factory(path)
+        except Exception as e:  # noqa: BLE001 - shown in the chat
+            self._post(self._model_switched, None, path, one_line(e))
+            return
+        self._post(self._model_switched, engine, path, "")
+
+    async def _model_switched(self, engine: Any, path: str, error: str) -> None:
+        if engine is None:
+            self.sub_title = self._model_label
+            await self._error(f"could not load model {path}: {error}")
+            return
+        with self._engine_lock:
+            old, self._engine = self._engine, engine
+        self._model_dir = path
+        self.conversation.model = path
+        close = getattr(old, "close", None)
+        if callable(close):
+            close()
+        self._model_label = f"model {Path(path).name} · context {engine.context_length:,}"
+        self.sub_title = self._model_label
+        await self._note(f"loaded model {path}")
+        self._update_budget()
+
+    # -- turns ------------------------------------------------------------------------
+    async def _start_turn(self, request: Any) -> None:
+        turn = AssistantTurn(request.task, expand_reasoning=self.show_reasoning)
+        await self.conv_view.mount(turn)
+        cancel = api.CancelToken()
+        self.current, self._cancel = turn, cancel
+        self.run_worker(
+            lambda: self._generate(turn, request, cancel), thread=True, group="generate", exit_on_error=False
+        )
+
+    def _generate(self, turn: AssistantTurn, request: Any, cancel: Any) -> None:
+        """Thread worker: stream the engine's events to the turn."""
+        try:
+            engine = self._engine_or_load()
+        except Exception as e:  # noqa: BLE001
+            self._post(self._finish, turn, "error", None, f"no model: {one_line(e)}")
+            return
+        events = engine.stream(request, cancel)
+        try:
+            for ev in events:
+                if cancel.cancelled:
+                    break
+                if ev.kind == "reasoning":
+                    self._post(turn.add_reasoning, ev.text)
+                elif ev.kind == "answer":
+                    self._post(turn.add_answer, ev.text)
+                elif ev.kind == "done":
+                    self._post(self._finish, turn, "done", ev.result, "")
+                    return
+                elif ev.kind == "error":
+                    self._post(self._finish, turn, "error", None, ev.text)
+                    return
+        except Exception as e:  # noqa: BLE001
+            self._post(self._finish, turn, "error", None, one_line(e))
+            return
+        finally:
+            close = getattr(events, "close", None)
+            if callable(close):
+                close()
+        if cancel.cancelled:
+            self._post(self._finish, turn, "stopped", None, "")
+        else:
+            self._post(self._finish, turn, "error", None, "the engine ended without an answer")
+
+    async def _finish(self, turn: AssistantTurn, status: str, result: object, message: str) -> None:
+        if not turn.running:
+            return
+        await turn.finish(status, result, message)
+        if turn is self.current:
+            self.current, self._cancel = None, None
+        self.conversation.turns.append(
+            Turn(
+                role="assistant",
+                text=turn.state.answer,
+                reasoning=turn.state.reasoning,
+                task=turn.state.task,
+                status=status if not message else f"{status}",
+            )
+        )
+        self._save()
+
+    async def action_stop(self) -> None:
+        """Escape: stop the running answer at once (the engine sees the cancel token)."""
+        if self.current is None or self._cancel is None:
+            raise SkipAction()
+        self._cancel.cancel()
+        await self._finish(self.current, "stopped", None, "")
+
+    def action_toggle_reasoning(self) -> None:
+        self.show_reasoning = not self.show_reasoning
+        for turn in self.query(AssistantTurn):
+            if not turn.running or self.show_reasoning:
+                turn.show_reasoning(self.show_reasoning)
+        self.notify("reasoning shown" if self.show_reasoning else "reasoning folded", timeout=1.5)
+
+    def action_toggle_files(self) -> None:
+        panel = self.query_one(FilesPanel)
+        panel.display = not panel.display
+
+    async def action_quit(self) -> None:
+        if self._cancel is not None:
+            self._cancel.cancel()
+        self.exit()
+
+    # -- input ------------------------------------------------------------------------
+    @on(PromptArea.Submitted)
+    async def _submitted(self, message: PromptArea.Submitted) -> None:
+        text = message.text.strip("\n")
+        await self.handle_input(text)
+
+    async def handle_input(self, text: str) -> None:
+        if not text.strip():
+            return
+        if text.lstrip().startswith("/"):
+            try:
+                await self._command(text.strip())
+            except CommandError as e:
+                await self._error(str(e))
+            self._save()
+            return
+        if self.current is not None:
+            await self._error("still answering; press Esc to stop it first")
+            return
+        await self.conv_view.mount(UserMessage(text))
+        self.conversation.turns.append(Turn(role="user", text=text))
+        task, att, func = route_free_text(text, self.attachments)
+        if att is None:
+            request = api.TaskRequest(task="explain", source=text)
+        else:
+            request = self._request(task, att, function=func)
+        self._save()
+        await self._start_turn(request)
+
+    def _request(self, task: str, att: Attachment, **kwargs: Any) -> Any:
+        related = [(a.path, a.text) for a in self.attachments if a is not att]
+        return api.TaskRequest(task=task, source=att.text, path=att.path, related=related, **kwargs)
+
+    def _last_attachment(self, what: str) -> Attachment:
+        if not self.attachments:
+            raise CommandError(f"{what} needs an attached file: /add PATH first")
+        return self.attachments[-1]
+
+    async def _command(self, text: str) -> None:
+        cmd = parse_command(text)
+        name, args = cmd.name, cmd.args
+        if name == "help":
+            await self.conv_view.mount(HelpMessage(help_markdown()))
+            return
+        if name == "add":
+            if not args:
+                raise CommandError("usage: /add PATH")
+            for a in args:
+                await self._attach(a)
+            return
+        if name == "drop":
+            if not args:
+                raise CommandError("usage: /drop PATH")
+            for a in args:
+                att = find_attachment(self.attachments, a)
+                if att is None:
+                    raise CommandError(f"{a} is not attached (see /files)")
+                self.attachments.remove(att)
+                await self._note(f"dropped {att.path}")
+            self._refresh_files()
+            self._update_budget()
+            return
+        if name == "files":
+            if not self.attachments:
+                await self._note("no files attached; /add PATH")
+                return
+            lines = [f"{a.path}  ({self._file_tokens.get(a.path, '?')} tokens)" for a in self.attachments]
+            await self._note("\n".join(lines + self._budget_lines))
+            return
+        if name == "clear":
+            if self._cancel is not None:
+                await self.action_stop()
+            self._save()
+            await self.conv_view.remove_children()
+            self.conversation = Conversation.new(self.clock)
+            await self._note(
+                "new conversation (the previous one is saved; `moecoder chat --resume` reopens the last)"
+            )
+            return
+        if name == "model":
+            if len(args) != 1:
+                raise CommandError("usage: /model PATH (a checkpoint directory)")
+            path = Path(args[0]).expanduser()
+            if not path.is_absolute():
+                path = self.cwd / path
+            if not path.exists():
+                raise CommandError(f"no such model directory: {args[0]}")
+            if not path.is_dir():
+                raise CommandError(f"{args[0]} is not a checkpoint directory")
+            self.sub_title = f"loading {path.name}…"
+            await self._note(f"loading model {args[0]} …")
+            self.run_worker(
+                lambda: self._switch_model(str(path)), thread=True, group="load", exit_on_error=False
+            )
+            return
+        # the tasks
+        if self.current is not None:
+            raise CommandError("still answering; press Esc to stop it first")
+        if name == "complete":
+            if len(args) != 1:
+                raise CommandError("usage: /complete FILE:LINE")
+            path, line = parse_file_line(args[0])
+            att = find_attachment(self.attachments, path) or await self._attach(path)
+            if att is None:
+                return
+            lines = att.text.split("\n")
+            if line > len(lines):
+                raise CommandError(f"{path} has only {len(lines)} lines")
+            request = self._request("complete", att, line=line - 1, column=len(lines[line - 1]))
+        elif name == "comment":
+            if len(args) != 1:
+                raise CommandError("usage: /comment FUNC")
+            att = find_function(self.attachments, args[0])
+            if att is None:
+                raise CommandError(f"no attached file defines {args[0]}(); /add the file first")
+            request = self._request("comment", att, function=args[0])
+        elif name == "debug":
+            if len(args) > 1:
+                raise CommandError("usage: /debug [FUNC]")
+            if args:
+                att = find_function(self.attachments, args[0])
+                if att is None:
+                    raise CommandError(f"no attached file defines {args[0]}(); /add the file first")
+                request = self._request("debug", att, function=args[0])
+            else:
+                request = self._request("debug", self._last_attachment("/debug"))
+        elif name == "explain":
+            if len(args) > 1:
+                raise CommandError("usage: /explain [FILE[:A-B]]")
+            if args:
+                path, a, b = parse_line_range(args[0])
+                att = find_attachment(self.attachments, path) or await self._attach(path)
+                if att is None:
+                    return
+                if a is None:
+                    request = self._request("explain", att)
+                else:
+                    request = self._request("explain", att, line=a - 1, end_line=(b or a) - 1)
+            else:
+                request = self._request("explain", self._last_attachment("/explain"))
+        else:  # pragma: no cover - parse_command knows every name
+            raise CommandError(f"unknown command /{name}")
+        await self.conv_view.mount(UserMessage(text))
+        self.conversation.turns.append(Turn(role="user", text=text))
+        await self._start_turn(request)
+
+    # -- attachments ------------------------------------------------------------------
+    async def _attach(self, path: str) -> Attachment | None:
+        try:
+            kwargs = {} if self._max_file_bytes is None else {"max_bytes": self._max_file_bytes}
+            att = read_attachment(path, base=self.cwd, **kwargs)
+        except CommandError as e:
+            await self._error(str(e))
+            return None
+        old = find_attachment(self.attachments, att.path)
+        if old is not None and old.path == att.path:
+            self.attachments.remove(old)
+        self.attachments.append(att)
+        await self._note(f"attached {att.path} ({len(att.text.splitlines())} lines)")
+        self._refresh_files()
+        self._update_budget()
+        return att
+
+    def _refresh_files(self) -> None:
+        files = [(a.path, self._file_tokens.get(a.path)) for a in self.attachments]
+        self.query_one(FilesPanel).show(files, self._budget_lines)
+
+    def _update_budget(self) -> None:
+        if not self.attachments:
+            self._budget_lines = []
+            self._refresh_files()
+            return
+        if self._engine is None:
+            self._budget_lines = ["budget: waiting for the model"]
+            self._refresh_files()
+            return
+        engine = self._engine
+        snapshot = [(a.path, a.text) for a in self.attachments]
+        self.run_worker(
+            lambda: self._budget_worker(engine, snapshot),
+            thread=True,
+            group="budget",
+            exclusive=True,
+            exit_on_error=False,
+        )
+
+    def _budget_worker(self, engine: Any, files: list[tuple[str, str]]) -> None:
+        try:
+            report = api.budget_report(engine, files)
+        except Exception as e:  # noqa: BLE001 - shown in the panel
+            self._post(self._budget_done, {}, [f"budget: {one_line(e)}"])
+            return
+        lines = [f"context: {report.used_tokens:,} / {report.budget:,} tokens"]
+        width = 20
+        filled = min(width, round(width * report.used_tokens / max(1, report.budget)))
+        lines.append("█" * filled + "░" * (width - filled))
+        if report.trimmed:
+            lines.append("trimmed:")
+            lines += [f"- {t}" for t in report.trimmed]
+        else:
+            lines.append("nothing trimmed")
+        self._post(self._budget_done, dict(report.file_tokens), lines)
+
+    def _budget_done(self, file_tokens: dict[str, int], lines: list[str]) -> None:
+        self._file_tokens = file_tokens
+        self._budget_lines = lines
+        self._refresh_files()
+
+    # -- resume -----------------------------------------------------------------------
+    async def _resume_last(self) -> None:
+        conv = self.store.latest()
+        if conv is None:
+            await self._note("no saved conversation to resume; starting a new one. " + WELCOME)
+            return
+        self.conversation = conv
+        self.prompt.prompt_history = list(conv.history)
+        for t in conv.turns:
+            if t.role == "user":
+                await self.conv_view.mount(UserMessage(t.text))
+            elif t.role == "assistant":
+                await self.conv_view.mount(
+                    AssistantTurn(t.task, t.reasoning, t.text, status=t.status, expand_reasoning=False)
+                )
+            else:
+                await self.conv_view.mount(
+                    NoteMessage(t.text, t.status if t.status in ("info", "error") else "info")
+                )
+        await self._note(f"resumed conversation {conv.id}", save=False)
+        for path in conv.attachments:
+            await self._attach(path)
+
+
+HELP_EPILOG = """\
+The chat streams each answer in two parts: the model's reasoning first (dim, in a
+collapsible block that folds itself when the answer starts), then the answer as
+Markdown with highlighted code.
+
+commands (type them in the prompt):
+  /add PATH          attach a file (text, up to 2 MB); the side panel shows the
+                     context budget: tokens used of the model's limit, what was trimmed
+  /drop PATH         detach a file            /files   list attached files
+  /complete FILE:LINE  complete the code at the end of LINE (1-based)
+  /comment FUNC      write a docstring for FUNC (defined in an attached file)
+  /debug [FUNC]      look for a bug in FUNC, or in the last attached file
+  /explain [FILE[:A-B]]  explain a file or lines A-B
+  /clear             start a new conversation (the old one stays saved)
+  /model PATH        load another checkpoint directory
+  /help              list the commands
+  Other text is a question: with files attached it goes to debug (bug, fix, wrong...),
+  comment (docstring) or explain; without files it is explained as code.
+
+keys:
+  Enter send · Ctrl+J new line · Up/Down prompt history · Esc stop the answer ·
+  Ctrl+R show/fold reasoning · Ctrl+B files panel · Ctrl+P command palette (themes) ·
+  Ctrl+Q quit
+
+Conversations are saved as JSON in $MOECODER_DATA_DIR, else $XDG_DATA_HOME/moecoder,
+else ~/.local/share/moecoder (folder conversations/); --resume reopens the newest.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moecoder chat",
+        description="Chat about code in the terminal with the local moecoder model.",
+        epilog=HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("files", nargs="*", metavar="FILES", help="files to attach at start")
+    p.add_argument("--resume", action="store_true", help="reopen the most recent conversation")
+    p.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the shipped model)")
+    p.add_argument("--fake-engine", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as e:  # --help (0) or a usage error (2, message already printed)
+        return int(e.code or 0)
+    if args.model is not None and not Path(args.model).expanduser().is_dir():
+        print(f"moecoder chat: error: --model {args.model}: no such checkpoint directory", file=sys.stderr)
+        return 2
+    for f in args.files:
+        if not Path(f).expanduser().is_file():
+            print(f"moecoder chat: error: no such file: {f}", file=sys.stderr)
+            return 2
+    engine = None
+    if args.fake_engine or os.environ.get("MOECODER_TUI_ENGINE") == "fake":
+        from tui.testing import ScriptedEngine
+
+        delay = float(os.environ.get("MOECODER_TUI_FAKE_DELAY", "0.05"))
+        engine = ScriptedEngine(delay=delay)
+    app = ChatApp(engine=engine, model_dir=args.model, files=args.files, resume=args.resume)
+    app.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
