@@ -1,0 +1,911 @@
+"""Single-device training loop: ``moecoder train --preset P --data DIR --out DIR``.
+
+* AdamW (fused on CUDA), linear warmup + cosine decay to ``min_lr_ratio * lr`` over a fixed
+  horizon ``--max-steps`` (the learning rate is a function of the step only, so a resumed run
+  follows the same schedule); gradient clipping; gradient accumulation; bf16 autocast on CUDA,
+  float32 on CPU; loss = cross entropy + the model's MoE auxiliary loss, and the
+  DeepSeek-V3 selection-bias update after every optimizer step.
+* Data: ``model.data.loader.BatchLoader`` (deterministic from the seed, FIM on code
+  documents, optional task data mixed by tokens), prefetched in a background thread.
+* Logs loss, lr, grad norm, tokens/s, MFU (against the device's bf16 peak; none on CPU) and
+  expert load imbalance every ``--log-every`` steps: a ``\\r`` progress line on a terminal,
+  plain lines in ``OUT/train.log`` and records in ``OUT/metrics.jsonl``. Bits per byte on the
+  valid split every ``--eval-every`` steps; the best model so far is exported to ``OUT/best``.
+* Training state (model, optimizer, step, data position, RNG states, configs) is saved with
+  ``torch.distributed.checkpoint`` to ``OUT/ckpt/step_NNNNNNN/`` every ``--ckpt-minutes``
+  (and ``--ckpt-every`` steps), at the end, and on SIGTERM/SIGINT (after finishing the step).
+  A ``COMPLETE`` marker is written last; ``--resume`` takes the newest directory that has it,
+  so a save killed half-way is never used. The newest ``--keep`` complete checkpoints stay.
+* ``--max-minutes M`` stops early (with a checkpoint) before the wall-clock budget runs out;
+  chain calls with ``--resume``. On CPU a resumed run reproduces the uninterrupted run's losses.
+
+Errors (unknown preset, data without tokens, a checkpoint of another configuration, ...) are
+one line on stderr with exit code 2, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import queue
+import random
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+CKPT_RE = re.compile(r"^step_(\d{7,})$")
+MARKER = "COMPLETE"
+
+# Dense bf16 tensor-core peak FLOP/s by device name (substring match, first hit wins).
+PEAK_FLOPS: list[tuple[str, float]] = [
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H800", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("V100", 125e12),
+    ("T4", 65e12),
+]
+
+
+class TrainError(Exception):
+    """A user-facing fatal error: one line, exit code 2."""
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 200
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    batch_size: int = 16  # rows per micro-batch
+    grad_accum: int = 4
+    seq_len: int = 0  # 0 = the model's context length
+    clip: float = 1.0
+    max_steps: int = 3000  # the LR schedule's horizon
+    seed: int = 0
+    fim_rate: float = 0.5
+    spm_rate: float = 0.5
+    line_rate: float = 0.5
+    task_ratio: float = 0.2  # share of tokens from --task-data (ignored without it)
+    overrides: dict = field(default_factory=dict)
+    # not part of the run's identity (may change between resumed calls):
+    log_every: int = 10
+    eval_every: int = 250
+    eval_tokens: int = 262144
+    ckpt_minutes: float = 10.0
+    ckpt_every: int = 0  # also checkpoint every N steps (0 = only by time / at the end)
+    keep: int = 2
+
+    # Fields that define the run: a resume with any of these changed is refused.
+    IDENTITY = (
+        "preset", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "batch_size",
+        "grad_accum", "seq_len", "clip", "max_steps", "seed", "fim_rate", "spm_rate", "line_rate",
+        "task_ratio", "overrides",
+    )
+
+    def identity(self) -> dict:
+        return {k: getattr(self, k) for k in self.IDENTITY}
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine to the floor."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    t = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def peak_flops(device_name: str) -> float | None:
+    for key, flops in PEAK_FLOPS:
+        if key.lower() in device_name.lower():
+            return flops
+    return None
+
+
+def flops_per_token(model_cfg, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * active params + attention (PaLM appendix B convention)."""
+    from model.config import param_counts
+
+    _, active = param_counts(model_cfg)
+    return 6.0 * active + 12.0 * model_cfg.n_layers * model_cfg.dim * seq_len
+
+
+# ---------------------------------------------------------------------------------- CLI
+def _parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="moecoder train",
+        description="Train a model on packed tokens on one device (CPU or CUDA).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--preset", default=d.preset, help="model preset (tiny, small, base)")
+    p.add_argument("--data", required=True, help="packed token directory (moecoder data pack)")
+    p.add_argument("--out", required=True, help="run directory: checkpoints, logs, best model")
+    p.add_argument("--task-data", default=None, help="packed task directory (moecoder data tasks)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the one named in DATA/meta.json)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's last complete checkpoint")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) within this budget")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--kernels", choices=["auto", "triton", "reference"], default="auto",
+                   help="MoE kernels (sets MOECODER_KERNELS)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a model config field, e.g. n_experts=1 (repeatable)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("preset", "overrides"):
+            continue
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    return p
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    from model.config import ModelConfig
+
+    types = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+    defaults = ModelConfig().to_dict()
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise TrainError(f"--override wants KEY=VALUE, got {item!r}")
+        if key not in types:
+            raise TrainError(f"--override: unknown model config field {key!r} (choose from {', '.join(types)})")
+        kind = type(defaults[key])
+        try:
+            if kind is bool:
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError
+                val = raw.lower() in ("1", "true", "yes")
+            else:
+                val = kind(raw)
+        except ValueError:
+            raise TrainError(f"--override {key}: {raw!r} is not a valid {kind.__name__}") from None
+        out[key] = val
+    return out
+
+
+def _complete_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of checkpoints that have the COMPLETE marker, oldest first."""
+    found = []
+    if ckpt_root.is_dir():
+        for d in ckpt_root.iterdir():
+            m = CKPT_RE.match(d.name)
+            if m and d.is_dir() and (d / MARKER).is_file():
+                found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``OUT/ckpt`` (None if none)."""
+    found = _complete_checkpoints(Path(out) / "ckpt")
+    return found[-1][1] if found else None
+
+
+# ---------------------------------------------------------------------------------- logging
+class Logger:
+    def __init__(self, out: Path, resume_step: int | None):
+        self.out = out
+        self.tty = sys.stderr.isatty()
+        self.log = open(out / "train.log", "a", buffering=1)
+        metrics = out / "metrics.jsonl"
+        if resume_step is not None and metrics.exists():
+            # Records after the checkpoint belong to a lost timeline; the resumed run rewrites them.
+            kept = []
+            for line in metrics.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue
+            tmp = metrics.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(k + "\n" for k in kept))
+            os.replace(tmp, metrics)
+        self.metrics = open(metrics, "a", buffering=1)
+        self._progress_shown = False
+
+    def line(self, msg: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.log.write(f"{stamp} {msg}\n")
+        if self.tty and self._progress_shown:
+            sys.stderr.write("\r\033[K")
+            self._progress_shown = False
+        print(msg, file=sys.stderr if self.tty else sys.stdout, flush=True)
+
+    def record(self, rec: dict) -> None:
+        self.metrics.write(json.dumps(rec) + "\n")
+
+    def progress(self, msg: str) -> None:
+        if self.tty:
+            sys.stderr.write("\r\033[K" + msg)
+            sys.stderr.flush()
+            self._progress_shown = True
+
+    def close(self) -> None:
+        if self.tty and self._progress_shown:
+            sys.stderr.write("\n")
+        self.log.close()
+        self.metrics.close()
+
+
+def _fmt_secs(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ---------------------------------------------------------------------------------- data
+class Prefetcher:
+    """Runs the (deterministic) loader in a thread; yields (tensor batch, loader state after it)."""
+
+    def __init__(self, loader, rows: int, pin: bool, depth: int = 3):
+        import torch
+
+        self.loader, self.rows, self.pin = loader, rows, pin
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self._torch = torch
+        self.thread = threading.Thread(target=self._run, daemon=True, name="moecoder-data")
+        self.thread.start()
+
+    def _run(self) -> None:
+        torch = self._torch
+        try:
+            while not self.stop.is_set():
+                arr = self.loader.next_batch(self.rows)
+                t = torch.from_numpy(arr)
+                if self.pin:
+                    t = t.pin_memory()
+                item = (t, self.loader.state_dict())
+                while not self.stop.is_set():
+                    try:
+                        self.q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # surfaced to the main thread by next()
+            self.q.put(e)
+
+    def next(self):
+        item = self.q.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, extra: dict, keep: int) -> Path:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = out / "ckpt"
+    root.mkdir(parents=True, exist_ok=True)
+    d = root / f"step_{step:07d}"
+    if (d / MARKER).is_file():
+        return d  # already saved at this step
+    if d.exists():
+        shutil.rmtree(d)  # a half-written save of ours
+    msd, osd = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.save({"model": msd, "optim": osd, "extra": json.dumps(extra)}, checkpoint_id=str(d))
+    tmp = d / (MARKER + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"step": step, "time": time.time()}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, d / MARKER)
+    _fsync_dir(d)
+    # keep the newest `keep` complete checkpoints; drop older incomplete leftovers too
+    complete = _complete_checkpoints(root)
+    for _s, old in complete[: max(0, len(complete) - max(1, keep))]:
+        shutil.rmtree(old, ignore_errors=True)
+    for other in root.iterdir():
+        m = CKPT_RE.match(other.name)
+        if m and int(m.group(1)) < step and not (other / MARKER).is_file():
+            shutil.rmtree(other, ignore_errors=True)
+    return d
+
+
+def read_checkpoint_extra(ckpt: Path) -> dict:
+    import torch.distributed.checkpoint as dcp
+
+    sd = {"extra": ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.load(sd, checkpoint_id=str(ckpt))
+        return json.loads(sd["extra"])
+    except Exception as e:
+        raise TrainError(f"checkpoint {ckpt} is unreadable: {str(e).strip().splitlines()[-1] if str(e) else e}") from None
+
+
+def load_checkpoint(ckpt: Path, model, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    sd = {"model": msd, "optim": osd}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(sd, checkpoint_id=str(ckpt))
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+
+def _rng_state(torch, device) -> dict:
+    py = random.getstate()
+    npst = np.random.get_state()
+    st = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": None,
+    }
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device).tolist()
+    return st
+
+
+def _set_rng_state(torch, device, st: dict) -> None:
+    py = st["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = st["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
+    if device.type == "cuda" and st.get("cuda") is not None:
+        torch.cuda.set_rng_state(torch.tensor(st["cuda"], dtype=torch.uint8), device)
+
+
+def _export(model, model_cfg, tokenizer_path: Path, dest: Path) -> bool:
+    """Export released weights to ``dest`` atomically (build beside it, then swap)."""
+    try:
+        from model.checkpoint import export
+    except ImportError:
+        return False
+    tmp = dest.with_name(dest.name + ".tmp")
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    export(model, model_cfg, tokenizer_path, tmp)
+    if dest.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
+# ---------------------------------------------------------------------------------- setup
+@dataclass
+class Setup:
+    cfg: TrainConfig
+    model_cfg: object
+    out: Path
+    data_dir: Path
+    tokenizer_path: Path
+    tokenizer: object
+    code: object
+    valid: object | None
+    tasks: object | None
+    resume_from: Path | None
+    resume_extra: dict | None
+    device: object
+    notes: list[str]
+
+
+def _resolve_tokenizer(arg: str | None, meta: dict, data_dir: Path) -> Path:
+    if arg:
+        cand = [Path(arg)]
+    else:
+        name = meta.get("tokenizer")
+        if not name:
+            raise TrainError(f"{data_dir}/meta.json names no tokenizer; pass --tokenizer")
+        cand = [Path(name), data_dir / name, data_dir / Path(name).name]
+    for c in cand:
+        if c.is_file() or (c.is_dir() and (c / "tokenizer.model").is_file()):
+            return c
+    raise TrainError(f"tokenizer {cand[0]} not found; pass --tokenizer")
+
+
+def prepare(args: argparse.Namespace) -> Setup:
+    """Validate everything before anything is written; raises TrainError."""
+    import torch
+
+    from model.config import get_preset
+    from model.data.loader import DataError, open_split, read_meta
+    from model.tokenizer import Tokenizer
+
+    cfg = TrainConfig(preset=args.preset, overrides=_parse_overrides(args.override))
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in ("preset", "overrides"):
+            setattr(cfg, f.name, getattr(args, f.name))
+    notes: list[str] = []
+    try:
+        model_cfg = get_preset(cfg.preset)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+    data_dir = Path(args.data)
+    try:
+        meta = read_meta(data_dir)
+        code = open_split(data_dir, "train")
+    except DataError as e:
+        raise TrainError(str(e)) from None
+    if meta.get("kind") == "tasks":
+        raise TrainError(f"{data_dir} holds task data; pass it as --task-data and code tokens as --data")
+    try:
+        valid = open_split(data_dir, "valid")
+    except DataError:
+        valid = None
+        notes.append(f"no valid split in {data_dir}: no bits-per-byte evaluation")
+    tasks = None
+    if args.task_data:
+        try:
+            tasks = open_split(args.task_data, "train")
+        except DataError as e:
+            raise TrainError(str(e)) from None
+        if int(tasks.meta.get("vocab_size", -1)) != int(meta.get("vocab_size", -2)):
+            raise TrainError(
+                f"--task-data vocab size {tasks.meta.get('vocab_size')} differs from --data's {meta.get('vocab_size')}"
+            )
+    if tasks is None:
+        cfg.task_ratio = 0.0
+    tok_path = _resolve_tokenizer(args.tokenizer, meta, data_dir)
+    try:
+        tok = Tokenizer.load(tok_path)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    vocab = int(meta.get("vocab_size", tok.vocab_size))
+    if tok.vocab_size != vocab:
+        raise TrainError(f"tokenizer {tok_path} has {tok.vocab_size} tokens but {data_dir} was packed with {vocab}")
+
+    # model config: preset + data vocabulary + overrides
+    d = model_cfg.to_dict()
+    if "vocab_size" not in cfg.overrides and d["vocab_size"] != vocab:
+        notes.append(f"vocab_size {d['vocab_size']} -> {vocab} (the data's tokenizer)")
+        d["vocab_size"] = vocab
+    d.update(cfg.overrides)
+    try:
+        model_cfg = type(model_cfg).from_dict(d)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    if model_cfg.vocab_size < vocab:
+        raise TrainError(f"vocab_size {model_cfg.vocab_size} is smaller than the data's {vocab}")
+    if cfg.seq_len <= 0:
+        cfg.seq_len = model_cfg.max_seq_len
+    if cfg.seq_len > model_cfg.max_seq_len:
+        raise TrainError(f"--seq-len {cfg.seq_len} exceeds the model's context length {model_cfg.max_seq_len}")
+    for name, ok in [
+        ("batch-size", cfg.batch_size > 0), ("grad-accum", cfg.grad_accum > 0), ("max-steps", cfg.max_steps > 0),
+        ("lr", cfg.lr > 0), ("log-every", cfg.log_every > 0), ("keep", cfg.keep > 0),
+        ("fim-rate", 0 <= cfg.fim_rate <= 1), ("spm-rate", 0 <= cfg.spm_rate <= 1),
+        ("line-rate", 0 <= cfg.line_rate <= 1), ("task-ratio", 0 <= cfg.task_ratio < 1),
+        ("min-lr-ratio", 0 <= cfg.min_lr_ratio <= 1), ("warmup-steps", cfg.warmup_steps >= 0),
+    ]:
+        if not ok:
+            raise TrainError(f"--{name} has an invalid value")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise TrainError("--max-minutes must be positive")
+
+    # device
+    dev = args.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(dev)
+    except RuntimeError:
+        raise TrainError(f"unknown --device {args.device!r} (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda but CUDA is not available")
+    if device.type not in ("cpu", "cuda"):
+        raise TrainError(f"unsupported --device {args.device!r} (use cpu or cuda)")
+
+    # output directory / resume
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} exists and is not a directory")
+    resume_from, extra = None, None
+    if args.resume:
+        resume_from = latest_checkpoint(out)
+        if resume_from is not None:
+            extra = read_checkpoint_extra(resume_from)
+            diffs = []
+            saved = extra.get("train_config", {})
+            for k, v in cfg.identity().items():
+                if saved.get(k) != v:
+                    diffs.append(f"{k} {saved.get(k)!r} -> {v!r}")
+            saved_m = extra.get("model_config", {})
+            for k, v in model_cfg.to_dict().items():
+                if saved_m.get(k) != v:
+                    diffs.append(f"model.{k} {saved_m.get(k)!r} -> {v!r}")
+            if diffs:
+                raise TrainError(
+                    f"checkpoint {resume_from} is from another configuration ({'; '.join(diffs[:4])}"
+                    f"{'; ...' if len(diffs) > 4 else ''}); use the same flags or another --out"
+                )
+            want_docs = {"code": code.num_docs}
+            if tasks is not None:
+                want_docs["tasks"] = tasks.num_docs
+            if extra.get("loader", {}).get("docs") != want_docs:
+                raise TrainError(
+                    f"checkpoint {resume_from} was trained on other data (documents {extra.get('loader', {}).get('docs')}"
+                    f", now {want_docs})"
+                )
+    else:
+        existing = [n for n in ("ckpt", "train.log", "metrics.jsonl", "best", "final") if (out / n).exists()]
+        if existing:
+            raise TrainError(f"{out} already holds a training run ({', '.join(existing)}); pass --resume or use a new --out")
+    return Setup(cfg, model_cfg, out, data_dir, tok_path, tok, code, valid, tasks, resume_from, extra, device, notes)
+
+
+# ---------------------------------------------------------------------------------- training
+class _Stop:
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def install(self) -> None:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # asked twice: stop now, without the checkpoint
+            self.restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old.clear()
+
+
+def evaluate_bpb(model, rows, n_bytes: int, batch_size: int, device, autocast) -> tuple[float, float]:
+    """(bits per byte, mean loss in nats) over the eval rows."""
+    import torch
+    import torch.nn.functional as F
+
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    n_tok = 0
+    with torch.no_grad():
+        for i in range(0, rows.shape[0], batch_size):
+            chunk = rows[i : i + batch_size].to(device, non_blocking=True)
+            x, y = chunk[:, :-1], chunk[:, 1:]
+            with autocast():
+                logits = model(x)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum")
+            total += loss.double()
+            n_tok += y.numel()
+    model.train(was_training)
+    nats = float(total)
+    return nats / math.log(2) / max(1, n_bytes), nats / max(1, n_tok)
+
+
+def train(s: Setup, max_minutes: float | None, compile_model: bool, t_start: float) -> int:
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    from model.data.fim import FIMConfig, FIMTokens, newline_mask
+    from model.data.loader import BatchLoader, DataError, LoaderConfig, eval_rows
+    from model.transformer import Transformer
+
+    cfg, device = s.cfg, s.device
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+
+    def autocast():
+        if cuda:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    torch.manual_seed(cfg.seed)
+    model = Transformer(s.model_cfg).to(device)
+    model.train()
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt_kwargs = {"lr": lr_at(0, cfg), "betas": (cfg.beta1, cfg.beta2), "eps": 1e-8}
+    if cuda:
+        opt_kwargs["fused"] = True
+    optimizer = torch.optim.AdamW(groups, **opt_kwargs)
+
+    special = FIMTokens.from_tokenizer(s.tokenizer)
+    nl = newline_mask(s.tokenizer)
+    loader = BatchLoader(
+        s.code,
+        LoaderConfig(seq_len=cfg.seq_len, seed=cfg.seed, task_ratio=cfg.task_ratio,
+                     fim=FIMConfig(cfg.fim_rate, cfg.spm_rate, cfg.line_rate)),
+        special, nl, tasks=s.tasks,
+    )
+
+    step, tokens_seen, best_bpb, train_seconds = 0, 0, None, 0.0
+    if s.resume_from is not None:
+        load_checkpoint(s.resume_from, model, optimizer)
+        ex = s.resume_extra
+        step, tokens_seen = int(ex["step"]), int(ex["tokens"])
+        best_bpb, train_seconds = ex.get("best_bpb"), float(ex.get("train_seconds", 0.0))
+        try:
+            loader.load_state_dict(ex["loader"])
+        except DataError as e:
+            raise TrainError(str(e)) from None
+        _set_rng_state(torch, device, ex["rng"])
+
+    s.out.mkdir(parents=True, exist_ok=True)
+    log = Logger(s.out, step if s.resume_from is not None else None)
+    run_model = torch.compile(model) if compile_model else model
+    total_params = sum(p.numel() for p in model.parameters())
+    from model.config import param_counts
+
+    _, active = param_counts(s.model_cfg)
+    fpt = flops_per_token(s.model_cfg, cfg.seq_len)
+    dev_name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    peak = peak_flops(dev_name) if cuda else None
+    if s.resume_from is not None:
+        log.line(f"resumed from {s.resume_from} at step {step} ({tokens_seen:,} tokens)")
+    for n in s.notes:
+        log.line(f"note: {n}")
+    log.line(
+        f"preset {cfg.preset} {json.dumps(s.model_cfg.to_dict())} | params {total_params / 1e6:.2f}M "
+        f"(active {active / 1e6:.2f}M) | device {dev_name} | kernels {os.environ.get('MOECODER_KERNELS', 'auto')}"
+    )
+    log.line(
+        f"train {json.dumps(dataclasses.asdict(cfg))} | {cfg.tokens_per_step:,} tokens/step | "
+        f"data {s.code.num_docs:,} docs {len(s.code.tokens):,} tokens"
+        + (f" + tasks {s.tasks.num_docs:,} docs" if s.tasks is not None else "")
+    )
+
+    # evaluation rows and their byte count (fixed for the run)
+    ev_rows, ev_bytes = None, 0
+    if s.valid is not None and cfg.eval_every > 0:
+        arr = eval_rows(s.valid, cfg.seq_len, cfg.eval_tokens)
+        ev_bytes = len(s.tokenizer.decode_bytes(arr[:, 1:].reshape(-1).tolist()))
+        ev_rows = torch.from_numpy(arr)
+        if cuda:
+            ev_rows = ev_rows.pin_memory()
+
+    def do_eval() -> None:
+        nonlocal best_bpb
+        t = time.time()
+        bpb, vloss = evaluate_bpb(run_model, ev_rows, ev_bytes, cfg.batch_size, device, autocast)
+        improved = best_bpb is None or bpb < best_bpb
+        rec = {"step": step, "valid_bpb": bpb, "valid_loss": vloss, "eval_s": round(time.time() - t, 3)}
+        log.record(rec)
+        exported = ""
+        if improved:
+            best_bpb = bpb
+            if _export(model, s.model_cfg, s.tokenizer_path, s.out / "best"):
+                (s.out / "best_info.json").write_text(json.dumps({"step": step, "valid_bpb": bpb}) + "\n")
+                exported = " -> best/"
+        log.line(f"step {step} valid bpb {bpb:.4f} loss {vloss:.4f}{exported}")
+
+    def checkpoint(reason: str) -> float:
+        t = time.time()
+        extra = {
+            "step": step, "tokens": tokens_seen, "best_bpb": best_bpb,
+            "train_seconds": train_seconds, "loader": loader_state,
+            "rng": _rng_state(torch, device),
+            "train_config": cfg.identity(), "train_config_full": dataclasses.asdict(cfg),
+            "model_config": s.model_cfg.to_dict(),
+            "data": str(s.data_dir), "tokenizer": str(s.tokenizer_path),
+        }
+        d = save_checkpoint(s.out, step, model, optimizer, extra, cfg.keep)
+        dt = time.time() - t
+        log.line(f"step {step} checkpoint {d} ({reason}, {dt:.1f}s)")
+        return dt
+
+    stopper = _Stop()
+    stopper.install()
+    prefetch = Prefetcher(loader, cfg.batch_size * cfg.grad_accum, pin=cuda)
+    loader_state = loader.state_dict()
+    params = [p for p in model.parameters() if p.requires_grad]
+    state_bytes = total_params * 4 * 3
+    save_est = 2.0 + state_bytes / 200e6
+    step_est = None
+    eval_est = 0.0
+    last_ckpt_t = time.time()
+    deadline = t_start + max_minutes * 60 if max_minutes else None
+    interval_t, interval_steps = time.time(), 0
+    loss_acc = torch.zeros((), device=device)
+    aux_acc = torch.zeros((), device=device)
+    reason = "end"
+    exit_code = 0
+    try:
+        while step < cfg.max_steps:
+            if stopper.signum is not None:
+                reason = "signal " + signal.Signals(stopper.signum).name
+                exit_code = 130
+                break
+            if deadline is not None and step_est is not None:
+                need = step_est + save_est + 1.0
+                if ev_rows is not None and (step + 1) % cfg.eval_every == 0:
+                    need += eval_est
+                if time.time() + need > deadline:
+                    reason = "time budget"
+                    break
+            t_step = time.time()
+            lr = lr_at(step, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            batch, loader_state_next = prefetch.next()
+            batch = batch.to(device, non_blocking=True)
+            micro = batch.view(cfg.grad_accum, cfg.batch_size, cfg.seq_len + 1)
+            loss_sum = torch.zeros((), device=device)
+            aux_sum = torch.zeros((), device=device)
+            for m in range(cfg.grad_accum):
+                x, y = micro[m, :, :-1], micro[m, :, 1:]
+                with autocast():
+                    logits = run_model(x)
+                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+                    aux = model.aux_loss()
+                ((loss + aux) / cfg.grad_accum).backward()
+                loss_sum += loss.detach()
+                aux_sum += aux.detach()
+            if cfg.clip > 0:
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            else:
+                gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            counts = model.expert_counts()
+            log_now = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
+            imbalance = None
+            if log_now and counts.numel():
+                imbalance = (counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-9)).max()
+            model.update_bias()
+            step += 1
+            tokens_seen += cfg.tokens_per_step
+            loader_state = loader_state_next
+            loss_acc += loss_sum / cfg.grad_accum
+            aux_acc += aux_sum / cfg.grad_accum
+            interval_steps += 1
+
+            if log_now:
+                loss_v = float(loss_acc) / interval_steps
+                if not math.isfinite(loss_v):
+                    raise TrainError(f"loss is {loss_v} at step {step}; lower --lr or check the data")
+                now = time.time()
+                dt = max(1e-9, now - interval_t)
+                tps = interval_steps * cfg.tokens_per_step / dt
+                step_est = dt / interval_steps
+                train_seconds += dt
+                mfu = fpt * tps / peak if peak else None
+                rec = {
+                    "step": step, "loss": loss_v, "aux_loss": float(aux_acc) / interval_steps, "lr": lr,
+                    "grad_norm": float(gnorm), "tokens": tokens_seen, "tokens_per_s": round(tps, 1),
+                    "mfu": None if mfu is None else round(mfu, 5),
+                    "expert_imbalance": None if imbalance is None else round(float(imbalance), 4),
+                    "epoch": round(_epoch(loader_state, s.code.num_docs), 4),
+                    "elapsed_s": round(now - t_start, 1),
+                }
+                log.record(rec)
+                left = (cfg.max_steps - step) * step_est
+                msg = (
+                    f"step {step}/{cfg.max_steps} loss {loss_v:.4f} lr {lr:.2e} gnorm {rec['grad_norm']:.3f} "
+                    f"{tps / 1e3:.1f}k tok/s" + (f" mfu {100 * mfu:.1f}%" if mfu is not None else "")
+                    + (f" imb {rec['expert_imbalance']:.2f}" if imbalance is not None else "")
+                    + f" eta {_fmt_secs(left)}"
+                )
+                if log.tty:
+                    bar_n = 20 * step // cfg.max_steps
+                    log.progress(f"[{'#' * bar_n}{'.' * (20 - bar_n)}] " + msg)
+                    log.log.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
+                else:
+                    log.line(msg)
+                loss_acc.zero_()
+                aux_acc.zero_()
+                interval_steps = 0
+                interval_t = time.time()
+
+            paused = time.time()
+            if ev_rows is not None and step % cfg.eval_every == 0:
+                do_eval()
+                eval_est = time.time() - paused
+            if (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0) or (
+                time.time() - last_ckpt_t > cfg.ckpt_minutes * 60
+            ):
+                save_est = checkpoint("periodic") + 1.0
+                last_ckpt_t = time.time()
+            interval_t += time.time() - paused  # eval/checkpoint time is not training throughput
+            if step_est is None and step >= 1:
+                step_est = time.time() - t_step  # a first guess until the first log interval
+    except KeyboardInterrupt:
+        prefetch.close()
+        log.line(f"interrupted at step {step}; no checkpoint written for it")
+        log.close()
+        stopper.restore()
+        return 130
+    finally:
+        prefetch.close()
+
+    stopper.restore()
+    if step >= cfg.max_steps and ev_rows is not None and step % cfg.eval_every != 0:
+        do_eval()
+    checkpoint(reason)
+    if step >= cfg.max_steps:
+        if _export(model, s.model_cfg, s.tokenizer_path, s.out / "final"):
+            log.line(f"exported the final model to {s.out / 'final'}")
+        log.line(f"done: {step} steps, {tokens_seen:,} tokens, best valid bpb {best_bpb}")
+    else:
+        log.line(f"stopped at step {step}/{cfg.max_steps} ({reason}); continue with --resume")
+    log.close()
+    return exit_code
+
+
+def _epoch(loader_state: dict, num_docs: int) -> float:
+    cur = loader_state["cursors"]["code"]
+    return cur["epoch"] + cur["pos"] / max(1, num_docs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    t_start = time.time()
+    args = _parser().parse_args(argv)
+    if args.kernels != "auto":
+        os.environ["MOECODER_KERNELS"] = args.kernels
+    try:
+        setup = prepare(args)
+        return train(setup, args.max_minutes, args.compile, t_start)
+    except TrainError as e:
+        print(f"moecoder train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
