@@ -3,7 +3,7 @@
 It speaks the same protocol as ``assistant.engine.Engine``: ``stream(request, cancel)``
 yields reasoning events, then answer events, then one ``done`` event whose result is
 the task's dataclass. Small sleeps between events make it behave like a model.
-``hold`` makes it wait (for a cancel) after a number of answer chunks, so a test can
+``hold_after`` makes it wait (for a cancel or ``release``) after a number of answer chunks, so a test can
 press Escape while an answer is certainly running.
 """
 
@@ -100,6 +100,7 @@ class ScriptedEngine:
         self.hold_seconds = hold_seconds
         self.requests: list[TaskRequest] = []
         self.holding = threading.Event()  # set while waiting at the hold point
+        self.release = threading.Event()  # set it to let a held stream go on
         self.finished = threading.Event()  # set when a stream ends (any reason)
         self.tokenizer = WordTokenizer()
         self.closed = False
@@ -127,8 +128,11 @@ class ScriptedEngine:
                 if self.hold_after is not None and i == self.hold_after:
                     self.holding.set()
                     deadline = time.monotonic() + self.hold_seconds
-                    while not (cancel is not None and cancel.cancelled) and time.monotonic() < deadline:
+                    while time.monotonic() < deadline and not self.release.is_set():
+                        if cancel is not None and cancel.cancelled:
+                            break
                         time.sleep(0.005)
+                    self.holding.clear()
                 if self._sleep(cancel):
                     return
                 yield Event("answer", chunk)
