@@ -726,6 +726,10 @@ def mutate(code: str, rng: random.Random, kinds: Iterable[str] | None = None) ->
             parents[id(child)] = node
     order = [k for k in (kinds or MUTATIONS) if cands.get(k)]
     rng.shuffle(order)
+    # almost every function has a return; half the time try the other kinds first
+    if "wrong_return" in order and len(order) > 1 and rng.random() < 0.5:
+        order.remove("wrong_return")
+        order.append("wrong_return")
     original_dump = ast.dump(mod)
     for kind in order:
         sites = list(cands[kind])
@@ -875,7 +879,7 @@ def _encode(tok, ex: dict) -> tuple[list[int], int]:
     return task_example(tok, ex["task"], ex["code"], ex["reasoning"], ex["answer"])
 
 
-def _work(records: list[dict]) -> list[tuple[dict, list[int], int]]:
+def _work(records: list[dict]) -> tuple[int, list[tuple[dict, list[int], int]]]:
     out = []
     for rec in records:
         path = str(rec.get("path", ""))
@@ -884,7 +888,7 @@ def _work(records: list[dict]) -> list[tuple[dict, list[int], int]]:
         for ex in examples_for_source(rec.get("text", ""), path, str(rec.get("package", "")), _W["overlap"]):
             ids, tgt = _encode(_W["tok"], ex)
             out.append((ex, ids, tgt))
-    return out
+    return len(records), out
 
 
 def _chunks(it: Iterator[dict], n: int) -> Iterator[list[dict]]:
@@ -949,10 +953,11 @@ class _Progress:
 
     def __call__(self, split: str, files: int, examples: int, done: bool = False) -> None:
         now = time.monotonic()
-        if not self.enabled or (not done and now - self.last < 1.0):
+        tty = sys.stderr.isatty()
+        if not self.enabled or (not done and now - self.last < (1.0 if tty else 10.0)):
             return
         self.last = now
-        end = "\n" if done else "\r"
+        end = "\r" if tty and not done else "\n"
         print(
             f"  {split}: {files} files, {examples} examples, {now - self.t0:.0f}s",
             end=end,
@@ -1021,8 +1026,8 @@ def build_tasks(
             files = 0
             chunks = _chunks(iter_corpus(corpus, split), 16)
             results = pool.imap(_work, chunks) if pool is not None else map(_work, chunks)
-            for batch in results:
-                files += 16
+            for n_files, batch in results:
+                files += n_files
                 for ex, ids, tgt in batch:
                     if writer.docs >= cap:
                         break
