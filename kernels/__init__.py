@@ -1,11 +1,91 @@
 """Tensor ops of the MoE layer: plain-PyTorch references and Triton kernels.
 
-Public ops dispatch here: the Triton path for CUDA tensors (once ``kernels.triton_ops``
-provides it), the reference elsewhere. ``MOECODER_KERNELS=reference|triton`` forces one.
+Every public op dispatches here: the Triton path (``kernels.autograd``, built on
+``kernels.triton_ops``) for CUDA tensors, the reference (``kernels.reference``) elsewhere.
+``MOECODER_KERNELS=reference|triton`` forces one (``auto``, the default, picks by device).
+Forcing ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` set before this package is
+imported (the interpreter, for tests).
 """
 
 from __future__ import annotations
 
-from kernels.reference import grouped_mm, moe_experts, moe_experts_loop, permute, route, swiglu, unpermute
+import os
 
-__all__ = ["grouped_mm", "moe_experts", "moe_experts_loop", "permute", "route", "swiglu", "unpermute"]
+from kernels import reference
+from kernels.reference import moe_experts_loop
+
+__all__ = [
+    "backend",
+    "grouped_mm",
+    "moe_experts",
+    "moe_experts_loop",
+    "permute",
+    "route",
+    "swiglu",
+    "unpermute",
+]
+
+_MODES = ("auto", "reference", "triton")
+
+
+def _mode() -> str:
+    mode = os.environ.get("MOECODER_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"MOECODER_KERNELS must be one of {', '.join(_MODES)}; got {mode!r}")
+    return mode
+
+
+def _triton_module():
+    try:
+        from kernels import autograd
+    except ImportError as exc:  # pragma: no cover - triton missing on this platform
+        raise RuntimeError(f"the Triton kernels are unavailable: {exc}") from exc
+    return autograd
+
+
+def backend(tensor) -> str:
+    """'triton' or 'reference': the path the ops take for this tensor now."""
+    mode = _mode()
+    if mode == "reference":
+        return "reference"
+    if mode == "triton":
+        if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise RuntimeError(
+                "MOECODER_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 (set before import)"
+            )
+        return "triton"
+    if tensor.is_cuda:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "reference"
+        return "triton"
+    return "reference"
+
+
+def _impl(tensor):
+    return _triton_module() if backend(tensor) == "triton" else reference
+
+
+def route(logits_TE, top_k, score_func="softmax", bias_E=None, renormalize=True):
+    return _impl(logits_TE).route(logits_TE, top_k, score_func, bias_E, renormalize)
+
+
+def permute(x_TD, experts_TK, num_experts, pad_to=1):
+    return _impl(x_TD).permute(x_TD, experts_TK, num_experts, pad_to)
+
+
+def unpermute(y_ND, weights_TK, row_index_N, T):
+    return _impl(y_ND).unpermute(y_ND, weights_TK, row_index_N, T)
+
+
+def grouped_mm(x_ND, w_EDF, offsets_E1):
+    return _impl(x_ND).grouped_mm(x_ND, w_EDF, offsets_E1)
+
+
+def swiglu(gate_NF, up_NF):
+    return _impl(gate_NF).swiglu(gate_NF, up_NF)
+
+
+def moe_experts(x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD):
+    return _impl(x_TD).moe_experts(x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD)

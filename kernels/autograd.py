@@ -1,0 +1,184 @@
+"""``torch.autograd.Function`` wrappers around the Triton kernels (forward and backward).
+
+Same signatures and semantics as ``kernels.reference``. ``moe_experts`` is one Function
+for the whole routed-expert computation: gather fused into the gate/up GEMM, SwiGLU in its
+epilogue, the down GEMM, and a deterministic weighted sum over k; its backward fuses the
+SwiGLU derivative and the routing-weight gradient into the first backward GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import triton_ops as ops
+
+
+class _Route(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_TE, bias_E, top_k, score_func, renormalize):
+        w, e = ops.route_fwd(logits_TE, top_k, score_func, bias_E, renormalize)
+        ctx.save_for_backward(logits_TE, w, e)
+        ctx.score_func, ctx.renormalize = score_func, renormalize
+        ctx.mark_non_differentiable(e)
+        return w, e
+
+    @staticmethod
+    def backward(ctx, dw, _de):
+        logits, w, e = ctx.saved_tensors
+        dl = ops.route_bwd(logits, w, e, dw, ctx.score_func, ctx.renormalize)
+        return dl, None, None, None, None
+
+
+def route(logits_TE, top_k, score_func="softmax", bias_E=None, renormalize=True):
+    if score_func not in ("softmax", "sigmoid"):
+        raise ValueError(f"unknown score_func {score_func!r}")
+    return _Route.apply(logits_TE, bias_E, int(top_k), score_func, bool(renormalize))
+
+
+class _Permute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, experts_TK, num_experts, pad_to):
+        T, K = experts_TK.shape
+        counts, offsets, row_index, dest = ops.permute_index(experts_TK, num_experts, pad_to)
+        x_perm, _ = ops.gather_rows(x_TD, row_index, K)
+        ctx.save_for_backward(dest)
+        ctx.T, ctx.K = T, K
+        ctx.mark_non_differentiable(counts, offsets, row_index)
+        return x_perm, counts, offsets, row_index
+
+    @staticmethod
+    def backward(ctx, dxp, *_):
+        (dest,) = ctx.saved_tensors
+        return ops.combine(dxp.contiguous(), dest, ctx.T, ctx.K), None, None, None
+
+
+def permute(x_TD, experts_TK, num_experts, pad_to=1):
+    return _Permute.apply(x_TD.contiguous(), experts_TK, int(num_experts), int(pad_to))
+
+
+class _Unpermute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_ND, weights_TK, row_index_N, T):
+        K = weights_TK.shape[1]
+        pos = ops.inverse_index(row_index_N, T * K)
+        w = weights_TK.contiguous()
+        out = ops.combine(y_ND, pos, T, K, scale_TK=w)
+        ctx.save_for_backward(y_ND, w, row_index_N)
+        ctx.K = K
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, w, row_index = ctx.saved_tensors
+        dy, dw = ops.gather_rows(dout.contiguous(), row_index, ctx.K, scale=w.reshape(-1), dot_with=y)
+        return dy, dw.view(w.shape).to(w.dtype), None, None
+
+
+def unpermute(y_ND, weights_TK, row_index_N, T):
+    return _Unpermute.apply(y_ND.contiguous(), weights_TK, row_index_N, int(T))
+
+
+class _GroupedMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND, w_EDF, offsets_E1):
+        N = x_ND.shape[0]
+        E = w_EDF.shape[0]
+        bm = ops.block_m_for(N, E)
+        tm, n_tiles = ops.tile_map(offsets_E1, bm, N)
+        y = ops.gmm(x_ND, w_EDF, tm, n_tiles, bm, N)
+        if N:
+            _zero_uncovered(y, offsets_E1)
+        ctx.save_for_backward(x_ND, w_EDF, offsets_E1, tm)
+        ctx.meta = (bm, n_tiles)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, offsets, tm = ctx.saved_tensors
+        bm, n_tiles = ctx.meta
+        dy = dy.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = ops.gmm(dy, w.transpose(1, 2), tm, n_tiles, bm, x.shape[0])
+            if x.shape[0]:
+                _zero_uncovered(dx, offsets)
+        if ctx.needs_input_grad[1]:
+            dw, _ = ops.gmm_dw(x, dy, offsets)
+        return dx, dw, None
+
+
+def _zero_uncovered(y, offsets):
+    """Rows outside every group are zero (as in the reference); no host sync."""
+    rows = torch.arange(y.shape[0], device=y.device)
+    outside = (rows < offsets[0]) | (rows >= offsets[-1])
+    y.masked_fill_(outside[:, None], 0)
+
+
+def grouped_mm(x_ND, w_EDF, offsets_E1):
+    w = w_EDF.to(x_ND.dtype)
+    return _GroupedMM.apply(x_ND.contiguous(), w, offsets_E1.to(torch.int64).contiguous())
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return ops.swiglu_fwd(g, u)
+
+    @staticmethod
+    def backward(ctx, dh):
+        g, u = ctx.saved_tensors
+        return ops.swiglu_bwd(g, u, dh)
+
+
+def swiglu(gate_NF, up_NF):
+    if gate_NF.shape != up_NF.shape:
+        raise ValueError(f"swiglu: gate {tuple(gate_NF.shape)} and up {tuple(up_NF.shape)} differ")
+    return _SwiGLU.apply(gate_NF.contiguous(), up_NF.contiguous())
+
+
+class _MoEExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, weights_TK, experts_TK, wg, wu, wd):
+        T, K = experts_TK.shape
+        E = wg.shape[0]
+        N = T * K
+        _, offsets, row_index, dest = ops.permute_index(experts_TK, E)
+        bm = ops.block_m_for(N, E)
+        tm, n_tiles = ops.tile_map(offsets, bm, N)
+        need_grad = any(ctx.needs_input_grad)
+        g, u, h = ops.gmm_gu(x_TD, wg, wu, tm, n_tiles, bm, N, idx=row_index, div=K, save_gu=need_grad)
+        y = ops.gmm(h, wd, tm, n_tiles, bm, N)
+        out = ops.combine(y, dest, T, K, scale_TK=weights_TK)
+        if need_grad:
+            ctx.save_for_backward(x_TD, weights_TK, row_index, dest, offsets, tm, g, u, wg, wu, wd)
+        ctx.meta = (T, K, bm, n_tiles)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, w, row_index, dest, offsets, tm, g, u, wg, wu, wd = ctx.saved_tensors
+        T, K, bm, n_tiles = ctx.meta
+        dout = dout.contiguous()
+        w_flat = w.reshape(-1)
+        dg, du, dw_row = ops.gmm_dh(dout, row_index, K, w_flat, wd, g, u, tm, n_tiles, bm)
+        dweights = dw_row[dest].view(T, K).to(w.dtype)
+        dx = dwg = dwu = dwd = None
+        if ctx.needs_input_grad[0]:
+            dxp = ops.gmm(
+                dg, wg.transpose(1, 2), tm, n_tiles, bm, T * K, a2=du, b2=wu.transpose(1, 2)
+            )
+            dx = ops.combine(dxp, dest, T, K)
+        if ctx.needs_input_grad[5]:
+            dwd, _ = ops.gmm_dw(g, dout, offsets, a_mode=2, u=u, b_mode=1, bidx=row_index, divb=K, bscale=w_flat)
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            dwg, dwu = ops.gmm_dw(x, dg, offsets, a_mode=1, aidx=row_index, diva=K, b2=du)
+        return dx, dweights, None, dwg, dwu, dwd
+
+
+def moe_experts(x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD):
+    dt = x_TD.dtype
+    wg, wu, wd = (w.to(dt) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
+    if wg.stride() != wu.stride():
+        wg, wu = wg.contiguous(), wu.contiguous()
+    return _MoEExperts.apply(x_TD.contiguous(), weights_TK.contiguous(), experts_TK.contiguous(), wg, wu, wd)

@@ -1,0 +1,749 @@
+"""Triton kernels of the MoE layer (forward and backward pieces).
+
+Raw launchers only: no autograd here (see ``kernels.autograd``). Every launcher takes and
+returns torch tensors on one device; under ``TRITON_INTERPRET=1`` they run on CPU tensors.
+
+Grouped GEMMs run over a *tile map*: for row groups given by ``offsets`` (group e is
+rows ``offsets[e]:offsets[e+1]``) each tile is (expert, row_start, row_end) of at most
+BLOCK_M rows of one group. It is built on the device without a host sync, so groups
+need no padding and empty groups cost nothing; the grid is an upper bound and spare
+tiles exit at once.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs(gpu: list[dict], interp: dict) -> list[triton.Config]:
+    if INTERPRET:
+        return [triton.Config(dict(interp), num_warps=4, num_stages=1)]
+    out = []
+    for c in gpu:
+        c = dict(c)
+        w, s = c.pop("w"), c.pop("s")
+        out.append(triton.Config(c, num_warps=w, num_stages=s))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# dtype helpers
+
+
+def _prec(dtype: torch.dtype):
+    """tl.dot input precision: exact for fp32/fp64 unless torch allows tf32."""
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    if dtype == torch.float64:
+        return "ieee"
+    return None
+
+
+def _acc64(dtype: torch.dtype) -> bool:
+    return dtype == torch.float64
+
+
+# --------------------------------------------------------------------------------------
+# routing
+
+
+@triton.jit
+def _scores(logits_ptr, rows, cols, T, E, stride_l, SOFTMAX: tl.constexpr):
+    rmask = rows < T
+    cmask = cols < E
+    x = tl.load(
+        logits_ptr + rows[:, None].to(tl.int64) * stride_l + cols[None, :],
+        mask=rmask[:, None] & cmask[None, :],
+        other=float("-inf"),
+    ).to(tl.float32)
+    if SOFTMAX:
+        m = tl.max(x, axis=1)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        ex = tl.exp(x - m[:, None])
+        ex = tl.where(cmask[None, :], ex, 0.0)
+        s = ex / tl.maximum(tl.sum(ex, axis=1), 1e-30)[:, None]
+    else:
+        s = tl.sigmoid(x)
+        s = tl.where(cmask[None, :], s, 0.0)
+    return s
+
+
+@triton.jit
+def _route_fwd_kernel(
+    logits_ptr, bias_ptr, w_ptr, e_ptr, T, E, stride_l,
+    K: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    kcols = tl.arange(0, BLOCK_K)
+    rmask = rows < T
+    cmask = cols < E
+    s = _scores(logits_ptr, rows, cols, T, E, stride_l, SOFTMAX)
+    choose = s
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        choose = choose + b[None, :]
+    choose = tl.where(cmask[None, :], choose, float("-inf"))
+    wmat = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    emat = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int64)
+    wsum = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for k in tl.static_range(K):
+        idx = tl.argmax(choose, axis=1)
+        sel = cols[None, :] == idx[:, None]
+        wk = tl.sum(tl.where(sel, s, 0.0), axis=1)
+        wsum += wk
+        wmat = tl.where(kcols[None, :] == k, wk[:, None], wmat)
+        emat = tl.where(kcols[None, :] == k, idx[:, None].to(tl.int64), emat)
+        choose = tl.where(sel, float("-inf"), choose)
+    if RENORM:
+        wmat = wmat / tl.maximum(wsum, 1e-20)[:, None]
+    omask = rmask[:, None] & (kcols[None, :] < K)
+    optr = rows[:, None].to(tl.int64) * K + kcols[None, :]
+    tl.store(w_ptr + optr, wmat, mask=omask)
+    tl.store(e_ptr + optr, emat, mask=omask)
+
+
+@triton.jit
+def _route_bwd_kernel(
+    logits_ptr, w_ptr, e_ptr, dw_ptr, dl_ptr, T, E, stride_l,
+    K: tl.constexpr, SOFTMAX: tl.constexpr, RENORM: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    kcols = tl.arange(0, BLOCK_K)
+    rmask = rows < T
+    cmask = cols < E
+    s = _scores(logits_ptr, rows, cols, T, E, stride_l, SOFTMAX)
+    kmask = rmask[:, None] & (kcols[None, :] < K)
+    optr = rows[:, None].to(tl.int64) * K + kcols[None, :]
+    g = tl.load(dw_ptr + optr, mask=kmask, other=0.0).to(tl.float32)
+    e = tl.load(e_ptr + optr, mask=kmask, other=-1)
+    if RENORM:
+        w = tl.load(w_ptr + optr, mask=kmask, other=0.0)
+        gw = tl.sum(g * w, axis=1)
+    ssum = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    ds = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for k in tl.static_range(K):
+        ek = tl.sum(tl.where(kcols[None, :] == k, e, 0), axis=1)
+        gk = tl.sum(tl.where(kcols[None, :] == k, g, 0.0), axis=1)
+        sel = cols[None, :] == ek[:, None]
+        ssum += tl.sum(tl.where(sel, s, 0.0), axis=1)
+        ds += tl.where(sel, gk[:, None], 0.0)
+    if RENORM:
+        # w_k = s_k / S  =>  dL/ds_k = (g_k - sum_j g_j w_j) / S for the chosen experts
+        chosen = ds != 0.0
+        for k in tl.static_range(K):
+            ek = tl.sum(tl.where(kcols[None, :] == k, e, 0), axis=1)
+            chosen = chosen | (cols[None, :] == ek[:, None])
+        ds = tl.where(chosen, (ds - gw[:, None]) / tl.maximum(ssum, 1e-20)[:, None], 0.0)
+    if SOFTMAX:
+        dl = s * (ds - tl.sum(ds * s, axis=1)[:, None])
+    else:
+        dl = ds * s * (1.0 - s)
+    tl.store(
+        dl_ptr + rows[:, None].to(tl.int64) * E + cols[None, :],
+        dl.to(dl_ptr.dtype.element_ty),
+        mask=rmask[:, None] & cmask[None, :],
+    )
+
+
+def route_fwd(logits_TE, top_k, score_func, bias_E, renormalize):
+    T, E = logits_TE.shape
+    if score_func not in ("softmax", "sigmoid"):
+        raise ValueError(f"unknown score_func {score_func!r}")
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be in [1, {E}], got {top_k}")
+    logits = logits_TE if logits_TE.stride(1) == 1 else logits_TE.contiguous()
+    w = torch.empty((T, top_k), dtype=torch.float32, device=logits.device)
+    ex = torch.empty((T, top_k), dtype=torch.int64, device=logits.device)
+    if T == 0:
+        return w, ex
+    BLOCK_E = triton.next_power_of_2(E)
+    BLOCK_T = max(1, min(64, 4096 // BLOCK_E))
+    bias = bias_E.contiguous() if bias_E is not None else logits
+    _route_fwd_kernel[(triton.cdiv(T, BLOCK_T),)](
+        logits, bias, w, ex, T, E, logits.stride(0),
+        K=top_k, SOFTMAX=score_func == "softmax", HAS_BIAS=bias_E is not None,
+        RENORM=bool(renormalize and top_k > 1),
+        BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_K=triton.next_power_of_2(top_k),
+    )  # fmt: skip
+    return w, ex
+
+
+def route_bwd(logits_TE, weights_TK, experts_TK, dweights_TK, score_func, renormalize):
+    T, E = logits_TE.shape
+    K = experts_TK.shape[1]
+    logits = logits_TE if logits_TE.stride(1) == 1 else logits_TE.contiguous()
+    dl = torch.empty((T, E), dtype=logits.dtype, device=logits.device)
+    if T == 0:
+        return dl
+    BLOCK_E = triton.next_power_of_2(E)
+    BLOCK_T = max(1, min(64, 4096 // BLOCK_E))
+    _route_bwd_kernel[(triton.cdiv(T, BLOCK_T),)](
+        logits, weights_TK.contiguous(), experts_TK.contiguous(), dweights_TK.contiguous(), dl,
+        T, E, logits.stride(0),
+        K=K, SOFTMAX=score_func == "softmax", RENORM=bool(renormalize and K > 1),
+        BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_K=triton.next_power_of_2(K),
+    )  # fmt: skip
+    return dl
+
+
+# --------------------------------------------------------------------------------------
+# permutation
+
+
+@triton.jit
+def _dest_kernel(flat_ptr, offs_ptr, dest_ptr, rowidx_ptr, NA, BLOCK: tl.constexpr):
+    """Program e: the stable rank of each assignment to expert e -> its permuted row."""
+    e = tl.program_id(0)
+    base = tl.load(offs_ptr + e)
+    running = base * 0
+    for i0 in range(0, NA, BLOCK):
+        ids = i0 + tl.arange(0, BLOCK)
+        ex = tl.load(flat_ptr + ids, mask=ids < NA, other=-1)
+        hit = ex == e
+        c = tl.cumsum(hit.to(tl.int32), 0)
+        d = base + running + c - 1
+        tl.store(dest_ptr + ids, d, mask=hit)
+        tl.store(rowidx_ptr + d, ids.to(tl.int64), mask=hit)
+        running += tl.sum(hit.to(tl.int32), 0)
+
+
+def permute_index(experts_TK, num_experts, pad_to=1, n_rows=None):
+    """counts_E, offsets_E1 (int64), row_index_N, dest_A (assignment -> permuted row).
+
+    With pad_to == 1 no host sync happens (N = T*K); otherwise N is read back once.
+    """
+    flat = experts_TK.reshape(-1).contiguous()
+    NA = flat.numel()
+    dev = flat.device
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    sizes = counts if pad_to <= 1 else (counts + pad_to - 1) // pad_to * pad_to
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=dev)
+    offsets[1:] = sizes.cumsum(0)
+    if n_rows is None:
+        n_rows = NA if pad_to <= 1 else int(offsets[-1])
+    row_index = torch.full((n_rows,), -1, dtype=torch.int64, device=dev)
+    dest = torch.empty(NA, dtype=torch.int64, device=dev)
+    if NA > 0:
+        BLOCK = 1024 if NA > 512 else max(16, triton.next_power_of_2(NA))
+        _dest_kernel[(num_experts,)](flat, offsets, dest, row_index, NA, BLOCK=BLOCK)
+    return counts, offsets, row_index, dest
+
+
+@triton.jit
+def _gather_kernel(
+    x_ptr, idx_ptr, s_ptr, out_ptr, y_ptr, dot_ptr, D, DIV, stride_x, stride_o, stride_y,
+    HAS_S: tl.constexpr, DOT: tl.constexpr, ACC64: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """out[p] = s[a] * x[a // DIV] with a = idx[p] (zeros where a < 0); optionally dot[a] = <x[a//DIV], y[p]>."""
+    ACC: tl.constexpr = tl.float64 if ACC64 else tl.float32
+    p = tl.program_id(0).to(tl.int64)
+    a = tl.load(idx_ptr + p)
+    valid = a >= 0
+    t = tl.where(valid, a, 0) // DIV
+    if HAS_S:
+        sc = tl.load(s_ptr + tl.where(valid, a, 0)).to(ACC)
+    acc = tl.zeros((BLOCK_D,), dtype=ACC)
+    vvec = (tl.zeros((BLOCK_D,), dtype=tl.int64) + a) >= 0
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        cm = cols < D
+        v = tl.load(x_ptr + t * stride_x + cols, mask=cm & vvec, other=0.0)
+        if DOT:
+            yv = tl.load(y_ptr + p * stride_y + cols, mask=cm & vvec, other=0.0)
+            acc += v.to(ACC) * yv.to(ACC)
+        if HAS_S:
+            v = v.to(ACC) * sc
+        tl.store(out_ptr + p * stride_o + cols, v.to(out_ptr.dtype.element_ty), mask=cm)
+    if DOT:
+        tot = tl.sum(acc, 0)
+        if a >= 0:
+            tl.store(dot_ptr + a, tot.to(dot_ptr.dtype.element_ty))
+
+
+def gather_rows(x_TD, idx_N, div, scale=None, dot_with=None):
+    N = idx_N.numel()
+    D = x_TD.shape[1]
+    out = torch.empty((N, D), dtype=x_TD.dtype, device=x_TD.device)
+    dot = None
+    if dot_with is not None:
+        dt = torch.float64 if x_TD.dtype == torch.float64 else torch.float32
+        dot = torch.zeros(scale.numel() if scale is not None else N, dtype=dt, device=x_TD.device)
+    if N == 0:
+        return out, dot
+    x = x_TD.contiguous()
+    y = dot_with.contiguous() if dot_with is not None else out
+    _gather_kernel[(N,)](
+        x, idx_N, scale if scale is not None else x, out, y, dot if dot is not None else out,
+        D, div, x.stride(0), out.stride(0), y.stride(0),
+        HAS_S=scale is not None, DOT=dot_with is not None, ACC64=_acc64(x.dtype),
+        BLOCK_D=min(1024, triton.next_power_of_2(D)),
+    )  # fmt: skip
+    return out, dot
+
+
+@triton.jit
+def _combine_kernel(
+    y_ptr, pos_ptr, s_ptr, out_ptr, D, stride_y, stride_o,
+    K: tl.constexpr, HAS_S: tl.constexpr, ACC64: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """out[t] = sum_k s[t, k] * y[pos[t*K + k]]  (fp32 accumulation, deterministic)."""
+    ACC: tl.constexpr = tl.float64 if ACC64 else tl.float32
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cm = cols < D
+    acc = tl.zeros((BLOCK_D,), dtype=ACC)
+    for k in tl.static_range(K):
+        p = tl.load(pos_ptr + t * K + k)
+        v = tl.load(y_ptr + p * stride_y + cols, mask=cm, other=0.0).to(ACC)
+        if HAS_S:
+            v = v * tl.load(s_ptr + t * K + k).to(ACC)
+        acc += v
+    tl.store(out_ptr + t * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=cm)
+
+
+def combine(y_ND, pos_A, T, K, scale_TK=None, out_dtype=None):
+    D = y_ND.shape[1]
+    out = torch.empty((T, D), dtype=out_dtype or y_ND.dtype, device=y_ND.device)
+    if T == 0:
+        return out
+    y = y_ND if y_ND.stride(1) == 1 else y_ND.contiguous()
+    BLOCK_D = min(1024, triton.next_power_of_2(D))
+    s = scale_TK.contiguous() if scale_TK is not None else y
+    _combine_kernel[(T, triton.cdiv(D, BLOCK_D))](
+        y, pos_A, s, out, D, y.stride(0), out.stride(0), K=K, HAS_S=scale_TK is not None,
+        ACC64=_acc64(y.dtype), BLOCK_D=BLOCK_D,
+    )  # fmt: skip
+    return out
+
+
+def inverse_index(row_index_N, n_assign):
+    """pos[a] = the permuted row holding assignment a (padding rows of row_index skipped; no sync)."""
+    dev = row_index_N.device
+    pos = torch.zeros(n_assign + 1, dtype=torch.int64, device=dev)
+    where = torch.where(row_index_N >= 0, row_index_N, n_assign)
+    pos.scatter_(0, where, torch.arange(row_index_N.numel(), device=dev))
+    return pos[:n_assign]
+
+
+# --------------------------------------------------------------------------------------
+# tile map for grouped GEMMs
+
+
+def block_m_for(n_rows: int, n_groups: int) -> int:
+    avg = max(1, -(-n_rows // max(1, n_groups)))
+    if INTERPRET:
+        return 16
+    return min(128, max(16, triton.next_power_of_2(avg)))
+
+
+def tile_map(offsets_E1, block_m: int, n_rows: int):
+    """int32 (3, n_tiles): expert, row_start, row_end of each tile (spare tiles: start == end)."""
+    E = offsets_E1.numel() - 1
+    dev = offsets_E1.device
+    n_tiles = n_rows // block_m + min(E, n_rows) + 1
+    offs = offsets_E1.to(torch.int64)
+    counts = offs[1:] - offs[:-1]
+    tiles_e = (counts + block_m - 1) // block_m
+    cum = tiles_e.cumsum(0)
+    t = torch.arange(n_tiles, device=dev)
+    e = torch.searchsorted(cum, t, right=True)
+    ec = e.clamp(max=E - 1)
+    start = offs[ec] + (t - (cum[ec] - tiles_e[ec])) * block_m
+    end = offs[ec + 1]
+    start = torch.where(e < E, start, end)
+    return torch.stack([ec, start, end]).to(torch.int32).contiguous(), n_tiles
+
+
+# --------------------------------------------------------------------------------------
+# grouped GEMM kernels
+
+_GMM_GPU = [
+    dict(BLOCK_N=128, BLOCK_K=64, w=8, s=3),
+    dict(BLOCK_N=64, BLOCK_K=64, w=4, s=4),
+    dict(BLOCK_N=128, BLOCK_K=64, w=4, s=4),
+]
+_GMM_INT = dict(BLOCK_N=32, BLOCK_K=32)
+
+
+@triton.autotune(configs=_configs(_GMM_GPU, _GMM_INT), key=["N", "Kd", "BLOCK_M", "DUAL", "GATHER"])
+@triton.jit
+def _gmm_kernel(
+    a_ptr, a2_ptr, idx_ptr, b_ptr, b2_ptr, c_ptr, tm_ptr, n_tiles, N, Kd, DIV,
+    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm,
+    GATHER: tl.constexpr, DUAL: tl.constexpr, ACC64: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """C[p] = A[row(p)] @ B[e] (+ A2[row(p)] @ B2[e]) for the rows p of each tile of expert e."""
+    pid_n = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    e = tl.load(tm_ptr + pid_t).to(tl.int64)
+    start = tl.load(tm_ptr + n_tiles + pid_t)
+    end = tl.load(tm_ptr + 2 * n_tiles + pid_t)
+    if start >= end:
+        return
+    rows = start + tl.arange(0, BLOCK_M)
+    rmask = rows < end
+    if GATHER:
+        arow = tl.load(idx_ptr + rows, mask=rmask, other=0) // DIV
+    else:
+        arow = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    a_off = arow[:, None] * stride_am + ks[None, :] * stride_ak
+    b_off = e * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if ACC64 else tl.float32)
+    for k0 in range(0, Kd, BLOCK_K):
+        kmask = (k0 + ks) < Kd
+        a = tl.load(a_ptr + a_off, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptr + b_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        if DUAL:
+            a2 = tl.load(a2_ptr + a_off, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b2 = tl.load(b2_ptr + b_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            acc = tl.dot(a2, b2, acc, input_precision=PREC)
+        a_off += BLOCK_K * stride_ak
+        b_off += BLOCK_K * stride_bk
+    c_off = rows[:, None].to(tl.int64) * stride_cm + cols[None, :]
+    tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+def gmm(a, b_EKN, tm, n_tiles, block_m, n_rows, idx=None, div=1, a2=None, b2=None):
+    """Grouped GEMM over a tile map. ``b_EKN`` may be any strided (E, K, N) view (transposes are free).
+
+    a: (rows, K) (gathered through idx // div when idx is given); a2/b2: a second product added
+    (same strides as a / b).
+    """
+    Kd, N = b_EKN.shape[1], b_EKN.shape[2]
+    c = torch.empty((n_rows, N), dtype=a.dtype, device=a.device)
+    if n_rows == 0:
+        return c
+    if Kd == 0:
+        return c.zero_()
+    assert a.stride(1) == 1 or a.shape[1] == 1
+    if a2 is not None:
+        assert a2.stride() == a.stride() and b2.stride() == b_EKN.stride()
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_tiles)
+    _gmm_kernel[grid](
+        a, a2 if a2 is not None else a, idx if idx is not None else tm, b_EKN,
+        b2 if b2 is not None else b_EKN, c, tm, n_tiles, N, Kd, div,
+        a.stride(0), a.stride(1), b_EKN.stride(0), b_EKN.stride(1), b_EKN.stride(2), c.stride(0),
+        GATHER=idx is not None, DUAL=a2 is not None, ACC64=_acc64(a.dtype), PREC=_prec(a.dtype),
+        BLOCK_M=block_m,
+    )  # fmt: skip
+    return c
+
+
+_GU_GPU = [
+    dict(BLOCK_N=64, BLOCK_K=64, w=4, s=4),
+    dict(BLOCK_N=128, BLOCK_K=64, w=8, s=3),
+    dict(BLOCK_N=64, BLOCK_K=64, w=8, s=4),
+]
+
+
+@triton.autotune(configs=_configs(_GU_GPU, _GMM_INT), key=["F", "D", "BLOCK_M", "GATHER"])
+@triton.jit
+def _gmm_gu_kernel(
+    x_ptr, idx_ptr, wg_ptr, wu_ptr, g_ptr, u_ptr, h_ptr, tm_ptr, n_tiles, F, D, DIV,
+    stride_xm, stride_we, stride_wk, stride_wn, stride_om,
+    GATHER: tl.constexpr, SAVE_GU: tl.constexpr, ACC64: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """H = silu(X[row] @ Wg[e]) * (X[row] @ Wu[e]); the gather of X rows and SwiGLU fused."""
+    pid_n = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    e = tl.load(tm_ptr + pid_t).to(tl.int64)
+    start = tl.load(tm_ptr + n_tiles + pid_t)
+    end = tl.load(tm_ptr + 2 * n_tiles + pid_t)
+    if start >= end:
+        return
+    rows = start + tl.arange(0, BLOCK_M)
+    rmask = rows < end
+    if GATHER:
+        arow = tl.load(idx_ptr + rows, mask=rmask, other=0) // DIV
+    else:
+        arow = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < F
+    ks = tl.arange(0, BLOCK_K)
+    a_off = arow[:, None] * stride_xm + ks[None, :]
+    b_off = e * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if ACC64 else tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if ACC64 else tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kmask = (k0 + ks) < D
+        a = tl.load(x_ptr + a_off, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        bg = tl.load(wg_ptr + b_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        bu = tl.load(wu_ptr + b_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc_g = tl.dot(a, bg, acc_g, input_precision=PREC)
+        acc_u = tl.dot(a, bu, acc_u, input_precision=PREC)
+        a_off += BLOCK_K
+        b_off += BLOCK_K * stride_wk
+    o_off = rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+    omask = rmask[:, None] & cmask[None, :]
+    out_ty = h_ptr.dtype.element_ty
+    if SAVE_GU:
+        tl.store(g_ptr + o_off, acc_g.to(out_ty), mask=omask)
+        tl.store(u_ptr + o_off, acc_u.to(out_ty), mask=omask)
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    tl.store(h_ptr + o_off, h.to(out_ty), mask=omask)
+
+
+def gmm_gu(x, wg_EDF, wu_EDF, tm, n_tiles, block_m, n_rows, idx=None, div=1, save_gu=True):
+    D, F = wg_EDF.shape[1], wg_EDF.shape[2]
+    assert wg_EDF.stride() == wu_EDF.stride() and x.stride(1) == 1
+    h = torch.empty((n_rows, F), dtype=x.dtype, device=x.device)
+    g = torch.empty_like(h) if save_gu else h
+    u = torch.empty_like(h) if save_gu else h
+    if n_rows == 0:
+        return g, u, h
+    grid = lambda meta: (triton.cdiv(F, meta["BLOCK_N"]), n_tiles)
+    _gmm_gu_kernel[grid](
+        x, idx if idx is not None else tm, wg_EDF, wu_EDF, g, u, h, tm, n_tiles, F, D, div,
+        x.stride(0), wg_EDF.stride(0), wg_EDF.stride(1), wg_EDF.stride(2), h.stride(0),
+        GATHER=idx is not None, SAVE_GU=save_gu, ACC64=_acc64(x.dtype), PREC=_prec(x.dtype),
+        BLOCK_M=block_m,
+    )  # fmt: skip
+    return g, u, h
+
+
+_DH_GPU = [
+    dict(BLOCK_K=64, w=8, s=3),
+    dict(BLOCK_K=64, w=4, s=4),
+    dict(BLOCK_K=128, w=8, s=3),
+]
+_DH_INT = dict(BLOCK_K=32)
+
+
+@triton.autotune(configs=_configs(_DH_GPU, _DH_INT), key=["F", "D", "BLOCK_M", "BLOCK_N"])
+@triton.jit
+def _gmm_dh_kernel(
+    dout_ptr, idx_ptr, sw_ptr, wd_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, dwp_ptr, tm_ptr, n_tiles,
+    F, D, DIV, stride_dm, stride_we, stride_wf, stride_wd, stride_gm, stride_dwp,
+    ACC64: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Backward of (down GEMM, routing weight, SwiGLU) for the rows of one tile.
+
+    dHu = dout[row] @ Wd[e]^T (gather fused); dw partial = rowsum(dHu * H) per column block;
+    dH = s * dHu; dG, dU from the SwiGLU derivative (H recomputed from the saved G, U).
+    """
+    pid_n = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    e = tl.load(tm_ptr + pid_t).to(tl.int64)
+    start = tl.load(tm_ptr + n_tiles + pid_t)
+    end = tl.load(tm_ptr + 2 * n_tiles + pid_t)
+    if start >= end:
+        return
+    rows = start + tl.arange(0, BLOCK_M)
+    rmask = rows < end
+    aidx = tl.load(idx_ptr + rows, mask=rmask, other=0)
+    arow = aidx // DIV
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < F
+    ks = tl.arange(0, BLOCK_K)
+    a_off = arow[:, None] * stride_dm + ks[None, :]
+    b_off = e * stride_we + ks[:, None] * stride_wd + cols[None, :] * stride_wf
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if ACC64 else tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kmask = (k0 + ks) < D
+        a = tl.load(dout_ptr + a_off, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(wd_ptr + b_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        a_off += BLOCK_K
+        b_off += BLOCK_K * stride_wd
+    o_off = rows[:, None].to(tl.int64) * stride_gm + cols[None, :]
+    omask = rmask[:, None] & cmask[None, :]
+    g = tl.load(g_ptr + o_off, mask=omask, other=0.0).to(acc.dtype)
+    u = tl.load(u_ptr + o_off, mask=omask, other=0.0).to(acc.dtype)
+    sg = 1.0 / (1.0 + tl.exp(-g))
+    silu = g * sg
+    h = silu * u
+    part = tl.sum(acc * h, axis=1)
+    tl.store(dwp_ptr + rows.to(tl.int64) * stride_dwp + pid_n, part.to(tl.float32), mask=rmask)
+    s = tl.load(sw_ptr + aidx, mask=rmask, other=0.0).to(acc.dtype)
+    dh = acc * s[:, None]
+    du = dh * silu
+    dg = dh * u * sg * (1.0 + g * (1.0 - sg))
+    out_ty = dg_ptr.dtype.element_ty
+    tl.store(dg_ptr + o_off, dg.to(out_ty), mask=omask)
+    tl.store(du_ptr + o_off, du.to(out_ty), mask=omask)
+
+
+def gmm_dh(dout, idx, div, sw_flat, wd_EFD, g, u, tm, n_tiles, block_m):
+    """Returns dG, dU (N, F) and dw_row (N,) float32 = <dout[t], Y[p]> for each permuted row."""
+    n_rows, F = g.shape
+    D = wd_EFD.shape[2]
+    dg = torch.empty_like(g)
+    du = torch.empty_like(u)
+    block_n = 32 if INTERPRET else (128 if block_m >= 64 else 64)
+    nb = triton.cdiv(F, block_n)
+    dwp = torch.zeros((n_rows, nb), dtype=torch.float32, device=g.device)
+    if n_rows == 0:
+        return dg, du, dwp.sum(1)
+    _gmm_dh_kernel[(nb, n_tiles)](
+        dout, idx, sw_flat, wd_EFD, g, u, dg, du, dwp, tm, n_tiles, F, D, div,
+        dout.stride(0), wd_EFD.stride(0), wd_EFD.stride(1), wd_EFD.stride(2), g.stride(0), dwp.stride(0),
+        ACC64=_acc64(g.dtype), PREC=_prec(g.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+    )  # fmt: skip
+    return dg, du, dwp.sum(1)
+
+
+_DW_GPU = [
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, w=8, s=3),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, w=4, s=4),
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, w=4, s=4),
+]
+_DW_INT = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16)
+
+
+@triton.autotune(configs=_configs(_DW_GPU, _DW_INT), key=["M", "N", "A_MODE", "B_MODE", "DUAL"])
+@triton.jit
+def _gmm_dw_kernel(
+    a_ptr, aidx_ptr, u_ptr, b_ptr, b2_ptr, bidx_ptr, bs_ptr, c_ptr, c2_ptr, offs_ptr,
+    M, N, DIVA, DIVB, stride_am, stride_bm, stride_ce, stride_cm,
+    A_MODE: tl.constexpr, B_MODE: tl.constexpr, DUAL: tl.constexpr,
+    ACC64: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """C[e] = A_e^T @ B_e over the rows of group e (an empty group gives zeros).
+
+    A_MODE 0: A rows as stored; 1: A rows gathered (aidx[r] // DIVA); 2: A = silu(a) * u (SwiGLU
+    recomputed from saved G, U). B_MODE 0: B rows as stored; 1: B rows gathered (bidx[r] // DIVB)
+    and scaled by bs[bidx[r]]. DUAL: also C2[e] = A_e^T @ B2_e.
+    """
+    pid = tl.program_id(0)
+    e = tl.program_id(1).to(tl.int64)
+    nbn = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // nbn
+    pid_n = pid % nbn
+    start = tl.load(offs_ptr + e)
+    end = tl.load(offs_ptr + e + 1)
+    cm_ = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cn_ = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = cm_ < M
+    nmask = cn_ < N
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if ACC64 else tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if ACC64 else tl.float32)
+    for r0 in range(start, end, BLOCK_K):
+        r = r0 + ks
+        rm = r < end
+        if A_MODE == 1:
+            ar = tl.load(aidx_ptr + r, mask=rm, other=0) // DIVA
+        else:
+            ar = r.to(tl.int64)
+        a_off = ar[:, None] * stride_am + cm_[None, :]
+        a = tl.load(a_ptr + a_off, mask=rm[:, None] & mmask[None, :], other=0.0)
+        if A_MODE == 2:
+            uu = tl.load(u_ptr + a_off, mask=rm[:, None] & mmask[None, :], other=0.0)
+            AF: tl.constexpr = tl.float64 if ACC64 else tl.float32
+            af = a.to(AF)
+            a = (af / (1.0 + tl.exp(-af)) * uu.to(AF)).to(uu.dtype)
+        if B_MODE == 1:
+            bi = tl.load(bidx_ptr + r, mask=rm, other=0)
+            br = bi // DIVB
+        else:
+            br = r.to(tl.int64)
+        b_off = br[:, None] * stride_bm + cn_[None, :]
+        b = tl.load(b_ptr + b_off, mask=rm[:, None] & nmask[None, :], other=0.0)
+        if B_MODE == 1:
+            sc = tl.load(bs_ptr + bi, mask=rm, other=0.0)
+            SC: tl.constexpr = tl.float64 if ACC64 else tl.float32
+            b = (b.to(SC) * sc[:, None].to(SC)).to(b.dtype)
+        at = tl.trans(a)
+        acc = tl.dot(at, b, acc, input_precision=PREC)
+        if DUAL:
+            b2 = tl.load(b2_ptr + b_off, mask=rm[:, None] & nmask[None, :], other=0.0)
+            acc2 = tl.dot(at, b2, acc2, input_precision=PREC)
+    c_off = e * stride_ce + cm_[:, None].to(tl.int64) * stride_cm + cn_[None, :]
+    omask = mmask[:, None] & nmask[None, :]
+    tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=omask)
+    if DUAL:
+        tl.store(c2_ptr + c_off, acc2.to(c_ptr.dtype.element_ty), mask=omask)
+
+
+def gmm_dw(a, b, offsets_E1, a_mode=0, aidx=None, diva=1, u=None, b_mode=0, bidx=None, divb=1, bscale=None, b2=None):
+    """Per group e: A_e^T @ B_e -> (E, M, N) (and the same with b2 when given)."""
+    E = offsets_E1.numel() - 1
+    M, N = a.shape[1], b.shape[1]
+    c = torch.empty((E, M, N), dtype=a.dtype, device=a.device)
+    c2 = torch.empty_like(c) if b2 is not None else c
+    if E == 0 or M == 0 or N == 0:
+        return c, c2
+    assert a.stride(1) == 1 and b.stride(1) == 1
+    if u is not None:
+        assert u.stride() == a.stride()
+    if b2 is not None:
+        assert b2.stride() == b.stride()
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), E)
+    dummy = offsets_E1
+    _gmm_dw_kernel[grid](
+        a, aidx if aidx is not None else dummy, u if u is not None else a, b,
+        b2 if b2 is not None else b, bidx if bidx is not None else dummy,
+        bscale if bscale is not None else b, c, c2, offsets_E1,
+        M, N, diva, divb, a.stride(0), b.stride(0), c.stride(0), c.stride(1),
+        A_MODE=a_mode, B_MODE=b_mode, DUAL=b2 is not None, ACC64=_acc64(a.dtype), PREC=_prec(a.dtype),
+    )  # fmt: skip
+    return c, c2
+
+
+# --------------------------------------------------------------------------------------
+# SwiGLU (elementwise)
+
+
+@triton.jit
+def _swiglu_fwd_kernel(g_ptr, u_ptr, h_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    g = tl.load(g_ptr + i, mask=m, other=0.0)
+    u = tl.load(u_ptr + i, mask=m, other=0.0)
+    gf = g.to(tl.float32) if g.dtype != tl.float64 else g
+    h = gf / (1.0 + tl.exp(-gf)) * u.to(gf.dtype)
+    tl.store(h_ptr + i, h.to(h_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(g_ptr, u_ptr, dh_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    g = tl.load(g_ptr + i, mask=m, other=0.0)
+    gf = g.to(tl.float32) if g.dtype != tl.float64 else g
+    u = tl.load(u_ptr + i, mask=m, other=0.0).to(gf.dtype)
+    dh = tl.load(dh_ptr + i, mask=m, other=0.0).to(gf.dtype)
+    sg = 1.0 / (1.0 + tl.exp(-gf))
+    du = dh * gf * sg
+    dg = dh * u * sg * (1.0 + gf * (1.0 - sg))
+    tl.store(dg_ptr + i, dg.to(dg_ptr.dtype.element_ty), mask=m)
+    tl.store(du_ptr + i, du.to(du_ptr.dtype.element_ty), mask=m)
+
+
+def swiglu_fwd(g, u):
+    g, u = g.contiguous(), u.contiguous()
+    h = torch.empty_like(g)
+    n = g.numel()
+    if n:
+        _swiglu_fwd_kernel[(triton.cdiv(n, 1024),)](g, u, h, n, BLOCK=1024)
+    return h
+
+
+def swiglu_bwd(g, u, dh):
+    g, u, dh = g.contiguous(), u.contiguous(), dh.contiguous()
+    dg, du = torch.empty_like(g), torch.empty_like(u)
+    n = g.numel()
+    if n:
+        _swiglu_bwd_kernel[(triton.cdiv(n, 1024),)](g, u, dh, dg, du, n, BLOCK=1024)
+    return dg, du

@@ -1,0 +1,254 @@
+"""Triton kernels against the reference ops, forward and backward.
+
+On a CPU box the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set here
+before anything defines a kernel) in float64 on tiny shapes; on a CUDA machine the same
+tests run compiled, in bf16, with bf16 tolerances. Inputs are fresh random draws.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+import kernels  # noqa: E402
+from kernels import autograd as tk  # noqa: E402
+from kernels import reference as ref  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+DT = torch.bfloat16 if CUDA else torch.float64
+# relative L2 error allowed: bf16 operands land between 1e-3 and 1e-2 (METHOD.md)
+TOL = 2e-2 if CUDA else 1e-10
+TOL_F32 = 1e-5  # fp32 routing weights / their gradients
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    assert torch.isfinite(a).all(), "non-finite values in the Triton result"
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def rnd(*shape, dtype=DT, scale=1.0, grad=True):
+    t = (torch.randn(*shape, device=DEV, dtype=torch.float32) * scale).to(dtype)
+    return t.requires_grad_(grad)
+
+
+def ref_of(t: torch.Tensor) -> torch.Tensor:
+    """The reference's input: float64 (CPU interpreter) or float64 upcast of the bf16 tensor."""
+    return t.detach().double().requires_grad_(t.requires_grad)
+
+
+def routing(T, E, K, one_expert=None, empty=()):
+    """Distinct experts per token; ``one_expert`` gets every token; experts in ``empty`` get none."""
+    logits = torch.randn(T, E, device=DEV)
+    if one_expert is not None:
+        logits[:, one_expert] += 100.0
+    for e in empty:
+        logits[:, e] -= 100.0
+    w, ex = ref.route(logits, K)
+    return w, ex
+
+
+# ------------------------------------------------------------------------ routing
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("renorm", [True, False])
+@pytest.mark.parametrize("T,E,K", [(1, 8, 2), (37, 16, 1), (19, 128, 8)])
+def test_route(score_func, bias, renorm, T, E, K):
+    logits = torch.randn(T, E, device=DEV, dtype=torch.float32, requires_grad=True)
+    b = torch.randn(E, device=DEV) * 0.1 if bias else None
+    w, e = tk.route(logits, K, score_func, b, renorm)
+    lr = logits.detach().double().requires_grad_()
+    wr, er = ref.route(lr, K, score_func, b, renorm)
+    assert e.dtype == torch.int64 and w.dtype == torch.float32
+    assert torch.equal(e, er)
+    assert rel(w, wr) < TOL_F32
+    g = torch.randn_like(w)
+    (dl,) = torch.autograd.grad(w, logits, g)
+    (dlr,) = torch.autograd.grad(wr, lr, g.double())
+    assert rel(dl, dlr) < TOL_F32
+
+
+def test_route_rejects_bad_score_func():
+    with pytest.raises(ValueError, match="score_func"):
+        tk.route(torch.randn(2, 4, device=DEV), 2, "relu")
+
+
+# ------------------------------------------------------------------ permutation
+
+
+@pytest.mark.parametrize("pad_to", [1, 16])
+@pytest.mark.parametrize(
+    "T,E,K,one,empty",
+    [(1, 4, 1, None, ()), (37, 8, 2, None, (1, 5)), (21, 6, 3, 2, ()), (9, 128, 8, None, ())],
+)
+def test_permute_unpermute(pad_to, T, E, K, one, empty):
+    D = 24
+    w, ex = routing(T, E, K, one, empty)
+    x = rnd(T, D)
+    xp, counts, offs, ri = tk.permute(x, ex, E, pad_to)
+    xr = ref_of(x)
+    xpr, countsr, offsr, rir = ref.permute(xr, ex, E, pad_to)
+    assert torch.equal(counts, countsr) and torch.equal(offs, offsr) and torch.equal(ri, rir)
+    assert torch.equal(xp.double(), xpr)  # a gather is exact
+    for e in empty:
+        assert counts[e] == 0
+    # permute backward: sum over k of the permuted-row gradients
+    gp = rnd(*xp.shape, grad=False)
+    (gx,) = torch.autograd.grad(xp, x, gp)
+    (gxr,) = torch.autograd.grad(xpr, xr, gp.double())
+    assert rel(gx, gxr) < TOL
+
+    # unpermute forward and backward (y and the routing weights)
+    y = rnd(*xp.shape)
+    wt = w.clone().requires_grad_()
+    out = tk.unpermute(y, wt, ri, T)
+    yr, wr = ref_of(y), w.double().requires_grad_()
+    outr = ref.unpermute(yr, wr, ri, T)
+    assert rel(out, outr) < TOL
+    go = rnd(T, D, grad=False)
+    gy, gw = torch.autograd.grad(out, (y, wt), go)
+    gyr, gwr = torch.autograd.grad(outr, (yr, wr), go.double())
+    assert rel(gy, gyr) < TOL
+    assert rel(gw, gwr) < (TOL if not CUDA else TOL) + TOL_F32
+
+
+# ------------------------------------------------------------------ grouped GEMM
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [[5], [0, 7, 0, 33, 1], [17, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0, 130]],
+)
+def test_grouped_mm(sizes):
+    E, D, F = len(sizes), 40, 24
+    offs = torch.zeros(E + 1, dtype=torch.int64, device=DEV)
+    offs[1:] = torch.tensor(sizes, device=DEV).cumsum(0)
+    N = int(offs[-1])
+    x, w = rnd(N, D), rnd(E, D, F, scale=D**-0.5)
+    y = tk.grouped_mm(x, w, offs)
+    xr, wr = ref_of(x), ref_of(w)
+    yr = ref.grouped_mm(xr, wr, offs)
+    assert rel(y, yr) < TOL
+    g = rnd(N, F, grad=False)
+    gx, gw = torch.autograd.grad(y, (x, w), g)
+    gxr, gwr = torch.autograd.grad(yr, (xr, wr), g.double())
+    assert rel(gx, gxr) < TOL
+    assert rel(gw, gwr) < TOL
+    for e, n in enumerate(sizes):
+        if n == 0:
+            assert torch.count_nonzero(gw[e]) == 0  # an empty group's weight gradient is zero
+
+
+def test_grouped_mm_uncovered_rows_are_zero():
+    x, w = rnd(10, 8, grad=False), rnd(2, 8, 4, grad=False)
+    offs = torch.tensor([2, 5, 7], device=DEV)
+    y = tk.grouped_mm(x, w, offs)
+    assert torch.equal(y[:2], torch.zeros_like(y[:2])) and torch.equal(y[7:], torch.zeros_like(y[7:]))
+    assert rel(y, ref.grouped_mm(x.double(), w.double(), offs)) < TOL
+
+
+# ------------------------------------------------------------------------ SwiGLU
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (37, 29), (3, 1500)])
+def test_swiglu(shape):
+    g, u = rnd(*shape, scale=3.0), rnd(*shape)
+    h = tk.swiglu(g, u)
+    gr, ur = ref_of(g), ref_of(u)
+    hr = ref.swiglu(gr, ur)
+    assert rel(h, hr) < TOL
+    dh = rnd(*shape, grad=False)
+    a = torch.autograd.grad(h, (g, u), dh)
+    b = torch.autograd.grad(hr, (gr, ur), dh.double())
+    assert rel(a[0], b[0]) < TOL and rel(a[1], b[1]) < TOL
+
+
+# ------------------------------------------------------------- the whole experts op
+
+
+@pytest.mark.parametrize(
+    "T,E,K,one,empty",
+    [
+        (1, 8, 2, None, ()),  # one token
+        (29, 6, 2, 3, ()),  # every token to expert 3
+        (37, 8, 2, None, (0, 2, 7)),  # empty experts, T not a multiple of any block
+        (23, 4, 1, None, ()),  # top_k = 1
+        (11, 16, 8, None, ()),  # top_k = 8
+        (9, 128, 8, None, ()),  # 128 experts
+    ],
+)
+def test_moe_experts(T, E, K, one, empty):
+    D, F = 32, 24
+    w, ex = routing(T, E, K, one, empty)
+    x = rnd(T, D)
+    wg, wu = rnd(E, D, F, scale=D**-0.5), rnd(E, D, F, scale=D**-0.5)
+    wd = rnd(E, F, D, scale=F**-0.5)
+    wt = w.clone().requires_grad_()
+    out = tk.moe_experts(x, wt, ex, wg, wu, wd)
+    xr, wgr, wur, wdr = (ref_of(t) for t in (x, wg, wu, wd))
+    wr = w.double().requires_grad_()
+    outr = ref.moe_experts(xr, wr, ex, wgr, wur, wdr)
+    assert out.dtype == x.dtype and out.shape == (T, D)
+    assert rel(out, outr) < TOL
+    go = rnd(T, D, grad=False)
+    grads = torch.autograd.grad(out, (x, wt, wg, wu, wd), go)
+    grads_r = torch.autograd.grad(outr, (xr, wr, wgr, wur, wdr), go.double())
+    names = ("x", "weights", "w_gate", "w_up", "w_down")
+    for name, a, b in zip(names, grads, grads_r):
+        tol = TOL + (TOL_F32 if name == "weights" else 0.0)
+        assert rel(a, b) < tol, name
+    for e in empty:
+        assert torch.count_nonzero(grads[2][e]) == 0 and torch.count_nonzero(grads[4][e]) == 0
+
+
+def test_moe_experts_matches_loop_and_fp32_weights_cast():
+    """Parameters in float32 with activations in another dtype (autocast) are cast, as the model does."""
+    T, E, K, D, F = 13, 4, 2, 16, 8
+    w, ex = routing(T, E, K)
+    x = rnd(T, D, grad=False)
+    wg, wu, wd = (torch.randn(E, D, F, device=DEV) * 0.2, torch.randn(E, D, F, device=DEV) * 0.2,
+                  torch.randn(E, F, D, device=DEV) * 0.2)  # fmt: skip
+    out = tk.moe_experts(x, w, ex, wg, wu, wd)
+    loop = ref.moe_experts_loop(x.double(), w.double(), ex, wg.double(), wu.double(), wd.double())
+    assert out.dtype == x.dtype
+    assert rel(out, loop) < max(TOL, 1e-6)
+
+
+# -------------------------------------------------------------------- dispatcher
+
+
+def test_dispatcher_env(monkeypatch):
+    t = torch.zeros(1, device=DEV)
+    monkeypatch.setenv("MOECODER_KERNELS", "reference")
+    assert kernels.backend(t) == "reference"
+    monkeypatch.setenv("MOECODER_KERNELS", "triton")
+    assert kernels.backend(t) == "triton"
+    monkeypatch.setenv("MOECODER_KERNELS", "auto")
+    assert kernels.backend(t) == ("triton" if CUDA else "reference")
+    monkeypatch.setenv("MOECODER_KERNELS", "fast")
+    with pytest.raises(ValueError, match="MOECODER_KERNELS"):
+        kernels.backend(t)
+
+
+def test_dispatcher_routes_to_triton(monkeypatch):
+    monkeypatch.setenv("MOECODER_KERNELS", "triton")
+    T, E, K, D, F = 5, 4, 2, 8, 8
+    w, ex = routing(T, E, K)
+    x = rnd(T, D, grad=False)
+    wg, wu, wd = rnd(E, D, F, grad=False), rnd(E, D, F, grad=False), rnd(E, F, D, grad=False)
+    a = kernels.moe_experts(x, w, ex, wg, wu, wd)
+    monkeypatch.setenv("MOECODER_KERNELS", "reference")
+    b = kernels.moe_experts(x, w, ex, wg, wu, wd)
+    assert rel(a, b.double()) < TOL
+    w1, e1 = kernels.route(torch.randn(3, E, device=DEV), 2)
+    assert e1.shape == (3, 2) and w1.shape == (3, 2)
