@@ -97,18 +97,102 @@ def ep_group_ranks(dims: ParallelDims, world_size: int) -> list[list[int]]:
     return [list(range(s, s + dims.ep)) for s in range(0, world_size, dims.ep)]
 
 
-def shard_experts(moe: torch.nn.Module, rank_in_group: int, group_size: int, group) -> None:
-    """Keep only this rank's slice of the stacked expert weights and route through EP."""
-    E = moe.w_gate.shape[0]
+def shard_experts(experts: torch.nn.Module, rank_in_group: int, group_size: int, group) -> None:
+    """Keep only this rank's slice of a ``GroupedExperts``' stacked weights and route through EP."""
+    E = experts.w_gate.shape[0]
     if E % group_size:
         raise ValueError(f"n_experts {E} is not divisible by ep {group_size}")
     n = E // group_size
     sl = slice(rank_in_group * n, (rank_in_group + 1) * n)
     for name in ("w_gate", "w_up", "w_down"):
-        full = getattr(moe, name)
-        setattr(moe, name, torch.nn.Parameter(full.detach()[sl].clone(), requires_grad=full.requires_grad))
-    moe.expert_offset = rank_in_group * n
-    moe.experts_fn = functools.partial(ep_moe_experts, group=group)
+        full = getattr(experts, name)
+        setattr(experts, name, torch.nn.Parameter(full.detach()[sl].clone(), requires_grad=full.requires_grad))
+    experts.experts_fn = functools.partial(ep_moe_experts, group=group)
+
+
+@dataclass
+class Parallel:
+    """What a training loop needs to know about the layout it runs in."""
+
+    dims: ParallelDims
+    rank: int
+    world_size: int
+    dense_mesh: object | None = None  # DeviceMesh ("dp_replicate", "dp_shard")
+    expert_mesh: object | None = None  # DeviceMesh ("dp_replicate", "dp_shard_mod_ep", "ep")
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.dims.ep
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def build_meshes(dims: ParallelDims, device_type: str) -> tuple[object, object | None]:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dense = init_device_mesh(device_type, (dims.dp_replicate, dims.dp_shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+    expert = None
+    if dims.ep > 1:
+        expert = init_device_mesh(
+            device_type,
+            (dims.dp_replicate, dims.dp_shard // dims.ep, dims.ep),
+            mesh_dim_names=("dp_replicate", "dp_shard_mod_ep", "ep"),
+        )
+    return dense, expert
+
+
+def parallelize(model: torch.nn.Module, dims: ParallelDims, device_type: str = "cpu",
+                param_dtype: torch.dtype | None = None) -> Parallel:
+    """Apply expert parallelism and FSDP2 (HSDP when ``dp_replicate > 1``) to a Transformer.
+
+    Call after the process group is initialised and before building the optimizer. With
+    ``param_dtype`` (e.g. bf16 on GPU) FSDP gathers parameters in that dtype and reduces
+    gradients in float32.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from model.moe import MoE
+
+    world = dist.get_world_size()
+    dims = dims.resolve(world)
+    dense, expert = build_meshes(dims, device_type)
+    par = Parallel(dims, dist.get_rank(), world, dense, expert)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
+    dense_mesh = dense if dims.dp_replicate > 1 else dense["dp_shard"]
+    ignored: set[torch.nn.Parameter] = set()
+    for block in model.layers:
+        if expert is not None and isinstance(block.ffn, MoE):
+            experts = block.ffn.experts
+            shard_experts(experts, par.ep_rank, dims.ep, expert["ep"].get_group())
+            # tokens of every data-parallel rank reach these experts through the all-to-all,
+            # so their gradients arrive summed over the world: average them over it
+            emesh = expert["dp_replicate", "dp_shard_mod_ep"] if dims.dp_replicate > 1 else expert["dp_shard_mod_ep"]
+            if emesh.size() > 1:
+                fully_shard(experts, mesh=emesh, mp_policy=mp)
+                experts.set_gradient_divide_factor(float(world))
+            else:
+                # no data-parallel peer holds these experts: nothing to shard or reduce.
+                # (FSDP2 divides twice by a custom factor on a 1-rank mesh, so scale by hand.)
+                for p in experts.parameters():
+                    p.register_hook(functools.partial(_divide_grad, factor=float(world)))
+                    ignored.add(p)
+        fully_shard(block, mesh=dense_mesh, mp_policy=mp, ignored_params=ignored or None)
+    fully_shard(model, mesh=dense_mesh, mp_policy=mp, ignored_params=ignored or None)
+    return par
+
+
+def _divide_grad(grad: torch.Tensor, factor: float) -> torch.Tensor:
+    return grad / factor  # before accumulation, so gradient accumulation stays right
+
+
+def all_reduce_expert_counts(model: torch.nn.Module) -> None:
+    """Sum every MoE layer's accumulated tokens-per-expert over all ranks (before update_bias)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for moe in model.moe_layers():
+        dist.all_reduce(moe.counts_acc)
 
 
 def env_rank() -> tuple[int, int, int]:

@@ -67,5 +67,66 @@ def ep_layer(out_path: str) -> None:
     dist.destroy_process_group()
 
 
+def _tiny_cfg(**kw):
+    import dataclasses
+
+    from model.config import get_preset
+
+    # aux balance loss off: E * sum f_i P_i of a shard is not the shard-mean of the global one
+    return dataclasses.replace(get_preset("tiny"), aux_loss_coef=0.0, **kw)
+
+
+def _step(model, opt, tokens):
+    import torch.nn.functional as F
+
+    logits = model(tokens[:, :-1])
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)) + model.aux_loss()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def fsdp_steps(out_path: str, replicate: str, shard: str, ep: str, steps: str = "3") -> None:
+    """K steps of FSDP2/HSDP (+EP) equal K steps of one process on the global batch."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from model.parallel import ParallelDims, all_reduce_expert_counts, parallelize
+    from model.transformer import Transformer
+
+    rank, world = _init()
+    torch.set_default_dtype(torch.float64)  # so that reduction order is far below the tolerance
+    cfg = _tiny_cfg(n_experts=4)
+    torch.manual_seed(0)
+    ref = Transformer(cfg)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    par = parallelize(model, ParallelDims(int(replicate), int(shard), int(ep)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    per_rank = 2
+    g = torch.Generator().manual_seed(1)
+    for _ in range(int(steps)):
+        batch = torch.randint(0, cfg.vocab_size, (per_rank * world, 17), generator=g)
+        _step(model, opt, batch[rank * per_rank:(rank + 1) * per_rank])
+        all_reduce_expert_counts(model)
+        model.update_bias()
+        _step(ref, ref_opt, batch)
+        ref.update_bias()
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    n_local = cfg.n_experts // par.dims.ep
+    err = 0.0
+    for name, want in ref.state_dict().items():
+        got = full[name]
+        if ".experts." in name and par.dims.ep > 1:
+            want = want[par.ep_rank * n_local:(par.ep_rank + 1) * n_local]
+        e1 = (got.float() - want.float()).abs().max().item()
+        err = max(err, e1)
+    moved = max((p - q).abs().max().item() for p, q in zip(ref.state_dict().values(), Transformer(cfg).state_dict().values()))
+    with open(f"{out_path}.{rank}", "w") as f:
+        json.dump({"max_err": err, "ref_moved": moved}, f)
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     globals()[sys.argv[1]](*sys.argv[2:])
