@@ -161,6 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", choices=["auto", "triton", "reference"], default="auto",
                    help="MoE kernels (sets MOECODER_KERNELS)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="set a model config field, e.g. n_experts=1 (repeatable)")
     for f in dataclasses.fields(TrainConfig):
@@ -899,6 +900,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.kernels != "auto":
         os.environ["MOECODER_KERNELS"] = args.kernels
+    if args.threads < 0:
+        print("moecoder train: error: --threads must be >= 0", file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         setup = prepare(args)
         return train(setup, args.max_minutes, args.compile, t_start)
