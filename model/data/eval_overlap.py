@@ -86,7 +86,7 @@ class EvalIndex:
 
     window: int = 4
     containment: float = 0.6
-    min_shingles: int = 8
+    min_shingles: int = 30  # shorter functions are covered by the whole-function line key
     windows: dict[int, str] = field(default_factory=dict)
     short_lengths: set[int] = field(default_factory=set)
     shingle_owner: dict[int, list[int]] = field(default_factory=dict)
