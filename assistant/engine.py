@@ -19,10 +19,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-try:
-    from model.generate import CancelToken, GenerationResult, SamplingParams
-except ImportError:  # pragma: no cover - until model.generate lands; same names and fields
-    from assistant._fallback import CancelToken, GenerationResult, SamplingParams  # type: ignore[assignment]
+from model.generate import CancelToken, GenerationResult, SamplingParams
 
 __all__ = ["CancelToken", "Engine", "EngineError", "Event", "Backend", "ModelBackend"]
 
@@ -51,7 +48,8 @@ class Backend:
     def stream(self, prompt_ids: list[int], params: SamplingParams, cancel: CancelToken | None) -> Iterator[Any]:
         raise NotImplementedError
 
-    def generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationResult]:
+    def generate_batch(self, prompts: list[list[int]], params: SamplingParams,
+                       cancel: CancelToken | None = None) -> list[GenerationResult]:
         raise NotImplementedError
 
     def token_logprobs(self, ids: list[int]) -> list[float]:
@@ -80,10 +78,11 @@ class ModelBackend(Backend):
 
         return gen.stream(self.model, self.tokenizer, prompt_ids, params, cancel=cancel)
 
-    def generate_batch(self, prompts, params):
+    def generate_batch(self, prompts, params, cancel=None):
         from model import generate as gen
 
-        return gen.generate_batch(self.model, self.tokenizer, prompts, params)
+        return gen.generate_batch(self.model, self.tokenizer, prompts, params, cancel=cancel,
+                                  batch_size=max(1, len(prompts)))
 
     def token_logprobs(self, ids):
         from model import generate as gen
@@ -100,7 +99,8 @@ class Engine:
     """One model, loaded once; a single worker thread runs every model call."""
 
     def __init__(self, model_dir: str | None = None, device: str = "cpu", *, backend: Backend | None = None,
-                 default_max_new_tokens: int = 256, default_max_seconds: float | None = 60.0):
+                 default_max_new_tokens: int = 256, default_max_seconds: float | None = 60.0,
+                 max_new_tokens_for: dict[str, int] | None = None):
         if backend is None:
             from model.checkpoint import load_model
 
@@ -110,6 +110,7 @@ class Engine:
         self.device = device
         self.default_max_new_tokens = default_max_new_tokens
         self.default_max_seconds = default_max_seconds
+        self.default_max_new_tokens_for = dict(max_new_tokens_for or {})
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()

@@ -1,13 +1,43 @@
 """The four tasks: complete, comment, debug, explain — request -> prompt -> events -> result.
 
-Work in progress: the dataclasses below are the contract of docs/interfaces.md.
+Every task goes through the model's task formats (:mod:`model.formats`):
+
+* ``complete`` — fill-in-the-middle around the cursor with the context manager
+  (:func:`assistant.context.build_context`); single- or multi-line from the syntax at the
+  cursor; post-filters cut where the completion starts repeating the suffix, where it
+  loops, where a bracket would close something it did not open, and where it leaves the
+  indentation block. No reasoning.
+* ``comment`` — ``<|comment|> code <|think|>``: reasoning, ``<|/think|>``, a docstring; the
+  docstring is re-rendered in the file's style (Google / NumPy / reST / plain) with the
+  function's real parameters, returns and raises.
+* ``debug`` — ``<|debug|> numbered code <|think|>``: reasoning, then ``line N: hint`` /
+  ``fix: ...`` or ``no issue``. The confidence of a finding combines the model's own
+  probability of its answer with how surprising (per-token log-probabilities) the flagged
+  line is among the function's lines.
+* ``explain`` — ``<|explain|> code <|think|>``: reasoning, then the explanation.
+
+The model is small and may write garbage: answers are parsed defensively (an unparseable
+answer gives no finding or a low-confidence one, never an exception).
+
+``main(argv)`` is the ``moecoder complete|comment|debug|explain`` command.
 """
 
 from __future__ import annotations
 
+import argparse
+import math
+import re
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+from assistant import code as codemod
 
 TASKS = ("complete", "comment", "debug", "explain")
+DEFAULT_MAX_NEW = {"complete": 64, "comment": 160, "debug": 160, "explain": 160}
 
 
 @dataclass
@@ -75,3 +105,881 @@ class DebugResult:
 class Explanation:
     text: str
     reasoning: str
+
+
+class TaskError(ValueError):
+    """A request that cannot be served (unknown task, no such function...); one line."""
+
+
+# ------------------------------------------------------------------------- plans
+@dataclass
+class Generated:
+    """What the model wrote for one request, split at ``<|/think|>``."""
+
+    reasoning: str
+    answer: str
+    answer_logprobs: list[float]
+    finish_reason: str
+
+
+@dataclass
+class Plan:
+    request: TaskRequest
+    prompt_ids: list[int]
+    max_new_tokens: int
+    think: bool  # the output starts with reasoning until <|/think|>
+    finish: Callable[[Any, Generated], object]  # (engine, generated) -> result; runs on the worker
+    stop_strings: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    notes: list[str] = field(default_factory=list)  # what the context manager trimmed
+
+
+def _budget(engine: Any, max_new: int) -> tuple[int, int]:
+    """(prompt budget, max new tokens) within the model's context length."""
+    ctx = engine.context_length
+    max_new = max(1, min(max_new, ctx // 2))
+    return ctx - max_new - 1, max_new
+
+
+def make_plan(engine: Any, req: TaskRequest) -> Plan:
+    """Prompt, limits and result parser for ``req`` (pure Python; no model call)."""
+    if req.task not in TASKS:
+        raise TaskError(f"unknown task {req.task!r} (choose from {', '.join(TASKS)})")
+    if not isinstance(req.source, str):
+        raise TaskError("source must be text")
+    max_new = req.max_new_tokens or getattr(engine, "default_max_new_tokens_for", {}).get(req.task) \
+        or DEFAULT_MAX_NEW[req.task]
+    budget, max_new = _budget(engine, max_new)
+    if req.task == "complete":
+        return _plan_complete(engine, req, budget, max_new)
+    if req.task == "explain":
+        return _plan_explain(engine, req, budget, max_new)
+    return _plan_function_task(engine, req, budget, max_new)
+
+
+# ------------------------------------------------------------------------- running one request
+def execute(engine: Any, request: TaskRequest, cancel: Any) -> Iterator[Any]:
+    """Events of one request. Runs on the engine's worker thread (it calls the model)."""
+    from assistant.engine import Event
+
+    plan = make_plan(engine, request)
+    tok = engine.tokenizer
+    think_end = tok.special_id("think_end")
+    params = engine.sampling_params(plan.max_new_tokens, request.max_seconds, stop_strings=plan.stop_strings,
+                                    stop_token_ids=plan.stop_token_ids)
+    in_answer = not plan.think
+    reasoning: list[str] = []
+    answer: list[str] = []
+    answer_lps: list[float] = []
+    finish_reason = "length"
+    started = time.monotonic()
+    limit = params.max_seconds
+    stream = engine.backend.stream(plan.prompt_ids, params, cancel)
+    for ev in stream:
+        if ev.token_id == think_end and not in_answer:
+            in_answer = True
+        elif ev.text:
+            (answer if in_answer else reasoning).append(ev.text)
+            yield Event("answer" if in_answer else "reasoning", ev.text)
+        if in_answer and ev.token_id != think_end:
+            answer_lps.append(ev.logprob)
+        if cancel is not None and cancel.cancelled:
+            finish_reason = "cancelled"
+            break
+        if limit is not None and time.monotonic() - started > limit + 1.0:
+            finish_reason = "time"  # the generator's own guard should have stopped already
+            break
+    else:
+        result = getattr(stream, "result", None)
+        finish_reason = getattr(result, "finish_reason", "eos")
+    if finish_reason == "cancelled" or (cancel is not None and cancel.cancelled):
+        yield Event("error", "cancelled")
+        return
+    gen = Generated("".join(reasoning), "".join(answer), answer_lps, finish_reason)
+    yield Event("done", result=plan.finish(engine, gen))
+
+
+def split_generation(tok: Any, token_ids: list[int], logprobs: list[float], think: bool) -> Generated:
+    """Split a finished generation's tokens at ``<|/think|>`` (batch road)."""
+    think_end = tok.special_id("think_end")
+    specials = {tok.eos_id}
+    ids = [t for t in token_ids]
+    lps = list(logprobs) + [0.0] * (len(ids) - len(logprobs))
+    if think and think_end in ids:
+        k = ids.index(think_end)
+        r_ids, a_ids, a_lps = ids[:k], ids[k + 1:], lps[k + 1:]
+    elif think:
+        r_ids, a_ids, a_lps = ids, [], []
+    else:
+        r_ids, a_ids, a_lps = [], ids, lps
+    keep = [(t, lp) for t, lp in zip(a_ids, a_lps) if t not in specials]
+    return Generated(tok.decode(r_ids), tok.decode([t for t, _ in keep]), [lp for _, lp in keep], "eos")
+
+
+def iter_batch(engine: Any, requests: Sequence[TaskRequest], batch_size: int = 4, cancel: Any = None,
+               on_plan_error: Callable[[int, Exception], None] | None = None) -> Iterator[tuple[int, object]]:
+    """``(index, result)`` for each request as its batch finishes (``result`` may be an
+    exception for a request that failed). Generation is batched ``batch_size`` prompts at a
+    time; model calls run on the engine's worker thread; Ctrl-C in the caller stops it."""
+    from assistant.engine import EngineError
+
+    plans: list[tuple[int, Plan]] = []
+    for i, req in enumerate(requests):
+        try:
+            plans.append((i, make_plan(engine, req)))
+        except Exception as e:  # noqa: BLE001 - reported per request
+            yield i, EngineError(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    groups: dict[tuple, list[tuple[int, Plan]]] = {}
+    for i, p in plans:
+        key = (p.max_new_tokens, p.request.max_seconds, p.stop_strings, p.stop_token_ids, p.think)
+        groups.setdefault(key, []).append((i, p))
+    tok = engine.tokenizer
+    for key, members in groups.items():
+        max_new, max_s, stops, stop_ids, think = key
+        params = engine.sampling_params(max_new, max_s, stop_strings=stops, stop_token_ids=stop_ids)
+        for a in range(0, len(members), max(1, batch_size)):
+            chunk = members[a:a + batch_size]
+            prompts = [p.prompt_ids for _, p in chunk]
+            try:
+                outs = engine.submit(lambda prompts=prompts, params=params: engine.backend.generate_batch(prompts, params, cancel))
+            except KeyboardInterrupt:
+                if cancel is not None:
+                    cancel.cancel()
+                raise
+            except Exception as e:  # noqa: BLE001
+                for i, _ in chunk:
+                    yield i, EngineError(str(e).splitlines()[0] if str(e) else type(e).__name__)
+                continue
+            for (i, p), out in zip(chunk, outs):
+                gen = split_generation(tok, out.token_ids, out.logprobs, think)
+                gen.finish_reason = out.finish_reason
+                try:
+                    result = engine.submit(lambda p=p, gen=gen: p.finish(engine, gen))
+                except KeyboardInterrupt:
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    result = EngineError(str(e).splitlines()[0] if str(e) else type(e).__name__)
+                yield i, result
+
+
+def execute_batch(engine: Any, requests: list[TaskRequest], batch_size: int = 4,
+                  progress: Callable[[int], None] | None = None) -> list[object]:
+    results: list[object] = [None] * len(requests)
+    done = 0
+    for i, r in iter_batch(engine, requests, batch_size):
+        results[i] = r
+        done += 1
+        if progress is not None:
+            progress(done)
+    return results
+
+
+# ------------------------------------------------------------------------- complete
+def _plan_complete(engine: Any, req: TaskRequest, budget: int, max_new: int) -> Plan:
+    from assistant.context import build_context
+
+    tok = engine.tokenizer
+    lines = req.source.split("\n")
+    if not 0 <= req.line < len(lines):
+        raise TaskError(f"line {req.line + 1} is outside the file (1..{len(lines)})")
+    column = min(max(req.column, 0), len(lines[req.line]))
+    ctx = build_context(tok, req.source, req.line, column, budget=budget, related=req.related)
+    multiline = is_multiline(req.source, req.line, column)
+    stop_ids = tuple(tok.special_id(n) for n in ("fim_prefix", "fim_suffix", "fim_middle", "file_sep"))
+    prefix = "\n".join(lines[:req.line] + [lines[req.line][:column]])
+    suffix = "\n".join([lines[req.line][column:]] + lines[req.line + 1:])
+
+    def finish(_engine: Any, gen: Generated) -> Completion:
+        text = postprocess_completion(gen.answer, prefix, suffix, multiline)
+        return Completion(text=text, multiline=multiline)
+
+    return Plan(req, ctx.prompt_ids, max_new, think=False, finish=finish,
+                stop_strings=() if multiline else ("\n",), stop_token_ids=stop_ids, notes=ctx.report.trimmed)
+
+
+_OPEN = {"(": ")", "[": "]", "{": "}"}
+_CLOSE = {v: k for k, v in _OPEN.items()}
+
+
+def is_multiline(source: str, line: int, column: int) -> bool:
+    """Whether a completion at the cursor should span lines, from the syntax there.
+
+    Single line inside strings and comments, when code follows the cursor on its line, and
+    mid-statement; multi-line on a blank line or right after a block header (``...:``).
+    """
+    lines = source.split("\n")
+    cur = lines[line] if 0 <= line < len(lines) else ""
+    before, after = cur[:column], cur[column:]
+    if after.strip() and not all(c in ")]}:;, \t" for c in after):
+        return False
+    tree = codemod.parse(source)
+    byte_col = len(before.encode("utf-8"))
+    node = tree.root_node.descendant_for_point_range((line, byte_col), (line, byte_col))
+    n = node
+    while n is not None:
+        if n.type in ("string", "comment", "string_content"):
+            if not (n.end_point == (line, byte_col) and n.type != "string_content"):
+                return False
+        n = n.parent
+    if before.strip():
+        return before.rstrip().endswith(":") and not _open_brackets(before)
+    return True
+
+
+def _scan_brackets(text: str, stack: list[str] | None = None) -> tuple[list[str], int | None]:
+    """Bracket stack after ``text`` (strings and comments skipped) and the index of the
+    first unmatched closer (None if none)."""
+    stack = list(stack or [])
+    i, n = 0, len(text)
+    quote: str | None = None
+    while i < n:
+        c = text[i]
+        if quote:
+            if c == "\\":
+                i += 2
+                continue
+            if text.startswith(quote, i):
+                i += len(quote)
+                quote = None
+                continue
+            if c == "\n" and len(quote) == 1:
+                quote = None
+            i += 1
+            continue
+        if c == "#":
+            j = text.find("\n", i)
+            i = n if j < 0 else j
+            continue
+        if c in "\"'":
+            quote = text[i:i + 3] if text.startswith(c * 3, i) else c
+            i += len(quote)
+            continue
+        if c in _OPEN:
+            stack.append(c)
+        elif c in _CLOSE:
+            if stack and stack[-1] == _CLOSE[c]:
+                stack.pop()
+            else:
+                return stack, i
+        i += 1
+    return stack, None
+
+
+def _open_brackets(text: str) -> list[str]:
+    return _scan_brackets(text)[0]
+
+
+def postprocess_completion(text: str, prefix: str, suffix: str, multiline: bool) -> str:
+    """The post-filters of a raw FIM middle (see the module docstring)."""
+    if not text:
+        return ""
+    if not multiline:
+        text = text.split("\n", 1)[0]
+    # 1. stop where the completion starts repeating the suffix
+    after_cursor = suffix.split("\n", 1)[0]
+    next_lines = [s.strip() for s in suffix.split("\n")[1:] if s.strip()][:1]
+    out_lines = text.split("\n")
+    for k, ln in enumerate(out_lines):
+        if k and next_lines and ln.strip() == next_lines[0] and len(next_lines[0]) >= 3:
+            out_lines = out_lines[:k]
+            break
+    text = "\n".join(out_lines)
+    if after_cursor.strip() and text.rstrip().endswith(after_cursor.strip()):
+        text = text.rstrip()[: len(text.rstrip()) - len(after_cursor.strip())]
+    # 2. repetition guard: a block of 1-4 lines repeated three times in a row, or a short
+    #    pattern looping at the end of a line
+    text = _cut_repetition(text)
+    # 3. balanced brackets: never close what the completion did not open when the suffix
+    #    already closes the cursor line's brackets
+    cur_line_before = prefix.rsplit("\n", 1)[-1]
+    stmt_open = _open_brackets(prefix[-4000:]) if multiline else _open_brackets(cur_line_before)
+    suffix_closes = len(after_cursor) - len(after_cursor.lstrip(")]} \t"))
+    start_stack = [] if after_cursor.lstrip().startswith((")", "]", "}")) or suffix_closes else stmt_open
+    stack, bad = _scan_brackets(text, start_stack)
+    if bad is not None:
+        text = text[:bad]
+        stack, _ = _scan_brackets(text, start_stack)
+    if multiline and len(stack) > len(start_stack):
+        # the completion left brackets of its own open: drop trailing lines until balanced
+        parts = text.split("\n")
+        while len(parts) > 1:
+            parts.pop()
+            st, _ = _scan_brackets("\n".join(parts), start_stack)
+            if len(st) <= len(start_stack):
+                break
+        text = "\n".join(parts)
+    # 4. stay inside the indentation block
+    if multiline:
+        text = _stay_in_block(text, prefix)
+    return text.rstrip() if multiline else text.rstrip("\n")
+
+
+def _cut_repetition(text: str) -> str:
+    lines = text.split("\n")
+    for i in range(len(lines)):
+        for k in range(1, 5):
+            block = lines[i:i + k]
+            if len(block) < k or not any(s.strip() for s in block):
+                continue
+            if lines[i + k:i + 2 * k] == block and lines[i + 2 * k:i + 3 * k] == block:
+                return "\n".join(lines[:i + k])
+    m = re.search(r"(.{1,12}?)\1{5,}$", lines[-1]) if lines else None
+    if m and len(m.group(0)) >= 12:
+        lines[-1] = lines[-1][: m.start() + len(m.group(1))]
+        return "\n".join(lines)
+    return text
+
+
+def _indent_of(s: str) -> int:
+    return len(s) - len(s.lstrip(" \t"))
+
+
+def _stay_in_block(text: str, prefix: str) -> str:
+    cur = prefix.rsplit("\n", 1)[-1]
+    if cur.strip():
+        base = _indent_of(cur)
+        if cur.rstrip().endswith(":"):
+            base += 1  # the body of the header: deeper than the header itself
+    else:
+        base = len(cur)
+        prev = next((s for s in reversed(prefix.split("\n")[:-1]) if s.strip()), "")
+        if not cur and prev:
+            base = _indent_of(prev) + (1 if prev.rstrip().endswith(":") else 0)
+    lines = text.split("\n")
+    for k in range(1, len(lines)):
+        if lines[k].strip() and _indent_of(lines[k]) < base:
+            return "\n".join(lines[:k])
+    return text
+
+
+# ------------------------------------------------------------------------- function tasks
+def _target_function(req: TaskRequest) -> codemod.Scope | None:
+    if req.function:
+        f = codemod.find_function(req.source, req.function)
+        if f is None:
+            raise TaskError(f"no function named {req.function!r}" + (f" in {req.path}" if req.path else ""))
+        return f
+    return codemod.function_at(req.source, req.line)
+
+
+def _fit_code(tok: Any, task: str, code_lines: list[str], budget: int, numbered: bool,
+              notes: list[str]) -> tuple[list[int], int]:
+    """Task prompt ids for as many leading lines of the code as fit; (ids, lines kept)."""
+    from model.formats import number_lines, task_prompt
+
+    def prompt(k: int) -> list[int]:
+        code = "\n".join(code_lines[:k])
+        return task_prompt(tok, task, number_lines(code) if numbered else code)
+
+    n = len(code_lines)
+    ids = prompt(n)
+    if len(ids) <= budget:
+        return ids, n
+    lo, hi = 1, n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(prompt(mid)) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    ids = prompt(lo)
+    if len(ids) > budget:
+        raise TaskError(f"the code does not fit the model's context ({len(ids)} > {budget} tokens)")
+    notes.append(f"kept the first {lo} of {n} lines of the code")
+    return ids, lo
+
+
+def _plan_function_task(engine: Any, req: TaskRequest, budget: int, max_new: int) -> Plan:
+    tok = engine.tokenizer
+    src_lines = req.source.split("\n")
+    func = _target_function(req)
+    notes: list[str] = []
+    if func is None:
+        if req.task == "comment":
+            raise TaskError(f"no function at line {req.line + 1}")
+        # debug of a snippet that is not a function: the whole text (or the selection)
+        first = min(max(req.line, 0), len(src_lines) - 1) if req.end_line is not None else 0
+        last = min(req.end_line, len(src_lines) - 1) if req.end_line is not None else len(src_lines) - 1
+        name = "<module>"
+        code_lines = src_lines[first:last + 1]
+        dedent_by = 0
+    else:
+        first, last, name = func.decorated_start, func.end_line, func.qualname
+        code_lines = src_lines[first:last + 1]
+        dedent_by = min((_indent_of(s) for s in code_lines if s.strip()), default=0)
+        code_lines = [s[dedent_by:] if s[:dedent_by].strip() == "" else s.lstrip() for s in code_lines]
+    if req.task == "comment":
+        assert func is not None
+        kept_idx = list(range(len(code_lines)))
+        if func.docstring_lines is not None:
+            a, b = func.docstring_lines
+            kept_idx = [i for i in kept_idx if not a - first <= i <= b - first]
+        prompt_lines = [code_lines[i] for i in kept_idx]
+        ids, _ = _fit_code(tok, "comment", prompt_lines, budget, False, notes)
+        style = codemod.docstring_style(req.source)
+
+        def finish_comment(_engine: Any, gen: Generated) -> Docstring:
+            return make_docstring(func, gen.answer, gen.reasoning, style)
+
+        return Plan(req, ids, max_new, think=True, finish=finish_comment, notes=notes)
+
+    ids, kept = _fit_code(tok, "debug", code_lines, budget, True, notes)
+    surprisal_lines = code_lines[:kept]
+
+    def finish_debug(eng: Any, gen: Generated) -> DebugResult:
+        return make_debug_result(eng, req, name, first, surprisal_lines, src_lines, gen)
+
+    return Plan(req, ids, max_new, think=True, finish=finish_debug, notes=notes)
+
+
+def _plan_explain(engine: Any, req: TaskRequest, budget: int, max_new: int) -> Plan:
+    tok = engine.tokenizer
+    src_lines = req.source.split("\n")
+    if req.end_line is not None:
+        a = min(max(req.line, 0), len(src_lines) - 1)
+        b = min(max(req.end_line, a), len(src_lines) - 1)
+    elif req.function or codemod.function_at(req.source, req.line):
+        f = _target_function(req)
+        assert f is not None
+        a, b = f.decorated_start, f.end_line
+    else:
+        a = b = min(max(req.line, 0), len(src_lines) - 1)
+    code = textwrap.dedent("\n".join(src_lines[a:b + 1]))
+    notes: list[str] = []
+    ids, _ = _fit_code(tok, "explain", code.split("\n"), budget, False, notes)
+
+    def finish(_engine: Any, gen: Generated) -> Explanation:
+        return Explanation(text=gen.answer.strip(), reasoning=gen.reasoning.strip())
+
+    return Plan(req, ids, max_new, think=True, finish=finish, notes=notes)
+
+
+# ------------------------------------------------------------------------- debug results
+def line_surprisal(engine: Any, code_lines: list[str]) -> list[float]:
+    """Mean surprisal (-log p, nats/token) of each line under the model; 0.0 for blank lines."""
+    tok = engine.tokenizer
+    ids: list[int] = [tok.eos_id]
+    spans: list[tuple[int, int]] = []
+    limit = engine.context_length
+    for ln in code_lines:
+        piece = tok.encode(ln + "\n")
+        if len(ids) + len(piece) > limit:
+            spans.append((len(ids), len(ids)))
+            continue
+        spans.append((len(ids), len(ids) + len(piece)))
+        ids += piece
+    lps = engine.backend.token_logprobs(ids) if len(ids) > 1 else [0.0] * len(ids)
+    out = []
+    for (a, b), ln in zip(spans, code_lines):
+        if b <= a or not ln.strip():
+            out.append(0.0)
+        else:
+            out.append(-sum(lps[a:b]) / (b - a))
+    return out
+
+
+def calibrate(answer_logprobs: list[float], rank: float) -> float:
+    """Confidence of a finding from the model's mean answer log-probability and the
+    flagged line's surprisal rank among the function's lines (1.0 = most surprising)."""
+    p = math.exp(sum(answer_logprobs) / len(answer_logprobs)) if answer_logprobs else 0.3
+    c = p * (0.4 + 0.6 * rank)
+    return round(min(0.99, max(0.01, c)), 3)
+
+
+_LOOSE_FINDING = re.compile(r"line\s+(\d+)\s*:\s*(.+)", re.IGNORECASE)
+_LOOSE_FIX = re.compile(r"^\s*fix\s*:\s?(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
+
+
+def parse_debug_answer(text: str) -> tuple[bool, int | None, str, str | None]:
+    """(parsed, line, hint, fix) from a debug answer. ``(True, None, "", None)`` is "no issue";
+    ``parsed`` False means the answer was neither (garbage)."""
+    from model.formats import parse_finding
+
+    try:
+        f = parse_finding(text)
+    except ValueError:
+        m = _LOOSE_FINDING.search(text)
+        if not m:
+            return False, None, "", None
+        fm = _LOOSE_FIX.search(text[m.end():])
+        return True, int(m.group(1)), m.group(2).strip(), fm.group(1) if fm else None
+    if f is None:
+        return True, None, "", None
+    return True, f.line, f.hint, f.fix
+
+
+def make_debug_result(engine: Any, req: TaskRequest, name: str, first: int, code_lines: list[str],
+                      src_lines: list[str], gen: Generated) -> DebugResult:
+    reasoning = gen.reasoning.strip()
+    ok, n, hint, fix = parse_debug_answer(gen.answer)
+    if not ok or n is None or not 1 <= n <= len(code_lines) or not hint:
+        return DebugResult(hints=[], reasoning=reasoning)
+    surprisal = line_surprisal(engine, code_lines)
+    nonblank = [s for s, ln in zip(surprisal, code_lines) if ln.strip()]
+    mine = surprisal[n - 1]
+    rank = (sum(1 for s in nonblank if s <= mine) - 1) / max(1, len(nonblank) - 1) if len(nonblank) > 1 else 0.5
+    conf = calibrate(gen.answer_logprobs, rank)
+    line = first + n - 1
+    original = src_lines[line] if 0 <= line < len(src_lines) else ""
+    full_fix = None
+    if fix is not None and fix.strip():
+        full_fix = original[: _indent_of(original)] + fix.strip()
+        if full_fix.strip() == original.strip():
+            full_fix = None
+            conf = round(conf * 0.5, 3)
+    return DebugResult(hints=[Hint(req.path, name, line, hint, full_fix, conf, reasoning)], reasoning=reasoning)
+
+
+# ------------------------------------------------------------------------- docstrings
+@dataclass
+class DocParts:
+    summary: str = ""
+    body: str = ""  # free text after the summary that is not a section
+    params: dict[str, str] = field(default_factory=dict)
+    returns: str = ""
+    raises: dict[str, str] = field(default_factory=dict)
+
+
+_G_HEAD = re.compile(r"^\s*(Args|Arguments|Parameters|Params|Returns|Return|Yields|Raises)\s*:\s*$", re.I)
+_N_UNDER = re.compile(r"^\s*-{3,}\s*$")
+_R_PARAM = re.compile(r"^\s*:param\s+(?:[\w\[\], .|]+\s+)?\*{0,2}(\w+)\s*:\s*(.*)$")
+_R_RET = re.compile(r"^\s*:returns?\s*:\s*(.*)$")
+_R_RAISE = re.compile(r"^\s*:raises?\s+([\w.]+)\s*:\s*(.*)$")
+_ITEM = re.compile(r"^\s*(\*{0,2}[\w.]+)\s*(?:\(([^)]*)\))?\s*:\s*(.*)$")
+
+
+def parse_docstring_text(text: str) -> DocParts:
+    """Summary and sections of a docstring in any of the styles (best effort)."""
+    t = text.strip()
+    for q in ('"""', "'''", '"', "'"):
+        if t.startswith(q):
+            t = t[len(q):]
+            break
+    for q in ('"""', "'''"):
+        if q in t:
+            t = t[: t.index(q)]
+    for q in ('"', "'"):
+        if t.endswith(q):
+            t = t[:-1]
+    lines = textwrap.dedent(t.strip("\n")).strip().split("\n")
+    parts = DocParts()
+    i = 0
+    summary: list[str] = []
+    while i < len(lines) and lines[i].strip() and not _is_section(lines, i):
+        summary.append(lines[i].strip())
+        i += 1
+    parts.summary = " ".join(summary)
+    section = None
+    body: list[str] = []
+    last_key: tuple[str, str] | None = None
+    while i < len(lines):
+        ln = lines[i]
+        s = ln.strip()
+        m = _G_HEAD.match(ln)
+        if m or (i + 1 < len(lines) and _N_UNDER.match(lines[i + 1]) and s):
+            section = (m.group(1) if m else s).lower()
+            i += 2 if not m else 1
+            last_key = None
+            continue
+        if _R_PARAM.match(ln):
+            pm = _R_PARAM.match(ln)
+            assert pm
+            parts.params[pm.group(1)] = pm.group(2).strip()
+            last_key = ("params", pm.group(1))
+        elif _R_RET.match(ln):
+            parts.returns = _R_RET.match(ln).group(1).strip()  # type: ignore[union-attr]
+            last_key = ("returns", "")
+        elif _R_RAISE.match(ln):
+            rm = _R_RAISE.match(ln)
+            assert rm
+            parts.raises[rm.group(1)] = rm.group(2).strip()
+            last_key = ("raises", rm.group(1))
+        elif section in ("args", "arguments", "parameters", "params", "raises") and s:
+            im = _ITEM.match(ln)
+            numpy_item = re.match(r"^\s*(\*{0,2}[\w.]+)\s*(?::\s*(.*))?$", ln) if not im else None
+            target = parts.raises if section == "raises" else parts.params
+            if im and (not last_key or _indent_of(ln) <= _indent_of(lines[i - 1]) or last_key[1] == ""):
+                target[im.group(1).lstrip("*")] = im.group(3).strip()
+                last_key = ("raises" if section == "raises" else "params", im.group(1).lstrip("*"))
+            elif numpy_item and (last_key is None or _indent_of(ln) <= _section_item_indent(lines, i)):
+                target[numpy_item.group(1).lstrip("*")] = ""
+                last_key = ("raises" if section == "raises" else "params", numpy_item.group(1).lstrip("*"))
+            elif last_key:
+                _append(parts, last_key, s)
+        elif section in ("returns", "return", "yields") and s:
+            parts.returns = (parts.returns + " " + s).strip()
+        elif s and last_key and _indent_of(ln) > 0 and section is None:
+            _append(parts, last_key, s)
+        elif section is None:
+            body.append(ln)
+        i += 1
+    parts.body = "\n".join(body).strip()
+    return parts
+
+
+def _is_section(lines: list[str], i: int) -> bool:
+    ln = lines[i]
+    return bool(_G_HEAD.match(ln) or _R_PARAM.match(ln) or _R_RET.match(ln) or _R_RAISE.match(ln)
+                or (i + 1 < len(lines) and _N_UNDER.match(lines[i + 1])))
+
+
+def _section_item_indent(lines: list[str], i: int) -> int:
+    j = i - 1
+    while j >= 0 and not (_G_HEAD.match(lines[j]) or _N_UNDER.match(lines[j])):
+        j -= 1
+    return _indent_of(lines[j]) if j >= 0 else 0
+
+
+def _append(parts: DocParts, key: tuple[str, str], text: str) -> None:
+    kind, name = key
+    if kind == "params":
+        parts.params[name] = (parts.params.get(name, "") + " " + text).strip()
+    elif kind == "raises":
+        parts.raises[name] = (parts.raises.get(name, "") + " " + text).strip()
+    else:
+        parts.returns = (parts.returns + " " + text).strip()
+
+
+def _sentence(text: str, fallback: str) -> str:
+    s = " ".join(text.split())
+    if not s:
+        s = fallback
+    s = s[0].upper() + s[1:]
+    return s if s.endswith((".", "!", "?", "...")) else s + "."
+
+
+def render_docstring(parts: DocParts, style: str, func: codemod.Scope | None, indent: str) -> str:
+    """The full docstring literal in ``style`` with continuation lines indented by ``indent``."""
+    params = list(func.params) if func is not None else list(parts.params)
+    types = func.param_types if func is not None else {}
+    pdesc = {k.lstrip("*"): v for k, v in parts.params.items()}
+    raises = list(dict.fromkeys([*(func.raises if func is not None else []), *parts.raises]))
+    returns = parts.returns if (func is None or func.returns_value or parts.returns) else ""
+    if func is not None and not func.returns_value:
+        returns = ""
+    summary = _sentence(parts.summary, f"{func.name.replace('_', ' ').strip().capitalize()}" if func else "TODO")
+    out: list[str] = [summary]
+    if parts.body and style != "plain":
+        out += ["", parts.body]
+    elif parts.body:
+        out += ["", parts.body]
+
+    def desc(name: str) -> str:
+        return _sentence(pdesc.get(name.lstrip("*"), ""), "TODO")
+
+    if style == "google":
+        if params:
+            out += ["", "Args:"] + [f"    {p}: {desc(p)}" for p in params]
+        if returns:
+            out += ["", "Returns:", f"    {_sentence(returns, 'TODO')}"]
+        if raises:
+            out += ["", "Raises:"] + [f"    {r}: {_sentence(parts.raises.get(r, ''), 'TODO')}" for r in raises]
+    elif style == "numpy":
+        if params:
+            out += ["", "Parameters", "----------"]
+            for p in params:
+                t = types.get(p)
+                out += [f"{p} : {t}" if t else p, f"    {desc(p)}"]
+        if returns:
+            out += ["", "Returns", "-------", f"    {_sentence(returns, 'TODO')}"]
+        if raises:
+            out += ["", "Raises", "------"]
+            for r in raises:
+                out += [r, f"    {_sentence(parts.raises.get(r, ''), 'TODO')}"]
+    elif style == "rest":
+        fields = [f":param {p.lstrip('*')}: {desc(p)}" for p in params]
+        if returns:
+            fields.append(f":returns: {_sentence(returns, 'TODO')}")
+        fields += [f":raises {r}: {_sentence(parts.raises.get(r, ''), 'TODO')}" for r in raises]
+        if fields:
+            out += [""] + fields
+    if len(out) == 1:
+        return f'"""{out[0]}"""'
+    body = "\n".join((indent + ln) if ln else "" for ln in out[1:])
+    return f'"""{out[0]}\n{body}\n{indent}"""'
+
+
+def make_docstring(func: codemod.Scope, answer: str, reasoning: str, style: str) -> Docstring:
+    parts = parse_docstring_text(answer)
+    text = render_docstring(parts, style, func, func.body_indent)
+    insert = func.body_start_line if func.body_start_line > func.start_line else func.start_line + 1
+    rs = re_ = None
+    if func.docstring_lines is not None:
+        rs, re_ = func.docstring_lines
+        insert = rs
+    return Docstring(function=func.qualname, text=text, insert_line=insert, indent=func.body_indent, style=style,
+                     reasoning=reasoning.strip(), replace_start=rs, replace_end=re_)
+
+
+# ------------------------------------------------------------------------- CLI
+_USAGE = {
+    "complete": "moecoder complete FILE:LINE:COL   (1-based line and column)",
+    "comment": "moecoder comment FILE FUNC",
+    "debug": "moecoder debug FILE [FUNC]",
+    "explain": "moecoder explain FILE:START-END   (1-based, inclusive)",
+}
+
+
+def _parser(task: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"moecoder {task}", usage=_USAGE[task],
+                                description=f"Run the {task} task with the model, streaming reasoning then answer.")
+    if task == "comment":
+        p.add_argument("target", metavar="FILE")
+        p.add_argument("function", metavar="FUNC")
+    elif task == "debug":
+        p.add_argument("target", metavar="FILE")
+        p.add_argument("function", metavar="FUNC", nargs="?")
+    else:
+        p.add_argument("target", metavar="FILE:LINE:COL" if task == "complete" else "FILE:START-END")
+    p.add_argument("--model", metavar="DIR", default=None, help="model directory (default: the shipped model)")
+    p.add_argument("--max-tokens", type=int, default=None, help="most new tokens per request")
+    p.add_argument("--max-seconds", type=float, default=None, help="time limit per request")
+    p.add_argument("--no-reasoning", action="store_true", help="do not show the model's reasoning")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    return p
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _read_source(path: str) -> str:
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{path}: no such file")
+    if p.is_dir():
+        raise UsageError(f"{path}: is a directory")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise UsageError(f"{path}: {e.strerror or e}") from None
+    if b"\0" in data[:8192]:
+        raise UsageError(f"{path}: binary file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+
+
+def _requests(task: str, args: argparse.Namespace) -> list[TaskRequest]:
+    common = {"max_new_tokens": args.max_tokens, "max_seconds": args.max_seconds}
+    if task == "complete":
+        m = re.fullmatch(r"(.+):(\d+):(\d+)", args.target)
+        if not m:
+            raise UsageError(f"expected FILE:LINE:COL, got {args.target!r}")
+        src = _read_source(m.group(1))
+        line, col = int(m.group(2)) - 1, int(m.group(3)) - 1
+        lines = src.split("\n")
+        if not (0 <= line < len(lines)) or not (0 <= col <= len(lines[line])):
+            raise UsageError(f"{args.target}: position outside the file")
+        return [TaskRequest("complete", src, m.group(1), line, col, **common)]
+    if task == "explain":
+        m = re.fullmatch(r"(.+):(\d+)(?:-(\d+))?", args.target)
+        if not m:
+            raise UsageError(f"expected FILE:START-END, got {args.target!r}")
+        src = _read_source(m.group(1))
+        a = int(m.group(2)) - 1
+        b = int(m.group(3) or m.group(2)) - 1
+        n = len(src.split("\n"))
+        if not (0 <= a <= b < n):
+            raise UsageError(f"{args.target}: lines outside the file (1..{n})")
+        return [TaskRequest("explain", src, m.group(1), a, end_line=b, **common)]
+    src = _read_source(args.target)
+    if args.function:
+        if codemod.find_function(src, args.function) is None:
+            raise UsageError(f"{args.target}: no function named {args.function!r}")
+        return [TaskRequest(task, src, args.target, function=args.function, **common)]
+    funcs = codemod.functions(src)
+    if not funcs:
+        raise UsageError(f"{args.target}: no functions found")
+    return [TaskRequest(task, src, args.target, function=f.qualname, line=f.start_line, **common) for f in funcs]
+
+
+def _format_result(result: object, path: str | None) -> str:
+    if isinstance(result, Completion):
+        return result.text
+    if isinstance(result, Docstring):
+        return result.indent + result.text
+    if isinstance(result, DebugResult):
+        if not result.hints:
+            return "no issue"
+        out = []
+        for h in result.hints:
+            out.append(f"{path or h.path}:{h.line + 1}: {h.message} (confidence {h.confidence:.2f})")
+            if h.fix:
+                out.append(f"  fix: {h.fix.strip()}")
+        return "\n".join(out)
+    if isinstance(result, Explanation):
+        return result.text
+    return str(result)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``moecoder complete|comment|debug|explain ...``: stream reasoning (dim), then the answer."""
+    import dataclasses
+    import json
+
+    from rich.console import Console
+
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    err = Console(stderr=True, highlight=False)
+    if not args_in or args_in[0] not in TASKS:
+        err.print(f"moecoder: error: expected one of {', '.join(TASKS)}", markup=False)
+        return 2
+    task = args_in[0]
+    parser = _parser(task)
+    try:
+        args = parser.parse_args(args_in[1:])
+    except SystemExit as e:
+        return int(e.code or 0) if e.code in (0, None) else 2
+    try:
+        requests = _requests(task, args)
+    except UsageError as e:
+        print(f"moecoder {task}: error: {e}", file=sys.stderr)
+        return 2
+    out = Console(highlight=False, soft_wrap=True)
+    from assistant.config import load_settings
+    from assistant.engine import Engine, EngineError
+
+    try:
+        settings = load_settings()
+        engine = Engine(args.model or settings.model, device=settings.device,
+                        default_max_seconds=settings.max_seconds, max_new_tokens_for=settings.max_tokens)
+    except (ValueError, OSError) as e:
+        print(f"moecoder {task}: error: {str(e).splitlines()[0] if str(e) else e}", file=sys.stderr)
+        return 2
+    results = []
+    try:
+        for req in requests:
+            if len(requests) > 1:
+                out.print(f"[bold]{req.function}[/bold]")
+            result = None
+            in_reasoning = False
+            for ev in engine.stream(req):
+                if ev.kind == "reasoning" and not args.no_reasoning and not args.json:
+                    out.out(ev.text, style="dim", end="", highlight=False)
+                    in_reasoning = True
+                elif ev.kind == "answer" and task == "complete" and not args.json:
+                    pass  # completions are shown after the post-filters
+                elif ev.kind == "error":
+                    raise EngineError(ev.text)
+                elif ev.kind == "done":
+                    result = ev.result
+            if in_reasoning:
+                out.out("")
+            results.append(result)
+            if not args.json:
+                out.out(_format_result(result, req.path), highlight=False)
+    except EngineError as e:
+        print(f"moecoder {task}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    finally:
+        engine.close()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) if dataclasses.is_dataclass(r) else r for r in results], indent=2))
+    return 0
