@@ -97,17 +97,28 @@ def ep_group_ranks(dims: ParallelDims, world_size: int) -> list[list[int]]:
     return [list(range(s, s + dims.ep)) for s in range(0, world_size, dims.ep)]
 
 
-def shard_experts(experts: torch.nn.Module, rank_in_group: int, group_size: int, group) -> None:
-    """Keep only this rank's slice of a ``GroupedExperts``' stacked weights and route through EP."""
-    E = experts.w_gate.shape[0]
-    if E % group_size:
-        raise ValueError(f"n_experts {E} is not divisible by ep {group_size}")
-    n = E // group_size
-    sl = slice(rank_in_group * n, (rank_in_group + 1) * n)
+def _ep_experts_fn(x_TD, weights_TK, experts_TK, w_gate, w_up, w_down, group=None):
+    """``GroupedExperts.experts_fn`` under EP: the parameters are DTensors sharded on dim 0."""
+    return ep_moe_experts(x_TD, weights_TK, experts_TK, w_gate.to_local(), w_up.to_local(), w_down.to_local(), group)
+
+
+def shard_experts(experts: torch.nn.Module, ep_mesh) -> None:
+    """Turn a ``GroupedExperts``' stacked weights into DTensors sharded over ``ep_mesh``
+    (rank r holds experts ``[r*E/ep, (r+1)*E/ep)``) and route its tokens through EP.
+
+    As DTensors the expert weights keep their global shape, so checkpoints save and load
+    on any number of ranks (torch.distributed.checkpoint reshards them).
+    """
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    E, ep = experts.w_gate.shape[0], ep_mesh.size()
+    if E % ep:
+        raise ValueError(f"n_experts {E} is not divisible by ep {ep}")
     for name in ("w_gate", "w_up", "w_down"):
         full = getattr(experts, name)
-        setattr(experts, name, torch.nn.Parameter(full.detach()[sl].clone(), requires_grad=full.requires_grad))
-    experts.experts_fn = functools.partial(ep_moe_experts, group=group)
+        dt = distribute_tensor(full.detach(), ep_mesh, [Shard(0)])
+        setattr(experts, name, torch.nn.Parameter(dt, requires_grad=full.requires_grad))
+    experts.experts_fn = functools.partial(_ep_experts_fn, group=ep_mesh.get_group())
 
 
 @dataclass
@@ -165,7 +176,7 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, device_type: str = "
     for block in model.layers:
         if expert is not None and isinstance(block.ffn, MoE):
             experts = block.ffn.experts
-            shard_experts(experts, par.ep_rank, dims.ep, expert["ep"].get_group())
+            shard_experts(experts, expert["ep"])
             # tokens of every data-parallel rank reach these experts through the all-to-all,
             # so their gradients arrive summed over the world: average them over it
             emesh = expert["dp_replicate", "dp_shard_mod_ep"] if dims.dp_replicate > 1 else expert["dp_shard_mod_ep"]

@@ -39,8 +39,8 @@ def test_ep2_moe_layer_matches_single_process(tmp_path):
 
 @pytest.mark.parametrize(
     "nproc,replicate,shard,ep",
-    [(2, 1, 2, 1), (4, 2, 2, 1), (2, 1, 2, 2)],
-    ids=["fsdp2", "hsdp2x2", "fsdp2+ep2"],
+    [(2, 1, 2, 1), (4, 2, 2, 1), (2, 1, 2, 2), (4, 1, 4, 2)],
+    ids=["fsdp2", "hsdp2x2", "ep2", "fsdp4+ep2"],
 )
 def test_sharded_training_equals_single_process(tmp_path, nproc, replicate, shard, ep):
     """Parameters after 3 AdamW steps equal one process on the global batch (float64 except the fp32 router; atol 1e-5; a layout bug shows as >1e-3)."""
