@@ -1,0 +1,351 @@
+"""Text generation: prefill + decode with the KV cache, sampling, streaming, stop strings, FIM.
+
+``stream`` yields one ``TokenEvent`` per generated token; ``.text`` is the decoded delta
+(UTF-8 safe; text that could be the start of a stop string is held back until it is not,
+and a stop string is never emitted). The concatenated deltas equal ``GenerationResult.text``.
+The final stop token (eos or a ``stop_token_ids`` entry) is included in ``token_ids`` with
+empty text. ``logprob`` is log p(token) under the model itself (temperature 1, no filtering),
+which is what ranking by surprise needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from model.formats import fim_prompt
+from model.transformer import Transformer
+
+PREFILL_CHUNK = 512
+
+
+class CancelToken:
+    """Set from any thread; generation checks it between tokens."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    stop_strings: Sequence[str] = ()
+    stop_token_ids: Sequence[int] = ()
+    max_seconds: float | None = None
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if any(not s for s in self.stop_strings):
+            raise ValueError("stop strings must be non-empty")
+
+
+@dataclass
+class TokenEvent:
+    token_id: int
+    text: str
+    logprob: float
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str = "length"  # "eos" | "stop" | "length" | "time" | "cancelled"
+
+
+# --------------------------------------------------------------------------- text state
+class _Text:
+    """Per-row incremental decoding with stop-string hold-back."""
+
+    def __init__(self, tok, stops: Sequence[str]):
+        self.tok, self.stops = tok, tuple(stops)
+        self.dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.held = ""
+        self.parts: list[str] = []
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; returns (text to emit, hit a stop string)."""
+        pending = self.held + self.dec.decode(self.tok.decode_bytes([token_id]))
+        if self.stops:
+            hits = [i for i in (pending.find(s) for s in self.stops) if i >= 0]
+            if hits:
+                return self._emit(pending[:min(hits)], ""), True
+            hold = 0
+            for s in self.stops:
+                for n in range(min(len(s) - 1, len(pending)), hold, -1):
+                    if pending.endswith(s[:n]):
+                        hold = n
+                        break
+            return self._emit(pending[:len(pending) - hold], pending[len(pending) - hold:]), False
+        return self._emit(pending, ""), False
+
+    def flush(self) -> str:
+        return self._emit(self.held + self.dec.decode(b"", final=True), "")
+
+    def _emit(self, text: str, held: str) -> str:
+        self.held = held
+        self.parts.append(text)
+        return text
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+# --------------------------------------------------------------------------- sampling
+def sample(logits_BV: torch.Tensor, params: SamplingParams, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Token ids [B] from float32 logits [B, V]: greedy, or temperature + top-k + top-p."""
+    if params.temperature <= 0:
+        return logits_BV.argmax(-1)
+    logits = logits_BV / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def _generator(params: SamplingParams, device) -> torch.Generator | None:
+    if params.seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(params.seed)
+
+
+# --------------------------------------------------------------------------- the decode loop
+def _decode(model: Transformer, tok, prompts: list[list[int]], params: SamplingParams,
+            cancel: CancelToken | None, results: list[GenerationResult]) -> Iterator[list[tuple[int, TokenEvent]]]:
+    """Generate for every prompt at once (left padded); yields the events of each step."""
+    params.validate()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    ctx = model.cfg.max_seq_len
+    longest = max(len(p) for p in prompts)
+    if longest >= ctx:
+        raise ValueError(f"prompt of {longest} tokens does not fit the context length {ctx}")
+    B = len(prompts)
+    device = model.tok_emb.weight.device
+    total = min(ctx, longest + params.max_new_tokens)
+    pad_id = getattr(tok, "pad_id", 0)
+    rows = [[pad_id] * (longest - len(p)) + list(p) for p in prompts]
+    x = torch.tensor(rows, dtype=torch.long, device=device)
+    stop_ids = {int(tok.eos_id), *map(int, params.stop_token_ids)}
+    texts = [_Text(tok, params.stop_strings) for _ in range(B)]
+    active = [True] * B
+    for r in results:
+        r.text, r.token_ids, r.logprobs, r.finish_reason = "", [], [], "length"
+    gen = _generator(params, device)
+    vocab = min(int(tok.vocab_size), model.cfg.vocab_size)
+    t0 = time.monotonic()
+
+    cache = model.setup_cache(B, total, device=device)
+    cache.set_padding([longest - len(p) for p in prompts])
+    for a in range(0, longest, PREFILL_CHUNK):
+        logits = model(x[:, a:a + PREFILL_CHUNK], a, cache)
+    last = logits[:, -1]
+    pos = longest
+    while True:
+        allowed = last[:, :vocab].clone()  # ids the tokenizer can decode, never padding
+        if 0 <= pad_id < vocab:
+            allowed[:, pad_id] = float("-inf")
+        ids = sample(allowed, params, gen)
+        lps = last.log_softmax(-1).gather(-1, ids[:, None]).squeeze(-1)
+        ids_l, lps_l = ids.tolist(), lps.tolist()
+        out_of_time = params.max_seconds is not None and time.monotonic() - t0 >= params.max_seconds
+        step: list[tuple[int, TokenEvent]] = []
+        for b in range(B):
+            if not active[b]:
+                continue
+            t, lp, res, txt = ids_l[b], lps_l[b], results[b], texts[b]
+            res.token_ids.append(t)
+            res.logprobs.append(lp)
+            if t in stop_ids:
+                delta, reason = txt.flush(), "eos" if t == tok.eos_id else "stop"
+            else:
+                delta, hit = txt.push(t)
+                reason = "stop" if hit else None
+                if reason is None and (len(res.token_ids) >= params.max_new_tokens or pos + 1 >= total):
+                    reason = "length"
+                if reason is None and out_of_time:
+                    reason = "time"
+                if reason in ("length", "time"):
+                    delta += txt.flush()
+            if reason is not None:
+                active[b] = False
+                res.finish_reason = reason
+            res.text = txt.text
+            step.append((b, TokenEvent(t, delta, lp)))
+        yield step
+        if not any(active):
+            return
+        if cancel is not None and cancel.cancelled:
+            for b in range(B):
+                if active[b]:
+                    results[b].finish_reason = "cancelled"
+            return
+        last = model(ids[:, None], pos, cache)[:, -1]
+        pos += 1
+
+
+class Stream:
+    """Iterator of TokenEvents; ``.result`` is filled in once it is exhausted."""
+
+    def __init__(self, model, tok, prompt_ids, params, cancel):
+        self.result = GenerationResult("")
+        self._steps = _decode(model, tok, [list(prompt_ids)], params, cancel, [self.result])
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> TokenEvent:
+        with torch.inference_mode():
+            step = next(self._steps)
+        return step[0][1]
+
+
+def stream(model: Transformer, tok, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+           cancel: CancelToken | None = None) -> Stream:
+    return Stream(model, tok, prompt_ids, params or SamplingParams(), cancel)
+
+
+def generate(model: Transformer, tok, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+             cancel: CancelToken | None = None) -> GenerationResult:
+    s = stream(model, tok, prompt_ids, params, cancel)
+    for _ in s:
+        pass
+    return s.result
+
+
+def generate_batch(model: Transformer, tok, prompts: list[list[int]], params: SamplingParams | None = None,
+                   cancel: CancelToken | None = None, batch_size: int = 8) -> list[GenerationResult]:
+    """Generate for many prompts, ``batch_size`` rows at a time (left padded)."""
+    params = params or SamplingParams()
+    out: list[GenerationResult] = []
+    for a in range(0, len(prompts), batch_size):
+        chunk = [list(p) for p in prompts[a:a + batch_size]]
+        results = [GenerationResult("") for _ in chunk]
+        with torch.inference_mode():
+            for _ in _decode(model, tok, chunk, params, cancel, results):
+                pass
+        out += results
+    return out
+
+
+@torch.inference_mode()
+def token_logprobs(model: Transformer, ids: Sequence[int]) -> list[float]:
+    """log p(ids[i] | ids[:i]) for every position; the first is 0.0."""
+    ids = list(ids)
+    if len(ids) > model.cfg.max_seq_len:
+        raise ValueError(f"{len(ids)} tokens exceed the context length {model.cfg.max_seq_len}")
+    if len(ids) < 2:
+        return [0.0] * len(ids)
+    x = torch.tensor([ids], dtype=torch.long, device=model.tok_emb.weight.device)
+    logp = model(x[:, :-1]).log_softmax(-1)[0]
+    return [0.0, *logp.gather(-1, x[0, 1:, None]).squeeze(-1).tolist()]
+
+
+def fim(model: Transformer, tok, prefix: str, suffix: str, params: SamplingParams | None = None,
+        cancel: CancelToken | None = None) -> GenerationResult:
+    """Fill in the middle between ``prefix`` and ``suffix``; stops at eos or any FIM/file marker."""
+    params = params or SamplingParams()
+    stops = {tok.special_id(n) for n in ("fim_prefix", "fim_suffix", "fim_middle", "file_sep")}
+    p = SamplingParams(**{**params.__dict__, "stop_token_ids": tuple({*params.stop_token_ids, *stops})})
+    return generate(model, tok, fim_prompt(tok, prefix, suffix), p, cancel)
+
+
+# --------------------------------------------------------------------------- CLI
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moecoder generate", description="Generate text from a prompt (streams).")
+    p.add_argument("--model", default=None, help="model directory (default: the shipped model/weights/)")
+    p.add_argument("--prompt", required=True, help="prompt text ('-' reads stdin); with --fim-suffix the prefix")
+    p.add_argument("--fim-suffix", default=None, help="fill in the middle between --prompt and this suffix")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--max-seconds", type=float, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    err = lambda msg: print(f"moecoder generate: error: {msg}", file=sys.stderr) or 2  # noqa: E731
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, tuple(args.stop),
+                            (), args.max_seconds, args.seed)
+    try:
+        params.validate()
+    except ValueError as e:
+        return err(e)
+    if args.threads is not None:
+        if args.threads < 1:
+            return err("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    from model.checkpoint import CheckpointError, load_model
+
+    try:
+        loaded = load_model(args.model)
+    except CheckpointError as e:
+        return err(e)
+    model, tok = loaded.model, loaded.tokenizer
+    if args.fim_suffix is not None:
+        stops = {tok.special_id(n) for n in ("fim_prefix", "fim_suffix", "fim_middle", "file_sep")}
+        params.stop_token_ids = tuple(stops)
+        ids = fim_prompt(tok, prompt, args.fim_suffix)
+    else:
+        ids = tok.encode(prompt) or [tok.eos_id]
+    out = sys.stdout
+    try:
+        s = stream(model, tok, ids, params)
+        t0 = time.perf_counter()
+        for ev in s:
+            out.write(ev.text)
+            out.flush()
+    except KeyboardInterrupt:
+        out.write("\n")
+        out.flush()
+        print("interrupted", file=sys.stderr)
+        return 130
+    except ValueError as e:
+        return err(e)
+    if out.isatty():
+        out.write("\n")
+    if sys.stderr.isatty():
+        n = len(s.result.token_ids)
+        dt = time.perf_counter() - t0
+        print(f"[{n} tokens, {n / max(dt, 1e-9):.1f} tok/s, {s.result.finish_reason}]", file=sys.stderr)
+    return 0
