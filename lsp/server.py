@@ -1,0 +1,947 @@
+"""The moecoder language server: pygls 2 on top of ``assistant`` (Engine + tasks).
+
+Features (each can be switched off in the settings; hover is off by default):
+
+- ``textDocument/completion`` and ``textDocument/inlineCompletion`` (advertised only to
+  clients that declare inline completion support): fill-in-the-middle at the cursor.
+  Multi-line only where the syntax allows it (nothing but whitespace after the cursor
+  on its line), otherwise the first line. A newer request of the same kind cancels the
+  older one; a result computed for a document version that is no longer current is
+  dropped (empty result).
+- ``textDocument/codeAction`` + ``codeAction/resolve``: "Add docstring" for the
+  function at the cursor (the model runs only on resolve) and "Apply fix" for a
+  debugging hint.
+- Diagnostics from the debug task, computed on save and after ~1 s of idle, never per
+  keystroke: pull (``textDocument/diagnostic`` with result ids) when the client supports
+  it, ``textDocument/publishDiagnostics`` otherwise.
+- ``textDocument/hover``: a short explanation, reasoning first (setting, off by default).
+- ``$/progress`` for model loading, diagnostics, docstrings and hover; ``$/cancelRequest``
+  cancels the engine's token; settings via ``initializationOptions`` and
+  ``workspace/didChangeConfiguration``; incremental sync; UTF-8/16/32 positions.
+
+Settings (camelCase, either top level or under a ``"moecoder"`` key)::
+
+    {"modelPath": null, "device": "cpu", "maxTokens": 48, "maxSeconds": 10.0,
+     "diagnosticsDelay": 1.0, "maxDiagnosticLines": 3000,
+     "features": {"completion": true, "inlineCompletion": true, "codeActions": true,
+                  "diagnostics": true, "hover": false}}
+
+``MOECODER_LSP_ENGINE=fake`` (or the hidden ``--fake-engine``) swaps in
+:class:`lsp.testing.FakeEngine`; ``MOECODER_LSP_ENGINE=module:attr`` any engine class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import importlib
+import itertools
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lsprotocol import types
+from pygls.capabilities import ServerCapabilitiesBuilder, get_capability
+from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
+from pygls.lsp.server import LanguageServer
+from pygls.protocol import LanguageServerProtocol, lsp_method
+
+from assistant import __version__
+from lsp.documents import Document, normalize_encoding
+
+log = logging.getLogger("moecoder.lsp")
+
+PYTHON_IDS = {"python", "py", "python3"}
+SOURCE = "moecoder"
+DOCSTRING_KIND = types.CodeActionKind.RefactorRewrite
+MAX_RELATED = 3
+MAX_RELATED_CHARS = 20_000
+_WORD_TAIL = re.compile(r"[A-Za-z0-9_]*$")
+_DEF = re.compile(r"^([ \t]*)(?:async[ \t]+)?def[ \t]+(\w+)")
+
+
+class TaskFailed(Exception):
+    """The engine reported an error event (one line)."""
+
+
+# -- settings ------------------------------------------------------------------------------
+@dataclass
+class Settings:
+    model_path: str | None = None
+    device: str = "cpu"
+    max_tokens: int = 48
+    max_seconds: float | None = 10.0
+    diagnostics_delay: float = 1.0
+    max_diagnostic_lines: int = 3000
+    features: dict[str, bool] = field(default_factory=lambda: {
+        "completion": True, "inlineCompletion": True, "codeActions": True, "diagnostics": True, "hover": False,
+    })
+
+    def on(self, feature: str) -> bool:
+        return bool(self.features.get(feature, False))
+
+    def update(self, raw: Any) -> list[str]:
+        """Apply a settings object; returns one-line problems (bad values are ignored)."""
+        problems: list[str] = []
+        if raw is None:
+            return problems
+        if not isinstance(raw, dict):
+            return [f"settings must be an object, got {type(raw).__name__}"]
+        if isinstance(raw.get("moecoder"), dict):
+            raw = raw["moecoder"]
+
+        def number(key: str, kind: type, lo: float, allow_none: bool = False) -> None:
+            if key not in raw:
+                return
+            v = raw[key]
+            if v is None and allow_none:
+                setattr(self, _snake(key), None)
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and v >= lo:
+                setattr(self, _snake(key), kind(v))
+            else:
+                problems.append(f"{key} must be a number >= {lo}, got {v!r}")
+
+        if "modelPath" in raw:
+            v = raw["modelPath"]
+            if v is None or isinstance(v, str):
+                self.model_path = v or None
+            else:
+                problems.append(f"modelPath must be a string, got {v!r}")
+        if "device" in raw:
+            if isinstance(raw["device"], str) and raw["device"]:
+                self.device = raw["device"]
+            else:
+                problems.append(f"device must be a string, got {raw['device']!r}")
+        number("maxTokens", int, 1)
+        number("maxSeconds", float, 0.1, allow_none=True)
+        number("diagnosticsDelay", float, 0.0)
+        number("maxDiagnosticLines", int, 1)
+        feats = raw.get("features")
+        if feats is not None:
+            if not isinstance(feats, dict):
+                problems.append("features must be an object of booleans")
+            else:
+                for k, v in feats.items():
+                    if k not in self.features:
+                        problems.append(f"unknown feature {k!r} (known: {', '.join(self.features)})")
+                    elif not isinstance(v, bool):
+                        problems.append(f"features.{k} must be true or false, got {v!r}")
+                    else:
+                        self.features[k] = v
+        return problems
+
+
+def _snake(key: str) -> str:
+    return re.sub(r"[A-Z]", lambda m: "_" + m.group().lower(), key)
+
+
+# -- engine factory ------------------------------------------------------------------------
+def engine_factory(spec: str | None = None) -> Callable[..., Any]:
+    """The engine class: the real :class:`assistant.engine.Engine`, ``fake`` or ``module:attr``."""
+    spec = spec or os.environ.get("MOECODER_LSP_ENGINE") or "real"
+    if spec == "real":
+        from assistant.engine import Engine
+
+        return Engine
+    if spec == "fake":
+        from lsp.testing import FakeEngine
+
+        return FakeEngine
+    module, _, attr = spec.partition(":")
+    if not module or not attr:
+        raise ValueError(f"MOECODER_LSP_ENGINE must be 'real', 'fake' or 'module:attr', got {spec!r}")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _new_token() -> Any:
+    from assistant.engine import CancelToken
+
+    return CancelToken()
+
+
+# -- the protocol: robust framing, our own document store, client-aware capabilities -------
+class _Handled:
+    """Marker for a message already answered while it was being parsed."""
+
+    jsonrpc = None
+
+
+class MoeProtocol(LanguageServerProtocol):
+    _server: MoeServer
+
+    def structure_message(self, data: dict[str, Any]):
+        try:
+            return super().structure_message(data)
+        except JsonRpcException as exc:
+            # pygls drops requests whose params do not validate without answering them;
+            # answer with InvalidParams so the client is never left waiting.
+            if isinstance(data, dict) and "id" in data and "method" in data and "jsonrpc" in data:
+                msg_id = data.get("id")
+                if isinstance(msg_id, (int, str)) and not isinstance(msg_id, bool):
+                    err = exc if isinstance(exc, JsonRpcInvalidParams) else JsonRpcInvalidParams()
+                    self._send_response(msg_id, None, err.to_response_error())
+                    return _Handled()
+            raise
+
+    def handle_message(self, message):
+        if isinstance(message, _Handled) or not hasattr(message, "jsonrpc"):
+            log.warning("ignored a message that is not a JSON-RPC object: %.200r", message)
+            return None
+        return super().handle_message(message)
+
+    @lsp_method(types.INITIALIZE)
+    def lsp_initialize(self, params: types.InitializeParams):
+        result = yield from super().lsp_initialize(params)
+        self._server.adjust_capabilities(result.capabilities)
+        return result
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_OPEN)
+    def lsp_text_document__did_open(self, params: types.DidOpenTextDocumentParams):
+        self._server.on_open(params)
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_CHANGE)
+    def lsp_text_document__did_change(self, params: types.DidChangeTextDocumentParams):
+        self._server.on_change(params)
+
+    @lsp_method(types.TEXT_DOCUMENT_DID_CLOSE)
+    def lsp_text_document__did_close(self, params: types.DidCloseTextDocumentParams):
+        self._server.on_close(params)
+
+
+@dataclass
+class DiagState:
+    version: int | None
+    result_id: str
+    items: list[types.Diagnostic]
+
+
+class MoeServer(LanguageServer):
+    def __init__(self, factory: Callable[..., Any], settings: Settings | None = None):
+        super().__init__("moecoder", __version__, protocol_cls=MoeProtocol,
+                         text_document_sync_kind=types.TextDocumentSyncKind.Incremental)
+        self.factory = factory
+        self.settings = settings or Settings()
+        self.docs: dict[str, Document] = {}
+        self.encoding = "utf-16"
+        self.caps = types.ClientCapabilities()
+        self.pull_diagnostics = False
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="moecoder-lsp")
+        self._engine: Any = None
+        self._engine_key: tuple | None = None
+        self._engine_future: concurrent.futures.Future | None = None
+        self._engine_error: str | None = None
+        self._reported_errors: set[str] = set()
+        self._active: dict[str, Any] = {}  # completion kind -> CancelToken of the newest request
+        self._diag: dict[str, DiagState] = {}
+        self._diag_timers: dict[str, asyncio.TimerHandle] = {}
+        self._diag_tasks: dict[str, tuple[int | None, asyncio.Task, Any]] = {}
+        self._result_ids = itertools.count(1)
+        self._progress_ids = itertools.count(1)
+        self._background: set[asyncio.Task] = set()
+
+    # -- capabilities ---------------------------------------------------------------------
+    def client_has(self, path: str, default: Any = None) -> Any:
+        return get_capability(self.caps, path, default)
+
+    def adjust_capabilities(self, caps: types.ServerCapabilities) -> None:
+        """Advertise only what this client can use."""
+        if self.client_has("text_document.inline_completion") is None:
+            caps.inline_completion_provider = None
+        if not self.pull_diagnostics:
+            caps.diagnostic_provider = None
+
+    # -- engine -----------------------------------------------------------------------------
+    def _engine_wanted(self) -> tuple:
+        return (self.settings.model_path, self.settings.device)
+
+    def start_engine(self) -> concurrent.futures.Future:
+        """Load the engine in the background (again if the model settings changed)."""
+        key = self._engine_wanted()
+        if self._engine_future is not None and self._engine_key == key:
+            return self._engine_future
+        old = self._engine
+        self._engine, self._engine_key, self._engine_error = None, key, None
+
+        def load() -> Any:
+            if old is not None and hasattr(old, "close"):
+                with contextlib.suppress(Exception):
+                    old.close()
+            return self.factory(model_dir=key[0], device=key[1])
+
+        self._engine_future = fut = self.executor.submit(load)
+        return fut
+
+    async def engine(self) -> Any:
+        fut = self.start_engine()
+        if not fut.done():
+            async with self.progress("Loading the moecoder model"):
+                await asyncio.shield(asyncio.wrap_future(fut))
+        try:
+            self._engine = fut.result()
+        except Exception as e:  # noqa: BLE001 - reported once, one line
+            msg = _one_line(e)
+            self._engine_error = msg
+            self.report_once(f"moecoder: could not load the model: {msg}")
+            raise TaskFailed(msg) from None
+        return self._engine
+
+    def report_once(self, message: str, kind: types.MessageType = types.MessageType.Error) -> None:
+        log.error("%s", message)
+        if message not in self._reported_errors:
+            self._reported_errors.add(message)
+            with contextlib.suppress(Exception):
+                self.window_show_message(types.ShowMessageParams(type=kind, message=message))
+
+    async def run_task(self, request: Any, token: Any, progress: Progress | None = None) -> Any:
+        """Run one task on the engine in a worker thread; cancel its token when cancelled."""
+        engine = await self.engine()
+        loop = asyncio.get_running_loop()
+
+        def work() -> Any:
+            result, reasoning = None, []
+            for ev in engine.stream(request, token):
+                if ev.kind == "reasoning" and progress is not None:
+                    reasoning.append(ev.text)
+                    loop.call_soon_threadsafe(progress.reasoning, "".join(reasoning))
+                elif ev.kind == "done":
+                    result = ev.result
+                elif ev.kind == "error":
+                    if token.cancelled:
+                        return None
+                    raise TaskFailed(ev.text or "the engine failed")
+            return result
+
+        fut = loop.run_in_executor(self.executor, work)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            token.cancel()
+            raise
+
+    # -- progress -----------------------------------------------------------------------------
+    def progress(self, title: str, token: Any = None) -> Progress:
+        return Progress(self, title, token)
+
+    # -- documents --------------------------------------------------------------------------
+    def on_open(self, params: types.DidOpenTextDocumentParams) -> None:
+        td = params.text_document
+        self.docs[td.uri] = Document(td.uri, td.text, td.version, td.language_id or "", self.encoding)
+        self.schedule_diagnostics(td.uri, self.settings.diagnostics_delay)
+
+    def on_change(self, params: types.DidChangeTextDocumentParams) -> None:
+        doc = self.docs.get(params.text_document.uri)
+        if doc is None:
+            log.warning("didChange for a document that is not open: %s", params.text_document.uri)
+            return
+        for change in params.content_changes:
+            doc.apply_change(change)
+        doc.version = params.text_document.version
+        self.cancel_diagnostics(doc.uri)
+        self.schedule_diagnostics(doc.uri, self.settings.diagnostics_delay)
+
+    def on_close(self, params: types.DidCloseTextDocumentParams) -> None:
+        uri = params.text_document.uri
+        self.docs.pop(uri, None)
+        self.cancel_diagnostics(uri)
+        self._diag.pop(uri, None)
+        if not self.pull_diagnostics:
+            self.text_document_publish_diagnostics(types.PublishDiagnosticsParams(uri=uri, diagnostics=[]))
+
+    def python_doc(self, uri: str) -> Document | None:
+        doc = self.docs.get(uri)
+        if doc is None:
+            return None
+        lang = doc.language_id.lower()
+        if lang in PYTHON_IDS or (not lang and uri.endswith((".py", ".pyi"))):
+            return doc
+        return None
+
+    def related(self, doc: Document) -> list[tuple[str, str]]:
+        out = []
+        for other in reversed(list(self.docs.values())):
+            if other.uri != doc.uri and other.language_id.lower() in PYTHON_IDS:
+                out.append((_path(other.uri), other.text[:MAX_RELATED_CHARS]))
+            if len(out) >= MAX_RELATED:
+                break
+        return out
+
+    # -- completion -------------------------------------------------------------------------------
+    async def complete(self, uri: str, position: types.Position, kind: str) -> tuple[Document, int, str] | None:
+        """(document, cursor offset, text to insert at the cursor) or None."""
+        from assistant.tasks import TaskRequest
+
+        doc = self.python_doc(uri)
+        if doc is None:
+            return None
+        offset = doc.offset_at(position)
+        if offset is None:
+            return None
+        version, text = doc.version, doc.text
+        line, col = doc.engine_line_col(offset)
+        _, line_end = doc.line_bounds(doc.position_at(offset).line)
+        multiline_ok = not text[offset:line_end].strip()
+        request = TaskRequest(task="complete", source=text, path=_path(uri), line=line, column=col,
+                              related=self.related(doc), max_new_tokens=self.settings.max_tokens,
+                              max_seconds=self.settings.max_seconds)
+        token = _new_token()
+        previous = self._active.get(kind)
+        if previous is not None:
+            previous.cancel()  # a newer request supersedes it
+        self._active[kind] = token
+        try:
+            result = await self.run_task(request, token)
+        except TaskFailed as e:
+            log.warning("completion failed: %s", e)
+            return None
+        finally:
+            if self._active.get(kind) is token:
+                del self._active[kind]
+        if token.cancelled or result is None:
+            return None
+        current = self.docs.get(uri)
+        if current is None or current.version != version or current.text != text:
+            log.info("dropped a completion for stale version %s of %s", version, uri)
+            return None
+        out = str(getattr(result, "text", "") or "")
+        if not multiline_ok or not getattr(result, "multiline", True):
+            out = out.split("\n", 1)[0]
+        out = out.rstrip("\r") if "\n" not in out else out
+        if not out.strip():
+            return None
+        return doc, offset, out
+
+    # -- diagnostics ------------------------------------------------------------------------------
+    def schedule_diagnostics(self, uri: str, delay: float) -> None:
+        if not self.settings.on("diagnostics") or self.python_doc(uri) is None:
+            return
+        timer = self._diag_timers.pop(uri, None)
+        if timer is not None:
+            timer.cancel()
+        with contextlib.suppress(RuntimeError):
+            loop = asyncio.get_running_loop()
+            self._diag_timers[uri] = loop.call_later(delay, self._diag_timer_fired, uri)
+
+    def _diag_timer_fired(self, uri: str) -> None:
+        self._diag_timers.pop(uri, None)
+        self.start_diagnostics(uri)
+
+    def cancel_diagnostics(self, uri: str) -> None:
+        timer = self._diag_timers.pop(uri, None)
+        if timer is not None:
+            timer.cancel()
+        running = self._diag_tasks.pop(uri, None)
+        if running is not None:
+            running[2].cancel()
+            running[1].cancel()
+
+    def start_diagnostics(self, uri: str) -> asyncio.Task | None:
+        doc = self.python_doc(uri)
+        if doc is None or not self.settings.on("diagnostics"):
+            return None
+        running = self._diag_tasks.get(uri)
+        if running is not None and running[0] == doc.version and not running[1].done():
+            return running[1]
+        self.cancel_diagnostics(uri)
+        token = _new_token()
+        task = asyncio.ensure_future(self._compute_diagnostics(doc, token))
+        self._diag_tasks[uri] = (doc.version, task, token)
+        task.add_done_callback(lambda t, u=uri: self._diag_done(u, t))
+        return task
+
+    def _diag_done(self, uri: str, task: asyncio.Task) -> None:
+        running = self._diag_tasks.get(uri)
+        if running is not None and running[1] is task:
+            del self._diag_tasks[uri]
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("diagnostics failed: %s", task.exception())
+
+    async def _compute_diagnostics(self, doc: Document, token: Any) -> None:
+        from assistant.tasks import TaskRequest
+
+        uri, version, text = doc.uri, doc.version, doc.text
+        if doc.line_count > self.settings.max_diagnostic_lines:
+            log.info("no diagnostics for %s: %d lines > maxDiagnosticLines", uri, doc.line_count)
+            items: list[types.Diagnostic] = []
+        else:
+            request = TaskRequest(task="debug", source=text, path=_path(uri),
+                                  max_seconds=None if self.settings.max_seconds is None else
+                                  self.settings.max_seconds * 6)
+            async with self.progress("moecoder: checking for bugs") as progress:
+                try:
+                    result = await self.run_task(request, token, progress)
+                except TaskFailed as e:
+                    log.warning("debug task failed: %s", e)
+                    return
+            if result is None or token.cancelled:
+                return
+            snapshot = Document(uri, text, version, doc.language_id, self.encoding)
+            items = [self._diagnostic(snapshot, h) for h in getattr(result, "hints", []) or []]
+            items = [d for d in items if d is not None]
+        current = self.docs.get(uri)
+        if current is None or current.version != version:
+            return  # stale: the next idle/save run will replace it
+        self._diag[uri] = DiagState(version, str(next(self._result_ids)), items)
+        if self.pull_diagnostics:
+            if self.client_has("workspace.diagnostics.refresh_support", False):
+                with contextlib.suppress(Exception):
+                    self.workspace_diagnostic_refresh(None)
+        else:
+            self.text_document_publish_diagnostics(
+                types.PublishDiagnosticsParams(uri=uri, diagnostics=items, version=version))
+
+    def _diagnostic(self, doc: Document, hint: Any) -> types.Diagnostic | None:
+        start = doc.engine_line_offset(int(getattr(hint, "line", -1)))
+        if start is None:
+            return None
+        line_text = doc.engine_line_text(hint.line)
+        indent = len(line_text) - len(line_text.lstrip())
+        rng = doc.range_of(start + indent, start + len(line_text))
+        conf = float(getattr(hint, "confidence", 0.5) or 0.0)
+        severity = (types.DiagnosticSeverity.Error if conf >= 0.9 else types.DiagnosticSeverity.Warning
+                    if conf >= 0.6 else types.DiagnosticSeverity.Information if conf >= 0.3
+                    else types.DiagnosticSeverity.Hint)
+        message = f"{hint.message} (confidence {conf:.0%})"
+        reasoning = (getattr(hint, "reasoning", "") or "").strip()
+        related = None
+        if reasoning:
+            if self.client_has("text_document.publish_diagnostics.related_information", False) or (
+                    self.client_has("text_document.diagnostic.related_information", False)):
+                related = [types.DiagnosticRelatedInformation(
+                    location=types.Location(uri=doc.uri, range=rng), message=f"Reasoning: {reasoning}")]
+            else:
+                message += f"\nReasoning: {reasoning}"
+        data = {"fix": hint.fix, "line": hint.line, "version": doc.version, "text": line_text}
+        return types.Diagnostic(range=rng, message=message, severity=severity, source=SOURCE,
+                                code="debug-hint", related_information=related, data=data)
+
+    # -- code actions ---------------------------------------------------------------------------
+    def fix_action(self, doc: Document, diag: types.Diagnostic) -> types.CodeAction | None:
+        data = diag.data if isinstance(diag.data, dict) else None
+        if diag.source != SOURCE or not data or not isinstance(data.get("fix"), str):
+            return None
+        line = data.get("line")
+        if not isinstance(line, int):
+            return None
+        start = doc.engine_line_offset(line)
+        if start is None or doc.engine_line_text(line) != data.get("text"):
+            return None  # the line changed since the hint: the fix no longer applies
+        old = doc.engine_line_text(line)
+        fix = data["fix"]
+        if fix and not fix[:1].isspace():  # keep the line's indentation
+            fix = old[: len(old) - len(old.lstrip())] + fix
+        edit = self.workspace_edit(doc, [types.TextEdit(range=doc.range_of(start, start + len(old)), new_text=fix)])
+        return types.CodeAction(title=f"Apply fix: {fix.strip()[:60]}", kind=types.CodeActionKind.QuickFix,
+                                diagnostics=[diag], edit=edit, is_preferred=True)
+
+    def workspace_edit(self, doc: Document, edits: list[types.TextEdit]) -> types.WorkspaceEdit:
+        if self.client_has("workspace.workspace_edit.document_changes", False):
+            return types.WorkspaceEdit(document_changes=[types.TextDocumentEdit(
+                text_document=types.OptionalVersionedTextDocumentIdentifier(uri=doc.uri, version=doc.version),
+                edits=edits)])
+        return types.WorkspaceEdit(changes={doc.uri: edits})
+
+    async def docstring_edit(self, action: types.CodeAction, progress_token: Any = None) -> types.CodeAction:
+        from assistant.tasks import TaskRequest
+
+        data = action.data if isinstance(action.data, dict) else {}
+        doc = self.python_doc(str(data.get("uri", "")))
+        name, line = data.get("function"), data.get("line")
+        if doc is None or not isinstance(name, str) or not isinstance(line, int):
+            return action
+        version, text = doc.version, doc.text
+        request = TaskRequest(task="comment", source=text, path=_path(doc.uri), line=line, function=name,
+                              max_new_tokens=max(self.settings.max_tokens, 160),
+                              max_seconds=None if self.settings.max_seconds is None else self.settings.max_seconds * 6)
+        token = _new_token()
+        async with self.progress(f"moecoder: docstring for {name}", progress_token) as progress:
+            try:
+                result = await self.run_task(request, token, progress)
+            except TaskFailed as e:
+                self.report_once(f"moecoder: no docstring for {name}: {e}", types.MessageType.Warning)
+                return action
+        if result is None:
+            return action
+        snapshot = Document(doc.uri, text, version, doc.language_id, self.encoding)
+        body = str(result.text)
+        new = result.indent + body + "\n"
+        rs, re_ = getattr(result, "replace_start", None), getattr(result, "replace_end", None)
+        if isinstance(rs, int) and isinstance(re_, int):
+            s, e = snapshot.engine_line_offset(rs), snapshot.engine_line_offset(re_ + 1)
+            s = len(text) if s is None else s
+            e = len(text) if e is None else e
+        else:
+            s = snapshot.engine_line_offset(int(result.insert_line))
+            if s is None:  # after the last line
+                s = len(text)
+                if text and not text.endswith("\n"):
+                    new = "\n" + new
+            e = s
+        edit = types.TextEdit(range=snapshot.range_of(s, e), new_text=new)
+        action.edit = self.workspace_edit(snapshot, [edit])
+        return action
+
+
+class Progress:
+    """``$/progress`` for one piece of work: a client token, a server-created one, or nothing."""
+
+    def __init__(self, server: MoeServer, title: str, token: Any = None):
+        self.server, self.title, self.token = server, title, token
+        self._last = 0.0
+
+    async def __aenter__(self) -> Progress:
+        s = self.server
+        if self.token is None and s.client_has("window.work_done_progress", False):
+            token = f"moecoder-{next(s._progress_ids)}"
+            try:
+                await asyncio.wait_for(s.work_done_progress.create_async(token), 5.0)
+                self.token = token
+            except Exception as e:  # noqa: BLE001 - progress is optional
+                log.info("no progress: %s", e)
+        if self.token is not None:
+            s.work_done_progress.begin(self.token, types.WorkDoneProgressBegin(title=self.title, cancellable=False))
+        return self
+
+    def reasoning(self, text: str) -> None:
+        now = time.monotonic()
+        if self.token is None or now - self._last < 0.25:
+            return
+        self._last = now
+        tail = " ".join(text.split())[-80:]
+        self.server.work_done_progress.report(self.token, types.WorkDoneProgressReport(message=f"thinking: {tail}"))
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.token is not None:
+            with contextlib.suppress(Exception):
+                self.server.work_done_progress.end(self.token, types.WorkDoneProgressEnd())
+
+
+def _path(uri: str) -> str:
+    from pygls.uris import to_fs_path
+
+    return to_fs_path(uri) or uri
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _function_at(source: str, line: int) -> tuple[str, int, int, bool] | None:
+    """(name, def line, last line, has docstring) of the function around 0-based ``line``."""
+    try:
+        from assistant import code
+    except ImportError:  # pragma: no cover - until assistant.code lands
+        code = None
+    if code is not None and hasattr(code, "function_at"):
+        try:
+            fn = code.function_at(source, line)
+        except Exception:  # noqa: BLE001 - bad syntax etc.: fall back to the plain scan
+            fn = None
+        if fn is not None:
+            name = getattr(fn, "name", None)
+            start = _first_int(fn, ("start_line", "line", "def_line", "start"))
+            end = _first_int(fn, ("end_line", "last_line", "end"))
+            if isinstance(name, str) and start is not None:
+                has_doc = bool(getattr(fn, "docstring", None))
+                return name, start, end if end is not None else start, has_doc
+            return None
+    return _scan_function(source, line)
+
+
+def _first_int(obj: Any, names: tuple[str, ...]) -> int | None:
+    for n in names:
+        v = getattr(obj, n, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
+
+
+def _scan_function(source: str, line: int) -> tuple[str, int, int, bool] | None:
+    """Indentation-based fallback: the innermost ``def`` whose body holds ``line``."""
+    lines = source.split("\n")
+    if not 0 <= line < len(lines):
+        return None
+    for i in range(line, -1, -1):
+        m = _DEF.match(lines[i])
+        if not m:
+            continue
+        indent = len(m.group(1).expandtabs())
+        end = i
+        for j in range(i + 1, len(lines)):
+            t = lines[j]
+            if t.strip() and len(t) - len(t.lstrip()) <= indent and not t.lstrip().startswith((")", "#")):
+                break
+            if t.strip():
+                end = j
+        if end < line and i != line:
+            continue
+        body = [t.strip() for t in lines[i + 1: end + 1] if t.strip()]
+        has_doc = bool(body) and body[0].lstrip("rRbBuUfF").startswith(("\"", "'"))
+        return m.group(2), i, end, has_doc
+    return None
+
+
+# -- handlers -----------------------------------------------------------------------------------
+def build_server(factory: Callable[..., Any] | None = None, settings: Settings | None = None) -> MoeServer:
+    server = MoeServer(factory or engine_factory(), settings)
+
+    @server.feature(types.INITIALIZE)
+    def initialize(ls: MoeServer, params: types.InitializeParams) -> None:
+        ls.caps = params.capabilities or types.ClientCapabilities()
+        ls.encoding = normalize_encoding(ServerCapabilitiesBuilder.choose_position_encoding(ls.caps))
+        ls.pull_diagnostics = ls.client_has("text_document.diagnostic") is not None
+        for problem in ls.settings.update(params.initialization_options):
+            ls.report_once(f"moecoder settings: {problem}", types.MessageType.Warning)
+
+    @server.feature(types.INITIALIZED)
+    def initialized(ls: MoeServer, params: types.InitializedParams) -> None:
+        ls.start_engine()
+
+    @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
+    def did_change_configuration(ls: MoeServer, params: types.DidChangeConfigurationParams) -> None:
+        for problem in ls.settings.update(params.settings):
+            ls.report_once(f"moecoder settings: {problem}", types.MessageType.Warning)
+        if ls._engine_future is not None and ls._engine_key != ls._engine_wanted():
+            ls.start_engine()
+        if not ls.settings.on("diagnostics"):
+            for uri in list(ls._diag):
+                ls.cancel_diagnostics(uri)
+                ls._diag.pop(uri, None)
+                if not ls.pull_diagnostics:
+                    ls.text_document_publish_diagnostics(types.PublishDiagnosticsParams(uri=uri, diagnostics=[]))
+
+    @server.feature(types.TEXT_DOCUMENT_DID_SAVE, types.SaveOptions(include_text=False))
+    def did_save(ls: MoeServer, params: types.DidSaveTextDocumentParams) -> None:
+        uri = params.text_document.uri
+        timer = ls._diag_timers.pop(uri, None)
+        if timer is not None:
+            timer.cancel()
+        ls.start_diagnostics(uri)
+
+    @server.feature(types.TEXT_DOCUMENT_COMPLETION,
+                    types.CompletionOptions(trigger_characters=[".", "(", " ", "\n"], resolve_provider=False))
+    async def completion(ls: MoeServer, params: types.CompletionParams) -> types.CompletionList:
+        empty = types.CompletionList(is_incomplete=True, items=[])
+        if not ls.settings.on("completion"):
+            return empty
+        got = await ls.complete(params.text_document.uri, params.position, "completion")
+        if got is None:
+            return empty
+        doc, offset, text = got
+        line_start = doc.starts[doc.position_at(offset).line]
+        word = _WORD_TAIL.search(doc.text[line_start:offset]).group()
+        new_text = word + text
+        first = new_text.split("\n", 1)[0].strip() or new_text.strip()
+        label = first if len(first) <= 60 else first[:57] + "..."
+        multiline = "\n" in text
+        item = types.CompletionItem(
+            label=label, kind=types.CompletionItemKind.Text, detail="moecoder" + (" (multi-line)" if multiline else ""),
+            text_edit=types.TextEdit(range=doc.range_of(offset - len(word), offset), new_text=new_text),
+            filter_text=new_text, sort_text="0", insert_text_format=types.InsertTextFormat.PlainText,
+            documentation=types.MarkupContent(kind=types.MarkupKind.Markdown, value=f"```python\n{new_text}\n```")
+            if multiline else None,
+        )
+        return types.CompletionList(is_incomplete=True, items=[item])
+
+    @server.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
+    async def inline_completion(ls: MoeServer, params: types.InlineCompletionParams
+                                ) -> types.InlineCompletionList | None:
+        if not ls.settings.on("inlineCompletion"):
+            return None
+        got = await ls.complete(params.text_document.uri, params.position, "inline")
+        if got is None:
+            return None
+        doc, offset, text = got
+        return types.InlineCompletionList(items=[types.InlineCompletionItem(
+            insert_text=text, range=doc.range_of(offset, offset))])
+
+    @server.feature(types.TEXT_DOCUMENT_DIAGNOSTIC,
+                    types.DiagnosticOptions(identifier=SOURCE, inter_file_dependencies=False,
+                                            workspace_diagnostics=False))
+    async def diagnostic(ls: MoeServer, params: types.DocumentDiagnosticParams):
+        uri = params.text_document.uri
+        doc = ls.python_doc(uri)
+        if doc is None or not ls.settings.on("diagnostics"):
+            return types.RelatedFullDocumentDiagnosticReport(items=[])
+        running = ls._diag_tasks.get(uri)
+        task = running[1] if running is not None else None
+        if task is None and uri not in ls._diag and uri not in ls._diag_timers:
+            task = ls.start_diagnostics(uri)
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.shield(task)
+        state = ls._diag.get(uri)
+        if state is None:
+            return types.RelatedFullDocumentDiagnosticReport(items=[])
+        if params.previous_result_id == state.result_id:
+            return types.RelatedUnchangedDocumentDiagnosticReport(result_id=state.result_id)
+        return types.RelatedFullDocumentDiagnosticReport(items=state.items, result_id=state.result_id)
+
+    @server.feature(types.TEXT_DOCUMENT_CODE_ACTION, types.CodeActionOptions(
+        code_action_kinds=[types.CodeActionKind.QuickFix, DOCSTRING_KIND], resolve_provider=True))
+    async def code_action(ls: MoeServer, params: types.CodeActionParams) -> list[types.CodeAction] | None:
+        if not ls.settings.on("codeActions"):
+            return None
+        doc = ls.python_doc(params.text_document.uri)
+        if doc is None:
+            return None
+        start = doc.offset_at(params.range.start)
+        if start is None:
+            return None
+        only = params.context.only
+        actions: list[types.CodeAction] = []
+
+        def wanted(kind: str) -> bool:
+            return not only or any(kind == k or kind.startswith(str(k) + ".") for k in only)
+
+        if wanted(types.CodeActionKind.QuickFix):
+            diags = list(params.context.diagnostics or [])
+            state = ls._diag.get(doc.uri)
+            if state is not None:
+                lo, hi = params.range.start.line, params.range.end.line
+                seen = {(d.range.start.line, d.message) for d in diags}
+                diags += [d for d in state.items if lo <= d.range.start.line <= hi
+                          and (d.range.start.line, d.message) not in seen]
+            for d in diags:
+                action = ls.fix_action(doc, d)
+                if action is not None:
+                    actions.append(action)
+        if wanted(DOCSTRING_KIND):
+            line, _ = doc.engine_line_col(start)
+            fn = _function_at(doc.text, line)
+            if fn is not None and not fn[3]:
+                name, def_line = fn[0], fn[1]
+                action = types.CodeAction(title=f"Add docstring to {name}", kind=DOCSTRING_KIND,
+                                          data={"kind": "docstring", "uri": doc.uri, "version": doc.version,
+                                                "function": name, "line": def_line})
+                resolvable = ls.client_has("text_document.code_action.resolve_support.properties", []) or []
+                if "edit" not in resolvable:  # the client cannot resolve: compute the edit now
+                    action = await ls.docstring_edit(action, params.work_done_token)
+                actions.append(action)
+        return actions
+
+    @server.feature(types.CODE_ACTION_RESOLVE)
+    async def code_action_resolve(ls: MoeServer, action: types.CodeAction) -> types.CodeAction:
+        data = action.data if isinstance(action.data, dict) else {}
+        if data.get("kind") == "docstring" and action.edit is None:
+            return await ls.docstring_edit(action)
+        return action
+
+    @server.feature(types.TEXT_DOCUMENT_HOVER)
+    async def hover(ls: MoeServer, params: types.HoverParams) -> types.Hover | None:
+        from assistant.tasks import TaskRequest
+
+        if not ls.settings.on("hover"):
+            return None
+        doc = ls.python_doc(params.text_document.uri)
+        if doc is None:
+            return None
+        offset = doc.offset_at(params.position)
+        if offset is None:
+            return None
+        line, _ = doc.engine_line_col(offset)
+        if not doc.engine_line_text(line).strip():
+            return None
+        fn = _function_at(doc.text, line)
+        start, end = (fn[1], fn[2]) if fn is not None else (line, line)
+        request = TaskRequest(task="explain", source=doc.text, path=_path(doc.uri), line=start, end_line=end,
+                              function=fn[0] if fn is not None else None,
+                              max_new_tokens=max(ls.settings.max_tokens, 96), max_seconds=ls.settings.max_seconds)
+        token = _new_token()
+        async with ls.progress("moecoder: explaining", params.work_done_token) as progress:
+            try:
+                result = await ls.run_task(request, token, progress)
+            except TaskFailed as e:
+                log.warning("explain failed: %s", e)
+                return None
+        if result is None or not str(getattr(result, "text", "")).strip():
+            return None
+        reasoning = str(getattr(result, "reasoning", "") or "").strip()
+        value = (f"*Reasoning:* {reasoning}\n\n---\n\n" if reasoning else "") + str(result.text).strip()
+        s, e = doc.engine_line_offset(start), doc.engine_line_offset(end)
+        rng = doc.range_of(s, e + len(doc.engine_line_text(end))) if s is not None and e is not None else None
+        return types.Hover(contents=types.MarkupContent(kind=types.MarkupKind.Markdown, value=value), range=rng)
+
+    @server.command("moecoder.engineStats")
+    async def engine_stats(ls: MoeServer, *args: Any) -> dict:
+        """Counters of a test engine (empty for the real one); used by the tests."""
+        try:
+            eng = await ls.engine()
+        except TaskFailed:
+            return {}
+        return eng.stats() if hasattr(eng, "stats") else {}
+
+    @server.feature(types.SHUTDOWN)
+    def shutdown(ls: MoeServer, *args: Any) -> None:
+        for token in list(ls._active.values()):
+            token.cancel()
+        for uri in list(ls._diag_tasks):
+            ls.cancel_diagnostics(uri)
+        eng = ls._engine
+        if eng is not None and hasattr(eng, "close"):
+            with contextlib.suppress(Exception):
+                eng.close()
+
+    return server
+
+
+# -- entry point --------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moecoder lsp",
+                                description="Run the moecoder language server on stdio (or TCP for debugging).")
+    p.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP instead of stdio (for debugging)")
+    p.add_argument("--model", metavar="DIR", help="model directory (default: the shipped model)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--log-file", metavar="FILE", help="write the server log to FILE (default: stderr)")
+    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--fake-engine", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    host, port = None, None
+    if args.tcp is not None:
+        host, _, port_s = args.tcp.rpartition(":")
+        if not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+            print(f"moecoder lsp: error: --tcp wants HOST:PORT, got {args.tcp!r}", file=sys.stderr)
+            return 2
+        port = int(port_s)
+    if args.model is not None and not os.path.isdir(args.model):
+        print(f"moecoder lsp: error: model directory not found: {args.model}", file=sys.stderr)
+        return 2
+    try:
+        factory = engine_factory("fake" if args.fake_engine else None)
+    except (ValueError, ImportError, AttributeError) as e:
+        print(f"moecoder lsp: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    handler: logging.Handler = (logging.FileHandler(args.log_file) if args.log_file
+                                else logging.StreamHandler(sys.stderr))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(args.log_level)
+    settings = Settings(model_path=args.model, device=args.device)
+    server = build_server(factory, settings)
+    if host is not None:
+        server.start_tcp(host, port)
+        return 0
+    # stdout is the protocol channel: anything else printing there (a library, a C
+    # extension) would corrupt it, so fd 1 goes to stderr and the server gets a private copy.
+    sys.stdout.flush()
+    proto_out = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    server.start_io(sys.stdin.buffer, proto_out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""A scripted engine for fast, deterministic protocol tests (``MOECODER_LSP_ENGINE=fake``).
+
+It has the surface of :class:`assistant.engine.Engine` that the server uses (``stream``,
+``close``) and answers every task from the request alone, never from a model:
+
+- ``complete``: ``"<word>_L<line>_C<column>\\nsecond_line"`` where line/column are the
+  0-based cursor the server sent (so tests can check position conversion), ``<word>``
+  is ``done`` unless the source holds ``FAKE_WORD=<word>``.
+- ``comment``: a one-line docstring for the function named in the request.
+- ``debug``: one hint per line containing ``FAKE_BUG`` (fix: ``FAKE_BUG`` -> ``fixed``).
+- ``explain``: a sentence naming the requested lines.
+
+``FAKE_DELAY=<seconds>`` anywhere in the source makes every task take that long before
+its answer, checking the cancel token every 10 ms, so cancellation, supersede and stale
+results can be tested without timing races. ``FAKE_ERROR`` makes a task end in an error
+event. :meth:`FakeEngine.stats` counts started, finished and cancelled streams.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+
+from assistant.engine import CancelToken, Event
+from assistant.tasks import Completion, DebugResult, Docstring, Explanation, Hint, TaskRequest
+
+_DELAY = re.compile(r"FAKE_DELAY=([0-9.]+)")
+_WORD = re.compile(r"FAKE_WORD=(\w+)")
+_DEF = re.compile(r"^([ \t]*)(?:async[ \t]+)?def[ \t]+(\w+)")
+
+
+class FakeEngine:
+    context_length = 2048
+
+    def __init__(self, model_dir: str | None = None, device: str = "cpu", **_: object) -> None:
+        self.model_dir = model_dir
+        self.device = device
+        self._lock = threading.Lock()
+        self._stats = {"started": 0, "finished": 0, "cancelled": 0, "requests": []}
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {k: (list(v) if isinstance(v, list) else v) for k, v in self._stats.items()}
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self._stats[key] += 1
+
+    def close(self) -> None:
+        pass
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def run(self, request: TaskRequest, cancel: CancelToken | None = None) -> object:
+        result = None
+        for ev in self.stream(request, cancel):
+            if ev.kind == "done":
+                result = ev.result
+        return result
+
+    def stream(self, request: TaskRequest, cancel: CancelToken | None = None) -> Iterator[Event]:
+        cancel = cancel or CancelToken()
+        with self._lock:
+            self._stats["started"] += 1
+            self._stats["requests"].append([request.task, request.line, request.column])
+        yield Event("reasoning", text=f"thinking about {request.task}")
+        m = _DELAY.search(request.source)
+        end = time.monotonic() + (float(m.group(1)) if m else 0.0)
+        while time.monotonic() < end:
+            if cancel.cancelled:
+                break
+            time.sleep(0.01)
+        if cancel.cancelled:
+            self._count("cancelled")
+            yield Event("error", text="cancelled")
+            return
+        if "FAKE_ERROR" in request.source:
+            self._count("finished")
+            yield Event("error", text="scripted failure")
+            return
+        result = self._answer(request)
+        self._count("finished")
+        yield Event("answer", text=getattr(result, "text", ""))
+        yield Event("done", result=result)
+
+    def _answer(self, r: TaskRequest) -> object:
+        lines = r.source.split("\n")
+        if r.task == "complete":
+            m = _WORD.search(r.source)
+            word = m.group(1) if m else "done"
+            return Completion(text=f"{word}_L{r.line}_C{r.column}\nsecond_line", multiline=True,
+                              reasoning="")
+        if r.task == "comment":
+            name, def_line, indent = r.function or "", r.line, ""
+            for i, text in enumerate(lines):
+                d = _DEF.match(text)
+                if d and (d.group(2) == r.function or (r.function is None and i <= r.line)):
+                    name, def_line, indent = d.group(2), i, d.group(1)
+                    if r.function is not None:
+                        break
+            body_indent = indent + "    "
+            return Docstring(function=name, text=f'"""Fake docstring for {name}."""', insert_line=def_line + 1,
+                             indent=body_indent, style="plain", reasoning=f"{name} is a function")
+        if r.task == "debug":
+            hints = []
+            for i, text in enumerate(lines):
+                if "FAKE_BUG" in text:
+                    hints.append(Hint(path=r.path, function="f", line=i, message="FAKE_BUG looks wrong",
+                                      fix=text.replace("FAKE_BUG", "fixed"), confidence=0.8,
+                                      reasoning="the marker FAKE_BUG is never defined"))
+            return DebugResult(hints=hints, reasoning=f"checked {len(lines)} lines")
+        if r.task == "explain":
+            end = r.end_line if r.end_line is not None else r.line
+            return Explanation(text=f"Explains lines {r.line}-{end}.", reasoning="read the code first")
+        raise ValueError(f"unknown task {r.task!r}")
