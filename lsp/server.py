@@ -160,10 +160,13 @@ def engine_factory(spec: str | None = None) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), attr)
 
 
-def _new_token() -> Any:
-    from assistant.engine import CancelToken
-
-    return CancelToken()
+def _new_token(engine: Any) -> Any:
+    """A cancel token for ``engine``: its own class if it names one (the scripted test
+    engine does, to start without torch), else :class:`assistant.engine.CancelToken`."""
+    cls = getattr(engine, "cancel_token_class", None)
+    if cls is None:
+        from assistant.engine import CancelToken as cls
+    return cls()
 
 
 # -- the protocol: robust framing, our own document store, client-aware capabilities -------
@@ -241,7 +244,7 @@ class MoeServer(LanguageServer):
         self._active: dict[str, Any] = {}  # completion kind -> CancelToken of the newest request
         self._diag: dict[str, DiagState] = {}
         self._diag_timers: dict[str, asyncio.TimerHandle] = {}
-        self._diag_tasks: dict[str, tuple[int | None, asyncio.Task, Any]] = {}
+        self._diag_tasks: dict[str, tuple[int | None, asyncio.Task]] = {}
         self._result_ids = itertools.count(1)
         self._progress_ids = itertools.count(1)
         self._background: set[asyncio.Task] = set()
@@ -299,9 +302,15 @@ class MoeServer(LanguageServer):
             with contextlib.suppress(Exception):
                 self.window_show_message(types.ShowMessageParams(type=kind, message=message))
 
-    async def run_task(self, request: Any, token: Any, progress: Progress | None = None) -> Any:
-        """Run one task on the engine in a worker thread; cancel its token when cancelled."""
+    async def run_task(self, request: Any, progress: Progress | None = None,
+                       on_token: Callable[[Any], None] | None = None) -> Any:
+        """Run one task on the engine in a worker thread and return its result (None when
+        its cancel token was cancelled, e.g. by a newer request). If the awaiting request is
+        cancelled (``$/cancelRequest``), the engine's token is cancelled too."""
         engine = await self.engine()
+        token = _new_token(engine)
+        if on_token is not None:
+            on_token(token)
         loop = asyncio.get_running_loop()
 
         def work() -> Any:
@@ -320,10 +329,11 @@ class MoeServer(LanguageServer):
 
         fut = loop.run_in_executor(self.executor, work)
         try:
-            return await fut
+            result = await fut
         except asyncio.CancelledError:
             token.cancel()
             raise
+        return None if token.cancelled else result
 
     # -- progress -----------------------------------------------------------------------------
     def progress(self, title: str, token: Any = None) -> Progress:
@@ -390,20 +400,24 @@ class MoeServer(LanguageServer):
         request = TaskRequest(task="complete", source=text, path=_path(uri), line=line, column=col,
                               related=self.related(doc), max_new_tokens=self.settings.max_tokens,
                               max_seconds=self.settings.max_seconds)
-        token = _new_token()
-        previous = self._active.get(kind)
-        if previous is not None:
-            previous.cancel()  # a newer request supersedes it
-        self._active[kind] = token
+        mine: list[Any] = []
+
+        def supersede(token: Any) -> None:
+            previous = self._active.get(kind)
+            if previous is not None:
+                previous.cancel()  # a newer request supersedes it
+            self._active[kind] = token
+            mine.append(token)
+
         try:
-            result = await self.run_task(request, token)
+            result = await self.run_task(request, on_token=supersede)
         except TaskFailed as e:
             log.warning("completion failed: %s", e)
             return None
         finally:
-            if self._active.get(kind) is token:
+            if mine and self._active.get(kind) is mine[0]:
                 del self._active[kind]
-        if token.cancelled or result is None:
+        if result is None:
             return None
         current = self.docs.get(uri)
         if current is None or current.version != version or current.text != text:
@@ -438,8 +452,7 @@ class MoeServer(LanguageServer):
             timer.cancel()
         running = self._diag_tasks.pop(uri, None)
         if running is not None:
-            running[2].cancel()
-            running[1].cancel()
+            running[1].cancel()  # run_task cancels the engine's token
 
     def start_diagnostics(self, uri: str) -> asyncio.Task | None:
         doc = self.python_doc(uri)
@@ -449,9 +462,8 @@ class MoeServer(LanguageServer):
         if running is not None and running[0] == doc.version and not running[1].done():
             return running[1]
         self.cancel_diagnostics(uri)
-        token = _new_token()
-        task = asyncio.ensure_future(self._compute_diagnostics(doc, token))
-        self._diag_tasks[uri] = (doc.version, task, token)
+        task = asyncio.ensure_future(self._compute_diagnostics(doc))
+        self._diag_tasks[uri] = (doc.version, task)
         task.add_done_callback(lambda t, u=uri: self._diag_done(u, t))
         return task
 
@@ -462,7 +474,7 @@ class MoeServer(LanguageServer):
         if not task.cancelled() and task.exception() is not None:
             log.warning("diagnostics failed: %s", task.exception())
 
-    async def _compute_diagnostics(self, doc: Document, token: Any) -> None:
+    async def _compute_diagnostics(self, doc: Document) -> None:
         from assistant.tasks import TaskRequest
 
         uri, version, text = doc.uri, doc.version, doc.text
@@ -475,11 +487,11 @@ class MoeServer(LanguageServer):
                                   self.settings.max_seconds * 6)
             async with self.progress("moecoder: checking for bugs") as progress:
                 try:
-                    result = await self.run_task(request, token, progress)
+                    result = await self.run_task(request, progress)
                 except TaskFailed as e:
                     log.warning("debug task failed: %s", e)
                     return
-            if result is None or token.cancelled:
+            if result is None:
                 return
             snapshot = Document(uri, text, version, doc.language_id, self.encoding)
             items = [self._diagnostic(snapshot, h) for h in getattr(result, "hints", []) or []]
@@ -559,10 +571,9 @@ class MoeServer(LanguageServer):
         request = TaskRequest(task="comment", source=text, path=_path(doc.uri), line=line, function=name,
                               max_new_tokens=max(self.settings.max_tokens, 160),
                               max_seconds=None if self.settings.max_seconds is None else self.settings.max_seconds * 6)
-        token = _new_token()
         async with self.progress(f"moecoder: docstring for {name}", progress_token) as progress:
             try:
-                result = await self.run_task(request, token, progress)
+                result = await self.run_task(request, progress)
             except TaskFailed as e:
                 self.report_once(f"moecoder: no docstring for {name}: {e}", types.MessageType.Warning)
                 return action
@@ -854,10 +865,9 @@ def build_server(factory: Callable[..., Any] | None = None, settings: Settings |
         request = TaskRequest(task="explain", source=doc.text, path=_path(doc.uri), line=start, end_line=end,
                               function=fn[0] if fn is not None else None,
                               max_new_tokens=max(ls.settings.max_tokens, 96), max_seconds=ls.settings.max_seconds)
-        token = _new_token()
         async with ls.progress("moecoder: explaining", params.work_done_token) as progress:
             try:
-                result = await ls.run_task(request, token, progress)
+                result = await ls.run_task(request, progress)
             except TaskFailed as e:
                 log.warning("explain failed: %s", e)
                 return None

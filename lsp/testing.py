@@ -22,8 +22,8 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
-from assistant.engine import CancelToken, Event
 from assistant.tasks import Completion, DebugResult, Docstring, Explanation, Hint, TaskRequest
 
 _DELAY = re.compile(r"FAKE_DELAY=([0-9.]+)")
@@ -31,8 +31,33 @@ _WORD = re.compile(r"FAKE_WORD=(\w+)")
 _DEF = re.compile(r"^([ \t]*)(?:async[ \t]+)?def[ \t]+(\w+)")
 
 
+class FakeCancelToken:
+    """Same surface as ``assistant.engine.CancelToken``; defined here so that the fake
+    engine starts without importing torch (the tests start many servers)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass
+class Event:
+    """Same fields as ``assistant.engine.Event``."""
+
+    kind: str
+    text: str = ""
+    result: object | None = None
+
+
 class FakeEngine:
     context_length = 2048
+    cancel_token_class = FakeCancelToken
 
     def __init__(self, model_dir: str | None = None, device: str = "cpu", **_: object) -> None:
         self.model_dir = model_dir
@@ -54,15 +79,15 @@ class FakeEngine:
     def count_tokens(self, text: str) -> int:
         return len(text.split())
 
-    def run(self, request: TaskRequest, cancel: CancelToken | None = None) -> object:
+    def run(self, request: TaskRequest, cancel: FakeCancelToken | None = None) -> object:
         result = None
         for ev in self.stream(request, cancel):
             if ev.kind == "done":
                 result = ev.result
         return result
 
-    def stream(self, request: TaskRequest, cancel: CancelToken | None = None) -> Iterator[Event]:
-        cancel = cancel or CancelToken()
+    def stream(self, request: TaskRequest, cancel: FakeCancelToken | None = None) -> Iterator[Event]:
+        cancel = cancel or FakeCancelToken()
         with self._lock:
             self._stats["started"] += 1
             self._stats["requests"].append([request.task, request.line, request.column])
