@@ -143,9 +143,14 @@ def flops_per_token(model_cfg, seq_len: int) -> float:
 
 
 # ---------------------------------------------------------------------------------- CLI
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (main turns it into the message)
+        raise TrainError(message)
+
+
 def _parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="moecoder train",
         description="Train a model on packed tokens on one device (CPU or CUDA).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -897,7 +902,13 @@ def _epoch(loader_state: dict, num_docs: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except TrainError as e:
+        print(f"moecoder train: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
     if args.kernels != "auto":
         os.environ["MOECODER_KERNELS"] = args.kernels
     if args.threads < 0:
