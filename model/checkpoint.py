@@ -18,10 +18,12 @@ turns one into a model directory.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,3 +248,91 @@ def load_model(model_dir=None, device="cpu") -> LoadedModel:
         raise CheckpointError(
             f"{tok_path}: tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}")
     return LoadedModel(model, tok, cfg)
+
+
+# --------------------------------------------------------------------------- export from training
+def find_training_checkpoint(path) -> Path:
+    """A DCP step directory, or the newest complete ``ckpt/step_*`` under a training output dir."""
+    p = Path(path)
+    if (p / ".metadata").is_file():
+        return p
+    root = p / "ckpt" if (p / "ckpt").is_dir() else p
+    steps = sorted(d for d in root.glob("step_*") if (d / "COMPLETE").is_file() and (d / ".metadata").is_file())
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if not steps:
+        raise CheckpointError(f"no complete training checkpoint in {p}")
+    return steps[-1]
+
+
+def _dcp_load(state: dict, ckpt: Path) -> None:
+    """``dcp.load`` in one process; its CheckpointException (a BaseException) becomes a RuntimeError."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        try:
+            dcp.load(state, checkpoint_id=str(ckpt))
+        except CheckpointException as e:
+            excs = [v[0] if isinstance(v, tuple) else v for v in e.failures.values()]
+            lines = str(excs[0]).strip().splitlines() if excs else []
+            raise RuntimeError(lines[-1] if lines else "DCP load failed") from None
+
+
+def load_training_checkpoint(path) -> tuple[Transformer, ModelConfig, dict]:
+    """The model of a train.py DCP checkpoint (``{"model", "optim", "extra"}``): (model, config, extra)."""
+    ckpt = find_training_checkpoint(path)
+    try:
+        holder = {"extra": ""}
+        _dcp_load(holder, ckpt)
+        extra = json.loads(holder["extra"])
+        cfg = ModelConfig.from_dict(extra["model_config"])
+    except CheckpointError:
+        raise
+    except Exception as e:  # DCP raises many kinds of errors
+        msg = str(e).strip().splitlines()
+        raise CheckpointError(f"{ckpt}: not a readable training checkpoint ({msg[-1] if msg else type(e).__name__})") from None
+    model = Transformer(cfg)
+    state = {"model": model.state_dict()}
+    try:
+        _dcp_load(state, ckpt)
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise CheckpointError(f"{ckpt}: model weights do not load ({msg[-1] if msg else type(e).__name__})") from None
+    check_state_dict(state["model"], model, str(ckpt))
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg, extra
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moecoder export",
+                                description="Export released weights (safetensors) from a training checkpoint.")
+    p.add_argument("--checkpoint", required=True,
+                   help="training output dir (newest complete ckpt/step_*) or one step_* directory")
+    p.add_argument("--out", required=True, help="new model directory (an existing model is never replaced)")
+    p.add_argument("--int8", action="store_true", help="int8 per-channel weights + fp16 scales")
+    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="storage dtype without --int8")
+    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the one recorded in the checkpoint)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _export_parser().parse_args(argv)
+    out = Path(args.out)
+    try:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise CheckpointError(f"{out} exists and is not empty; refusing to overwrite")
+        model, cfg, extra = load_training_checkpoint(args.checkpoint)
+        tok = Path(args.tokenizer or extra.get("tokenizer") or "")
+        if not str(tok) or not (tok.is_file() or (tok / TOKENIZER).is_file()):
+            raise CheckpointError(f"tokenizer not found: {tok or '(none recorded)'}; pass --tokenizer")
+        export(model, cfg, tok, out, int8=args.int8, dtype=args.dtype)
+    except CheckpointError as e:
+        print(f"moecoder export: error: {e}", file=sys.stderr)
+        return 2
+    size = (out / WEIGHTS).stat().st_size
+    print(f"exported step {extra.get('step', '?')} to {out} ({size / 2**20:.1f} MiB{', int8' if args.int8 else ''})")
+    return 0

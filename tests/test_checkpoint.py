@@ -153,3 +153,77 @@ def test_no_pickle_in_the_loader():
 
     src = inspect.getsource(ck)
     assert "torch.load(" not in src and "import pickle" not in src
+
+
+# ---------------------------------------------------------------- export from a train.py checkpoint
+def _train_checkpoint(out, tokenizer_path, **cfg_kw):
+    from model.train import save_checkpoint
+
+    model, cfg = _tiny_model(seed=3, **cfg_kw)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    model(torch.randint(0, 512, (2, 16))).mean().backward()  # real optimizer state
+    opt.step()
+    model.eval()
+    extra = {"step": 1, "model_config": cfg.to_dict(), "tokenizer": str(tokenizer_path)}
+    save_checkpoint(out, 1, model, opt, extra, keep=2)
+    return model
+
+
+def test_cli_export_from_training_checkpoint(tmp_path, tiny_tokenizer_path, capsys):
+    from model.checkpoint import main
+
+    model = _train_checkpoint(tmp_path / "run", tiny_tokenizer_path)
+    assert main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "m")]) == 0
+    assert "exported step 1" in capsys.readouterr().out
+    ids = list(range(5, 30))
+    assert torch.equal(_logits(load_model(tmp_path / "m").model, ids), _logits(model, ids))
+    assert main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "q"), "--int8"]) == 0
+    assert load_model(tmp_path / "q").config == model.cfg
+
+
+def test_cli_export_errors(tmp_path, tiny_tokenizer_path, capsys):
+    from model.checkpoint import main
+
+    _train_checkpoint(tmp_path / "run", tiny_tokenizer_path)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    cases = [
+        (["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "a")], "not found"),
+        (["--checkpoint", str(tmp_path), "--out", str(tmp_path / "a")], "no complete training checkpoint"),
+        (["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "busy")], "refusing to overwrite"),
+        (["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "a"), "--tokenizer", "/no/tok"],
+         "tokenizer not found"),
+    ]
+    for argv, msg in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, err
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+    assert not (tmp_path / "a").exists()
+
+
+def test_export_of_a_checkpoint_from_another_config(tmp_path, tiny_tokenizer_path, capsys):
+    """The checkpoint's recorded config disagrees with its weights: a clear error, exit 2."""
+    import json as _json
+
+    import torch.distributed.checkpoint as dcp
+
+    from model.checkpoint import main
+
+    _train_checkpoint(tmp_path / "run", tiny_tokenizer_path, dim=32, n_heads=2, n_kv_heads=1)
+    step = next((tmp_path / "run" / "ckpt").glob("step_*"))
+    holder = {"extra": ""}
+    with pytest.warns(UserWarning, match="torch.distributed is disabled"):
+        dcp.load(holder, checkpoint_id=str(step))
+    extra = _json.loads(holder["extra"])
+    extra["model_config"]["dim"] = 64  # a checkpoint that claims another config
+    extra["model_config"]["n_heads"], extra["model_config"]["n_kv_heads"] = 4, 2
+    model, cfg = _tiny_model(seed=3, dim=32, n_heads=2, n_kv_heads=1)
+    from model.train import save_checkpoint
+
+    save_checkpoint(tmp_path / "bad", 1, model, torch.optim.AdamW(model.parameters()), extra, keep=1)
+    assert main(["--checkpoint", str(tmp_path / "bad"), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "do not load" in err and "Size mismatch" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "m").exists()
