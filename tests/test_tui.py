@@ -188,7 +188,7 @@ async def test_add_file_shows_budget_report(tmp_path):
         await type_text(pilot, "/add calc.py")
         await pilot.press("enter")
         panel = app.query_one(FilesPanel)
-        await wait_for(pilot, lambda: "context:" in str(panel.query_one("#budget").render()))
+        await wait_for(pilot, lambda: "Context budget" in str(panel.query_one("#budget").render()))
         files = str(panel.query_one("#files-list").render())
         budget = str(panel.query_one("#budget").render())
         tokens = engine.count_tokens(BUGGY)
@@ -436,3 +436,51 @@ def test_cli_dispatches_chat_help(capsys):
 
     assert cli_main(["chat", "--help"]) == 0
     assert "moecoder chat" in capsys.readouterr().out
+
+
+# -- the real engine (random tiny model: the mechanics, not the text) -------------------
+
+
+@pytest.fixture(scope="module")
+def real_engine_factory():
+    pytest.importorskip("model.generate")
+    pytest.importorskip("model.checkpoint")
+    from tui import api
+
+    return api.load_engine
+
+
+async def test_real_engine_streams_and_stops(tmp_path, tiny_model_dir, real_engine_factory):
+    (tmp_path / "calc.py").write_text(BUGGY)
+    app = make_app(
+        tmp_path,
+        None,
+        engine_factory=real_engine_factory,
+        model_dir=str(tiny_model_dir),
+        files=["calc.py"],
+        max_new_tokens=12,
+    )
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: "ready" in app.sub_title or notes(app, "error"), timeout=60)
+        assert "ready" in app.sub_title, notes(app, "error")
+        assert app._engine.context_length > 0
+        budget = app.query_one("#budget")
+        await wait_for(pilot, lambda: "Context budget" in str(budget.render()), timeout=30)
+        await app.handle_input("/debug add")
+        await wait_for(pilot, last_done(app), timeout=60)
+        turn = turns(app)[-1]
+        assert turn.state.status in ("done", "error"), turn.state
+        if turn.state.status == "done":
+            assert turn.state.order[:1] in (["reasoning"], ["answer"], [])
+        # Escape during a real generation stops it and the engine takes the next request
+        app._max_new_tokens = 128
+        await app.handle_input("/explain")
+        assert turns(app)[-1].running, [t.state for t in turns(app)]
+        await pilot.pause(0.2)
+        await pilot.press("escape")
+        assert turns(app)[-1].state.status == "stopped"
+        app._max_new_tokens = 4
+        await app.handle_input("/explain calc.py:1-2")
+        await wait_for(pilot, last_done(app), timeout=60)
+        assert turns(app)[-1].state.status in ("done", "error")
+        assert turns(app)[-2].state.status == "stopped"

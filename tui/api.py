@@ -41,6 +41,7 @@ class Budget:
     budget: int
     trimmed: list[str] = field(default_factory=list)
     file_tokens: dict[str, int] = field(default_factory=dict)
+    context_length: int = 0  # the model's window; ``budget`` is what is left after the answer
 
 
 def budget_report(engine: Any, files: list[tuple[str, str]]) -> Budget:
@@ -53,7 +54,7 @@ def budget_report(engine: Any, files: list[tuple[str, str]]) -> Budget:
 
     file_tokens = {path: int(engine.count_tokens(text)) for path, text in files}
     if not files:
-        return Budget(0, int(engine.context_length), [], file_tokens)
+        return Budget(0, int(engine.context_length), [], file_tokens, int(engine.context_length))
     answer = int(getattr(engine, "default_max_new_tokens", DEFAULT_ANSWER_TOKENS) or DEFAULT_ANSWER_TOKENS)
     budget = max(16, int(engine.context_length) - answer)
     path, text = files[-1]
@@ -70,6 +71,12 @@ def budget_report(engine: Any, files: list[tuple[str, str]]) -> Budget:
     except NotImplementedError:  # the context manager is still being written (#5): count only
         used = sum(file_tokens.values())
         note = [] if used <= budget else [f"over budget by {used - budget:,} tokens (trimming unavailable)"]
-        return Budget(min(used, budget), budget, note, file_tokens)
+        return Budget(min(used, budget), budget, note, file_tokens, int(engine.context_length))
     report = result.report
-    return Budget(int(report.used_tokens), int(report.budget), list(report.trimmed), file_tokens)
+    return Budget(
+        int(report.used_tokens),
+        int(report.budget),
+        list(report.trimmed),
+        file_tokens,
+        int(engine.context_length),
+    )

@@ -74,6 +74,7 @@ class ChatApp(App):
         cwd: Path | None = None,
         clock: Callable[[], float] = time.time,
         max_file_bytes: int | None = None,
+        max_new_tokens: int | None = None,
     ) -> None:
         super().__init__()
         self._engine = engine
@@ -87,6 +88,7 @@ class ChatApp(App):
         self.cwd = cwd or Path.cwd()
         self.clock = clock
         self._max_file_bytes = max_file_bytes
+        self._max_new_tokens = max_new_tokens
         self.conversation = Conversation.new(clock)
         self.attachments: list[Attachment] = []
         self.show_reasoning = False
@@ -249,9 +251,9 @@ class ChatApp(App):
     async def _finish(self, turn: AssistantTurn, status: str, result: object, message: str) -> None:
         if not turn.running:
             return
-        await turn.finish(status, result, message)
         if turn is self.current:
             self.current, self._cancel = None, None
+        await turn.finish(status, result, message)
         self.conversation.turns.append(
             Turn(
                 role="assistant",
@@ -309,7 +311,7 @@ class ChatApp(App):
         self.conversation.turns.append(Turn(role="user", text=text))
         task, att, func = route_free_text(text, self.attachments)
         if att is None:
-            request = api.TaskRequest(task="explain", source=text)
+            request = api.TaskRequest(task="explain", source=text, max_new_tokens=self._max_new_tokens)
         else:
             request = self._request(task, att, function=func)
         self._save()
@@ -317,7 +319,14 @@ class ChatApp(App):
 
     def _request(self, task: str, att: Attachment, **kwargs: Any) -> Any:
         related = [(a.path, a.text) for a in self.attachments if a is not att]
-        return api.TaskRequest(task=task, source=att.text, path=att.path, related=related, **kwargs)
+        return api.TaskRequest(
+            task=task,
+            source=att.text,
+            path=att.path,
+            related=related,
+            max_new_tokens=self._max_new_tokens,
+            **kwargs,
+        )
 
     def _last_attachment(self, what: str) -> Attachment:
         if not self.attachments:
@@ -478,10 +487,13 @@ class ChatApp(App):
         except Exception as e:  # noqa: BLE001 - shown in the panel
             self._post(self._budget_done, {}, [f"budget: {one_line(e)}"])
             return
-        lines = [f"context: {report.used_tokens:,} / {report.budget:,} tokens"]
+        lines = ["Context budget", f"{report.used_tokens:,} / {report.budget:,} tokens"]
         width = 20
         filled = min(width, round(width * report.used_tokens / max(1, report.budget)))
         lines.append("█" * filled + "░" * (width - filled))
+        reserve = report.context_length - report.budget
+        if reserve > 0:
+            lines.append(f"({report.context_length:,} − {reserve:,} answer)")
         if report.trimmed:
             lines.append("trimmed:")
             lines += [f"- {t}" for t in report.trimmed]
