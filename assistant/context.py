@@ -243,12 +243,15 @@ def build_context(
 
     # Re-plan with a smaller budget if exact encoding overshoots the per-line estimate.
     slack = 0
-    for _attempt in range(8):
+    for _attempt in range(10):
         plan = _plan(tok, count, source, src_lines, line, column, keep_lo, max(0, text_budget - rel_reserve - slack),
                      prefix_share)
         prefix_text, suffix_text, report = plan
         rel_ids, rel_report = _fit_related(tok, count, rel_items,
                                            max(0, text_budget - slack - report.prefix_tokens - report.suffix_tokens))
+        if len(rel_ids) < rel_reserve:  # the related files did not use their share: give it back
+            rel_reserve = len(rel_ids)
+            continue
         pre_ids = tok.encode(prefix_text)
         suf_ids = tok.encode(suffix_text)
         total = overhead + len(rel_ids) + len(pre_ids) + len(suf_ids)

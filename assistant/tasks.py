@@ -754,9 +754,9 @@ def render_docstring(parts: DocParts, style: str, func: codemod.Scope | None, in
     types = func.param_types if func is not None else {}
     pdesc = {k.lstrip("*"): v for k, v in parts.params.items()}
     raises = list(dict.fromkeys([*(func.raises if func is not None else []), *parts.raises]))
-    returns = parts.returns if (func is None or func.returns_value or parts.returns) else ""
-    if func is not None and not func.returns_value:
-        returns = ""
+    returns = parts.returns
+    if func is not None:
+        returns = (parts.returns or "TODO") if func.returns_value else ""
     summary = _sentence(parts.summary, f"{func.name.replace('_', ' ').strip().capitalize()}" if func else "TODO")
     out: list[str] = [summary]
     if parts.body and style != "plain":
