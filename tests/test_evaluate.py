@@ -209,3 +209,54 @@ def test_cli_errors(tmp_path, capsys):
     assert err.startswith("moecoder eval: error:") and err.count("\n") == 1
     assert E.main(["--data", str(tmp_path / "nodata"), "--suite", "fim"]) == 2
     assert E.main(["--limit", "0"]) == 2
+
+
+# --------------------------------------------------------------------------- scripts/plot_dense_vs_moe.py
+
+
+def _plot_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "plot_dense_vs_moe.py"
+    spec = importlib.util.spec_from_file_location("plot_dense_vs_moe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _write_run(d: Path, scale: float) -> None:
+    d.mkdir()
+    lines = []
+    for step in range(0, 101, 10):
+        if step:
+            lines.append({"step": step, "loss": 3.0, "tokens": step * 512})
+        if step % 50 == 0:
+            lines.append(
+                {"step": step, "valid_bpb": scale * (2 - step / 100), "valid_loss": scale * (4 - step / 50)}
+            )
+    (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (d / "train.log").write_text("x | params 38.00M (active 23.50M) | device cpu\n")
+
+
+def test_plot_script_reads_curves_and_writes_png(tmp_path, capsys):
+    mod = _plot_module()
+    _write_run(tmp_path / "moe", 1.0)
+    _write_run(tmp_path / "dense", 1.2)
+    c = mod.load_curve(tmp_path / "moe")
+    assert c.steps == [0, 50, 100] and c.tokens == [0.0, 50 * 512, 100 * 512]
+    assert c.bpb == [2.0, 1.5, 1.0] and c.active == "23.50M active"
+    assert mod.tokens_at([(10, 100), (20, 300)], 15) == 200 and mod.tokens_at([(10, 100)], 30) == 300
+    (tmp_path / "empty.jsonl").write_text('{"step": 1, "tokens": 5}\n')
+    with pytest.raises(ValueError, match="no validation records"):
+        mod.load_curve(tmp_path / "empty.jsonl")
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "docs" / "plot.png"
+    assert mod.main([str(tmp_path / "moe"), str(tmp_path / "dense"), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "MoE (23.50M active)" in capsys.readouterr().out
+    before = out.read_bytes()
+    assert (
+        mod.main([str(tmp_path / "moe"), str(tmp_path / "dense"), "--out", str(out)]) == 2
+    )  # no silent overwrite
+    assert out.read_bytes() == before
+    assert mod.main([str(tmp_path / "nope"), str(tmp_path / "dense"), "--out", str(out)]) == 2
