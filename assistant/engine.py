@@ -244,19 +244,23 @@ class Engine:
         loop = asyncio.get_running_loop()
         aq: asyncio.Queue[Event | None] = asyncio.Queue()
 
+        def put(item: Event | None) -> bool:
+            try:
+                loop.call_soon_threadsafe(aq.put_nowait, item)
+                return True
+            except RuntimeError:  # the loop is gone: nobody is listening any more
+                cancel.cancel()
+                return False
+
         def pump() -> None:
             try:
                 for event in self.stream(request, cancel):
-                    loop.call_soon_threadsafe(aq.put_nowait, event)
-                    if cancel.cancelled and event.kind not in ("done", "error"):
-                        continue
+                    if not put(event):
+                        return  # leaving the loop closes the stream, which cancels the request
             except Exception as e:  # noqa: BLE001
-                loop.call_soon_threadsafe(aq.put_nowait, Event("error", text=_one_line(e)))
+                put(Event("error", text=_one_line(e)))
             finally:
-                try:
-                    loop.call_soon_threadsafe(aq.put_nowait, None)
-                except RuntimeError:  # loop closed
-                    pass
+                put(None)
 
         thread = threading.Thread(target=pump, name="moecoder-astream", daemon=True)
         thread.start()
