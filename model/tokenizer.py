@@ -209,6 +209,7 @@ def train_tokenizer(
     max_chunks: int | None = None,
     num_threads: int | None = None,
     max_piece_length: int = 16,
+    character_coverage: float = 0.9995,
     verbose: bool = False,
 ) -> Path:
     """Train a byte-exact BPE tokenizer; returns the path of ``{out_prefix}.model``.
@@ -241,7 +242,7 @@ def train_tokenizer(
         model_prefix=str(out_prefix),
         vocab_size=vocab_size,
         model_type="bpe",
-        character_coverage=1.0,
+        character_coverage=character_coverage,  # rarer characters are spelled in bytes
         byte_fallback=True,
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,

@@ -32,13 +32,14 @@ import stat
 import sys
 import sysconfig
 import time
-import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from model.data.eval_overlap import SHINGLE, shingle_hashes, token_hashes
 
 SPLITS = ("train", "valid", "test")
 SKIP_DIR_NAMES = {"__pycache__", "node_modules", "site-packages-stubs"}
@@ -55,7 +56,7 @@ PERMISSIVE = {
     "MIT", "MIT-0", "BSD", "BSD-2-Clause", "BSD-3-Clause", "0BSD", "Apache-2.0", "PSF-2.0",
     "Python-2.0", "ISC", "Unlicense", "CC0-1.0", "Zlib", "HPND", "Public-Domain", "BSL-1.0",
 }
-_TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+|[^\sA-Za-z0-9_]")
+_ASCII_LETTERS = bytes(range(65, 91)) + bytes(range(97, 123))
 
 
 class CorpusError(ValueError):
@@ -429,42 +430,25 @@ def _init_worker(cfg: CorpusConfig) -> None:
     _W["b"] = rng.integers(0, 2**63, cfg.num_perm, dtype=np.uint64).reshape(-1, 1)
 
 
-def _token_hashes(tokens: list[str]) -> np.ndarray:
-    cache: dict[str, int] = {}
-    out = np.empty(len(tokens), dtype=np.uint64)
-    for i, t in enumerate(tokens):
-        h = cache.get(t)
-        if h is None:
-            b = t.encode("utf-8", "surrogatepass")
-            h = cache[t] = zlib.crc32(b) | (zlib.crc32(b, 0x9E3779B9) << 32)
-        out[i] = h
-    return out
-
-
-def minhash_signature(text: str, num_perm: int = 128, shingle: int = 5, _ab=None) -> np.ndarray:
-    """MinHash (uint32[num_perm]) of the set of token ``shingle``-grams of ``text``."""
+def minhash_signature(text: str | None = None, num_perm: int = 128, shingle: int = 5, _ab=None,
+                      shingles: np.ndarray | None = None) -> np.ndarray:
+    """MinHash (uint32[num_perm]) of the set of token ``shingle``-grams of ``text`` (or of
+    precomputed ``shingles`` from ``eval_overlap.shingle_hashes``)."""
     if _ab is None:
         rng = np.random.default_rng(1234567)
         a = (rng.integers(1, 2**63, num_perm, dtype=np.uint64) | np.uint64(1)).reshape(-1, 1)
         b = rng.integers(0, 2**63, num_perm, dtype=np.uint64).reshape(-1, 1)
     else:
         a, b = _ab
-    toks = _TOKEN.findall(text)[:200_000]
-    th = _token_hashes(toks)
-    n = len(th) - shingle + 1
-    if n <= 0:
-        sh = th if len(th) else np.zeros(1, dtype=np.uint64)
-    else:
-        sh = np.zeros(n, dtype=np.uint64)
-        mult = np.uint64(0x100000001B3)
-        for j in range(shingle):
-            sh = sh * mult + th[j : j + n]
-        sh = np.unique(sh)
+    sh = shingle_hashes(token_hashes(text or ""), shingle) if shingles is None else shingles
+    if not len(sh):
+        sh = np.zeros(1, dtype=np.uint64)
     # multiply-shift universal hashing, chunked to bound memory
     sig = np.full(a.shape[0], np.iinfo(np.uint32).max, dtype=np.uint32)
-    for s in range(0, sh.shape[0], 8192):
-        block = ((a * sh[None, s : s + 8192] + b) >> np.uint64(32)).astype(np.uint32)
-        np.minimum(sig, block.min(axis=1), out=sig)
+    with np.errstate(over="ignore"):
+        for s in range(0, sh.shape[0], 8192):
+            block = ((a * sh[None, s : s + 8192] + b) >> np.uint64(32)).astype(np.uint32)
+            np.minimum(sig, block.min(axis=1), out=sig)
     return sig
 
 
@@ -495,11 +479,12 @@ def _process(item: tuple[int, str]) -> tuple:
     reason = text_filter_reason(text, cfg)
     if reason:
         return (i, reason, None, len(data), None, None)
-    m = _W["eval"].match(text)
+    sh = shingle_hashes(token_hashes(text), cfg.shingle)
+    m = _W["eval"].match(text, shingles=sh if cfg.shingle == SHINGLE else None)
     if m is not None:
         return (i, "eval_overlap", None, len(data), None, m)
     sha = hashlib.sha256(data).hexdigest()
-    sig = minhash_signature(text, cfg.num_perm, cfg.shingle, (_W["a"], _W["b"]))
+    sig = minhash_signature(num_perm=cfg.num_perm, _ab=(_W["a"], _W["b"]), shingles=sh)
     return (i, None, sha, len(data), sig.tobytes(), None)
 
 
@@ -516,9 +501,9 @@ def text_filter_reason(text: str, cfg: CorpusConfig | None = None) -> str | None
     head = "\n".join(lines[:10]).lower()
     if any(m in head for m in GENERATED_MARKERS):
         return "generated"
-    sample = text[:100_000]
-    alnum = sum(c.isalpha() for c in sample)
-    if alnum < cfg.min_alnum_fraction * len(sample):
+    sample = text[:100_000].encode("utf-8", "surrogatepass")
+    letters = len(sample) - len(sample.translate(None, _ASCII_LETTERS))
+    if letters < cfg.min_alnum_fraction * len(sample):
         return "data_like"
     return None
 

@@ -23,8 +23,11 @@ import os
 import re
 import sys
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+|[^\sA-Za-z0-9_]")
@@ -56,20 +59,49 @@ def _h(parts: list[str]) -> int:
     return hash("\n".join(parts))
 
 
-def _strip_comments(text: str) -> str:
-    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+_COMMENT_LINE = re.compile(r"(?m)^[ \t]*#.*$")
+_MULT = np.uint64(0x100000001B3)
 
 
-def _shingles(text: str) -> set[int]:
-    toks = _TOKEN.findall(_strip_comments(text))
-    if len(toks) < SHINGLE:
-        return set()
-    return {hash(tuple(toks[i : i + SHINGLE])) for i in range(len(toks) - SHINGLE + 1)}
+def token_hashes(text: str, strip_comments: bool = True, max_tokens: int = 200_000) -> np.ndarray:
+    """Deterministic 64-bit hashes (the same in every process) of the code tokens of ``text``."""
+    if strip_comments:
+        text = _COMMENT_LINE.sub("", text)
+    toks = _TOKEN.findall(text)[:max_tokens]
+    vocab: dict[str, int] = {}
+    ids = [vocab.setdefault(t, len(vocab)) for t in toks]
+    uh = np.fromiter(
+        (zlib.crc32(b) | (zlib.crc32(b, 0x9E3779B9) << 32) for b in (t.encode("utf-8", "surrogatepass") for t in vocab)),
+        dtype=np.uint64, count=len(vocab))
+    return uh[np.asarray(ids, dtype=np.int64)] if ids else np.zeros(0, dtype=np.uint64)
+
+
+def shingle_hashes(th: np.ndarray, k: int = SHINGLE) -> np.ndarray:
+    """Sorted unique hashes of the token ``k``-grams (a text shorter than k: its whole token run)."""
+    n = len(th) - k + 1
+    if n <= 0:
+        if not len(th):
+            return np.zeros(0, dtype=np.uint64)
+        n, k = 1, len(th)
+    sh = np.zeros(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(k):
+            sh = sh * _MULT + th[j : j + n]
+    return np.unique(sh)
+
+
+def _shingles(text: str) -> np.ndarray:
+    th = token_hashes(text)
+    if len(th) < SHINGLE:
+        return np.zeros(0, dtype=np.uint64)
+    return shingle_hashes(th)
 
 
 def _functions(src: str) -> list[str]:
     try:
-        tree = ast.parse(src)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # invalid escapes in eval snippets
+            tree = ast.parse(src)
     except (SyntaxError, ValueError):
         return []
     lines = src.splitlines()
@@ -93,6 +125,7 @@ class EvalIndex:
     fn_names: list[str] = field(default_factory=list)
     fn_sizes: list[int] = field(default_factory=list)
     sources: list[tuple[str, str]] = field(default_factory=list)
+    _sh_array: np.ndarray | None = None
 
     def __reduce__(self):
         return (_rebuild, (self.window, self.containment, self.min_shingles, self.sources))
@@ -118,8 +151,9 @@ class EvalIndex:
                 fid = len(self.fn_names)
                 self.fn_names.append(name)
                 self.fn_sizes.append(len(sh))
-                for s in sh:
+                for s in sh.tolist():
                     self.shingle_owner.setdefault(s, []).append(fid)
+                self._sh_array = None
 
     @classmethod
     def from_dir(cls, eval_dir: str | os.PathLike, **kw) -> EvalIndex:
@@ -168,8 +202,9 @@ class EvalIndex:
     def __len__(self) -> int:
         return len(self.sources)
 
-    def match(self, text: str) -> str | None:
-        """Name of an eval program ``text`` overlaps, or None."""
+    def match(self, text: str, shingles: np.ndarray | None = None) -> str | None:
+        """Name of an eval program ``text`` overlaps, or None. ``shingles``: precomputed
+        ``shingle_hashes(token_hashes(text))`` (saves the work when the caller has them)."""
         if not self.sources:
             return None
         lines = _norm_lines(text)
@@ -182,11 +217,12 @@ class EvalIndex:
         if self.shingle_owner:
             counts: dict[int, int] = {}
             owner = self.shingle_owner
-            for s in _shingles(text):
-                fids = owner.get(s)
-                if fids:
-                    for f in fids:
-                        counts[f] = counts.get(f, 0) + 1
+            if self._sh_array is None:
+                self._sh_array = np.array(sorted(owner), dtype=np.uint64)
+            sh = _shingles(text) if shingles is None else shingles
+            for s in sh[np.isin(sh, self._sh_array, assume_unique=True)].tolist():
+                for f in owner[s]:
+                    counts[f] = counts.get(f, 0) + 1
             for f, c in counts.items():
                 if c >= self.containment * self.fn_sizes[f]:
                     return self.fn_names[f]
