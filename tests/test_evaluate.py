@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -220,6 +221,7 @@ def _plot_module():
     path = Path(__file__).resolve().parent.parent / "scripts" / "plot_dense_vs_moe.py"
     spec = importlib.util.spec_from_file_location("plot_dense_vs_moe", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
 
