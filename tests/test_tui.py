@@ -313,6 +313,38 @@ async def test_resume_reopens_the_last_conversation(tmp_path):
     assert len(list((tmp_path / "data" / "conversations").glob("*.json"))) == 2
 
 
+async def test_resume_from_another_directory_and_notes_only_sessions(tmp_path):
+    (tmp_path / "calc.py").write_text(BUGGY)
+    app = make_app(tmp_path, ScriptedEngine(delay=0.0), files=["calc.py"])
+    async with app.run_test(size=SIZE) as pilot:
+        await app.handle_input("what is this")
+        await wait_for(pilot, last_done(app))
+    # a session with only /help in it is not saved, so --resume still finds the real one
+    app = make_app(tmp_path, ScriptedEngine(delay=0.0))
+    async with app.run_test(size=SIZE) as pilot:
+        await app.handle_input("/help")
+        await pilot.pause()
+    assert len(list((tmp_path / "data" / "conversations").glob("*.json"))) == 1
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    app = ChatApp(engine=ScriptedEngine(delay=0.0), data_dir=tmp_path / "data", cwd=elsewhere, resume=True)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert [a.path for a in app.attachments] == [str((tmp_path / "calc.py").resolve())]
+        assert [m.text for m in app.query(UserMessage)] == ["what is this"]
+
+
+async def test_theme_switch_keeps_working(tmp_path):
+    app = make_app(tmp_path, ScriptedEngine(delay=0.0))
+    async with app.run_test(size=SIZE) as pilot:
+        await app.handle_input("hello")
+        await wait_for(pilot, last_done(app))
+        for theme in ("textual-light", "nord", "textual-dark"):
+            app.theme = theme
+            await pilot.pause()
+        assert turns(app)[-1].state.status == "done"
+
+
 async def test_resume_with_nothing_saved(tmp_path):
     app = make_app(tmp_path, resume=True)
     async with app.run_test(size=SIZE) as pilot:

@@ -39,7 +39,7 @@ def test_chat_in_a_real_terminal(tmp_path):
     env = {
         "MOECODER_DATA_DIR": str(tmp_path / "data"),
         "MOECODER_TUI_ENGINE": "fake",
-        "MOECODER_TUI_FAKE_DELAY": "0.02",
+        "MOECODER_TUI_FAKE_DELAY": "0.25",
         "TERM": "xterm-256color",
     }
     exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
@@ -60,6 +60,12 @@ def test_chat_in_a_real_terminal(tmp_path):
         tmux("send-keys", "-t", session, "-l", "/frobnicate")
         tmux("send-keys", "-t", session, "Enter")
         wait_screen(session, lambda s: "unknown command /frobnicate" in s)
+        # Escape stops a running answer in a real terminal (the fake waits 0.25 s per event)
+        tmux("send-keys", "-t", session, "-l", "slow")
+        tmux("send-keys", "-t", session, "Enter")
+        wait_screen(session, lambda s: "thinking" in s or "answering" in s)
+        tmux("send-keys", "-t", session, "Escape")
+        wait_screen(session, lambda s: "■ stopped" in s)
         tmux("send-keys", "-t", session, "C-q")
         end = time.monotonic() + 15
         while time.monotonic() < end:

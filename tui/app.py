@@ -139,9 +139,15 @@ class ChatApp(App):
         await self._note(text, "error")
 
     def _save(self) -> None:
+        """Save the conversation (once it has a question in it; app notes alone are not kept)."""
+        if not any(t.role == "user" for t in self.conversation.turns):
+            return
         self.conversation.updated = self.clock()
         self.conversation.history = list(self.prompt.prompt_history[-200:])
         self.conversation.attachments = [a.path for a in self.attachments]
+        self.conversation.attachments_abs = [
+            str((self.cwd / Path(a.path).expanduser()).resolve()) for a in self.attachments
+        ]
         try:
             self.store.save(self.conversation)
         except OSError as e:
@@ -220,6 +226,8 @@ class ChatApp(App):
             engine = self._engine_or_load()
         except Exception as e:  # noqa: BLE001
             self._post(self._finish, turn, "error", None, f"no model: {one_line(e)}")
+            return
+        if cancel.cancelled:  # stopped while the model was loading
             return
         events = engine.stream(request, cancel)
         try:
@@ -526,8 +534,11 @@ class ChatApp(App):
                     NoteMessage(t.text, t.status if t.status in ("info", "error") else "info")
                 )
         await self._note(f"resumed conversation {conv.id}", save=False)
-        for path in conv.attachments:
-            await self._attach(path)
+        for i, path in enumerate(conv.attachments):
+            resolved = conv.attachments_abs[i] if i < len(conv.attachments_abs) else path
+            here = (self.cwd / Path(path).expanduser()).resolve()
+            # the path as typed when it still names the same file from here, else the absolute one
+            await self._attach(path if str(here) == resolved or not Path(resolved).exists() else resolved)
 
 
 HELP_EPILOG = """\

@@ -60,7 +60,8 @@ class Conversation:
     created: float
     updated: float
     model: str | None = None
-    attachments: list[str] = field(default_factory=list)
+    attachments: list[str] = field(default_factory=list)  # as the user typed them
+    attachments_abs: list[str] = field(default_factory=list)  # the same, resolved
     turns: list[Turn] = field(default_factory=list)
     history: list[str] = field(default_factory=list)  # prompt history (up/down)
 
@@ -85,6 +86,7 @@ class Conversation:
             updated=float(d.get("updated", 0.0)),
             model=d.get("model"),
             attachments=[str(a) for a in d.get("attachments", [])],
+            attachments_abs=[str(a) for a in d.get("attachments_abs", [])],
             turns=[Turn.from_dict(t) for t in d.get("turns", [])],
             history=[str(h) for h in d.get("history", [])],
         )
