@@ -310,6 +310,8 @@ async def test_resume_reopens_the_last_conversation(tmp_path):
         await pilot.pause()
         assert app2.conversation.id != first_id
         assert not turns(app2)
+        await app2.handle_input("a new question")
+        await wait_for(pilot, last_done(app2))
     assert len(list((tmp_path / "data" / "conversations").glob("*.json"))) == 2
 
 
