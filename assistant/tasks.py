@@ -617,7 +617,11 @@ def make_debug_result(engine: Any, req: TaskRequest, name: str, first: int, code
     surprisal = line_surprisal(engine, code_lines)
     nonblank = [s for s, ln in zip(surprisal, code_lines) if ln.strip()]
     mine = surprisal[n - 1]
-    rank = (sum(1 for s in nonblank if s <= mine) - 1) / max(1, len(nonblank) - 1) if len(nonblank) > 1 else 0.5
+    rank = 0.5
+    if len(nonblank) > 1:  # mid-rank percentile: ties share the middle of their range
+        below = sum(1 for s in nonblank if s < mine)
+        equal = sum(1 for s in nonblank if s == mine)
+        rank = (below + (equal - 1) / 2) / (len(nonblank) - 1)
     conf = calibrate(gen.answer_logprobs, rank)
     line = first + n - 1
     original = src_lines[line] if 0 <= line < len(src_lines) else ""
@@ -670,6 +674,8 @@ def parse_docstring_text(text: str) -> DocParts:
         i += 1
     parts.summary = " ".join(summary)
     section = None
+    numpy_style = False
+    section_indent = item_indent = 0
     body: list[str] = []
     last_key: tuple[str, str] | None = None
     while i < len(lines):
@@ -678,6 +684,8 @@ def parse_docstring_text(text: str) -> DocParts:
         m = _G_HEAD.match(ln)
         if m or (i + 1 < len(lines) and _N_UNDER.match(lines[i + 1]) and s):
             section = (m.group(1) if m else s).lower()
+            numpy_style = not m
+            section_indent = _indent_of(ln)
             i += 2 if not m else 1
             last_key = None
             continue
@@ -695,17 +703,23 @@ def parse_docstring_text(text: str) -> DocParts:
             parts.raises[rm.group(1)] = rm.group(2).strip()
             last_key = ("raises", rm.group(1))
         elif section in ("args", "arguments", "parameters", "params", "raises") and s:
-            im = _ITEM.match(ln)
-            numpy_item = re.match(r"^\s*(\*{0,2}[\w.]+)\s*(?::\s*(.*))?$", ln) if not im else None
-            target = parts.raises if section == "raises" else parts.params
-            if im and (not last_key or _indent_of(ln) <= _indent_of(lines[i - 1]) or last_key[1] == ""):
-                target[im.group(1).lstrip("*")] = im.group(3).strip()
-                last_key = ("raises" if section == "raises" else "params", im.group(1).lstrip("*"))
-            elif numpy_item and (last_key is None or _indent_of(ln) <= _section_item_indent(lines, i)):
-                target[numpy_item.group(1).lstrip("*")] = ""
-                last_key = ("raises" if section == "raises" else "params", numpy_item.group(1).lstrip("*"))
-            elif last_key:
-                _append(parts, last_key, s)
+            kind = "raises" if section == "raises" else "params"
+            target = parts.raises if kind == "raises" else parts.params
+            if numpy_style:  # "name : type" at the section's indent, description indented below
+                nm = re.match(r"^\s*(\*{0,2}[\w.]+)\s*(?::.*)?$", ln)
+                if nm and _indent_of(ln) <= section_indent:
+                    target[nm.group(1).lstrip("*")] = ""
+                    last_key = (kind, nm.group(1).lstrip("*"))
+                elif last_key:
+                    _append(parts, last_key, s)
+            else:  # Google: "name (type): description", continuation lines indented deeper
+                im = _ITEM.match(ln)
+                if im and (last_key is None or _indent_of(ln) <= item_indent):
+                    target[im.group(1).lstrip("*")] = im.group(3).strip()
+                    last_key = (kind, im.group(1).lstrip("*"))
+                    item_indent = _indent_of(ln)
+                elif last_key:
+                    _append(parts, last_key, s)
         elif section in ("returns", "return", "yields") and s:
             parts.returns = (parts.returns + " " + s).strip()
         elif s and last_key and _indent_of(ln) > 0 and section is None:
@@ -721,13 +735,6 @@ def _is_section(lines: list[str], i: int) -> bool:
     ln = lines[i]
     return bool(_G_HEAD.match(ln) or _R_PARAM.match(ln) or _R_RET.match(ln) or _R_RAISE.match(ln)
                 or (i + 1 < len(lines) and _N_UNDER.match(lines[i + 1])))
-
-
-def _section_item_indent(lines: list[str], i: int) -> int:
-    j = i - 1
-    while j >= 0 and not (_G_HEAD.match(lines[j]) or _N_UNDER.match(lines[j])):
-        j -= 1
-    return _indent_of(lines[j]) if j >= 0 else 0
 
 
 def _append(parts: DocParts, key: tuple[str, str], text: str) -> None:

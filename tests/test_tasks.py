@@ -1,0 +1,271 @@
+"""assistant.tasks: prompts, post-filters, parsing, docstrings, calibration and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from assistant_fakes import ScriptedBackend
+
+from assistant import code as codemod
+from assistant.engine import Engine
+from assistant.tasks import (
+    DebugResult,
+    Docstring,
+    TaskRequest,
+    calibrate,
+    is_multiline,
+    main,
+    make_docstring,
+    parse_debug_answer,
+    parse_docstring_text,
+    postprocess_completion,
+    render_docstring,
+)
+
+SRC = '''import math
+
+
+def area(r):
+    """Area of a circle.
+
+    Args:
+        r: radius.
+
+    Returns:
+        the area.
+    """
+    return math.pi * r * r
+
+
+def window(xs, n):
+    out = []
+    for i in range(len(xs) - n + 1):
+        out.append(xs[i:i + n])
+    return out
+
+
+class Shape:
+    def scale(self, k, *, strict=False):
+        if k <= 0:
+            raise ValueError("k must be positive")
+        return k
+'''
+
+
+# -- completion ------------------------------------------------------------------------------
+def test_multiline_decided_from_syntax():
+    src = "def f(x):\n    \n    y = g(x, )\n    s = 'abc'\n    # note\n"
+    assert is_multiline(src, 1, 4)  # blank line inside a body
+    assert is_multiline("def f(x):", 0, 9)  # right after a block header
+    assert not is_multiline(src, 2, 8)  # code follows the cursor
+    assert not is_multiline(src, 2, 14)  # mid-call: only closers follow, but brackets are open
+    assert not is_multiline(src, 3, 11)  # inside a string
+    assert not is_multiline(src, 4, 8)  # inside a comment
+    assert not is_multiline("x = compute(", 0, 12)
+
+
+def test_postfilter_stops_at_repeated_suffix():
+    prefix = "def f(xs):\n    total = 0\n"
+    suffix = "\n    return total\n"
+    raw = "    for x in xs:\n        total += x\n    return total\n"
+    assert postprocess_completion(raw, prefix, suffix, True) == "    for x in xs:\n        total += x"
+
+
+def test_postfilter_repetition_guard():
+    raw = "x = 1\ny = 2\nx = 1\ny = 2\nx = 1\ny = 2\nx = 1\n"
+    assert postprocess_completion(raw, "", "", True) == "x = 1\ny = 2"
+    assert postprocess_completion("print('ha" + "ha" * 20, "", "", False).count("ha") < 5
+
+
+def test_postfilter_balanced_brackets():
+    # the suffix already closes the call: the completion must not close it again
+    assert postprocess_completion("a, b)", "foo(", ")", False) == "a, b"
+    # no closer in the suffix: the completion may close what the line opened
+    assert postprocess_completion("a, b)", "foo(", "", False) == "a, b)"
+    # a closer nothing opened is cut
+    assert postprocess_completion("x + 1]) + 2", "y = ", "", False) == "x + 1"
+    # multi-line: trailing lines that leave a bracket open are dropped
+    raw = "    a = 1\n    b = foo(1,\n"
+    assert postprocess_completion(raw, "def f():\n", "", True) == "    a = 1"
+
+
+def test_postfilter_stays_in_block():
+    prefix = "def f(xs):\n    for x in xs:\n        "
+    raw = "print(x)\n        y = x\n    return xs\n\ndef g():\n    pass\n"
+    assert postprocess_completion(raw, prefix, "", True) == "print(x)\n        y = x"
+
+
+def test_postfilter_single_line_cuts_at_newline():
+    assert postprocess_completion("x + 1\nmore()", "y = ", "", False) == "x + 1"
+
+
+# -- debug answers and calibration ------------------------------------------------------------
+def test_parse_debug_answer_defensive():
+    assert parse_debug_answer("no issue") == (True, None, "", None)
+    assert parse_debug_answer("line 3: wrong op\nfix: a - b") == (True, 3, "wrong op", "a - b")
+    assert parse_debug_answer("well... line 7: off by one") == (True, 7, "off by one", None)
+    assert parse_debug_answer("%%garbage%%")[0] is False
+    assert parse_debug_answer("")[0] is False
+
+
+def test_calibration_rewards_surprising_lines():
+    lps = [-0.1, -0.2]
+    assert calibrate(lps, 1.0) > calibrate(lps, 0.5) > calibrate(lps, 0.0)
+    assert calibrate([-0.1], 1.0) > calibrate([-3.0], 1.0)
+    assert 0.0 < calibrate([-50.0], 0.0) <= calibrate([0.0], 1.0) <= 0.99
+
+
+def _engine(tok, answers, logprob=None):
+    def script(task, code):
+        return answers.get(task, ("", "no issue"))
+
+    return Engine.from_loaded(backend=ScriptedBackend(tok, script, logprob=logprob))
+
+
+def test_debug_maps_lines_and_keeps_indentation(tiny_tokenizer):
+    eng = _engine(tiny_tokenizer, {"debug": ("Line 3 reads one past the end.",
+                                             "line 3: off by one\nfix: for i in range(len(xs) - n):")})
+    res = eng.run(TaskRequest("debug", SRC, path="w.py", function="window"))
+    assert isinstance(res, DebugResult) and len(res.hints) == 1
+    h = res.hints[0]
+    assert (h.path, h.function, h.line) == ("w.py", "window", 17)  # 0-based file line of the for loop
+    assert h.fix == "    for i in range(len(xs) - n):"
+    assert h.reasoning == "Line 3 reads one past the end." and 0 < h.confidence < 1
+
+
+def test_debug_surprising_line_gets_higher_confidence(tiny_tokenizer):
+    ans = {"debug": ("r", "line 3: suspicious\nfix: pass")}
+
+    def lp_flat(piece):
+        return -1.0
+
+    def lp_peak(piece):  # the model is surprised by arithmetic (lines 3 and 4 of the function)
+        return -6.0 if any(c in piece for c in "+-") else -1.0
+
+    flat = _engine(tiny_tokenizer, ans, lp_flat).run(TaskRequest("debug", SRC, function="window")).hints[0]
+    peak = _engine(tiny_tokenizer, ans, lp_peak).run(TaskRequest("debug", SRC, function="window")).hints[0]
+    assert peak.confidence > flat.confidence
+
+
+@pytest.mark.parametrize("answer", ["no issue", "no issue.", "£$% nonsense", "line 99: out of range", "line 2:"])
+def test_debug_no_issue_and_garbage_give_no_hints(tiny_tokenizer, answer):
+    eng = _engine(tiny_tokenizer, {"debug": ("thinking", answer)})
+    res = eng.run(TaskRequest("debug", SRC, function="window"))
+    assert res.hints == [] and res.reasoning == "thinking"
+
+
+def test_debug_prompt_uses_the_model_format(tiny_tokenizer):
+    backend = ScriptedBackend(tiny_tokenizer)
+    Engine.from_loaded(backend=backend).run(TaskRequest("debug", SRC, function="window"))
+    prompt = backend.prompts[-1]
+    assert prompt[0] == tiny_tokenizer.special_id("debug") and prompt[-1] == tiny_tokenizer.special_id("think")
+    assert tiny_tokenizer.decode(prompt[1:-1]).startswith("1| def window(xs, n):\n2|     out = []")
+
+
+# -- docstrings ------------------------------------------------------------------------------
+ANSWERS = {
+    "google": "Split xs into windows.\n\nArgs:\n    xs: the items.\n    n: window size.\n\nReturns:\n    the windows.",
+    "numpy": "Split xs into windows.\n\nParameters\n----------\nxs : list\n    the items.\nn : int\n    window size.",
+    "rest": "Split xs into windows.\n\n:param xs: the items.\n:param n: window size.\n:returns: the windows.",
+    "plain": "Split xs into windows.",
+}
+
+
+@pytest.mark.parametrize("model_style", list(ANSWERS))
+def test_parse_docstring_any_style(model_style):
+    parts = parse_docstring_text(ANSWERS[model_style])
+    assert parts.summary == "Split xs into windows."
+    if model_style != "plain":
+        assert parts.params["xs"].startswith("the items") and parts.params["n"].startswith("window size")
+
+
+@pytest.mark.parametrize("style", ["google", "numpy", "rest", "plain"])
+def test_render_in_file_style(style):
+    func = codemod.find_function(SRC, "window")
+    text = render_docstring(parse_docstring_text(ANSWERS["google"]), style, func, "    ")
+    assert text.startswith('"""Split xs into windows.') and text.endswith('"""')
+    body = text.split("\n")
+    assert all(ln.startswith("    ") or not ln for ln in body[1:])
+    if style == "google":
+        assert "    Args:\n        xs: The items.\n        n: Window size." in text
+        assert "    Returns:\n        The windows." in text
+    elif style == "numpy":
+        assert "    Parameters\n    ----------\n    xs\n        The items." in text
+    elif style == "rest":
+        assert "    :param xs: The items.\n    :param n: Window size.\n    :returns: The windows." in text
+    else:
+        assert text == '"""Split xs into windows."""'
+
+
+def test_docstring_uses_real_signature_and_raises():
+    func = codemod.find_function(SRC, "Shape.scale")
+    doc = make_docstring(func, "Scale it.", "because", "google")
+    assert "k: TODO." in doc.text and "strict: TODO." in doc.text and "self" not in doc.text
+    assert "Raises:\n            ValueError: TODO." in doc.text and "Returns:" in doc.text
+    assert (doc.insert_line, doc.indent, doc.function, doc.replace_start) == (24, "        ", "Shape.scale", None)
+
+
+def test_comment_task_end_to_end_in_file_style(tiny_tokenizer):
+    eng = _engine(tiny_tokenizer, {"comment": ("It slides a window.", ANSWERS["rest"])})
+    doc = eng.run(TaskRequest("comment", SRC, function="window"))
+    assert isinstance(doc, Docstring) and doc.style == "google"  # SRC documents in Google style
+    assert doc.text.startswith('"""Split xs into windows.') and "Args:" in doc.text
+    assert doc.reasoning == "It slides a window." and doc.insert_line == 16
+    existing = eng.run(TaskRequest("comment", SRC, function="area"))
+    assert (existing.replace_start, existing.replace_end) == (4, 11)
+
+
+def test_comment_prompt_leaves_out_the_existing_docstring(tiny_tokenizer):
+    backend = ScriptedBackend(tiny_tokenizer)
+    Engine.from_loaded(backend=backend).run(TaskRequest("comment", SRC, function="area"))
+    code = tiny_tokenizer.decode(backend.prompts[-1][1:-1])
+    assert code == "def area(r):\n    return math.pi * r * r"
+
+
+def test_complete_end_to_end_with_fim(tiny_tokenizer):
+    src = SRC.replace("    return math.pi * r * r", "    return ")
+    eng = _engine(tiny_tokenizer, {"complete": ("", "math.pi * r * r\nprint('more')")})
+    res = eng.run(TaskRequest("complete", src, line=12, column=11))
+    assert res.text == "math.pi * r * r" and res.multiline is False and res.reasoning == ""
+    # text that only repeats what follows the cursor is dropped
+    res = eng.run(TaskRequest("complete", SRC, line=12, column=11))
+    assert res.text == ""
+
+
+def test_tiny_model_all_tasks(tiny_model_dir):
+    """Random weights write garbage: the mechanics still hold and nothing crashes."""
+    eng = Engine(str(tiny_model_dir))
+    for req in (TaskRequest("complete", SRC, line=17, column=4, max_new_tokens=8),
+                TaskRequest("comment", SRC, function="window", max_new_tokens=12),
+                TaskRequest("debug", SRC, function="Shape.scale", max_new_tokens=12),
+                TaskRequest("explain", SRC, line=16, end_line=19, max_new_tokens=12)):
+        kinds = [e.kind for e in eng.stream(req)]
+        assert kinds[-1] == "done", (req.task, kinds)
+    eng.close()
+
+
+# -- CLI -------------------------------------------------------------------------------------
+def test_cli_usage_errors(tmp_path, capsys):
+    f = tmp_path / "a.py"
+    f.write_text(SRC)
+    assert main(["complete", f"{f}"]) == 2
+    assert main(["complete", f"{f}:999:1"]) == 2
+    assert main(["comment", str(f), "nope"]) == 2
+    assert main(["debug", str(tmp_path / "missing.py")]) == 2
+    (tmp_path / "bin.py").write_bytes(b"\x00\x01\x02")
+    assert main(["debug", str(tmp_path / "bin.py")]) == 2
+    (tmp_path / "latin.py").write_bytes(b"x = '\xe9'\n")
+    assert main(["explain", f"{tmp_path / 'latin.py'}:1-1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "no such file" in err and "binary" in err and "UTF-8" in err
+
+
+def test_cli_runs_with_a_model(tmp_path, tiny_model_dir, capsys):
+    f = tmp_path / "a.py"
+    f.write_text(SRC)
+    assert main(["debug", str(f), "window", "--model", str(tiny_model_dir), "--max-tokens", "6", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert isinstance(out, list) and set(out[0]) == {"hints", "reasoning"}
+    assert main(["complete", f"{f}:18:5", "--model", str(tiny_model_dir), "--max-tokens", "4"]) == 0
+    assert main(["explain", f"{f}:17-20", "--model", str(tmp_path / "no-model")]) == 2
