@@ -6,7 +6,7 @@
 Suites (every one takes ``--limit`` so CI can smoke-test it on the tiny model in seconds):
 
 * ``bpb`` — bits per byte of held-out code (the test split of ``--data``, a corpus or packed
-  directory; without it, Python standard-library files, which the site-packages corpus lacks).
+  directory; without it, this project's own source, which is never in its training corpus).
 * ``fim`` — single-line fill-in-the-middle on the same held-out code: a seeded sample of lines,
   the middle is the whole line, prefix and suffix clipped to the context; exact match (trailing
   whitespace stripped) and edit similarity (1 - Levenshtein / longer length).
@@ -39,7 +39,6 @@ import platform
 import random
 import re
 import sys
-import sysconfig
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -218,10 +217,14 @@ class ModelPredictor:
 # --------------------------------------------------------------------------- data
 
 
-def _stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"this.py", "antigravity.py", "__phello__.foo.py"}
-    return [p for p in sorted(root.glob("*.py")) if p.name not in skip]
+def _project_files() -> list[Path]:
+    """This project's own Python source: real code that is never in its training corpus
+    (the corpus is built from site-packages and the standard library)."""
+    root = Path(__file__).resolve().parents[1]
+    files: list[Path] = []
+    for sub in ("assistant", "model", "kernels", "lsp", "tui", "scripts"):
+        files += sorted((root / sub).rglob("*.py"))
+    return [p for p in files if p.stat().st_size > 400]
 
 
 def heldout_sources(
@@ -230,15 +233,16 @@ def heldout_sources(
     """(path, text) of held-out code and a description of where it came from."""
     rng = random.Random(seed)
     if data is None:
-        files = _stdlib_files()
+        files = _project_files()
         rng.shuffle(files)
         out = []
+        root = Path(__file__).resolve().parents[1]
         for p in files[:limit]:
             try:
-                out.append((p.name, p.read_text(encoding="utf-8")))
+                out.append((str(p.relative_to(root)), p.read_text(encoding="utf-8")))
             except (OSError, UnicodeDecodeError):
                 continue
-        return out, "python stdlib (not in the site-packages training corpus)"
+        return out, "moecoder's own source (held out: the corpus is site-packages + stdlib)"
     d = Path(data)
     shards = sorted((d / "test").glob("shard-*.jsonl"))
     if shards:

@@ -162,7 +162,7 @@ def test_docstrings_perfect_and_wrong(tmp_path):
 
 def test_fim_items_are_deterministic_and_perfect_scores_one():
     sources, where = E.heldout_sources(None, 10, seed=1)  # what suite_fim reads for 10 items
-    assert "stdlib" in where and len(sources) == 10
+    assert "own source" in where and len(sources) == 10
     a = E.fim_items(sources, 10, 1, None, 2048, 64)
     assert a == E.fim_items(sources, 10, 1, None, 2048, 64)
     for it in a:

@@ -787,7 +787,9 @@ class EvalOverlap:
         from model.data.eval_overlap import EvalIndex, default_eval_dir
 
         self.eval_dir = Path(eval_dir) if eval_dir is not None else default_eval_dir()
-        self.index = EvalIndex.load(self.eval_dir)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a missing eval dir is reported by build_tasks
+            self.index = EvalIndex.load(self.eval_dir)
         self.keys: set[str] = set()
         for _name, text in self.index.sources:
             for f in extract_functions(text):
@@ -949,7 +951,7 @@ class _Progress:
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.t0 = time.monotonic()
-        self.last = 0.0
+        self.last = self.t0
 
     def __call__(self, split: str, files: int, examples: int, done: bool = False) -> None:
         now = time.monotonic()
@@ -1003,6 +1005,12 @@ def build_tasks(
         "clean_share": CLEAN_SHARE,
         "explain_share": EXPLAIN_SHARE,
     }
+    probe = EvalOverlap(eval_dir)
+    meta["eval_dir"] = str(probe.eval_dir)
+    meta["eval_functions"] = len(probe)  # 0: the overlap filter was off
+    if not len(probe) and progress:
+        print(f"warning: no evaluation data in {probe.eval_dir}: eval-overlap filtering is OFF "
+              "(pass --eval-dir or set MOECODER_EVAL_DIR)", file=sys.stderr)  # fmt: skip
     show = _Progress(progress)
     pool = None
     if workers > 1:
@@ -1013,7 +1021,7 @@ def build_tasks(
                         initargs=(str(tokenizer_path) if tokenizer_path else None, str(eval_dir) if eval_dir else None))  # fmt: skip
     else:
         _W["tok"] = tokenizer
-        _W["overlap"] = EvalOverlap(eval_dir)
+        _W["overlap"] = probe
     if pool is not None and tokenizer_path is None:
         pool.close()
         raise ValueError("workers > 1 needs tokenizer_path")
