@@ -251,3 +251,15 @@ def test_cli_errors_and_run(tmp_path, tiny_tokenizer_path, capsys):
     )
     assert ref["splits"] == meta["splits"]
     assert (tmp_path / "ref" / "train.bin").read_bytes() == (out / "train.bin").read_bytes()
+
+
+def test_eval_dir_follows_the_corpus_report(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    assert T.corpus_eval_dir(corpus) is None
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    (corpus / "report.json").write_text(json.dumps({"config": {"eval_dir": str(ev)}}))
+    assert T.corpus_eval_dir(corpus) == str(ev)
+    (corpus / "report.json").write_text(json.dumps({"config": {"eval_dir": str(tmp_path / "gone")}}))
+    assert T.corpus_eval_dir(corpus) is None

@@ -1055,6 +1055,15 @@ def build_tasks(
     return meta
 
 
+def corpus_eval_dir(corpus: Path) -> str | None:
+    """The evaluation set the corpus itself was filtered against (its report.json), if it exists here."""
+    try:
+        d = json.loads((corpus / "report.json").read_text()).get("config", {}).get("eval_dir")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return d if d and Path(d).is_dir() else None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="moecoder data tasks", description=__doc__.split("\n")[0])
     p.add_argument("corpus", metavar="CORPUS_DIR", help="a corpus written by `moecoder data corpus`")
@@ -1065,7 +1074,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--workers", type=int, default=max(1, (os.cpu_count() or 1)), help="processes (default: all cores)"
     )
-    p.add_argument("--eval-dir", default=None, help="evaluation data to exclude (default: ../shared/eval)")
+    p.add_argument("--eval-dir", default=None,
+                   help="evaluation data to exclude (default: $MOECODER_EVAL_DIR, else the corpus's own "
+                        "eval dir from its report.json, else ../shared/eval)")  # fmt: skip
     args = p.parse_args(argv)
     corpus, out = Path(args.corpus), Path(args.out)
     if not corpus.is_dir() or not any((corpus / s).is_dir() for s in SPLITS):
@@ -1100,9 +1111,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # tokenizer errors are user errors here
         print(f"moecoder data tasks: error: cannot load tokenizer: {e}".splitlines()[0], file=sys.stderr)
         return 2
+    eval_dir = args.eval_dir
+    if eval_dir is None and not os.environ.get("MOECODER_EVAL_DIR"):
+        eval_dir = corpus_eval_dir(corpus)
     t0 = time.monotonic()
     meta = build_tasks(corpus, out, tokenizer=tok, tokenizer_path=args.tokenizer, max_functions=args.max_functions,
-                       workers=args.workers, eval_dir=args.eval_dir, progress=True)  # fmt: skip
+                       workers=args.workers, eval_dir=eval_dir, progress=True)  # fmt: skip
     for split, s in meta["splits"].items():
         print(
             f"{split}: {s['docs']} examples, {s['tokens']} tokens; tasks {s['tasks']}; debug {s['debug_bugs']}"
