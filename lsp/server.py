@@ -4,8 +4,8 @@ Features (each can be switched off in the settings; hover is off by default):
 
 - ``textDocument/completion`` and ``textDocument/inlineCompletion`` (advertised only to
   clients that declare inline completion support): fill-in-the-middle at the cursor.
-  Multi-line only where the syntax allows it (nothing but whitespace after the cursor
-  on its line), otherwise the first line. A newer request of the same kind cancels the
+  Multi-line only where the syntax calls for it (``Completion.multiline``, decided by
+  ``assistant.tasks`` from the syntax at the cursor), otherwise the first line. A newer request of the same kind cancels the
   older one; a result computed for a document version that is no longer current is
   dropped (empty result).
 - ``textDocument/codeAction`` + ``codeAction/resolve``: "Add docstring" for the
@@ -21,7 +21,7 @@ Features (each can be switched off in the settings; hover is off by default):
 
 Settings (camelCase, either top level or under a ``"moecoder"`` key)::
 
-    {"modelPath": null, "device": "cpu", "maxTokens": 48, "maxSeconds": 10.0,
+    {"modelPath": null, "device": "cpu", "maxTokens": 48, "maxTaskTokens": 256, "maxSeconds": 10.0,
      "diagnosticsDelay": 1.0, "maxDiagnosticLines": 3000,
      "features": {"completion": true, "inlineCompletion": true, "codeActions": true,
                   "diagnostics": true, "hover": false}}
@@ -76,7 +76,8 @@ class TaskFailed(Exception):
 class Settings:
     model_path: str | None = None
     device: str = "cpu"
-    max_tokens: int = 48
+    max_tokens: int = 48  # completion
+    max_task_tokens: int = 256  # docstring, debug, explain (reasoning included)
     max_seconds: float | None = 10.0
     diagnostics_delay: float = 1.0
     max_diagnostic_lines: int = 3000
@@ -120,6 +121,7 @@ class Settings:
             else:
                 problems.append(f"device must be a string, got {raw['device']!r}")
         number("maxTokens", int, 1)
+        number("maxTaskTokens", int, 1)
         number("maxSeconds", float, 0.1, allow_none=True)
         number("diagnosticsDelay", float, 0.0)
         number("maxDiagnosticLines", int, 1)
@@ -424,7 +426,9 @@ class MoeServer(LanguageServer):
             log.info("dropped a completion for stale version %s of %s", version, uri)
             return None
         out = str(getattr(result, "text", "") or "")
-        if not multiline_ok or not getattr(result, "multiline", True):
+        # the assistant decides single- vs multi-line from the syntax at the cursor
+        # (Completion.multiline); an engine without that flag gets the plain rule.
+        if not getattr(result, "multiline", multiline_ok):
             out = out.split("\n", 1)[0]
         out = out.rstrip("\r") if "\n" not in out else out
         if not out.strip():
@@ -483,6 +487,7 @@ class MoeServer(LanguageServer):
             items: list[types.Diagnostic] = []
         else:
             request = TaskRequest(task="debug", source=text, path=_path(uri),
+                                  max_new_tokens=self.settings.max_task_tokens,
                                   max_seconds=None if self.settings.max_seconds is None else
                                   self.settings.max_seconds * 6)
             async with self.progress("moecoder: checking for bugs") as progress:
@@ -569,7 +574,7 @@ class MoeServer(LanguageServer):
             return action
         version, text = doc.version, doc.text
         request = TaskRequest(task="comment", source=text, path=_path(doc.uri), line=line, function=name,
-                              max_new_tokens=max(self.settings.max_tokens, 160),
+                              max_new_tokens=self.settings.max_task_tokens,
                               max_seconds=None if self.settings.max_seconds is None else self.settings.max_seconds * 6)
         async with self.progress(f"moecoder: docstring for {name}", progress_token) as progress:
             try:
@@ -864,7 +869,7 @@ def build_server(factory: Callable[..., Any] | None = None, settings: Settings |
         start, end = (fn[1], fn[2]) if fn is not None else (line, line)
         request = TaskRequest(task="explain", source=doc.text, path=_path(doc.uri), line=start, end_line=end,
                               function=fn[0] if fn is not None else None,
-                              max_new_tokens=max(ls.settings.max_tokens, 96), max_seconds=ls.settings.max_seconds)
+                              max_new_tokens=ls.settings.max_task_tokens, max_seconds=ls.settings.max_seconds)
         async with ls.progress("moecoder: explaining", params.work_done_token) as progress:
             try:
                 result = await ls.run_task(request, progress)

@@ -3,9 +3,10 @@
 It has the surface of :class:`assistant.engine.Engine` that the server uses (``stream``,
 ``close``) and answers every task from the request alone, never from a model:
 
-- ``complete``: ``"<word>_L<line>_C<column>\\nsecond_line"`` where line/column are the
-  0-based cursor the server sent (so tests can check position conversion), ``<word>``
-  is ``done`` unless the source holds ``FAKE_WORD=<word>``.
+- ``complete``: ``"<word>_L<line>_C<column>"`` where line/column are the 0-based cursor
+  the server sent (so tests can check position conversion), ``<word>`` is ``done``
+  unless the source holds ``FAKE_WORD=<word>``; plus ``"\\nsecond_line"`` (multi-line)
+  when nothing but whitespace follows the cursor on its line.
 - ``comment``: a one-line docstring for the function named in the request.
 - ``debug``: one hint per line containing ``FAKE_BUG`` (fix: ``FAKE_BUG`` -> ``fixed``).
 - ``explain``: a sentence naming the requested lines.
@@ -116,8 +117,10 @@ class FakeEngine:
         if r.task == "complete":
             m = _WORD.search(r.source)
             word = m.group(1) if m else "done"
-            return Completion(text=f"{word}_L{r.line}_C{r.column}\nsecond_line", multiline=True,
-                              reasoning="")
+            rest = lines[r.line][r.column:] if 0 <= r.line < len(lines) else ""
+            multiline = not rest.strip()  # the real rule lives in assistant.tasks.is_multiline
+            text = f"{word}_L{r.line}_C{r.column}" + ("\nsecond_line" if multiline else "")
+            return Completion(text=text, multiline=multiline, reasoning="")
         if r.task == "comment":
             name, def_line, indent = r.function or "", r.line, ""
             for i, text in enumerate(lines):

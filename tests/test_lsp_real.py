@@ -1,0 +1,95 @@
+"""The server on the real Engine with the tiny random-weight model (``tiny_model_dir``).
+
+Random weights write nonsense, so this checks mechanics: the model loads from the
+settings, every request answers with well-formed results anchored at the cursor, and
+the resolve step returns a code action whose edit (if any) inserts at the right line.
+"""
+
+from __future__ import annotations
+
+import pytest_lsp
+from lsprotocol import types
+from pytest_lsp import ClientServerConfig, LanguageClient
+
+from tests.lsp_support import (
+    SERVER_CMD,
+    apply_edits,
+    capabilities,
+    complete,
+    edits_of,
+    inline,
+    open_doc,
+    server_env,
+    uri_for,
+)
+
+TEXT = (
+    "import math\n"
+    "\n"
+    "\n"
+    "def circle_area(radius):\n"
+    "    if radius < 0:\n"
+    "        raise ValueError('negative')\n"
+    "    return math.pi * radius ** 2\n"
+    "\n"
+    "\n"
+    "def total(values):\n"
+    "    result = 0\n"
+    "    for v in values:\n"
+    "        result += v\n"
+    "    return res\n"
+)
+
+
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=SERVER_CMD, server_env=server_env("real")))
+async def real_client(lsp_client: LanguageClient):
+    yield
+    await lsp_client.shutdown_session()
+
+
+async def test_real_engine_on_the_tiny_model(real_client: LanguageClient, tiny_model_dir, tmp_path):
+    client = real_client
+    await client.initialize_session(types.InitializeParams(
+        capabilities=capabilities(), initialization_options={"moecoder": {
+            "modelPath": str(tiny_model_dir), "maxTokens": 8, "maxTaskTokens": 24, "maxSeconds": 30, "diagnosticsDelay": 60}}))
+    uri = uri_for(tmp_path, "geo.py", TEXT)
+    open_doc(client, uri, TEXT)
+
+    # completion in the middle of a line: single line, replacing the word before the cursor
+    res = await complete(client, uri, 6, 18)  # "    return math.pi| * radius ** 2"
+    assert isinstance(res, types.CompletionList)
+    for item in res.items:
+        assert "\n" not in item.text_edit.new_text
+        assert item.text_edit.range.end == types.Position(6, 18)
+        assert item.text_edit.range.start == types.Position(6, 16)  # "pi" is the word being completed
+        assert item.text_edit.new_text.startswith("pi")
+
+    # inline completion at the end of the file's last line
+    got = await inline(client, uri, 13, 14)
+    if got is not None:
+        for item in got.items:
+            assert item.range.start == item.range.end == types.Position(13, 14)
+            assert item.insert_text.strip()
+
+    # code action + resolve on the real comment task
+    actions = await client.text_document_code_action_async(types.CodeActionParams(
+        text_document=types.TextDocumentIdentifier(uri=uri),
+        range=types.Range(start=types.Position(5, 8), end=types.Position(5, 8)),
+        context=types.CodeActionContext(diagnostics=[])))
+    (action,) = [a for a in actions if a.title == "Add docstring to circle_area"]
+    resolved = await client.code_action_resolve_async(action)
+    assert resolved.title == action.title
+    if resolved.edit is not None:
+        (edit,) = edits_of(resolved.edit, uri)
+        assert edit.range.start.line == 4 and edit.range.start.character == 0  # before the body
+        new = apply_edits(TEXT, [edit])
+        assert new.startswith(TEXT.split("    if radius")[0])
+        assert new.endswith(TEXT[TEXT.index("    if radius"):])
+
+    # pull diagnostics from the real debug task (on save)
+    client.text_document_did_save(types.DidSaveTextDocumentParams(text_document=types.TextDocumentIdentifier(uri)))
+    report = await client.text_document_diagnostic_async(types.DocumentDiagnosticParams(
+        text_document=types.TextDocumentIdentifier(uri=uri)))
+    assert report.kind == "full"
+    for d in report.items:
+        assert d.source == "moecoder" and 0 <= d.range.start.line <= 13
