@@ -193,7 +193,7 @@ async def test_add_file_shows_budget_report(tmp_path):
         budget = str(panel.query_one("#budget").render())
         tokens = engine.count_tokens(BUGGY)
         assert "calc.py" in files and f"{tokens} tok" in files
-        assert f"/ {engine.context_length - 256:,} tokens" in budget
+        assert f"/ {engine.context_length - 257:,} tokens" in budget
         assert "nothing trimmed" in budget
         assert any("attached calc.py" in n for n in notes(app))
         # a question about the file goes to the task that fits, with the file as source
@@ -211,7 +211,7 @@ async def test_add_file_shows_budget_report(tmp_path):
 
 async def test_budget_reports_trimming_when_files_do_not_fit(tmp_path):
     engine = ScriptedEngine(delay=0.005)
-    engine.context_length = 300  # 44 tokens of prompt budget after the answer reserve
+    engine.context_length = 300  # 149 tokens of prompt budget after the answer reserve (150 + 1)
     big = "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(40))
     (tmp_path / "big.py").write_text(big)
     (tmp_path / "other.py").write_text(big)
@@ -221,7 +221,7 @@ async def test_budget_reports_trimming_when_files_do_not_fit(tmp_path):
         budget = app.query_one("#budget")
         await wait_for(pilot, lambda: "trimmed:" in str(budget.render()))
         text = str(budget.render())
-        assert "/ 44 tokens" in text
+        assert "/ 149 tokens" in text
         assert "nothing trimmed" not in text
 
 

@@ -55,8 +55,10 @@ def budget_report(engine: Any, files: list[tuple[str, str]]) -> Budget:
     file_tokens = {path: int(engine.count_tokens(text)) for path, text in files}
     if not files:
         return Budget(0, int(engine.context_length), [], file_tokens, int(engine.context_length))
+    ctx = int(engine.context_length)
     answer = int(getattr(engine, "default_max_new_tokens", DEFAULT_ANSWER_TOKENS) or DEFAULT_ANSWER_TOKENS)
-    budget = max(16, int(engine.context_length) - answer)
+    answer = max(1, min(answer, ctx // 2))  # as the tasks reserve room for the answer
+    budget = ctx - answer - 1
     path, text = files[-1]
     lines = text.split("\n")
     try:

@@ -50,6 +50,11 @@ def one_line(e: BaseException) -> str:
     return msg if isinstance(e, ValueError | OSError) else f"{type(e).__name__}: {msg}"
 
 
+def shorten(path: str, width: int = 24) -> str:
+    """A path cut from the left to ``width`` characters (``…/weights/small``)."""
+    return path if len(path) <= width else "…" + path[-(width - 1) :]
+
+
 class ChatApp(App):
     """The chat: conversation on the left, attached files and budget on the right."""
 
@@ -95,6 +100,7 @@ class ChatApp(App):
         self.current: AssistantTurn | None = None
         self._cancel: Any | None = None
         self._budget_lines: list[str] = []
+        self._load_failed = False
         self._file_tokens: dict[str, int] = {}
 
     # -- layout ---------------------------------------------------------------------
@@ -179,6 +185,8 @@ class ChatApp(App):
         if engine is None:
             self._model_label = "no model"
             self.sub_title = self._model_label
+            self._load_failed = True
+            self._update_budget()
             await self._error(f"could not load the model: {error}. Use /model PATH to load a checkpoint.")
             return
         self._model_label = f"model ready · context {engine.context_length:,}"
@@ -205,7 +213,7 @@ class ChatApp(App):
         close = getattr(old, "close", None)
         if callable(close):
             close()
-        self._model_label = f"model {Path(path).name} · context {engine.context_length:,}"
+        self._model_label = f"model {shorten(path)} · context {engine.context_length:,}"
         self.sub_title = self._model_label
         await self._note(f"loaded model {path}")
         self._update_budget()
@@ -476,7 +484,9 @@ class ChatApp(App):
             self._refresh_files()
             return
         if self._engine is None:
-            self._budget_lines = ["budget: waiting for the model"]
+            self._budget_lines = [
+                "budget: no model loaded" if self._load_failed else "budget: waiting for the model"
+            ]
             self._refresh_files()
             return
         engine = self._engine
