@@ -1,0 +1,275 @@
+"""assistant.review: the batch review CLI (text / JSON / SARIF, bad input, exit codes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from assistant_fakes import ScriptedBackend
+
+from assistant.engine import Engine
+from assistant.review import Report, main, parse_diff
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "buggy"
+SARIF_SCHEMA = ROOT.parent / "shared" / "schemas" / "sarif-schema-2.1.0.json"
+JSON_SCHEMA = ROOT / "docs" / "review-json-schema.json"
+
+PLANTED = {  # marker in the code -> (hint, fix)
+    "range(len(values) + 1)": ("off-by-one: reads past the end", "for i in range(len(values)):"),
+    "items[mid] > target": ("wrong comparison", "if items[mid] < target:"),
+    "len(sentence)": ("variable misuse: should be the word", "lengths[word] = len(word)"),
+}
+
+
+def script(task, code):
+    if task == "debug":
+        for line in code.split("\n"):
+            for marker, (hint, fix) in PLANTED.items():
+                if marker in line:
+                    n = int(line.split("|", 1)[0])
+                    return f"Line {n} looks wrong: {hint}.", f"line {n}: {hint}\nfix: {fix}"
+        return "Each line does what the docstring says.", "no issue"
+    if task == "comment":
+        return "It computes something.", "Compute something.\n\nArgs:\n    x: a value."
+    return "", ""
+
+
+@pytest.fixture
+def fake_engine(tiny_tokenizer):
+    return Engine.from_loaded(backend=ScriptedBackend(tiny_tokenizer, script, context_length=4096))
+
+
+def run(argv, engine, capsys):
+    code = main(argv, engine=engine)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_example_dir_findings_and_exit_codes(fake_engine, capsys):
+    code, out, err = run([str(EXAMPLES), "--format", "json"], fake_engine, capsys)
+    assert code == 1 and err == ""  # warnings found; no progress bar when not on a terminal
+    rep = Report.from_json(out)
+    bugs = {(Path(f.path).name, f.line, f.function) for f in rep.findings if f.rule == "MC001"}
+    assert bugs == {("stats.py", 14, "mean"), ("search.py", 19, "binary_search"), ("text.py", 15, "word_lengths")}
+    docs = {f.function for f in rep.findings if f.rule == "MC002"}
+    assert docs == {"moving_average", "find_max", "title_case"}
+    assert rep.files_reviewed == 4 and rep.functions_reviewed == 9 and not rep.skipped
+    fix = next(f for f in rep.findings if f.function == "mean" and f.rule == "MC001")
+    assert fix.code == "    for i in range(len(values) + 1):" and fix.fix == "    for i in range(len(values)):"
+    assert run([str(EXAMPLES), "--fail-on", "error"], fake_engine, capsys)[0] == 0
+    assert run([str(EXAMPLES), "--fail-on", "none"], fake_engine, capsys)[0] == 0
+    # above every hint's confidence only the docstring notes remain: below the default fail-on
+    code, out, _ = run([str(EXAMPLES), "--min-confidence", "0.999", "--format", "json"], fake_engine, capsys)
+    assert code == 0 and {f.rule for f in Report.from_json(out).findings} == {"MC002"}
+    assert run([str(EXAMPLES), "--min-confidence", "0.999", "--fail-on", "note"], fake_engine, capsys)[0] == 1
+
+
+def test_json_round_trips_and_matches_its_schema(fake_engine, capsys):
+    jsonschema = pytest.importorskip("jsonschema")
+    _, out, _ = run([str(EXAMPLES), "--format", "json"], fake_engine, capsys)
+    data = json.loads(out)
+    jsonschema.Draft202012Validator(json.loads(JSON_SCHEMA.read_text())).validate(data)
+    rep = Report.from_json(out)
+    assert rep.to_json() == out
+    assert Report.from_dict(rep.to_dict()) == rep
+    with pytest.raises(ValueError):
+        Report.from_json('{"findings": []}')
+
+
+def _sarif_validator():
+    jsonschema = pytest.importorskip("jsonschema")
+    if not SARIF_SCHEMA.exists():
+        pytest.skip(f"SARIF schema not found at {SARIF_SCHEMA} (CI keeps ../shared beside the repo)")
+    return jsonschema.Draft4Validator(json.loads(SARIF_SCHEMA.read_text()))
+
+
+def test_sarif_is_valid_with_rules_levels_regions_fixes_fingerprints(fake_engine, capsys, tmp_path):
+    validator = _sarif_validator()
+    out_file = tmp_path / "review.sarif"
+    code, out, _ = run([str(EXAMPLES), "--format", "sarif", "--output", str(out_file)], fake_engine, capsys)
+    assert code == 1 and out == ""
+    sarif = json.loads(out_file.read_text())
+    errors = sorted(validator.iter_errors(sarif), key=str)
+    assert not errors, errors[0]
+    run_ = sarif["runs"][0]
+    assert [r["id"] for r in run_["tool"]["driver"]["rules"]] == ["MC001", "MC002"]
+    results = run_["results"]
+    assert {r["level"] for r in results} == {"warning", "note"}
+    bug = next(r for r in results if r["ruleId"] == "MC001" and "stats.py" in
+               r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"])
+    region = bug["locations"][0]["physicalLocation"]["region"]
+    assert region["startLine"] == 14 and region["snippet"]["text"].strip().startswith("for i in range")
+    rep = bug["fixes"][0]["artifactChanges"][0]["replacements"][0]
+    assert rep["insertedContent"]["text"] == "    for i in range(len(values)):"
+    assert rep["deletedRegion"]["startLine"] == 14
+    fps = {r["partialFingerprints"]["moecoderFindingHash/v1"] for r in results}
+    assert len(fps) == len(results)
+    doc = next(r for r in results if r["ruleId"] == "MC002")
+    assert doc["fixes"][0]["artifactChanges"][0]["replacements"][0]["insertedContent"]["text"].lstrip().startswith('"""')
+
+
+def test_fingerprints_survive_line_shifts(fake_engine, capsys, tmp_path):
+    src = (EXAMPLES / "stats.py").read_text()
+    (tmp_path / "stats.py").write_text(src)
+    _, a, _ = run([str(tmp_path), "--format", "sarif"], fake_engine, capsys)
+    (tmp_path / "stats.py").write_text("# a new comment\n\n" + src)
+    _, b, _ = run([str(tmp_path), "--format", "sarif"], fake_engine, capsys)
+
+    def prints(text):
+        return {(r["ruleId"], r["partialFingerprints"]["moecoderFindingHash/v1"],
+                 r["locations"][0]["physicalLocation"]["region"]["startLine"]) for r in json.loads(text)["runs"][0]["results"]}
+
+    pa, pb = prints(a), prints(b)
+    assert {p[:2] for p in pa} == {p[:2] for p in pb} and {p[2] + 2 for p in pa} == {p[2] for p in pb}
+
+
+def test_text_output_shows_reasoning_before_the_finding_and_the_code_line(fake_engine, capsys):
+    _, out, _ = run([str(EXAMPLES / "stats.py")], fake_engine, capsys)
+    lines = out.split("\n")
+    k = next(i for i, ln in enumerate(lines) if ":14: warning:" in ln)
+    assert "Line 11 looks wrong" in lines[k - 1]  # function-relative numbering
+    assert lines[k + 1].strip() == "14 |     for i in range(len(values) + 1):"
+    assert "fix: for i in range(len(values)):" in lines[k + 2]
+    _, quiet, _ = run([str(EXAMPLES / "stats.py"), "--no-reasoning"], fake_engine, capsys)
+    assert "looks wrong" not in quiet and ":14: warning:" in quiet
+    assert "\x1b[" not in out  # no colour when piped
+
+
+def _bad_tree(tmp_path: Path) -> Path:
+    d = tmp_path / "proj"
+    d.mkdir()
+    shutil.copy(EXAMPLES / "stats.py", d / "good.py")
+    (d / "binary.py").write_bytes(b"\x7fELF\x00\x00\x01\x02")
+    (d / "latin1.py").write_bytes("x = 'caf\xe9'\n".encode("latin-1"))
+    (d / "broken.py").write_text("def f(:\n    return\n")
+    (d / "huge.py").write_text("x = 1\n" * 200_000)
+    (d / "locked").mkdir()
+    (d / "locked" / "secret.py").write_text("def s():\n    return 1\n")
+    return d
+
+
+def test_bad_input_is_reported_and_skipped(fake_engine, capsys, tmp_path, monkeypatch):
+    d = _bad_tree(tmp_path)
+    locked = d / "locked"
+    if os.geteuid() == 0:  # root reads everything: make the walker see what a user would
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked else real(p, mode, **kw))
+    else:
+        locked.chmod(0)
+    try:
+        out_file = tmp_path / "r.json"
+        code, _, err = run([str(d), str(tmp_path / "missing.py"), "--format", "json", "--output", str(out_file)],
+                           fake_engine, capsys)
+    finally:
+        locked.chmod(0o755)
+    rep = Report.from_json(out_file.read_text())
+    reasons = {Path(s.path).name: s.reason for s in rep.skipped}
+    assert reasons["binary.py"] == "binary file"
+    assert reasons["latin1.py"].startswith("not valid UTF-8")
+    assert reasons["broken.py"].startswith("does not parse")
+    assert reasons["huge.py"].startswith("too many lines")
+    assert reasons["locked"] == "permission denied"
+    assert reasons["missing.py"] == "no such file or directory"
+    # the rest was reviewed, the results were written, and a missing PATH makes it exit 2
+    assert rep.files_reviewed == 1 and any(f.function == "mean" for f in rep.findings)
+    assert code == 2 and "missing.py" in err and "Traceback" not in err
+    # without the missing path: findings decide the exit code
+    code, out, _ = run([str(d), "--format", "json"], fake_engine, capsys)
+    assert code == 1 and Report.from_json(out).files_reviewed == 1
+
+
+def test_ctrl_c_midway_writes_partial_results(tiny_tokenizer, capsys, tmp_path):
+    backend = ScriptedBackend(tiny_tokenizer, script, context_length=4096, interrupt_after_batches=2)
+    engine = Engine.from_loaded(backend=backend)
+    out_file = tmp_path / "partial.json"
+    code, _, err = run([str(EXAMPLES), "--jobs", "1", "--format", "json", "--output", str(out_file)], engine, capsys)
+    assert code == 130 and "interrupted" in err
+    rep = Report.from_json(out_file.read_text())
+    assert rep.interrupted and 0 < len(rep.findings) < 6
+    _, text, _ = run([str(EXAMPLES), "--jobs", "1"],
+                     Engine.from_loaded(backend=ScriptedBackend(tiny_tokenizer, script, context_length=4096, interrupt_after_batches=1)),
+                     capsys)
+    assert "INTERRUPTED" in text
+
+
+def test_gitignore_and_vcs_dirs_are_respected(fake_engine, capsys, tmp_path):
+    (tmp_path / ".gitignore").write_text("ignored/\nskip_*.py\n")
+    for rel in ("keep.py", "skip_me.py", "ignored/a.py", ".git/hook.py", "venv/lib.py", "sub/b.py"):
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("def f(x):\n    return x\n")
+    (tmp_path / "venv" / "pyvenv.cfg").write_text("home = /usr\n")
+    (tmp_path / "sub" / ".gitignore").write_text("b.py\n")
+    _, out, _ = run([str(tmp_path), "--format", "json"], fake_engine, capsys)
+    rep = Report.from_json(out)
+    assert rep.files_reviewed == 1
+    assert {Path(f.path).name for f in rep.findings} == {"keep.py"}
+
+
+def test_parse_diff_hunks():
+    diff = ("diff --git a/x.py b/x.py\n--- a/x.py\n+++ b/x.py\n@@ -3,0 +4,2 @@\n+a\n+b\n@@ -10 +12 @@\n-c\n+d\n"
+            "@@ -20,3 +22,0 @@\n-e\n--- a/gone.py\n+++ /dev/null\n@@ -1 +0,0 @@\n-x\n")
+    assert parse_diff(diff) == {"x.py": {3, 4, 11, 21}}
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_diff_reviews_only_touched_functions(tiny_tokenizer, capsys, tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    src = "def one(x):\n    return x + 1\n\n\ndef two(y):\n    return y * 2\n\n\ndef three(z):\n    return z\n"
+    (repo / "m.py").write_text(src)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["init", "-q"], ["add", "m.py"], ["commit", "-q", "-m", "init"]):
+        subprocess.run(["git", *cmd], cwd=repo, check=True, env=env)
+    (repo / "m.py").write_text(src.replace("return y * 2", "return y * 3"))
+    monkeypatch.chdir(repo)
+    backend = ScriptedBackend(tiny_tokenizer, script, context_length=4096)
+    code, out, _ = run([".", "--diff", "HEAD", "--format", "json"], Engine.from_loaded(backend=backend), capsys)
+    rep = Report.from_json(out)
+    assert rep.functions_reviewed == 1 and rep.diff == "HEAD" and code == 0
+    prompts = [tiny_tokenizer.decode(p) for p in backend.prompts]
+    assert prompts and all("def two" in p and "def one" not in p for p in prompts)
+    code, _, err = run([".", "--diff", "no-such-rev"], Engine.from_loaded(backend=backend), capsys)
+    assert code == 2 and "no-such-rev" in err and "Traceback" not in err
+
+
+def test_output_never_clobbers_foreign_files(fake_engine, capsys, tmp_path):
+    precious = tmp_path / "notes.txt"
+    precious.write_text("my notes\n")
+    code, _, err = run([str(EXAMPLES / "text.py"), "--output", str(precious)], fake_engine, capsys)
+    assert code == 2 and "exists" in err and precious.read_text() == "my notes\n"
+    assert run([str(EXAMPLES / "text.py"), "--output", str(precious), "--force"], fake_engine, capsys)[0] == 1
+    assert precious.read_text().startswith("# moecoder review")
+    # our own earlier report is overwritten without --force
+    assert run([str(EXAMPLES / "text.py"), "--output", str(precious), "--format", "json"], fake_engine, capsys)[0] == 1
+    assert json.loads(precious.read_text())["tool"]["name"] == "moecoder"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--jobs", "0", "x.py"], "--jobs"),
+    (["--min-confidence", "2", "x.py"], "--min-confidence"),
+    (["--format", "xml", "x.py"], ""),
+    ([], ""),
+])
+def test_usage_errors_exit_2(fake_engine, capsys, argv, needle):
+    code, _, err = run(argv, fake_engine, capsys)
+    assert code == 2 and needle in err and "Traceback" not in err
+
+
+def test_tiny_model_end_to_end_sarif(tiny_model_dir, capsys, tmp_path):
+    validator = _sarif_validator()
+    out_file = tmp_path / "tiny.sarif"
+    code = main([str(EXAMPLES), "--model", str(tiny_model_dir), "--format", "sarif", "--output", str(out_file),
+                 "--max-tokens", "6", "--jobs", "8"])
+    assert code in (0, 1)
+    sarif = json.loads(out_file.read_text())
+    assert not list(validator.iter_errors(sarif))
+    assert sarif["runs"][0]["properties"]["functionsReviewed"] == 9
+    assert re.search(r"MC00[12]", out_file.read_text())
