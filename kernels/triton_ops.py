@@ -22,8 +22,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _configs(gpu: list[dict], interp: dict) -> list[triton.Config]:
+    """One config under the interpreter (or MOECODER_TRITON_AUTOTUNE=0: the first GPU one)."""
     if INTERPRET:
         return [triton.Config(dict(interp), num_warps=4, num_stages=1)]
+    if os.environ.get("MOECODER_TRITON_AUTOTUNE", "1") == "0":
+        gpu = gpu[:1]
     out = []
     for c in gpu:
         c = dict(c)

@@ -1,0 +1,378 @@
+"""Benchmark the MoE layer on a GPU: Triton kernels against their peers.
+
+    python -m kernels.bench [--shapes qwen3,dsv2] [--tokens 4096,16384] [--decode 1,8,64]
+                            [--reps 20] [--json PATH] [--check]
+
+The layer: fp32 router GEMM, top-k routing, routed experts (SwiGLU), shared experts (when
+the shape has them), bf16. Paths, all with the same FLOPs:
+  triton      kernels.autograd (route kernel + the fused experts Function)
+  loop        reference routing + a per-expert Python loop (HF transformers' eager MoE)
+  grouped_mm  reference routing + torch-side permutation + torch._grouped_mm (torchtitan)
+  dense       the same layer FLOPs as plain dense GEMMs (routed part: T*K rows through one
+              expert-sized MLP, no permutation): the ceiling
+Timing: CUDA events around each call, median of many calls after warm-up, rotating among
+fresh random input sets (never zeros). Decode sizes run forward only, replayed from CUDA
+graphs where the path allows it (the loop path syncs, so it runs eagerly), and report the
+bandwidth reached against the HBM floor: bytes of the weights the batch touches over the
+bandwidth of a large device-to-device copy measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    D: int
+    E: int
+    K: int
+    F: int
+    n_shared: int
+    renormalize: bool
+
+
+SHAPES = {
+    "qwen3": Shape("Qwen3-30B-A3B", 2048, 128, 8, 768, 0, True),
+    "dsv2": Shape("DeepSeek-V2-Lite", 2048, 64, 6, 1408, 2, False),
+}
+
+
+def layer_flops(s: Shape, T: int) -> float:
+    """Forward FLOPs of the layer (router + routed experts + shared experts)."""
+    routed = 2 * 3 * T * s.K * s.D * s.F
+    shared = 2 * 3 * T * s.D * s.F * s.n_shared
+    return 2 * T * s.D * s.E + routed + shared
+
+
+class Params:
+    def __init__(self, s: Shape, dev, dt=torch.bfloat16, grad=True):
+        g = torch.Generator(device=dev).manual_seed(1234)
+
+        def r(*shape, scale, dtype=dt):
+            return (torch.randn(*shape, device=dev, generator=g) * scale).to(dtype).requires_grad_(grad)
+
+        self.wr = r(s.E, s.D, scale=s.D**-0.5, dtype=torch.float32)
+        self.wg = r(s.E, s.D, s.F, scale=s.D**-0.5)
+        self.wu = r(s.E, s.D, s.F, scale=s.D**-0.5)
+        self.wd = r(s.E, s.F, s.D, scale=s.F**-0.5)
+        Fs = s.F * s.n_shared
+        self.sg = r(s.D, Fs, scale=s.D**-0.5) if Fs else None
+        self.su = r(s.D, Fs, scale=s.D**-0.5) if Fs else None
+        self.sd = r(Fs, s.D, scale=max(Fs, 1) ** -0.5) if Fs else None
+        # dense peer: one expert-sized MLP
+        self.dg = r(s.D, s.F, scale=s.D**-0.5)
+        self.du = r(s.D, s.F, scale=s.D**-0.5)
+        self.dd = r(s.F, s.D, scale=s.F**-0.5)
+
+    def leaves(self, path):
+        base = [self.wr] + ([self.sg, self.su, self.sd] if self.sg is not None else [])
+        if path == "dense":
+            return base + [self.dg, self.du, self.dd]
+        return base + [self.wg, self.wu, self.wd]
+
+    def touched_bytes(self, s: Shape, n_experts_touched: float) -> float:
+        b = self.wr.numel() * 4 + n_experts_touched * 3 * s.D * s.F * 2
+        return b + (3 * s.D * s.F * s.n_shared * 2)
+
+
+def gmm_permute(x, weights, experts, E):
+    T, K = experts.shape
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = counts.cumsum(0, dtype=torch.int32)
+    tok = order // K
+    return x[tok], offs, tok, weights.reshape(-1)[order]
+
+
+def grouped_mm_experts(x, weights, experts, wg, wu, wd):
+    xs, offs, tok, w = gmm_permute(x, weights, experts, wg.shape[0])
+    h = F.silu(torch._grouped_mm(xs, wg, offs=offs)) * torch._grouped_mm(xs, wu, offs=offs)
+    ys = torch._grouped_mm(h, wd, offs=offs) * w.to(x.dtype)[:, None]
+    return torch.zeros_like(x).index_add(0, tok, ys)
+
+
+def make_layer(path: str, s: Shape, p: Params):
+    from kernels import autograd as tk
+    from kernels import reference as ref
+
+    def shared(x):
+        if p.sg is None:
+            return None
+        return (F.silu(x @ p.sg) * (x @ p.su)) @ p.sd
+
+    def layer(inp):
+        x = inp["x"]
+        logits = x.float() @ p.wr.t()
+        if path == "dense":
+            xr = inp["x_rep"]
+            y_rep = (F.silu(xr @ p.dg) * (xr @ p.du)) @ p.dd
+            sh = shared(x)
+            return [logits, y_rep] + ([sh] if sh is not None else [])
+        if path == "triton":
+            w, e = tk.route(logits, s.K, "softmax", None, s.renormalize)
+            y = tk.moe_experts(x, w, e, p.wg, p.wu, p.wd)
+        elif path == "loop":
+            w, e = ref.route(logits, s.K, "softmax", None, s.renormalize)
+            y = ref.moe_experts_loop(x, w, e, p.wg, p.wu, p.wd)
+        elif path == "grouped_mm":
+            w, e = ref.route(logits, s.K, "softmax", None, s.renormalize)
+            y = grouped_mm_experts(x, w, e, p.wg, p.wu, p.wd)
+        else:
+            raise ValueError(path)
+        sh = shared(x)
+        return [y if sh is None else y + sh]
+
+    return layer
+
+
+def make_inputs(s: Shape, T: int, n_sets: int, dev, grad: bool, dense: bool):
+    sets = []
+    for _ in range(n_sets):
+        d = {"x": torch.randn(T, s.D, device=dev, dtype=torch.bfloat16).requires_grad_(grad)}
+        d["g"] = torch.randn(T, s.D, device=dev, dtype=torch.bfloat16)
+        if dense:
+            d["x_rep"] = torch.randn(T * s.K, s.D, device=dev, dtype=torch.bfloat16).requires_grad_(grad)
+            d["g_rep"] = torch.randn(T * s.K, s.D, device=dev, dtype=torch.bfloat16)
+            d["g_logits"] = torch.randn(T, s.E, device=dev)
+        sets.append(d)
+    return sets
+
+
+def time_calls(fn, sets, reps: int, warm: int = 3) -> list[float]:
+    for i in range(warm):
+        fn(sets[i % len(sets)])
+    torch.cuda.synchronize()
+    evs = []
+    for i in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn(sets[i % len(sets)])
+        b.record()
+        evs.append((a, b))
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) for a, b in evs]
+
+
+def fwd_bwd_fn(layer, p: Params, path: str):
+    leaves = p.leaves(path)
+
+    def fn(inp):
+        outs = layer(inp)
+        if path == "dense":
+            gouts = [inp["g_logits"], inp["g_rep"]] + ([inp["g"]] if len(outs) > 2 else [])
+            ins = [inp["x"], inp["x_rep"]] + leaves
+        else:
+            gouts = [inp["g"]]
+            ins = [inp["x"]] + leaves
+        torch.autograd.grad(outs, ins, gouts)
+
+    return fn
+
+
+def fwd_fn(layer):
+    def fn(inp):
+        with torch.no_grad():
+            layer(inp)
+
+    return fn
+
+
+def graph_fn(layer, sets):
+    """Capture the forward once on a static input; each call copies a fresh set in and replays."""
+    static = {k: v.detach().clone() for k, v in sets[0].items()}
+    with torch.no_grad():
+        for _ in range(2):
+            layer(static)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            layer(static)
+
+    def fn(inp):
+        static["x"].copy_(inp["x"])
+        graph.replay()
+
+    return fn
+
+
+def copy_bandwidth(dev) -> float:
+    """Bytes read + written per second by a large device-to-device copy."""
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device=dev).random_(0, 255)
+    dst = torch.empty_like(src)
+    ms = statistics.median(time_calls(lambda _: dst.copy_(src), [None], 20))
+    return 2 * n / (ms * 1e-3)
+
+
+def matmul_tflops(dev) -> float:
+    n = 8192
+    sets = [(torch.randn(n, n, device=dev, dtype=torch.bfloat16), torch.randn(n, n, device=dev, dtype=torch.bfloat16))
+            for _ in range(2)]  # fmt: skip
+    ms = statistics.median(time_calls(lambda ab: ab[0] @ ab[1], sets, 20))
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def check(s: Shape, T: int, dev) -> dict:
+    """Triton vs the reference in fp32 (upcast bf16 inputs) at a real shape: relative L2 errors."""
+    from kernels import autograd as tk
+    from kernels import reference as ref
+
+    p = Params(s, dev)
+    x = torch.randn(T, s.D, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    logits = (x.float() @ p.wr.t()).detach().requires_grad_()
+    w, e = tk.route(logits, s.K, "softmax", None, s.renormalize)
+    wl = w.detach().requires_grad_()
+    out = tk.moe_experts(x, wl, e, p.wg, p.wu, p.wd)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, wl, p.wg, p.wu, p.wd], g)
+    lr = logits.detach().clone().requires_grad_()
+    wr_, er_ = ref.route(lr, s.K, "softmax", None, s.renormalize)
+    res = {"experts_equal": bool(torch.equal(e, er_)), "route_w": _rel(w, wr_)}
+    leaves = [t.detach().float().requires_grad_() for t in (x, wl, p.wg, p.wu, p.wd)]
+    outr = ref.moe_experts(leaves[0], leaves[1], e, *leaves[2:])
+    gr = torch.autograd.grad(outr, leaves, g.float())
+    res["out"] = _rel(out, outr)
+    for name, a, b in zip(["dx", "dweights", "dw_gate", "dw_up", "dw_down"], grads, gr):
+        res[name] = _rel(a, b)
+    # routing backward
+    gw = torch.randn_like(w)
+    w2, _ = tk.route(logits, s.K, "softmax", None, s.renormalize)
+    (dl,) = torch.autograd.grad(w2, logits, gw)
+    (dlr,) = torch.autograd.grad(wr_, lr, gw)
+    res["route_dlogits"] = _rel(dl, dlr)
+    return res
+
+
+def _rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    if not torch.isfinite(a).all():
+        return float("nan")
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="qwen3,dsv2")
+    ap.add_argument("--tokens", default="4096,16384")
+    ap.add_argument("--decode", default="1,8,64")
+    ap.add_argument("--paths", default="triton,grouped_mm,dense,loop")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--json", default=None, help="write all numbers here")
+    ap.add_argument("--check", action="store_true", help="also check Triton vs reference at T=4096")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: kernels.bench needs a CUDA GPU", file=sys.stderr)
+        return 2
+    try:
+        shapes = [SHAPES[n] for n in args.shapes.split(",") if n]
+        tokens = [int(t) for t in args.tokens.split(",") if t]
+        decode = [int(t) for t in args.decode.split(",") if t]
+        paths = [q for q in args.paths.split(",") if q]
+    except (KeyError, ValueError) as exc:
+        print(f"error: bad argument: {exc}", file=sys.stderr)
+        return 2
+    import triton
+
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    meta = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": props.name,
+        "sms": props.multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "command": "python -m kernels.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    bw = copy_bandwidth(dev)
+    mm = matmul_tflops(dev)
+    meta["copy_bw_TBps"] = bw / 1e12
+    meta["matmul_8192_tflops"] = mm
+    print(json.dumps(meta), flush=True)
+    rows = []
+    checks = {}
+    for s in shapes:
+        if args.check:
+            checks[s.name] = check(s, 4096, dev)
+            print(f"check {s.name} T=4096:", json.dumps(checks[s.name]), flush=True)
+        p = Params(s, dev)
+        for mode, Ts in (("fwd+bwd", tokens), ("fwd", tokens), ("decode", decode)):
+            for T in Ts:
+                n_sets = 3
+                sets = make_inputs(s, T, n_sets, dev, grad=mode == "fwd+bwd", dense="dense" in paths)
+                flops = layer_flops(s, T) * (3 if mode == "fwd+bwd" else 1)
+                touched = None
+                if mode == "decode":
+                    with torch.no_grad():
+                        nt = [float((x["x"].float() @ p.wr.t()).topk(s.K, -1).indices.unique().numel()) for x in sets]
+                    touched = p.touched_bytes(s, sum(nt) / len(nt))
+                res = {}
+                for path in paths:
+                    if mode == "decode" and path == "dense":
+                        continue
+                    layer = make_layer(path, s, p)
+                    reps = args.reps if not (path == "loop" and T >= 16384) else max(5, args.reps // 4)
+                    try:
+                        if mode == "fwd+bwd":
+                            fn = fwd_bwd_fn(layer, p, path)
+                        elif mode == "decode" and path != "loop":
+                            fn = graph_fn(layer, sets)
+                            reps = max(reps, 100)
+                        else:
+                            fn = fwd_fn(layer)
+                        ms = statistics.median(time_calls(fn, sets, reps))
+                    except Exception as exc:  # report and go on: one failing peer must not end the run
+                        print(f"  {s.name} {mode} T={T} {path}: FAILED {type(exc).__name__}: {exc}", flush=True)
+                        continue
+                    res[path] = ms
+                    row = {"shape": s.name, "mode": mode, "T": T, "path": path, "ms": ms,
+                           "tflops": flops / (ms * 1e-3) / 1e12}  # fmt: skip
+                    if touched is not None:
+                        row["touched_MB"] = touched / 1e6
+                        row["floor_ms"] = touched / bw * 1e3
+                        row["bw_TBps"] = touched / (ms * 1e-3) / 1e12
+                        row["of_floor"] = row["floor_ms"] / ms
+                    rows.append(row)
+                    extra = ""
+                    if touched is not None:
+                        extra = f"  {row['bw_TBps']:.2f} TB/s = {row['of_floor'] * 100:.0f}% of floor {row['floor_ms'] * 1e3:.1f} us"
+                    print(f"  {s.name:16s} {mode:7s} T={T:6d} {path:10s} {ms:9.3f} ms {row['tflops']:7.1f} TFLOP/s{extra}",
+                          flush=True)  # fmt: skip
+                for row in rows:
+                    if row["shape"] == s.name and row["mode"] == mode and row["T"] == T and "triton" in res:
+                        row["triton_speedup"] = row["ms"] / res["triton"]
+                torch.cuda.empty_cache()
+    print()
+    print(f"# {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | CUDA {meta['cuda']} | {meta['date']}")
+    print(f"# copy {bw / 1e12:.2f} TB/s (read+write), bf16 8192^3 matmul {mm:.0f} TFLOP/s")
+    print("| shape | mode | T | path | ms | TFLOP/s | triton speed-up | % of dense TFLOP/s | BW (% of floor) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        dense = next((q for q in rows if q["shape"] == r["shape"] and q["mode"] == r["mode"] and q["T"] == r["T"]
+                      and q["path"] == "dense"), None)  # fmt: skip
+        pct = f"{r['tflops'] / dense['tflops'] * 100:.0f}%" if dense else ""
+        bwc = f"{r['bw_TBps']:.2f} TB/s ({r['of_floor'] * 100:.0f}%)" if "bw_TBps" in r else ""
+        sp = f"{r.get('triton_speedup', float('nan')):.2f}x" if "triton_speedup" in r else ""
+        print(f"| {r['shape']} | {r['mode']} | {r['T']} | {r['path']} | {r['ms']:.3f} | {r['tflops']:.1f} | {sp} | {pct} | {bwc} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "checks": checks, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
