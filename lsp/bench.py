@@ -1,0 +1,188 @@
+"""Completion latency of the language server: ``python -m lsp.bench``.
+
+Starts the real server over stdio (``python -m assistant.cli lsp``) with the given model
+(default: the shipped one), opens real Python files (stdlib modules), and times a
+``textDocument/completion`` request at N cursor positions chosen mid-line, where code
+follows the cursor on its line, so the assistant asks for a single-line completion. The
+time is the client's: request sent -> response parsed, the full editor path. Prints
+p50/p95 plus machine, versions and date; ``--json FILE`` also writes the numbers.
+Diagnostics are switched off during the run so only completion work is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+DEFAULT_MODULES = ["json/decoder.py", "json/encoder.py", "textwrap.py", "argparse.py", "csv.py", "shlex.py",
+                   "fractions.py", "heapq.py", "bisect.py", "difflib.py", "string.py", "calendar.py"]
+
+
+def stdlib_files(names: list[str]) -> list[Path]:
+    root = Path(os.__file__).parent
+    return [root / n for n in names if (root / n).is_file()]
+
+
+def cursor_positions(files: list[Path], n: int, seed: int = 0) -> list[tuple[Path, int, int]]:
+    """``n`` (file, line, column) cursors: inside a code line, after an identifier character
+    or an operator, with code still following on the line (single-line territory)."""
+    rng = random.Random(seed)
+    candidates: list[tuple[Path, int, int]] = []
+    for f in files:
+        lines = f.read_text(encoding="utf-8").split("\n")
+        for i, line in enumerate(lines):
+            s = line.strip()
+            if len(s) < 12 or s.startswith(("#", '"', "'", "@")) or line.isspace() or not line.isascii():
+                continue
+            indent = len(line) - len(line.lstrip())
+            cols = [c for c in range(indent + 3, len(line) - 3)
+                    if (line[c - 1].isalnum() or line[c - 1] in "_.=( ") and any(ch.isalnum() for ch in line[c:])]
+            if cols:
+                candidates.append((f, i, rng.choice(cols)))
+    rng.shuffle(candidates)
+    return sorted(candidates[:n], key=lambda t: (str(t[0]), t[1]))
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "-"
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "torch": _version("torch"), "pygls": _version("pygls"),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: list[Path]) -> dict:
+    from lsprotocol import types
+    from pygls.lsp.client import LanguageClient
+
+    positions = cursor_positions(files, n + warmup)
+    if len(positions) < n + warmup:
+        raise SystemExit(f"lsp.bench: error: only {len(positions)} cursor positions in the files")
+    warm, timed = positions[:warmup], positions[warmup:]
+    log = Path(tempfile.gettempdir()) / "moecoder-lsp-bench.log"
+    args = ["-m", "assistant.cli", "lsp", "--log-file", str(log)] + (["--model", model] if model else [])
+    client = LanguageClient("moecoder-bench", "1")
+    await client.start_io(sys.executable, *args)
+    caps = types.ClientCapabilities(text_document=types.TextDocumentClientCapabilities(
+        completion=types.CompletionClientCapabilities(), diagnostic=types.DiagnosticClientCapabilities()))
+    t0 = time.perf_counter()
+    await client.initialize_async(types.InitializeParams(capabilities=caps, initialization_options={
+        "moecoder": {"maxTokens": max_tokens, "features": {"diagnostics": False}}}))
+    client.initialized(types.InitializedParams())
+    opened: set[Path] = set()
+
+    def open_file(f: Path) -> str:
+        uri = f.as_uri()
+        if f not in opened:
+            opened.add(f)
+            client.text_document_did_open(types.DidOpenTextDocumentParams(text_document=types.TextDocumentItem(
+                uri=uri, language_id="python", version=1, text=f.read_text(encoding="utf-8"))))
+        return uri
+
+    async def one(f: Path, line: int, col: int) -> tuple[float, int, str]:
+        uri = open_file(f)
+        start = time.perf_counter()
+        res = await client.text_document_completion_async(types.CompletionParams(
+            text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(line, col)))
+        dt = time.perf_counter() - start
+        items = list(res.items) if res is not None else []
+        return dt, len(items), items[0].text_edit.new_text if items else ""
+
+    first = None
+    for f, line, col in warm:
+        dt, _, _ = await one(f, line, col)
+        first = first if first is not None else dt
+    load_s = time.perf_counter() - t0
+    times, nonempty, samples = [], 0, []
+    for i, (f, line, col) in enumerate(timed):
+        dt, count, text = await one(f, line, col)
+        times.append(dt)
+        nonempty += count > 0
+        if len(samples) < 5 and text:
+            samples.append({"file": f.name, "line": line, "column": col, "text": text})
+        if sys.stderr.isatty():
+            print(f"\r{i + 1}/{len(timed)} requests", end="", file=sys.stderr, flush=True)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    await client.shutdown_async(None)
+    client.exit(None)
+    await client.stop()
+    return {
+        "model": model or "(shipped model)", "requests": len(times), "nonempty": nonempty,
+        "max_tokens": max_tokens, "p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * percentile(times, 0.95),
+        "mean_ms": 1000 * statistics.fmean(times), "max_ms": 1000 * max(times),
+        "startup_and_warmup_s": load_s, "first_request_s": first, "files": [f.name for f in files],
+        "samples": samples, "machine": machine(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lsp.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", metavar="DIR", help="model directory (default: the shipped model)")
+    p.add_argument("-n", type=int, default=100, help="timed cursor positions (default 100)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed requests first (model load; default 3)")
+    p.add_argument("--max-tokens", type=int, default=48, help="completion token limit (server setting maxTokens)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = p.parse_args(argv)
+    if args.model is not None and not Path(args.model).is_dir():
+        print(f"lsp.bench: error: model directory not found: {args.model}", file=sys.stderr)
+        return 2
+    if args.n < 1 or args.warmup < 1:
+        print("lsp.bench: error: -n and --warmup must be >= 1", file=sys.stderr)
+        return 2
+    files = stdlib_files(DEFAULT_MODULES)
+    try:
+        r = asyncio.run(asyncio.wait_for(run(args.model, args.n, args.max_tokens, args.warmup, files), 3600))
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    m = r["machine"]
+    print(f"moecoder LSP completion latency ({r['requests']} single-line requests over stdio, "
+          f"{len(r['files'])} stdlib files)")
+    print(f"  model: {r['model']}   maxTokens: {r['max_tokens']}   non-empty results: {r['nonempty']}/{r['requests']}")
+    print(f"  p50 {r['p50_ms']:.0f} ms   p95 {r['p95_ms']:.0f} ms   mean {r['mean_ms']:.0f} ms   "
+          f"max {r['max_ms']:.0f} ms   (start + {args.warmup} warm-up requests: {r['startup_and_warmup_s']:.1f} s)")
+    print(f"  machine: {m['cpu']}, {m['cores']} cores; {m['platform']}")
+    print(f"  python {m['python']}, torch {m['torch']}, pygls {m['pygls']}; {m['date']}")
+    for s in r["samples"][:3]:
+        print(f"  e.g. {s['file']}:{s['line'] + 1}:{s['column']} -> {s['text']!r}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
