@@ -50,7 +50,7 @@ def test_chat_in_a_real_terminal(tmp_path):
         assert "calc.py" in screen and "Files" in screen and "Quit" in screen
         tmux("send-keys", "-t", session, "-l", "what does add do")
         tmux("send-keys", "-t", session, "Enter")
-        screen = wait_screen(session, lambda s: "return a + b" in s)
+        screen = wait_screen(session, lambda s: "return a + b" in s and "answering" not in s)
         lines = screen.splitlines()
         question = next(i for i, line in enumerate(lines) if "what does add do" in line)
         reasoning = next(i for i, line in enumerate(lines) if "Reasoning" in line)
