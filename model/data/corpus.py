@@ -548,9 +548,15 @@ def package_unit(package: str) -> float:
     return int.from_bytes(hashlib.sha256(package.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
-def assign_splits(packages: Iterable[str], fractions: tuple[float, float, float]) -> dict[str, str]:
-    """Package -> split by hashing; with >= 3 packages, valid and test are never empty
-    (the train package with the smallest coordinate moves there)."""
+def assign_splits(packages: Iterable[str], fractions: tuple[float, float, float],
+                  sizes: dict[str, int] | None = None, min_share: float = 0.5) -> dict[str, str]:
+    """Package -> split by hashing the package name (never by file).
+
+    Small corpora hash few packages into valid/test, so each of them is topped up: while a
+    split holds less than ``min_share`` of its target (files, or bytes when ``sizes`` is
+    given), the train package with the smallest split coordinate that is not larger than
+    twice the target moves there. Deterministic; with >= 3 packages valid and test are
+    never empty."""
     tr, va, te = fractions
     if min(fractions) < 0 or abs(tr + va + te - 1.0) > 1e-6:
         raise CorpusError(f"split fractions must be >= 0 and sum to 1: {fractions}")
@@ -559,12 +565,25 @@ def assign_splits(packages: Iterable[str], fractions: tuple[float, float, float]
     out = {}
     for p in pk:
         out[p] = "test" if u[p] < te else ("valid" if u[p] < te + va else "train")
-    if len(pk) >= 3:
-        for split, frac in (("test", te), ("valid", va)):
-            if frac > 0 and split not in out.values():
-                train = sorted((p for p in pk if out[p] == "train"), key=lambda p: u[p])
-                if len(train) > 1:
-                    out[train[0]] = split
+    if len(pk) < 3:
+        return out
+    size = (lambda p: sizes.get(p, 0)) if sizes else (lambda p: 1)
+    total = sum(size(p) for p in pk)
+    for split, frac in (("test", te), ("valid", va)):
+        if frac <= 0:
+            continue
+        target = frac * total
+        have = sum(size(p) for p in pk if out[p] == split)
+        candidates = sorted((p for p in pk if out[p] == "train"), key=lambda p: u[p])
+        for p in candidates:
+            if have >= min_share * target and have > 0:
+                break
+            if sum(v == "train" for v in out.values()) <= 1:
+                break
+            if have > 0 and size(p) > 2 * target:
+                continue
+            out[p] = split
+            have += size(p)
     return out
 
 
@@ -725,7 +744,10 @@ def build_corpus(roots: Sequence[str | os.PathLike], out: str | os.PathLike, cfg
         final.append(i)
     if license_dropped:
         skips["license"] += license_dropped
-    split_of = assign_splits((entries[i].package for i in final), cfg.split_fractions)
+    pkg_bytes: Counter = Counter()
+    for i in final:
+        pkg_bytes[entries[i].package] += size_of[i]
+    split_of = assign_splits(pkg_bytes, cfg.split_fractions, sizes=dict(pkg_bytes))
 
     # write
     t3 = time.perf_counter()
