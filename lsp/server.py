@@ -337,6 +337,29 @@ class MoeServer(LanguageServer):
             raise
         return None if token.cancelled else result
 
+    # -- settings ---------------------------------------------------------------------------
+    def apply_settings(self, raw: Any) -> None:
+        for problem in self.settings.update(raw):
+            self.report_once(f"moecoder settings: {problem}", types.MessageType.Warning)
+        if self._engine_future is not None and self._engine_key != self._engine_wanted():
+            self.start_engine()  # the model changed: load the new one in the background
+        if not self.settings.on("diagnostics"):
+            for uri in list(self._diag) + list(self._diag_timers) + list(self._diag_tasks):
+                self.cancel_diagnostics(uri)
+                if self._diag.pop(uri, None) is not None and not self.pull_diagnostics:
+                    self.text_document_publish_diagnostics(types.PublishDiagnosticsParams(uri=uri, diagnostics=[]))
+
+    async def pull_settings(self) -> None:
+        """Ask the client for the ``moecoder`` section (``workspace/configuration``)."""
+        try:
+            got = await asyncio.wait_for(self.workspace_configuration_async(types.ConfigurationParams(
+                items=[types.ConfigurationItem(section="moecoder")])), 5.0)
+        except Exception as e:  # noqa: BLE001 - a client that cannot answer keeps the defaults
+            log.info("workspace/configuration failed: %s", e)
+            return
+        if got and isinstance(got[0], dict) and got[0]:
+            self.apply_settings(got[0])
+
     # -- progress -----------------------------------------------------------------------------
     def progress(self, title: str, token: Any = None) -> Progress:
         return Progress(self, title, token)
@@ -717,21 +740,17 @@ def build_server(factory: Callable[..., Any] | None = None, settings: Settings |
             ls.report_once(f"moecoder settings: {problem}", types.MessageType.Warning)
 
     @server.feature(types.INITIALIZED)
-    def initialized(ls: MoeServer, params: types.InitializedParams) -> None:
+    async def initialized(ls: MoeServer, params: types.InitializedParams) -> None:
+        if ls.client_has("workspace.configuration", False):
+            await ls.pull_settings()
         ls.start_engine()
 
     @server.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
-    def did_change_configuration(ls: MoeServer, params: types.DidChangeConfigurationParams) -> None:
-        for problem in ls.settings.update(params.settings):
-            ls.report_once(f"moecoder settings: {problem}", types.MessageType.Warning)
-        if ls._engine_future is not None and ls._engine_key != ls._engine_wanted():
-            ls.start_engine()
-        if not ls.settings.on("diagnostics"):
-            for uri in list(ls._diag):
-                ls.cancel_diagnostics(uri)
-                ls._diag.pop(uri, None)
-                if not ls.pull_diagnostics:
-                    ls.text_document_publish_diagnostics(types.PublishDiagnosticsParams(uri=uri, diagnostics=[]))
+    async def did_change_configuration(ls: MoeServer, params: types.DidChangeConfigurationParams) -> None:
+        if params.settings in (None, {}) and ls.client_has("workspace.configuration", False):
+            await ls.pull_settings()  # "settings changed, ask me": the pull model
+        else:
+            ls.apply_settings(params.settings)
 
     @server.feature(types.TEXT_DOCUMENT_DID_SAVE, types.SaveOptions(include_text=False))
     def did_save(ls: MoeServer, params: types.DidSaveTextDocumentParams) -> None:

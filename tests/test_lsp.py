@@ -129,6 +129,10 @@ async def test_code_action_docstring_resolves_to_a_valid_edit(client: LanguageCl
     assert doc_actions[0].edit is None  # computed lazily, in resolve
     assert (await stats(client))["started"] == 0
     resolved = await client.code_action_resolve_async(doc_actions[0])
+    # $/progress: begin (titled) ... end, on a server-created token (Neovim has workDoneProgress)
+    reports = [r for r in client.progress_reports.values()
+               if r and isinstance(r[0], types.WorkDoneProgressBegin) and "docstring for area" in r[0].title]
+    assert len(reports) == 1 and isinstance(reports[0][-1], types.WorkDoneProgressEnd)
     edits = edits_of(resolved.edit, uri)
     new = apply_edits(text, edits)
     assert new == 'import os\n\n\ndef area(w, h):\n    """Fake docstring for area."""\n    return w * h\n'
@@ -252,6 +256,26 @@ async def test_hover_is_off_by_default_then_reasoning_first(client: LanguageClie
     hover = await client.text_document_hover_async(params)
     value = hover.contents.value
     assert value.index("read the code first") < value.index("Explains lines 0-1.")
+    # the pull model: empty settings in didChangeConfiguration -> workspace/configuration
+    client.set_configuration({"features": {"hover": False}}, section="moecoder")
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(settings=None))
+    for _ in range(100):
+        if await client.text_document_hover_async(params) is None:
+            break
+        await asyncio.sleep(0.05)
+    assert await client.text_document_hover_async(params) is None
+
+
+async def test_bad_settings_are_reported_and_ignored(client: LanguageClient, tmp_path):
+    await init(client, options={"maxTokens": "many", "features": {"hover": 3, "teleport": True}})
+    text = "x = 1\n"
+    uri = uri_for(tmp_path, "k.py", text)
+    open_doc(client, uri, text)
+    assert (await complete(client, uri, 0, 3)).items  # still serving with defaults
+    messages = " | ".join(m.message for m in client.messages)
+    assert "maxTokens must be a number" in messages
+    assert "features.hover must be true or false" in messages
+    assert "unknown feature 'teleport'" in messages
 
 
 async def test_bad_requests_get_empty_results_or_errors(client: LanguageClient, tmp_path):

@@ -1,0 +1,72 @@
+"""`moecoder lsp` command line: bad arguments exit 2 with one line; --tcp serves over TCP."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+
+from tests.lsp_support import SERVER_CMD, server_env
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*SERVER_CMD, *args], capture_output=True, text=True, timeout=60, env=server_env("fake"))
+
+
+def test_bad_arguments_exit_2_with_one_line():
+    for args, needle in [(["--tcp", "nonsense"], "HOST:PORT"), (["--tcp", "localhost:99999"], "HOST:PORT"),
+                         (["--model", "/no/such/model/dir"], "model directory not found")]:
+        proc = _run(*args)
+        assert proc.returncode == 2, args
+        assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_bad_engine_spec_exit_2():
+    env = server_env("no_such_module_xyz:Engine")
+    proc = subprocess.run([*SERVER_CMD], capture_output=True, text=True, timeout=60, env=env, input="")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "no_such_module_xyz" in proc.stderr
+
+
+def _frame(msg: dict) -> bytes:
+    body = json.dumps(msg).encode()
+    return b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+def test_tcp_mode_answers_initialize():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([*SERVER_CMD, "--tcp", f"127.0.0.1:{port}"], env=server_env("fake"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "the TCP server did not start"
+                time.sleep(0.1)
+        with conn:
+            conn.sendall(_frame({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                                 "params": {"processId": None, "rootUri": None, "capabilities": {}}}))
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(head.split(b"Content-Length:")[1].split(b"\r\n")[0])
+            while len(body) < length:
+                body += conn.recv(65536)
+            reply = json.loads(body[:length])
+        assert reply["id"] == 1 and reply["result"]["serverInfo"]["name"] == "moecoder"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_help_lists_the_options():
+    proc = _run("--help")
+    assert proc.returncode == 0 and "--tcp" in proc.stdout and "--fake-engine" not in proc.stdout
