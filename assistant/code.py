@@ -240,6 +240,11 @@ def find_function(source: str, name: str) -> Scope | None:
 
 def import_lines(source: str) -> list[int]:
     """Lines of top-level (and nested) import statements."""
+    return list(_import_lines_cached(source))
+
+
+@lru_cache(maxsize=8)
+def _import_lines_cached(source: str) -> tuple[int, ...]:
     tree = parse(source)
     out: list[int] = []
     stack = [tree.root_node]
@@ -251,7 +256,7 @@ def import_lines(source: str) -> list[int]:
             elif c.type in ("if_statement", "try_statement", "block", "else_clause", "except_clause",
                             "finally_clause"):
                 stack.append(c)
-    return sorted(set(out))
+    return tuple(sorted(set(out)))
 
 
 def scope_source(source: str, scope: Scope, with_decorators: bool = True) -> str:

@@ -31,6 +31,7 @@ budget in the rare case that joining lines changed the count.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,12 +103,19 @@ class _Unit:
     """Something the plan can show: lines, a collapsed definition, or an expansion."""
 
     kind: str  # "keep" | "line" | "collapsed" | "expand_class" | "expand_func"
-    lines: list[int]  # lines it makes visible (as themselves)
+    lines: list[int] | range  # lines it makes visible (as themselves), before ``exclude``
     placeholders: list[tuple[int, str]] = field(default_factory=list)  # (line, "...") for hidden bodies
     replaces: str | None = None  # text of the placeholder an expansion replaces
     distance: int = 0
     name: str = ""
     cost: int | None = None
+    exclude: set[int] | None = None  # lines of ``lines`` that stay hidden (or are shown by others)
+
+    def visible(self) -> list[int] | range:
+        if self.exclude is None:
+            return self.lines
+        ex = self.exclude
+        return [j for j in self.lines if j not in ex]
 
 
 class _Side:
@@ -123,7 +131,7 @@ class _Side:
     def cost(self, u: _Unit) -> int:
         if u.cost is None:
             count, src = self.count, self.src_lines
-            c = sum(count(src[i] + "\n") for i in u.lines)
+            c = sum(count(src[i] + "\n") for i in u.visible())
             c += sum(count(t + "\n") for _, t in u.placeholders)
             if u.replaces is not None:
                 c -= count(u.replaces + "\n")
@@ -176,21 +184,23 @@ def _plan_side(src_lines: list[str], lo: int, hi: int, cursor: int, keep: set[in
 
     # 3. class expansions (body shown, methods collapsed), then 4. function bodies; nearest first
     cls_exp: list[_Unit] = []
+    funcs_by_start = sorted(exp_funcs, key=lambda f: f.decorated_start)
+    starts = [f.decorated_start for f in funcs_by_start]
     for s in side_tops:
         if s.kind != "class":
             continue
-        hidden: set[int] = set()
+        hidden: set[int] = set(keep)
         phs: list[tuple[int, str]] = []
-        for f in exp_funcs:
-            if s.start_line <= f.decorated_start and f.end_line <= s.end_line:
+        for k in range(bisect.bisect_left(starts, s.start_line), bisect.bisect_right(starts, s.end_line)):
+            f = funcs_by_start[k]
+            if f.end_line <= s.end_line:
                 hidden.update(range(f.body_start_line, f.end_line + 1))
                 phs.append((f.body_start_line, f.body_indent + "..."))
-        body = [j for j in range(s.body_start_line, s.end_line + 1) if j not in hidden and j not in keep]
-        cls_exp.append(_Unit("expand_class", body, phs, replaces=s.body_indent + "...", distance=dist(s),
-                             name=s.qualname))
+        cls_exp.append(_Unit("expand_class", range(s.body_start_line, s.end_line + 1), phs,
+                             replaces=s.body_indent + "...", distance=dist(s), name=s.qualname, exclude=hidden))
     func_exp = [
-        _Unit("expand_func", [j for j in range(f.body_start_line, f.end_line + 1) if j not in keep],
-              replaces=f.body_indent + "...", distance=dist(f), name=f.qualname)
+        _Unit("expand_func", range(f.body_start_line, f.end_line + 1), replaces=f.body_indent + "...",
+              distance=dist(f), name=f.qualname, exclude=keep)
         for f in exp_funcs if f.decorated_start >= lo and f.end_line < hi
     ]
     cls_exp.sort(key=lambda u: u.distance)
@@ -393,12 +403,12 @@ def _render(src_lines: list[str], side: _Side, lo: int, hi: int) -> str:
     show: set[int] = set()
     ph: dict[int, str] = {}
     for u in added:
-        show.update(u.lines)
+        show.update(u.visible())
         for ln, text in u.placeholders:
             ph[ln] = text
     for u in added:  # expanded function bodies replace their placeholders
         if u.kind == "expand_func":
-            for ln in range(min(u.lines, default=hi), max(u.lines, default=lo - 1) + 1):
+            for ln in u.lines:
                 ph.pop(ln, None)
     out = []
     for i in sorted(show | ph.keys()):
@@ -419,9 +429,6 @@ def _inside_collapsible_function(s: codemod.Scope, coll: dict[str, codemod.Scope
 def _describe(report: ContextReport, side: _Side, where: str, src_lines, lo: int, hi: int) -> None:
     added = side.units[: side.pos]
     skipped = side.units[side.pos:]
-    shown = set()
-    for u in added:
-        shown.update(u.lines)
     expanded = {u.name for u in added if u.kind.startswith("expand")}
     visible_defs = {u.name for u in added if u.kind == "collapsed"}
     coll_f = [u.name for u in skipped if u.kind == "expand_func" and (u.name in visible_defs or

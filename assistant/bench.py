@@ -1,0 +1,199 @@
+"""Benchmarks of the assistant: context-manager time and review throughput.
+
+    python -m assistant.bench [--model DIR] [--lines 10000] [--jobs 4] [--max-tokens N] [--skip-review]
+
+Prints the machine, versions and date, then
+
+* the context manager's time on a synthetic N-line Python file (tree-sitter parse
+  separately; ``build_context`` with a cold and with a warm per-line token cache, the
+  median over cursors spread through the file), and
+* functions reviewed per second by ``moecoder review`` on ``examples/buggy`` (debug hints
+  + missing-docstring suggestions, batched ``--jobs`` prompts at a time) with the tiny
+  preset (random weights, built on the fly: every answer runs to the token limit) and
+  with the shipped model (``model/weights/``) when it is there, or ``--model DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
+
+
+def versions() -> str:
+    import importlib.metadata as md
+
+    out = [f"python {platform.python_version()}"]
+    for pkg in ("torch", "tree-sitter", "tree-sitter-python", "sentencepiece"):
+        try:
+            out.append(f"{pkg} {md.version(pkg)}")
+        except md.PackageNotFoundError:
+            pass
+    return ", ".join(out)
+
+
+def synthetic_source(n_lines: int) -> str:
+    """A plausible Python file of about ``n_lines`` lines: imports, classes, functions."""
+    parts = ["import os\nimport sys\nfrom typing import Any\n\n\n"]
+    i = 0
+    lines = 5
+    while lines < n_lines:
+        if i % 5 == 0:
+            chunk = (f"class Widget{i}:\n    \"\"\"A widget.\"\"\"\n\n    def size(self, k: int) -> int:\n"
+                     f"        total = k * {i}\n        for j in range(k):\n            total += j\n"
+                     f"        return total\n\n    def name(self) -> str:\n        return 'w{i}é'\n\n\n")
+        else:
+            chunk = (f"def compute_{i}(a, b=2):\n    \"\"\"Compute {i}.\"\"\"\n    x = a + b * {i}\n"
+                     f"    if x > {i}:\n        x -= 1\n    return x\n\n\n")
+        parts.append(chunk)
+        lines += chunk.count("\n")
+        i += 1
+    return "".join(parts)
+
+
+def tiny_tokenizer(workdir: Path):
+    from model.tokenizer import Tokenizer, train_tokenizer
+
+    files = sorted((ROOT / "model").rglob("*.py")) + sorted((ROOT / "assistant").glob("*.py"))
+    path = train_tokenizer(files, workdir / "tokenizer", vocab_size=512)
+    return Tokenizer.load(path), path
+
+
+def shipped_dir(arg: str | None) -> Path | None:
+    if arg:
+        return Path(arg)
+    from model.checkpoint import default_model_dir
+
+    d = Path(default_model_dir())
+    return d if (d / "config.json").exists() else None
+
+
+def bench_context(tok, n_lines: int, budget: int, label: str) -> dict[str, float]:
+    from assistant import code as codemod
+    from assistant.context import _COUNTERS, build_context
+
+    src = synthetic_source(n_lines)
+    lines = src.split("\n")
+    t0 = time.perf_counter()
+    codemod.parse(src)
+    codemod.scopes(src)
+    codemod.import_lines(src)
+    parse_ms = (time.perf_counter() - t0) * 1000
+    cursors = [int(len(lines) * f) for f in (0.1, 0.3, 0.5, 0.7, 0.9)]
+    cold, warm = [], []
+    for c in cursors:
+        _COUNTERS.clear()
+        t0 = time.perf_counter()
+        r = build_context(tok, src, c, 4, budget=budget)
+        cold.append((time.perf_counter() - t0) * 1000)
+        assert len(r.prompt_ids) <= budget
+        t0 = time.perf_counter()
+        build_context(tok, src, c, 4, budget=budget)
+        warm.append((time.perf_counter() - t0) * 1000)
+    res = {"lines": len(lines), "parse_ms": parse_ms, "cold_ms": statistics.median(cold),
+           "warm_ms": statistics.median(warm), "budget": budget}
+    print(f"context [{label}]: {len(lines)} lines, budget {budget} tokens: parse+scopes {parse_ms:.1f} ms; "
+          f"build_context median {res['cold_ms']:.1f} ms cold cache, {res['warm_ms']:.1f} ms warm "
+          f"(over {len(cursors)} cursors)")
+    return res
+
+
+def bench_review(model_dir: Path, label: str, jobs: int, max_tokens: int | None) -> dict[str, float]:
+    from assistant.engine import Engine
+    from assistant.review import Options, Report, run_review
+
+    t0 = time.perf_counter()
+    engine = Engine(str(model_dir))
+    load_s = time.perf_counter() - t0
+    generated = [0, 0]  # tokens, batches
+    inner = engine.backend.generate_batch
+
+    def counting(prompts, params, cancel=None):
+        outs = inner(prompts, params, cancel)
+        generated[0] += sum(len(o.token_ids) for o in outs)
+        generated[1] += 1
+        return outs
+
+    engine.backend.generate_batch = counting  # type: ignore[method-assign]
+    opts = Options(jobs=jobs, max_new_tokens=max_tokens)
+    report = Report()
+    t0 = time.perf_counter()
+    run_review([str(ROOT / "examples" / "buggy")], opts, engine, report)
+    dt = time.perf_counter() - t0
+    engine.close()
+    n = report.functions_reviewed
+    rate = n / dt if dt else 0.0
+    print(f"review [{label}]: {n} functions ({len(report.findings)} findings) in {dt:.1f} s = "
+          f"{rate:.2f} functions/s; {generated[0]} tokens generated in {generated[1]} batches "
+          f"({generated[0] / dt:.1f} tokens/s; jobs {jobs}, max tokens {max_tokens or 'default'}; "
+          f"model load {load_s:.1f} s)")
+    return {"functions": n, "seconds": dt, "rate": rate, "tokens": generated[0]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m assistant.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", metavar="DIR", help="the model to benchmark besides the tiny one (default: shipped)")
+    p.add_argument("--lines", type=int, default=10_000)
+    p.add_argument("--budget", type=int, default=None, help="context budget (default: model context - 64)")
+    p.add_argument("--jobs", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--skip-review", action="store_true")
+    args = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    print(f"date: {_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}")
+    print(f"machine: {machine()}")
+    print(f"versions: {versions()}")
+    work = Path(tempfile.mkdtemp(prefix="moecoder-bench-"))
+    tok, tok_path = tiny_tokenizer(work)
+    bench_context(tok, args.lines, args.budget or 2048 - 64, "tiny tokenizer, vocab 512")
+    shipped = shipped_dir(args.model)
+    if shipped is not None:
+        from model.tokenizer import Tokenizer
+
+        stok = Tokenizer.load(shipped)
+        bench_context(stok, args.lines, args.budget or 2048 - 64, f"{shipped} tokenizer")
+    if args.skip_review:
+        return 0
+    import dataclasses
+
+    from model.checkpoint import export
+    from model.config import get_preset
+    from model.transformer import Transformer
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(get_preset("tiny"), vocab_size=512)
+    tiny_dir = work / "tiny"
+    export(Transformer(cfg), cfg, tok_path, tiny_dir)
+    bench_review(tiny_dir, "tiny preset, random weights", args.jobs, args.max_tokens)
+    if shipped is not None:
+        bench_review(shipped, f"shipped model {shipped}", args.jobs, args.max_tokens)
+    else:
+        print("review [shipped model]: not measured (no model/weights/config.json yet; pass --model DIR)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
