@@ -724,6 +724,7 @@ def build_corpus(roots: Sequence[str | os.PathLike], out: str | os.PathLike, cfg
         sigs.append(np.frombuffer(sig, dtype=np.uint32))
     dup = near_duplicates(sigs, cfg.bands, cfg.near_threshold)
     near_dups = len(dup)
+    near_examples = {entries[survivors[k]].path: entries[survivors[v]].path for k, v in sorted(dup.items())[:50]}
     kept_idx = [survivors[k] for k in range(len(survivors)) if k not in dup]
     timings["dedupe_s"] = time.perf_counter() - t2
 
@@ -822,7 +823,8 @@ def build_corpus(roots: Sequence[str | os.PathLike], out: str | os.PathLike, cfg
         "skipped": dict(sorted(skips.items())),
         "dedupe": {"exact_duplicates": exact_dups, "near_duplicates": near_dups,
                    "near_threshold": cfg.near_threshold, "num_perm": cfg.num_perm, "bands": cfg.bands,
-                   "shingle_tokens": cfg.shingle},
+                   "shingle_tokens": cfg.shingle,
+                   "near_duplicate_examples": near_examples},
         "eval_overlap": {"files": sum(eval_hits.values()), "eval_dir": cfg.eval_dir,
                          "matched_eval_programs": dict(sorted(eval_hits.items()))},
         "splits": totals,
