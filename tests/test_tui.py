@@ -246,6 +246,25 @@ async def test_task_commands_build_requests(tmp_path):
         assert all(t.state.status == "done" for t in turns(app))
 
 
+async def test_edited_file_is_read_again(tmp_path):
+    (tmp_path / "calc.py").write_text(BUGGY)
+    engine = ScriptedEngine(delay=0.0)
+    app = make_app(tmp_path, engine, files=["calc.py"])
+    async with app.run_test(size=SIZE) as pilot:
+        fixed = BUGGY.replace("a - b", "a + b")
+        (tmp_path / "calc.py").write_text(fixed)
+        import os
+
+        os.utime(tmp_path / "calc.py", ns=(1, 1))  # a different mtime even on coarse clocks
+        await app.handle_input("/debug add")
+        await wait_for(pilot, last_done(app))
+        assert engine.requests[-1].source == fixed
+        (tmp_path / "calc.py").unlink()  # gone: the attached text stays
+        await app.handle_input("/debug add")
+        await wait_for(pilot, last_done(app))
+        assert engine.requests[-1].source == fixed
+
+
 async def test_history_recall(tmp_path):
     app = make_app(tmp_path, ScriptedEngine(delay=0.0))
     async with app.run_test(size=SIZE) as pilot:

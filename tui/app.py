@@ -83,6 +83,7 @@ class ChatApp(App):
     ) -> None:
         super().__init__()
         self._engine = engine
+        self._owns_engine = engine is None  # engines the app loads itself, it closes at exit
         self._factory: EngineFactory = engine_factory or api.load_engine
         self._model_dir = model_dir
         self._engine_lock = threading.Lock()
@@ -211,8 +212,9 @@ class ChatApp(App):
         self._model_dir = path
         self.conversation.model = path
         close = getattr(old, "close", None)
-        if callable(close):
+        if self._owns_engine and callable(close):
             close()
+        self._owns_engine = True
         self._model_label = f"model {shorten(path)} · context {engine.context_length:,}"
         self.sub_title = self._model_label
         await self._note(f"loaded model {path}")
@@ -283,8 +285,8 @@ class ChatApp(App):
 
     async def action_stop(self) -> None:
         """Escape: stop the running answer at once (the engine sees the cancel token)."""
-        if self.current is None or self._cancel is None:
-            raise SkipAction()
+        if self.current is None or self._cancel is None or len(self.screen_stack) > 1:
+            raise SkipAction()  # nothing to stop, or a dialog (command palette) wants the key
         self._cancel.cancel()
         await self._finish(self.current, "stopped", None, "")
 
@@ -303,6 +305,14 @@ class ChatApp(App):
         if self._cancel is not None:
             self._cancel.cancel()
         self.exit()
+
+    def on_unmount(self) -> None:
+        if self._cancel is not None:
+            self._cancel.cancel()
+        if self._owns_engine and self._engine is not None:
+            close = getattr(self._engine, "close", None)
+            if callable(close):
+                close()
 
     # -- input ------------------------------------------------------------------------
     @on(PromptArea.Submitted)
@@ -325,6 +335,7 @@ class ChatApp(App):
             return
         await self.conv_view.mount(UserMessage(text))
         self.conversation.turns.append(Turn(role="user", text=text))
+        self._refresh_attachments()
         task, att, func = route_free_text(text, self.attachments)
         if att is None:
             request = api.TaskRequest(task="explain", source=text, max_new_tokens=self._max_new_tokens)
@@ -332,6 +343,12 @@ class ChatApp(App):
             request = self._request(task, att, function=func)
         self._save()
         await self._start_turn(request)
+
+    def _refresh_attachments(self) -> None:
+        """Files edited since they were attached are read again before a request."""
+        kwargs = {} if self._max_file_bytes is None else {"max_bytes": self._max_file_bytes}
+        if any([a.refresh(**kwargs) for a in self.attachments]):
+            self._update_budget()
 
     def _request(self, task: str, att: Attachment, **kwargs: Any) -> Any:
         related = [(a.path, a.text) for a in self.attachments if a is not att]
@@ -409,6 +426,7 @@ class ChatApp(App):
         # the tasks
         if self.current is not None:
             raise CommandError("still answering; press Esc to stop it first")
+        self._refresh_attachments()
         if name == "complete":
             if len(args) != 1:
                 raise CommandError("usage: /complete FILE:LINE")

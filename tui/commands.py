@@ -69,10 +69,29 @@ def help_markdown() -> str:
 class Attachment:
     path: str  # as the user typed it (relative paths stay relative)
     text: str
+    file: Path | None = None  # where it was read from
+    mtime_ns: int = 0
 
     @property
     def name(self) -> str:
         return Path(self.path).name
+
+    def refresh(self, max_bytes: int = MAX_FILE_BYTES) -> bool:
+        """Re-read the file if it changed on disk since it was attached; True if it did.
+
+        A file that went missing or became unreadable keeps the text it had.
+        """
+        if self.file is None:
+            return False
+        try:
+            mtime = self.file.stat().st_mtime_ns
+            if mtime == self.mtime_ns:
+                return False
+            new = read_attachment(str(self.file), max_bytes=max_bytes)
+        except (OSError, CommandError):
+            return False
+        self.text, self.mtime_ns = new.text, new.mtime_ns
+        return True
 
 
 def read_attachment(path: str, base: Path | None = None, max_bytes: int = MAX_FILE_BYTES) -> Attachment:
@@ -85,7 +104,8 @@ def read_attachment(path: str, base: Path | None = None, max_bytes: int = MAX_FI
     if p.is_dir():
         raise CommandError(f"{path} is a directory; attach files one by one")
     try:
-        size = p.stat().st_size
+        st = p.stat()
+        size, size_mtime = st.st_size, st.st_mtime_ns
         if size > max_bytes:
             raise CommandError(
                 f"{path} is too large ({size / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB)"
@@ -99,7 +119,7 @@ def read_attachment(path: str, base: Path | None = None, max_bytes: int = MAX_FI
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise CommandError(f"{path} is not UTF-8 text") from None
-    return Attachment(path=path, text=text)
+    return Attachment(path=path, text=text, file=p, mtime_ns=size_mtime)
 
 
 _DEF_RE = re.compile(r"^[ \t]*(?:async[ \t]+)?def[ \t]+([A-Za-z_]\w*)[ \t]*\(", re.M)
