@@ -490,6 +490,15 @@ def _locals_by_line(fn: ast.FunctionDef | ast.AsyncFunctionDef, nodes: list[ast.
     return first
 
 
+# calls whose first two arguments can be swapped without changing behaviour (or nearly so)
+_SYMMETRIC_CALLS = {
+    "max", "min", "print", "hypot", "gcd", "lcm", "isclose", "add", "mul", "eq", "ne", "union", "intersection",
+    "assertEqual", "assertNotEqual", "assertAlmostEqual", "assertNotAlmostEqual", "assertIs", "assertIsNot",
+    "assertCountEqual", "assertSetEqual", "assertListEqual", "assertDictEqual", "assertTupleEqual",
+    "assert_equal", "assert_array_equal", "assert_allclose", "allclose", "array_equal",
+}  # fmt: skip
+
+
 def _enclosing_range(node: ast.AST, parents: dict[int, ast.AST]) -> bool:
     p = parents.get(id(node))
     return isinstance(p, ast.Call) and isinstance(p.func, ast.Name) and p.func.id == "range"
@@ -527,9 +536,13 @@ def _candidates(func_code: str, fn: ast.FunctionDef | ast.AsyncFunctionDef) -> d
             isinstance(node, ast.Call)
             and len(node.args) >= 2
             and not any(isinstance(x, ast.Starred) for x in node.args[:2])
+            and (_dotted(node.func) or "").rsplit(".", 1)[-1] not in _SYMMETRIC_CALLS
         ):
             cands["swapped_arguments"].append(node)
-        elif isinstance(node, ast.If | ast.While) and not isinstance(node.test, ast.NamedExpr):
+        elif isinstance(node, ast.If | ast.While) and (
+            isinstance(node.test, ast.Name | ast.Attribute | ast.Call | ast.Subscript | ast.BoolOp)
+            or (isinstance(node.test, ast.UnaryOp) and isinstance(node.test.op, ast.Not))
+        ):  # comparisons are left to the comparison mutation (`not (a is None)` is not a real bug)
             cands["negation"].append(node)
         elif isinstance(node, ast.Return) and node.value is not None:
             cands["wrong_return"].append(node)
@@ -641,7 +654,7 @@ def _mutate_one(
         line = src.lines[sa[0] - 1]
         between = line[sa[2] : sb[1]]
         code, old, new = src.replace(sa[0], sa[1], sb[2], tb + between + ta)
-        fname = _dotted(node.func) or "the function"
+        fname = _dotted(node.func) or _short(src.text(node.func) or "the call", 30)
         reasoning = (
             f"Line {sa[0]} passes `{_short(tb, 24)}` first and `{_short(ta, 24)}` second to `{fname}`; "
             f"the call needs them in the other order."
