@@ -182,11 +182,16 @@ class Engine:
             return value
         raise value
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the worker after its current job (waits up to ``timeout`` seconds, so that
+        the interpreter never exits with the model still running on another thread)."""
         with self._start_lock:
             self._closed = True
-            if self._worker is not None:
+            worker = self._worker
+            if worker is not None:
                 self._jobs.put(None)
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout)
 
     def __enter__(self) -> Engine:
         return self
