@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import copy
 import importlib
 import itertools
 import logging
@@ -247,6 +248,7 @@ class MoeServer(LanguageServer):
         self._diag: dict[str, DiagState] = {}
         self._diag_timers: dict[str, asyncio.TimerHandle] = {}
         self._diag_tasks: dict[str, tuple[int | None, asyncio.Task]] = {}
+        self._hint_cache: dict[str, dict[tuple[str, str], list[tuple[int, Any]]]] = {}
         self._result_ids = itertools.count(1)
         self._progress_ids = itertools.count(1)
         self._background: set[asyncio.Task] = set()
@@ -335,6 +337,11 @@ class MoeServer(LanguageServer):
         except asyncio.CancelledError:
             token.cancel()
             raise
+        except TaskFailed:
+            raise
+        except Exception as e:  # noqa: BLE001 - an engine that raises instead of reporting
+            log.exception("the engine raised")
+            raise TaskFailed(_one_line(e)) from None
         return None if token.cancelled else result
 
     # -- settings ---------------------------------------------------------------------------
@@ -386,6 +393,7 @@ class MoeServer(LanguageServer):
         self.docs.pop(uri, None)
         self.cancel_diagnostics(uri)
         self._diag.pop(uri, None)
+        self._hint_cache.pop(uri, None)
         if not self.pull_diagnostics:
             self.text_document_publish_diagnostics(types.PublishDiagnosticsParams(uri=uri, diagnostics=[]))
 
@@ -502,28 +510,46 @@ class MoeServer(LanguageServer):
             log.warning("diagnostics failed: %s", task.exception())
 
     async def _compute_diagnostics(self, doc: Document) -> None:
+        """Debug every (top-level or method) function, like the review CLI does; functions
+        whose text is unchanged since the last run reuse their hints (shifted if moved)."""
         from assistant.tasks import TaskRequest
 
         uri, version, text = doc.uri, doc.version, doc.text
+        items: list[types.Diagnostic] = []
         if doc.line_count > self.settings.max_diagnostic_lines:
             log.info("no diagnostics for %s: %d lines > maxDiagnosticLines", uri, doc.line_count)
-            items: list[types.Diagnostic] = []
         else:
-            request = TaskRequest(task="debug", source=text, path=_path(uri),
-                                  max_new_tokens=self.settings.max_task_tokens,
-                                  max_seconds=None if self.settings.max_seconds is None else
-                                  self.settings.max_seconds * 6)
-            async with self.progress("moecoder: checking for bugs") as progress:
-                try:
-                    result = await self.run_task(request, progress)
-                except TaskFailed as e:
-                    log.warning("debug task failed: %s", e)
-                    return
-            if result is None:
-                return
+            lines = text.split("\n")
+            cache = self._hint_cache.get(uri, {})
+            fresh: dict[tuple[str, str], list[tuple[int, Any]]] = {}
+            hints: list[Any] = []
+            todo = []
+            for name, first, last in _debuggable_functions(text):
+                key = (name, "\n".join(lines[first:last + 1]))
+                if key in cache:
+                    fresh[key] = cache[key]
+                    hints += [_moved(h, first + rel) for rel, h in cache[key]]
+                else:
+                    todo.append((key, name, first))
+            if todo:
+                async with self.progress(f"moecoder: checking {len(todo)} function(s) for bugs") as progress:
+                    for n, (key, name, first) in enumerate(todo, 1):
+                        progress.message(f"{n}/{len(todo)} {name}")
+                        request = TaskRequest(task="debug", source=text, path=_path(uri), line=first, function=name,
+                                              max_new_tokens=self.settings.max_task_tokens,
+                                              max_seconds=None if self.settings.max_seconds is None else
+                                              self.settings.max_seconds * 6)
+                        try:
+                            result = await self.run_task(request, progress)
+                        except TaskFailed as e:
+                            log.warning("debug task failed for %s: %s", name, e)
+                            continue
+                        found = list(getattr(result, "hints", None) or [])
+                        fresh[key] = [(int(h.line) - first, h) for h in found]
+                        hints += found
+            self._hint_cache[uri] = fresh
             snapshot = Document(uri, text, version, doc.language_id, self.encoding)
-            items = [self._diagnostic(snapshot, h) for h in getattr(result, "hints", []) or []]
-            items = [d for d in items if d is not None]
+            items = [d for d in (self._diagnostic(snapshot, h) for h in hints) if d is not None]
         current = self.docs.get(uri)
         if current is None or current.version != version:
             return  # stale: the next idle/save run will replace it
@@ -647,6 +673,10 @@ class Progress:
             s.work_done_progress.begin(self.token, types.WorkDoneProgressBegin(title=self.title, cancellable=False))
         return self
 
+    def message(self, text: str) -> None:
+        if self.token is not None:
+            self.server.work_done_progress.report(self.token, types.WorkDoneProgressReport(message=text))
+
     def reasoning(self, text: str) -> None:
         now = time.monotonic()
         if self.token is None or now - self._last < 0.25:
@@ -692,6 +722,35 @@ def _function_at(source: str, line: int) -> tuple[str, int, int, bool] | None:
                 return name, start, end if end is not None else start, has_doc
             return None
     return _scan_function(source, line)
+
+
+def _debuggable_functions(source: str) -> list[tuple[str, int, int]]:
+    """(qualified name, first line, last line) of module-level functions and methods (nested
+    functions are part of their parent's code), 0-based; decorators included."""
+    try:
+        from assistant import code
+    except ImportError:  # pragma: no cover - until assistant.code lands
+        return []
+    try:
+        scopes = code.scopes(source)
+    except Exception:  # noqa: BLE001 - unparsable source: no hints
+        return []
+    kinds = {s.qualname: s.kind for s in scopes}
+    out = []
+    for s in scopes:
+        if s.kind != "function" or (s.parent is not None and kinds.get(s.parent) == "function"):
+            continue
+        first = s.decorated_start if 0 <= s.decorated_start <= s.start_line else s.start_line
+        out.append((s.qualname, first, s.end_line))
+    return out
+
+
+def _moved(hint: Any, line: int) -> Any:
+    if getattr(hint, "line", None) == line:
+        return hint
+    moved = copy.copy(hint)
+    moved.line = line
+    return moved
 
 
 def _first_int(obj: Any, names: tuple[str, ...]) -> int | None:

@@ -8,7 +8,8 @@ It has the surface of :class:`assistant.engine.Engine` that the server uses (``s
   unless the source holds ``FAKE_WORD=<word>``; plus ``"\\nsecond_line"`` (multi-line)
   when nothing but whitespace follows the cursor on its line.
 - ``comment``: a one-line docstring for the function named in the request.
-- ``debug``: one hint per line containing ``FAKE_BUG`` (fix: ``FAKE_BUG`` -> ``fixed``).
+- ``debug``: one hint per line containing ``FAKE_BUG`` in the requested function (fix:
+  ``FAKE_BUG`` -> ``fixed``).
 - ``explain``: a sentence naming the requested lines.
 
 ``FAKE_DELAY=<seconds>`` anywhere in the source makes every task take that long before
@@ -30,6 +31,22 @@ from assistant.tasks import Completion, DebugResult, Docstring, Explanation, Hin
 _DELAY = re.compile(r"FAKE_DELAY=([0-9.]+)")
 _WORD = re.compile(r"FAKE_WORD=(\w+)")
 _DEF = re.compile(r"^([ \t]*)(?:async[ \t]+)?def[ \t]+(\w+)")
+
+
+def _span(lines: list[str], qualname: str) -> tuple[int, int]:
+    """Lines of the function ``qualname`` (its last name part), by indentation; (0, -1) if absent."""
+    name = qualname.rsplit(".", 1)[-1]
+    for i, text in enumerate(lines):
+        d = _DEF.match(text)
+        if d and d.group(2) == name:
+            indent, end = len(d.group(1)), i
+            for j in range(i + 1, len(lines)):
+                if lines[j].strip():
+                    if len(lines[j]) - len(lines[j].lstrip()) <= indent:
+                        break
+                    end = j
+            return i, end
+    return 0, -1
 
 
 class FakeCancelToken:
@@ -134,8 +151,9 @@ class FakeEngine:
                              indent=body_indent, style="plain", reasoning=f"{name} is a function")
         if r.task == "debug":
             hints = []
+            lo, hi = _span(lines, r.function) if r.function else (0, len(lines) - 1)
             for i, text in enumerate(lines):
-                if "FAKE_BUG" in text:
+                if "FAKE_BUG" in text and lo <= i <= hi:
                     hints.append(Hint(path=r.path, function="f", line=i, message="FAKE_BUG looks wrong",
                                       fix=text.replace("FAKE_BUG", "fixed"), confidence=0.8,
                                       reasoning="the marker FAKE_BUG is never defined"))

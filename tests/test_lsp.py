@@ -175,6 +175,34 @@ async def test_pull_diagnostics_with_result_ids_and_apply_fix(client: LanguageCl
     assert apply_edits(text, edits_of(fix.edit, uri)) == "def f(x):\n    y = x + fixed\n    return y\n"
 
 
+async def test_diagnostics_rerun_only_changed_functions(client: LanguageClient, tmp_path):
+    text = "def f(x):\n    return x + FAKE_BUG\n\n\ndef g(y):\n    return y\n"
+    uri = uri_for(tmp_path, "two.py", text)
+    await init(client, options={"diagnosticsDelay": 30})
+    open_doc(client, uri, text)
+
+    async def save_and_pull() -> list[types.Diagnostic]:
+        client.text_document_did_save(types.DidSaveTextDocumentParams(
+            text_document=types.TextDocumentIdentifier(uri)))
+        report = await client.text_document_diagnostic_async(types.DocumentDiagnosticParams(
+            text_document=types.TextDocumentIdentifier(uri=uri)))
+        return list(report.items)
+
+    async def debug_requests() -> list:
+        return [r for r in (await stats(client))["requests"] if r[0] == "debug"]
+
+    (d,) = await save_and_pull()
+    assert d.range.start.line == 1
+    assert [r[1] for r in await debug_requests()] == [0, 4]  # one request per function
+    change_doc(client, uri, 2, (0, 0), (0, 0), "import os\n")  # both functions move, unchanged
+    (d,) = await save_and_pull()
+    assert d.range.start.line == 2  # the cached hint moved with its function
+    assert len(await debug_requests()) == 2
+    change_doc(client, uri, 3, (6, 11), (6, 12), "y + 1")  # g changes
+    (d,) = await save_and_pull()
+    assert [r[1] for r in await debug_requests()] == [0, 4, 5]  # only g again
+
+
 async def test_push_diagnostics_for_a_client_without_pull(client: LanguageClient, tmp_path):
     text = "def f(x):\n    return FAKE_BUG\n"
     uri = uri_for(tmp_path, "p.py", text)
