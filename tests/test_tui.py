@@ -456,6 +456,20 @@ async def test_model_loads_in_a_worker_and_failure_is_reported(tmp_path):
         await wait_for(pilot, lambda: "ready" in app.sub_title)
         assert loaded_on and loaded_on[0] is not threading.main_thread()
 
+    # /model swaps in a newly loaded engine; the old one (loaded by the app) is closed
+    (tmp_path / "other_model").mkdir()
+    new_engine = ScriptedEngine(delay=0.0, answer=["from the new model"])
+    app3 = make_app(tmp_path, None, engine_factory=lambda d: new_engine if d and "other" in d else old)
+    old = ScriptedEngine(delay=0.0)
+    async with app3.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app3._engine is old)
+        await app3.handle_input("/model other_model")
+        await wait_for(pilot, lambda: any("loaded model" in n for n in notes(app3)))
+        assert app3._engine is new_engine and old.closed and "other_model" in app3.sub_title
+        await app3.handle_input("hello")
+        await wait_for(pilot, last_done(app3))
+        assert turns(app3)[-1].state.answer == "from the new model"
+
     app2 = make_app(tmp_path, None, engine_factory=failing_loader)
     async with app2.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: any("could not load the model" in n for n in notes(app2, "error")))
@@ -525,6 +539,15 @@ async def test_real_engine_streams_and_stops(tmp_path, tiny_model_dir, real_engi
         assert turn.state.status in ("done", "error"), turn.state
         if turn.state.status == "done":
             assert turn.state.order[:1] in (["reasoning"], ["answer"], [])
+        # a directory that is not a checkpoint: the loader's one-line error in the chat
+        (tmp_path / "notamodel").mkdir()
+        await app.handle_input("/model notamodel")
+        await wait_for(
+            pilot, lambda: any("could not load model" in n for n in notes(app, "error")), timeout=30
+        )
+        (err,) = [n for n in notes(app, "error") if "could not load model" in n]
+        assert "notamodel" in err and "\n" not in err and "Traceback" not in err
+        assert "ready" in app.sub_title  # the tiny model is still the one in use
         # Escape during a real generation stops it and the engine takes the next request
         app._max_new_tokens = 128
         await app.handle_input("/explain")

@@ -195,11 +195,18 @@ class ChatApp(App):
         self._update_budget()
 
     def _switch_model(self, path: str) -> None:
+        """Thread worker: load ``path``, then swap it in (the UI thread never waits on a load)."""
         try:
             engine = self._factory(path)
         except Exception as e:  # noqa: BLE001 - shown in the chat
             self._post(self._model_switched, None, path, one_line(e))
             return
+        with self._engine_lock:
+            old, self._engine = self._engine, engine
+            owned, self._owns_engine = self._owns_engine, True
+        close = getattr(old, "close", None)
+        if owned and callable(close):
+            close()
         self._post(self._model_switched, engine, path, "")
 
     async def _model_switched(self, engine: Any, path: str, error: str) -> None:
@@ -207,14 +214,9 @@ class ChatApp(App):
             self.sub_title = self._model_label
             await self._error(f"could not load model {path}: {error}")
             return
-        with self._engine_lock:
-            old, self._engine = self._engine, engine
         self._model_dir = path
+        self._load_failed = False
         self.conversation.model = path
-        close = getattr(old, "close", None)
-        if self._owns_engine and callable(close):
-            close()
-        self._owns_engine = True
         self._model_label = f"model {shorten(path)} · context {engine.context_length:,}"
         self.sub_title = self._model_label
         await self._note(f"loaded model {path}")
