@@ -62,8 +62,8 @@ log = logging.getLogger("moecoder.lsp")
 PYTHON_IDS = {"python", "py", "python3"}
 SOURCE = "moecoder"
 DOCSTRING_KIND = types.CodeActionKind.RefactorRewrite
-MAX_RELATED = 3
-MAX_RELATED_CHARS = 20_000
+MAX_RELATED = 2
+MAX_RELATED_CHARS = 8_000
 _WORD_TAIL = re.compile(r"[A-Za-z0-9_]*$")
 _DEF = re.compile(r"^([ \t]*)(?:async[ \t]+)?def[ \t]+(\w+)")
 
@@ -287,10 +287,10 @@ class MoeServer(LanguageServer):
 
     async def engine(self) -> Any:
         fut = self.start_engine()
-        if not fut.done():
-            async with self.progress("Loading the moecoder model"):
-                await asyncio.shield(asyncio.wrap_future(fut))
         try:
+            if not fut.done():
+                async with self.progress("Loading the moecoder model"):
+                    await asyncio.shield(asyncio.wrap_future(fut))
             self._engine = fut.result()
         except Exception as e:  # noqa: BLE001 - reported once, one line
             msg = _one_line(e)

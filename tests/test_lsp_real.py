@@ -93,3 +93,19 @@ async def test_real_engine_on_the_tiny_model(real_client: LanguageClient, tiny_m
     assert report.kind == "full"
     for d in report.items:
         assert d.source == "moecoder" and 0 <= d.range.start.line <= 13
+
+
+async def test_a_missing_model_is_reported_once_and_requests_stay_empty(real_client: LanguageClient, tmp_path):
+    client = real_client
+    empty_model = tmp_path / "no_weights"
+    empty_model.mkdir()
+    await client.initialize_session(types.InitializeParams(
+        capabilities=capabilities(), initialization_options={"modelPath": str(empty_model)}))
+    uri = uri_for(tmp_path, "m.py", "x = 1\n")
+    open_doc(client, uri, "x = 1\n")
+    for _ in range(2):
+        res = await complete(client, uri, 0, 5)
+        assert not res.items
+    errors = [m for m in client.messages if m.type == types.MessageType.Error]
+    assert len(errors) == 1 and "could not load the model" in errors[0].message
+    assert "\n" not in errors[0].message
