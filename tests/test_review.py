@@ -20,6 +20,12 @@ EXAMPLES = ROOT / "examples" / "buggy"
 SARIF_SCHEMA = ROOT.parent / "shared" / "schemas" / "sarif-schema-2.1.0.json"
 JSON_SCHEMA = ROOT / "docs" / "review-json-schema.json"
 
+@pytest.fixture(autouse=True)
+def _no_user_config(tmp_path, monkeypatch):
+    """Tests never read the developer's ~/.config/moecoder/config.toml."""
+    monkeypatch.setenv("MOECODER_CONFIG", str(tmp_path / "no-config.toml"))
+
+
 PLANTED = {  # marker in the code -> (hint, fix)
     "range(len(values) + 1)": ("off-by-one: reads past the end", "for i in range(len(values)):"),
     "items[mid] > target": ("wrong comparison", "if items[mid] < target:"),

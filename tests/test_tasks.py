@@ -53,6 +53,12 @@ class Shape:
 '''
 
 
+@pytest.fixture(autouse=True)
+def _no_user_config(tmp_path, monkeypatch):
+    """Tests never read the developer's ~/.config/moecoder/config.toml."""
+    monkeypatch.setenv("MOECODER_CONFIG", str(tmp_path / "no-config.toml"))
+
+
 # -- completion ------------------------------------------------------------------------------
 def test_multiline_decided_from_syntax():
     src = "def f(x):\n    \n    y = g(x, )\n    s = 'abc'\n    # note\n"
@@ -269,3 +275,28 @@ def test_cli_runs_with_a_model(tmp_path, tiny_model_dir, capsys):
     assert isinstance(out, list) and set(out[0]) == {"hints", "reasoning"}
     assert main(["complete", f"{f}:18:5", "--model", str(tiny_model_dir), "--max-tokens", "4"]) == 0
     assert main(["explain", f"{f}:17-20", "--model", str(tmp_path / "no-model")]) == 2
+
+
+# -- settings --------------------------------------------------------------------------------
+def test_settings_from_toml(tmp_path, monkeypatch):
+    from assistant.config import ConfigError, load_settings
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('model = "~/m"\nmax_seconds = 5\n[max_tokens]\ndebug = 40\n[features]\nexplain = false\n'
+                   '[review]\nmin_confidence = 0.4\njobs = 2\nfail_on = "error"\n')
+    s = load_settings(cfg)
+    assert s.model.endswith("/m") and not s.model.startswith("~") and s.max_seconds == 5.0
+    assert s.max_tokens["debug"] == 40 and s.max_tokens["complete"] == 64 and s.features["explain"] is False
+    assert (s.review.min_confidence, s.review.jobs, s.review.fail_on) == (0.4, 2, "error")
+    monkeypatch.setenv("MOECODER_CONFIG", str(cfg))
+    assert load_settings().review.jobs == 2
+    monkeypatch.setenv("MOECODER_CONFIG", str(tmp_path / "absent.toml"))
+    assert load_settings().review.jobs == 4  # no file: defaults
+    for bad, needle in [("jobs = 2\n", "unknown setting"), ("[review]\njobs = 0\n", "review.jobs"),
+                        ("[max_tokens]\ndance = 3\n", "max_tokens.dance"), ("model = [\n", "invalid TOML")]:
+        cfg.write_text(bad)
+        with pytest.raises(ConfigError, match=needle) as info:
+            load_settings(cfg)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_settings(tmp_path / "nope.toml")
