@@ -185,3 +185,18 @@ def test_meta_init_then_materialise():
     model.init_weights()
     out = model(torch.randint(0, 512, (1, 8)))
     assert torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------- bench
+def test_bench_runs_and_rejects_bad_input(capsys):
+    from model.bench import main
+
+    assert main(["--presets", "tiny", "--batches", "1,2", "--new-tokens", "4", "--repeats", "1",
+                 "--prompt-len", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "torch " in out and "load average" in out
+    rows = [ln for ln in out.splitlines() if ln.startswith("tiny")]
+    assert len(rows) == 2
+    assert main(["--presets", "huge"]) == 2
+    assert "unknown model preset 'huge'" in capsys.readouterr().err
+    assert main(["--device", "tpu"]) == 2
