@@ -550,6 +550,11 @@ def prepare(args: argparse.Namespace) -> Setup:
         raise TrainError("--device cuda but CUDA is not available")
     if device.type not in ("cpu", "cuda"):
         raise TrainError(f"unsupported --device {args.device!r} (use cpu or cuda)")
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            raise TrainError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
 
     # output directory / resume
     out = Path(args.out)
