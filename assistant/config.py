@@ -5,6 +5,7 @@ Example::
     model = "~/models/moecoder-small"     # default: the shipped model
     device = "cpu"
     max_seconds = 30
+    completion_context_tokens = 1024      # prompt cap for completions (latency)
 
     [max_tokens]                          # per task
     complete = 64
@@ -55,6 +56,7 @@ class Settings:
     model: str | None = None
     device: str = "cpu"
     max_seconds: float | None = 60.0
+    completion_context_tokens: int = 1024
     max_tokens: dict[str, int] = field(default_factory=lambda: {"complete": 64, "comment": 160, "debug": 160,
                                                                  "explain": 160})
     features: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(TASK_NAMES, True))
@@ -77,7 +79,7 @@ def _check(cond: bool, path: Path, key: str, want: str) -> None:
 
 def parse_settings(data: dict[str, Any], path: Path = Path("<config>")) -> Settings:
     s = Settings(source=path)
-    known = {"model", "device", "max_seconds", "max_tokens", "features", "review"}
+    known = {"model", "device", "max_seconds", "completion_context_tokens", "max_tokens", "features", "review"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
@@ -92,6 +94,11 @@ def parse_settings(data: dict[str, Any], path: Path = Path("<config>")) -> Setti
         _check(isinstance(v, int | float) and not isinstance(v, bool) and v > 0, path, "max_seconds",
                "a positive number")
         s.max_seconds = float(v)
+    if "completion_context_tokens" in data:
+        v = data["completion_context_tokens"]
+        _check(isinstance(v, int) and not isinstance(v, bool) and v >= 16, path, "completion_context_tokens",
+               "an integer >= 16")
+        s.completion_context_tokens = v
     for table, kind in (("max_tokens", int), ("features", bool)):
         if table in data:
             t = data[table]

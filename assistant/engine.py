@@ -100,7 +100,7 @@ class Engine:
 
     def __init__(self, model_dir: str | None = None, device: str = "cpu", *, backend: Backend | None = None,
                  default_max_new_tokens: int = 256, default_max_seconds: float | None = 60.0,
-                 max_new_tokens_for: dict[str, int] | None = None):
+                 max_new_tokens_for: dict[str, int] | None = None, completion_context_tokens: int | None = 1024):
         if backend is None:
             from model.checkpoint import load_model
 
@@ -111,6 +111,8 @@ class Engine:
         self.default_max_new_tokens = default_max_new_tokens
         self.default_max_seconds = default_max_seconds
         self.default_max_new_tokens_for = dict(max_new_tokens_for or {})
+        # completions are latency-bound: their prompt is capped below the context length
+        self.completion_context_tokens = completion_context_tokens
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()

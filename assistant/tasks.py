@@ -151,7 +151,8 @@ def make_plan(engine: Any, req: TaskRequest) -> Plan:
         or DEFAULT_MAX_NEW[req.task]
     budget, max_new = _budget(engine, max_new)
     if req.task == "complete":
-        return _plan_complete(engine, req, budget, max_new)
+        cap = getattr(engine, "completion_context_tokens", None)  # prefill time bounds latency
+        return _plan_complete(engine, req, min(budget, cap) if cap else budget, max_new)
     if req.task == "explain":
         return _plan_explain(engine, req, budget, max_new)
     return _plan_function_task(engine, req, budget, max_new)
@@ -953,7 +954,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
         engine = Engine(args.model or settings.model, device=settings.device,
-                        default_max_seconds=settings.max_seconds, max_new_tokens_for=settings.max_tokens)
+                        default_max_seconds=settings.max_seconds, max_new_tokens_for=settings.max_tokens,
+                        completion_context_tokens=settings.completion_context_tokens)
     except (ValueError, OSError) as e:
         print(f"moecoder {task}: error: {str(e).splitlines()[0] if str(e) else e}", file=sys.stderr)
         return 2

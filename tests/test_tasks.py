@@ -282,10 +282,11 @@ def test_settings_from_toml(tmp_path, monkeypatch):
     from assistant.config import ConfigError, load_settings
 
     cfg = tmp_path / "config.toml"
-    cfg.write_text('model = "~/m"\nmax_seconds = 5\n[max_tokens]\ndebug = 40\n[features]\nexplain = false\n'
+    cfg.write_text('model = "~/m"\nmax_seconds = 5\ncompletion_context_tokens = 300\n[max_tokens]\ndebug = 40\n[features]\nexplain = false\n'
                    '[review]\nmin_confidence = 0.4\njobs = 2\nfail_on = "error"\n')
     s = load_settings(cfg)
     assert s.model.endswith("/m") and not s.model.startswith("~") and s.max_seconds == 5.0
+    assert s.completion_context_tokens == 300
     assert s.max_tokens["debug"] == 40 and s.max_tokens["complete"] == 64 and s.features["explain"] is False
     assert (s.review.min_confidence, s.review.jobs, s.review.fail_on) == (0.4, 2, "error")
     monkeypatch.setenv("MOECODER_CONFIG", str(cfg))
@@ -300,3 +301,11 @@ def test_settings_from_toml(tmp_path, monkeypatch):
         assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="no such config file"):
         load_settings(tmp_path / "nope.toml")
+
+
+def test_completion_prompt_is_capped_for_latency(tiny_tokenizer):
+    backend = ScriptedBackend(tiny_tokenizer, context_length=4096)
+    eng = Engine.from_loaded(backend=backend, completion_context_tokens=100)
+    big = "\n".join(f"value_{i} = {i} * {i}" for i in range(2000))
+    eng.run(TaskRequest("complete", big, line=1000, column=0))
+    assert len(backend.prompts[-1]) <= 100
