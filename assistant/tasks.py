@@ -237,6 +237,7 @@ def iter_batch(engine: Any, requests: Sequence[TaskRequest], batch_size: int = 4
     tok = engine.tokenizer
     for key, members in groups.items():
         max_new, max_s, stops, stop_ids, think = key
+        members.sort(key=lambda m: len(m[1].prompt_ids))  # similar lengths batch with less padding
         params = engine.sampling_params(max_new, max_s, stop_strings=stops, stop_token_ids=stop_ids)
         for a in range(0, len(members), max(1, batch_size)):
             chunk = members[a:a + batch_size]
