@@ -183,6 +183,8 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, device_type: str = "
             if emesh.size() > 1:
                 fully_shard(experts, mesh=emesh, mp_policy=mp)
                 experts.set_gradient_divide_factor(float(world))
+                if dist.get_backend() == "gloo":  # gloo has no PREMUL_SUM: sum, then divide
+                    experts.set_force_sum_reduction_for_comms(True)
             else:
                 # no data-parallel peer holds these experts: nothing to shard or reduce.
                 # (FSDP2 divides twice by a custom factor on a 1-rank mesh, so scale by hand.)

@@ -124,5 +124,71 @@ def fsdp_steps(out_path: str, replicate: str, shard: str, ep: str, steps: str = 
     dist.destroy_process_group()
 
 
+def _full_states(model, opt) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    flat = {f"model.{k}": v.detach().clone() for k, v in msd.items()}
+    for pname, st in osd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                flat[f"optim.{pname}.{k}"] = v.detach().clone()
+    return flat
+
+
+def _train_some(model, opt, cfg, steps: int, seed: int, rank: int, world: int) -> float:
+    from model.parallel import all_reduce_expert_counts
+
+    g = torch.Generator().manual_seed(seed)
+    per_rank = 4 // world if 4 % world == 0 else 1
+    loss = torch.tensor(0.0)
+    for _ in range(steps):
+        batch = torch.randint(0, cfg.vocab_size, (max(per_rank * world, 4), 17), generator=g)
+        loss = _step(model, opt, batch[rank * per_rank:(rank + 1) * per_rank])
+        all_reduce_expert_counts(model)
+        model.update_bias()
+    return float(loss)
+
+
+def dcp_roundtrip(mode: str, ckpt: str, ref_path: str, replicate: str, shard: str, ep: str) -> None:
+    """mode=save: train 2 steps sharded, save with DCP; mode=load: load on another layout,
+    compare model + optimizer state with the saved one, then train on."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from model.parallel import ParallelDims, parallelize
+    from model.transformer import Transformer
+
+    rank, world = _init()
+    cfg = _tiny_cfg(n_experts=4)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    parallelize(model, ParallelDims(int(replicate), int(shard), int(ep)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    if mode == "save":
+        _train_some(model, opt, cfg, 2, seed=1, rank=rank, world=world)
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+        full = _full_states(model, opt)
+        if rank == 0:
+            torch.save(full, ref_path)
+    else:
+        msd, osd = get_state_dict(model, opt)
+        sd = {"model": msd, "optim": osd}
+        dcp.load(sd, checkpoint_id=ckpt)
+        set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        full = _full_states(model, opt)
+        ref = torch.load(ref_path)
+        assert set(ref) == set(full), sorted(set(ref) ^ set(full))[:5]
+        err = max((ref[k].double() - full[k].double()).abs().max().item() for k in ref)
+        before = full["model.tok_emb.weight"]
+        loss = _train_some(model, opt, cfg, 1, seed=2, rank=rank, world=world)
+        after = _full_states(model, opt)["model.tok_emb.weight"]
+        with open(f"{ref_path}.load{world}.{rank}", "w") as f:
+            json.dump({"max_err": err, "n_keys": len(ref), "loss": loss,
+                       "moved": (after - before).abs().max().item()}, f)
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     globals()[sys.argv[1]](*sys.argv[2:])

@@ -50,3 +50,17 @@ def test_sharded_training_equals_single_process(tmp_path, nproc, replicate, shar
         res = json.loads(Path(f"{out}.{rank}").read_text())
         assert res["ref_moved"] > 1e-3, "the reference did not train"
         assert res["max_err"] < 1e-5, res
+
+
+def test_dcp_checkpoint_reshards_from_2_to_1_3_4_ranks(tmp_path):
+    """Save on 2 ranks (FSDP2 + EP2); load on 1 (plain), 3 (FSDP3) and 4 (FSDP4 + EP2) ranks:
+    model and optimizer state identical (exact), and training continues."""
+    ckpt, ref = tmp_path / "ckpt", tmp_path / "ref.pt"
+    torchrun(2, "dcp_roundtrip", "save", str(ckpt), str(ref), "1", "2", "2")
+    for nproc, ep in ((1, 1), (3, 1), (4, 2)):
+        torchrun(nproc, "dcp_roundtrip", "load", str(ckpt), str(ref), "1", str(nproc), str(ep))
+        for rank in range(nproc):
+            res = json.loads(Path(f"{ref}.load{nproc}.{rank}").read_text())
+            assert res["n_keys"] > 20
+            assert res["max_err"] == 0.0, (nproc, res)
+            assert res["moved"] > 0 and res["loss"] == res["loss"], (nproc, res)
