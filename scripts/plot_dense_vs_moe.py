@@ -2,6 +2,7 @@
 """Plot the validation curves of a MoE run and a dense run side by side (docs/dense-vs-moe.png).
 
     python scripts/plot_dense_vs_moe.py MOE_RUN DENSE_RUN [--out docs/dense-vs-moe.png] [--force]
+    python scripts/plot_dense_vs_moe.py twin PRESET   # the dense twin's train overrides
 
 Each RUN is a ``moecoder train`` output directory or its ``metrics.jsonl``. Validation records
 (``step``, ``valid_bpb``, ``valid_loss``) are placed on a tokens axis using the training records
@@ -125,8 +126,34 @@ def plot(curves: dict[str, Curve], out: Path, title: str) -> None:
     tmp.replace(out)
 
 
+def dense_twin(preset: str) -> tuple[dict, int, int]:
+    """Overrides that turn ``preset`` into a dense model with (nearly) the same active parameters.
+
+    Every layer becomes a dense SwiGLU block of one hidden size, chosen so that the dense model's
+    parameter count equals the MoE's active count; per-token FLOPs then match too (the router's
+    are negligible), so equal steps x batch x sequence length is equal compute.
+    Returns (overrides, MoE active params, dense params).
+    """
+    import dataclasses
+
+    from model.config import get_preset, param_counts
+
+    cfg = get_preset(preset)
+    _, active = param_counts(cfg)
+    base = dataclasses.replace(cfg, n_dense_layers=cfg.n_layers, dense_hidden=1)
+    per_unit = param_counts(dataclasses.replace(base, dense_hidden=2))[0] - param_counts(base)[0]
+    hidden = max(1, round(1 + (active - param_counts(base)[0]) / per_unit))
+    dense = dataclasses.replace(base, dense_hidden=hidden)
+    return {"n_dense_layers": cfg.n_layers, "dense_hidden": hidden}, active, param_counts(dense)[0]
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="plot_dense_vs_moe.py", description=__doc__.split("\n")[0])
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["twin"]:
+        return twin_main(argv[1:])
+    p = argparse.ArgumentParser(prog="plot_dense_vs_moe.py", description=__doc__.split("\n")[0],
+                                epilog="`plot_dense_vs_moe.py twin PRESET` prints the dense twin's overrides.")  # fmt: skip
     p.add_argument("moe", help="MoE run directory or its metrics.jsonl")
     p.add_argument("dense", help="dense run directory or its metrics.jsonl")
     p.add_argument("--out", default="docs/dense-vs-moe.png")
@@ -156,6 +183,23 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     print(f"wrote {out}")
+    return 0
+
+
+def twin_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="plot_dense_vs_moe.py twin", description="the dense twin of a preset")
+    p.add_argument("preset", help="model preset (tiny, small, base)")
+    args = p.parse_args(argv)
+    try:
+        overrides, active, dense = dense_twin(args.preset)
+    except ValueError as e:
+        print(f"plot_dense_vs_moe: error: {e}", file=sys.stderr)
+        return 2
+    flags = " ".join(f"--override {k}={v}" for k, v in overrides.items())
+    print(
+        f"{args.preset}: MoE active {active / 1e6:.2f}M; dense twin {dense / 1e6:.2f}M ({dense / active - 1:+.2%})"
+    )
+    print(f"moecoder train --preset {args.preset} {flags} ...  (same data, steps, batch and seq len)")
     return 0
 
 

@@ -262,3 +262,22 @@ def test_plot_script_reads_curves_and_writes_png(tmp_path, capsys):
     )  # no silent overwrite
     assert out.read_bytes() == before
     assert mod.main([str(tmp_path / "nope"), str(tmp_path / "dense"), "--out", str(out)]) == 2
+
+
+def test_dense_twin_matches_active_parameters():
+    import dataclasses
+
+    import torch
+
+    from model.config import get_preset, param_counts
+    from model.transformer import Transformer
+
+    mod = _plot_module()
+    for preset in ("tiny", "small"):
+        overrides, active, dense = mod.dense_twin(preset)
+        assert abs(dense / active - 1) < 0.01
+        cfg = dataclasses.replace(get_preset(preset), **overrides)
+        assert cfg.n_moe_layers == 0 and param_counts(cfg) == (dense, dense)
+    model = Transformer(dataclasses.replace(get_preset("tiny"), **mod.dense_twin("tiny")[0]))
+    assert sum(p.numel() for p in model.parameters()) == mod.dense_twin("tiny")[2]
+    assert model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 512)
