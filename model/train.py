@@ -165,7 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--kernels", choices=["auto", "triton", "reference"], default="auto",
                    help="MoE kernels (sets MOECODER_KERNELS)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (experimental: slow to compile the MoE layers)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="set a model config field, e.g. n_experts=1 (repeatable)")
@@ -438,6 +438,7 @@ class Setup:
     code: object
     valid: object | None
     tasks: object | None
+    resume: bool
     resume_from: Path | None
     resume_extra: dict | None
     device: object
@@ -591,7 +592,8 @@ def prepare(args: argparse.Namespace) -> Setup:
         existing = [n for n in ("ckpt", "train.log", "metrics.jsonl", "best", "final") if (out / n).exists()]
         if existing:
             raise TrainError(f"{out} already holds a training run ({', '.join(existing)}); pass --resume or use a new --out")
-    return Setup(cfg, model_cfg, out, data_dir, tok_path, tok, code, valid, tasks, resume_from, extra, device, notes)
+    return Setup(cfg, model_cfg, out, data_dir, tok_path, tok, code, valid, tasks, bool(args.resume), resume_from, extra,
+                 device, notes)
 
 
 # ---------------------------------------------------------------------------------- training
@@ -700,7 +702,8 @@ def train(s: Setup, max_minutes: float | None, compile_model: bool, t_start: flo
         _set_rng_state(torch, device, ex["rng"])
 
     s.out.mkdir(parents=True, exist_ok=True)
-    log = Logger(s.out, step if s.resume_from is not None else None)
+    # --resume: drop metrics past the checkpoint (or all of them when there is none yet)
+    log = Logger(s.out, step if s.resume else None)
     run_model = torch.compile(model) if compile_model else model
     total_params = sum(p.numel() for p in model.parameters())
     from model.config import param_counts
@@ -919,9 +922,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 0:
         print("moecoder train: error: --threads must be >= 0", file=sys.stderr)
         return 2
-    if args.threads:
-        import torch
+    import torch
 
+    threads = torch.get_num_threads()
+    if args.threads:
         torch.set_num_threads(args.threads)
     try:
         setup = prepare(args)
@@ -929,6 +933,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainError as e:
         print(f"moecoder train: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

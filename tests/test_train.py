@@ -374,3 +374,44 @@ def test_cli_exit_code_and_one_line(tmp_path):
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "error" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_max_minutes_stops_early_with_a_checkpoint(data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data", str(data_dir), "--out", str(out), *TRAIN_ARGS, "--max-steps", "100000", "--eval-every", "0"]
+    assert main([*args, "--max-minutes", "0.1"]) == 0
+    steps = max(_losses(out))
+    assert 0 < steps < 100000
+    assert latest_checkpoint(out).name == f"step_{steps:07d}"
+    assert "time budget" in (out / "train.log").read_text()
+    # the next call in the chain continues where this one stopped
+    assert main([*args, "--max-minutes", "0.05", "--resume"]) == 0
+    assert max(_losses(out)) > steps
+    assert sorted(_losses(out)) == list(range(1, max(_losses(out)) + 1))
+
+
+def test_progress_line_on_a_terminal(small_data_dir, tmp_path):
+    import pty
+
+    out = tmp_path / "run"
+    master, slave = pty.openpty()
+    args = [sys.executable, "-m", "model.train", "--data", str(small_data_dir), "--out", str(out), *TRAIN_ARGS,
+            "--max-steps", "4"]
+    p = subprocess.Popen(args, env=_env(), stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    p.wait(timeout=120)
+    os.close(master)
+    shown = b"".join(chunks).decode(errors="replace")
+    assert p.returncode == 0, shown
+    assert "\r\x1b[K[" in shown and "step 4/4" in shown  # redrawn in place, with a bar
+    log = (out / "train.log").read_text()
+    assert "\r" not in log and "step 4/4 loss" in log
