@@ -319,11 +319,29 @@ class Context:
         return self.limit if self.limit is not None else DEFAULT_LIMITS[suite]
 
 
-def _run_parallel(fn: Callable, items: list, jobs: int) -> list:
+def _run_parallel(
+    fn: Callable, items: list, jobs: int, progress: Callable[[int, int], None] | None = None
+) -> list:
+    """``[fn(x) for x in items]`` on ``jobs`` threads (each call waits on a sandbox subprocess)."""
+    out: list = []
     if jobs <= 1 or len(items) <= 1:
-        return [fn(x) for x in items]
+        for x in items:
+            out.append(fn(x))
+            if progress:
+                progress(len(out), len(items))
+        return out
     with ThreadPoolExecutor(max_workers=jobs) as ex:
-        return list(ex.map(fn, items))
+        for r in ex.map(fn, items):
+            out.append(r)
+            if progress:
+                progress(len(out), len(items))
+    return out
+
+
+def _tests_progress(ctx: Context, suite: str) -> Callable[[int, int], None] | None:
+    if ctx.progress is None:
+        return None
+    return lambda done, total: ctx.progress(f"{suite} tests", done, total)
 
 
 # --------------------------------------------------------------------------- bpb
@@ -486,7 +504,12 @@ def suite_mbpp(ctx: Context) -> dict:
     built = [(t, p) for t, p in built if p is not None]
     preds = ctx.predictor.complete([p[0] for _, p in built], MBPP_STOPS, ctx.max_new_tokens)
     runs = [(t, p[0] + pred) for (t, p), pred in zip(built, preds) if pred is not None]
-    passed = _run_parallel(lambda tp: _run_tests(mbpp_program(tp[0], tp[1]), ctx.timeout), runs, ctx.jobs)
+    passed = _run_parallel(
+        lambda tp: _run_tests(mbpp_program(tp[0], tp[1]), ctx.timeout),
+        runs,
+        ctx.jobs,
+        _tests_progress(ctx, "mbpp"),
+    )
     n = len(runs)
     return {"pass@1": sum(passed) / n if n else 0.0, "passed": sum(passed), "n": n,
             "skipped": len(tasks) - n, "failed_ids": [t["task_id"] for (t, _), ok in zip(runs, passed) if not ok][:50]}  # fmt: skip
@@ -518,7 +541,7 @@ def suite_mbpp_infill(ctx: Context) -> dict:
         code = it["prefix"] + p.rstrip("\n") + "\n" + it["suffix"]
         return _run_tests(mbpp_program(it["task"], code), ctx.timeout)
 
-    passed = _run_parallel(check, scored, ctx.jobs)
+    passed = _run_parallel(check, scored, ctx.jobs, _tests_progress(ctx, "mbpp-infill"))
     n = len(scored)
     return {"exact_match": sum(em) / n if n else 0.0, "pass": sum(passed) / n if n else 0.0,
             "passed": sum(passed), "n": n, "skipped": len(items) - n}  # fmt: skip
@@ -641,7 +664,7 @@ def suite_quixbugs(ctx: Context) -> dict:
                 to_run.append((row, it, program))
         rows.append(row)
     results = _run_parallel(lambda x: run_quixbugs_tests(root, x[1]["rec"], x[2], 3 * ctx.timeout), to_run,
-                            ctx.jobs)  # fmt: skip
+                            ctx.jobs, _tests_progress(ctx, "quixbugs"))  # fmt: skip
     for (row, _, _), ok in zip(to_run, results):
         row["repaired"] = ok
     done = [r for r in rows if not r["skipped"]]
