@@ -849,12 +849,15 @@ def train(s: Setup, max_minutes: float | None, compile_model: bool, t_start: flo
                     "epoch": round(_epoch(loader_state, s.code.num_docs), 4),
                     "elapsed_s": round(now - t_start, 1),
                 }
+                if cuda:
+                    rec["max_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                 log.record(rec)
                 left = (cfg.max_steps - step) * step_est
                 msg = (
                     f"step {step}/{cfg.max_steps} loss {loss_v:.4f} lr {lr:.2e} gnorm {rec['grad_norm']:.3f} "
                     f"{tps / 1e3:.1f}k tok/s" + (f" mfu {100 * mfu:.1f}%" if mfu is not None else "")
                     + (f" imb {rec['expert_imbalance']:.2f}" if imbalance is not None else "")
+                    + (f" mem {rec['max_mem_gib']:.1f}G" if cuda else "")
                     + f" eta {_fmt_secs(left)}"
                 )
                 if log.tty:
