@@ -88,6 +88,13 @@ def shipped_dir(arg: str | None) -> Path | None:
     return d if (d / "config.json").exists() else None
 
 
+def _display(p: Path) -> str:
+    try:
+        return str(p.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(p)
+
+
 def bench_context(tok, n_lines: int, budget: int, label: str) -> dict[str, float]:
     from assistant import code as codemod
     from assistant.context import _COUNTERS, build_context
@@ -170,11 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     tok, tok_path = tiny_tokenizer(work)
     bench_context(tok, args.lines, args.budget or 2048 - 64, "tiny tokenizer, vocab 512")
     shipped = shipped_dir(args.model)
-    if shipped is not None:
+    tok_dir = shipped
+    if tok_dir is None:
+        from model.checkpoint import default_model_dir
+
+        tok_dir = Path(default_model_dir()) if (Path(default_model_dir()) / "tokenizer.model").exists() else None
+    if tok_dir is not None:
         from model.tokenizer import Tokenizer
 
-        stok = Tokenizer.load(shipped)
-        bench_context(stok, args.lines, args.budget or 2048 - 64, f"{shipped} tokenizer")
+        stok = Tokenizer.load(tok_dir)
+        bench_context(stok, args.lines, args.budget or 2048 - 64,
+                      f"{_display(tok_dir)} tokenizer, vocab {stok.vocab_size}")
     if args.skip_review:
         return 0
     import dataclasses
@@ -189,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     export(Transformer(cfg), cfg, tok_path, tiny_dir)
     bench_review(tiny_dir, "tiny preset, random weights", args.jobs, args.max_tokens)
     if shipped is not None:
-        bench_review(shipped, f"shipped model {shipped}", args.jobs, args.max_tokens)
+        bench_review(shipped, f"model {_display(shipped)}", args.jobs, args.max_tokens)
     else:
         print("review [shipped model]: not measured (no model/weights/config.json yet; pass --model DIR)")
     return 0
