@@ -22,6 +22,7 @@ Features (each can be switched off in the settings; hover is off by default):
 Settings (camelCase, either top level or under a ``"moecoder"`` key)::
 
     {"modelPath": null, "device": "cpu", "maxTokens": 48, "maxTaskTokens": 256, "maxSeconds": 10.0,
+     "contextTokens": 512, "relatedTokens": 0,
      "diagnosticsDelay": 1.0, "maxDiagnosticLines": 3000,
      "features": {"completion": true, "inlineCompletion": true, "codeActions": true,
                   "diagnostics": true, "hover": false}}
@@ -78,6 +79,8 @@ class Settings:
     model_path: str | None = None
     device: str = "cpu"
     max_tokens: int = 48  # completion
+    context_tokens: int = 512  # completion prompt: the code around the cursor (0 = all of it)
+    related_tokens: int = 0  # completion prompt: other open Python files (0 = none)
     max_task_tokens: int = 256  # docstring, debug, explain (reasoning included)
     max_seconds: float | None = 10.0
     diagnostics_delay: float = 1.0
@@ -123,6 +126,8 @@ class Settings:
                 problems.append(f"device must be a string, got {raw['device']!r}")
         number("maxTokens", int, 1)
         number("maxTaskTokens", int, 1)
+        number("contextTokens", int, 0)
+        number("relatedTokens", int, 0)
         number("maxSeconds", float, 0.1, allow_none=True)
         number("diagnosticsDelay", float, 0.0)
         number("maxDiagnosticLines", int, 1)
@@ -407,12 +412,16 @@ class MoeServer(LanguageServer):
         return None
 
     def related(self, doc: Document) -> list[tuple[str, str]]:
-        out = []
-        for other in reversed(list(self.docs.values())):
-            if other.uri != doc.uri and other.language_id.lower() in PYTHON_IDS:
-                out.append((_path(other.uri), other.text[:MAX_RELATED_CHARS]))
-            if len(out) >= MAX_RELATED:
-                break
+        """The most recently opened other Python files, cut to ``relatedTokens`` in total
+        (about 4 characters a token); none by default (they cost prefill time)."""
+        chars = min(self.settings.related_tokens * 4, MAX_RELATED_CHARS)
+        out: list[tuple[str, str]] = []
+        if chars <= 0:
+            return out
+        others = [o for o in reversed(list(self.docs.values()))
+                  if o.uri != doc.uri and o.language_id.lower() in PYTHON_IDS][:MAX_RELATED]
+        for other in others:
+            out.append((_path(other.uri), other.text[: chars // len(others)]))
         return out
 
     # -- completion -------------------------------------------------------------------------------
@@ -430,7 +439,14 @@ class MoeServer(LanguageServer):
         line, col = doc.engine_line_col(offset)
         _, line_end = doc.line_bounds(doc.position_at(offset).line)
         multiline_ok = not text[offset:line_end].strip()
-        request = TaskRequest(task="complete", source=text, path=_path(uri), line=line, column=col,
+        try:
+            engine = await self.engine()
+        except TaskFailed:
+            return None
+        source, wline = text, line
+        if self.settings.context_tokens > 0:
+            source, wline = context_window(text, line, self.settings.context_tokens, engine.count_tokens)
+        request = TaskRequest(task="complete", source=source, path=_path(uri), line=wline, column=col,
                               related=self.related(doc), max_new_tokens=self.settings.max_tokens,
                               max_seconds=self.settings.max_seconds)
         mine: list[Any] = []
@@ -722,6 +738,35 @@ def _function_at(source: str, line: int) -> tuple[str, int, int, bool] | None:
                 return name, start, end if end is not None else start, has_doc
             return None
     return _scan_function(source, line)
+
+
+def context_window(text: str, line: int, budget: int, count: Callable[[str], int],
+                   prefix_share: float = 0.75) -> tuple[str, int]:
+    """The lines around 0-based ``line`` that fit about ``budget`` tokens (``prefix_share``
+    of them before the cursor line, the rest after; unused room moves to the other side).
+    Returns (window text, the cursor line's index in it). Prompt length is what prefill
+    time scales with, so this is what keeps completion latency flat in long files."""
+    lines = text.split("\n")
+    lo = hi = line
+    used = count(lines[line] + "\n")
+
+    def grow(step: int, limit: float) -> None:
+        nonlocal lo, hi, used
+        spent = 0
+        while (lo > 0) if step < 0 else (hi < len(lines) - 1):
+            c = count(lines[lo - 1 if step < 0 else hi + 1] + "\n")
+            if used + c > budget or spent + c > limit:
+                return
+            used, spent = used + c, spent + c
+            if step < 0:
+                lo -= 1
+            else:
+                hi += 1
+
+    grow(-1, budget * prefix_share)  # the code before the cursor first, up to its share
+    grow(+1, budget)  # then after it, taking what the prefix left
+    grow(-1, budget)  # and the prefix again if the suffix was short
+    return "\n".join(lines[lo:hi + 1]), line - lo
 
 
 def _debuggable_functions(source: str) -> list[tuple[str, int, int]]:
