@@ -80,6 +80,10 @@ def _install(work):
             for i in PATH_EVENTS[event]:
                 if i < len(args) and not inside(args[i]):
                     deny(event + " outside the sandbox directory: " + str(args[i]))
+        elif event == "sqlite3.connect":
+            db = args[0] if args else None
+            if db not in (":memory:", b":memory:", "", b"") and not inside(db):
+                deny("database outside the sandbox directory: " + str(db))
         elif event in DENY or event.startswith("ctypes."):
             deny(event + " is not allowed")
         elif event in ("os.kill", "os.killpg", "signal.pthread_kill"):

@@ -40,6 +40,8 @@ def test_kills_a_sleeping_process_too():
         "import os\nos.mkdir('/tmp/{name}')",
         "import os\nos.symlink('/tmp', 'link')\nopen('link/{name}', 'w')",
         "import shutil\nshutil.copyfile('main.py', '/tmp/{name}')",
+        "import sqlite3\nsqlite3.connect('/tmp/{name}').execute('create table t (x)')",
+        "import os\nos.chdir('/tmp')\nopen('{name}', 'w')",
     ],
 )
 def test_cannot_write_outside_its_directory(code):
@@ -51,7 +53,8 @@ def test_cannot_write_outside_its_directory(code):
 
 
 def test_can_write_inside_and_read_outside():
-    r = run_code("open('out.txt', 'w').write('ok')\nimport os\nos.mkdir('d')\nos.remove('out.txt')\n"
+    r = run_code("import sqlite3\nsqlite3.connect(':memory:').execute('select 1')\nsqlite3.connect('db.sqlite')\n"
+                 "open('out.txt', 'w').write('ok')\nimport os\nos.mkdir('d')\nos.remove('out.txt')\n"
                  "print(len(open(os.__file__).read()) > 0)")  # fmt: skip
     assert r.ok, r.stderr
     assert r.stdout.strip() == "True"
