@@ -149,12 +149,8 @@ def strip_docstring(func: Function) -> str | None:
     nxt = func.node.body[1]
     if nxt.lineno <= last:
         return None
-    kept = lines[: first - 1] + lines[last:]
-    # drop blank lines right after the def line that the docstring left behind
-    body_start = first - 1
-    while body_start < len(kept) and not kept[body_start].strip():
-        del kept[body_start]
-    code = "\n".join(kept)
+    # only the docstring's own lines go (as assistant.tasks does at run time): a blank line after it stays
+    code = "\n".join(lines[: first - 1] + lines[last:])
     try:
         _parse(code)
     except SyntaxError:
