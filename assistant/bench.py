@@ -165,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--skip-review", action="store_true")
+    p.add_argument("--random-preset", metavar="NAME",
+                   help="also time review with a randomly initialised model of this preset (e.g. small, the "
+                        "shipped architecture) and the shipped tokenizer: the worst case, every answer runs "
+                        "to the token limit")
     args = p.parse_args(argv)
 
     import torch
@@ -201,6 +205,20 @@ def main(argv: list[str] | None = None) -> int:
     tiny_dir = work / "tiny"
     export(Transformer(cfg), cfg, tok_path, tiny_dir)
     bench_review(tiny_dir, "tiny preset, random weights", args.jobs, args.max_tokens)
+    if args.random_preset:
+        if tok_dir is None:
+            print(f"review [random {args.random_preset}]: needs model/weights/tokenizer.model")
+        else:
+            from model.tokenizer import Tokenizer
+
+            rtok = Tokenizer.load(tok_dir)
+            torch.manual_seed(0)
+            rcfg = dataclasses.replace(get_preset(args.random_preset), vocab_size=rtok.vocab_size)
+            rdir = work / f"random-{args.random_preset}"
+            tok_file = tok_dir / "tokenizer.model" if tok_dir.is_dir() else tok_dir
+            export(Transformer(rcfg), rcfg, tok_file, rdir)
+            bench_review(rdir, f"{args.random_preset} preset, random weights, shipped tokenizer", args.jobs,
+                         args.max_tokens)
     if shipped is not None:
         bench_review(shipped, f"model {_display(shipped)}", args.jobs, args.max_tokens)
     else:
