@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Train the shipped model on the GPU machine in chained calls (each <= 9.5 minutes).
-# Usage (from the repo root on the GPU machine): scripts/gpu_train.sh MINUTES [EXTRA TRAIN ARGS...]
+# Usage (from the repo root on the GPU machine): scripts/gpu_train.sh SECONDS [EXTRA TRAIN ARGS...]
+# SECONDS is the whole call's budget: data building (first call on a machine) comes out of it.
 # Data is built once per machine under $WORK (kept while the machine stays warm);
 # training state resumes from $WORK/run's last complete DCP checkpoint.
 set -euo pipefail
-MINUTES=${1:-8}; shift || true
+BUDGET_S=${1:-540}; shift || true
+START=$(date +%s)
 WORK=${WORK:-/tmp/moecoder}
 OUT=${OUT:-$WORK/out}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -14,24 +16,38 @@ TOK=model/weights/tokenizer.model
 ROOTS=$($PY -c "import site,sysconfig; print(' '.join([*site.getsitepackages(), sysconfig.get_paths()['stdlib']]))")
 if [ ! -f "$WORK/packed/meta.json" ]; then
   echo "== corpus over $ROOTS"; date
-  $PY -m assistant.cli data corpus $ROOTS --out "$WORK/corpus" --eval-dir .carry/eval 2>&1 | tail -40
+  $PY -m assistant.cli data corpus $ROOTS --out "$WORK/corpus" --eval-dir .carry/eval --workers 16 -q 2>&1 | tail -40
   echo "== pack"; date
-  $PY -m assistant.cli data pack "$WORK/corpus" --tokenizer $TOK --out "$WORK/packed" 2>&1 | tail -20
+  $PY -m assistant.cli data pack "$WORK/corpus" --tokenizer $TOK --out "$WORK/packed" --workers 16 -q 2>&1 | tail -20
   echo "== tasks"; date
-  $PY -m assistant.cli data tasks "$WORK/corpus" --tokenizer $TOK --out "$WORK/tasks" 2>&1 | tail -20
+  $PY -m assistant.cli data tasks "$WORK/corpus" --tokenizer $TOK --out "$WORK/tasks" --workers 16 \
+      --max-functions ${MAX_FUNCTIONS:-120000} --eval-dir .carry/eval 2>&1 | tail -8
   date
 fi
 cp "$WORK/corpus/report.json" "$OUT/corpus_report.json" 2>/dev/null || true
 cp "$WORK/packed/meta.json" "$OUT/packed_meta.json" 2>/dev/null || true
 cp "$WORK/tasks/meta.json" "$OUT/tasks_meta.json" 2>/dev/null || true
-echo "== train"; date
+MINUTES=$(python3 -c "print(round(max(0.5, ($BUDGET_S - ($(date +%s) - $START) - 80) / 60), 2))")
+echo "== train for $MINUTES minutes"; date
+RUN=${RUN:-$WORK/run}
 $PY -m assistant.cli train --preset small --device cuda --data "$WORK/packed" --task-data "$WORK/tasks" \
-   --out "$WORK/run" --max-minutes "$MINUTES" --resume "$@" 2>&1 | grep -v '\r' | tail -60 || true
-cp "$WORK/run/metrics.jsonl" "$WORK/run/train.log" "$OUT/" 2>/dev/null || true
-if [ -d "$WORK/run/best" ]; then
-  mkdir -p "$OUT/best"
-  for f in "$WORK/run/best"/*; do
-    if [ $(stat -c %s "$f") -gt 15000000 ]; then split -b 15000000 -d "$f" "$OUT/best/$(basename "$f").part"; else cp "$f" "$OUT/best/"; fi
+   --out "$RUN" --max-minutes "$MINUTES" --resume \
+   --override max_seq_len=1024 --seq-len 1024 --batch-size 64 --grad-accum 4 \
+   --max-steps ${MAX_STEPS:-2400} --warmup-steps 150 --eval-every 200 --eval-tokens 524288 --log-every 25 \
+   "$@" 2>&1 | tr '\r' '\n' | grep -v "^\s*$" | tail -80 || true
+WORK_RUN=$RUN
+cp "$RUN/metrics.jsonl" "$RUN/train.log" "$RUN/best_info.json" "$OUT/" 2>/dev/null || true
+if [ -d "$RUN/best" ] && [ -z "${NO_BEST:-}" ]; then
+  # the best-by-validation model, stored int8 (<= 40 MiB), split into <= 15 MB parts for the trip back
+  rm -rf "$WORK/ship"
+  $PY -c "
+from model.checkpoint import load_model, export
+m = load_model('$RUN/best')
+export(m.model, m.config, '$RUN/best/tokenizer.model', '$WORK/ship', int8=True)
+"
+  mkdir -p "$OUT/ship"
+  for f in "$WORK/ship"/*; do
+    if [ $(stat -c %s "$f") -gt 15000000 ]; then split -b 15000000 -d "$f" "$OUT/ship/$(basename "$f").part"; else cp "$f" "$OUT/ship/"; fi
   done
 fi
-ls -la "$OUT" "$OUT/best" 2>/dev/null
+ls -la "$OUT" "$OUT/ship" 2>/dev/null; nvidia-smi --query-gpu=name,memory.used --format=csv
