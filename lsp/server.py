@@ -443,6 +443,11 @@ class MoeServer(LanguageServer):
             engine = await self.engine()
         except TaskFailed:
             return None
+        # the engine runs one job at a time: a completion must not queue behind hint
+        # computation, so that yields (finished functions stay cached) and runs again later
+        for other in [u for u, (_, t) in self._diag_tasks.items() if not t.done()]:
+            self.cancel_diagnostics(other)
+            self.schedule_diagnostics(other, self.settings.diagnostics_delay)
         source, wline = text, line
         if self.settings.context_tokens > 0:
             source, wline = context_window(text, line, self.settings.context_tokens, engine.count_tokens)
@@ -538,6 +543,7 @@ class MoeServer(LanguageServer):
             lines = text.split("\n")
             cache = self._hint_cache.get(uri, {})
             fresh: dict[tuple[str, str], list[tuple[int, Any]]] = {}
+            self._hint_cache[uri] = fresh  # filled as functions finish: a cancelled run keeps them
             hints: list[Any] = []
             todo = []
             for name, first, last in _debuggable_functions(text):
@@ -563,7 +569,6 @@ class MoeServer(LanguageServer):
                         found = list(getattr(result, "hints", None) or [])
                         fresh[key] = [(int(h.line) - first, h) for h in found]
                         hints += found
-            self._hint_cache[uri] = fresh
             snapshot = Document(uri, text, version, doc.language_id, self.encoding)
             items = [d for d in (self._diagnostic(snapshot, h) for h in hints) if d is not None]
         current = self.docs.get(uri)

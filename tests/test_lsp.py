@@ -203,6 +203,22 @@ async def test_diagnostics_rerun_only_changed_functions(client: LanguageClient, 
     assert [r[1] for r in await debug_requests()] == [0, 4, 5]  # only g again
 
 
+async def test_completion_preempts_running_hint_computation(client: LanguageClient, tmp_path):
+    text = "# FAKE_DELAY=1.0\ndef f(x):\n    return x + FAKE_BUG\n"
+    uri = uri_for(tmp_path, "pre.py", text)
+    await init(client, options={"diagnosticsDelay": 30})
+    open_doc(client, uri, text)
+    client.text_document_did_save(types.DidSaveTextDocumentParams(text_document=types.TextDocumentIdentifier(uri)))
+    for _ in range(200):
+        if (await stats(client))["started"] == 1:
+            break
+        await asyncio.sleep(0.02)
+    res = await complete(client, uri, 2, 8)
+    assert res.items[0].text_edit.new_text == "retudone_L2_C8"
+    s = await stats(client)
+    assert [r[0] for r in s["requests"]] == ["debug", "complete"] and s["cancelled"] == 1
+
+
 async def test_push_diagnostics_for_a_client_without_pull(client: LanguageClient, tmp_path):
     text = "def f(x):\n    return FAKE_BUG\n"
     uri = uri_for(tmp_path, "p.py", text)
