@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -309,7 +308,3 @@ def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     msg = text[0] if text else ""
     return f"{type(e).__name__}: {msg}" if not isinstance(e, (EngineError, ValueError)) or not msg else msg
-
-
-def deadline(max_seconds: float | None) -> float | None:
-    return None if max_seconds is None else time.monotonic() + max_seconds
