@@ -233,6 +233,8 @@ def load_model(model_dir=None, device="cpu") -> LoadedModel:
     from model.tokenizer import Tokenizer
 
     d = default_model_dir() if model_dir is None else Path(model_dir)
+    if model_dir is None and not (d / CONFIG).is_file():
+        raise CheckpointError(f"no shipped model in {d} yet; pass a model directory (--model DIR)")
     cfg, meta = read_config(d)
     weights = d / str(meta.get("weights_file", WEIGHTS))
     sd = state_dict_from_tensors(_read_tensors(weights, meta), meta)

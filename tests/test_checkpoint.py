@@ -227,3 +227,16 @@ def test_export_of_a_checkpoint_from_another_config(tmp_path, tiny_tokenizer_pat
     err = capsys.readouterr().err
     assert "do not load" in err and "Size mismatch" in err and err.count("\n") == 1, err
     assert not (tmp_path / "m").exists()
+
+
+def test_small_preset_int8_export_fits_40_mib(tmp_path, tiny_tokenizer_path):
+    cfg = get_preset("small")
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    export(model, cfg, tiny_tokenizer_path, tmp_path / "small", int8=True)
+    assert (tmp_path / "small" / "model.safetensors").stat().st_size <= 40 * 2**20
+    loaded = load_model(tmp_path / "small").model
+    x = torch.randint(0, cfg.vocab_size, (1, 32))
+    with torch.no_grad():
+        a, b = model(x), loaded(x)
+    assert (a.softmax(-1) - b.softmax(-1)).abs().max() < 1e-3
