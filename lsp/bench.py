@@ -29,6 +29,10 @@ DEFAULT_MODULES = ["json/decoder.py", "json/encoder.py", "textwrap.py", "argpars
                    "fractions.py", "heapq.py", "bisect.py", "difflib.py", "string.py", "calendar.py"]
 
 
+class BenchError(Exception):
+    """A one-line reason the benchmark cannot run."""
+
+
 def stdlib_files(names: list[str]) -> list[Path]:
     root = Path(os.__file__).parent
     return [root / n for n in names if (root / n).is_file()]
@@ -81,7 +85,8 @@ def machine() -> dict:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "torch": _version("torch"), "pygls": _version("pygls"),
-            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg())}
 
 
 async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: list[Path]) -> dict:
@@ -90,11 +95,18 @@ async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: li
 
     positions = cursor_positions(files, n + warmup)
     if len(positions) < n + warmup:
-        raise SystemExit(f"lsp.bench: error: only {len(positions)} cursor positions in the files")
+        raise BenchError(f"only {len(positions)} cursor positions in the files")
     warm, timed = positions[:warmup], positions[warmup:]
     log = Path(tempfile.gettempdir()) / "moecoder-lsp-bench.log"
     args = ["-m", "assistant.cli", "lsp", "--log-file", str(log)] + (["--model", model] if model else [])
     client = LanguageClient("moecoder-bench", "1")
+    errors: list[str] = []
+
+    @client.feature(types.WINDOW_SHOW_MESSAGE)
+    def show_message(params: types.ShowMessageParams) -> None:
+        if params.type == types.MessageType.Error:
+            errors.append(params.message)
+
     await client.start_io(sys.executable, *args)
     caps = types.ClientCapabilities(text_document=types.TextDocumentClientCapabilities(
         completion=types.CompletionClientCapabilities(), diagnostic=types.DiagnosticClientCapabilities()))
@@ -126,6 +138,11 @@ async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: li
         dt, _, _ = await one(f, line, col)
         first = first if first is not None else dt
     load_s = time.perf_counter() - t0
+    if errors:
+        await client.shutdown_async(None)
+        client.exit(None)
+        await client.stop()
+        raise BenchError(errors[0])
     times, nonempty, samples = [], 0, []
     for i, (f, line, col) in enumerate(timed):
         dt, count, text = await one(f, line, col)
@@ -169,13 +186,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BenchError as e:
+        print(f"lsp.bench: error: {e}", file=sys.stderr)
+        return 2
     m = r["machine"]
     print(f"moecoder LSP completion latency ({r['requests']} single-line requests over stdio, "
           f"{len(r['files'])} stdlib files)")
     print(f"  model: {r['model']}   maxTokens: {r['max_tokens']}   non-empty results: {r['nonempty']}/{r['requests']}")
     print(f"  p50 {r['p50_ms']:.0f} ms   p95 {r['p95_ms']:.0f} ms   mean {r['mean_ms']:.0f} ms   "
           f"max {r['max_ms']:.0f} ms   (start + {args.warmup} warm-up requests: {r['startup_and_warmup_s']:.1f} s)")
-    print(f"  machine: {m['cpu']}, {m['cores']} cores; {m['platform']}")
+    print(f"  machine: {m['cpu']}, {m['cores']} cores; {m['platform']}; load average {m['load_average']}")
     print(f"  python {m['python']}, torch {m['torch']}, pygls {m['pygls']}; {m['date']}")
     for s in r["samples"][:3]:
         print(f"  e.g. {s['file']}:{s['line'] + 1}:{s['column']} -> {s['text']!r}")
