@@ -217,6 +217,17 @@ def test_build_tasks_writes_packed_layout(tmp_path, tiny_tokenizer, tiny_tokeniz
     assert not any(
         r["path"] == "leak.py" for r in map(json.loads, (out / "train.jsonl").read_text().splitlines())
     )
+    assert meta["eval_functions"] > 0 and meta["malformed_records"] == 0
+
+
+def test_malformed_corpus_records_are_skipped(tmp_path, tiny_tokenizer):
+    corpus = tmp_path / "corpus"
+    (corpus / "train").mkdir(parents=True)
+    good = {"text": "def f(a, b):\n    c = a + b\n    return c\n", "path": "a.py", "package": "a"}
+    lines = ["not json", json.dumps({"text": None, "path": "x"}), json.dumps(good), "[1, 2]"]
+    (corpus / "train" / "shard-00000.jsonl").write_text("\n".join(lines) + "\n")
+    meta = T.build_tasks(corpus, tmp_path / "out", tokenizer=tiny_tokenizer, max_functions=10)
+    assert meta["malformed_records"] == 3 and meta["splits"]["train"]["docs"] == 1
 
 
 def test_cli_errors_and_run(tmp_path, tiny_tokenizer_path, capsys):

@@ -865,12 +865,21 @@ def examples_for_source(
 # --------------------------------------------------------------------------- corpus -> files
 
 
-def iter_corpus(corpus: Path, split: str) -> Iterator[dict]:
+def iter_corpus(corpus: Path, split: str, bad: list | None = None) -> Iterator[dict]:
+    """Records of a split's shards; malformed lines are skipped and noted in ``bad``."""
     for shard in sorted((corpus / split).glob("shard-*.jsonl")):
-        with shard.open(encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    yield json.loads(line)
+        with shard.open(encoding="utf-8", errors="replace") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    rec = None
+                if isinstance(rec, dict) and isinstance(rec.get("text"), str):
+                    yield rec
+                elif bad is not None:
+                    bad.append(f"{shard.name}:{n}")
 
 
 _W: dict = {}
@@ -1034,6 +1043,7 @@ def build_tasks(
     if pool is not None and tokenizer_path is None:
         pool.close()
         raise ValueError("workers > 1 needs tokenizer_path")
+    bad: list[str] = []
     try:
         for split in ("test", "valid", "train"):
             if not (corpus / split).is_dir():
@@ -1041,7 +1051,7 @@ def build_tasks(
             cap = max_functions if split == "train" else max(1, max_functions // 10)
             writer = _SplitWriter(out, split, dtype)
             files = 0
-            chunks = _chunks(iter_corpus(corpus, split), 16)
+            chunks = _chunks(iter_corpus(corpus, split, bad), 16)
             results = pool.imap(_work, chunks) if pool is not None else map(_work, chunks)
             for n_files, batch in results:
                 files += n_files
@@ -1058,6 +1068,9 @@ def build_tasks(
         if pool is not None:
             pool.terminate()
             pool.join()
+    meta["malformed_records"] = len(bad)
+    if bad and progress:
+        print(f"warning: skipped {len(bad)} malformed corpus records (first: {bad[0]})", file=sys.stderr)
     tmp = out / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, out / "meta.json")
