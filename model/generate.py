@@ -144,16 +144,21 @@ def _generator(params: SamplingParams, device) -> torch.Generator | None:
 
 
 # --------------------------------------------------------------------------- the decode loop
-def _decode(model: Transformer, tok, prompts: list[list[int]], params: SamplingParams,
-            cancel: CancelToken | None, results: list[GenerationResult]) -> Iterator[list[tuple[int, TokenEvent]]]:
-    """Generate for every prompt at once (left padded); yields the events of each step."""
+def _check(model: Transformer, prompts: list[list[int]], params: SamplingParams) -> None:
     params.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    ctx = model.cfg.max_seq_len
-    longest = max(len(p) for p in prompts)
+    longest, ctx = max(len(p) for p in prompts), model.cfg.max_seq_len
     if longest >= ctx:
         raise ValueError(f"prompt of {longest} tokens does not fit the context length {ctx}")
+
+
+def _decode(model: Transformer, tok, prompts: list[list[int]], params: SamplingParams,
+            cancel: CancelToken | None, results: list[GenerationResult]) -> Iterator[list[tuple[int, TokenEvent]]]:
+    """Generate for every prompt at once (left padded); yields the events of each step."""
+    _check(model, prompts, params)
+    ctx = model.cfg.max_seq_len
+    longest = max(len(p) for p in prompts)
     B = len(prompts)
     device = model.tok_emb.weight.device
     total = min(ctx, longest + params.max_new_tokens)
@@ -223,6 +228,7 @@ class Stream:
 
     def __init__(self, model, tok, prompt_ids, params, cancel):
         self.result = GenerationResult("")
+        _check(model, [list(prompt_ids)], params)  # bad requests fail here, not on the first next()
         self._steps = _decode(model, tok, [list(prompt_ids)], params, cancel, [self.result])
 
     def __iter__(self) -> Stream:

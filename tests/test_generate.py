@@ -78,7 +78,12 @@ def test_logprobs_match_token_logprobs(loaded, prompt):
     assert all(x < 0 for x in lp[1:])
 
 
-def test_batch_with_padding_equals_single(loaded, prompt):
+@pytest.mark.parametrize("chunk", [512, 4])
+def test_batch_with_padding_equals_single(loaded, prompt, chunk, monkeypatch):
+    """Left padding + per-row positions; chunk=4 also prefills in chunks through the mask."""
+    import model.generate as g
+
+    monkeypatch.setattr(g, "PREFILL_CHUNK", chunk)
     model, tok = loaded.model, loaded.tokenizer
     prompts = [prompt, prompt[:3], prompt[2:], [tok.encode("x")[0]]]
     params = SamplingParams(max_new_tokens=10)
@@ -175,6 +180,8 @@ def test_bad_requests(loaded, prompt):
         generate(model, tok, prompt, SamplingParams(max_new_tokens=0))
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, tok, [], SamplingParams())
+    with pytest.raises(ValueError, match="top_p"):
+        stream(model, tok, prompt, SamplingParams(top_p=0))  # at the call, not at the first next()
 
 
 def test_fim_prompt_and_stops(loaded):
