@@ -279,3 +279,65 @@ def test_tiny_model_end_to_end_sarif(tiny_model_dir, capsys, tmp_path):
     assert not list(validator.iter_errors(sarif))
     assert sarif["runs"][0]["properties"]["functionsReviewed"] == 9
     assert re.search(r"MC00[12]", out_file.read_text())
+
+
+SIGINT_SCRIPT = r'''
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from assistant_fakes import ScriptedBackend
+from model.tokenizer import Tokenizer
+from assistant.engine import Engine
+from assistant.review import main
+
+marker = Path(sys.argv[3])
+
+def script(task, code):
+    if task == "debug":
+        return "r", "line 2: suspicious\nfix: pass"
+    return "r", "Doc."
+
+class Blocking(ScriptedBackend):
+    def generate_batch(self, prompts, params, cancel=None):
+        self.batches += 1
+        if self.batches > 1:  # the second batch hangs until cancelled, like a long generation
+            marker.write_text("waiting")
+            while not (cancel is not None and cancel.cancelled):
+                time.sleep(0.02)
+            marker.write_text("cancelled")
+        return super().generate_batch(prompts, params, cancel)
+
+engine = Engine.from_loaded(backend=Blocking(Tokenizer.load(sys.argv[2]), script, context_length=4096))
+code = main(sys.argv[4:], engine=engine)
+engine.close()  # waits for the worker, as the CLI does with its own engine
+sys.exit(code)
+'''
+
+
+def test_sigint_midway_exits_130_with_partial_results(tiny_tokenizer_path, tmp_path):
+    import signal
+    import sys
+    import time
+
+    marker = tmp_path / "marker"
+    out_file = tmp_path / "partial.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGINT_SCRIPT, str(Path(__file__).parent), str(tiny_tokenizer_path), str(marker),
+         str(EXAMPLES), "--jobs", "2", "--format", "json", "--output", str(out_file)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(6000):  # wait (up to minutes on a loaded box) until the second batch is running
+            if marker.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert marker.exists(), proc.communicate()[1]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    assert marker.read_text() == "cancelled"  # the running batch saw the cancel
+    rep = Report.from_json(out_file.read_text())
+    assert rep.interrupted and len(rep.findings) >= 1
