@@ -68,7 +68,7 @@ def bench_inference(model: Transformer, batch: int, prompt_len: int, new_tokens:
         cache = model.setup_cache(batch, prompt_len + new_tokens, device=device)
         _sync(device)
         t0 = time.perf_counter()
-        logits = model(x, 0, cache)
+        logits = model(x, 0, cache, last_only=True)
         nxt = logits[:, -1].argmax(-1)
         _sync(device)
         t1 = time.perf_counter()

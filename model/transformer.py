@@ -81,7 +81,9 @@ class Transformer(nn.Module):
         dtype = dtype if dtype is not None else self.tok_emb.weight.dtype
         return KVCache(self.cfg.n_layers, batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, device, dtype)
 
-    def forward(self, tokens_BT: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, tokens_BT: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] (float32); ``last_only`` computes the head for the last position only."""
         B, T = tokens_BT.shape
         end = start_pos + T
         limit = cache.max_len if cache is not None else self.cfg.max_seq_len
@@ -100,7 +102,7 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             h = block(h, cos, sin, start_pos, kv, mask)
-        h = self.norm(h)
+        h = self.norm(h[:, -1:] if last_only else h)
         return F.linear(h, self.tok_emb.weight).float()
 
     # ----------------------------------------------------------------- MoE bookkeeping

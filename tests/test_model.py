@@ -77,6 +77,15 @@ def test_kv_cache_decode_and_chunked_prefill_equal_full_recompute(score_func):
     assert full.dtype == torch.float32 and full.shape == (2, 24, 512)
 
 
+def test_last_only_logits():
+    model = make()
+    x = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        full, last = model(x), model(x, last_only=True)
+    assert last.shape == (2, 1, 512)
+    torch.testing.assert_close(last, full[:, -1:])
+
+
 def test_left_padded_batch_matches_single_rows():
     model = make()
     a, b = torch.randint(3, 512, (1, 10)), torch.randint(3, 512, (1, 6))
