@@ -709,12 +709,23 @@ def suite_bugs(ctx: Context) -> dict:
     recs, where = _task_records(ctx, "debug", ctx.n("bugs"))
     preds = ctx.predictor.task("debug", [r["code"] for r in recs], ctx.max_new_tokens)
     pairs = []
+    fixed = 0
+    by_kind: dict[str, list[int]] = {}
     for r, p in zip(recs, preds):
         if p is None:
             continue
-        truth = parse_finding(r["answer"])
-        pairs.append((None if truth is None else truth.line, _parse(p[1])))
+        truth, pred = parse_finding(r["answer"]), _parse(p[1])
+        pairs.append((None if truth is None else truth.line, pred))
+        hit = isinstance(pred, Finding) and truth is not None and pred.line == truth.line
+        if hit and pred.fix is not None and truth.fix is not None and pred.fix.strip() == truth.fix.strip():
+            fixed += 1
+        if truth is not None:
+            k = by_kind.setdefault(str(r.get("bug") or "unknown"), [0, 0])
+            k[0] += hit
+            k[1] += 1
     out = debug_scores(pairs)
+    out["fix_exact"] = fixed / out["bugs"] if out["bugs"] else 0.0  # right line and the original line as fix
+    out["recall_by_kind"] = {k: v[0] / v[1] for k, v in sorted(by_kind.items())}
     out.update({"n": len(pairs), "skipped": len(recs) - len(pairs), "source": where})
     return out
 
@@ -742,7 +753,7 @@ HEADLINE = {
     "mbpp": ["pass@1"],
     "mbpp-infill": ["exact_match", "pass"],
     "quixbugs": ["localisation_top1", "repair_pass"],
-    "bugs": ["precision", "recall", "false_alarm_rate"],
+    "bugs": ["precision", "recall", "false_alarm_rate", "fix_exact"],
     "docstrings": ["rouge_l_f1"],
 }
 

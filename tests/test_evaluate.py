@@ -138,7 +138,8 @@ def test_bugs_perfect_and_wrong(tmp_path):
     ctx = E.Context(predictor=Oracle(table), limit=100, task_data=d)
     r = E.suite_bugs(ctx)
     assert r["bugs"] > 0 and r["clean"] > 0
-    assert r["precision"] == r["recall"] == 1.0 and r["false_alarm_rate"] == 0.0
+    assert r["precision"] == r["recall"] == 1.0 and r["false_alarm_rate"] == 0.0 and r["fix_exact"] == 1.0
+    assert set(r["recall_by_kind"].values()) == {1.0}
     ctx.predictor = Oracle(
         table, wrong=lambda k: ("", "line 1: the def line is wrong")
     )  # bugs are never on line 1
