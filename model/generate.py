@@ -62,6 +62,8 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0")
         if any(not s for s in self.stop_strings):
             raise ValueError("stop strings must be non-empty")
+        if self.max_seconds is not None and self.max_seconds < 0:
+            raise ValueError("max_seconds must be >= 0")
 
 
 @dataclass
@@ -346,6 +348,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.flush()
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `moecoder generate ... | head`: the reader has gone
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+        return 0
     except ValueError as e:
         return err(e)
     if out.isatty():
