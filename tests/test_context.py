@@ -294,3 +294,17 @@ def test_ten_thousand_lines_is_planned_lazily(tiny_tokenizer):
     r = build_context(tok, src, 5000, 4, budget=200)
     assert len(r.prompt_ids) <= 200
     assert counter.calls - before < 1500
+
+
+@FAST
+@given(c=case(), span=st.integers(0, 4), extra=st.integers(0, 200))
+def test_selection_kept_and_budget_respected(tiny_tokenizer, c, span, extra):
+    tok = tiny_tokenizer
+    src, line, _ = c
+    lines = src.split("\n")
+    end = min(line + span, len(lines) - 1)
+    selection = "\n".join(lines[line:end + 1])
+    budget = 3 + len(tok.encode(selection)) + end - line + 4 + extra
+    r = build_context(tok, src, line, budget=budget, end_line=end)
+    assert len(r.prompt_ids) <= budget
+    assert r.prefix.endswith(selection)
