@@ -254,6 +254,7 @@ class MoeServer(LanguageServer):
         self._diag_timers: dict[str, asyncio.TimerHandle] = {}
         self._diag_tasks: dict[str, tuple[int | None, asyncio.Task]] = {}
         self._hint_cache: dict[str, dict[tuple[str, str], list[tuple[int, Any]]]] = {}
+        self._live_tokens: set[Any] = set()  # tokens of engine jobs queued or running
         self._result_ids = itertools.count(1)
         self._progress_ids = itertools.count(1)
         self._background: set[asyncio.Task] = set()
@@ -320,6 +321,7 @@ class MoeServer(LanguageServer):
         token = _new_token(engine)
         if on_token is not None:
             on_token(token)
+        self._live_tokens.add(token)
         loop = asyncio.get_running_loop()
 
         def work() -> Any:
@@ -337,6 +339,7 @@ class MoeServer(LanguageServer):
             return result
 
         fut = loop.run_in_executor(self.executor, work)
+        fut.add_done_callback(lambda _f: self._live_tokens.discard(token))
         try:
             result = await fut
         except asyncio.CancelledError:
@@ -1023,8 +1026,8 @@ def build_server(factory: Callable[..., Any] | None = None, settings: Settings |
 
     @server.feature(types.SHUTDOWN)
     def shutdown(ls: MoeServer, *args: Any) -> None:
-        for token in list(ls._active.values()):
-            token.cancel()
+        for token in list(ls._active.values()) + list(ls._live_tokens):
+            token.cancel()  # so that closing the engine does not wait for their jobs
         for uri in list(ls._diag_tasks):
             ls.cancel_diagnostics(uri)
         eng = ls._engine

@@ -360,12 +360,21 @@ async def test_bad_requests_get_empty_results_or_errors(client: LanguageClient, 
     assert (await complete(client, uri, 0, 5)).items
 
 
-async def test_shutdown_and_exit(client: LanguageClient):
+async def test_shutdown_and_exit(client: LanguageClient, tmp_path):
     await init(client)
+    text = "# FAKE_DELAY=60\nx = 1\n"
+    uri = uri_for(tmp_path, "slow.py", text)
+    open_doc(client, uri, text)
+    slow = asyncio.ensure_future(complete(client, uri, 1, 5))  # still running at shutdown
+    for _ in range(200):
+        if (await stats(client))["started"] == 1:
+            break
+        await asyncio.sleep(0.02)
     await client.shutdown_async(None)
     client.exit(None)
     await asyncio.wait_for(client._server.wait(), 20)
     assert client._server.returncode == 0
+    slow.cancel()
     client.capabilities = None  # the fixture's teardown must not shut down twice
 
 
