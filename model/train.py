@@ -361,6 +361,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, extra: dict, keep: i
 
 def read_checkpoint_extra(ckpt: Path) -> dict:
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     sd = {"extra": ""}
     try:
@@ -368,7 +369,7 @@ def read_checkpoint_extra(ckpt: Path) -> dict:
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
             dcp.load(sd, checkpoint_id=str(ckpt))
         return json.loads(sd["extra"])
-    except Exception as e:
+    except (Exception, CheckpointException) as e:
         raise TrainError(f"checkpoint {ckpt} is unreadable: {str(e).strip().splitlines()[-1] if str(e) else e}") from None
 
 
@@ -670,7 +671,11 @@ def train(s: Setup, max_minutes: float | None, compile_model: bool, t_start: flo
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)
-    model = Transformer(s.model_cfg).to(device)
+    if cuda:  # initialise on the GPU: much faster for the big presets
+        with torch.device(device):
+            model = Transformer(s.model_cfg)
+    else:
+        model = Transformer(s.model_cfg)
     model.train()
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -691,7 +696,13 @@ def train(s: Setup, max_minutes: float | None, compile_model: bool, t_start: flo
 
     step, tokens_seen, best_bpb, train_seconds = 0, 0, None, 0.0
     if s.resume_from is not None:
-        load_checkpoint(s.resume_from, model, optimizer)
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+        try:
+            load_checkpoint(s.resume_from, model, optimizer)
+        except (Exception, CheckpointException) as e:
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise TrainError(f"checkpoint {s.resume_from} could not be loaded: {msg}") from None
         ex = s.resume_extra
         step, tokens_seen = int(ex["step"]), int(ex["tokens"])
         best_bpb, train_seconds = ex.get("best_bpb"), float(ex.get("train_seconds", 0.0))

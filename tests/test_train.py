@@ -326,6 +326,20 @@ def test_incomplete_checkpoint_is_ignored(small_data_dir, tmp_path):
     assert _losses(out)[6] is not None
 
 
+def test_corrupt_complete_checkpoint_is_a_one_line_error(small_data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--data", str(small_data_dir), "--out", str(out), *TRAIN_ARGS, "--max-steps", "2"]
+    assert main(base) == 0
+    data = out / "ckpt" / "step_0000002" / "__0_0.distcp"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    capsys.readouterr()
+    before = _snapshot(out)
+    assert main([*base, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "checkpoint" in err and "step_0000002" in err and "\n" not in err
+    assert _snapshot(out) == before
+
+
 def test_bad_inputs_exit_2_and_write_nothing(data_dir, small_data_dir, tmp_path, capsys):
     def run(*args):
         code = main(list(args))
