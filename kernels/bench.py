@@ -263,6 +263,59 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def breakdown(s: Shape, T: int, dev, reps: int = 20) -> list[dict]:
+    """Time each Triton piece of the experts' forward and backward alone, with torch._grouped_mm twins."""
+    from kernels import triton_ops as ops
+
+    p = Params(s, dev, grad=False)
+    K, E, D, Fh = s.K, s.E, s.D, s.F
+    N = T * K
+    x = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
+    logits = x.float() @ p.wr.t()
+    w, e = ops.route_fwd(logits, K, "softmax", None, s.renormalize)
+    _, offsets, row_index, dest = ops.permute_index(e, E)
+    bm = ops.block_m_for(N, E)
+    tm, nt = ops.tile_map(offsets, bm, N)
+    g, u, h = ops.gmm_gu(x, p.wg, p.wu, tm, nt, bm, N, idx=row_index, div=K)
+    dout = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
+    dg, du, _ = ops.gmm_dh(dout, row_index, K, w.reshape(-1), p.wd, g, u, tm, nt, bm)
+    xs = x[row_index // K]
+    offs32 = offsets[1:].to(torch.int32)
+    gemm = 2 * N * D * Fh
+    pieces = {
+        "route": (lambda: ops.route_fwd(logits, K, "softmax", None, s.renormalize), 0),
+        "permute_index": (lambda: ops.permute_index(e, E), 0),
+        "tile_map": (lambda: ops.tile_map(offsets, bm, N), 0),
+        "fwd gate/up+swiglu (gather)": (lambda: ops.gmm_gu(x, p.wg, p.wu, tm, nt, bm, N, idx=row_index, div=K), 2 * gemm),
+        "fwd down": (lambda: ops.gmm(h, p.wd, tm, nt, bm, N), gemm),
+        "fwd combine": (lambda: ops.combine(h.new_empty(N, D), dest, T, K, scale_TK=w), 0),
+        "bwd dH+swiglu'+dw (gather)": (
+            lambda: ops.gmm_dh(dout, row_index, K, w.reshape(-1), p.wd, g, u, tm, nt, bm), gemm),
+        "bwd dX dual": (lambda: ops.gmm(dg, p.wg.transpose(1, 2), tm, nt, bm, N, a2=du, b2=p.wu.transpose(1, 2)),
+                        2 * gemm),
+        "bwd dW_down": (lambda: ops.gmm_dw(g, dout, offsets, a_mode=2, u=u, b_mode=1, bidx=row_index, divb=K,
+                                           bscale=w.reshape(-1)), gemm),
+        "bwd dW_gate+up (gather)": (lambda: ops.gmm_dw(x, dg, offsets, a_mode=1, aidx=row_index, diva=K, b2=du),
+                                    2 * gemm),
+        "peer _grouped_mm x@Wg": (lambda: torch._grouped_mm(xs, p.wg, offs=offs32), gemm),
+        "peer _grouped_mm h@Wd": (lambda: torch._grouped_mm(h, p.wd, offs=offs32), gemm),
+        "peer _grouped_mm dG@Wg^T": (lambda: torch._grouped_mm(dg, p.wg.transpose(1, 2), offs=offs32), gemm),
+        "peer _grouped_mm xs^T@dG": (lambda: torch._grouped_mm(xs.t(), dg, offs=offs32), gemm),
+        "dense mm (N,D)@(D,F)": (lambda: xs @ p.dg, gemm),
+    }
+    out = []
+    for name, (fn, flops) in pieces.items():
+        try:
+            ms = statistics.median(time_calls(lambda _, f=fn: f(), [None], reps))
+        except Exception as exc:
+            print(f"  breakdown {name}: FAILED {type(exc).__name__}: {exc}", flush=True)
+            continue
+        tf = flops / (ms * 1e-3) / 1e12 if flops else 0.0
+        out.append({"shape": s.name, "T": T, "piece": name, "ms": ms, "tflops": tf})
+        print(f"  {s.name:16s} T={T:6d} {name:30s} {ms:8.3f} ms {tf:7.1f} TFLOP/s", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="qwen3,dsv2")
@@ -272,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", default=None, help="write all numbers here")
     ap.add_argument("--check", action="store_true", help="also check Triton vs reference at T=4096")
+    ap.add_argument("--breakdown", default="", help="only time each Triton piece at these T (e.g. 16384)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: kernels.bench needs a CUDA GPU", file=sys.stderr)
@@ -305,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(meta), flush=True)
     rows = []
     checks = {}
+    if args.breakdown:
+        parts = [r for sh in shapes for t in args.breakdown.split(",") for r in breakdown(sh, int(t), dev)]
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "breakdown": parts}, f, indent=1)
+        return 0
     for s in shapes:
         if args.check:
             checks[s.name] = check(s, 4096, dev)

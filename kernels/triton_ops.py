@@ -377,6 +377,8 @@ _GMM_GPU = [
     dict(BLOCK_N=128, BLOCK_K=64, w=8, s=3),
     dict(BLOCK_N=64, BLOCK_K=64, w=4, s=4),
     dict(BLOCK_N=128, BLOCK_K=64, w=4, s=4),
+    dict(BLOCK_N=256, BLOCK_K=64, w=8, s=3),
+    dict(BLOCK_N=128, BLOCK_K=32, w=8, s=4),
 ]
 _GMM_INT = dict(BLOCK_N=32, BLOCK_K=32)
 
@@ -527,6 +529,7 @@ _DH_GPU = [
     dict(BLOCK_K=64, w=8, s=3),
     dict(BLOCK_K=64, w=4, s=4),
     dict(BLOCK_K=128, w=8, s=3),
+    dict(BLOCK_K=32, w=8, s=4),
 ]
 _DH_INT = dict(BLOCK_K=32)
 
@@ -609,6 +612,9 @@ _DW_GPU = [
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, w=8, s=3),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, w=4, s=4),
     dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, w=4, s=4),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, w=8, s=4),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, w=8, s=3),
+    dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, w=8, s=3),
 ]
 _DW_INT = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16)
 
