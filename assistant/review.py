@@ -459,7 +459,8 @@ def render_text(report: Report, reasoning: bool = True, color: bool = False) -> 
 
     buf = io.StringIO()
     con = Console(file=buf, force_terminal=color, no_color=not color, highlight=False, width=200, soft_wrap=True)
-    title = f"# moecoder review: {report.files_reviewed} files, {report.functions_reviewed} functions"
+    title = (f"# moecoder review: {_plural(report.files_reviewed, 'file')}, "
+             f"{_plural(report.functions_reviewed, 'function')}")
     if report.diff:
         title += f" changed since {report.diff}"
     con.print(escape(title), style="bold")
@@ -478,10 +479,11 @@ def render_text(report: Report, reasoning: bool = True, color: bool = False) -> 
         if f.code:
             con.print(f"  {f.line:>6} | " + escape(f.code))
         if f.fix:
-            label = "fix" if f.rule == "MC001" else "suggested docstring"
             lines = f.fix.split("\n")
-            con.print(f"         [green]{label}:[/] " + escape(lines[0].strip() if f.rule == "MC001" else ""))
-            if f.rule != "MC001":
+            if f.rule == "MC001":
+                con.print("         [green]fix:[/] " + escape(lines[0].strip()))
+            else:
+                con.print("         [green]suggested docstring:[/]")
                 for ln in lines:
                     con.print("         + " + escape(ln), style="green")
     if report.skipped:
@@ -493,13 +495,17 @@ def render_text(report: Report, reasoning: bool = True, color: bool = False) -> 
     con.print()
     summary = (f"{len(report.findings)} finding{'s' if len(report.findings) != 1 else ''}"
                + (f" ({', '.join(parts)})" if parts else "")
-               + f" in {report.functions_reviewed} functions of {report.files_reviewed} files"
+               + f" in {_plural(report.functions_reviewed, 'function')} of {_plural(report.files_reviewed, 'file')}"
                + (f"; {len(report.skipped)} skipped" if report.skipped else "")
                + f"; {report.elapsed_s:.1f}s")
     if report.interrupted:
         summary += "; INTERRUPTED: results are partial"
     con.print(escape(summary), style="bold")
     return buf.getvalue()
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def render(report: Report, fmt: str, reasoning: bool = True, color: bool = False) -> str:
