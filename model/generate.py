@@ -179,6 +179,10 @@ def _decode(model: Transformer, tok, prompts: list[list[int]], params: SamplingP
     cache = model.setup_cache(B, total, device=device)
     cache.set_padding([longest - len(p) for p in prompts])
     for a in range(0, longest, PREFILL_CHUNK):
+        if cancel is not None and cancel.cancelled:  # also between prefill chunks of a long prompt
+            for r in results:
+                r.finish_reason = "cancelled"
+            return
         logits = model(x[:, a:a + PREFILL_CHUNK], a, cache, last_only=True)
     last = logits[:, -1]
     pos = longest

@@ -114,6 +114,8 @@ def test_stop_token_eos_time_and_cancel(loaded, prompt):
         if i == 2:
             cancel.cancel()
     assert cancel.cancelled and s.result.finish_reason == "cancelled" and len(s.result.token_ids) == 3
+    r = generate(model, tok, prompt, SamplingParams(max_new_tokens=5), cancel)  # cancelled before it starts
+    assert r.finish_reason == "cancelled" and r.token_ids == [] and r.text == ""
 
 
 def test_stop_string_is_trimmed(loaded, prompt):
