@@ -59,6 +59,9 @@ class TaskRequest:
 
 @dataclass
 class Completion:
+    """The text to insert at the cursor, after the post-filters (the ``answer`` events of
+    a completion stream the raw model text before filtering)."""
+
     text: str
     multiline: bool
     reasoning: str = ""
