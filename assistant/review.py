@@ -433,12 +433,15 @@ def run_review(paths: Sequence[str], opts: Options, engine: Any, report: Report 
                                 TextColumn("{task.description}"), console=Console(stderr=True), transient=True)
             progress.start()
             task = progress.add_task("", total=len(requests))
+        report.functions_reviewed = 0  # counts up as the debug results come in
         for i, result in iter_batch(engine, requests, batch_size=opts.jobs, cancel=cancel):
             job = jobs[i]
             if isinstance(result, EngineError | Exception):
                 report.skipped.append(Skipped(f"{job.path}::{job.func.qualname}", f"{job.kind} failed: {result}"))
             else:
                 report.findings.extend(_findings(job, result, opts))
+                if job.kind == "debug":
+                    report.functions_reviewed += 1
             if progress is not None:
                 progress.update(task, advance=1, description=job.path)
     except KeyboardInterrupt:

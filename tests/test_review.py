@@ -197,7 +197,7 @@ def test_ctrl_c_midway_writes_partial_results(tiny_tokenizer, capsys, tmp_path):
     code, _, err = run([str(EXAMPLES), "--jobs", "1", "--format", "json", "--output", str(out_file)], engine, capsys)
     assert code == 130 and "interrupted" in err
     rep = Report.from_json(out_file.read_text())
-    assert rep.interrupted and 0 < len(rep.findings) < 6
+    assert rep.interrupted and 0 < len(rep.findings) < 6 and rep.functions_reviewed < 9
     _, text, _ = run([str(EXAMPLES), "--jobs", "1"],
                      Engine.from_loaded(backend=ScriptedBackend(tiny_tokenizer, script, context_length=4096, interrupt_after_batches=1)),
                      capsys)
