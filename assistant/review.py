@@ -239,7 +239,7 @@ def read_python(path: Path, max_lines: int, max_bytes: int) -> tuple[str | None,
     if len(data) > max_bytes:
         return None, f"too large ({len(data)} bytes)"
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a BOM is not part of the code
     except UnicodeDecodeError as e:
         return None, f"not valid UTF-8 (byte {e.start})"
     try:

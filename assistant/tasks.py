@@ -870,7 +870,7 @@ def _read_source(path: str) -> str:
     if b"\0" in data[:8192]:
         raise UsageError(f"{path}: binary file")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise UsageError(f"{path}: not valid UTF-8 (byte {e.start})") from None
 

@@ -154,6 +154,7 @@ def _bad_tree(tmp_path: Path) -> Path:
     (d / "binary.py").write_bytes(b"\x7fELF\x00\x00\x01\x02")
     (d / "latin1.py").write_bytes("x = 'caf\xe9'\n".encode("latin-1"))
     (d / "broken.py").write_text("def f(:\n    return\n")
+    (d / "bom.py").write_bytes(b"\xef\xbb\xbfdef with_bom(x):\n    return x\n")  # valid: reviewed
     (d / "huge.py").write_text("x = 1\n" * 200_000)
     (d / "locked").mkdir()
     (d / "locked" / "secret.py").write_text("def s():\n    return 1\n")
@@ -183,11 +184,12 @@ def test_bad_input_is_reported_and_skipped(fake_engine, capsys, tmp_path, monkey
     assert reasons["locked"] == "permission denied"
     assert reasons["missing.py"] == "no such file or directory"
     # the rest was reviewed, the results were written, and a missing PATH makes it exit 2
-    assert rep.files_reviewed == 1 and any(f.function == "mean" for f in rep.findings)
+    assert rep.files_reviewed == 2 and any(f.function == "mean" for f in rep.findings)
+    assert any(f.function == "with_bom" for f in rep.findings)
     assert code == 2 and "missing.py" in err and "Traceback" not in err
     # without the missing path: findings decide the exit code
     code, out, _ = run([str(d), "--format", "json"], fake_engine, capsys)
-    assert code == 1 and Report.from_json(out).files_reviewed == 1
+    assert code == 1 and Report.from_json(out).files_reviewed == 2
 
 
 def test_ctrl_c_midway_writes_partial_results(tiny_tokenizer, capsys, tmp_path):
