@@ -5,7 +5,7 @@
 
 Walks the given files and directories (Python files; ``.gitignore`` respected, VCS and
 virtualenv folders skipped), or with ``--diff REV`` only the functions touched by
-``git diff REV``. Per function (module-level functions and methods): the ``debug`` task
+``git diff REV`` (changes to tracked files: a new file counts once ``git add`` has seen it). Per function (module-level functions and methods): the ``debug`` task
 (rule ``MC001``, level ``warning``) and, for a public function without a docstring, a
 ``missing docstring`` finding (rule ``MC002``, level ``note``) whose fix is a docstring
 written by the ``comment`` task. Generation is batched (``--jobs`` prompts at a time).
