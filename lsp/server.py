@@ -243,11 +243,10 @@ class MoeServer(LanguageServer):
         self.encoding = "utf-16"
         self.caps = types.ClientCapabilities()
         self.pull_diagnostics = False
-        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="moecoder-lsp")
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="moecoder-lsp")
         self._engine: Any = None
         self._engine_key: tuple | None = None
         self._engine_future: concurrent.futures.Future | None = None
-        self._engine_error: str | None = None
         self._reported_errors: set[str] = set()
         self._active: dict[str, Any] = {}  # completion kind -> CancelToken of the newest request
         self._diag: dict[str, DiagState] = {}
@@ -257,7 +256,6 @@ class MoeServer(LanguageServer):
         self._live_tokens: set[Any] = set()  # tokens of engine jobs queued or running
         self._result_ids = itertools.count(1)
         self._progress_ids = itertools.count(1)
-        self._background: set[asyncio.Task] = set()
 
     # -- capabilities ---------------------------------------------------------------------
     def client_has(self, path: str, default: Any = None) -> Any:
@@ -280,7 +278,7 @@ class MoeServer(LanguageServer):
         if self._engine_future is not None and self._engine_key == key:
             return self._engine_future
         old = self._engine
-        self._engine, self._engine_key, self._engine_error = None, key, None
+        self._engine, self._engine_key = None, key
 
         def load() -> Any:
             if old is not None and hasattr(old, "close"):
@@ -300,7 +298,6 @@ class MoeServer(LanguageServer):
             self._engine = fut.result()
         except Exception as e:  # noqa: BLE001 - reported once, one line
             msg = _one_line(e)
-            self._engine_error = msg
             self.report_once(f"moecoder: could not load the model: {msg}")
             raise TaskFailed(msg) from None
         return self._engine
@@ -873,7 +870,7 @@ def build_server(factory: Callable[..., Any] | None = None, settings: Settings |
         ls.start_diagnostics(uri)
 
     @server.feature(types.TEXT_DOCUMENT_COMPLETION,
-                    types.CompletionOptions(trigger_characters=[".", "(", " ", "\n"], resolve_provider=False))
+                    types.CompletionOptions(trigger_characters=[".", "(", ",", "="], resolve_provider=False))
     async def completion(ls: MoeServer, params: types.CompletionParams) -> types.CompletionList:
         empty = types.CompletionList(is_incomplete=True, items=[])
         if not ls.settings.on("completion"):
