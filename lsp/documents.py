@@ -105,9 +105,12 @@ class Document:
 
     def clamped_offset(self, pos: types.Position) -> int:
         """Offset of a position, positions past the end meaning the end (for edits)."""
+        if pos.line < 0:
+            return 0
         if pos.line >= self.line_count:
             return len(self.text)
-        return self.offset_at(pos) or 0 if pos.line >= 0 else 0
+        off = self.offset_at(pos)
+        return 0 if off is None else off
 
     def position_at(self, offset: int) -> types.Position:
         offset = max(0, min(offset, len(self.text)))
