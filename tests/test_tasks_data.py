@@ -218,6 +218,9 @@ def test_build_tasks_writes_packed_layout(tmp_path, tiny_tokenizer, tiny_tokeniz
         r["path"] == "leak.py" for r in map(json.loads, (out / "train.jsonl").read_text().splitlines())
     )
     assert meta["eval_functions"] > 0 and meta["malformed_records"] == 0
+    import hashlib
+
+    assert meta["tokenizer_sha256"] == hashlib.sha256(Path(tiny_tokenizer_path).read_bytes()).hexdigest()
 
 
 def test_malformed_corpus_records_are_skipped(tmp_path, tiny_tokenizer):

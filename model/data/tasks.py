@@ -965,6 +965,19 @@ class _SplitWriter:
                 "tasks": self.by_task, "debug_bugs": self.bugs}  # fmt: skip
 
 
+def _tokenizer_sha256(tokenizer, tokenizer_path) -> str | None:
+    path = getattr(tokenizer, "path", None) or tokenizer_path
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.model"
+    try:
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 class _Progress:
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -1018,6 +1031,8 @@ def build_tasks(
         "dtype": np.dtype(dtype).name,
         "vocab_size": vocab,
         "tokenizer": str(tokenizer_path) if tokenizer_path is not None else "",
+        # the same vocab size does not mean the same tokenizer: readers can compare this hash
+        "tokenizer_sha256": _tokenizer_sha256(tokenizer, tokenizer_path),
         "splits": {},
         "target_offsets": "{split}.tgt",
         "clean_share": CLEAN_SHARE,
