@@ -158,8 +158,10 @@ async def test_escape_stops_a_running_answer(tmp_path):
         assert turn.state.status == "stopped"  # at once, not when the engine notices
         assert "stopped" in str(turn.status_line.render())
         assert turn.has_class("-stopped")
-        assert turn.state.answer == "".join(ANSWER[:2])  # the partial answer stays
         await wait_for(pilot, engine.finished.is_set)  # the engine saw the cancel token
+        await wait_for(pilot, lambda: turn.finalized)
+        assert turn.state.answer == "".join(ANSWER[:2])  # the partial answer stays
+        assert turn.answer_view.source == turn.state.answer
         assert app.current is None
         # the app keeps working: the next question is answered in full
         engine.hold_after = None

@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from tui.widgets import AssistantTurn, FilesPanel, HelpMessage, NoteMessage, Pro
 
 EngineFactory = Callable[[str | None], Any]
 
+DRAIN_INTERVAL = 1 / 30  # seconds between UI updates from a streaming answer
 WELCOME = "Ask about code, or attach a file with /add PATH. /help lists the commands."
 
 
@@ -102,6 +104,7 @@ class ChatApp(App):
         self._cancel: Any | None = None
         self._budget_lines: list[str] = []
         self._load_failed = False
+        self._events: deque[tuple[AssistantTurn, str, str, object, str]] = deque()
         self._file_tokens: dict[str, int] = {}
 
     # -- layout ---------------------------------------------------------------------
@@ -123,6 +126,7 @@ class ChatApp(App):
         return self.query_one("#prompt", PromptArea)
 
     async def on_mount(self) -> None:
+        self._drain_timer = self.set_interval(DRAIN_INTERVAL, self._drain, pause=True)
         self.sub_title = self._model_label
         self.conv_view.anchor()
         self.prompt.focus()
@@ -145,18 +149,25 @@ class ChatApp(App):
     async def _error(self, text: str) -> None:
         await self._note(text, "error")
 
-    def _save(self) -> None:
+    def _save(self, conv: Conversation | None = None) -> None:
         """Save the conversation (once it has a question in it; app notes alone are not kept)."""
-        if not any(t.role == "user" for t in self.conversation.turns):
+        conv = conv or self.conversation
+        if not any(t.role == "user" for t in conv.turns):
             return
-        self.conversation.updated = self.clock()
-        self.conversation.history = list(self.prompt.prompt_history[-200:])
-        self.conversation.attachments = [a.path for a in self.attachments]
-        self.conversation.attachments_abs = [
+        conv.updated = self.clock()
+        if conv is not self.conversation:  # a turn of a conversation left with /clear
+            self._write(conv)
+            return
+        conv.history = list(self.prompt.prompt_history[-200:])
+        conv.attachments = [a.path for a in self.attachments]
+        conv.attachments_abs = [
             str((self.cwd / Path(a.path).expanduser()).resolve()) for a in self.attachments
         ]
+        self._write(conv)
+
+    def _write(self, conv: Conversation) -> None:
         try:
-            self.store.save(self.conversation)
+            self.store.save(conv)
         except OSError as e:
             self.notify(f"could not save the conversation: {one_line(e)}", severity="error")
 
@@ -225,19 +236,22 @@ class ChatApp(App):
     # -- turns ------------------------------------------------------------------------
     async def _start_turn(self, request: Any) -> None:
         turn = AssistantTurn(request.task, expand_reasoning=self.show_reasoning)
+        turn.conversation = self.conversation
         await self.conv_view.mount(turn)
         cancel = api.CancelToken()
         self.current, self._cancel = turn, cancel
+        self._drain_timer.resume()
         self.run_worker(
             lambda: self._generate(turn, request, cancel), thread=True, group="generate", exit_on_error=False
         )
 
     def _generate(self, turn: AssistantTurn, request: Any, cancel: Any) -> None:
-        """Thread worker: stream the engine's events to the turn."""
+        """Thread worker: stream the engine's events into the queue the UI drains."""
+        emit = self._emit
         try:
             engine = self._engine_or_load()
         except Exception as e:  # noqa: BLE001
-            self._post(self._finish, turn, "error", None, f"no model: {one_line(e)}")
+            emit(turn, "error", message=f"no model: {one_line(e)}")
             return
         if cancel.cancelled:  # stopped while the model was loading
             return
@@ -246,51 +260,91 @@ class ChatApp(App):
             for ev in events:
                 if cancel.cancelled:
                     break
-                if ev.kind == "reasoning":
-                    self._post(turn.add_reasoning, ev.text)
-                elif ev.kind == "answer":
-                    self._post(turn.add_answer, ev.text)
+                if ev.kind in ("reasoning", "answer"):
+                    emit(turn, ev.kind, text=ev.text)
                 elif ev.kind == "done":
-                    self._post(self._finish, turn, "done", ev.result, "")
+                    emit(turn, "done", result=ev.result)
                     return
                 elif ev.kind == "error":
-                    self._post(self._finish, turn, "error", None, ev.text)
+                    emit(turn, "error", message=ev.text)
                     return
         except Exception as e:  # noqa: BLE001
-            self._post(self._finish, turn, "error", None, one_line(e))
+            emit(turn, "error", message=one_line(e))
             return
         finally:
             close = getattr(events, "close", None)
             if callable(close):
                 close()
         if cancel.cancelled:
-            self._post(self._finish, turn, "stopped", None, "")
+            emit(turn, "stopped")
         else:
-            self._post(self._finish, turn, "error", None, "the engine ended without an answer")
+            emit(turn, "error", message="the engine ended without an answer")
+
+    def _emit(
+        self, turn: AssistantTurn, kind: str, text: str = "", result: object = None, message: str = ""
+    ) -> None:
+        """From any thread: queue an engine event for the UI (never blocks the engine)."""
+        self._events.append((turn, kind, text, result, message))  # deque.append is thread-safe
+
+    async def _drain(self) -> None:
+        """UI timer: apply queued events, joining runs of text so a fast model costs few repaints."""
+        if not self._events:
+            if self.current is None:
+                self._drain_timer.pause()
+            return
+        batch = []
+        while self._events:
+            batch.append(self._events.popleft())
+        i = 0
+        while i < len(batch):
+            turn, kind, _, result, message = batch[i]
+            if kind in ("reasoning", "answer"):
+                j = i
+                while j < len(batch) and batch[j][0] is turn and batch[j][1] == kind:
+                    j += 1
+                text = "".join(b[2] for b in batch[i:j])
+                if kind == "reasoning":
+                    turn.add_reasoning(text)
+                else:
+                    await turn.add_answer(text)
+                i = j
+            else:
+                await self._finish(turn, kind, result, message)
+                i += 1
 
     async def _finish(self, turn: AssistantTurn, status: str, result: object, message: str) -> None:
-        if not turn.running:
+        """End a turn (from the drain): mark it, render its final answer, save it — once."""
+        if turn.recorded:
             return
-        if turn is self.current:
-            self.current, self._cancel = None, None
-        await turn.finish(status, result, message)
-        self.conversation.turns.append(
+        if turn.running:
+            if turn is self.current:
+                self.current, self._cancel = None, None
+            turn.mark(status, message)
+        turn.recorded = True
+        if turn.is_attached:
+            await turn.finalize(result)
+        conv = turn.conversation if isinstance(turn.conversation, Conversation) else self.conversation
+        conv.turns.append(
             Turn(
                 role="assistant",
                 text=turn.state.answer,
                 reasoning=turn.state.reasoning,
                 task=turn.state.task,
-                status=status if not message else f"{status}",
+                status=turn.state.status,
             )
         )
-        self._save()
+        self._save(conv)
 
-    async def action_stop(self) -> None:
+    def action_stop(self) -> None:
         """Escape: stop the running answer at once (the engine sees the cancel token)."""
         if self.current is None or self._cancel is None or len(self.screen_stack) > 1:
             raise SkipAction()  # nothing to stop, or a dialog (command palette) wants the key
+        turn = self.current
         self._cancel.cancel()
-        await self._finish(self.current, "stopped", None, "")
+        self.current, self._cancel = None, None
+        turn.mark("stopped")  # shown now; the drain closes its stream and saves it
+        self._emit(turn, "stopped")
+        self._drain_timer.resume()
 
     def action_toggle_reasoning(self) -> None:
         self.show_reasoning = not self.show_reasoning
@@ -401,7 +455,7 @@ class ChatApp(App):
             return
         if name == "clear":
             if self._cancel is not None:
-                await self.action_stop()
+                self.action_stop()
             self._save()
             await self.conv_view.remove_children()
             self.conversation = Conversation.new(self.clock)

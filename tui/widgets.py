@@ -83,6 +83,9 @@ class AssistantTurn(Vertical):
         self.state = TurnState(task=task, reasoning=reasoning, answer=answer, status=status)
         self._expand_reasoning = expand_reasoning
         self._stream = None
+        self.finalized = status != "running"
+        self.recorded = status != "running"  # saved into its conversation
+        self.conversation: object | None = None
         self._fence = task in ("complete", "comment")
         self._reasoning_text = Static(Content(reasoning), classes="reasoning-text")
         self.reasoning_block = Collapsible(
@@ -114,46 +117,34 @@ class AssistantTurn(Vertical):
             self.state.order.append(kind)
 
     def add_reasoning(self, text: str) -> None:
-        if not self.running or not text:
+        # text queued before a stop still lands; nothing after the final render
+        if self.finalized or not text:
             return
         self._mark("reasoning")
         self.state.reasoning += text
         self._reasoning_text.update(Content(self.state.reasoning))
 
     async def add_answer(self, text: str) -> None:
-        if not self.running or not text:
+        if self.finalized or not text:
             return
         if self._stream is None:
             self._mark("answer")
             if not self._expand_reasoning:
                 self.reasoning_block.collapsed = True
             self.reasoning_block.display = bool(self.state.reasoning)
-            self.status_line.update(Content("answering…"))
+            if self.running:
+                self.status_line.update(Content("answering…"))
             self._stream = Markdown.get_stream(self.answer_view)
             if self._fence:
                 await self._stream.write("```python\n")
         self.state.answer += text
         await self._stream.write(text)
 
-    async def finish(self, status: str, result: object | None = None, message: str = "") -> None:
-        """End the turn: ``done`` (with the task result), ``stopped`` or ``error``."""
+    def mark(self, status: str, message: str = "") -> None:
+        """End the turn now (synchronous): ``done``, ``stopped`` or ``error``; later text is ignored."""
         if not self.running:
             return
         self.state.status = status
-        if self._stream is not None:
-            stream, self._stream = self._stream, None
-            await stream.stop()
-        final = self.state.answer
-        if status == "done":
-            final = format_result(self.state.task, result, self.state.answer)
-        elif self._fence and final:
-            final = f"```python\n{final}\n```"
-        if final != self.state.answer or self._fence:
-            await self.answer_view.update(final)
-        self.state.answer = final
-        if not self._expand_reasoning and self.state.answer:
-            self.reasoning_block.collapsed = True
-        self.reasoning_block.display = bool(self.state.reasoning)
         text = self._status_text(status)
         if message:
             text = f"{text}: {message}" if text else message
@@ -161,6 +152,31 @@ class AssistantTurn(Vertical):
         self.status_line.display = bool(text)
         self.set_class(status == "stopped", "-stopped")
         self.set_class(status == "error", "-error")
+        if not self._expand_reasoning and self.state.answer:
+            self.reasoning_block.collapsed = True
+        self.reasoning_block.display = bool(self.state.reasoning)
+
+    async def finalize(self, result: object | None = None) -> None:
+        """After :meth:`mark`: close the Markdown stream and render the final answer (once)."""
+        if self.running or self.finalized:
+            return
+        self.finalized = True
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            await stream.stop()
+        final = self.state.answer
+        if self.state.status == "done":
+            final = format_result(self.state.task, result, self.state.answer)
+        elif self._fence and final:
+            final = f"```python\n{final}\n```"
+        if final != self.state.answer or self._fence:
+            await self.answer_view.update(final)
+        self.state.answer = final
+
+    async def finish(self, status: str, result: object | None = None, message: str = "") -> None:
+        """End the turn: ``done`` (with the task result), ``stopped`` or ``error``."""
+        self.mark(status, message)
+        await self.finalize(result)
 
     def show_reasoning(self, show: bool) -> None:
         self._expand_reasoning = show
