@@ -105,6 +105,8 @@ def export(model: Transformer, cfg: ModelConfig, tokenizer_path, out_dir, int8: 
     tensors: dict[str, torch.Tensor] = {}
     quantized: list[str] = []
     for name, t in model.state_dict().items():
+        if hasattr(t, "full_tensor"):  # a DTensor (FSDP / expert-parallel shards): gather it
+            t = t.full_tensor()
         t = t.detach().cpu()
         if int8 and _quantizable(name, t):
             tensors[name], tensors[name + SCALE_SUFFIX] = quantize_int8(t)
