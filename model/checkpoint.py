@@ -105,7 +105,7 @@ def export(model: Transformer, cfg: ModelConfig, tokenizer_path, out_dir, int8: 
     tensors: dict[str, torch.Tensor] = {}
     quantized: list[str] = []
     for name, t in model.state_dict().items():
-        if hasattr(t, "full_tensor"):  # a DTensor (FSDP / expert-parallel shards): gather it
+        if hasattr(t, "full_tensor"):  # DTensor shards (FSDP / EP): a collective, call on every rank
             t = t.full_tensor()
         t = t.detach().cpu()
         if int8 and _quantizable(name, t):
