@@ -13,7 +13,8 @@ Features (each can be switched off in the settings; hover is off by default):
   debugging hint.
 - Diagnostics from the debug task, computed on save and after ~1 s of idle, never per
   keystroke: pull (``textDocument/diagnostic`` with result ids) when the client supports
-  it, ``textDocument/publishDiagnostics`` otherwise.
+  it and ``workspace/diagnostic/refresh`` (so it can be told to re-pull),
+  ``textDocument/publishDiagnostics`` otherwise.
 - ``textDocument/hover``: a short explanation, reasoning first (setting, off by default).
 - ``$/progress`` for model loading, diagnostics, docstrings and hover; ``$/cancelRequest``
   cancels the engine's token; settings via ``initializationOptions`` and
@@ -576,9 +577,8 @@ class MoeServer(LanguageServer):
             return  # stale: the next idle/save run will replace it
         self._diag[uri] = DiagState(version, str(next(self._result_ids)), items)
         if self.pull_diagnostics:
-            if self.client_has("workspace.diagnostics.refresh_support", False):
-                with contextlib.suppress(Exception):
-                    self.workspace_diagnostic_refresh(None)
+            with contextlib.suppress(Exception):
+                self.workspace_diagnostic_refresh(None)
         else:
             self.text_document_publish_diagnostics(
                 types.PublishDiagnosticsParams(uri=uri, diagnostics=items, version=version))
@@ -844,7 +844,10 @@ def build_server(factory: Callable[..., Any] | None = None, settings: Settings |
     def initialize(ls: MoeServer, params: types.InitializeParams) -> None:
         ls.caps = params.capabilities or types.ClientCapabilities()
         ls.encoding = normalize_encoding(ServerCapabilitiesBuilder.choose_position_encoding(ls.caps))
-        ls.pull_diagnostics = ls.client_has("text_document.diagnostic") is not None
+        # pull only where the server can ask for a re-pull when new hints are ready
+        # (workspace/diagnostic/refresh); otherwise push them (Neovim 0.10-0.12, eglot, ...)
+        ls.pull_diagnostics = (ls.client_has("text_document.diagnostic") is not None
+                               and bool(ls.client_has("workspace.diagnostics.refresh_support", False)))
         for problem in ls.settings.update(params.initialization_options):
             ls.report_once(f"moecoder settings: {problem}", types.MessageType.Warning)
 

@@ -22,9 +22,14 @@ def server_env(engine: str = "fake") -> dict[str, str]:
     return env
 
 
-def capabilities(base: str = "neovim@v0.10.0", inline: bool = True, encodings: list[str] | None = None
-                 ) -> types.ClientCapabilities:
+def capabilities(base: str = "neovim@v0.10.0", inline: bool = True, encodings: list[str] | None = None,
+                 refresh: bool = True) -> types.ClientCapabilities:
+    """A recorded client's capabilities, plus inline completion and diagnostic refresh
+    support (what a pull-diagnostics client like VS Code declares)."""
     caps = client_capabilities(base)
+    if refresh and caps.text_document.diagnostic is not None:
+        caps.workspace = caps.workspace or types.WorkspaceClientCapabilities()
+        caps.workspace.diagnostics = types.DiagnosticWorkspaceClientCapabilities(refresh_support=True)
     if inline:
         caps.text_document.inline_completion = types.InlineCompletionClientCapabilities()
     if encodings is not None:

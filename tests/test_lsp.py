@@ -61,6 +61,11 @@ async def test_no_inline_completion_or_pull_for_an_older_client(client: Language
     assert result.capabilities.diagnostic_provider is None
 
 
+async def test_no_pull_without_refresh_support(client: LanguageClient):
+    result = await init(client, capabilities("neovim@v0.10.0", refresh=False))
+    assert result.capabilities.diagnostic_provider is None  # hints are pushed instead
+
+
 async def test_completion_single_line_mid_line_with_utf16_positions(client: LanguageClient, tmp_path):
     # the emoji are outside the BMP: 2 UTF-16 units each, 1 Python character each
     text = 's = "😀😀"\nx = foo(ab) + s\n'

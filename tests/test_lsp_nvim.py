@@ -33,7 +33,8 @@ def _nvim() -> str | None:
 
 NVIM = _nvim()
 
-SOURCE = 'def greet(name):\n    message = "héllo 😀 " + name\n    return mess\n'
+SOURCE = ('def greet(name):\n    message = "héllo 😀 " + name\n    return mess\n'
+          "\n\ndef check(x):\n    return x + FAKE_BUG\n")
 
 INIT_LUA = r"""
 local out_path = vim.env.MOECODER_TEST_OUT
@@ -86,11 +87,38 @@ local function run()
     if r.err then table.insert(result.errors, vim.inspect(r.err)) end
     result.inline = r.result
   end
+
+  -- 4. code action "Add docstring" on greet, resolved, applied by Neovim itself
+  params = { textDocument = { uri = uri },
+             range = { start = { line = 2, character = 4 }, ["end"] = { line = 2, character = 4 } },
+             context = { diagnostics = {} } }
+  resp = client:request_sync("textDocument/codeAction", params, 20000, 0)
+  assert(resp and not resp.err, "codeAction failed: " .. vim.inspect(resp))
+  result.actions = {}
+  for _, a in ipairs(resp.result or {}) do
+    table.insert(result.actions, a.title)
+    if a.title == "Add docstring to greet" then
+      local r = client:request_sync("codeAction/resolve", a, 20000, 0)
+      assert(r and not r.err and r.result.edit, "resolve failed: " .. vim.inspect(r))
+      vim.lsp.util.apply_workspace_edit(r.result.edit, client.offset_encoding)
+    end
+  end
+  result.lines_after_docstring = vim.api.nvim_buf_get_lines(0, 0, -1, false)
+
+  -- 5. save: the server computes hints and pushes them (Neovim declares no pull refresh)
+  vim.cmd("silent write")
+  local got = vim.wait(20000, function() return #vim.diagnostic.get(0) > 0 end, 50)
+  result.diagnostics = {}
+  for _, d in ipairs(got and vim.diagnostic.get(0) or {}) do
+    table.insert(result.diagnostics, { lnum = d.lnum, col = d.col, severity = d.severity,
+                                       source = d.source, message = d.message })
+  end
+
   client:stop()
   vim.wait(5000, function() return client:is_stopped() end, 50)
 end
 -- init.lua runs before the file is loaded: do the work once the editor is up
-vim.api.nvim_create_autocmd("VimEnter", { once = true, callback = function()
+vim.api.nvim_create_autocmd("VimEnter", { once = true, nested = true, callback = function()
   local ok, err = pcall(run)
   if not ok then table.insert(result.errors, tostring(err)) end
   finish()
@@ -135,3 +163,13 @@ def test_neovim_receives_completion_and_inline_completion(tmp_path: Path):
     (inl,) = got["inline"]["items"]
     assert inl["insertText"] == "done_L2_C15\nsecond_line"
     assert inl["range"]["start"] == inl["range"]["end"] == {"line": 2, "character": 15}
+
+    # the docstring code action, resolved and applied by Neovim
+    assert "Add docstring to greet" in got["actions"]
+    assert got["lines_after_docstring"][:2] == ["def greet(name):", '    """Fake docstring for greet."""']
+    assert got["lines_after_docstring"][2] == SOURCE.split("\n")[1]
+
+    # diagnostics after :write (line numbers after the inserted docstring line)
+    (diag,) = got["diagnostics"]
+    assert diag["lnum"] == 7 and diag["col"] == 4 and diag["source"] == "moecoder"
+    assert diag["severity"] == 2 and "FAKE_BUG looks wrong" in diag["message"]  # 2 = WARN
