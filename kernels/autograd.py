@@ -161,7 +161,8 @@ class _MoEExperts(torch.autograd.Function):
         T, K, bm, n_tiles = ctx.meta
         dout = dout.contiguous()
         w_flat = w.reshape(-1)
-        dg, du, dw_row = ops.gmm_dh(dout, row_index, K, w_flat, wd, g, u, tm, n_tiles, bm)
+        need_wd = ctx.needs_input_grad[5]
+        dg, du, dw_row, hs = ops.gmm_dh(dout, row_index, K, w_flat, wd, g, u, tm, n_tiles, bm, write_hs=need_wd)
         dweights = dw_row[dest].view(T, K).to(w.dtype)
         dx = dwg = dwu = dwd = None
         if ctx.needs_input_grad[0]:
@@ -169,8 +170,8 @@ class _MoEExperts(torch.autograd.Function):
                 dg, wg.transpose(1, 2), tm, n_tiles, bm, T * K, a2=du, b2=wu.transpose(1, 2)
             )
             dx = ops.combine(dxp, dest, T, K)
-        if ctx.needs_input_grad[5]:
-            dwd, _ = ops.gmm_dw(g, dout, offsets, a_mode=2, u=u, b_mode=1, bidx=row_index, divb=K, bscale=w_flat)
+        if need_wd:  # dWd[e] = (s*H)_e^T @ dout[token]: both operands plain loads (pipelined)
+            dwd, _ = ops.gmm_dw(hs, dout, offsets, b_mode=1, bidx=row_index, divb=K)
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             dwg, dwu = ops.gmm_dw(x, dg, offsets, a_mode=1, aidx=row_index, diva=K, b2=du)
         return dx, dweights, None, dwg, dwu, dwd

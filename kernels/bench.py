@@ -278,7 +278,7 @@ def breakdown(s: Shape, T: int, dev, reps: int = 20) -> list[dict]:
     tm, nt = ops.tile_map(offsets, bm, N)
     g, u, h = ops.gmm_gu(x, p.wg, p.wu, tm, nt, bm, N, idx=row_index, div=K)
     dout = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
-    dg, du, _ = ops.gmm_dh(dout, row_index, K, w.reshape(-1), p.wd, g, u, tm, nt, bm)
+    dg, du, _, hs = ops.gmm_dh(dout, row_index, K, w.reshape(-1), p.wd, g, u, tm, nt, bm, write_hs=True)
     xs = x[row_index // K]
     offs32 = offsets[1:].to(torch.int32)
     gemm = 2 * N * D * Fh
@@ -290,11 +290,13 @@ def breakdown(s: Shape, T: int, dev, reps: int = 20) -> list[dict]:
         "fwd down": (lambda: ops.gmm(h, p.wd, tm, nt, bm, N), gemm),
         "fwd combine": (lambda: ops.combine(h.new_empty(N, D), dest, T, K, scale_TK=w), 0),
         "bwd dH+swiglu'+dw (gather)": (
-            lambda: ops.gmm_dh(dout, row_index, K, w.reshape(-1), p.wd, g, u, tm, nt, bm), gemm),
+            lambda: ops.gmm_dh(dout, row_index, K, w.reshape(-1), p.wd, g, u, tm, nt, bm, write_hs=True), gemm),
         "bwd dX dual": (lambda: ops.gmm(dg, p.wg.transpose(1, 2), tm, nt, bm, N, a2=du, b2=p.wu.transpose(1, 2)),
                         2 * gemm),
-        "bwd dW_down": (lambda: ops.gmm_dw(g, dout, offsets, a_mode=2, u=u, b_mode=1, bidx=row_index, divb=K,
-                                           bscale=w.reshape(-1)), gemm),
+        "bwd dW_down (old: swiglu+scale in loop)": (
+            lambda: ops.gmm_dw(g, dout, offsets, a_mode=2, u=u, b_mode=1, bidx=row_index, divb=K,
+                               bscale=w.reshape(-1)), gemm),
+        "bwd dW_down (s*H saved)": (lambda: ops.gmm_dw(hs, dout, offsets, b_mode=1, bidx=row_index, divb=K), gemm),
         "bwd dW_gate+up (gather)": (lambda: ops.gmm_dw(x, dg, offsets, a_mode=1, aidx=row_index, diva=K, b2=du),
                                     2 * gemm),
         "peer _grouped_mm x@Wg": (lambda: torch._grouped_mm(xs, p.wg, offs=offs32), gemm),

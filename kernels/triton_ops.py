@@ -537,9 +537,9 @@ _DH_INT = dict(BLOCK_K=32)
 @triton.autotune(configs=_configs(_DH_GPU, _DH_INT), key=["F", "D", "BLOCK_M", "BLOCK_N"])
 @triton.jit
 def _gmm_dh_kernel(
-    dout_ptr, idx_ptr, sw_ptr, wd_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, dwp_ptr, tm_ptr, n_tiles,
+    dout_ptr, idx_ptr, sw_ptr, wd_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, dwp_ptr, hs_ptr, tm_ptr, n_tiles,
     F, D, DIV, stride_dm, stride_we, stride_wf, stride_wd, stride_gm, stride_dwp,
-    ACC64: tl.constexpr, PREC: tl.constexpr,
+    WRITE_HS: tl.constexpr, ACC64: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Backward of (down GEMM, routing weight, SwiGLU) for the rows of one tile.
@@ -585,12 +585,14 @@ def _gmm_dh_kernel(
     du = dh * silu
     dg = dh * u * sg * (1.0 + g * (1.0 - sg))
     out_ty = dg_ptr.dtype.element_ty
+    if WRITE_HS:  # s * H: the A operand of the down projection's weight gradient
+        tl.store(hs_ptr + o_off, (h * s[:, None]).to(out_ty), mask=omask)
     tl.store(dg_ptr + o_off, dg.to(out_ty), mask=omask)
     tl.store(du_ptr + o_off, du.to(out_ty), mask=omask)
 
 
-def gmm_dh(dout, idx, div, sw_flat, wd_EFD, g, u, tm, n_tiles, block_m):
-    """Returns dG, dU (N, F) and dw_row (N,) float32 = <dout[t], Y[p]> for each permuted row."""
+def gmm_dh(dout, idx, div, sw_flat, wd_EFD, g, u, tm, n_tiles, block_m, write_hs=False):
+    """Returns dG, dU (N, F), dw_row (N,) float32 = <dout[t], Y[p]> per permuted row, and s*H or None."""
     n_rows, F = g.shape
     D = wd_EFD.shape[2]
     dg = torch.empty_like(g)
@@ -598,14 +600,15 @@ def gmm_dh(dout, idx, div, sw_flat, wd_EFD, g, u, tm, n_tiles, block_m):
     block_n = 32 if INTERPRET else (128 if block_m >= 64 else 64)
     nb = triton.cdiv(F, block_n)
     dwp = torch.zeros((n_rows, nb), dtype=torch.float32, device=g.device)
+    hs = torch.empty_like(g) if write_hs else None
     if n_rows == 0:
-        return dg, du, dwp.sum(1)
+        return dg, du, dwp.sum(1), hs
     _gmm_dh_kernel[(nb, n_tiles)](
-        dout, idx, sw_flat, wd_EFD, g, u, dg, du, dwp, tm, n_tiles, F, D, div,
+        dout, idx, sw_flat, wd_EFD, g, u, dg, du, dwp, hs if write_hs else dg, tm, n_tiles, F, D, div,
         dout.stride(0), wd_EFD.stride(0), wd_EFD.stride(1), wd_EFD.stride(2), g.stride(0), dwp.stride(0),
-        ACC64=_acc64(g.dtype), PREC=_prec(g.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+        WRITE_HS=write_hs, ACC64=_acc64(g.dtype), PREC=_prec(g.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
     )  # fmt: skip
-    return dg, du, dwp.sum(1)
+    return dg, du, dwp.sum(1), hs
 
 
 _DW_GPU = [
@@ -619,12 +622,12 @@ _DW_GPU = [
 _DW_INT = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16)
 
 
-@triton.autotune(configs=_configs(_DW_GPU, _DW_INT), key=["M", "N", "A_MODE", "B_MODE", "DUAL"])
+@triton.autotune(configs=_configs(_DW_GPU, _DW_INT), key=["M", "N", "A_MODE", "B_MODE", "HAS_BS", "DUAL"])
 @triton.jit
 def _gmm_dw_kernel(
     a_ptr, aidx_ptr, u_ptr, b_ptr, b2_ptr, bidx_ptr, bs_ptr, c_ptr, c2_ptr, offs_ptr,
     M, N, DIVA, DIVB, stride_am, stride_bm, stride_ce, stride_cm,
-    A_MODE: tl.constexpr, B_MODE: tl.constexpr, DUAL: tl.constexpr,
+    A_MODE: tl.constexpr, B_MODE: tl.constexpr, HAS_BS: tl.constexpr, DUAL: tl.constexpr,
     ACC64: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -669,7 +672,7 @@ def _gmm_dw_kernel(
             br = r.to(tl.int64)
         b_off = br[:, None] * stride_bm + cn_[None, :]
         b = tl.load(b_ptr + b_off, mask=rm[:, None] & nmask[None, :], other=0.0)
-        if B_MODE == 1:
+        if HAS_BS:
             sc = tl.load(bs_ptr + bi, mask=rm, other=0.0)
             SC: tl.constexpr = tl.float64 if ACC64 else tl.float32
             b = (b.to(SC) * sc[:, None].to(SC)).to(b.dtype)
@@ -705,7 +708,7 @@ def gmm_dw(a, b, offsets_E1, a_mode=0, aidx=None, diva=1, u=None, b_mode=0, bidx
         b2 if b2 is not None else b, bidx if bidx is not None else dummy,
         bscale if bscale is not None else b, c, c2, offsets_E1,
         M, N, diva, divb, a.stride(0), b.stride(0), c.stride(0), c.stride(1),
-        A_MODE=a_mode, B_MODE=b_mode, DUAL=b2 is not None, ACC64=_acc64(a.dtype), PREC=_prec(a.dtype),
+        A_MODE=a_mode, B_MODE=b_mode, HAS_BS=bscale is not None, DUAL=b2 is not None, ACC64=_acc64(a.dtype), PREC=_prec(a.dtype),
     )  # fmt: skip
     return c, c2
 
