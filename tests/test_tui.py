@@ -18,7 +18,7 @@ SIZE = (80, 24)
 BUGGY = "def add(a, b):\n    return a - b\n\n\ndef mul(a, b):\n    return a * b\n"
 
 
-async def wait_for(pilot, predicate, timeout: float = 10.0) -> None:
+async def wait_for(pilot, predicate, timeout: float = 30.0) -> None:
     """Let the app run until ``predicate()`` holds (the timeout only guards a hang)."""
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
@@ -51,7 +51,7 @@ def notes(app: ChatApp, kind: str | None = None) -> list[str]:
 
 
 def last_done(app: ChatApp):
-    return lambda: bool(turns(app)) and not turns(app)[-1].running
+    return lambda: bool(turns(app)) and turns(app)[-1].settled
 
 
 # -- pure logic ---------------------------------------------------------------------

@@ -47,7 +47,7 @@ def test_streamed_answer_with_folded_reasoning(snap_compare, tmp_path):
     async def run_before(pilot) -> None:
         await pilot.pause()
         await app.handle_input("what does this do?")
-        await settle(pilot, lambda: app.query(AssistantTurn) and not app.query_one(AssistantTurn).running)
+        await settle(pilot, lambda: app.query(AssistantTurn) and app.query_one(AssistantTurn).settled)
         await asyncio.sleep(0.05)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)

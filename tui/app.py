@@ -334,6 +334,7 @@ class ChatApp(App):
             )
         )
         self._save(conv)
+        turn.settled = True
 
     def action_stop(self) -> None:
         """Escape: stop the running answer at once (the engine sees the cancel token)."""

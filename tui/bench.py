@@ -53,7 +53,7 @@ async def until(pilot, predicate, timeout: float = 120.0) -> None:
 
 
 def done(app: ChatApp):
-    return lambda: bool(app.query(AssistantTurn)) and not app.query(AssistantTurn).last().running
+    return lambda: bool(app.query(AssistantTurn)) and app.query(AssistantTurn).last().settled
 
 
 async def bench_stream(tmp: Path, reasoning_chunks: int, answer_chunks: int, delay: float) -> dict:

@@ -85,6 +85,7 @@ class AssistantTurn(Vertical):
         self._stream = None
         self.finalized = status != "running"
         self.recorded = status != "running"  # saved into its conversation
+        self.settled = status != "running"  # final answer rendered and saved
         self.conversation: object | None = None
         self._fence = task in ("complete", "comment")
         self._reasoning_text = Static(Content(reasoning), classes="reasoning-text")
