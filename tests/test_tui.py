@@ -108,6 +108,22 @@ def test_store_latest_and_no_overwrite(tmp_path):
     assert store.latest().id == c1.id  # unreadable files are skipped, not fatal
 
 
+def test_format_result_for_each_task():
+    from tui.api import Completion, DebugResult, Docstring, Explanation, Hint
+    from tui.widgets import format_result
+
+    hint = Hint("a.py", "add", 1, "subtracts instead of adding", "    return a + b", 0.75, "r")
+    text = format_result("debug", DebugResult([hint], "r"), "raw")
+    assert "**line 2 in `add`**: subtracts instead of adding" in text and "75%" in text
+    assert "```python\n    return a + b\n```" in text
+    assert format_result("debug", DebugResult([], "r"), "raw") == "No issue found."
+    doc = Docstring("add", '"""Add two numbers."""', 1, "    ", "google", "r")
+    assert '```python\n    """Add two numbers."""\n```' in format_result("comment", doc, "raw")
+    assert format_result("complete", Completion("a + b", False), "raw") == "```python\na + b\n```"
+    assert format_result("explain", Explanation("It adds.", "r"), "raw") == "It adds."
+    assert format_result("explain", None, "raw") == "raw"
+
+
 # -- the app ------------------------------------------------------------------------
 
 
@@ -172,6 +188,25 @@ async def test_escape_stops_a_running_answer(tmp_path):
         assert turn.state.status == "stopped"
         saved = json.loads(app.store.path_of(app.conversation).read_text())
         assert [t["status"] for t in saved["turns"] if t["role"] == "assistant"] == ["stopped", "done"]
+
+
+async def test_clear_while_answering(tmp_path):
+    engine = ScriptedEngine(delay=0.005, hold_after=1)
+    app = make_app(tmp_path, engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await app.handle_input("first")
+        await wait_for(pilot, engine.holding.is_set)
+        old = app.conversation
+        await app.handle_input("/clear")
+        await wait_for(pilot, engine.finished.is_set)
+        await pilot.pause(0.1)
+        assert app.current is None and not turns(app) and app.conversation is not old
+        saved = json.loads(app.store.path_of(old).read_text())
+        assert [t["status"] for t in saved["turns"] if t["role"] == "assistant"] == ["stopped"]
+        engine.hold_after = None
+        await app.handle_input("second")
+        await wait_for(pilot, last_done(app))
+        assert turns(app)[-1].state.status == "done"
 
 
 async def test_escape_without_a_running_answer_does_nothing(tmp_path):

@@ -298,19 +298,24 @@ class ChatApp(App):
         i = 0
         while i < len(batch):
             turn, kind, _, result, message = batch[i]
-            if kind in ("reasoning", "answer"):
-                j = i
-                while j < len(batch) and batch[j][0] is turn and batch[j][1] == kind:
-                    j += 1
-                text = "".join(b[2] for b in batch[i:j])
-                if kind == "reasoning":
-                    turn.add_reasoning(text)
+            j = i + 1
+            try:
+                if kind in ("reasoning", "answer"):
+                    while j < len(batch) and batch[j][0] is turn and batch[j][1] == kind:
+                        j += 1
+                    if not turn.is_attached:  # removed by /clear
+                        continue
+                    text = "".join(b[2] for b in batch[i:j])
+                    if kind == "reasoning":
+                        turn.add_reasoning(text)
+                    else:
+                        await turn.add_answer(text)
                 else:
-                    await turn.add_answer(text)
+                    await self._finish(turn, kind, result, message)
+            except Exception as e:  # noqa: BLE001 - a display problem must not end the chat
+                self.notify(f"display error: {one_line(e)}", severity="error")
+            finally:
                 i = j
-            else:
-                await self._finish(turn, kind, result, message)
-                i += 1
 
     async def _finish(self, turn: AssistantTurn, status: str, result: object, message: str) -> None:
         """End a turn (from the drain): mark it, render its final answer, save it — once."""

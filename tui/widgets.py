@@ -23,7 +23,8 @@ def format_result(task: str, result: object, streamed: str) -> str:
         parts = []
         for h in result.hints:
             where = f"line {h.line + 1}" + (f" in `{h.function}`" if h.function else "")
-            parts.append(f"**{where}**: {h.message}")
+            conf = f" _(confidence {h.confidence:.0%})_" if isinstance(h.confidence, int | float) else ""
+            parts.append(f"**{where}**: {h.message}{conf}")
             if h.fix:
                 parts.append(f"```python\n{h.fix}\n```")
         return "\n\n".join(parts)
