@@ -52,7 +52,7 @@ from typing import Any
 
 from lsprotocol import types
 from pygls.capabilities import ServerCapabilitiesBuilder, get_capability
-from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams
+from pygls.exceptions import FeatureNotificationError, JsonRpcException, JsonRpcInvalidParams
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol, lsp_method
 
@@ -257,6 +257,14 @@ class MoeServer(LanguageServer):
         self._live_tokens: set[Any] = set()  # tokens of engine jobs queued or running
         self._result_ids = itertools.count(1)
         self._progress_ids = itertools.count(1)
+
+    def report_server_error(self, error: Exception, source: Any) -> None:
+        """Malformed input from the client is logged, not shown to the user; errors in our
+        own notification handlers are shown once."""
+        if source is FeatureNotificationError:
+            self.report_once(f"moecoder: internal error: {_one_line(error)}")
+        else:
+            log.warning("%s: %s", getattr(source, "__name__", source), _one_line(error))
 
     # -- capabilities ---------------------------------------------------------------------
     def client_has(self, path: str, default: Any = None) -> Any:
