@@ -210,11 +210,21 @@ def test_open_split_errors(tmp_path, data_dir):
         open_split(tmp_path, "train")
 
 
-def test_eval_rows_cover_split_in_order(data_dir):
-    v = open_split(data_dir, "valid")
-    rows = eval_rows(v, 16, 64)
+def test_eval_rows(data_dir, small_data_dir):
+    v = open_split(small_data_dir, "valid")  # smaller than the budget: the whole split in order
+    rows = eval_rows(v, 4, 10_000)
+    n = len(v.tokens)
+    assert rows.shape == ((n - 1) // 4, 5)
+    assert rows[:, 1:].reshape(-1).tolist() == np.asarray(v.tokens[1 : rows.shape[0] * 4 + 1]).tolist()
+    assert eval_rows(v, 1000, 10_000).shape == (1, n)  # shorter than one row
+    t = open_split(data_dir, "train")  # bigger than the budget: whole documents from all over the split
+    rows = eval_rows(t, 16, 64)
     assert rows.shape == (4, 17)
-    assert rows[:, 1:].reshape(-1).tolist() == np.asarray(v.tokens[1:65]).tolist()
+    assert rows[:, 1:].reshape(-1).tolist() != np.asarray(t.tokens[1:65]).tolist()
+    assert np.array_equal(rows, eval_rows(t, 16, 64))  # fixed across calls (and resumes)
+    order = np.random.default_rng(1234).permutation(t.num_docs)
+    expected = np.concatenate([np.asarray(t.doc(int(i))) for i in order[:3]])[:65]
+    assert [*rows[0, :1].tolist(), *rows[:, 1:].reshape(-1).tolist()] == expected.tolist()  # whole documents
 
 
 # ---------------------------------------------------------------------------------- training

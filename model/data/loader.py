@@ -236,18 +236,32 @@ class BatchLoader:
         self.rows = int(state["rows"])
 
 
-def eval_rows(data: Packed, seq_len: int, max_tokens: int) -> np.ndarray:
-    """Rows ``[R, seq_len + 1]`` of the split's first documents in file order, no FIM.
+def eval_rows(data: Packed, seq_len: int, max_tokens: int, seed: int = 1234) -> np.ndarray:
+    """Rows ``[R, seq_len + 1]`` for evaluation: whole documents (no FIM), each followed by its eos.
 
-    Uses at most ``max_tokens`` targets (at least one row; a split shorter than a row gives
-    one shorter row).
-    Rows overlap by one token, so every token after the first is a target exactly once.
+    When the split holds more than ``max_tokens`` tokens, documents are taken in a fixed
+    pseudo-random order (``seed``) until the budget is met, so the sample spreads over the
+    whole split rather than its first packages. Uses at most ``max_tokens`` targets (at least
+    one row; a stream shorter than a row gives one shorter row). Rows overlap by one token, so
+    every token after the first is a target exactly once.
     """
     n = len(data.tokens)
+    if n <= max_tokens + 1:
+        stream = np.asarray(data.tokens, dtype=np.int64)
+    else:
+        order = np.random.default_rng(seed).permutation(data.num_docs)
+        pieces, have = [], 0
+        for i in order:
+            d = np.asarray(data.doc(int(i)), dtype=np.int64)
+            pieces.append(d)
+            have += len(d)
+            if have >= max_tokens + 1:
+                break
+        stream = np.concatenate(pieces)
+    n = len(stream)
     if n < seq_len + 1:  # a tiny split: one shorter row
-        return np.asarray(data.tokens[:n], dtype=np.int64)[None, :]
+        return stream[None, :]
     rows = max(1, min(max_tokens, n - 1) // seq_len)
     rows = min(rows, (n - 1) // seq_len)
-    stream = np.asarray(data.tokens[: rows * seq_len + 1], dtype=np.int64)
     idx = np.arange(rows)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
     return stream[idx]
