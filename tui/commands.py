@@ -113,10 +113,10 @@ def read_attachment(path: str, base: Path | None = None, max_bytes: int = MAX_FI
         data = p.read_bytes()
     except OSError as e:
         raise CommandError(f"cannot read {path}: {e.strerror or e}") from None
-    if b"\x00" in data[:8192] or b"\x00" in data:
+    if b"\x00" in data:
         raise CommandError(f"{path} looks binary (NUL bytes); only text files can be attached")
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise CommandError(f"{path} is not UTF-8 text") from None
     return Attachment(path=path, text=text, file=p, mtime_ns=size_mtime)
