@@ -13,7 +13,7 @@ It has the surface of :class:`assistant.engine.Engine` that the server uses (``s
 - ``explain``: a sentence naming the requested lines.
 
 ``FAKE_DELAY=<seconds>`` anywhere in the source makes every task take that long before
-its answer, checking the cancel token every 10 ms, so cancellation, supersede and stale
+its answer (``FAKE_DELAY_DEBUG=<seconds>`` etc. for one task), checking the cancel token every 10 ms, so cancellation, supersede and stale
 results can be tested without timing races. ``FAKE_ERROR`` makes a task end in an error
 event. :meth:`FakeEngine.stats` counts started, finished and cancelled streams.
 """
@@ -110,7 +110,7 @@ class FakeEngine:
             self._stats["started"] += 1
             self._stats["requests"].append([request.task, request.line, request.column])
         yield Event("reasoning", text=f"thinking about {request.task}")
-        m = _DELAY.search(request.source)
+        m = re.search(rf"FAKE_DELAY_{request.task.upper()}=([0-9.]+)", request.source) or _DELAY.search(request.source)
         end = time.monotonic() + (float(m.group(1)) if m else 0.0)
         while time.monotonic() < end:
             if cancel.cancelled:

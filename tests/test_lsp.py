@@ -209,7 +209,7 @@ async def test_diagnostics_rerun_only_changed_functions(client: LanguageClient, 
 
 
 async def test_completion_preempts_running_hint_computation(client: LanguageClient, tmp_path):
-    text = "# FAKE_DELAY=1.0\ndef f(x):\n    return x + FAKE_BUG\n"
+    text = "# FAKE_DELAY_DEBUG=30\ndef f(x):\n    return x + FAKE_BUG\n"
     uri = uri_for(tmp_path, "pre.py", text)
     await init(client, options={"diagnosticsDelay": 30})
     open_doc(client, uri, text)
@@ -261,7 +261,7 @@ async def test_cancel_a_slow_request_cancels_the_engine(client: LanguageClient, 
 
 
 async def test_stale_version_result_is_dropped(client: LanguageClient, tmp_path):
-    text = "# FAKE_DELAY=1.0\nx = 1\n"
+    text = "# FAKE_DELAY=3.0\nx = 1\n"
     uri = uri_for(tmp_path, "v.py", text)
     await init(client)
     open_doc(client, uri, text)
@@ -278,7 +278,7 @@ async def test_stale_version_result_is_dropped(client: LanguageClient, tmp_path)
 
 
 async def test_newer_completion_supersedes_older(client: LanguageClient, tmp_path):
-    text = "# FAKE_DELAY=1.5\nx = 1\ny = 2\n"
+    text = "# FAKE_DELAY=3.0\nx = 1\ny = 2\n"
     uri = uri_for(tmp_path, "n.py", text)
     await init(client)
     open_doc(client, uri, text)
