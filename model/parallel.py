@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,9 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
 import kernels
+
+# torch 2.10+ calls the autograd-aware all_to_all_single deprecated in favour of a private module
+warnings.filterwarnings("ignore", message=".*distributed.nn.functional.all_to_all_single is deprecated.*")
 
 
 def ep_moe_experts(
@@ -65,7 +69,14 @@ def ep_moe_experts(
         torch.arange(E_local, device=x_TD.device).repeat(W), counts_recv_WE.reshape(-1)
     )
     ones = torch.ones((x_recv.shape[0], 1), dtype=torch.float32, device=x_TD.device)
-    y_recv = kernels.moe_experts(x_recv, ones, local_ids[:, None], w_gate_local, w_up_local, w_down_local)
+    if x_recv.shape[0] == 0:
+        # nothing for my experts: the kernels return a tensor cut off from the graph here, but
+        # every rank must run the same backward collectives (the inverse all-to-all, FSDP's
+        # reduce-scatter of expert grads), so keep x_recv and the weights in the graph (zeros)
+        zero = (w_gate_local.sum() + w_up_local.sum() + w_down_local.sum()) * 0
+        y_recv = x_recv * 0 + zero.to(x_recv.dtype)
+    else:
+        y_recv = kernels.moe_experts(x_recv, ones, local_ids[:, None], w_gate_local, w_up_local, w_down_local)
 
     # 3. back to the ranks the tokens came from, then the weighted sum over k
     y_perm = dist_fn.all_to_all_single(

@@ -25,16 +25,18 @@ def torchrun(nproc: int, *args: str, extra: tuple[str, ...] = (), timeout: float
 
 def test_ep2_moe_layer_matches_single_process(tmp_path):
     """EP=2: forward and backward equal the single-process reference (float64, atol 1e-10),
-    including an expert that receives no tokens."""
+    including an expert that receives no tokens and a rank whose experts receive none."""
     out = tmp_path / "ep"
     torchrun(2, "ep_layer", str(out))
     for rank in range(2):
-        errs = json.loads(Path(f"{out}.{rank}").read_text())
-        assert errs["y"] < 1e-10, errs
-        assert errs["dx"] < 1e-10, errs
-        assert errs["dweights"] < 1e-10, errs
-        assert errs["dw"] < 1e-10, errs
-        assert errs["empty_expert_grad"] == 0.0
+        res = json.loads(Path(f"{out}.{rank}").read_text())
+        assert set(res) == {"one_expert_empty", "rank_empty"}
+        for case, errs in res.items():
+            assert errs["y"] < 1e-10, (case, errs)
+            assert errs["dx"] < 1e-10, (case, errs)
+            assert errs["dweights"] < 1e-10, (case, errs)
+            assert errs["dw"] < 1e-10, (case, errs)
+            assert errs["empty_expert_grad"] == 0.0, case
 
 
 @pytest.mark.parametrize(
