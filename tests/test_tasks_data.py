@@ -218,6 +218,10 @@ def test_build_tasks_writes_packed_layout(tmp_path, tiny_tokenizer, tiny_tokeniz
         r["path"] == "leak.py" for r in map(json.loads, (out / "train.jsonl").read_text().splitlines())
     )
     assert meta["eval_functions"] > 0 and meta["malformed_records"] == 0
+    from model.data.packed import PackedTokens
+
+    pt = PackedTokens(out, "train")
+    assert pt.eos_id == eos and len(pt) == meta["splits"]["train"]["docs"]
     import hashlib
 
     assert meta["tokenizer_sha256"] == hashlib.sha256(Path(tiny_tokenizer_path).read_bytes()).hexdigest()

@@ -1030,7 +1030,10 @@ def build_tasks(
         "kind": "tasks",
         "dtype": np.dtype(dtype).name,
         "vocab_size": vocab,
-        "tokenizer": str(tokenizer_path) if tokenizer_path is not None else "",
+        "tokenizer": str(Path(tokenizer_path).resolve()) if tokenizer_path is not None else "",
+        "eos_id": int(tokenizer.eos_id),
+        "pad_id": int(getattr(tokenizer, "pad_id", 0)),
+        "corpus": str(corpus.resolve()),
         # the same vocab size does not mean the same tokenizer: readers can compare this hash
         "tokenizer_sha256": _tokenizer_sha256(tokenizer, tokenizer_path),
         "splits": {},
