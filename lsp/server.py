@@ -52,7 +52,12 @@ from typing import Any
 
 from lsprotocol import types
 from pygls.capabilities import ServerCapabilitiesBuilder, get_capability
-from pygls.exceptions import FeatureNotificationError, JsonRpcException, JsonRpcInvalidParams
+from pygls.exceptions import (
+    FeatureNotificationError,
+    JsonRpcException,
+    JsonRpcInvalidParams,
+    JsonRpcParseError,
+)
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol, lsp_method
 
@@ -263,6 +268,12 @@ class MoeServer(LanguageServer):
         own notification handlers are shown once."""
         if source is FeatureNotificationError:
             self.report_once(f"moecoder: internal error: {_one_line(error)}")
+        elif isinstance(error, ValueError) and not isinstance(error, JsonRpcException):
+            # not JSON at all: JSON-RPC says answer with a parse error and a null id
+            log.warning("parse error: %s", _one_line(error))
+            with contextlib.suppress(Exception):
+                self.protocol._send_data({"jsonrpc": "2.0", "id": None, "error": {
+                    "code": JsonRpcParseError.CODE, "message": f"Parse error: {_one_line(error)}"}})
         else:
             log.warning("%s: %s", getattr(source, "__name__", source), _one_line(error))
 

@@ -183,6 +183,10 @@ def test_random_jsonrpc_traffic_never_breaks_the_server():
             assert [i["textEdit"]["newText"] for i in items] == ["compudone_L0_C13"]
 
         ping()
+        # bytes that are not JSON get a JSON-RPC parse error with a null id
+        srv.send_bytes(b'{"jsonrpc": "2.0", "id": 1, "method": ')
+        resp = srv.responses.setdefault(None, queue.Queue()).get(timeout=20)
+        assert resp["error"]["code"] == -32700
         sent: list[int] = []
 
         @settings(max_examples=60, deadline=None, derandomize=True,
