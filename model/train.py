@@ -165,7 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--kernels", choices=["auto", "triton", "reference"], default="auto",
                    help="MoE kernels (sets MOECODER_KERNELS)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (experimental: slow to compile the MoE layers)")
+    p.add_argument("--compile", action="store_true", help="torch.compile attention, norms and dense FFNs (not the routed experts)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="set a model config field, e.g. n_experts=1 (repeatable)")
@@ -645,6 +645,26 @@ def evaluate_bpb(model, rows, n_bytes: int, batch_size: int, device, autocast) -
     return nats / math.log(2) / max(1, n_bytes), nats / max(1, n_tok)
 
 
+def _compile_dense_parts(model) -> None:
+    """``torch.compile`` the parts with static shapes, in place (state-dict keys unchanged).
+
+    The routed experts have data-dependent shapes (tokens per expert), which make a whole-model
+    compile recompile endlessly; they keep running through ``kernels`` eagerly.
+    """
+    from model.moe import MoE
+
+    model.norm.compile()
+    for block in model.layers:
+        block.attn_norm.compile()
+        block.ffn_norm.compile()
+        block.attn.compile()
+        if isinstance(block.ffn, MoE):
+            if block.ffn.shared is not None:
+                block.ffn.shared.compile()
+        else:
+            block.ffn.compile()
+
+
 def train(s: Setup, max_minutes: float | None, compile_model: bool, t_start: float) -> int:
     import contextlib
 
@@ -715,7 +735,9 @@ def train(s: Setup, max_minutes: float | None, compile_model: bool, t_start: flo
     s.out.mkdir(parents=True, exist_ok=True)
     # --resume: drop metrics past the checkpoint (or all of them when there is none yet)
     log = Logger(s.out, step if s.resume else None)
-    run_model = torch.compile(model) if compile_model else model
+    if compile_model:
+        _compile_dense_parts(model)
+    run_model = model
     total_params = sum(p.numel() for p in model.parameters())
     from model.config import param_counts
 
