@@ -256,10 +256,13 @@ async def test_budget_reports_trimming_when_files_do_not_fit(tmp_path):
     async with app.run_test(size=SIZE) as pilot:
         await app.handle_input("/add other.py big.py")
         budget = app.query_one("#budget")
-        await wait_for(pilot, lambda: "trimmed:" in str(budget.render()))
+        await wait_for(pilot, lambda: "big.py:" in str(budget.render()))
         text = str(budget.render())
         assert "/ 149 tokens" in text
         assert "nothing trimmed" not in text
+        notes_ = text.split("trimmed:")[1]
+        assert "big.py:" in notes_  # the file being worked on: what was cut from it
+        assert "other.py" in notes_  # the related file: dropped or cut
 
 
 async def test_task_commands_build_requests(tmp_path):

@@ -61,24 +61,22 @@ def budget_report(engine: Any, files: list[tuple[str, str]]) -> Budget:
     budget = ctx - answer - 1
     path, text = files[-1]
     lines = text.split("\n")
-    try:
-        result = build_context(
-            engine.tokenizer,
-            text,
-            len(lines) - 1,
-            len(lines[-1]),
-            budget=budget,
-            related=list(files[:-1]),
-        )
-    except NotImplementedError:  # the context manager is still being written (#5): count only
-        used = sum(file_tokens.values())
-        note = [] if used <= budget else [f"over budget by {used - budget:,} tokens (trimming unavailable)"]
-        return Budget(min(used, budget), budget, note, file_tokens, int(engine.context_length))
+    result = build_context(
+        engine.tokenizer,
+        text,
+        len(lines) - 1,
+        len(lines[-1]),
+        budget=budget,
+        related=list(files[:-1]),
+    )
     report = result.report
+    # say which file each note is about: notes on related files name them, the rest are about `path`
+    related = [p for p, _ in files[:-1]]
+    trimmed = [t if any(r in t for r in related) else f"{path}: {t}" for t in report.trimmed]
     return Budget(
         int(report.used_tokens),
         int(report.budget),
-        list(report.trimmed),
+        trimmed,
         file_tokens,
         int(engine.context_length),
     )

@@ -106,6 +106,7 @@ class ChatApp(App):
         self._load_failed = False
         self._events: deque[tuple[AssistantTurn, str, str, object, str]] = deque()
         self._file_tokens: dict[str, int] = {}
+        self._budget_seq = 0
 
     # -- layout ---------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -559,6 +560,8 @@ class ChatApp(App):
         self.query_one(FilesPanel).show(files, self._budget_lines)
 
     def _update_budget(self) -> None:
+        self._budget_seq += 1  # reports of earlier file sets are stale from now on
+        seq = self._budget_seq
         if not self.attachments:
             self._budget_lines = []
             self._refresh_files()
@@ -572,18 +575,18 @@ class ChatApp(App):
         engine = self._engine
         snapshot = [(a.path, a.text) for a in self.attachments]
         self.run_worker(
-            lambda: self._budget_worker(engine, snapshot),
+            lambda: self._budget_worker(engine, snapshot, seq),
             thread=True,
             group="budget",
             exclusive=True,
             exit_on_error=False,
         )
 
-    def _budget_worker(self, engine: Any, files: list[tuple[str, str]]) -> None:
+    def _budget_worker(self, engine: Any, files: list[tuple[str, str]], seq: int) -> None:
         try:
             report = api.budget_report(engine, files)
         except Exception as e:  # noqa: BLE001 - shown in the panel
-            self._post(self._budget_done, {}, [f"budget: {one_line(e)}"])
+            self._post(self._budget_done, seq, {}, [f"budget: {one_line(e)}"])
             return
         lines = ["Context budget", f"{report.used_tokens:,} / {report.budget:,} tokens"]
         width = 20
@@ -597,9 +600,11 @@ class ChatApp(App):
             lines += [f"- {t}" for t in report.trimmed]
         else:
             lines.append("nothing trimmed")
-        self._post(self._budget_done, dict(report.file_tokens), lines)
+        self._post(self._budget_done, seq, dict(report.file_tokens), lines)
 
-    def _budget_done(self, file_tokens: dict[str, int], lines: list[str]) -> None:
+    def _budget_done(self, seq: int, file_tokens: dict[str, int], lines: list[str]) -> None:
+        if seq != self._budget_seq:  # an older report finished late: the files changed since
+            return
         self._file_tokens = file_tokens
         self._budget_lines = lines
         self._refresh_files()
