@@ -62,3 +62,18 @@ def test_attachments_panel(snap_compare, tmp_path):
         await settle(pilot, lambda: "Context budget" in str(app.query_one("#budget").render()))
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+
+
+def test_light_theme(snap_compare, tmp_path):
+    """Colours come from the theme: the same screen under textual-light."""
+    app = make_app(tmp_path)
+
+    async def run_before(pilot) -> None:
+        app.theme = "textual-light"
+        await pilot.pause()
+        await app.handle_input("/add calc.py")
+        await app.handle_input("what does this do?")
+        await settle(pilot, lambda: app.query(AssistantTurn) and app.query_one(AssistantTurn).settled)
+        await settle(pilot, lambda: "Context budget" in str(app.query_one("#budget").render()))
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
