@@ -143,9 +143,8 @@ class _MoEExperts(torch.autograd.Function):
         T, K = experts_TK.shape
         E = wg.shape[0]
         N = T * K
-        _, offsets, row_index, dest = ops.permute_index(experts_TK, E)
         bm = ops.block_m_for(N, E)
-        tm, n_tiles = ops.tile_map(offsets, bm, N)
+        offsets, row_index, dest, tm, n_tiles = ops.plan(experts_TK, E, bm)
         need_grad = any(ctx.needs_input_grad)
         g, u, h = ops.gmm_gu(x_TD, wg, wu, tm, n_tiles, bm, N, idx=row_index, div=K, save_gu=need_grad)
         y = ops.gmm(h, wd, tm, n_tiles, bm, N)

@@ -273,9 +273,8 @@ def breakdown(s: Shape, T: int, dev, reps: int = 20) -> list[dict]:
     x = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
     logits = x.float() @ p.wr.t()
     w, e = ops.route_fwd(logits, K, "softmax", None, s.renormalize)
-    _, offsets, row_index, dest = ops.permute_index(e, E)
     bm = ops.block_m_for(N, E)
-    tm, nt = ops.tile_map(offsets, bm, N)
+    offsets, row_index, dest, tm, nt = ops.plan(e, E, bm)
     g, u, h = ops.gmm_gu(x, p.wg, p.wu, tm, nt, bm, N, idx=row_index, div=K)
     dout = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
     dg, du, _, hs = ops.gmm_dh(dout, row_index, K, w.reshape(-1), p.wd, g, u, tm, nt, bm, write_hs=True)
@@ -284,8 +283,7 @@ def breakdown(s: Shape, T: int, dev, reps: int = 20) -> list[dict]:
     gemm = 2 * N * D * Fh
     pieces = {
         "route": (lambda: ops.route_fwd(logits, K, "softmax", None, s.renormalize), 0),
-        "permute_index": (lambda: ops.permute_index(e, E), 0),
-        "tile_map": (lambda: ops.tile_map(offsets, bm, N), 0),
+        "plan (counts, offsets, tile map, destinations)": (lambda: ops.plan(e, E, bm), 0),
         "fwd gate/up+swiglu (gather)": (lambda: ops.gmm_gu(x, p.wg, p.wu, tm, nt, bm, N, idx=row_index, div=K), 2 * gemm),
         "fwd down": (lambda: ops.gmm(h, p.wd, tm, nt, bm, N), gemm),
         "fwd combine": (lambda: ops.combine(h.new_empty(N, D), dest, T, K, scale_TK=w), 0),

@@ -352,22 +352,121 @@ def block_m_for(n_rows: int, n_groups: int) -> int:
     return min(128, max(16, triton.next_power_of_2(avg)))
 
 
+@triton.jit
+def _tile_loop(o0, o1, ecols, em, tm_ptr, n_tiles, E, BM: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Write the tile map for groups [o0[e], o1[e]) held in registers (one program)."""
+    tiles = tl.where(em, (o1 - o0 + BM - 1) // BM, 0)
+    cum = tl.cumsum(tiles, 0)
+    for t0 in range(0, n_tiles, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        le = (cum[None, :] <= t[:, None]) & em[None, :]
+        e = tl.sum(le.to(tl.int32), axis=1)
+        before = tl.sum(tl.where(le, tiles[None, :], 0), axis=1)
+        sel = ecols[None, :] == e[:, None]
+        s0 = tl.sum(tl.where(sel, o0[None, :], 0), axis=1)
+        s1 = tl.sum(tl.where(sel, o1[None, :], 0), axis=1)
+        valid = e < E
+        start = tl.where(valid, s0 + (t - before) * BM, 0)
+        end = tl.where(valid, s1, 0)
+        ec = tl.minimum(e, E - 1)
+        tmask = t < n_tiles
+        tl.store(tm_ptr + t, ec.to(tl.int32), mask=tmask)
+        tl.store(tm_ptr + n_tiles + t, start.to(tl.int32), mask=tmask)
+        tl.store(tm_ptr + 2 * n_tiles + t, end.to(tl.int32), mask=tmask)
+
+
+@triton.jit
+def _tile_map_kernel(
+    cnt_ptr, offs_ptr, tm_ptr, E, n_tiles,
+    FROM_COUNTS: tl.constexpr, BM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """One program: (counts -> offsets, written) or offsets read; then the tile map."""
+    ecols = tl.arange(0, BLOCK_E)
+    em = ecols < E
+    if FROM_COUNTS:
+        counts = tl.load(cnt_ptr + ecols, mask=em, other=0).to(tl.int64)
+        o1 = tl.cumsum(counts, 0)
+        o0 = o1 - counts
+        tl.store(offs_ptr + 1 + ecols, o1, mask=em)
+        tl.store(offs_ptr + ecols, o0, mask=ecols == 0)
+    else:
+        o0 = tl.load(offs_ptr + ecols, mask=em, other=0).to(tl.int64)
+        o1 = tl.load(offs_ptr + ecols + 1, mask=em, other=0).to(tl.int64)
+    _tile_loop(o0, o1, ecols, em, tm_ptr, n_tiles, E, BM, BLOCK_T)
+
+
+@triton.jit
+def _plan_small_kernel(
+    flat_ptr, counts_ptr, offs_ptr, rowidx_ptr, dest_ptr, tm_ptr, NA, E, n_tiles,
+    BM: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """Few assignments (decode): counts, offsets, stable destinations and tile map in one launch."""
+    a = tl.arange(0, BLOCK_A)
+    am = a < NA
+    ex = tl.load(flat_ptr + a, mask=am, other=-1)
+    ecols = tl.arange(0, BLOCK_E)
+    em = ecols < E
+    onehot = (ex[:, None] == ecols[None, :]) & am[:, None]
+    counts = tl.sum(onehot.to(tl.int64), axis=0)
+    o1 = tl.cumsum(counts, 0)
+    o0 = o1 - counts
+    tl.store(counts_ptr + ecols, counts, mask=em)
+    tl.store(offs_ptr + 1 + ecols, o1, mask=em)
+    tl.store(offs_ptr + ecols, o0, mask=ecols == 0)
+    base = tl.sum(tl.where(onehot, o0[None, :], 0), axis=1)
+    same = (ex[:, None] == ex[None, :]) & (a[None, :] < a[:, None]) & am[None, :]
+    d = base + tl.sum(same.to(tl.int64), axis=1)
+    tl.store(dest_ptr + a, d, mask=am)
+    tl.store(rowidx_ptr + d, a.to(tl.int64), mask=am)
+    _tile_loop(o0, o1, ecols, em, tm_ptr, n_tiles, E, BM, BLOCK_T)
+
+
+def _n_tiles(n_rows: int, E: int, block_m: int) -> int:
+    return n_rows // block_m + min(E, n_rows) + 1
+
+
 def tile_map(offsets_E1, block_m: int, n_rows: int):
     """int32 (3, n_tiles): expert, row_start, row_end of each tile (spare tiles: start == end)."""
     E = offsets_E1.numel() - 1
-    dev = offsets_E1.device
-    n_tiles = n_rows // block_m + min(E, n_rows) + 1
-    offs = offsets_E1.to(torch.int64)
-    counts = offs[1:] - offs[:-1]
-    tiles_e = (counts + block_m - 1) // block_m
-    cum = tiles_e.cumsum(0)
-    t = torch.arange(n_tiles, device=dev)
-    e = torch.searchsorted(cum, t, right=True)
-    ec = e.clamp(max=E - 1)
-    start = offs[ec] + (t - (cum[ec] - tiles_e[ec])) * block_m
-    end = offs[ec + 1]
-    start = torch.where(e < E, start, end)
-    return torch.stack([ec, start, end]).to(torch.int32).contiguous(), n_tiles
+    n_tiles = _n_tiles(n_rows, E, block_m)
+    tm = torch.empty((3, n_tiles), dtype=torch.int32, device=offsets_E1.device)
+    offs = offsets_E1.to(torch.int64).contiguous()
+    _tile_map_kernel[(1,)](
+        offs, offs, tm, E, n_tiles, FROM_COUNTS=False, BM=block_m,
+        BLOCK_E=max(16, triton.next_power_of_2(E)), BLOCK_T=64,
+    )  # fmt: skip
+    return tm, n_tiles
+
+
+def plan(experts_TK, num_experts: int, block_m: int):
+    """Everything the fused experts need about the routing, without a host sync.
+
+    Returns offsets_E1, row_index_N, dest_A (assignment -> permuted row), tile map, n_tiles.
+    Few assignments: one launch; otherwise counts (scatter_add), one launch for offsets and
+    the tile map, one for the destinations.
+    """
+    flat = experts_TK.reshape(-1).contiguous()
+    NA, E, dev = flat.numel(), num_experts, flat.device
+    n_tiles = _n_tiles(NA, E, block_m)
+    offsets = torch.empty(E + 1, dtype=torch.int64, device=dev)
+    row_index = torch.empty(NA, dtype=torch.int64, device=dev)
+    dest = torch.empty(NA, dtype=torch.int64, device=dev)
+    tm = torch.empty((3, n_tiles), dtype=torch.int32, device=dev)
+    BLOCK_E = max(16, triton.next_power_of_2(E))
+    if NA <= 128 and BLOCK_E <= 256:
+        counts = torch.empty(E, dtype=torch.int64, device=dev)
+        _plan_small_kernel[(1,)](
+            flat, counts, offsets, row_index, dest, tm, NA, E, n_tiles,
+            BM=block_m, BLOCK_A=max(16, triton.next_power_of_2(NA)), BLOCK_E=BLOCK_E, BLOCK_T=32,
+        )  # fmt: skip
+        return offsets, row_index, dest, tm, n_tiles
+    counts = torch.zeros(E, dtype=torch.int64, device=dev)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    _tile_map_kernel[(1,)](counts, offsets, tm, E, n_tiles, FROM_COUNTS=True, BM=block_m, BLOCK_E=BLOCK_E, BLOCK_T=64)
+    if NA > 0:
+        BLOCK = 1024 if NA > 512 else max(16, triton.next_power_of_2(NA))
+        _dest_kernel[(E,)](flat, offsets, dest, row_index, NA, BLOCK=BLOCK)
+    return offsets, row_index, dest, tm, n_tiles
 
 
 # --------------------------------------------------------------------------------------
@@ -526,10 +625,10 @@ def gmm_gu(x, wg_EDF, wu_EDF, tm, n_tiles, block_m, n_rows, idx=None, div=1, sav
 
 
 _DH_GPU = [
-    dict(BLOCK_K=64, w=8, s=3),
     dict(BLOCK_K=64, w=4, s=4),
+    dict(BLOCK_K=64, w=8, s=4),
+    dict(BLOCK_K=128, w=4, s=3),
     dict(BLOCK_K=128, w=8, s=3),
-    dict(BLOCK_K=32, w=8, s=4),
 ]
 _DH_INT = dict(BLOCK_K=32)
 
@@ -597,7 +696,7 @@ def gmm_dh(dout, idx, div, sw_flat, wd_EFD, g, u, tm, n_tiles, block_m, write_hs
     D = wd_EFD.shape[2]
     dg = torch.empty_like(g)
     du = torch.empty_like(u)
-    block_n = 32 if INTERPRET else (128 if block_m >= 64 else 64)
+    block_n = 32 if INTERPRET else 64  # fixed (dwp has one column per block); 128 spilled in the epilogue
     nb = triton.cdiv(F, block_n)
     dwp = torch.zeros((n_rows, nb), dtype=torch.float32, device=g.device)
     hs = torch.empty_like(g) if write_hs else None
@@ -618,6 +717,8 @@ _DW_GPU = [
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, w=8, s=4),
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, w=8, s=3),
     dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, w=8, s=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, w=8, s=2),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, w=8, s=4),
 ]
 _DW_INT = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16)
 

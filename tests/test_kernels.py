@@ -122,6 +122,25 @@ def test_permute_unpermute(pad_to, T, E, K, one, empty):
     assert rel(gw, gwr) < (TOL if not CUDA else TOL) + TOL_F32
 
 
+@pytest.mark.parametrize("T,E,K,block_m", [(3, 8, 2, 16), (60, 128, 2, 16), (150, 6, 2, 16), (301, 16, 4, 64)])
+def test_plan_matches_permute_and_tiles_cover_every_row(T, E, K, block_m):
+    from kernels import triton_ops as ops
+
+    _, ex = routing(T, E, K, empty=(1,))
+    offs, ri, dest, tm, n_tiles = ops.plan(ex, E, block_m)
+    _, _, offs_r, ri_r = ref.permute(torch.zeros(T, 1, device=DEV), ex, E)
+    assert torch.equal(offs, offs_r) and torch.equal(ri, ri_r)
+    assert torch.equal(ri[dest], torch.arange(T * K, device=DEV))  # dest inverts row_index
+    tm = tm.long().cpu()
+    seen = torch.zeros(T * K, dtype=torch.int64)
+    for e, a, b in tm.t().tolist():
+        if a >= b:
+            continue
+        assert offs[e] <= a and b == offs[e + 1]  # a tile covers rows [a, min(a + BLOCK_M, b))
+        seen[a : min(a + block_m, b)] += 1
+    assert torch.equal(seen, torch.ones_like(seen))  # each row in exactly one tile
+
+
 # ------------------------------------------------------------------ grouped GEMM
 
 
@@ -185,6 +204,7 @@ def test_swiglu(shape):
         (23, 4, 1, None, ()),  # top_k = 1
         (11, 16, 8, None, ()),  # top_k = 8
         (9, 128, 8, None, ()),  # 128 experts
+        (75, 16, 2, None, (3,)),  # more assignments than the one-launch plan takes
     ],
 )
 def test_moe_experts(T, E, K, one, empty):
