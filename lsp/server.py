@@ -260,6 +260,7 @@ class MoeServer(LanguageServer):
         self._diag_tasks: dict[str, tuple[int | None, asyncio.Task]] = {}
         self._hint_cache: dict[str, dict[tuple[str, str], list[tuple[int, Any]]]] = {}
         self._live_tokens: set[Any] = set()  # tokens of engine jobs queued or running
+        self._gates: dict[str, asyncio.Lock] = {}  # completion kind -> one job in the engine at a time
         self._result_ids = itertools.count(1)
         self._progress_ids = itertools.count(1)
 
@@ -330,14 +331,24 @@ class MoeServer(LanguageServer):
                 self.window_show_message(types.ShowMessageParams(type=kind, message=message))
 
     async def run_task(self, request: Any, progress: Progress | None = None,
-                       on_token: Callable[[Any], None] | None = None) -> Any:
+                       on_token: Callable[[Any], None] | None = None, gate: asyncio.Lock | None = None) -> Any:
         """Run one task on the engine in a worker thread and return its result (None when
         its cancel token was cancelled, e.g. by a newer request). If the awaiting request is
-        cancelled (``$/cancelRequest``), the engine's token is cancelled too."""
+        cancelled (``$/cancelRequest``), the engine's token is cancelled too. With ``gate``,
+        one such task at a time reaches the engine, and one superseded while it waited for
+        the gate never does (no prefill spent on a result nobody will see)."""
         engine = await self.engine()
         token = _new_token(engine)
         if on_token is not None:
             on_token(token)
+        if gate is None:
+            return await self._submit(engine, request, token, progress)
+        async with gate:
+            if token.cancelled:
+                return None
+            return await self._submit(engine, request, token, progress)
+
+    async def _submit(self, engine: Any, request: Any, token: Any, progress: Progress | None) -> Any:
         self._live_tokens.add(token)
         loop = asyncio.get_running_loop()
 
@@ -368,6 +379,12 @@ class MoeServer(LanguageServer):
             log.exception("the engine raised")
             raise TaskFailed(_one_line(e)) from None
         return None if token.cancelled else result
+
+    def _gate(self, kind: str) -> asyncio.Lock:
+        gate = self._gates.get(kind)
+        if gate is None:
+            gate = self._gates[kind] = asyncio.Lock()
+        return gate
 
     # -- settings ---------------------------------------------------------------------------
     def apply_settings(self, raw: Any) -> None:
@@ -484,7 +501,7 @@ class MoeServer(LanguageServer):
             mine.append(token)
 
         try:
-            result = await self.run_task(request, on_token=supersede)
+            result = await self.run_task(request, on_token=supersede, gate=self._gate(kind))
         except TaskFailed as e:
             log.warning("completion failed: %s", e)
             return None

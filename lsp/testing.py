@@ -14,7 +14,8 @@ It has the surface of :class:`assistant.engine.Engine` that the server uses (``s
 
 ``FAKE_DELAY=<seconds>`` anywhere in the source makes every task take that long before
 its answer (``FAKE_DELAY_DEBUG=<seconds>`` etc. for one task), checking the cancel token every 10 ms, so cancellation, supersede and stale
-results can be tested without timing races. ``FAKE_ERROR`` makes a task end in an error
+results can be tested without timing races. ``FAKE_PREFILL=<seconds>`` is a sleep at the
+start that does not look at the token (a model's prefill). ``FAKE_ERROR`` makes a task end in an error
 event. :meth:`FakeEngine.stats` counts started, finished and cancelled streams.
 """
 
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from assistant.tasks import Completion, DebugResult, Docstring, Explanation, Hint, TaskRequest
 
 _DELAY = re.compile(r"FAKE_DELAY=([0-9.]+)")
+_PREFILL = re.compile(r"FAKE_PREFILL=([0-9.]+)")
 _WORD = re.compile(r"FAKE_WORD=(\w+)")
 _DEF = re.compile(r"^([ \t]*)(?:async[ \t]+)?def[ \t]+(\w+)")
 
@@ -110,6 +112,9 @@ class FakeEngine:
             self._stats["started"] += 1
             self._stats["requests"].append([request.task, request.line, request.column])
         yield Event("reasoning", text=f"thinking about {request.task}")
+        p = _PREFILL.search(request.source)
+        if p:  # like a model's prefill: not interruptible
+            time.sleep(float(p.group(1)))
         m = re.search(rf"FAKE_DELAY_{request.task.upper()}=([0-9.]+)", request.source) or _DELAY.search(request.source)
         end = time.monotonic() + (float(m.group(1)) if m else 0.0)
         while time.monotonic() < end:

@@ -278,7 +278,7 @@ async def test_stale_version_result_is_dropped(client: LanguageClient, tmp_path)
 
 
 async def test_newer_completion_supersedes_older(client: LanguageClient, tmp_path):
-    text = "# FAKE_DELAY=3.0\nx = 1\ny = 2\n"
+    text = "# FAKE_DELAY=3.0 FAKE_PREFILL=1.5\nx = 1\ny = 2\n"
     uri = uri_for(tmp_path, "n.py", text)
     await init(client)
     open_doc(client, uri, text)
@@ -287,10 +287,16 @@ async def test_newer_completion_supersedes_older(client: LanguageClient, tmp_pat
         if (await stats(client))["started"] == 1:
             break
         await asyncio.sleep(0.02)
+    # the first is in its (uninterruptible) prefill: the middle request waits for it and is
+    # superseded by the last one before it reaches the engine
+    middle = asyncio.ensure_future(complete(client, uri, 1, 3))
+    await asyncio.sleep(0.2)
     second = await complete(client, uri, 2, 5)
     assert second.items[0].text_edit.new_text == "2done_L2_C5\nsecond_line"
-    assert (await first).items == ()
-    assert (await stats(client))["cancelled"] == 1
+    assert (await first).items == () and (await middle).items == ()
+    s = await stats(client)
+    assert s["cancelled"] == 1  # the first, stopped in the engine
+    assert [r[1:] for r in s["requests"]] == [[1, 5], [2, 5]]  # the middle one never reached it
 
 
 async def test_hover_is_off_by_default_then_reasoning_first(client: LanguageClient, tmp_path):
