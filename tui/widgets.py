@@ -175,11 +175,6 @@ class AssistantTurn(Vertical):
             await self.answer_view.update(final)
         self.state.answer = final
 
-    async def finish(self, status: str, result: object | None = None, message: str = "") -> None:
-        """End the turn: ``done`` (with the task result), ``stopped`` or ``error``."""
-        self.mark(status, message)
-        await self.finalize(result)
-
     def show_reasoning(self, show: bool) -> None:
         self._expand_reasoning = show
         if self.state.reasoning:
@@ -219,8 +214,8 @@ class PromptArea(TextArea):
         if event.key in ("ctrl+j", "shift+enter", "alt+enter"):
             event.stop()
             event.prevent_default()
-            start, end = self.selection
-            self._replace_via_keyboard("\n", start, end)
+            if not self.read_only:
+                self.replace("\n", *self.selection)
             return
         await super()._on_key(event)
 
