@@ -222,3 +222,193 @@ def all_reduce_expert_counts(model: torch.nn.Module) -> None:
 def env_rank() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment (single process: 0, 1, 0)."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+# ---------------------------------------------------------------------- the training command
+# model/train.py calls these hooks; on one process (no torchrun) every one of them is a no-op
+# or the single-device code path, so a plain run behaves exactly as before.
+
+
+@dataclass
+class DistContext:
+    """The process layout of this training process (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    restart: int = 0  # TORCHELASTIC_RESTART_COUNT: how many times torchrun restarted the workers
+    dims: ParallelDims | None = None
+    backend: str | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_CTX = DistContext()
+
+
+def current() -> DistContext:
+    return _CTX
+
+
+def add_arguments(p) -> None:
+    """--dp-replicate / --dp-shard / --ep for ``moecoder train`` (used under torchrun)."""
+    p.add_argument("--dp-replicate", type=int, default=1,
+                   help="data-parallel replicas (HSDP: parameters replicated across groups of --dp-shard ranks)")
+    p.add_argument("--dp-shard", type=int, default=-1,
+                   help="ranks that FSDP-shard the parameters (-1: world size / --dp-replicate)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (divides --dp-shard and n_experts)")
+
+
+def init_from_env(args) -> DistContext:
+    """Set up this process from torchrun's environment; raises ValueError on a bad layout.
+
+    Under torchrun (WORLD_SIZE > 1) the process group is initialised (gloo on CPU, NCCL for
+    CUDA tensors) on a store prefix of its own per restart attempt, so that a restarted
+    attempt never reads keys the failed one left behind; on CUDA ``args.device`` becomes
+    ``cuda:LOCAL_RANK``. One process: nothing is initialised and the flags must be 1.
+    """
+    global _CTX
+    from datetime import timedelta
+
+    rank, world, local = env_rank()
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    dims = ParallelDims(args.dp_replicate, args.dp_shard, args.ep)
+    if dims.dp_replicate < 1 or dims.dp_shard == 0 or dims.dp_shard < -1 or dims.ep < 1:
+        raise ValueError("--dp-replicate, --dp-shard and --ep must be positive (--dp-shard -1: the rest)")
+    if world == 1:
+        if dims.dp_replicate > 1 or dims.dp_shard > 1 or dims.ep > 1:
+            raise ValueError("--dp-replicate/--dp-shard/--ep need several processes: launch with torchrun --nproc-per-node N")
+        _CTX = DistContext(restart=restart, dims=ParallelDims(1, 1, 1))
+        return _CTX
+    dims = dims.resolve(world)
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} data-parallel ranks")
+    cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    if cuda:
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda but CUDA is not available")
+        args.device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+    if not dist.is_initialized():
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        # torchrun's agent hosts the store (TORCHELASTIC_USE_AGENT_STORE); else rank 0 does
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        store = dist.TCPStore(host, port, world, is_master=rank == 0 and not agent, timeout=timedelta(minutes=10))
+        store = dist.PrefixStore(f"attempt_{restart}", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(minutes=30))
+    _CTX = DistContext(rank, world, local, restart, dims, backend)
+    return _CTX
+
+
+def shutdown() -> None:
+    global _CTX
+    if _CTX.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+    _CTX = DistContext()
+
+
+def barrier() -> None:
+    if _CTX.distributed:
+        dist.barrier()
+
+
+def agree(*flags: bool) -> list[bool]:
+    """Each flag true on any rank is true on all (one tiny all-reduce): every rank stops,
+    checkpoints and exports at the same step even when time or a signal reached one first."""
+    if not _CTX.distributed:
+        return [bool(f) for f in flags]
+    t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def dp_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of a (loss) tensor over the data-parallel ranks; itself on one process."""
+    if not _CTX.distributed:
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t)  # gloo has no AVG
+    return t / _CTX.world_size
+
+
+def local_rows(n_rows: int) -> slice:
+    """This rank's slice of a micro-batch of ``n_rows`` global rows (rank r: the r-th block)."""
+    per = n_rows // _CTX.world_size
+    return slice(_CTX.rank * per, (_CTX.rank + 1) * per)
+
+
+def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` that is right for sharded parameters on several meshes.
+
+    Dense parameters are DTensors on the data-parallel mesh, routed experts on the expert
+    mesh: the norm of each group is reduced over its own mesh, and the squares are summed.
+    ``max_norm <= 0`` only measures. One process: torch's own function, unchanged.
+    """
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in params if p.grad is not None]
+    if not any(isinstance(p.grad, DTensor) for p in params):
+        if max_norm > 0:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
+    groups: dict[object, list[torch.Tensor]] = {}
+    for p in params:
+        g = p.grad
+        key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
+        groups.setdefault(key, []).append(g)
+    sq = None
+    for grads in groups.values():
+        n = torch.nn.utils.get_total_norm(grads, 2.0)
+        if isinstance(n, DTensor):
+            n = n.full_tensor()  # sums the shards' squares over the group's mesh
+        sq = n ** 2 if sq is None else sq + n ** 2
+    total = sq.sqrt()
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        with torch.no_grad():
+            for grads in groups.values():
+                for g in grads:
+                    (g.to_local() if isinstance(g, DTensor) else g).mul_(coef.to(g.dtype))
+    return total
+
+
+def full_model_copy(model: torch.nn.Module, model_cfg):
+    """A plain (unsharded, CPU, float32) copy of a sharded Transformer on rank 0, None on the
+    other ranks. A collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from model.transformer import Transformer
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not _CTX.is_main:
+        return None
+    plain = Transformer(model_cfg)
+    missing, unexpected = plain.load_state_dict(full, strict=False)
+    if unexpected or [k for k in missing if k in dict(plain.named_parameters())]:
+        raise RuntimeError(f"gathered state dict does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return plain
+
+
+class NullLogger:
+    """The logger of ranks > 0: rank 0 alone writes logs and metrics."""
+
+    tty = False
+
+    def line(self, msg: str) -> None:
+        pass
+
+    def record(self, rec: dict) -> None:
+        pass
+
+    def progress(self, msg: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -84,12 +84,14 @@ def _tiny_cfg(**kw):
     return dataclasses.replace(get_preset("tiny"), aux_loss_coef=0.0, **kw)
 
 
-def _step(model, opt, tokens):
+def _step(model, opt, tokens, clip_fn=None):
     import torch.nn.functional as F
 
     logits = model(tokens[:, :-1])
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)) + model.aux_loss()
     loss.backward()
+    if clip_fn is not None:
+        clip_fn(model.parameters())
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss.detach()
@@ -99,7 +101,7 @@ def fsdp_steps(out_path: str, replicate: str, shard: str, ep: str, steps: str = 
     """K steps of FSDP2/HSDP (+EP) equal K steps of one process on the global batch."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from model.parallel import ParallelDims, all_reduce_expert_counts, parallelize
+    from model.parallel import ParallelDims, all_reduce_expert_counts, clip_grad_norm_, parallelize
     from model.transformer import Transformer
 
     rank, world = _init()
@@ -114,12 +116,21 @@ def fsdp_steps(out_path: str, replicate: str, shard: str, ep: str, steps: str = 
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
     per_rank = 2
     g = torch.Generator().manual_seed(1)
+    norms: list[tuple[float, float]] = []
+    # clipping at 0.5 is active (the norms are > 1): the sharded total norm must be the global one
+
+    def clip(params):
+        norms.append((float(clip_grad_norm_(params, 0.5)), 0.0))
+
+    def ref_clip(params):
+        norms[-1] = (norms[-1][0], float(torch.nn.utils.clip_grad_norm_(params, 0.5)))
+
     for _ in range(int(steps)):
         batch = torch.randint(0, cfg.vocab_size, (per_rank * world, 17), generator=g)
-        _step(model, opt, batch[rank * per_rank:(rank + 1) * per_rank])
+        _step(model, opt, batch[rank * per_rank:(rank + 1) * per_rank], clip)
         all_reduce_expert_counts(model)
         model.update_bias()
-        _step(ref, ref_opt, batch)
+        _step(ref, ref_opt, batch, ref_clip)
         ref.update_bias()
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
     err = 0.0
@@ -129,7 +140,7 @@ def fsdp_steps(out_path: str, replicate: str, shard: str, ep: str, steps: str = 
         err = max(err, e1)
     moved = max((p - q).abs().max().item() for p, q in zip(ref.state_dict().values(), Transformer(cfg).state_dict().values()))
     with open(f"{out_path}.{rank}", "w") as f:
-        json.dump({"max_err": err, "ref_moved": moved}, f)
+        json.dump({"max_err": err, "ref_moved": moved, "norms": norms}, f)
     dist.destroy_process_group()
 
 
