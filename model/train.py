@@ -176,6 +176,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _explicit_options(argv: list[str] | None) -> set[str]:
+    """Destinations of the options given on the command line (not left at their defaults)."""
+    p = _parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    return set(vars(p.parse_args(sys.argv[1:] if argv is None else argv)))
+
+
 def _parse_overrides(items: list[str]) -> dict:
     from model.config import ModelConfig
 
@@ -473,6 +482,21 @@ def prepare(args: argparse.Namespace) -> Setup:
         if f.name not in ("preset", "overrides"):
             setattr(cfg, f.name, getattr(args, f.name))
     notes: list[str] = []
+    if args.resume and args.out and Path(args.out).is_dir():
+        # Settings that define the run and were not given on this command line come from the
+        # checkpoint, so `--resume` needs no repeated flags and survives changed defaults.
+        ck = latest_checkpoint(args.out)
+        if ck is not None:
+            saved = read_checkpoint_extra(ck).get("train_config", {})
+            explicit = getattr(args, "explicit", set())
+            adopted = []
+            for k in TrainConfig.IDENTITY:
+                flag = "override" if k == "overrides" else k
+                if flag not in explicit and k in saved and saved[k] != getattr(cfg, k):
+                    setattr(cfg, k, saved[k])
+                    adopted.append(f"{k}={saved[k]!r}")
+            if adopted:
+                notes.append(f"from the checkpoint: {', '.join(adopted)}")
     try:
         model_cfg = get_preset(cfg.preset)
     except ValueError as e:
@@ -948,6 +972,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     try:
         args = _parser().parse_args(argv)
+        args.explicit = _explicit_options(argv)
     except TrainError as e:
         print(f"moecoder train: error: {e}", file=sys.stderr)
         return 2

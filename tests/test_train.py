@@ -408,8 +408,11 @@ def test_max_minutes_stops_early_with_a_checkpoint(data_dir, tmp_path):
     assert 0 < steps < 100000
     assert latest_checkpoint(out).name == f"step_{steps:07d}"
     assert "time budget" in (out / "train.log").read_text()
-    # the next call in the chain continues where this one stopped
-    assert main([*args, "--max-minutes", "0.05", "--resume"]) == 0
+    # the next call in the chain continues where this one stopped; settings that define the run
+    # come from the checkpoint when not repeated
+    short = ["--data", str(data_dir), "--out", str(out), "--log-every", "1", "--eval-every", "0", "--threads", "1"]
+    assert main([*short, "--max-minutes", "0.05", "--resume"]) == 0
+    assert "from the checkpoint: " in (out / "train.log").read_text()
     assert max(_losses(out)) > steps
     assert sorted(_losses(out)) == list(range(1, max(_losses(out)) + 1))
 
