@@ -18,6 +18,8 @@
   so a save killed half-way is never used. The newest ``--keep`` complete checkpoints stay.
 * ``--max-minutes M`` stops early (with a checkpoint) before the wall-clock budget runs out;
   chain calls with ``--resume``. On CPU a resumed run reproduces the uninterrupted run's losses.
+  With ``--resume``, the settings that define the run (``TrainConfig.IDENTITY``) come from the
+  checkpoint unless given on the command line; a given one that differs is an error.
 
 Errors (unknown preset, data without tokens, a checkpoint of another configuration, ...) are
 one line on stderr with exit code 2, and nothing is written.
