@@ -114,7 +114,7 @@ def test_format_result_for_each_task():
 
     hint = Hint("a.py", "add", 1, "subtracts instead of adding", "    return a + b", 0.75, "r")
     text = format_result("debug", DebugResult([hint], "r"), "raw")
-    assert "**line 2 in `add`**: subtracts instead of adding" in text and "75%" in text
+    assert "**line 2 in `add`** _(confidence 75%)_: subtracts instead of adding" in text
     assert "```python\n    return a + b\n```" in text
     assert format_result("debug", DebugResult([], "r"), "raw") == "No issue found."
     doc = Docstring("add", '"""Add two numbers."""', 1, "    ", "google", "r")

@@ -24,7 +24,7 @@ def format_result(task: str, result: object, streamed: str) -> str:
         for h in result.hints:
             where = f"line {h.line + 1}" + (f" in `{h.function}`" if h.function else "")
             conf = f" _(confidence {h.confidence:.0%})_" if isinstance(h.confidence, int | float) else ""
-            parts.append(f"**{where}**: {h.message}{conf}")
+            parts.append(f"**{where}**{conf}: {h.message}")
             if h.fix:
                 parts.append(f"```python\n{h.fix}\n```")
         return "\n\n".join(parts)
@@ -92,7 +92,7 @@ class AssistantTurn(Vertical):
         self._reasoning_text = Static(Content(reasoning), classes="reasoning-text")
         self.reasoning_block = Collapsible(
             self._reasoning_text,
-            title="Reasoning",
+            title=self._reasoning_title(reasoning, status == "running"),
             collapsed=status != "running" and not expand_reasoning,
             classes="reasoning",
         )
@@ -105,6 +105,13 @@ class AssistantTurn(Vertical):
         yield self.reasoning_block
         yield self.answer_view
         yield self.status_line
+
+    @staticmethod
+    def _reasoning_title(reasoning: str, running: bool) -> str:
+        if running:
+            return "Reasoning…"
+        words = len(reasoning.split())
+        return f"Reasoning ({words} word{'s' if words != 1 else ''})"
 
     @staticmethod
     def _status_text(status: str) -> str:
@@ -134,6 +141,7 @@ class AssistantTurn(Vertical):
             if not self._expand_reasoning:
                 self.reasoning_block.collapsed = True
             self.reasoning_block.display = bool(self.state.reasoning)
+            self.reasoning_block.title = self._reasoning_title(self.state.reasoning, False)
             if self.running:
                 self.status_line.update(Content("answering…"))
             self._stream = Markdown.get_stream(self.answer_view)
@@ -157,6 +165,7 @@ class AssistantTurn(Vertical):
         if not self._expand_reasoning and self.state.answer:
             self.reasoning_block.collapsed = True
         self.reasoning_block.display = bool(self.state.reasoning)
+        self.reasoning_block.title = self._reasoning_title(self.state.reasoning, False)
 
     async def finalize(self, result: object | None = None) -> None:
         """After :meth:`mark`: close the Markdown stream and render the final answer (once)."""
