@@ -123,7 +123,7 @@ async def test_incremental_changes_are_applied(client: LanguageClient, tmp_path)
 async def test_code_action_docstring_resolves_to_a_valid_edit(client: LanguageClient, tmp_path):
     text = "import os\n\n\ndef area(w, h):\n    return w * h\n"
     uri = uri_for(tmp_path, "d.py", text)
-    await init(client)
+    await init(client, options={"diagnosticsDelay": 60})  # no hint jobs in the counts below
     open_doc(client, uri, text)
     actions = await client.text_document_code_action_async(types.CodeActionParams(
         text_document=types.TextDocumentIdentifier(uri=uri),
@@ -282,7 +282,7 @@ async def test_stale_version_result_is_dropped(client: LanguageClient, tmp_path)
 
 
 async def test_newer_completion_supersedes_older(client: LanguageClient, tmp_path):
-    text = "# FAKE_DELAY=3.0 FAKE_PREFILL=1.5\nx = 1\ny = 2\n"
+    text = "# FAKE_DELAY=3.0 FAKE_PREFILL=2.5\nx = 1\ny = 2\n"
     uri = uri_for(tmp_path, "n.py", text)
     await init(client)
     open_doc(client, uri, text)
