@@ -759,10 +759,11 @@ def _gmm_dw_kernel(
             ar = tl.load(aidx_ptr + r, mask=rm, other=0) // DIVA
         else:
             ar = r.to(tl.int64)
-        a_off = ar[:, None] * stride_am + cm_[None, :]
-        a = tl.load(a_ptr + a_off, mask=rm[:, None] & mmask[None, :], other=0.0)
+        # A^T tile loaded directly as [BLOCK_M, BLOCK_K] (no tl.trans: keeps the async-copy pipeline)
+        a_off = ar[None, :] * stride_am + cm_[:, None]
+        a = tl.load(a_ptr + a_off, mask=mmask[:, None] & rm[None, :], other=0.0)
         if A_MODE == 2:
-            uu = tl.load(u_ptr + a_off, mask=rm[:, None] & mmask[None, :], other=0.0)
+            uu = tl.load(u_ptr + a_off, mask=mmask[:, None] & rm[None, :], other=0.0)
             AF: tl.constexpr = tl.float64 if ACC64 else tl.float32
             af = a.to(AF)
             a = (af / (1.0 + tl.exp(-af)) * uu.to(AF)).to(uu.dtype)
@@ -777,11 +778,10 @@ def _gmm_dw_kernel(
             sc = tl.load(bs_ptr + bi, mask=rm, other=0.0)
             SC: tl.constexpr = tl.float64 if ACC64 else tl.float32
             b = (b.to(SC) * sc[:, None].to(SC)).to(b.dtype)
-        at = tl.trans(a)
-        acc = tl.dot(at, b, acc, input_precision=PREC)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
         if DUAL:
             b2 = tl.load(b2_ptr + b_off, mask=rm[:, None] & nmask[None, :], other=0.0)
-            acc2 = tl.dot(at, b2, acc2, input_precision=PREC)
+            acc2 = tl.dot(a, b2, acc2, input_precision=PREC)
     c_off = e * stride_ce + cm_[:, None].to(tl.int64) * stride_cm + cn_[None, :]
     omask = mmask[:, None] & nmask[None, :]
     tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=omask)
