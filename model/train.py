@@ -175,6 +175,9 @@ def _parser() -> argparse.ArgumentParser:
         if f.name in ("preset", "overrides"):
             continue
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    from model import parallel  # scale-out (#9): --dp-replicate/--dp-shard/--ep under torchrun
+
+    parallel.add_arguments(p)
     return p
 
 
@@ -346,12 +349,22 @@ def save_checkpoint(out: Path, step: int, model, optimizer, extra: dict, keep: i
     d = root / f"step_{step:07d}"
     if (d / MARKER).is_file():
         return d  # already saved at this step
-    if d.exists():
+    # --- scale-out (#9): every rank writes its own shards; rank 0 alone cleans, marks and prunes
+    from model import parallel
+
+    ctx = parallel.current()
+    if d.exists() and ctx.is_main:
         shutil.rmtree(d)  # a half-written save of ours
+    parallel.barrier()
     msd, osd = get_state_dict(model, optimizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save({"model": msd, "optim": osd, "extra": json.dumps(extra)}, checkpoint_id=str(d))
+    parallel.barrier()  # all shards are on disk before the marker
+    if not ctx.is_main:
+        parallel.barrier()  # wait for rank 0's marker and pruning
+        return d
+    # --- end scale-out
     tmp = d / (MARKER + ".tmp")
     with open(tmp, "w") as f:
         json.dump({"step": step, "time": time.time()}, f)
@@ -367,6 +380,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, extra: dict, keep: i
         m = CKPT_RE.match(other.name)
         if m and int(m.group(1)) < step and not (other / MARKER).is_file():
             shutil.rmtree(other, ignore_errors=True)
+    parallel.barrier()  # scale-out (#9): the other ranks see the marker from here on
     return d
 
 
@@ -426,6 +440,12 @@ def _export(model, model_cfg, tokenizer_path: Path, dest: Path) -> bool:
         from model.checkpoint import export
     except ImportError:
         return False
+    from model import parallel  # scale-out (#9): gather a sharded model; rank 0 writes
+
+    if parallel.current().distributed:
+        model = parallel.full_model_copy(model, model_cfg)  # a collective; None on ranks > 0
+        if model is None:
+            return False
     tmp = dest.with_name(dest.name + ".tmp")
     old = dest.with_name(dest.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -723,6 +743,16 @@ def train(s: Setup, max_minutes: float | None, compile_model: bool, t_start: flo
     else:
         model = Transformer(s.model_cfg)
     model.train()
+    # --- scale-out (#9): expert parallelism + FSDP2/HSDP under torchrun (before the optimizer)
+    from model import parallel
+
+    dctx = parallel.current()
+    if dctx.distributed:
+        if cfg.batch_size % dctx.world_size:
+            raise TrainError(f"--batch-size {cfg.batch_size} must be divisible by the {dctx.world_size} data-parallel ranks")
+        parallel.barrier()  # every rank has validated OUT before rank 0 writes into it
+        parallel.parallelize(model, dctx.dims, device.type, param_dtype=torch.bfloat16 if cuda else None)
+    # --- end scale-out
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -760,7 +790,7 @@ def train(s: Setup, max_minutes: float | None, compile_model: bool, t_start: flo
 
     s.out.mkdir(parents=True, exist_ok=True)
     # --resume: drop metrics past the checkpoint (or all of them when there is none yet)
-    log = Logger(s.out, step if s.resume else None)
+    log = Logger(s.out, step if s.resume else None) if dctx.is_main else parallel.NullLogger()
     if compile_model:
         _compile_dense_parts(model)
     run_model = model
@@ -771,6 +801,12 @@ def train(s: Setup, max_minutes: float | None, compile_model: bool, t_start: flo
     fpt = flops_per_token(s.model_cfg, cfg.seq_len)
     dev_name = torch.cuda.get_device_name(device) if cuda else "cpu"
     peak = peak_flops(dev_name) if cuda else None
+    if peak:
+        peak *= dctx.world_size  # scale-out (#9): MFU of the whole job
+    if dctx.distributed:
+        d = dctx.dims
+        log.line(f"distributed: {dctx.world_size} ranks ({dctx.backend}), dp_replicate {d.dp_replicate} x "
+                 f"dp_shard {d.dp_shard}, ep {d.ep}, attempt {dctx.restart}")
     if s.resume_from is not None:
         log.line(f"resumed from {s.resume_from} at step {step} ({tokens_seen:,} tokens)")
     for n in s.notes:
@@ -798,7 +834,7 @@ def train(s: Setup, max_minutes: float | None, compile_model: bool, t_start: flo
         nonlocal best_bpb
         t = time.time()
         bpb, vloss = evaluate_bpb(run_model, ev_rows, ev_bytes, cfg.batch_size, device, autocast)
-        improved = best_bpb is None or bpb < best_bpb
+        improved = parallel.agree(best_bpb is None or bpb < best_bpb)[0]  # scale-out (#9): export is collective
         rec = {"step": step, "valid_bpb": bpb, "valid_loss": vloss, "eval_s": round(time.time() - t, 3)}
         log.record(rec)
         exported = ""
@@ -842,17 +878,21 @@ def train(s: Setup, max_minutes: float | None, compile_model: bool, t_start: flo
     exit_code = 0
     try:
         while step < cfg.max_steps:
-            if stopper.signum is not None:
-                reason = "signal " + signal.Signals(stopper.signum).name
-                exit_code = 130
-                break
+            out_of_time = False
             if deadline is not None and step_est is not None:
                 need = step_est + save_est + 1.0
                 if ev_rows is not None and (step + 1) % cfg.eval_every == 0:
                     need += eval_est
-                if time.time() + need > deadline:
-                    reason = "time budget"
-                    break
+                out_of_time = time.time() + need > deadline
+            # scale-out (#9): a signal or the budget on any rank stops every rank at this step
+            signalled, out_of_time = parallel.agree(stopper.signum is not None, out_of_time)
+            if signalled:
+                reason = "signal " + (signal.Signals(stopper.signum).name if stopper.signum else "(another rank)")
+                exit_code = 130
+                break
+            if out_of_time:
+                reason = "time budget"
+                break
             t_step = time.time()
             lr = lr_at(step, cfg)
             for g in optimizer.param_groups:
@@ -860,6 +900,7 @@ def train(s: Setup, max_minutes: float | None, compile_model: bool, t_start: flo
             batch, loader_state_next = prefetch.next()
             batch = batch.to(device, non_blocking=True)
             micro = batch.view(cfg.grad_accum, cfg.batch_size, cfg.seq_len + 1)
+            micro = micro[:, parallel.local_rows(cfg.batch_size)]  # scale-out (#9): this rank's rows
             loss_sum = torch.zeros((), device=device)
             aux_sum = torch.zeros((), device=device)
             for m in range(cfg.grad_accum):
@@ -871,12 +912,10 @@ def train(s: Setup, max_minutes: float | None, compile_model: bool, t_start: flo
                 ((loss + aux) / cfg.grad_accum).backward()
                 loss_sum += loss.detach()
                 aux_sum += aux.detach()
-            if cfg.clip > 0:
-                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-            else:
-                gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            gnorm = parallel.clip_grad_norm_(params, cfg.clip)  # scale-out (#9): torch's own on one process
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            parallel.all_reduce_expert_counts(model)  # scale-out (#9): the bias sees every rank's tokens
             counts = model.expert_counts()
             log_now = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
             imbalance = None
@@ -891,6 +930,8 @@ def train(s: Setup, max_minutes: float | None, compile_model: bool, t_start: flo
             interval_steps += 1
 
             if log_now:
+                if dctx.distributed:  # scale-out (#9): the mean over every rank's rows
+                    loss_acc, aux_acc = parallel.dp_mean(loss_acc), parallel.dp_mean(aux_acc)
                 loss_v = float(loss_acc) / interval_steps
                 if not math.isfinite(loss_v):
                     raise TrainError(f"loss is {loss_v} at step {step}; lower --lr or check the data")
@@ -934,24 +975,26 @@ def train(s: Setup, max_minutes: float | None, compile_model: bool, t_start: flo
             if ev_rows is not None and step % cfg.eval_every == 0:
                 do_eval()
                 eval_est = time.time() - paused
-            if (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0) or (
+            if (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0) or parallel.agree(
                 time.time() - last_ckpt_t > cfg.ckpt_minutes * 60
-            ):
+            )[0]:
                 save_est = checkpoint("periodic") + 1.0
                 last_ckpt_t = time.time()
             interval_t += time.time() - paused  # eval/checkpoint time is not training throughput
             if step_est is None and step >= 1:
                 step_est = time.time() - t_step  # a first guess until the first log interval
     except KeyboardInterrupt:
-        prefetch.close()
         log.line(f"interrupted at step {step}; no checkpoint written for it")
         log.close()
-        stopper.restore()
         return 130
+    except TrainError as e:
+        log.line(f"error: {e}")
+        log.close()
+        raise
     finally:
         prefetch.close()
+        stopper.restore()
 
-    stopper.restore()
     if step >= cfg.max_steps and ev_rows is not None and step % cfg.eval_every != 0:
         do_eval()
     checkpoint(reason)
@@ -990,13 +1033,24 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from model import parallel
+
     try:
+        # --- scale-out (#9): under torchrun, join the process group (a restarted attempt resumes)
+        try:
+            dctx = parallel.init_from_env(args)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        if dctx.restart > 0:
+            args.resume = True  # torchrun --max-restarts: continue from the last complete checkpoint
         setup = prepare(args)
         return train(setup, args.max_minutes, args.compile, t_start)
     except TrainError as e:
-        print(f"moecoder train: error: {e}", file=sys.stderr)
+        if parallel.current().is_main:
+            print(f"moecoder train: error: {e}", file=sys.stderr)
         return 2
     finally:
+        parallel.shutdown()
         torch.set_num_threads(threads)
 
 
