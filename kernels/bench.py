@@ -297,6 +297,10 @@ def breakdown(s: Shape, T: int, dev, reps: int = 20) -> list[dict]:
         "bwd dW_down (s*H saved)": (lambda: ops.gmm_dw(hs, dout, offsets, b_mode=1, bidx=row_index, divb=K), gemm),
         "bwd dW_gate+up (gather)": (lambda: ops.gmm_dw(x, dg, offsets, a_mode=1, aidx=row_index, diva=K, b2=du),
                                     2 * gemm),
+        "bwd dW_gate+up (tl.trans variant)": (
+            lambda: ops.gmm_dw(x, dg, offsets, a_mode=1, aidx=row_index, diva=K, b2=du, a_t=False), 2 * gemm),
+        "bwd dW_down (tl.trans variant)": (
+            lambda: ops.gmm_dw(hs, dout, offsets, b_mode=1, bidx=row_index, divb=K, a_t=False), gemm),
         "peer _grouped_mm x@Wg": (lambda: torch._grouped_mm(xs, p.wg, offs=offs32), gemm),
         "peer _grouped_mm h@Wd": (lambda: torch._grouped_mm(h, p.wd, offs=offs32), gemm),
         "peer _grouped_mm dG@Wg^T": (lambda: torch._grouped_mm(dg, p.wg.transpose(1, 2), offs=offs32), gemm),

@@ -723,12 +723,12 @@ _DW_GPU = [
 _DW_INT = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16)
 
 
-@triton.autotune(configs=_configs(_DW_GPU, _DW_INT), key=["M", "N", "A_MODE", "B_MODE", "HAS_BS", "DUAL"])
+@triton.autotune(configs=_configs(_DW_GPU, _DW_INT), key=["M", "N", "A_MODE", "B_MODE", "HAS_BS", "DUAL", "A_T"])
 @triton.jit
 def _gmm_dw_kernel(
     a_ptr, aidx_ptr, u_ptr, b_ptr, b2_ptr, bidx_ptr, bs_ptr, c_ptr, c2_ptr, offs_ptr,
     M, N, DIVA, DIVB, stride_am, stride_bm, stride_ce, stride_cm,
-    A_MODE: tl.constexpr, B_MODE: tl.constexpr, HAS_BS: tl.constexpr, DUAL: tl.constexpr,
+    A_MODE: tl.constexpr, B_MODE: tl.constexpr, HAS_BS: tl.constexpr, DUAL: tl.constexpr, A_T: tl.constexpr,
     ACC64: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -759,11 +759,15 @@ def _gmm_dw_kernel(
             ar = tl.load(aidx_ptr + r, mask=rm, other=0) // DIVA
         else:
             ar = r.to(tl.int64)
-        # A^T tile loaded directly as [BLOCK_M, BLOCK_K] (no tl.trans: keeps the async-copy pipeline)
-        a_off = ar[None, :] * stride_am + cm_[:, None]
-        a = tl.load(a_ptr + a_off, mask=mmask[:, None] & rm[None, :], other=0.0)
+        if A_T:  # A^T tile loaded directly as [BLOCK_M, BLOCK_K] by strides
+            a_off = ar[None, :] * stride_am + cm_[:, None]
+            a_mask = mmask[:, None] & rm[None, :]
+        else:  # loaded as [BLOCK_K, BLOCK_M], transposed in registers below
+            a_off = ar[:, None] * stride_am + cm_[None, :]
+            a_mask = rm[:, None] & mmask[None, :]
+        a = tl.load(a_ptr + a_off, mask=a_mask, other=0.0)
         if A_MODE == 2:
-            uu = tl.load(u_ptr + a_off, mask=mmask[:, None] & rm[None, :], other=0.0)
+            uu = tl.load(u_ptr + a_off, mask=a_mask, other=0.0)
             AF: tl.constexpr = tl.float64 if ACC64 else tl.float32
             af = a.to(AF)
             a = (af / (1.0 + tl.exp(-af)) * uu.to(AF)).to(uu.dtype)
@@ -778,6 +782,8 @@ def _gmm_dw_kernel(
             sc = tl.load(bs_ptr + bi, mask=rm, other=0.0)
             SC: tl.constexpr = tl.float64 if ACC64 else tl.float32
             b = (b.to(SC) * sc[:, None].to(SC)).to(b.dtype)
+        if not A_T:
+            a = tl.trans(a)
         acc = tl.dot(a, b, acc, input_precision=PREC)
         if DUAL:
             b2 = tl.load(b2_ptr + b_off, mask=rm[:, None] & nmask[None, :], other=0.0)
@@ -789,7 +795,10 @@ def _gmm_dw_kernel(
         tl.store(c2_ptr + c_off, acc2.to(c_ptr.dtype.element_ty), mask=omask)
 
 
-def gmm_dw(a, b, offsets_E1, a_mode=0, aidx=None, diva=1, u=None, b_mode=0, bidx=None, divb=1, bscale=None, b2=None):
+def gmm_dw(
+    a, b, offsets_E1, a_mode=0, aidx=None, diva=1, u=None, b_mode=0, bidx=None, divb=1, bscale=None, b2=None,
+    a_t=True,
+):  # fmt: skip
     """Per group e: A_e^T @ B_e -> (E, M, N) (and the same with b2 when given)."""
     E = offsets_E1.numel() - 1
     M, N = a.shape[1], b.shape[1]
@@ -809,7 +818,7 @@ def gmm_dw(a, b, offsets_E1, a_mode=0, aidx=None, diva=1, u=None, b_mode=0, bidx
         b2 if b2 is not None else b, bidx if bidx is not None else dummy,
         bscale if bscale is not None else b, c, c2, offsets_E1,
         M, N, diva, divb, a.stride(0), b.stride(0), c.stride(0), c.stride(1),
-        A_MODE=a_mode, B_MODE=b_mode, HAS_BS=bscale is not None, DUAL=b2 is not None, ACC64=_acc64(a.dtype), PREC=_prec(a.dtype),
+        A_MODE=a_mode, B_MODE=b_mode, HAS_BS=bscale is not None, DUAL=b2 is not None, A_T=a_t, ACC64=_acc64(a.dtype), PREC=_prec(a.dtype),
     )  # fmt: skip
     return c, c2
 
