@@ -260,6 +260,7 @@ class MoeServer(LanguageServer):
         self._diag_tasks: dict[str, tuple[int | None, asyncio.Task]] = {}
         self._hint_cache: dict[str, dict[tuple[str, str], list[tuple[int, Any]]]] = {}
         self._live_tokens: set[Any] = set()  # tokens of engine jobs queued or running
+        self._shared: dict[tuple, asyncio.Future] = {}  # (uri, version, offset) -> completion
         self._gates: dict[str, asyncio.Lock] = {}  # completion kind -> one job in the engine at a time
         self._result_ids = itertools.count(1)
         self._progress_ids = itertools.count(1)
@@ -463,15 +464,35 @@ class MoeServer(LanguageServer):
 
     # -- completion -------------------------------------------------------------------------------
     async def complete(self, uri: str, position: types.Position, kind: str) -> tuple[Document, int, str] | None:
-        """(document, cursor offset, text to insert at the cursor) or None."""
-        from assistant.tasks import TaskRequest
+        """(document, cursor offset, text to insert at the cursor) or None.
 
+        A completion and an inline completion for the same document version and cursor
+        (clients that use both send both) share one engine job."""
         doc = self.python_doc(uri)
         if doc is None:
             return None
         offset = doc.offset_at(position)
         if offset is None:
             return None
+        key = (uri, doc.version, offset)
+        shared = self._shared.get(key)
+        if shared is not None:
+            return await asyncio.shield(shared)
+        shared = self._shared[key] = asyncio.get_running_loop().create_future()
+        while len(self._shared) > 8:
+            self._shared.pop(next(iter(self._shared)))
+        value = None
+        try:
+            value = await self._complete(doc, offset, kind)
+            return value
+        finally:
+            if not shared.done():
+                shared.set_result(value)
+
+    async def _complete(self, doc: Document, offset: int, kind: str) -> tuple[Document, int, str] | None:
+        from assistant.tasks import TaskRequest
+
+        uri = doc.uri
         version, text = doc.version, doc.text
         line, col = doc.engine_line_col(offset)
         _, line_end = doc.line_bounds(doc.position_at(offset).line)

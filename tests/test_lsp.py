@@ -109,6 +109,17 @@ async def test_multiline_completion_at_end_of_line_and_inline(client: LanguageCl
     assert inl.items[0].range.start == inl.items[0].range.end == types.Position(1, 4)
 
 
+async def test_completion_and_inline_at_one_cursor_share_one_engine_job(client: LanguageClient, tmp_path):
+    text = "# FAKE_DELAY=0.5\nx = 1\n"
+    uri = uri_for(tmp_path, "share.py", text)
+    await init(client)
+    open_doc(client, uri, text)
+    res, inl = await asyncio.gather(complete(client, uri, 1, 5), inline(client, uri, 1, 5))
+    assert res.items[0].text_edit.new_text == "1done_L1_C5\nsecond_line"
+    assert inl.items[0].insert_text == "done_L1_C5\nsecond_line"
+    assert (await stats(client))["started"] == 1
+
+
 async def test_incremental_changes_are_applied(client: LanguageClient, tmp_path):
     text = "a = 1\nb = 2\n"
     uri = uri_for(tmp_path, "c.py", text)
