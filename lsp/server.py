@@ -389,6 +389,7 @@ class MoeServer(LanguageServer):
 
     # -- settings ---------------------------------------------------------------------------
     def apply_settings(self, raw: Any) -> None:
+        self._shared.clear()  # completions computed under the old settings are not reused
         for problem in self.settings.update(raw):
             self.report_once(f"moecoder settings: {problem}", types.MessageType.Warning)
         if self._engine_future is not None and self._engine_key != self._engine_wanted():

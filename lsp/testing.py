@@ -87,7 +87,9 @@ class FakeEngine:
 
     def stats(self) -> dict:
         with self._lock:
-            return {k: (list(v) if isinstance(v, list) else v) for k, v in self._stats.items()}
+            out = {k: (list(v) if isinstance(v, list) else v) for k, v in self._stats.items()}
+        out["model_dir"] = self.model_dir
+        return out
 
     def _count(self, key: str) -> None:
         with self._lock:

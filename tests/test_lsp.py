@@ -336,6 +336,22 @@ async def test_hover_is_off_by_default_then_reasoning_first(client: LanguageClie
     assert await client.text_document_hover_async(params) is None
 
 
+async def test_changing_the_model_path_reloads_the_engine(client: LanguageClient, tmp_path):
+    text = "x = 1\n"
+    uri = uri_for(tmp_path, "r.py", text)
+    await init(client)
+    open_doc(client, uri, text)
+    assert (await complete(client, uri, 0, 5)).items
+    before = await stats(client)
+    assert before["model_dir"] is None and before["started"] == 1
+    client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+        settings={"moecoder": {"modelPath": str(tmp_path)}}))
+    after = await stats(client)
+    assert after["model_dir"] == str(tmp_path) and after["started"] == 0  # a new engine
+    assert (await complete(client, uri, 0, 5)).items
+    assert (await stats(client))["started"] == 1  # computed by the new engine, not reused
+
+
 async def test_bad_settings_are_reported_and_ignored(client: LanguageClient, tmp_path):
     await init(client, options={"maxTokens": "many", "features": {"hover": 3, "teleport": True}})
     text = "x = 1\n"
