@@ -176,7 +176,24 @@ class _MoEExperts(torch.autograd.Function):
         return dx, dweights, None, dwg, dwu, dwd
 
 
+def _check_experts(x_TD, weights_TK, experts_TK, wg, wu, wd):
+    if x_TD.dim() != 2 or experts_TK.dim() != 2 or x_TD.shape[0] != experts_TK.shape[0]:
+        raise ValueError(f"moe_experts: x {tuple(x_TD.shape)} and experts {tuple(experts_TK.shape)} must be (T, D), (T, K)")
+    if weights_TK.shape != experts_TK.shape:
+        raise ValueError(f"moe_experts: weights {tuple(weights_TK.shape)} != experts {tuple(experts_TK.shape)}")
+    if experts_TK.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"moe_experts: experts must be an integer tensor, got {experts_TK.dtype}")
+    E, D, Fh = wg.shape
+    if wu.shape != (E, D, Fh) or wd.shape != (E, Fh, D) or x_TD.shape[1] != D:
+        raise ValueError(
+            f"moe_experts: shapes x {tuple(x_TD.shape)}, w_gate {tuple(wg.shape)}, w_up {tuple(wu.shape)}, "
+            f"w_down {tuple(wd.shape)} do not fit (T, D), (E, D, F), (E, D, F), (E, F, D)"
+        )
+
+
 def moe_experts(x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD):
+    _check_experts(x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD)
+    experts_TK = experts_TK.long()
     dt = x_TD.dtype
     wg, wu, wd = (w.to(dt) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
     if wg.stride() != wu.stride():

@@ -321,7 +321,12 @@ def breakdown(s: Shape, T: int, dev, reps: int = 20) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n")[0])
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, exit code 2
+            print(f"error: {message}", file=sys.stderr)
+            raise SystemExit(2)
+
+    ap = _Parser(prog="python -m kernels.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="qwen3,dsv2")
     ap.add_argument("--tokens", default="4096,16384")
     ap.add_argument("--decode", default="1,8,64")

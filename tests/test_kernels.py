@@ -244,6 +244,29 @@ def test_moe_experts_matches_loop_and_fp32_weights_cast():
     assert rel(out, loop) < max(TOL, 1e-6)
 
 
+def test_moe_experts_rejects_bad_shapes():
+    x = rnd(4, 8, grad=False)
+    w, ex = routing(4, 3, 2)
+    wg, wd = rnd(3, 8, 6, grad=False), rnd(3, 6, 8, grad=False)
+    with pytest.raises(ValueError, match="do not fit"):
+        tk.moe_experts(x, w, ex, wg, wg, wd.transpose(1, 2))
+    with pytest.raises(ValueError, match="weights"):
+        tk.moe_experts(x, w[:, :1], ex, wg, wg, wd)
+
+
+def test_bench_cli_bad_input_is_one_line_exit_2(capsys):
+    from kernels import bench
+
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--reps", "many"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+    if not CUDA:
+        assert bench.main([]) == 2  # no GPU: a one-line error, no traceback
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
 # -------------------------------------------------------------------- dispatcher
 
 
