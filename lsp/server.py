@@ -72,7 +72,6 @@ DOCSTRING_KIND = types.CodeActionKind.RefactorRewrite
 MAX_RELATED = 2
 MAX_RELATED_CHARS = 8_000
 _WORD_TAIL = re.compile(r"[A-Za-z0-9_]*$")
-_DEF = re.compile(r"^([ \t]*)(?:async[ \t]+)?def[ \t]+(\w+)")
 
 
 class TaskFailed(Exception):
@@ -782,25 +781,17 @@ def _one_line(e: BaseException) -> str:
 
 
 def _function_at(source: str, line: int) -> tuple[str, int, int, bool] | None:
-    """(name, def line, last line, has docstring) of the function around 0-based ``line``."""
+    """(qualified name, def line, last line, has a docstring) of the innermost function
+    around 0-based ``line`` (``assistant.code``, tree-sitter), or None."""
+    from assistant import code
+
     try:
-        from assistant import code
-    except ImportError:  # pragma: no cover - until assistant.code lands
-        code = None
-    if code is not None and hasattr(code, "function_at"):
-        try:
-            fn = code.function_at(source, line)
-        except Exception:  # noqa: BLE001 - bad syntax etc.: fall back to the plain scan
-            fn = None
-        if fn is not None:
-            name = getattr(fn, "qualname", None) or getattr(fn, "name", None)
-            start = _first_int(fn, ("start_line", "line", "def_line", "start"))
-            end = _first_int(fn, ("end_line", "last_line", "end"))
-            if isinstance(name, str) and start is not None:
-                has_doc = bool(getattr(fn, "docstring", None))
-                return name, start, end if end is not None else start, has_doc
-            return None
-    return _scan_function(source, line)
+        fn = code.function_at(source, line)
+    except Exception:  # noqa: BLE001 - whatever the parser makes of broken code: no action
+        return None
+    if fn is None:
+        return None
+    return fn.qualname, fn.start_line, fn.end_line, fn.docstring is not None
 
 
 def context_window(text: str, line: int, budget: int, count: Callable[[str], int],
@@ -835,10 +826,8 @@ def context_window(text: str, line: int, budget: int, count: Callable[[str], int
 def _debuggable_functions(source: str) -> list[tuple[str, int, int]]:
     """(qualified name, first line, last line) of module-level functions and methods (nested
     functions are part of their parent's code), 0-based; decorators included."""
-    try:
-        from assistant import code
-    except ImportError:  # pragma: no cover - until assistant.code lands
-        return []
+    from assistant import code
+
     try:
         scopes = code.scopes(source)
     except Exception:  # noqa: BLE001 - unparsable source: no hints
@@ -859,39 +848,6 @@ def _moved(hint: Any, line: int) -> Any:
     moved = copy.copy(hint)
     moved.line = line
     return moved
-
-
-def _first_int(obj: Any, names: tuple[str, ...]) -> int | None:
-    for n in names:
-        v = getattr(obj, n, None)
-        if isinstance(v, int) and not isinstance(v, bool):
-            return v
-    return None
-
-
-def _scan_function(source: str, line: int) -> tuple[str, int, int, bool] | None:
-    """Indentation-based fallback: the innermost ``def`` whose body holds ``line``."""
-    lines = source.split("\n")
-    if not 0 <= line < len(lines):
-        return None
-    for i in range(line, -1, -1):
-        m = _DEF.match(lines[i])
-        if not m:
-            continue
-        indent = len(m.group(1).expandtabs())
-        end = i
-        for j in range(i + 1, len(lines)):
-            t = lines[j]
-            if t.strip() and len(t) - len(t.lstrip()) <= indent and not t.lstrip().startswith((")", "#")):
-                break
-            if t.strip():
-                end = j
-        if end < line and i != line:
-            continue
-        body = [t.strip() for t in lines[i + 1: end + 1] if t.strip()]
-        has_doc = bool(body) and body[0].lstrip("rRbBuUfF").startswith(("\"", "'"))
-        return m.group(2), i, end, has_doc
-    return None
 
 
 # -- handlers -----------------------------------------------------------------------------------
