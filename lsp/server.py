@@ -624,6 +624,8 @@ class MoeServer(LanguageServer):
                         except TaskFailed as e:
                             log.warning("debug task failed for %s: %s", name, e)
                             continue
+                        if result is None:  # stopped: not a verdict, do not cache it
+                            continue
                         found = list(getattr(result, "hints", None) or [])
                         fresh[key] = [(int(h.line) - first, h) for h in found]
                         hints += found
