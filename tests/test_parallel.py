@@ -74,7 +74,7 @@ def test_dcp_checkpoint_reshards_from_2_to_1_3_4_ranks(tmp_path):
 
 # ------------------------------------------------------------------ the training command under torchrun
 TRAIN = ["-m", "model.train", "--preset", "tiny", "--batch-size", "4", "--grad-accum", "1", "--seq-len", "32",
-         "--max-steps", "12", "--warmup-steps", "2", "--ckpt-every", "3", "--log-every", "1", "--eval-every", "1000",
+         "--max-steps", "12", "--warmup-steps", "2", "--ckpt-every", "3", "--log-every", "1", "--eval-every", "5", "--eval-tokens", "128",
          "--keep", "2", "--threads", "1"]
 
 
@@ -84,15 +84,16 @@ def _pack(tok, out: Path) -> Path:
 
     texts = [f.read_text() for f in sorted((ROOT / "kernels").glob("*.py"))]
     out.mkdir(parents=True)
-    ids, offs = [], [0]
-    for t in texts:
-        ids += tok.encode(t) + [tok.eos_id]
-        offs.append(len(ids))
-    np.asarray(ids, dtype=np.uint16).tofile(out / "train.bin")
-    with open(out / "train.idx", "wb") as f:
-        np.save(f, np.asarray(offs, dtype=np.int64))
-    meta = {"dtype": "uint16", "vocab_size": tok.vocab_size, "tokenizer": str(tok.path),
-            "splits": {"train": {"tokens": len(ids), "docs": len(texts), "bytes": sum(len(t) for t in texts)}}}
+    meta = {"dtype": "uint16", "vocab_size": tok.vocab_size, "tokenizer": str(tok.path), "splits": {}}
+    for split, docs in (("train", texts), ("valid", texts[:1])):
+        ids, offs = [], [0]
+        for t in docs:
+            ids += tok.encode(t) + [tok.eos_id]
+            offs.append(len(ids))
+        np.asarray(ids, dtype=np.uint16).tofile(out / f"{split}.bin")
+        with open(out / f"{split}.idx", "wb") as f:
+            np.save(f, np.asarray(offs, dtype=np.int64))
+        meta["splits"][split] = {"tokens": len(ids), "docs": len(docs), "bytes": sum(len(t.encode()) for t in docs)}
     (out / "meta.json").write_text(json.dumps(meta))
     return out
 
@@ -183,6 +184,9 @@ def test_train_command_survives_a_killed_rank_and_resumes_on_fewer_ranks(packed,
     assert _losses(killed) == want  # every step once, bit-identical losses
     a, b = _weights(full), _weights(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # evaluation ran on every rank and rank 0 exported the best model from the sharded run
+    assert (killed / "best" / "model.safetensors").is_file() and not (killed / "best.tmp").exists()
+    assert json.loads((full / "best_info.json").read_text()) == json.loads((killed / "best_info.json").read_text())
 
     # shrink: the 2-rank run's step-9 checkpoint continues on one process
     shutil.copytree(full, shrunk)
@@ -200,3 +204,14 @@ def test_train_command_survives_a_killed_rank_and_resumes_on_fewer_ranks(packed,
     # by up to ~lr (1e-3); measured max |diff| 5.4e-5 after 3 steps
     for k in a:
         assert torch.allclose(a[k], c[k], rtol=0, atol=2e-4), (k, (a[k] - c[k]).abs().max())
+
+
+def test_layout_flags_without_torchrun_are_a_one_line_error(packed, tmp_path, capsys):
+    from model.train import main
+
+    out = tmp_path / "run"
+    for flags in (["--ep", "2"], ["--dp-replicate", "2"], ["--dp-shard", "0"]):
+        assert main([*TRAIN[2:], "--data", str(packed), "--out", str(out), *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("moecoder train: error:") and "\n" not in err, err
+    assert not out.exists()  # nothing written
