@@ -162,8 +162,33 @@ async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: li
         "max_tokens": max_tokens, "p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * percentile(times, 0.95),
         "mean_ms": 1000 * statistics.fmean(times), "max_ms": 1000 * max(times),
         "startup_and_warmup_s": load_s, "first_request_s": first, "files": [f.name for f in files],
-        "samples": samples, "machine": machine(),
+        "samples": samples, "machine": machine(), "positions": [(str(f), ln, c) for f, ln, c in timed],
     }
+
+
+def engine_only(model: str | None, positions: list[tuple[str, int, int]], max_tokens: int,
+                context_tokens: int = 512) -> list[float]:
+    """The same completions straight through ``Engine.run`` in this process (same context
+    window as the server), to separate the model's time from the server's."""
+    from assistant.engine import Engine
+    from assistant.tasks import TaskRequest
+    from lsp.server import context_window
+
+    engine = Engine(model_dir=model)
+    texts: dict[str, str] = {}
+    times = []
+    try:
+        for i, (f, line, col) in enumerate([(positions[0][0], positions[0][1], positions[0][2])] + positions):
+            text = texts.setdefault(f, Path(f).read_text(encoding="utf-8"))
+            start = time.perf_counter()
+            window, wline = context_window(text, line, context_tokens, engine.count_tokens)
+            engine.run(TaskRequest(task="complete", source=window, path=f, line=wline, column=col,
+                                   max_new_tokens=max_tokens, max_seconds=10.0))
+            if i:  # the first is a warm-up
+                times.append(time.perf_counter() - start)
+    finally:
+        engine.close()
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed requests first (model load; default 3)")
     p.add_argument("--max-tokens", type=int, default=48, help="completion token limit (server setting maxTokens)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--compare", action="store_true",
+                   help="also time the same completions through Engine.run in-process (model time alone)")
     args = p.parse_args(argv)
     if args.model is not None and not Path(args.model).is_dir():
         print(f"lsp.bench: error: model directory not found: {args.model}", file=sys.stderr)
@@ -197,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
           f"max {r['max_ms']:.0f} ms   (start + {args.warmup} warm-up requests: {r['startup_and_warmup_s']:.1f} s)")
     print(f"  machine: {m['cpu']}, {m['cores']} cores; {m['platform']}; load average {m['load_average']}")
     print(f"  python {m['python']}, torch {m['torch']}, pygls {m['pygls']}; {m['date']}")
+    if args.compare:
+        t = engine_only(args.model, r["positions"], args.max_tokens)
+        r["engine_p50_ms"], r["engine_p95_ms"] = 1000 * statistics.median(t), 1000 * percentile(t, 0.95)
+        print(f"  the same through Engine.run in-process: p50 {r['engine_p50_ms']:.0f} ms   "
+              f"p95 {r['engine_p95_ms']:.0f} ms   (server + JSON-RPC add the difference)")
     for s in r["samples"][:3]:
         print(f"  e.g. {s['file']}:{s['line'] + 1}:{s['column']} -> {s['text']!r}")
     if args.json:
