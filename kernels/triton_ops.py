@@ -478,6 +478,7 @@ _GMM_GPU = [
     dict(BLOCK_N=128, BLOCK_K=64, w=4, s=4),
     dict(BLOCK_N=256, BLOCK_K=64, w=8, s=3),
     dict(BLOCK_N=128, BLOCK_K=32, w=8, s=4),
+    dict(BLOCK_N=32, BLOCK_K=128, w=4, s=4),  # decode: more programs streaming weights
 ]
 _GMM_INT = dict(BLOCK_N=32, BLOCK_K=32)
 
@@ -555,6 +556,7 @@ _GU_GPU = [
     dict(BLOCK_N=64, BLOCK_K=64, w=4, s=4),
     dict(BLOCK_N=128, BLOCK_K=64, w=8, s=3),
     dict(BLOCK_N=64, BLOCK_K=64, w=8, s=4),
+    dict(BLOCK_N=32, BLOCK_K=128, w=4, s=4),  # decode: more programs streaming weights
 ]
 
 

@@ -11,6 +11,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
@@ -229,6 +231,32 @@ def test_moe_experts(T, E, K, one, empty):
         assert rel(a, b) < tol, name
     for e in empty:
         assert torch.count_nonzero(grads[2][e]) == 0 and torch.count_nonzero(grads[4][e]) == 0
+
+
+@settings(max_examples=6, deadline=None, derandomize=False)
+@given(
+    T=st.integers(1, 40), E=st.integers(1, 12), K=st.integers(1, 4), D=st.integers(1, 40), F=st.integers(1, 40),
+    score=st.sampled_from(["softmax", "sigmoid"]),
+)  # fmt: skip
+def test_moe_layer_random_shapes(T, E, K, D, F, score):
+    """Routing + experts end to end on random small shapes (odd D and F included), fwd and bwd."""
+    K = min(K, E)
+    logits = torch.randn(T, E, device=DEV, requires_grad=True)
+    x = rnd(T, D)
+    wg, wu, wd = rnd(E, D, F), rnd(E, D, F), rnd(E, F, D)
+    w, e = tk.route(logits, K, score)
+    out = tk.moe_experts(x, w, e, wg, wu, wd)
+    lr = logits.detach().double().requires_grad_()
+    xr, wgr, wur, wdr = (ref_of(t) for t in (x, wg, wu, wd))
+    wr, er = ref.route(lr, K, score)
+    assert torch.equal(e, er)
+    outr = ref.moe_experts(xr, wr.to(xr.dtype), er, wgr, wur, wdr)
+    assert rel(out, outr) < max(TOL, 1e-6)
+    go = rnd(T, D, grad=False)
+    a = torch.autograd.grad(out, (logits, x, wg, wu, wd), go)
+    b = torch.autograd.grad(outr, (lr, xr, wgr, wur, wdr), go.double())
+    for ga, gb in zip(a, b):
+        assert rel(ga, gb) < max(TOL, 1e-5)
 
 
 def test_moe_experts_matches_loop_and_fp32_weights_cast():
