@@ -383,15 +383,15 @@ def _tile_map_kernel(
     """One program: (counts -> offsets, written) or offsets read; then the tile map."""
     ecols = tl.arange(0, BLOCK_E)
     em = ecols < E
-    if FROM_COUNTS:
-        counts = tl.load(cnt_ptr + ecols, mask=em, other=0).to(tl.int64)
+    if FROM_COUNTS:  # int32 arithmetic inside (row counts < 2**31)
+        counts = tl.load(cnt_ptr + ecols, mask=em, other=0).to(tl.int32)
         o1 = tl.cumsum(counts, 0)
         o0 = o1 - counts
-        tl.store(offs_ptr + 1 + ecols, o1, mask=em)
-        tl.store(offs_ptr + ecols, o0, mask=ecols == 0)
+        tl.store(offs_ptr + 1 + ecols, o1.to(tl.int64), mask=em)
+        tl.store(offs_ptr + ecols, o0.to(tl.int64), mask=ecols == 0)
     else:
-        o0 = tl.load(offs_ptr + ecols, mask=em, other=0).to(tl.int64)
-        o1 = tl.load(offs_ptr + ecols + 1, mask=em, other=0).to(tl.int64)
+        o0 = tl.load(offs_ptr + ecols, mask=em, other=0).to(tl.int32)
+        o1 = tl.load(offs_ptr + ecols + 1, mask=em, other=0).to(tl.int32)
     _tile_loop(o0, o1, ecols, em, tm_ptr, n_tiles, E, BM, BLOCK_T)
 
 
@@ -407,15 +407,15 @@ def _plan_small_kernel(
     ecols = tl.arange(0, BLOCK_E)
     em = ecols < E
     onehot = (ex[:, None] == ecols[None, :]) & am[:, None]
-    counts = tl.sum(onehot.to(tl.int64), axis=0)
+    counts = tl.sum(onehot.to(tl.int32), axis=0)
     o1 = tl.cumsum(counts, 0)
     o0 = o1 - counts
-    tl.store(counts_ptr + ecols, counts, mask=em)
-    tl.store(offs_ptr + 1 + ecols, o1, mask=em)
-    tl.store(offs_ptr + ecols, o0, mask=ecols == 0)
+    tl.store(counts_ptr + ecols, counts.to(tl.int64), mask=em)
+    tl.store(offs_ptr + 1 + ecols, o1.to(tl.int64), mask=em)
+    tl.store(offs_ptr + ecols, o0.to(tl.int64), mask=ecols == 0)
     base = tl.sum(tl.where(onehot, o0[None, :], 0), axis=1)
     same = (ex[:, None] == ex[None, :]) & (a[None, :] < a[:, None]) & am[None, :]
-    d = base + tl.sum(same.to(tl.int64), axis=1)
+    d = (base + tl.sum(same.to(tl.int32), axis=1)).to(tl.int64)
     tl.store(dest_ptr + a, d, mask=am)
     tl.store(rowidx_ptr + d, a.to(tl.int64), mask=am)
     _tile_loop(o0, o1, ecols, em, tm_ptr, n_tiles, E, BM, BLOCK_T)
