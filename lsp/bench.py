@@ -89,7 +89,8 @@ def machine() -> dict:
             "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg())}
 
 
-async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: list[Path]) -> dict:
+async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: list[Path],
+              max_line_tokens: int = 32) -> dict:
     from lsprotocol import types
     from pygls.lsp.client import LanguageClient
 
@@ -112,7 +113,8 @@ async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: li
         completion=types.CompletionClientCapabilities(), diagnostic=types.DiagnosticClientCapabilities()))
     t0 = time.perf_counter()
     await client.initialize_async(types.InitializeParams(capabilities=caps, initialization_options={
-        "moecoder": {"maxTokens": max_tokens, "features": {"diagnostics": False}}}))
+        "moecoder": {"maxTokens": max_tokens, "maxLineTokens": max_line_tokens,
+                     "features": {"diagnostics": False}}}))
     client.initialized(types.InitializedParams())
     opened: set[Path] = set()
 
@@ -159,7 +161,7 @@ async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: li
     await client.stop()
     return {
         "model": model or "(shipped model)", "requests": len(times), "nonempty": nonempty,
-        "max_tokens": max_tokens, "p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * percentile(times, 0.95),
+        "max_tokens": max_tokens, "max_line_tokens": max_line_tokens, "p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * percentile(times, 0.95),
         "mean_ms": 1000 * statistics.fmean(times), "max_ms": 1000 * max(times),
         "startup_and_warmup_s": load_s, "first_request_s": first, "files": [f.name for f in files],
         "samples": samples, "machine": machine(), "positions": [(str(f), ln, c) for f, ln, c in timed],
@@ -197,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-n", type=int, default=100, help="timed cursor positions (default 100)")
     p.add_argument("--warmup", type=int, default=3, help="untimed requests first (model load; default 3)")
     p.add_argument("--max-tokens", type=int, default=48, help="completion token limit (server setting maxTokens)")
+    p.add_argument("--max-line-tokens", type=int, default=32,
+                   help="limit where code follows the cursor (server setting maxLineTokens; all positions here)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--compare", action="store_true",
                    help="also time the same completions through Engine.run in-process (model time alone)")
@@ -209,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     files = stdlib_files(DEFAULT_MODULES)
     try:
-        r = asyncio.run(asyncio.wait_for(run(args.model, args.n, args.max_tokens, args.warmup, files), 3600))
+        r = asyncio.run(asyncio.wait_for(run(args.model, args.n, args.max_tokens, args.warmup, files, args.max_line_tokens), 3600))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -219,13 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     m = r["machine"]
     print(f"moecoder LSP completion latency ({r['requests']} single-line requests over stdio, "
           f"{len(r['files'])} stdlib files)")
-    print(f"  model: {r['model']}   maxTokens: {r['max_tokens']}   non-empty results: {r['nonempty']}/{r['requests']}")
+    print(f"  model: {r['model']}   maxTokens: {r['max_tokens']}   maxLineTokens: {r['max_line_tokens']}   non-empty results: {r['nonempty']}/{r['requests']}")
     print(f"  p50 {r['p50_ms']:.0f} ms   p95 {r['p95_ms']:.0f} ms   mean {r['mean_ms']:.0f} ms   "
           f"max {r['max_ms']:.0f} ms   (start + {args.warmup} warm-up requests: {r['startup_and_warmup_s']:.1f} s)")
     print(f"  machine: {m['cpu']}, {m['cores']} cores; {m['platform']}; load average {m['load_average']}")
     print(f"  python {m['python']}, torch {m['torch']}, pygls {m['pygls']}; {m['date']}")
     if args.compare:
-        t = engine_only(args.model, r["positions"], args.max_tokens)
+        t = engine_only(args.model, r["positions"], min(args.max_tokens, args.max_line_tokens))
         r["engine_p50_ms"], r["engine_p95_ms"] = 1000 * statistics.median(t), 1000 * percentile(t, 0.95)
         print(f"  the same through Engine.run in-process: p50 {r['engine_p50_ms']:.0f} ms   "
               f"p95 {r['engine_p95_ms']:.0f} ms   (server + JSON-RPC add the difference)")

@@ -22,7 +22,8 @@ Features (each can be switched off in the settings; hover is off by default):
 
 Settings (camelCase, either top level or under a ``"moecoder"`` key)::
 
-    {"modelPath": null, "device": "cpu", "maxTokens": 48, "maxTaskTokens": 256, "maxSeconds": 10.0,
+    {"modelPath": null, "device": "cpu", "maxTokens": 48, "maxLineTokens": 32, "maxTaskTokens": 256,
+     "maxSeconds": 10.0,
      "contextTokens": 512, "relatedTokens": 0,
      "diagnosticsDelay": 1.0, "maxDiagnosticLines": 3000,
      "features": {"completion": true, "inlineCompletion": true, "codeActions": true,
@@ -84,6 +85,7 @@ class Settings:
     model_path: str | None = None
     device: str = "cpu"
     max_tokens: int = 48  # completion
+    max_line_tokens: int = 32  # completion where code follows the cursor (surely one line)
     context_tokens: int = 512  # completion prompt: the code around the cursor (0 = all of it)
     related_tokens: int = 0  # completion prompt: other open Python files (0 = none)
     max_task_tokens: int = 256  # docstring, debug, explain (reasoning included)
@@ -130,6 +132,7 @@ class Settings:
             else:
                 problems.append(f"device must be a string, got {raw['device']!r}")
         number("maxTokens", int, 1)
+        number("maxLineTokens", int, 1)
         number("maxTaskTokens", int, 1)
         number("contextTokens", int, 0)
         number("relatedTokens", int, 0)
@@ -509,8 +512,11 @@ class MoeServer(LanguageServer):
         source, wline = text, line
         if self.settings.context_tokens > 0:
             source, wline = context_window(text, line, self.settings.context_tokens, engine.count_tokens)
+        # code after the cursor on its line: the assistant will stop at the line end
+        max_new = self.settings.max_tokens if multiline_ok else min(self.settings.max_tokens,
+                                                                    self.settings.max_line_tokens)
         request = TaskRequest(task="complete", source=source, path=_path(uri), line=wline, column=col,
-                              related=self.related(doc), max_new_tokens=self.settings.max_tokens,
+                              related=self.related(doc), max_new_tokens=max_new,
                               max_seconds=self.settings.max_seconds)
         mine: list[Any] = []
 
