@@ -114,10 +114,10 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs if "loss" in r}
 
 
-def _weights(run: Path) -> dict:
+def _weights(run: Path, sub: str = "final") -> dict:
     from safetensors.torch import load_file
 
-    return load_file(str(run / "final" / "model.safetensors"))
+    return load_file(str(run / sub / "model.safetensors"))
 
 
 def _worker_pid(parent: int, rank: int) -> int | None:
@@ -143,7 +143,8 @@ def packed(tmp_path_factory, tiny_tokenizer) -> Path:
 def test_train_command_survives_a_killed_rank_and_resumes_on_fewer_ranks(packed, tmp_path):
     """`torchrun -m model.train --dp-shard 2 --ep 2` (gloo): SIGKILL rank 1 mid-run under
     --max-restarts 2; the restarted attempt resumes from the last complete checkpoint and the
-    final exported weights equal an uninterrupted run's exactly. Then the uninterrupted run's
+    final exported weights equal an uninterrupted run's exactly, and so does `moecoder export` of
+    the sharded checkpoint in one process. Then the uninterrupted run's
     step-9 checkpoint resumes on ONE process (resharded): the same data order, so the losses
     (rtol 1e-5) and final weights (atol 2e-4) match the 2-rank run up to reduction order."""
     import shutil
@@ -187,6 +188,13 @@ def test_train_command_survives_a_killed_rank_and_resumes_on_fewer_ranks(packed,
     # evaluation ran on every rank and rank 0 exported the best model from the sharded run
     assert (killed / "best" / "model.safetensors").is_file() and not (killed / "best.tmp").exists()
     assert json.loads((full / "best_info.json").read_text()) == json.loads((killed / "best_info.json").read_text())
+
+    # `moecoder export` of the sharded (FSDP2 + EP2) checkpoint, in one process, is the same model
+    from model.checkpoint import main as export_main
+
+    assert export_main(["--checkpoint", str(full), "--out", str(tmp_path / "exported")]) == 0
+    e = _weights(tmp_path / "exported", "")
+    assert e.keys() == a.keys() and all(torch.equal(a[k], e[k]) for k in a)
 
     # shrink: the 2-rank run's step-9 checkpoint continues on one process
     shutil.copytree(full, shrunk)
