@@ -231,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         t = engine_only(args.model, r["positions"], min(args.max_tokens, args.max_line_tokens))
         r["engine_p50_ms"], r["engine_p95_ms"] = 1000 * statistics.median(t), 1000 * percentile(t, 0.95)
-        print(f"  the same through Engine.run in-process: p50 {r['engine_p50_ms']:.0f} ms   "
-              f"p95 {r['engine_p95_ms']:.0f} ms   (server + JSON-RPC add the difference)")
+        print(f"  the same through Engine.run in this process (no server, no JSON-RPC): "
+              f"p50 {r['engine_p50_ms']:.0f} ms   p95 {r['engine_p95_ms']:.0f} ms")
     for s in r["samples"][:3]:
         print(f"  e.g. {s['file']}:{s['line'] + 1}:{s['column']} -> {s['text']!r}")
     if args.json:
