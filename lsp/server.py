@@ -1099,7 +1099,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(model_path=args.model, device=args.device)
     server = build_server(factory, settings)
     if host is not None:
-        server.start_tcp(host, port)
+        try:
+            server.start_tcp(host, port)
+        except OSError as e:
+            print(f"moecoder lsp: error: cannot listen on {host}:{port}: {e.strerror or e}", file=sys.stderr)
+            return 2
         return 0
     # stdout is the protocol channel: anything else printing there (a library, a C
     # extension) would corrupt it, so fd 1 goes to stderr and the server gets a private copy.

@@ -23,6 +23,15 @@ def test_bad_arguments_exit_2_with_one_line():
         assert "Traceback" not in proc.stderr
 
 
+def test_a_busy_tcp_port_exits_2_with_one_line():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        proc = _run("--tcp", f"127.0.0.1:{s.getsockname()[1]}")
+    assert proc.returncode == 2 and "cannot listen" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_bad_engine_spec_exit_2():
     env = server_env("no_such_module_xyz:Engine")
     proc = subprocess.run([*SERVER_CMD], capture_output=True, text=True, timeout=60, env=env, input="")
