@@ -287,8 +287,6 @@ def init_from_env(args) -> DistContext:
         _CTX = DistContext(restart=restart, dims=ParallelDims(1, 1, 1))
         return _CTX
     dims = dims.resolve(world)
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} data-parallel ranks")
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     if cuda:
         if not torch.cuda.is_available():

@@ -751,7 +751,10 @@ def train(s: Setup, max_minutes: float | None, compile_model: bool, t_start: flo
         if cfg.batch_size % dctx.world_size:
             raise TrainError(f"--batch-size {cfg.batch_size} must be divisible by the {dctx.world_size} data-parallel ranks")
         parallel.barrier()  # every rank has validated OUT before rank 0 writes into it
-        parallel.parallelize(model, dctx.dims, device.type, param_dtype=torch.bfloat16 if cuda else None)
+        try:
+            parallel.parallelize(model, dctx.dims, device.type, param_dtype=torch.bfloat16 if cuda else None)
+        except ValueError as e:  # e.g. n_experts not divisible by --ep
+            raise TrainError(str(e)) from None
     # --- end scale-out
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
