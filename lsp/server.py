@@ -1090,8 +1090,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, ImportError, AttributeError) as e:
         print(f"moecoder lsp: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    handler: logging.Handler = (logging.FileHandler(args.log_file) if args.log_file
-                                else logging.StreamHandler(sys.stderr))
+    try:
+        handler: logging.Handler = (logging.FileHandler(args.log_file) if args.log_file
+                                    else logging.StreamHandler(sys.stderr))
+    except OSError as e:
+        print(f"moecoder lsp: error: cannot write the log file {args.log_file}: {e.strerror or e}", file=sys.stderr)
+        return 2
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)

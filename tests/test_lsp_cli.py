@@ -16,7 +16,8 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 def test_bad_arguments_exit_2_with_one_line():
     for args, needle in [(["--tcp", "nonsense"], "HOST:PORT"), (["--tcp", "localhost:99999"], "HOST:PORT"),
-                         (["--model", "/no/such/model/dir"], "model directory not found")]:
+                         (["--model", "/no/such/model/dir"], "model directory not found"),
+                         (["--log-file", "/no/such/dir/lsp.log"], "cannot write the log file")]:
         proc = _run(*args)
         assert proc.returncode == 2, args
         assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
