@@ -74,7 +74,7 @@ def test_dcp_checkpoint_reshards_from_2_to_1_3_4_ranks(tmp_path):
 
 # ------------------------------------------------------------------ the training command under torchrun
 TRAIN = ["-m", "model.train", "--preset", "tiny", "--batch-size", "4", "--grad-accum", "1", "--seq-len", "32",
-         "--max-steps", "12", "--warmup-steps", "2", "--ckpt-every", "3", "--log-every", "1", "--eval-every", "5", "--eval-tokens", "128",
+         "--max-steps", "18", "--warmup-steps", "2", "--ckpt-every", "3", "--log-every", "1", "--eval-every", "5", "--eval-tokens", "128",
          "--keep", "2", "--threads", "1"]
 
 
@@ -145,7 +145,7 @@ def test_train_command_survives_a_killed_rank_and_resumes_on_fewer_ranks(packed,
     --max-restarts 2; the restarted attempt resumes from the last complete checkpoint and the
     final exported weights equal an uninterrupted run's exactly, and so does `moecoder export` of
     the sharded checkpoint in one process. Then the uninterrupted run's
-    step-9 checkpoint resumes on ONE process (resharded): the same data order, so the losses
+    step-15 checkpoint resumes on ONE process (resharded): the same data order, so the losses
     (rtol 1e-5) and final weights (atol 2e-4) match the 2-rank run up to reduction order."""
     import shutil
     import signal
@@ -158,8 +158,8 @@ def test_train_command_survives_a_killed_rank_and_resumes_on_fewer_ranks(packed,
     r = subprocess.run(_launch(2, *args, "--out", str(full)), env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     want = _losses(full)
-    assert sorted(want) == list(range(1, 13))
-    assert sorted(d.name for d in (full / "ckpt").iterdir()) == ["step_0000009", "step_0000012"]  # keep 2
+    assert sorted(want) == list(range(1, 19))
+    assert sorted(d.name for d in (full / "ckpt").iterdir()) == ["step_0000015", "step_0000018"]  # keep 2
 
     p = subprocess.Popen(_launch(2, *args, "--out", str(killed), restarts=2), env=_env(),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -196,16 +196,16 @@ def test_train_command_survives_a_killed_rank_and_resumes_on_fewer_ranks(packed,
     e = _weights(tmp_path / "exported", "")
     assert e.keys() == a.keys() and all(torch.equal(a[k], e[k]) for k in a)
 
-    # shrink: the 2-rank run's step-9 checkpoint continues on one process
+    # shrink: the 2-rank run's step-15 checkpoint continues on one process
     shutil.copytree(full, shrunk)
-    shutil.rmtree(shrunk / "ckpt" / "step_0000012")
+    shutil.rmtree(shrunk / "ckpt" / "step_0000018")
     shutil.rmtree(shrunk / "final")
     r = subprocess.run(_launch(1, *args[:-4], "--out", str(shrunk), "--resume"), env=_env(),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     got = _losses(shrunk)
-    assert sorted(got) == list(range(1, 13))
-    for step in (10, 11, 12):  # the same rows in the same order, on one process now
+    assert sorted(got) == list(range(1, 19))
+    for step in (16, 17, 18):  # the same rows in the same order, on one process now
         assert got[step] == pytest.approx(want[step], rel=1e-5), (step, got[step], want[step])
     c = _weights(shrunk)
     # AdamW divides by sqrt(v): a ~1e-7 gradient difference on a near-zero gradient moves a weight
