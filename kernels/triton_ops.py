@@ -626,11 +626,10 @@ def gmm_gu(x, wg_EDF, wu_EDF, tm, n_tiles, block_m, n_rows, idx=None, div=1, sav
     return g, u, h
 
 
-_DH_GPU = [
-    dict(BLOCK_K=64, w=4, s=4),
-    dict(BLOCK_K=64, w=8, s=4),
-    dict(BLOCK_K=128, w=4, s=3),
+_DH_GPU = [  # 8 warps: with 4 the epilogue spills (kernels/sass_report.py: ~500 local loads vs ~25)
     dict(BLOCK_K=128, w=8, s=3),
+    dict(BLOCK_K=64, w=8, s=4),
+    dict(BLOCK_K=64, w=8, s=3),
 ]
 _DH_INT = dict(BLOCK_K=32)
 

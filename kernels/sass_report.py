@@ -1,0 +1,95 @@
+"""Compile the grouped-GEMM kernels for Hopper (sm_90) on a machine without a GPU and count
+what matters in the machine code: wgmma (HGMMA), async copies (LDGSTS), local-memory
+spills (LDL/STL), shared memory. Costs no device time.
+
+    python -m kernels.sass_report
+
+Pointer arguments are assumed 16-byte aligned and unit strides specialised, as Triton
+does at run time for contiguous tensors. Uses the ptxas/cuobjdump bundled with Triton.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+MNEMONICS = ("HGMMA", "HMMA", "LDGSTS", "LDL", "STL")
+
+
+def _compile(fn, types: dict, consts: dict, warps: int, stages: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.autotuner import Autotuner
+
+    if isinstance(fn, Autotuner):
+        fn = fn.fn
+    sig, attrs = {}, {}
+    for i, n in enumerate(fn.arg_names):
+        sig[n] = "constexpr" if n in consts else types.get(n, "i32")
+        if sig[n].startswith("*") or (sig[n] == "i32" and (n.startswith("stride") or n in ("N", "Kd", "F", "D", "M"))):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(k.asm["cubin"])
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+    out = {m: len(re.findall(rf"\b{m}\b", sass)) for m in MNEMONICS}
+    out["shared"] = k.metadata.shared
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("error: unset TRITON_INTERPRET (this compiles for the GPU)", file=sys.stderr)
+        return 2
+    try:
+        from kernels import triton_ops as ops
+    except ImportError as exc:
+        print(f"error: triton is not installed: {exc}", file=sys.stderr)
+        return 2
+    B, I64, I32, F32 = "*bf16", "*i64", "*i32", "*fp32"
+    common = dict(ACC64=False, PREC=None)
+    gmm_t = dict(a_ptr=B, a2_ptr=B, idx_ptr=I64, b_ptr=B, b2_ptr=B, c_ptr=B, tm_ptr=I32)
+    gu_t = dict(x_ptr=B, idx_ptr=I64, wg_ptr=B, wu_ptr=B, g_ptr=B, u_ptr=B, h_ptr=B, tm_ptr=I32)
+    dh_t = dict(dout_ptr=B, idx_ptr=I64, sw_ptr=F32, wd_ptr=B, g_ptr=B, u_ptr=B, dg_ptr=B, du_ptr=B, dwp_ptr=F32,
+                hs_ptr=B, tm_ptr=I32)  # fmt: skip
+    dw_t = dict(a_ptr=B, aidx_ptr=I64, u_ptr=B, b_ptr=B, b2_ptr=B, bidx_ptr=I64, bs_ptr=F32, c_ptr=B, c2_ptr=B,
+                offs_ptr=I64)  # fmt: skip
+    cases = [
+        ("fwd gate/up+SwiGLU 128x128x64", ops._gmm_gu_kernel, gu_t,
+         dict(stride_wn=1, GATHER=True, SAVE_GU=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3),
+        ("fwd down 128x256x64", ops._gmm_kernel, gmm_t,
+         dict(stride_ak=1, stride_bn=1, DIV=1, GATHER=False, DUAL=False, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64), 8, 3),
+        ("bwd dX dual 128x128x64", ops._gmm_kernel, gmm_t,
+         dict(stride_ak=1, stride_bk=1, DIV=1, GATHER=False, DUAL=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3),
+        ("bwd dH 128x128x128 (run 1)", ops._gmm_dh_kernel, dh_t,
+         dict(stride_wd=1, WRITE_HS=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128), 8, 3),
+        ("bwd dH 128x64x128", ops._gmm_dh_kernel, dh_t,
+         dict(stride_wd=1, WRITE_HS=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=128), 8, 3),
+        ("bwd dH 128x64x64 4 warps", ops._gmm_dh_kernel, dh_t,
+         dict(stride_wd=1, WRITE_HS=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64), 4, 4),
+        ("bwd dW_gate+up 128x128x64", ops._gmm_dw_kernel, dw_t,
+         dict(A_MODE=1, B_MODE=0, HAS_BS=False, DUAL=True, A_T=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3),
+        ("bwd dW_down 128x128x64", ops._gmm_dw_kernel, dw_t,
+         dict(A_MODE=0, B_MODE=1, HAS_BS=False, DUAL=False, A_T=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3),
+    ]  # fmt: skip
+    print(f"{'kernel':34s} warps stages " + " ".join(f"{m:>6s}" for m in MNEMONICS) + "  shared")
+    for name, fn, types, consts, w, s in cases:
+        try:
+            r = _compile(fn, types, {**common, **consts}, w, s)
+        except Exception as exc:  # report and go on
+            print(f"{name:34s} FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+            continue
+        print(f"{name:34s} {w:5d} {s:6d} " + " ".join(f"{r[m]:6d}" for m in MNEMONICS) + f"  {r['shared']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
