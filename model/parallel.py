@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -287,6 +288,10 @@ def init_from_env(args) -> DistContext:
         _CTX = DistContext(restart=restart, dims=ParallelDims(1, 1, 1))
         return _CTX
     dims = dims.resolve(world)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if dims.ep > 1 and local_world % dims.ep and rank == 0:
+        print(f"moecoder train: note: --ep {dims.ep} does not divide the {local_world} processes per node, "
+              "so some EP groups span nodes (their all-to-all leaves NVLink)", file=sys.stderr)
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     if cuda:
         if not torch.cuda.is_available():
