@@ -13,7 +13,7 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 PY=python3
 mkdir -p "$WORK" "$OUT"
 TOK=model/weights/tokenizer.model
-ROOTS=$($PY -c "import site,sysconfig; print(' '.join([*site.getsitepackages(), sysconfig.get_paths()['stdlib']]))")
+ROOTS=$($PY -c "import os,site,sysconfig; print(' '.join(p for p in [*site.getsitepackages(), sysconfig.get_paths()['stdlib']] if os.path.isdir(p)))")
 if [ ! -f "$WORK/packed/meta.json" ]; then
   echo "== corpus over $ROOTS"; date
   $PY -m assistant.cli data corpus $ROOTS --out "$WORK/corpus" --eval-dir .carry/eval --workers 16 -q 2>&1 | tail -40
@@ -24,9 +24,9 @@ if [ ! -f "$WORK/packed/meta.json" ]; then
       --max-functions ${MAX_FUNCTIONS:-120000} --eval-dir .carry/eval 2>&1 | tail -8
   date
 fi
-cp "$WORK/corpus/report.json" "$OUT/corpus_report.json" 2>/dev/null || true
-cp "$WORK/packed/meta.json" "$OUT/packed_meta.json" 2>/dev/null || true
-cp "$WORK/tasks/meta.json" "$OUT/tasks_meta.json" 2>/dev/null || true
+[ -n "${COPY_REPORTS:-}" ] && cp "$WORK/corpus/report.json" "$OUT/corpus_report.json" 2>/dev/null || true
+[ -n "${COPY_REPORTS:-}" ] && cp "$WORK/packed/meta.json" "$OUT/packed_meta.json" 2>/dev/null || true
+[ -n "${COPY_REPORTS:-}" ] && cp "$WORK/tasks/meta.json" "$OUT/tasks_meta.json" 2>/dev/null || true
 MINUTES=$(python3 -c "print(round(max(0.5, ($BUDGET_S - ($(date +%s) - $START) - 80) / 60), 2))")
 echo "== train for $MINUTES minutes"; date
 RUN=${RUN:-$WORK/run}
@@ -36,7 +36,7 @@ $PY -m assistant.cli train --preset small --device cuda --data "$WORK/packed" --
    --max-steps ${MAX_STEPS:-2400} --warmup-steps 150 --eval-every 200 --eval-tokens 524288 --log-every 25 \
    "$@" 2>&1 | tr '\r' '\n' | grep -v "^\s*$" | tail -80 || true
 WORK_RUN=$RUN
-cp "$RUN/metrics.jsonl" "$RUN/train.log" "$RUN/best_info.json" "$OUT/" 2>/dev/null || true
+cp "$RUN/metrics.jsonl" "$OUT/${METRICS_NAME:-metrics.jsonl}" 2>/dev/null || true
 if [ -d "$RUN/best" ] && [ -z "${NO_BEST:-}" ]; then
   # the best-by-validation model, stored int8 (<= 40 MiB), split into <= 15 MB parts for the trip back
   rm -rf "$WORK/ship"
@@ -46,7 +46,7 @@ m = load_model('$RUN/best')
 export(m.model, m.config, '$RUN/best/tokenizer.model', '$WORK/ship', int8=True)
 "
   mkdir -p "$OUT/ship"
-  for f in "$WORK/ship"/*; do
+  for f in "$WORK/ship"/model.safetensors "$WORK/ship"/config.json; do
     if [ $(stat -c %s "$f") -gt 15000000 ]; then split -b 15000000 -d "$f" "$OUT/ship/$(basename "$f").part"; else cp "$f" "$OUT/ship/"; fi
   done
 fi
