@@ -2,11 +2,14 @@
 
 Starts the real server over stdio (``python -m assistant.cli lsp``) with the given model
 (default: the shipped one), opens real Python files (stdlib modules), and times a
-``textDocument/completion`` request at N cursor positions chosen mid-line, where code
-follows the cursor on its line, so the assistant asks for a single-line completion. The
-time is the client's: request sent -> response parsed, the full editor path. Prints
-p50/p95 plus machine, versions and date; ``--json FILE`` also writes the numbers.
-Diagnostics are switched off during the run so only completion work is measured.
+``textDocument/completion`` request at N cursor positions chosen mid-line in a statement,
+where the assistant asks for a single-line completion. By default (``--mode typed``) each
+line is first cut at the cursor with a ``didChange``, as if the user were typing it, and
+the rest of the original line is the expected answer (exact-match rate reported);
+``--mode inplace`` asks in the unchanged file (code follows the cursor). The time is the
+client's: request sent -> response parsed, the full editor path. Prints p50/p95 plus
+machine, versions and date; ``--json FILE`` also writes the numbers. Diagnostics are
+switched off during the run so only completion work is measured.
 """
 
 from __future__ import annotations
@@ -89,8 +92,16 @@ def machine() -> dict:
             "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg())}
 
 
+def typed_text(text: str, line: int, col: int) -> tuple[str, str]:
+    """The file with ``line`` cut at ``col`` (the user is typing it) and the cut-off rest."""
+    lines = text.split("\n")
+    rest = lines[line][col:]
+    lines[line] = lines[line][:col]
+    return "\n".join(lines), rest
+
+
 async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: list[Path],
-              max_line_tokens: int = 32) -> dict:
+              max_line_tokens: int = 32, context_tokens: int = 512, mode: str = "typed") -> dict:
     from lsprotocol import types
     from pygls.lsp.client import LanguageClient
 
@@ -113,31 +124,44 @@ async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: li
         completion=types.CompletionClientCapabilities(), diagnostic=types.DiagnosticClientCapabilities()))
     t0 = time.perf_counter()
     await client.initialize_async(types.InitializeParams(capabilities=caps, initialization_options={
-        "moecoder": {"maxTokens": max_tokens, "maxLineTokens": max_line_tokens,
+        "moecoder": {"maxTokens": max_tokens, "maxLineTokens": max_line_tokens, "contextTokens": context_tokens,
                      "features": {"diagnostics": False}}}))
     client.initialized(types.InitializedParams())
-    opened: set[Path] = set()
+    versions: dict[Path, int] = {}
 
-    def open_file(f: Path) -> str:
+    def open_file(f: Path, line: int, col: int) -> tuple[str, str]:
         uri = f.as_uri()
-        if f not in opened:
-            opened.add(f)
+        text = f.read_text(encoding="utf-8")
+        rest = ""
+        if mode == "typed":
+            text, rest = typed_text(text, line, col)
+        if f not in versions:
+            versions[f] = 1
             client.text_document_did_open(types.DidOpenTextDocumentParams(text_document=types.TextDocumentItem(
-                uri=uri, language_id="python", version=1, text=f.read_text(encoding="utf-8"))))
-        return uri
+                uri=uri, language_id="python", version=1, text=text)))
+        elif mode == "typed":
+            versions[f] += 1
+            client.text_document_did_change(types.DidChangeTextDocumentParams(
+                text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=versions[f]),
+                content_changes=[types.TextDocumentContentChangeWholeDocument(text=text)]))
+        return uri, rest
 
-    async def one(f: Path, line: int, col: int) -> tuple[float, int, str]:
-        uri = open_file(f)
+    async def one(f: Path, line: int, col: int) -> tuple[float, int, str, str]:
+        uri, rest = open_file(f, line, col)
         start = time.perf_counter()
         res = await client.text_document_completion_async(types.CompletionParams(
             text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(line, col)))
         dt = time.perf_counter() - start
         items = list(res.items) if res is not None else []
-        return dt, len(items), items[0].text_edit.new_text if items else ""
+        inserted = ""
+        if items:  # the text edit replaces the word before the cursor with word + completion
+            edit = items[0].text_edit
+            inserted = edit.new_text[col - edit.range.start.character:]
+        return dt, len(items), inserted, rest
 
     first = None
     for f, line, col in warm:
-        dt, _, _ = await one(f, line, col)
+        dt, _, _, _ = await one(f, line, col)
         first = first if first is not None else dt
     load_s = time.perf_counter() - t0
     if errors:
@@ -145,13 +169,14 @@ async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: li
         client.exit(None)
         await client.stop()
         raise BenchError(errors[0])
-    times, nonempty, samples = [], 0, []
+    times, nonempty, exact, samples = [], 0, 0, []
     for i, (f, line, col) in enumerate(timed):
-        dt, count, text = await one(f, line, col)
+        dt, count, text, rest = await one(f, line, col)
         times.append(dt)
         nonempty += count > 0
+        exact += mode == "typed" and bool(text.strip()) and text.rstrip() == rest.rstrip()
         if len(samples) < 5 and text:
-            samples.append({"file": f.name, "line": line, "column": col, "text": text})
+            samples.append({"file": f.name, "line": line, "column": col, "text": text, "expected": rest})
         if sys.stderr.isatty():
             print(f"\r{i + 1}/{len(timed)} requests", end="", file=sys.stderr, flush=True)
     if sys.stderr.isatty():
@@ -160,8 +185,10 @@ async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: li
     client.exit(None)
     await client.stop()
     return {
-        "model": model or "(shipped model)", "requests": len(times), "nonempty": nonempty,
-        "max_tokens": max_tokens, "max_line_tokens": max_line_tokens, "p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * percentile(times, 0.95),
+        "model": model or "(shipped model)", "mode": mode, "requests": len(times), "nonempty": nonempty,
+        "exact_match": exact if mode == "typed" else None,
+        "max_tokens": max_tokens, "max_line_tokens": max_line_tokens, "context_tokens": context_tokens,
+        "p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * percentile(times, 0.95),
         "mean_ms": 1000 * statistics.fmean(times), "max_ms": 1000 * max(times),
         "startup_and_warmup_s": load_s, "first_request_s": first, "files": [f.name for f in files],
         "samples": samples, "machine": machine(), "positions": [(str(f), ln, c) for f, ln, c in timed],
@@ -169,7 +196,7 @@ async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: li
 
 
 def engine_only(model: str | None, positions: list[tuple[str, int, int]], max_tokens: int,
-                context_tokens: int = 512) -> list[float]:
+                context_tokens: int = 512, mode: str = "typed") -> list[float]:
     """The same completions straight through ``Engine.run`` in this process (same context
     window as the server), to separate the model's time from the server's."""
     from assistant.engine import Engine
@@ -182,6 +209,8 @@ def engine_only(model: str | None, positions: list[tuple[str, int, int]], max_to
     try:
         for i, (f, line, col) in enumerate([(positions[0][0], positions[0][1], positions[0][2])] + positions):
             text = texts.setdefault(f, Path(f).read_text(encoding="utf-8"))
+            if mode == "typed":
+                text, _ = typed_text(text, line, col)
             start = time.perf_counter()
             window, wline = context_window(text, line, context_tokens, engine.count_tokens)
             engine.run(TaskRequest(task="complete", source=window, path=f, line=wline, column=col,
@@ -201,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=48, help="completion token limit (server setting maxTokens)")
     p.add_argument("--max-line-tokens", type=int, default=32,
                    help="limit where code follows the cursor (server setting maxLineTokens; all positions here)")
+    p.add_argument("--mode", choices=["typed", "inplace"], default="typed",
+                   help="typed: cut each line at the cursor first (default); inplace: the unchanged file")
+    p.add_argument("--context-tokens", type=int, default=512,
+                   help="code around the cursor in the prompt (server setting contextTokens)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--compare", action="store_true",
                    help="also time the same completions through Engine.run in-process (model time alone)")
@@ -213,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     files = stdlib_files(DEFAULT_MODULES)
     try:
-        r = asyncio.run(asyncio.wait_for(run(args.model, args.n, args.max_tokens, args.warmup, files, args.max_line_tokens), 3600))
+        r = asyncio.run(asyncio.wait_for(run(args.model, args.n, args.max_tokens, args.warmup, files, args.max_line_tokens,
+                                      args.context_tokens, args.mode), 3600))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -222,19 +256,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     m = r["machine"]
     print(f"moecoder LSP completion latency ({r['requests']} single-line requests over stdio, "
-          f"{len(r['files'])} stdlib files)")
-    print(f"  model: {r['model']}   maxTokens: {r['max_tokens']}   maxLineTokens: {r['max_line_tokens']}   non-empty results: {r['nonempty']}/{r['requests']}")
+          f"{len(r['files'])} stdlib files, mode {r['mode']})")
+    print(f"  model: {r['model']}   maxTokens: {r['max_tokens']}   maxLineTokens: {r['max_line_tokens']}   contextTokens: {r['context_tokens']}   non-empty results: {r['nonempty']}/{r['requests']}"
+          + (f"   exact line match: {r['exact_match']}/{r['requests']}" if r["exact_match"] is not None else ""))
     print(f"  p50 {r['p50_ms']:.0f} ms   p95 {r['p95_ms']:.0f} ms   mean {r['mean_ms']:.0f} ms   "
           f"max {r['max_ms']:.0f} ms   (start + {args.warmup} warm-up requests: {r['startup_and_warmup_s']:.1f} s)")
     print(f"  machine: {m['cpu']}, {m['cores']} cores; {m['platform']}; load average {m['load_average']}")
     print(f"  python {m['python']}, torch {m['torch']}, pygls {m['pygls']}; {m['date']}")
     if args.compare:
-        t = engine_only(args.model, r["positions"], min(args.max_tokens, args.max_line_tokens))
+        cap = args.max_tokens if args.mode == "typed" else min(args.max_tokens, args.max_line_tokens)
+        t = engine_only(args.model, r["positions"], cap, args.context_tokens, args.mode)
         r["engine_p50_ms"], r["engine_p95_ms"] = 1000 * statistics.median(t), 1000 * percentile(t, 0.95)
         print(f"  the same through Engine.run in this process (no server, no JSON-RPC): "
               f"p50 {r['engine_p50_ms']:.0f} ms   p95 {r['engine_p95_ms']:.0f} ms")
     for s in r["samples"][:3]:
-        print(f"  e.g. {s['file']}:{s['line'] + 1}:{s['column']} -> {s['text']!r}")
+        print(f"  e.g. {s['file']}:{s['line'] + 1}:{s['column']} -> {s['text']!r}"
+              + (f" (file: {s['expected']!r})" if r["mode"] == "typed" else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2), encoding="utf-8")
     return 0
