@@ -475,9 +475,7 @@ def plan(experts_TK, num_experts: int, block_m: int):
 _GMM_GPU = [
     dict(BLOCK_N=128, BLOCK_K=64, w=8, s=3),
     dict(BLOCK_N=64, BLOCK_K=64, w=4, s=4),
-    dict(BLOCK_N=128, BLOCK_K=64, w=4, s=4),
     dict(BLOCK_N=256, BLOCK_K=64, w=8, s=3),
-    dict(BLOCK_N=128, BLOCK_K=32, w=8, s=4),
     dict(BLOCK_N=32, BLOCK_K=128, w=4, s=4),  # decode: more programs streaming weights
 ]
 _GMM_INT = dict(BLOCK_N=32, BLOCK_K=32)
@@ -714,12 +712,8 @@ def gmm_dh(dout, idx, div, sw_flat, wd_EFD, g, u, tm, n_tiles, block_m, write_hs
 _DW_GPU = [
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, w=8, s=3),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, w=4, s=4),
-    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, w=4, s=4),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, w=8, s=4),
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, w=8, s=3),
-    dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, w=8, s=3),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, w=8, s=2),
-    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=32, w=8, s=4),
 ]
 _DW_INT = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16)
 
