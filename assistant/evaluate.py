@@ -153,7 +153,9 @@ class Predictor(Protocol):
     """What a suite asks of a model. ``None`` in a result means the prompt did not fit the context."""
 
     def complete(self, prompts: list[str], stops: Sequence[str], max_new_tokens: int) -> list[str | None]: ...
-    def fim(self, pairs: list[tuple[str, str]], max_new_tokens: int) -> list[str | None]: ...
+    def fim(
+        self, pairs: list[tuple[str, str]], max_new_tokens: int, spm: bool = False
+    ) -> list[str | None]: ...
     def task(self, task: str, codes: list[str], max_new_tokens: int) -> list[tuple[str, str] | None]: ...
 
 
@@ -192,9 +194,9 @@ class ModelPredictor:
         ids = [[self.tok.eos_id, *self.tok.encode(p)] for p in prompts]
         return [None if r is None else r.text for r in self._generate(ids, max_new_tokens, stops)]
 
-    def fim(self, pairs, max_new_tokens):
+    def fim(self, pairs, max_new_tokens, spm=False):
         stop_ids = [self.tok.special_id(n) for n in ("fim_prefix", "fim_suffix", "fim_middle", "file_sep")]
-        ids = [fim_prompt(self.tok, p, s) for p, s in pairs]
+        ids = [fim_prompt(self.tok, p, s, spm=spm) for p, s in pairs]
         return [None if r is None else r.text for r in self._generate(ids, max_new_tokens, ("\n",), stop_ids)]
 
     def task(self, task, codes, max_new_tokens):
@@ -430,13 +432,28 @@ def suite_fim(ctx: Context) -> dict:
     ctx_len = ctx.extra.get("ctx_len", 2048)
     sources, where = heldout_sources(ctx.data, max(ctx.n("fim"), 1), ctx.seed, ctx.tokenizer)
     items = fim_items(sources, ctx.n("fim"), ctx.seed, ctx.tokenizer, ctx_len, 64)
-    preds = ctx.predictor.fim([(it["prefix"], it["suffix"]) for it in items], 64)
-    scored = [(it, p) for it, p in zip(items, preds) if p is not None]
-    em = [exact_match(p, it["middle"]) for it, p in scored]
-    es = [edit_similarity(p, it["middle"]) for it, p in scored]
-    n = len(scored)
-    return {"exact_match": sum(em) / n if n else 0.0, "edit_similarity": sum(es) / n if n else 0.0,
-            "n": n, "skipped": len(items) - n, "source": where}  # fmt: skip
+    out: dict = {"source": where}
+    for order in _fim_orders(ctx):
+        preds = ctx.predictor.fim([(it["prefix"], it["suffix"]) for it in items], 64, spm=order == "spm")
+        scored = [(it, p) for it, p in zip(items, preds) if p is not None]
+        em = [exact_match(p, it["middle"]) for it, p in scored]
+        es = [edit_similarity(p, it["middle"]) for it, p in scored]
+        n = len(scored)
+        sfx = "_spm" if order == "spm" else ""
+        out.update(
+            {
+                f"exact_match{sfx}": sum(em) / n if n else 0.0,
+                f"edit_similarity{sfx}": sum(es) / n if n else 0.0,
+            }
+        )
+        out.setdefault("n", n)
+        out.setdefault("skipped", len(items) - n)
+    return out
+
+
+def _fim_orders(ctx: Context) -> tuple[str, ...]:
+    """PSM (what the assistant sends) first, then SPM; ``ctx.extra["fim_orders"]`` narrows it."""
+    return tuple(ctx.extra.get("fim_orders", ("psm", "spm")))
 
 
 # --------------------------------------------------------------------------- mbpp
@@ -532,19 +549,25 @@ def mbpp_infill_items(tasks: list[dict], seed: int) -> list[dict]:
 def suite_mbpp_infill(ctx: Context) -> dict:
     tasks = load_mbpp(_eval_dir(ctx.eval_dir))[: ctx.n("mbpp-infill")]
     items = mbpp_infill_items(tasks, ctx.seed)
-    preds = ctx.predictor.fim([(it["prefix"], it["suffix"]) for it in items], 64)
-    scored = [(it, p) for it, p in zip(items, preds) if p is not None]
-    em = [exact_match(p, it["middle"]) for it, p in scored]
 
     def check(ip):
         it, p = ip
         code = it["prefix"] + p.rstrip("\n") + "\n" + it["suffix"]
         return _run_tests(mbpp_program(it["task"], code), ctx.timeout)
 
-    passed = _run_parallel(check, scored, ctx.jobs, _tests_progress(ctx, "mbpp-infill"))
-    n = len(scored)
-    return {"exact_match": sum(em) / n if n else 0.0, "pass": sum(passed) / n if n else 0.0,
-            "passed": sum(passed), "n": n, "skipped": len(items) - n}  # fmt: skip
+    out: dict = {}
+    for order in _fim_orders(ctx):
+        preds = ctx.predictor.fim([(it["prefix"], it["suffix"]) for it in items], 64, spm=order == "spm")
+        scored = [(it, p) for it, p in zip(items, preds) if p is not None]
+        em = [exact_match(p, it["middle"]) for it, p in scored]
+        passed = _run_parallel(check, scored, ctx.jobs, _tests_progress(ctx, f"mbpp-infill {order}"))
+        n = len(scored)
+        sfx = "_spm" if order == "spm" else ""
+        out.update({f"exact_match{sfx}": sum(em) / n if n else 0.0, f"pass{sfx}": sum(passed) / n if n else 0.0,
+                    f"passed{sfx}": sum(passed)})  # fmt: skip
+        out.setdefault("n", n)
+        out.setdefault("skipped", len(items) - n)
+    return out
 
 
 # --------------------------------------------------------------------------- quixbugs
@@ -749,9 +772,9 @@ SUITE_FUNCS: dict[str, Callable[[Context], dict]] = {
 
 HEADLINE = {
     "bpb": ["bits_per_byte"],
-    "fim": ["exact_match", "edit_similarity"],
+    "fim": ["exact_match", "edit_similarity", "exact_match_spm", "edit_similarity_spm"],
     "mbpp": ["pass@1"],
-    "mbpp-infill": ["exact_match", "pass"],
+    "mbpp-infill": ["exact_match", "pass", "exact_match_spm", "pass_spm"],
     "quixbugs": ["localisation_top1", "repair_pass"],
     "bugs": ["precision", "recall", "false_alarm_rate", "fix_exact"],
     "docstrings": ["rouge_l_f1"],
@@ -790,7 +813,7 @@ def print_table(report: dict, file=None) -> None:
         if "error" in res:
             table.add_row(suite, "error", res["error"], "", "")
             continue
-        for k, metric in enumerate(HEADLINE.get(suite, [])):
+        for k, metric in enumerate(m for m in HEADLINE.get(suite, []) if m in res):
             v = res.get(metric)
             text = f"{v:.4f}" if isinstance(v, float) else str(v)
             table.add_row(suite if k == 0 else "", metric, text, str(res.get("n", "")) if k == 0 else "",
@@ -824,6 +847,8 @@ def _parser() -> argparse.ArgumentParser:
         "--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel sandboxed test runs"
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--fim-order", choices=["psm", "spm", "both"], default="both",
+                   help="FIM prompt order(s) for fim and mbpp-infill (PSM is what the assistant sends)")  # fmt: skip
     return p
 
 
@@ -893,7 +918,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(predictor=predictor, limit=args.limit, seed=args.seed, data=args.data, task_data=args.task_data,
                   eval_dir=Path(args.eval_dir) if args.eval_dir else None, tokenizer=loaded.tokenizer,
                   jobs=args.jobs, timeout=args.timeout, max_new_tokens=args.max_new_tokens, progress=progress,
-                  extra={"ctx_len": int(loaded.config.max_seq_len)})  # fmt: skip
+                  extra={"ctx_len": int(loaded.config.max_seq_len),
+                         "fim_orders": ("psm", "spm") if args.fim_order == "both" else (args.fim_order,)})  # fmt: skip
     t0 = time.monotonic()
     try:
         report = run_suites(ctx, suites, model=loaded.model, progress_cb=progress)

@@ -27,7 +27,7 @@ class Oracle:
     def complete(self, prompts, stops, max_new_tokens):
         return [self.table[p] for p in prompts]
 
-    def fim(self, pairs, max_new_tokens):
+    def fim(self, pairs, max_new_tokens, spm=False):
         return [self.table[p] for p in pairs]
 
     def task(self, task, codes, max_new_tokens):

@@ -63,7 +63,7 @@ class Oracle:
     def complete(self, prompts, stops, max_new_tokens):
         return [self._get(p) for p in prompts]
 
-    def fim(self, pairs, max_new_tokens):
+    def fim(self, pairs, max_new_tokens, spm=False):
         return [self._get(p) for p in pairs]
 
     def task(self, task, codes, max_new_tokens):
@@ -92,9 +92,11 @@ def test_mbpp_infill_perfect_and_wrong():
     ctx = E.Context(predictor=Oracle(table), limit=6, eval_dir=EVAL, jobs=2)
     r = E.suite_mbpp_infill(ctx)
     assert r["exact_match"] == 1.0 and r["pass"] == 1.0 and r["n"] == len(items) == 6
+    assert r["exact_match_spm"] == 1.0 and r["pass_spm"] == 1.0
     ctx.predictor = Oracle(table, wrong=lambda k: "    )(")
+    ctx.extra["fim_orders"] = ("psm",)
     r = E.suite_mbpp_infill(ctx)
-    assert r["exact_match"] == 0.0 and r["pass"] == 0.0
+    assert r["exact_match"] == 0.0 and r["pass"] == 0.0 and "pass_spm" not in r
 
 
 @needs_eval
@@ -174,6 +176,7 @@ def test_fim_items_are_deterministic_and_perfect_scores_one():
     ctx.data = None
     r = E.suite_fim(ctx)
     assert r["exact_match"] == 1.0 and r["edit_similarity"] == 1.0
+    assert r["exact_match_spm"] == 1.0 and r["edit_similarity_spm"] == 1.0
     ctx.predictor = Oracle(table, wrong=lambda k: "")
     r = E.suite_fim(ctx)
     assert r["exact_match"] == 0.0 and r["edit_similarity"] == 0.0
