@@ -1,6 +1,7 @@
 """Benchmarks of the assistant: context-manager time and review throughput.
 
     python -m assistant.bench [--model DIR] [--lines 10000] [--jobs 4] [--max-tokens N] [--skip-review]
+                              [--random-preset small] [--calibration N [--seed S]]
 
 Prints the machine, versions and date, then
 
@@ -157,6 +158,62 @@ def bench_review(model_dir: Path, label: str, jobs: int, max_tokens: int | None)
     return {"functions": n, "seconds": dt, "rate": rate, "tokens": generated[0]}
 
 
+def bench_calibration(n: int, seed: int, jobs: int, model_dir: Path | None) -> None:
+    """Debug hints on held-out code: this repository's own functions (the model never saw
+    them), ``n`` untouched and ``n`` with one injected bug (``model.data.tasks.mutate``)."""
+    import random
+
+    from assistant.engine import Engine
+    from assistant.tasks import TaskRequest, iter_batch
+    from model.data.tasks import extract_functions, mutate
+
+    rng = random.Random(seed)
+    files = [f for d in ("assistant", "lsp", "tui", "kernels") for f in sorted((ROOT / d).glob("*.py"))]
+    funcs = [fn for f in files for fn in extract_functions(f.read_text(encoding="utf-8"), str(f))
+             if 4 <= fn.code.count("\n") <= 25]
+    rng.shuffle(funcs)
+    items: list[tuple[str, int | None]] = []
+    it = iter(funcs)
+    for fn in it:
+        if len(items) >= n:
+            break
+        items.append((fn.code, None))
+    for fn in it:
+        if len(items) >= 2 * n:
+            break
+        m = mutate(fn.code, rng)
+        if m is not None:
+            items.append((m.code, m.line))
+    engine = Engine(str(model_dir) if model_dir else None)
+    reqs = [TaskRequest("debug", code, line=0) for code, _ in items]
+    rows: list[tuple[bool, bool, bool, float]] = [(False, False, False, 0.0)] * len(reqs)
+    t0 = time.perf_counter()
+    for i, res in iter_batch(engine, reqs, batch_size=jobs):
+        hint = res.hints[0] if getattr(res, "hints", None) else None
+        bug_line = items[i][1]
+        rows[i] = (bug_line is not None, hint is not None,
+                   hint is not None and bug_line is not None and hint.line + 1 == bug_line,
+                   hint.confidence if hint else 0.0)
+    dt = time.perf_counter() - t0
+    engine.close()
+    n_clean = sum(1 for r in rows if not r[0])
+    n_bug = len(rows) - n_clean
+    print(f"calibration [{_display(model_dir) if model_dir else 'shipped model'}]: {n_clean} clean + {n_bug} "
+          f"buggy held-out functions (seed {seed}) in {dt:.0f} s")
+    for t in (0.0, 0.3, 0.4, 0.5, 0.55, 0.6):
+        cf = sum(1 for b, f, _, c in rows if not b and f and c >= t) / max(1, n_clean)
+        bf = sum(1 for b, f, _, c in rows if b and f and c >= t) / max(1, n_bug)
+        br = sum(1 for b, _, r, c in rows if r and c >= t) / max(1, n_bug)
+        print(f"  --min-confidence {t:.2f}: clean flagged {cf:4.0%} | buggy flagged {bf:4.0%}, "
+              f"on the injected line {br:4.0%}")
+    pos = [c for b, f, r, c in rows if r]
+    neg = [c for b, f, r, c in rows if not b and f]
+    if pos and neg:
+        auc = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg) / (len(pos) * len(neg))
+        print(f"  confidence AUC, right-line hints vs hints on clean code: {auc:.2f} "
+              f"({len(pos)} vs {len(neg)})")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m assistant.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", metavar="DIR", help="the model to benchmark besides the tiny one (default: shipped)")
@@ -165,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--skip-review", action="store_true")
+    p.add_argument("--calibration", type=int, metavar="N", default=0,
+                   help="debug-hint calibration of the shipped (or --model) model on N clean + N buggy "
+                        "held-out functions")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--random-preset", metavar="NAME",
                    help="also time review with a randomly initialised model of this preset (e.g. small, the "
                         "shipped architecture) and the shipped tokenizer: the worst case, every answer runs "
@@ -192,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         stok = Tokenizer.load(tok_dir)
         bench_context(stok, args.lines, args.budget or 2048 - 64,
                       f"{_display(tok_dir)} tokenizer, vocab {stok.vocab_size}")
+    if args.calibration:
+        if shipped is None:
+            print("calibration: needs a trained model (model/weights/ or --model DIR)")
+        else:
+            bench_calibration(args.calibration, args.seed, args.jobs, shipped if args.model else None)
     if args.skip_review:
         return 0
     import dataclasses

@@ -613,12 +613,50 @@ def parse_debug_answer(text: str) -> tuple[bool, int | None, str, str | None]:
     return True, f.line, f.hint, f.fix
 
 
+_CODE_TOKEN = re.compile(r"[A-Za-z_]\w*|\d+(?:\.\d*)?|==|!=|<=|>=|//|\*\*|->|[-+*/%<>=!&|^~@]=?|\S")
+
+
+def _code_tokens(text: str) -> list[str]:
+    return _CODE_TOKEN.findall(text)
+
+
+def _mentions(line: str, snippet: str) -> bool:
+    """Whether ``snippet`` occurs in ``line`` as whole code tokens (``<`` is not in ``<=``)."""
+    want, have = _code_tokens(snippet), _code_tokens(line)
+    if not want:
+        return True
+    k = len(want)
+    return any(have[i:i + k] == want for i in range(len(have) - k + 1))
+
+
+FIX_MIN_SIMILARITY = 0.6  # a fix is a small edit of its line (one token, in training)
+
+
 def make_debug_result(engine: Any, req: TaskRequest, name: str, first: int, code_lines: list[str],
                       src_lines: list[str], gen: Generated) -> DebugResult:
+    """The hint from a debug answer, checked against the code and calibrated.
+
+    Consistency checks catch a small model's slips: the first code it quotes in the hint
+    (```x``` ...) must be on the flagged line — if it is on a line nearby (within 3), the
+    hint moves there, otherwise its confidence is halved; a fix that is not a small edit of
+    the line (similarity < 0.6) is dropped (confidence x0.8), and a "fix" equal to the line
+    is dropped (confidence x0.5).
+    """
+    import difflib
+
     reasoning = gen.reasoning.strip()
     ok, n, hint, fix = parse_debug_answer(gen.answer)
     if not ok or n is None or not 1 <= n <= len(code_lines) or not hint:
         return DebugResult(hints=[], reasoning=reasoning)
+    factor = 1.0
+    quoted = re.findall(r"`([^`]+)`", hint)
+    if quoted and not _mentions(code_lines[n - 1], quoted[0]):
+        near = [k for k in range(max(1, n - 3), min(len(code_lines), n + 3) + 1)
+                if _mentions(code_lines[k - 1], quoted[0])]
+        if near:
+            n = min(near, key=lambda k: (abs(k - n), k))
+        else:
+            factor *= 0.5
     surprisal = line_surprisal(engine, code_lines)
     nonblank = [s for s, ln in zip(surprisal, code_lines) if ln.strip()]
     mine = surprisal[n - 1]
@@ -632,10 +670,13 @@ def make_debug_result(engine: Any, req: TaskRequest, name: str, first: int, code
     original = src_lines[line] if 0 <= line < len(src_lines) else ""
     full_fix = None
     if fix is not None and fix.strip():
-        full_fix = original[: _indent_of(original)] + fix.strip()
-        if full_fix.strip() == original.strip():
-            full_fix = None
-            conf = round(conf * 0.5, 3)
+        if fix.strip() == original.strip():
+            factor *= 0.5
+        elif difflib.SequenceMatcher(None, original.strip(), fix.strip()).ratio() < FIX_MIN_SIMILARITY:
+            factor *= 0.8
+        else:
+            full_fix = original[: _indent_of(original)] + fix.strip()
+    conf = round(max(0.01, conf * factor), 3)
     return DebugResult(hints=[Hint(req.path, name, line, hint, full_fix, conf, reasoning)], reasoning=reasoning)
 
 

@@ -52,6 +52,9 @@ def fake_engine(tiny_tokenizer):
 
 
 def run(argv, engine, capsys):
+    """main() with every hint kept (``--min-confidence 0``) unless the test sets a threshold."""
+    if argv and "--min-confidence" not in argv:
+        argv = [*argv, "--min-confidence", "0"]
     code = main(argv, engine=engine)
     cap = capsys.readouterr()
     return code, cap.out, cap.err
@@ -275,7 +278,7 @@ def test_tiny_model_end_to_end_sarif(tiny_model_dir, capsys, tmp_path):
     validator = _sarif_validator()
     out_file = tmp_path / "tiny.sarif"
     code = main([str(EXAMPLES), "--model", str(tiny_model_dir), "--format", "sarif", "--output", str(out_file),
-                 "--max-tokens", "6", "--jobs", "8"])
+                 "--max-tokens", "6", "--jobs", "8", "--min-confidence", "0"])
     assert code in (0, 1)
     sarif = json.loads(out_file.read_text())
     assert not list(validator.iter_errors(sarif))
@@ -325,7 +328,7 @@ def test_sigint_midway_exits_130_with_partial_results(tiny_tokenizer_path, tmp_p
     out_file = tmp_path / "partial.json"
     proc = subprocess.Popen(
         [sys.executable, "-c", SIGINT_SCRIPT, str(Path(__file__).parent), str(tiny_tokenizer_path), str(marker),
-         str(EXAMPLES), "--jobs", "2", "--format", "json", "--output", str(out_file)],
+         str(EXAMPLES), "--jobs", "2", "--format", "json", "--output", str(out_file), "--min-confidence", "0"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(6000):  # wait (up to minutes on a loaded box) until the second batch is running
@@ -343,3 +346,19 @@ def test_sigint_midway_exits_130_with_partial_results(tiny_tokenizer_path, tmp_p
     assert marker.read_text() == "cancelled"  # the running batch saw the cancel
     rep = Report.from_json(out_file.read_text())
     assert rep.interrupted and len(rep.findings) >= 1
+
+
+def test_default_min_confidence_drops_weak_hints(fake_engine, capsys, tmp_path, monkeypatch):
+    _, out, _ = run([str(EXAMPLES), "--format", "json", "--min-confidence", "0"], fake_engine, capsys)
+    weak = [f for f in Report.from_json(out).findings if f.rule == "MC001" and f.confidence < 0.55]
+    assert weak  # the scripted answers are lukewarm
+    code = main([str(EXAMPLES), "--format", "json"], engine=fake_engine)
+    kept = Report.from_json(capsys.readouterr().out).findings
+    assert all(f.confidence >= 0.55 for f in kept if f.rule == "MC001")
+    assert not any(f.line == w.line and f.path == w.path for w in weak for f in kept if f.rule == "MC001")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[review]\nmin_confidence = 0.0\n")
+    monkeypatch.setenv("MOECODER_CONFIG", str(cfg))
+    main([str(EXAMPLES), "--format", "json"], engine=fake_engine)
+    assert len(Report.from_json(capsys.readouterr().out).findings) > len(kept)
+    assert code in (0, 1)
