@@ -7,11 +7,13 @@ the resolve step returns a code action whose edit (if any) inserts at the right 
 
 from __future__ import annotations
 
+import pytest
 import pytest_lsp
 from lsprotocol import types
 from pytest_lsp import ClientServerConfig, LanguageClient
 
 from tests.lsp_support import (
+    ROOT,
     SERVER_CMD,
     apply_edits,
     capabilities,
@@ -109,3 +111,33 @@ async def test_a_missing_model_is_reported_once_and_requests_stay_empty(real_cli
     errors = [m for m in client.messages if m.type == types.MessageType.Error]
     assert len(errors) == 1 and "could not load the model" in errors[0].message
     assert "\n" not in errors[0].message
+
+
+SHIPPED = ROOT / "model" / "weights" / "model.safetensors"
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="no shipped model in model/weights/")
+async def test_shipped_model_completes_lines_being_typed(real_client: LanguageClient, tmp_path):
+    """The default model (no modelPath): lines cut where a user is typing get a one-line
+    completion anchored at the cursor. (At least one of three: the model, not the server,
+    decides what to write.)"""
+    client = real_client
+    await client.initialize_session(types.InitializeParams(capabilities=capabilities(),
+                                                           initialization_options={"diagnosticsDelay": 60}))
+    cases = [("        lines = read_lines", 11), ("    for name in argv", 10), ("    with open(", 5)]
+    body = ("import os\nimport sys\n\n\ndef read_lines(path):\n    with open(path) as f:\n"
+            "        return f.read().splitlines()\n\n\ndef main(argv):\n    for name in argv:\n"
+            "        lines = read_lines(\n")
+    got = []
+    for i, (typed, line) in enumerate(cases):
+        lines = body.split("\n")
+        lines[line] = typed
+        text = "\n".join(lines)
+        uri = uri_for(tmp_path, f"t{i}.py", text)
+        open_doc(client, uri, text)
+        res = await complete(client, uri, line, len(typed))
+        for item in res.items:
+            assert item.text_edit.range.end == types.Position(line, len(typed))
+            assert "\n" not in item.text_edit.new_text  # mid-statement: one line
+            got.append(item.text_edit.new_text)
+    assert got, "the shipped model completed none of the three lines"
