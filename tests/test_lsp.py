@@ -293,7 +293,7 @@ async def test_stale_version_result_is_dropped(client: LanguageClient, tmp_path)
 
 
 async def test_newer_completion_supersedes_older(client: LanguageClient, tmp_path):
-    text = "# FAKE_DELAY=3.0 FAKE_PREFILL=2.5\nx = 1\ny = 2\n"
+    text = "# FAKE_PREFILL=2.5\nx = 1\ny = 2\n"
     uri = uri_for(tmp_path, "n.py", text)
     await init(client)
     open_doc(client, uri, text)

@@ -53,7 +53,7 @@ async def test_real_engine_on_the_tiny_model(real_client: LanguageClient, tiny_m
     client = real_client
     await client.initialize_session(types.InitializeParams(
         capabilities=capabilities(), initialization_options={"moecoder": {
-            "modelPath": str(tiny_model_dir), "maxTokens": 8, "maxTaskTokens": 24, "maxSeconds": 30, "diagnosticsDelay": 60}}))
+            "modelPath": str(tiny_model_dir), "maxTokens": 8, "maxTaskTokens": 12, "maxSeconds": 30, "diagnosticsDelay": 60}}))
     uri = uri_for(tmp_path, "geo.py", TEXT)
     open_doc(client, uri, TEXT)
 
