@@ -113,7 +113,7 @@ class Report:
 class Options:
     diff: str | None = None
     jobs: int = 4
-    min_confidence: float = 0.55
+    min_confidence: float = 0.5
     docstrings: bool = True
     max_lines: int = DEFAULT_MAX_LINES
     max_bytes: int = DEFAULT_MAX_BYTES
@@ -582,7 +582,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite --output even if it is not a moecoder report")
     p.add_argument("--jobs", "-j", type=int, default=None, metavar="N", help="prompts generated per batch (default 4)")
     p.add_argument("--min-confidence", type=float, default=None, metavar="X",
-                   help="drop debug hints below this confidence, 0..1 (default 0.55, or review.min_confidence "
+                   help="drop debug hints below this confidence, 0..1 (default 0.5, or review.min_confidence "
                         "in the config file)")
     p.add_argument("--fail-on", choices=FAIL_ON, default=None,
                    help="exit 1 when a finding at or above this level is found (default: warning)")

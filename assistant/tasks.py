@@ -630,6 +630,8 @@ def _mentions(line: str, snippet: str) -> bool:
 
 
 FIX_MIN_SIMILARITY = 0.6  # a fix is a small edit of its line (one token, in training)
+FIX_SAME_FACTOR = 0.5  # a "fix" that repeats the line: the model did not know the fix
+REANCHOR_FACTOR = 0.7  # the hint's quote is on a nearby line: the model misnumbered
 
 
 def make_debug_result(engine: Any, req: TaskRequest, name: str, first: int, code_lines: list[str],
@@ -653,8 +655,9 @@ def make_debug_result(engine: Any, req: TaskRequest, name: str, first: int, code
     if quoted and not _mentions(code_lines[n - 1], quoted[0]):
         near = [k for k in range(max(1, n - 3), min(len(code_lines), n + 3) + 1)
                 if _mentions(code_lines[k - 1], quoted[0])]
-        if near:
+        if near:  # the model misnumbered: trust the quote, but less
             n = min(near, key=lambda k: (abs(k - n), k))
+            factor *= REANCHOR_FACTOR
         else:
             factor *= 0.5
     surprisal = line_surprisal(engine, code_lines)
@@ -671,7 +674,7 @@ def make_debug_result(engine: Any, req: TaskRequest, name: str, first: int, code
     full_fix = None
     if fix is not None and fix.strip():
         if fix.strip() == original.strip():
-            factor *= 0.5
+            factor *= FIX_SAME_FACTOR
         elif difflib.SequenceMatcher(None, original.strip(), fix.strip()).ratio() < FIX_MIN_SIMILARITY:
             factor *= 0.8
         else:

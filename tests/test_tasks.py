@@ -309,3 +309,20 @@ def test_completion_prompt_is_capped_for_latency(tiny_tokenizer):
     big = "\n".join(f"value_{i} = {i} * {i}" for i in range(2000))
     eng.run(TaskRequest("complete", big, line=1000, column=0))
     assert len(backend.prompts[-1]) <= 100
+
+
+def test_debug_consistency_checks(tiny_tokenizer):
+    # the hint quotes code that is on the next line: the hint moves there
+    eng = _engine(tiny_tokenizer, {"debug": ("r", "line 2: `range(len(xs) - n + 1)` is off by one\n"
+                                                  "fix: for i in range(len(xs) - n):")})
+    h = eng.run(TaskRequest("debug", SRC, function="window")).hints[0]
+    assert h.line == 17 and h.fix == "    for i in range(len(xs) - n):"
+    # a "fix" that is not a small edit of the line is not offered
+    eng = _engine(tiny_tokenizer, {"debug": ("r", "line 3: wrong\nfix: return something_else_entirely()")})
+    assert eng.run(TaskRequest("debug", SRC, function="window")).hints[0].fix is None
+    # quoted code that is nowhere near lowers the confidence
+    plain = _engine(tiny_tokenizer, {"debug": ("r", "line 3: off by one")})
+    stray = _engine(tiny_tokenizer, {"debug": ("r", "line 3: `zzz` off by one")})
+    c_plain = plain.run(TaskRequest("debug", SRC, function="window")).hints[0].confidence
+    c_stray = stray.run(TaskRequest("debug", SRC, function="window")).hints[0].confidence
+    assert c_stray < c_plain
