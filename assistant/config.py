@@ -5,7 +5,7 @@ Example::
     model = "~/models/moecoder-small"     # default: the shipped model
     device = "cpu"
     max_seconds = 30
-    completion_context_tokens = 1024      # prompt cap for completions (latency)
+    completion_context_tokens = 512       # prompt cap for completions (prefill time = latency)
 
     [max_tokens]                          # per task
     complete = 64
@@ -58,7 +58,7 @@ class Settings:
     model: str | None = None
     device: str = "cpu"
     max_seconds: float | None = 60.0
-    completion_context_tokens: int = 1024
+    completion_context_tokens: int = 512
     max_tokens: dict[str, int] = field(default_factory=lambda: {"complete": 64, "comment": 160, "debug": 160,
                                                                  "explain": 160})
     features: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(TASK_NAMES, True))

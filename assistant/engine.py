@@ -99,7 +99,7 @@ class Engine:
 
     def __init__(self, model_dir: str | None = None, device: str = "cpu", *, backend: Backend | None = None,
                  default_max_new_tokens: int = 256, default_max_seconds: float | None = 60.0,
-                 max_new_tokens_for: dict[str, int] | None = None, completion_context_tokens: int | None = 1024):
+                 max_new_tokens_for: dict[str, int] | None = None, completion_context_tokens: int | None = 512):
         if backend is None:
             from model.checkpoint import load_model
 
