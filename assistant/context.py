@@ -1,7 +1,7 @@
 """The context-window manager: a fill-in-the-middle prompt that fits the token budget.
 
 For a document and a cursor (or a selection) plus optional related files, build
-``<fim_prefix> [related] prefix <fim_suffix> suffix <fim_middle>`` within ``budget``
+``<fim_suffix> suffix <fim_prefix> [related] prefix <fim_middle>`` (SPM, the default; PSM on request) within ``budget``
 tokens (the model's context minus the room reserved for the answer), counted with the
 model's tokenizer, and report what was trimmed.
 
@@ -220,7 +220,7 @@ def build_context(
     prefix_share: float = 0.7,
     related_share: float = 0.15,
     end_line: int | None = None,
-    spm: bool = False,
+    spm: bool = True,  # the shipped model completes far better in SPM order (model.formats.fim_prompt)
 ) -> ContextResult:
     """The FIM prompt for a cursor at (0-based) ``line``, ``column`` within ``budget`` tokens.
 

@@ -51,7 +51,14 @@ def number_lines(code: str, start: int = 1) -> str:
     return "\n".join(f"{i}| {line}" for i, line in enumerate(lines, start))
 
 
-def fim_prompt(tok: TokenizerLike, prefix: str, suffix: str, spm: bool = False) -> list[int]:
+def fim_prompt(tok: TokenizerLike, prefix: str, suffix: str, spm: bool = True) -> list[int]:
+    """The completion prompt; the model writes the middle after it.
+
+    SPM (suffix first, the prefix right before the middle) is the default at inference:
+    the shipped model predicts a held-out line at -1.89 nats/token in SPM order against
+    -3.10 in PSM order (16 held-out lines), because its training rows often cut a PSM
+    example so the middle did not see its prefix (see docs/model-card.md).
+    """
     p, s, m = tok.special_id("fim_prefix"), tok.special_id("fim_suffix"), tok.special_id("fim_middle")
     if spm:
         return [s, *tok.encode(suffix), p, *tok.encode(prefix), m]
