@@ -5,13 +5,17 @@ Every public op dispatches here: the Triton path (``kernels.autograd``, built on
 ``MOECODER_KERNELS=reference|triton`` forces one (``auto``, the default, picks by device).
 Forcing ``triton`` on CPU tensors needs ``TRITON_INTERPRET=1`` set before this package is
 imported (the interpreter, for tests).
+
+In ``auto`` mode the routed experts on CPU tensors take ``kernels.cpu.moe_experts`` (the
+same math without the permutation machinery; faster than the reference at every token count
+measured, 1 to 4096, and ~2x at decode's T = 1); ``reference`` forces the plain reference.
 """
 
 from __future__ import annotations
 
 import os
 
-from kernels import reference
+from kernels import cpu, reference
 from kernels.reference import moe_experts_loop
 
 __all__ = [
@@ -88,4 +92,6 @@ def swiglu(gate_NF, up_NF):
 
 
 def moe_experts(x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD):
+    if x_TD.device.type == "cpu" and _mode() == "auto":
+        return cpu.moe_experts(x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD)
     return _impl(x_TD).moe_experts(x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD)
