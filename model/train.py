@@ -103,6 +103,7 @@ class TrainConfig:
     ckpt_minutes: float = 10.0
     ckpt_every: int = 0  # also checkpoint every N steps (0 = only by time / at the end)
     keep: int = 2
+    async_ckpt: str = "auto"  # auto (= on for CUDA), on, off: dcp.async_save, see AsyncCheckpointer
 
     # Fields that define the run: a resume with any of these changed is refused.
     IDENTITY = (
@@ -340,48 +341,136 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, extra: dict, keep: int) -> Path:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
+def _checkpoint_dir(out: Path, step: int) -> Path | None:
+    """Make ``OUT/ckpt/step_N`` ready for a save (collective); None if it is complete already."""
     root = out / "ckpt"
     root.mkdir(parents=True, exist_ok=True)
     d = root / f"step_{step:07d}"
     if (d / MARKER).is_file():
-        return d  # already saved at this step
+        return None  # already saved at this step
     # --- scale-out (#9): every rank writes its own shards; rank 0 alone cleans, marks and prunes
     from model import parallel
 
-    ctx = parallel.current()
-    if d.exists() and ctx.is_main:
+    if d.exists() and parallel.current().is_main:
         shutil.rmtree(d)  # a half-written save of ours
     parallel.barrier()
+    return d
+
+
+def _mark_complete(d: Path, step: int, keep: int) -> None:
+    """Once every rank's shards of ``d`` are on disk: rank 0 writes the marker and prunes (collective)."""
+    from model import parallel
+
+    parallel.barrier()  # all shards are on disk before the marker
+    if parallel.current().is_main:
+        tmp = d / (MARKER + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"step": step, "time": time.time()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, d / MARKER)
+        _fsync_dir(d)
+        # keep the newest `keep` complete checkpoints; drop older incomplete leftovers too
+        root = d.parent
+        complete = _complete_checkpoints(root)
+        for _s, old in complete[: max(0, len(complete) - max(1, keep))]:
+            shutil.rmtree(old, ignore_errors=True)
+        for other in root.iterdir():
+            m = CKPT_RE.match(other.name)
+            if m and int(m.group(1)) < step and not (other / MARKER).is_file():
+                shutil.rmtree(other, ignore_errors=True)
+    parallel.barrier()  # scale-out (#9): the other ranks see the marker from here on
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, extra: dict, keep: int) -> Path:
+    """Save synchronously: the shards, then the COMPLETE marker (see ``AsyncCheckpointer``)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    d = _checkpoint_dir(out, step)
+    if d is None:
+        return out / "ckpt" / f"step_{step:07d}"
     msd, osd = get_state_dict(model, optimizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save({"model": msd, "optim": osd, "extra": json.dumps(extra)}, checkpoint_id=str(d))
-    parallel.barrier()  # all shards are on disk before the marker
-    if not ctx.is_main:
-        parallel.barrier()  # wait for rank 0's marker and pruning
-        return d
-    # --- end scale-out
-    tmp = d / (MARKER + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"step": step, "time": time.time()}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, d / MARKER)
-    _fsync_dir(d)
-    # keep the newest `keep` complete checkpoints; drop older incomplete leftovers too
-    complete = _complete_checkpoints(root)
-    for _s, old in complete[: max(0, len(complete) - max(1, keep))]:
-        shutil.rmtree(old, ignore_errors=True)
-    for other in root.iterdir():
-        m = CKPT_RE.match(other.name)
-        if m and int(m.group(1)) < step and not (other / MARKER).is_file():
-            shutil.rmtree(other, ignore_errors=True)
-    parallel.barrier()  # scale-out (#9): the other ranks see the marker from here on
+    _mark_complete(d, step, keep)
     return d
+
+
+class AsyncCheckpointer:
+    """Checkpoints with ``torch.distributed.checkpoint.async_save`` (#9).
+
+    ``save`` first finishes the previous save, then stages the state (copies it into CPU memory,
+    so training may change the tensors at once) and returns; a background thread writes the
+    shards. The COMPLETE marker is written only by ``finish`` (before the next save, at the end,
+    on a signal), after the write has finished on every rank, so a process killed while writing
+    leaves a directory that ``--resume`` never takes. At most one save is in flight. Under
+    torchrun the background thread's collectives (DCP's plan exchange) run on a gloo group of
+    their own, never interleaved with the training loop's collectives on the default group.
+    """
+
+    def __init__(self, out: Path, keep: int):
+        from model import parallel
+
+        self.out, self.keep = out, keep
+        self.group = None
+        if parallel.current().distributed:
+            import torch.distributed as dist
+
+            self.group = dist.new_group(backend="gloo")  # collective: every rank creates it here
+        # one process: DCP warns on every save that it assumes a single process (from a thread,
+        # where catch_warnings is not safe)
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        self._pending: tuple | None = None  # (future, dir, step, start time, [done time])
+        self.write_s = 0.0  # how long the last finished save took from staging to on disk
+
+    @property
+    def pending(self) -> Path | None:
+        """The directory of the save in flight (not marked yet), if any."""
+        return None if self._pending is None else self._pending[1]
+
+    @property
+    def writing(self) -> bool:
+        """True while this rank's part of the save in flight is still being written."""
+        return self._pending is not None and not self._pending[0].done()
+
+    def save(self, step: int, model, optimizer, extra: dict) -> Path:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        self.finish()
+        d = _checkpoint_dir(self.out, step)
+        if d is None:
+            return self.out / "ckpt" / f"step_{step:07d}"
+        msd, osd = get_state_dict(model, optimizer)
+        t0, done = time.time(), [None]
+        fut = dcp.async_save({"model": msd, "optim": osd, "extra": json.dumps(extra)}, checkpoint_id=str(d),
+                             process_group=self.group, no_dist=self.group is None)
+        fut.add_done_callback(lambda _f: done.__setitem__(0, time.time()))
+        self._pending = (fut, d, step, t0, done)
+        return d
+
+    def finish(self) -> Path | None:
+        """Wait for the save in flight (if any) on every rank, then mark it complete; its dir."""
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+        from model import parallel
+
+        if self._pending is None:
+            return None
+        fut, d, step, t0, done = self._pending
+        self._pending = None
+        err = None
+        try:
+            fut.result()
+        except (Exception, CheckpointException) as e:
+            err = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        if parallel.agree(err is not None)[0]:  # a failed write on any rank: no marker anywhere
+            raise TrainError(f"checkpoint {d} could not be written: {err or 'failed on another rank'}")
+        self.write_s = (done[0] or time.time()) - t0
+        _mark_complete(d, step, self.keep)
+        return d
 
 
 def read_checkpoint_extra(ckpt: Path) -> dict:
@@ -549,6 +638,8 @@ def prepare(args: argparse.Namespace) -> Setup:
             )
     if tasks is None:
         cfg.task_ratio = 0.0
+    if cfg.async_ckpt not in ("auto", "on", "off"):
+        raise TrainError(f"--async-ckpt must be auto, on or off, not {cfg.async_ckpt!r}")
     tok_path = _resolve_tokenizer(args.tokenizer, meta, data_dir)
     try:
         tok = Tokenizer.load(tok_path)
@@ -858,10 +949,25 @@ def train(s: Setup, max_minutes: float | None, compile_model: bool, t_start: flo
             "model_config": s.model_cfg.to_dict(),
             "data": str(s.data_dir), "tokenizer": str(s.tokenizer_path),
         }
-        d = save_checkpoint(s.out, step, model, optimizer, extra, cfg.keep)
+        if saver is None:
+            d = save_checkpoint(s.out, step, model, optimizer, extra, cfg.keep)
+            dt = time.time() - t
+            log.line(f"step {step} checkpoint {d} ({reason}, {dt:.1f}s)")
+            return dt
+        finish_checkpoint()  # the previous save's marker first (its wait is part of this pause)
+        d = saver.save(step, model, optimizer, extra)
         dt = time.time() - t
-        log.line(f"step {step} checkpoint {d} ({reason}, {dt:.1f}s)")
+        log.line(f"step {step} checkpoint {d} staged ({reason}, {dt:.1f}s); writing in the background")
         return dt
+
+    def finish_checkpoint() -> None:
+        t = time.time()
+        d = saver.finish() if saver is not None else None
+        if d is not None:
+            log.line(f"checkpoint {d} complete (written in {saver.write_s:.1f}s, waited {time.time() - t:.1f}s)")
+
+    # async checkpoints (#9): on by default on CUDA; --async-ckpt on for CPU (gloo) runs
+    saver = AsyncCheckpointer(s.out, cfg.keep) if cfg.async_ckpt == "on" or (cfg.async_ckpt == "auto" and cuda) else None
 
     stopper = _Stop()
     stopper.install()
@@ -888,7 +994,10 @@ def train(s: Setup, max_minutes: float | None, compile_model: bool, t_start: flo
                     need += eval_est
                 out_of_time = time.time() + need > deadline
             # scale-out (#9): a signal or the budget on any rank stops every rank at this step
-            signalled, out_of_time = parallel.agree(stopper.signum is not None, out_of_time)
+            signalled, out_of_time, writing = parallel.agree(
+                stopper.signum is not None, out_of_time, saver is not None and saver.writing)
+            if saver is not None and saver.pending is not None and not writing:
+                finish_checkpoint()  # async (#9): written on every rank: mark it now, not at the next save
             if signalled:
                 reason = "signal " + (signal.Signals(stopper.signum).name if stopper.signum else "(another rank)")
                 exit_code = 130
@@ -982,6 +1091,8 @@ def train(s: Setup, max_minutes: float | None, compile_model: bool, t_start: flo
                 time.time() - last_ckpt_t > cfg.ckpt_minutes * 60
             )[0]:
                 save_est = checkpoint("periodic") + 1.0
+                if saver is not None:  # the final save waits for the whole write
+                    save_est += saver.write_s
                 last_ckpt_t = time.time()
             interval_t += time.time() - paused  # eval/checkpoint time is not training throughput
             if step_est is None and step >= 1:
@@ -1001,6 +1112,7 @@ def train(s: Setup, max_minutes: float | None, compile_model: bool, t_start: flo
     if step >= cfg.max_steps and ev_rows is not None and step % cfg.eval_every != 0:
         do_eval()
     checkpoint(reason)
+    finish_checkpoint()  # async: the last save is on disk and marked before we exit
     if step >= cfg.max_steps:
         if _export(model, s.model_cfg, s.tokenizer_path, s.out / "final"):
             log.line(f"exported the final model to {s.out / 'final'}")
