@@ -11,9 +11,12 @@ from model.data.fim import (
     FIMConfig,
     FIMTokens,
     choose_cuts,
+    fim_length,
     fim_transform,
     line_boundaries,
     newline_mask,
+    next_cut,
+    plan_fim,
     split_long,
 )
 
@@ -167,3 +170,28 @@ def test_with_real_tokenizer(tiny_tokenizer):
     p_txt, m_txt, s_txt = "def f(x):\n", "    y = x + 1\n", "    return y\n"
     ex = formats.fim_example(tok, p_txt, m_txt, s_txt)
     assert ex[0] == special.prefix and ex[-1] == special.eos
+
+
+def test_next_cut_slack_and_split_long_agree():
+    doc = np.array([10] * 7 + [3] + [10] * 30 + [7] + [10] * 5)
+    assert next_cut(doc, 0, 100, NL) == len(doc)  # the rest fits
+    assert next_cut(doc, 0, 10, NL) == 8  # after the newline in the window's second half
+    assert next_cut(doc, 0, 10, NL, slack=2) == 10  # no newline in the last 2: a hard cut
+    assert next_cut(doc, 0, 40, NL, slack=5) == 39
+    assert next_cut(doc, 8, 10, None) == 18
+    ends, start = [], 0
+    while start < len(doc):
+        start = next_cut(doc, start, 10, NL)
+        ends.append(start)
+    assert np.cumsum([len(c) for c in split_long(doc, 10, NL)]).tolist() == ends
+
+
+def test_fim_length_and_plan_match_transform():
+    doc = np.arange(10, 40)
+    cfg = FIMConfig(fim_rate=0.5, spm_rate=0.5, line_rate=0.0)
+    for seed in range(40):
+        plan = plan_fim(np.random.default_rng(seed), cfg)
+        out = fim_transform(doc, np.random.default_rng(seed), SPECIAL, cfg, NL)
+        assert plan.fim == (out[0] in (SPECIAL.prefix, SPECIAL.suffix))
+        if plan.fim:
+            assert len(out) == fim_length(len(doc)) and (out[0] == SPECIAL.suffix) == plan.spm

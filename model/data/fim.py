@@ -49,6 +49,7 @@ class FIMTokens:
     suffix: int
     middle: int
     eos: int
+    pad: int = 0  # fills row tails the loader cannot use; the training loss ignores it
 
     @classmethod
     def from_tokenizer(cls, tok) -> FIMTokens:
@@ -60,6 +61,7 @@ class FIMTokens:
             suffix=int(tok.special_id("fim_suffix")),
             middle=int(tok.special_id("fim_middle")),
             eos=int(tok.special_id("eos")),
+            pad=int(tok.special_id("pad")),
         )
 
 
@@ -106,6 +108,53 @@ def choose_cuts(n: int, rng: np.random.Generator, boundaries: np.ndarray | None 
     return int(boundaries[start]), int(boundaries[start + k])
 
 
+@dataclass(frozen=True)
+class FIMPlan:
+    """The per-document coin flips of the transform, drawn before any cut is chosen."""
+
+    fim: bool
+    spm: bool
+    line: bool
+
+
+def plan_fim(rng: np.random.Generator, cfg: FIMConfig) -> FIMPlan:
+    """Draw (FIM or not, SPM or PSM, line or span mode) in a fixed order: three draws."""
+    do_fim = rng.random() < cfg.fim_rate
+    spm = rng.random() < cfg.spm_rate
+    line_mode = rng.random() < cfg.line_rate
+    return FIMPlan(bool(do_fim), bool(spm), bool(line_mode))
+
+
+def fim_length(n: int) -> int:
+    """Tokens of a FIM'd document of ``n`` tokens (three markers and the closing eos)."""
+    return n + 4
+
+
+def apply_fim(
+    doc: np.ndarray,
+    rng: np.random.Generator,
+    special: FIMTokens,
+    plan: FIMPlan,
+    nl_mask: np.ndarray | None = None,
+    *,
+    end_with_eos: bool = True,
+) -> np.ndarray:
+    """``fim_transform`` with the coin flips already drawn (``plan_fim`` on the same ``rng``)."""
+    doc = np.asarray(doc, dtype=np.int64)
+    eos = np.array([special.eos], dtype=np.int64)
+    if not plan.fim or len(doc) == 0:
+        return np.concatenate([doc, eos]) if end_with_eos else doc
+    bounds = line_boundaries(doc, nl_mask) if (plan.line and nl_mask is not None) else None
+    i, j = choose_cuts(len(doc), rng, bounds)
+    prefix, middle, suffix = doc[:i], doc[i:j], doc[j:]
+    p, s, m = (np.array([t], dtype=np.int64) for t in (special.prefix, special.suffix, special.middle))
+    if plan.spm:
+        parts = [s, suffix, p, prefix, m, middle, eos]
+    else:
+        parts = [p, prefix, s, suffix, m, middle, eos]
+    return np.concatenate(parts)
+
+
 def fim_transform(
     doc: np.ndarray,
     rng: np.random.Generator,
@@ -118,25 +167,37 @@ def fim_transform(
     """Maybe FIM-transform one document (its tokens without the trailing eos).
 
     Returns int64 tokens. Untouched documents come back as ``doc`` (+ eos when
-    ``end_with_eos``); FIM'd ones always end with eos, which closes the middle.
+    ``end_with_eos``); FIM'd ones always end with eos, which closes the middle, and are
+    ``fim_length(len(doc))`` tokens long.
     """
-    doc = np.asarray(doc, dtype=np.int64)
-    eos = np.array([special.eos], dtype=np.int64)
-    # Draw every random number up front in a fixed order so the stream is stable.
-    do_fim = rng.random() < cfg.fim_rate
-    spm = rng.random() < cfg.spm_rate
-    line_mode = rng.random() < cfg.line_rate
-    if not do_fim or len(doc) == 0:
-        return np.concatenate([doc, eos]) if end_with_eos else doc
-    bounds = line_boundaries(doc, nl_mask) if (line_mode and nl_mask is not None) else None
-    i, j = choose_cuts(len(doc), rng, bounds)
-    prefix, middle, suffix = doc[:i], doc[i:j], doc[j:]
-    p, s, m = (np.array([t], dtype=np.int64) for t in (special.prefix, special.suffix, special.middle))
-    if spm:
-        parts = [s, suffix, p, prefix, m, middle, eos]
-    else:
-        parts = [p, prefix, s, suffix, m, middle, eos]
-    return np.concatenate(parts)
+    # Every coin flip is drawn up front in a fixed order so the stream is stable.
+    plan = plan_fim(rng, cfg)
+    return apply_fim(doc, rng, special, plan, nl_mask, end_with_eos=end_with_eos)
+
+
+def next_cut(
+    doc: np.ndarray, start: int, max_len: int, nl_mask: np.ndarray | None = None, slack: int | None = None
+) -> int:
+    """End of the chunk of ``doc`` that starts at ``start`` and holds at most ``max_len`` tokens.
+
+    The rest of the document when it fits; otherwise right after the last newline token in the
+    last ``slack`` tokens of the window (default: its second half), so chunks hold whole lines;
+    else a hard cut at ``max_len``.
+    """
+    if max_len <= 0:
+        raise ValueError("max_len must be positive")
+    n = len(doc)
+    if n - start <= max_len:
+        return n
+    cut = start + max_len
+    if nl_mask is not None:
+        lo = cut - (max_len - max_len // 2 if slack is None else max(0, min(slack, max_len)))
+        w = np.asarray(doc[lo:cut], dtype=np.int64)
+        ok = w < len(nl_mask)
+        hits = np.nonzero(ok & nl_mask[np.where(ok, w, 0)])[0]
+        if len(hits):
+            cut = lo + int(hits[-1]) + 1
+    return cut
 
 
 def split_long(doc: np.ndarray, max_len: int, nl_mask: np.ndarray | None = None) -> list[np.ndarray]:
@@ -148,21 +209,10 @@ def split_long(doc: np.ndarray, max_len: int, nl_mask: np.ndarray | None = None)
     doc = np.asarray(doc, dtype=np.int64)
     if max_len <= 0:
         raise ValueError("max_len must be positive")
-    if len(doc) <= max_len:
-        return [doc]
-    if nl_mask is not None:
-        ok = doc < len(nl_mask)
-        is_nl = ok & nl_mask[np.where(ok, doc, 0)]
-    else:
-        is_nl = None
-    out, start, n = [], 0, len(doc)
-    while n - start > max_len:
-        cut = start + max_len
-        if is_nl is not None:
-            window = np.nonzero(is_nl[start + max_len // 2 : start + max_len])[0]
-            if len(window):
-                cut = start + max_len // 2 + int(window[-1]) + 1
+    out, start = [], 0
+    while True:
+        cut = next_cut(doc, start, max_len, nl_mask)
         out.append(doc[start:cut])
+        if cut == len(doc):
+            return out
         start = cut
-    out.append(doc[start:])
-    return out
