@@ -16,6 +16,8 @@
   (and ``--ckpt-every`` steps), at the end, and on SIGTERM/SIGINT (after finishing the step).
   A ``COMPLETE`` marker is written last; ``--resume`` takes the newest directory that has it,
   so a save killed half-way is never used. The newest ``--keep`` complete checkpoints stay.
+  ``--async-ckpt`` (auto = on for CUDA): ``dcp.async_save`` stages the state and writes it in the
+  background; the marker follows once the write has finished on every rank (``AsyncCheckpointer``).
 * ``--max-minutes M`` stops early (with a checkpoint) before the wall-clock budget runs out;
   chain calls with ``--resume``. On CPU a resumed run reproduces the uninterrupted run's losses.
   With ``--resume``, the settings that define the run (``TrainConfig.IDENTITY``) come from the
