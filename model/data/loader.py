@@ -140,9 +140,10 @@ class BatchLoader:
       remainder (with fresh coin flips) starts the next row;
     * a task example that would straddle a row boundary (and fits in one row) waits while the
       rest of the row is filled with code;
-    * plain code chunks pack densely, as before; a long document's plain chunks are cut at row
-      ends too, so plain and FIM chunks have the same lengths and the FIM share of code tokens
-      stays close to ``fim_rate``. A whole plain document or a final chunk may straddle rows.
+    * plain code packs densely, as before: a plain document still runs on into the next row
+      with nothing between, but it is chunked at row ends (near a line end) like FIM'd code,
+      so plain and FIM chunks have the same lengths and the FIM share of code tokens stays
+      close to ``fim_rate`` (each chunk draws its own coin flips, as before).
 
     So no padding is needed: every target is a document token and the training loss needs no
     mask. The price is a share of FIM tokens slightly below ``fim_rate`` (see ``fim_share``).
