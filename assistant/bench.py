@@ -1,7 +1,7 @@
 """Benchmarks of the assistant: context-manager time and review throughput.
 
     python -m assistant.bench [--model DIR] [--lines 10000] [--jobs 4] [--max-tokens N] [--skip-review]
-                              [--random-preset small] [--calibration N [--seed S]]
+                              [--random-preset small] [--calibration N [--seed S] [--legacy-confidence]]
 
 Prints the machine, versions and date, then
 
@@ -158,11 +158,15 @@ def bench_review(model_dir: Path, label: str, jobs: int, max_tokens: int | None)
     return {"functions": n, "seconds": dt, "rate": rate, "tokens": generated[0]}
 
 
-def bench_calibration(n: int, seed: int, jobs: int, model_dir: Path | None) -> None:
+def bench_calibration(n: int, seed: int, jobs: int, model_dir: Path | None, legacy: bool = False) -> None:
     """Debug hints on held-out code: this repository's own functions (the model never saw
-    them), ``n`` untouched and ``n`` with one injected bug (``model.data.tasks.mutate``)."""
+    them), ``n`` untouched and ``n`` with one injected bug (``model.data.tasks.mutate``).
+    The confidence is the calibrated first-token gate of ``assistant.tasks`` (threshold from
+    ``scripts/calibrate_debug.py``), or with ``legacy`` the older answer-probability x
+    surprisal-rank confidence, for comparison."""
     import random
 
+    from assistant import tasks as tasks_mod
     from assistant.engine import Engine
     from assistant.tasks import TaskRequest, iter_batch
     from model.data.tasks import extract_functions, mutate
@@ -186,6 +190,8 @@ def bench_calibration(n: int, seed: int, jobs: int, model_dir: Path | None) -> N
             items.append((m.code, m.line))
     engine = Engine(str(model_dir) if model_dir else None)
     reqs = [TaskRequest("debug", code, line=0) for code, _ in items]
+    saved = tasks_mod.DEBUG_USE_GATE
+    tasks_mod.DEBUG_USE_GATE = not legacy
     rows: list[tuple[bool, bool, bool, float]] = [(False, False, False, 0.0)] * len(reqs)
     t0 = time.perf_counter()
     for i, res in iter_batch(engine, reqs, batch_size=jobs):
@@ -195,12 +201,15 @@ def bench_calibration(n: int, seed: int, jobs: int, model_dir: Path | None) -> N
                    hint is not None and bug_line is not None and hint.line + 1 == bug_line,
                    hint.confidence if hint else 0.0)
     dt = time.perf_counter() - t0
+    tasks_mod.DEBUG_USE_GATE = saved
     engine.close()
     n_clean = sum(1 for r in rows if not r[0])
     n_bug = len(rows) - n_clean
-    print(f"calibration [{_display(model_dir) if model_dir else 'shipped model'}]: {n_clean} clean + {n_bug} "
-          f"buggy held-out functions (seed {seed}) in {dt:.0f} s")
-    for t in (0.0, 0.3, 0.4, 0.5, 0.55, 0.6):
+    kind = ("older answer-probability x surprisal-rank confidence" if legacy else
+            f"gate confidence, threshold {tasks_mod.DEBUG_GATE_THRESHOLD:+.2f}")
+    print(f"calibration [{_display(model_dir) if model_dir else 'shipped model'}; {kind}]: {n_clean} clean + "
+          f"{n_bug} buggy held-out functions (seed {seed}) in {dt:.0f} s")
+    for t in (0.0, 0.3, 0.4, 0.5, 0.6, 0.7):
         cf = sum(1 for b, f, _, c in rows if not b and f and c >= t) / max(1, n_clean)
         bf = sum(1 for b, f, _, c in rows if b and f and c >= t) / max(1, n_bug)
         br = sum(1 for b, _, r, c in rows if r and c >= t) / max(1, n_bug)
@@ -226,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="debug-hint calibration of the shipped (or --model) model on N clean + N buggy "
                         "held-out functions")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--legacy-confidence", action="store_true",
+                   help="calibration with the older debug confidence (answer probability x surprisal rank)")
     p.add_argument("--random-preset", metavar="NAME",
                    help="also time review with a randomly initialised model of this preset (e.g. small, the "
                         "shipped architecture) and the shipped tokenizer: the worst case, every answer runs "
@@ -257,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         if shipped is None:
             print("calibration: needs a trained model (model/weights/ or --model DIR)")
         else:
-            bench_calibration(args.calibration, args.seed, args.jobs, shipped if args.model else None)
+            bench_calibration(args.calibration, args.seed, args.jobs, shipped if args.model else None,
+                              legacy=args.legacy_confidence)
     if args.skip_review:
         return 0
     import dataclasses

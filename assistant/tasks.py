@@ -11,9 +11,9 @@ Every task goes through the model's task formats (:mod:`model.formats`):
   docstring is re-rendered in the file's style (Google / NumPy / reST / plain) with the
   function's real parameters, returns and raises.
 * ``debug`` — ``<|debug|> numbered code <|think|>``: reasoning, then ``line N: hint`` /
-  ``fix: ...`` or ``no issue``. The confidence of a finding combines the model's own
-  probability of its answer with how surprising (per-token log-probabilities) the flagged
-  line is among the function's lines.
+  ``fix: ...`` or ``no issue``. The confidence of a finding is calibrated from the model's
+  decision at its first reasoning token (P("Line ...") vs P("Takes ..."), see
+  ``debug_gate_score``) times consistency checks of the answer against the code.
 * ``explain`` — ``<|explain|> code <|think|>``: reasoning, then the explanation.
 
 The model is small and may write garbage: answers are parsed defensively (an unparseable
@@ -532,7 +532,7 @@ def _plan_function_task(engine: Any, req: TaskRequest, budget: int, max_new: int
     surprisal_lines = code_lines[:kept]
 
     def finish_debug(eng: Any, gen: Generated) -> DebugResult:
-        return make_debug_result(eng, req, name, first, surprisal_lines, src_lines, gen)
+        return make_debug_result(eng, req, name, first, surprisal_lines, src_lines, gen, prompt_ids=ids)
 
     return Plan(req, ids, max_new, think=True, finish=finish_debug, notes=notes)
 
@@ -629,27 +629,99 @@ def _mentions(line: str, snippet: str) -> bool:
     return any(have[i:i + k] == want for i in range(len(have) - k + 1))
 
 
+# The debug decision. In training (``model.data.tasks``) the reasoning of a buggy function
+# starts "Line N ..." and that of a clean one "Takes ...", so the model decides at its first
+# reasoning token. The gate score is log P(first token of "Line") - log P(first token of
+# "Takes") after the prompt, one forward pass. Generated answers over-flag real code (~90%
+# of clean functions get "line N: ..."), so the score, not the sampled answer, sets the
+# confidence: sigmoid((score - DEBUG_GATE_THRESHOLD) / DEBUG_GATE_SCALE) x the consistency
+# factor, i.e. 0.5 (the review's default --min-confidence) at the threshold. The threshold
+# was chosen by ``scripts/calibrate_debug.py`` on held-out code (textual and this repo's
+# assistant/: <= 8% flagged clean functions in each) and tested on other packages and this
+# repo's lsp/tui/kernels (docs/benchmarks.md, "Debug calibration"). Adding the flagged
+# line's surprisal rank or the answer's probability did not help on the calibration set.
+DEBUG_BUG_START = "Line"
+DEBUG_CLEAN_START = "Takes"
+DEBUG_GATE_THRESHOLD = 1.05
+DEBUG_GATE_SCALE = 1.0
+DEBUG_USE_GATE = True  # False: the older answer-probability x surprisal-rank confidence
+DEBUG_GATE_FACTORS = True  # multiply the gate confidence by the consistency checks' factor
+DEBUG_RANK_WEIGHT = 0.0  # weight of the flagged line's surprisal rank in the gate's logit
+
+
+def debug_gate_score(engine: Any, prompt_ids: Sequence[int]) -> float | None:
+    """log P("Line"...) - log P("Takes"...) for the first reasoning token after a debug
+    prompt (ending in ``<|think|>``); positive = the model leans to "there is a bug".
+    None when the backend cannot score (then the older confidence is used)."""
+    tok = engine.tokenizer
+    try:
+        bug_id = tok.encode(DEBUG_BUG_START)[0]
+        clean_id = tok.encode(DEBUG_CLEAN_START)[0]
+    except (IndexError, AttributeError, TypeError):
+        return None
+    ids = list(prompt_ids)
+    if not ids:
+        return None
+    backend = engine.backend
+    model = getattr(backend, "model", None)
+    try:
+        if model is not None and hasattr(model, "tok_emb"):
+            import torch
+
+            with torch.no_grad():
+                x = torch.tensor([ids], dtype=torch.long, device=model.tok_emb.weight.device)
+                logp = model(x, last_only=True)[0, -1].float().log_softmax(-1)
+            return float(logp[bug_id] - logp[clean_id])
+        a = backend.token_logprobs([*ids, bug_id])[-1]
+        b = backend.token_logprobs([*ids, clean_id])[-1]
+        return float(a - b)
+    except Exception:  # noqa: BLE001 - a fake or broken backend: fall back
+        return None
+
+
+def gate_confidence(score: float, threshold: float | None = None, scale: float | None = None,
+                    rank: float | None = None) -> float:
+    """Confidence in [0.01, 0.99] from a gate score; 0.5 at the threshold. ``rank`` (the
+    flagged line's surprisal percentile, 0..1) adds ``DEBUG_RANK_WEIGHT x (rank - 1/2)``."""
+    t = DEBUG_GATE_THRESHOLD if threshold is None else threshold
+    k = DEBUG_GATE_SCALE if scale is None else scale
+    z = (score - t) / k
+    if rank is not None:
+        z += DEBUG_RANK_WEIGHT * (rank - 0.5)
+    z = max(-50.0, min(50.0, z))
+    return round(min(0.99, max(0.01, 1.0 / (1.0 + math.exp(-z)))), 3)
+
+
 FIX_MIN_SIMILARITY = 0.6  # a fix is a small edit of its line (one token, in training)
 FIX_SAME_FACTOR = 0.5  # a "fix" that repeats the line: the model did not know the fix
 REANCHOR_FACTOR = 0.7  # the hint's quote is on a nearby line: the model misnumbered
 
 
-def make_debug_result(engine: Any, req: TaskRequest, name: str, first: int, code_lines: list[str],
-                      src_lines: list[str], gen: Generated) -> DebugResult:
-    """The hint from a debug answer, checked against the code and calibrated.
+@dataclass
+class CheckedAnswer:
+    """A debug answer after the consistency checks: 1-based ``n`` in the code shown to the
+    model, the hint, the full replacement line (or None) and the confidence ``factor``."""
+
+    n: int
+    hint: str
+    fix: str | None
+    factor: float
+
+
+def check_debug_answer(answer: str, first: int, code_lines: list[str], src_lines: list[str]) -> CheckedAnswer | None:
+    """Parse a debug answer and check it against the code; None for "no issue" or garbage.
 
     Consistency checks catch a small model's slips: the first code it quotes in the hint
     (```x``` ...) must be on the flagged line — if it is on a line nearby (within 3), the
-    hint moves there, otherwise its confidence is halved; a fix that is not a small edit of
-    the line (similarity < 0.6) is dropped (confidence x0.8), and a "fix" equal to the line
-    is dropped (confidence x0.5).
+    hint moves there (factor x0.7), otherwise factor x0.5; a fix that is not a small edit of
+    the line (similarity < 0.6) is dropped (x0.8), and a "fix" equal to the line is dropped
+    (x0.5).
     """
     import difflib
 
-    reasoning = gen.reasoning.strip()
-    ok, n, hint, fix = parse_debug_answer(gen.answer)
+    ok, n, hint, fix = parse_debug_answer(answer)
     if not ok or n is None or not 1 <= n <= len(code_lines) or not hint:
-        return DebugResult(hints=[], reasoning=reasoning)
+        return None
     factor = 1.0
     quoted = re.findall(r"`([^`]+)`", hint)
     if quoted and not _mentions(code_lines[n - 1], quoted[0]):
@@ -660,15 +732,6 @@ def make_debug_result(engine: Any, req: TaskRequest, name: str, first: int, code
             factor *= REANCHOR_FACTOR
         else:
             factor *= 0.5
-    surprisal = line_surprisal(engine, code_lines)
-    nonblank = [s for s, ln in zip(surprisal, code_lines) if ln.strip()]
-    mine = surprisal[n - 1]
-    rank = 0.5
-    if len(nonblank) > 1:  # mid-rank percentile: ties share the middle of their range
-        below = sum(1 for s in nonblank if s < mine)
-        equal = sum(1 for s in nonblank if s == mine)
-        rank = (below + (equal - 1) / 2) / (len(nonblank) - 1)
-    conf = calibrate(gen.answer_logprobs, rank)
     line = first + n - 1
     original = src_lines[line] if 0 <= line < len(src_lines) else ""
     full_fix = None
@@ -679,8 +742,54 @@ def make_debug_result(engine: Any, req: TaskRequest, name: str, first: int, code
             factor *= 0.8
         else:
             full_fix = original[: _indent_of(original)] + fix.strip()
-    conf = round(max(0.01, conf * factor), 3)
-    return DebugResult(hints=[Hint(req.path, name, line, hint, full_fix, conf, reasoning)], reasoning=reasoning)
+    return CheckedAnswer(n, hint, full_fix, factor)
+
+
+def legacy_confidence(engine: Any, code_lines: list[str], n: int, answer_logprobs: list[float]) -> float:
+    """The older confidence: the answer's mean probability x the flagged line's surprisal rank."""
+    return calibrate(answer_logprobs, surprisal_rank(engine, code_lines, n))
+
+
+def surprisal_rank(engine: Any, code_lines: list[str], n: int) -> float:
+    """Percentile of line ``n``'s (1-based) surprisal among the non-blank lines (1.0 = most surprising)."""
+    surprisal = line_surprisal(engine, code_lines)
+    nonblank = [s for s, ln in zip(surprisal, code_lines) if ln.strip()]
+    mine = surprisal[n - 1]
+    rank = 0.5
+    if len(nonblank) > 1:  # mid-rank percentile: ties share the middle of their range
+        below = sum(1 for s in nonblank if s < mine)
+        equal = sum(1 for s in nonblank if s == mine)
+        rank = (below + (equal - 1) / 2) / (len(nonblank) - 1)
+    return rank
+
+
+def make_debug_result(engine: Any, req: TaskRequest, name: str, first: int, code_lines: list[str],
+                      src_lines: list[str], gen: Generated, prompt_ids: Sequence[int] | None = None,
+                      gate_score: float | None = None, use_gate: bool | None = None) -> DebugResult:
+    """The hint from a debug answer, checked against the code (:func:`check_debug_answer`)
+    and calibrated.
+
+    With ``prompt_ids`` (or a precomputed ``gate_score``) the confidence is the calibrated
+    gate, :func:`gate_confidence` of :func:`debug_gate_score` (times the consistency factor
+    when ``DEBUG_GATE_FACTORS``); without, the older answer-probability x surprisal-rank
+    confidence times the consistency factor.
+    """
+    reasoning = gen.reasoning.strip()
+    checked = check_debug_answer(gen.answer, first, code_lines, src_lines)
+    if checked is None:
+        return DebugResult(hints=[], reasoning=reasoning)
+    gate = DEBUG_USE_GATE if use_gate is None else use_gate
+    if gate and gate_score is None and prompt_ids is not None:
+        gate_score = debug_gate_score(engine, prompt_ids)
+    if gate and gate_score is not None:
+        rank = surprisal_rank(engine, code_lines, checked.n) if DEBUG_RANK_WEIGHT else None
+        conf = gate_confidence(gate_score, rank=rank) * (checked.factor if DEBUG_GATE_FACTORS else 1.0)
+    else:
+        conf = legacy_confidence(engine, code_lines, checked.n, gen.answer_logprobs) * checked.factor
+    conf = round(max(0.01, conf), 3)
+    line = first + checked.n - 1
+    return DebugResult(hints=[Hint(req.path, name, line, checked.hint, checked.fix, conf, reasoning)],
+                       reasoning=reasoning)
 
 
 # ------------------------------------------------------------------------- docstrings

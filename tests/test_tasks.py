@@ -140,7 +140,12 @@ def test_debug_maps_lines_and_keeps_indentation(tiny_tokenizer):
     assert h.reasoning == "Line 3 reads one past the end." and 0 < h.confidence < 1
 
 
-def test_debug_surprising_line_gets_higher_confidence(tiny_tokenizer):
+def test_debug_surprising_line_gets_higher_confidence(tiny_tokenizer, monkeypatch):
+    # the older confidence (answer probability x surprisal rank); the default is the gate
+    # (tests/test_debug_calibration.py)
+    import assistant.tasks
+
+    monkeypatch.setattr(assistant.tasks, "DEBUG_USE_GATE", False)
     ans = {"debug": ("r", "line 3: suspicious\nfix: pass")}
 
     def lp_flat(piece):
