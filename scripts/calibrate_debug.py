@@ -197,6 +197,8 @@ def report(records: list[dict], target: float, calib_packages: set[str]) -> dict
 
     groups = {g: [r for r in records if group(r) == g] for g in ("calib", "test", "repo")}
     groups = {g: v for g, v in groups.items() if v}
+    if "calib" not in groups:
+        return {"text": ["no calibration records (see --calib-packages); analyse saved records with --from-records"]}
     calib = groups["calib"]
     out: dict = {"target_fa": target, "variants": {}}
     lines = []
