@@ -19,6 +19,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +136,50 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--compile", action="store_true", help="cuda: torch.compile the model")
+    p.add_argument("--model", default=None, metavar="DIR|shipped",
+                   help="cpu: time a released model instead of presets: load time, resident memory, "
+                        "prefill/decode tokens/s ('shipped' = model/weights/)")
     return p
+
+
+def _rss_mib() -> float:
+    """Resident memory of this process now (Linux /proc), MiB; NaN elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def bench_released(model_dir, batches: list[int], args, err) -> int:
+    """Load time, resident memory and batch-N speed of released weights (the shipped model by default)."""
+    from model.checkpoint import CheckpointError, load_model
+
+    rss0 = _rss_mib()
+    t0 = time.perf_counter()
+    try:
+        loaded = load_model(model_dir)
+    except CheckpointError as e:
+        return err(str(e))
+    load_s = time.perf_counter() - t0
+    rss1 = _rss_mib()
+    cfg = loaded.config
+    total, active = param_counts(cfg)
+    print(f"model {model_dir or 'model/weights (shipped)'}: {total / 1e6:.1f}M params ({active / 1e6:.1f}M active), "
+          f"context {cfg.max_seq_len}")
+    print(f"load {load_s:.2f} s (safetensors + checks + int8 dequantisation); resident memory {rss1:.0f} MiB "
+          f"(+{rss1 - rss0:.0f} MiB for the model, after torch import)")
+    plen = min(args.prompt_len or 512, cfg.max_seq_len - args.new_tokens)
+    print(f"\ninference, float32, greedy, {args.new_tokens} new tokens, best of {args.repeats}")
+    print(f"{'batch':>6}{'prompt':>7}{'prefill tok/s':>15}{'decode tok/s':>14}{'ms/step':>9}")
+    for b in batches:
+        r = bench_inference(loaded.model, b, plen, args.new_tokens, args.repeats)
+        print(f"{b:>6}{plen:>7}{r['prefill_tok_s']:>15,.0f}{r['decode_tok_s']:>14,.1f}{r['ms_per_step']:>9.1f}",
+              flush=True)
+    print(f"resident memory after the runs: {_rss_mib():.0f} MiB")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -175,6 +219,8 @@ def main(argv=None) -> int:
                   f"{r['tok_s']:>12,.0f}{r['tflops']:>9.1f}{r['mfu']:>7.1%}{r.get('max_mem_gib', 0):>9.1f}",
                   flush=True)
         return 0
+    if args.model is not None:
+        return bench_released(None if args.model == "shipped" else args.model, batches, args, err)
     print(f"\ninference, float32, greedy, {args.new_tokens} new tokens, best of {args.repeats}")
     print(f"{'preset':<8}{'params':>14}{'batch':>6}{'prompt':>7}{'prefill tok/s':>15}{'decode tok/s':>14}"
           f"{'ms/step':>9}{'total s':>9}")
