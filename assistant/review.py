@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from assistant import code as codemod
+from assistant.files import Unreadable, read_bytes, walk_files
 
 LEVELS = ("note", "warning", "error")  # ascending
 FAIL_ON = ("error", "warning", "note", "none")
@@ -193,44 +194,32 @@ def collect_files(paths: Sequence[str], skipped: list[Skipped]) -> list[Path]:
             continue
         ignore = _Ignore()
         ignore.add_parents(p)
+        ignore.add_dir(p)
 
-        def onerror(e: OSError, raw: str = raw) -> None:
-            skipped.append(Skipped(str(e.filename or raw), f"cannot read directory: {e.strerror or e}"))
+        def keep_dir(dp: Path, ignore: _Ignore = ignore) -> bool:
+            if dp.name in SKIP_DIRS or (dp / "pyvenv.cfg").exists() or ignore.ignored(dp, True):
+                return False
+            ignore.add_dir(dp)
+            return True
 
-        for root, dirs, files in os.walk(p, onerror=onerror):
-            r = Path(root)
-            ignore.add_dir(r)
-            keep_dirs = []
-            for d in sorted(dirs):
-                dp = r / d
-                if d in SKIP_DIRS or (dp / "pyvenv.cfg").exists() or ignore.ignored(dp, True):
-                    continue
-                if not os.access(dp, os.R_OK | os.X_OK):
-                    skipped.append(Skipped(str(dp), "permission denied"))
-                    continue
-                keep_dirs.append(d)
-            dirs[:] = keep_dirs
-            for f in sorted(files):
-                fp = r / f
-                if not f.endswith(".py") or ignore.ignored(fp, False):
-                    continue
-                if fp.resolve() not in seen:
-                    seen.add(fp.resolve())
-                    out.append(fp)
+        def on_skip(path: str, why: str) -> None:
+            skipped.append(Skipped(_display_path(Path(path)), why))
+
+        for fp in walk_files(p, on_skip, keep_dir):
+            if not fp.name.endswith(".py") or ignore.ignored(fp, False):
+                continue
+            if fp.resolve() not in seen:
+                seen.add(fp.resolve())
+                out.append(fp)
     return out
 
 
 def read_python(path: Path, max_lines: int, max_bytes: int) -> tuple[str | None, str | None]:
     """(source, None) or (None, reason it is skipped)."""
     try:
-        size = path.stat().st_size
-        if size > max_bytes * 4:
-            return None, f"too large ({size} bytes)"
-        data = path.read_bytes()
-    except PermissionError:
-        return None, "permission denied"
-    except OSError as e:
-        return None, f"cannot read: {e.strerror or e}"
+        data = read_bytes(path, max_bytes * 4)  # "too many lines" is the clearer reason below
+    except Unreadable as e:
+        return None, str(e)
     if b"\0" in data[:8192]:
         return None, "binary file"
     lines = data.count(b"\n") + 1

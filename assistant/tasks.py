@@ -1009,23 +1009,12 @@ class UsageError(ValueError):
 
 
 def _read_source(path: str) -> str:
-    from pathlib import Path
+    from assistant.files import Unreadable, read_text
 
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(f"{path}: no such file")
-    if p.is_dir():
-        raise UsageError(f"{path}: is a directory")
     try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise UsageError(f"{path}: {e.strerror or e}") from None
-    if b"\0" in data[:8192]:
-        raise UsageError(f"{path}: binary file")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+        return read_text(path)
+    except Unreadable as e:
+        raise UsageError(f"{path}: {e}") from None
 
 
 def _requests(task: str, args: argparse.Namespace) -> list[TaskRequest]:

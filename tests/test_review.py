@@ -168,10 +168,12 @@ def test_bad_input_is_reported_and_skipped(fake_engine, capsys, tmp_path, monkey
     d = _bad_tree(tmp_path)
     locked = d / "locked"
     if os.geteuid() == 0:  # root reads everything: make the walker see what a user would
-        real = os.access
-        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked else real(p, mode, **kw))
-    else:
-        locked.chmod(0)
+        import assistant.files
+
+        real = os.scandir
+        monkeypatch.setattr(assistant.files.os, "scandir", lambda p: (_ for _ in ()).throw(
+            PermissionError(13, "Permission denied", str(p))) if Path(p) == locked else real(p))
+    locked.chmod(0)
     try:
         out_file = tmp_path / "r.json"
         code, _, err = run([str(d), str(tmp_path / "missing.py"), "--format", "json", "--output", str(out_file)],
@@ -193,6 +195,52 @@ def test_bad_input_is_reported_and_skipped(fake_engine, capsys, tmp_path, monkey
     # without the missing path: findings decide the exit code
     code, out, _ = run([str(d), "--format", "json"], fake_engine, capsys)
     assert code == 1 and Report.from_json(out).files_reviewed == 2
+
+
+def test_fifo_dev_zero_and_locked_subdirectory_are_one_line_each(fake_engine, capsys, tmp_path, monkeypatch):
+    """A named pipe, a symlink to /dev/zero and a mode-000 subdirectory are skipped with one line
+    each (no hang, no unbounded read, no traceback) and the rest of the tree is reviewed."""
+    import signal
+
+    d = tmp_path / "proj"
+    (d / "sub" / "locked").mkdir(parents=True)
+    shutil.copy(EXAMPLES / "stats.py", d / "sub" / "good.py")
+    os.mkfifo(d / "fifo.py")
+    (d / "zero.py").symlink_to("/dev/zero")
+    (d / "sub" / "locked" / "secret.py").write_text("def s():\n    return 1\n")
+    locked = d / "sub" / "locked"
+    if os.geteuid() == 0:  # root reads everything: make the walker see what a user would
+        import assistant.files
+
+        real = os.scandir
+        monkeypatch.setattr(assistant.files.os, "scandir", lambda p: (_ for _ in ()).throw(
+            PermissionError(13, "Permission denied", str(p))) if Path(p) == locked else real(p))
+
+    def hung(*_):
+        raise TimeoutError("the review blocked")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    locked.chmod(0)
+    try:
+        code, out, err = run([str(d), "--format", "json"], fake_engine, capsys)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        locked.chmod(0o755)
+    rep = Report.from_json(out)
+    reasons = {Path(s.path).name: s.reason for s in rep.skipped}
+    assert reasons == {
+        "fifo.py": "not a regular file (a named pipe)",
+        "zero.py": "not a regular file (a character device, via a symlink to /dev/zero)",
+        "locked": "permission denied",
+    }
+    assert code == 1 and rep.files_reviewed == 1 and any(f.function == "mean" for f in rep.findings)
+    assert "Traceback" not in err
+    # on the text report each is one line
+    code, out, _ = run([str(d)], fake_engine, capsys)
+    skipped_lines = [ln for ln in out.splitlines() if ln.startswith("skipped:")]
+    assert len(skipped_lines) == 3 and sum("fifo.py: not a regular file" in ln for ln in skipped_lines) == 1, out
 
 
 def test_ctrl_c_midway_writes_partial_results(tiny_tokenizer, capsys, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from assistant_fakes import ScriptedBackend
@@ -270,6 +271,13 @@ def test_cli_usage_errors(tmp_path, capsys):
     assert main(["explain", f"{tmp_path / 'latin.py'}:1-1"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "no such file" in err and "binary" in err and "UTF-8" in err
+    # special files: one line, no hang, no unbounded read
+    os.mkfifo(tmp_path / "fifo.py")
+    (tmp_path / "zero.py").symlink_to("/dev/zero")
+    assert main(["debug", str(tmp_path / "fifo.py")]) == 2
+    assert main(["complete", f"{tmp_path / 'zero.py'}:1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "fifo.py: not a regular file (a named pipe)" in err and "/dev/zero" in err and err.count("\n") == 2
 
 
 def test_cli_runs_with_a_model(tmp_path, tiny_model_dir, capsys):

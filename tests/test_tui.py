@@ -455,6 +455,70 @@ async def test_bad_input_keeps_the_app_running(tmp_path):
         assert turns(app)[-1].state.status == "done"
 
 
+async def test_special_files_are_one_line_and_the_chat_goes_on(tmp_path, monkeypatch):
+    """/add of a FIFO, of a symlink to /dev/zero, of /dev/zero and of a file in a mode-000
+    directory: one error line each, nothing attached, the chat keeps answering (no freeze)."""
+    import os
+    import signal
+
+    import assistant.files
+
+    os.mkfifo(tmp_path / "fifo.py")
+    (tmp_path / "zero.py").symlink_to("/dev/zero")
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "in.py").write_text("x = 1\n")
+    secret = tmp_path / "locked" / "in.py"
+    if os.geteuid() == 0:  # root reads everything: give the reader what a user gets
+        real_open = os.open
+        monkeypatch.setattr(assistant.files.os, "open", lambda p, *a, **k: (_ for _ in ()).throw(
+            PermissionError(13, "Permission denied")) if Path(p) == secret else real_open(p, *a, **k))
+
+    def hung(*_):
+        raise TimeoutError("the chat blocked")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    (tmp_path / "locked").chmod(0)
+    try:
+        engine = ScriptedEngine(delay=0.0)
+        app = make_app(tmp_path, engine)
+        async with app.run_test(size=SIZE) as pilot:
+            for cmd in ["/add fifo.py", "/add zero.py", "/add /dev/zero", "/add locked/in.py"]:
+                await app.handle_input(cmd)
+            errors = notes(app, "error")
+            for words in [
+                "cannot read fifo.py: not a regular file (a named pipe)",
+                "cannot read zero.py: not a regular file (a character device, via a symlink to /dev/zero)",
+                "cannot read /dev/zero: not a regular file (a character device)",
+                "locked/in.py: permission denied",
+            ]:
+                assert any(words in e for e in errors), (words, errors)
+            assert all("\n" not in e and "Traceback" not in e for e in errors)
+            assert app.attachments == []
+            await type_text(pilot, "still there?")
+            await pilot.press("enter")
+            await wait_for(pilot, last_done(app))
+            assert turns(app)[-1].state.status == "done"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+        (tmp_path / "locked").chmod(0o755)
+
+
+def test_start_up_files_use_the_same_reader(capsys, tmp_path, monkeypatch):
+    import os
+
+    os.mkfifo(tmp_path / "fifo.py")
+    (tmp_path / "zero.py").symlink_to("/dev/zero")
+    (tmp_path / "bin.py").write_bytes(b"a\0b")
+    monkeypatch.chdir(tmp_path)
+    for name, words in [("fifo.py", "named pipe"), ("zero.py", "character device"), ("bin.py", "looks binary"),
+                        ("missing.py", "no such file")]:
+        assert main([name]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
+
+
 async def test_engine_error_event_is_shown(tmp_path):
     class Broken(ScriptedEngine):
         def stream(self, request, cancel=None):

@@ -688,9 +688,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.model is not None and not Path(args.model).expanduser().is_dir():
         print(f"moecoder chat: error: --model {args.model}: no such checkpoint directory", file=sys.stderr)
         return 2
-    for f in args.files:
-        if not Path(f).expanduser().is_file():
-            print(f"moecoder chat: error: no such file: {f}", file=sys.stderr)
+    for f in args.files:  # the same reader as /add: a missing, binary or special file is one line, exit 2
+        try:
+            read_attachment(f, base=Path.cwd())
+        except CommandError as e:
+            print(f"moecoder chat: error: {e}", file=sys.stderr)
             return 2
     engine = None
     if args.fake_engine or os.environ.get("MOECODER_TUI_ENGINE") == "fake":

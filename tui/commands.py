@@ -7,6 +7,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from assistant.files import Unreadable, read_bytes
+
 MAX_FILE_BYTES = 2 * 1024 * 1024
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -105,14 +107,15 @@ def read_attachment(path: str, base: Path | None = None, max_bytes: int = MAX_FI
         raise CommandError(f"{path} is a directory; attach files one by one")
     try:
         st = p.stat()
-        size, size_mtime = st.st_size, st.st_mtime_ns
-        if size > max_bytes:
-            raise CommandError(
-                f"{path} is too large ({size / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB)"
-            )
-        data = p.read_bytes()
     except OSError as e:
         raise CommandError(f"cannot read {path}: {e.strerror or e}") from None
+    size, size_mtime = st.st_size, st.st_mtime_ns
+    if size > max_bytes:
+        raise CommandError(f"{path} is too large ({size / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB)")
+    try:  # regular files only, never blocking: a FIFO or /dev/zero gets one line, not a frozen chat
+        data = read_bytes(p, max_bytes)
+    except Unreadable as e:
+        raise CommandError(f"cannot read {path}: {e}") from None
     if b"\x00" in data:
         raise CommandError(f"{path} looks binary (NUL bytes); only text files can be attached")
     try:
