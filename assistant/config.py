@@ -1,5 +1,10 @@
 """User settings from TOML: ``~/.config/moecoder/config.toml`` (or ``$MOECODER_CONFIG``).
 
+The one settings loader: every face (``review``, the task commands, ``lsp``, ``chat``,
+``serve``) reads its engine settings through :func:`load_settings` and
+:meth:`Settings.for_face`, so the config file's model and device reach all of them.
+A command-line flag or an editor setting still wins over the file.
+
 Example::
 
     model = "~/models/moecoder-small"     # default: the shipped model
@@ -13,31 +18,39 @@ Example::
     debug = 160
     explain = 200
 
-    [features]                            # turn faces' features off
-    complete = true
-    comment = true
-    debug = true
-    explain = true
+    [features]                            # switch tasks off in every face
+    complete = true                       # lsp completions, `moecoder complete`
+    comment = true                        # docstring actions, review's missing docstrings
+    debug = true                          # lsp diagnostics, review's debug hints
+    explain = true                        # lsp hover, `moecoder explain`
 
     [review]
-    min_confidence = 0.5                  # drop debug hints below this
+    min_confidence = 0.5                  # drop debug hints below this (review, lsp, chat)
     jobs = 4
     fail_on = "warning"                   # "error" | "warning" | "note" | "none"
 
+    [lsp]                                 # per-face overrides of model / device / max_seconds
+    device = "cuda"                       # (tables: lsp, chat, review, tasks, serve)
+
 A missing file means defaults; a malformed one raises :class:`ConfigError` (a
-``ValueError``) with a one-line message naming the file and the key.
+``ValueError``) with a one-line message naming the file and the key. Validation is
+``cattrs`` (strict: no int for a bool, no float for an int, no unknown keys).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cattrs
+
 TASK_NAMES = ("complete", "comment", "debug", "explain")
 FAIL_LEVELS = ("error", "warning", "note", "none")
+FACES = ("lsp", "chat", "review", "tasks", "serve")
 
 
 class ConfigError(ValueError):
@@ -54,6 +67,15 @@ class ReviewSettings:
 
 
 @dataclass
+class FaceSettings:
+    """What one face may set differently from the top level (None: inherit)."""
+
+    model: str | None = None
+    device: str | None = None
+    max_seconds: float | None = None
+
+
+@dataclass
 class Settings:
     model: str | None = None
     device: str = "cpu"
@@ -63,7 +85,30 @@ class Settings:
                                                                  "explain": 160})
     features: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(TASK_NAMES, True))
     review: ReviewSettings = field(default_factory=ReviewSettings)
+    lsp: FaceSettings = field(default_factory=FaceSettings)
+    chat: FaceSettings = field(default_factory=FaceSettings)
+    tasks: FaceSettings = field(default_factory=FaceSettings)
+    serve: FaceSettings = field(default_factory=FaceSettings)
+    # the [review] table also takes model/device/max_seconds overrides (kept apart from ReviewSettings)
+    review_face: FaceSettings = field(default_factory=FaceSettings)
     source: Path | None = None  # the file these came from
+
+    def for_face(self, face: str) -> Settings:
+        """These settings with the ``[face]`` table's overrides applied."""
+        if face not in FACES:
+            raise ValueError(f"unknown face {face!r} (known: {', '.join(FACES)})")
+        over = self.review_face if face == "review" else getattr(self, face)
+        changes = {k: v for k, v in dataclasses.asdict(over).items() if v is not None}
+        return dataclasses.replace(self, **changes)
+
+    def disabled_tasks(self) -> frozenset[str]:
+        return frozenset(t for t, on in self.features.items() if not on)
+
+    def engine_options(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`assistant.engine.Engine` (besides model and device)."""
+        return {"default_max_seconds": self.max_seconds, "max_new_tokens_for": dict(self.max_tokens),
+                "completion_context_tokens": self.completion_context_tokens,
+                "disabled_tasks": self.disabled_tasks()}
 
 
 def default_path() -> Path:
@@ -74,62 +119,104 @@ def default_path() -> Path:
     return Path(base) / "moecoder" / "config.toml"
 
 
+# -- validation ---------------------------------------------------------------------------
+@dataclass
+class _ReviewTable:  # the [review] table as written: review settings plus face overrides
+    min_confidence: float = 0.5
+    jobs: int = 4
+    fail_on: str = "warning"
+    model: str | None = None
+    device: str | None = None
+    max_seconds: float | None = None
+
+
+@dataclass
+class _File:  # the file as written (every key optional)
+    model: str | None = None
+    device: str = "cpu"
+    max_seconds: float = 60.0
+    completion_context_tokens: int = 512
+    max_tokens: dict[str, int] = field(default_factory=dict)
+    features: dict[str, bool] = field(default_factory=dict)
+    review: _ReviewTable = field(default_factory=_ReviewTable)
+    lsp: FaceSettings = field(default_factory=FaceSettings)
+    chat: FaceSettings = field(default_factory=FaceSettings)
+    tasks: FaceSettings = field(default_factory=FaceSettings)
+    serve: FaceSettings = field(default_factory=FaceSettings)
+
+
+def _strict(kind: type, want: str):
+    def hook(value: Any, _type: Any) -> Any:
+        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok, value = True, float(value)
+        if not ok:
+            raise ValueError(f"must be {want}, got {value!r}")
+        return value
+
+    return hook
+
+
+_converter = cattrs.Converter(forbid_extra_keys=True)
+_converter.register_structure_hook(int, _strict(int, "an integer"))
+_converter.register_structure_hook(float, _strict(float, "a number"))
+_converter.register_structure_hook(str, _strict(str, "a string"))
+_converter.register_structure_hook(bool, _strict(bool, "true or false"))
+
+
+def _first_error(e: BaseException) -> str:
+    """``key: problem`` of the first failure in a cattrs error tree."""
+    path: list[str] = []
+    while True:
+        for note in getattr(e, "__notes__", []):
+            name = getattr(note, "name", None)  # an attribute of a class
+            name = name if name is not None else getattr(note, "index", None)  # a key of a table
+            if name is not None:
+                path.append(str(name))
+        if not (isinstance(e, BaseExceptionGroup) and e.exceptions):
+            break
+        e = e.exceptions[0]
+    key = ".".join(path) or "the file"
+    if isinstance(e, cattrs.ForbiddenExtraKeysError):
+        return f"unknown setting {', '.join(sorted(e.extra_fields))!r} in {key}"
+    if isinstance(e, TypeError | AttributeError):
+        return f"{key} must be a table"
+    return f"{key} {e}" if path else str(e)
+
+
 def _check(cond: bool, path: Path, key: str, want: str) -> None:
     if not cond:
         raise ConfigError(f"{path}: {key} must be {want}")
 
 
 def parse_settings(data: dict[str, Any], path: Path = Path("<config>")) -> Settings:
-    s = Settings(source=path)
-    known = {"model", "device", "max_seconds", "completion_context_tokens", "max_tokens", "features", "review"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
-    if "model" in data:
-        _check(isinstance(data["model"], str) and bool(data["model"]), path, "model", "a directory path")
-        s.model = str(Path(data["model"]).expanduser())
-    if "device" in data:
-        _check(isinstance(data["device"], str), path, "device", "a string such as \"cpu\"")
-        s.device = data["device"]
-    if "max_seconds" in data:
-        v = data["max_seconds"]
-        _check(isinstance(v, int | float) and not isinstance(v, bool) and v > 0, path, "max_seconds",
-               "a positive number")
-        s.max_seconds = float(v)
-    if "completion_context_tokens" in data:
-        v = data["completion_context_tokens"]
-        _check(isinstance(v, int) and not isinstance(v, bool) and v >= 16, path, "completion_context_tokens",
-               "an integer >= 16")
-        s.completion_context_tokens = v
-    for table, kind in (("max_tokens", int), ("features", bool)):
-        if table in data:
-            t = data[table]
-            _check(isinstance(t, dict), path, table, "a table")
-            for k, v in t.items():
-                _check(k in TASK_NAMES, path, f"{table}.{k}", f"one of {', '.join(TASK_NAMES)}")
-                if kind is int:
-                    _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, path, f"{table}.{k}",
-                           "a positive integer")
-                else:
-                    _check(isinstance(v, bool), path, f"{table}.{k}", "true or false")
-                getattr(s, table)[k] = v
-    if "review" in data:
-        r = data["review"]
-        _check(isinstance(r, dict), path, "review", "a table")
-        for k, v in r.items():
-            if k == "min_confidence":
-                _check(isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1, path,
-                       "review.min_confidence", "a number in [0, 1]")
-                s.review.min_confidence = float(v)
-            elif k == "jobs":
-                _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, path, "review.jobs",
-                       "a positive integer")
-                s.review.jobs = v
-            elif k == "fail_on":
-                _check(v in FAIL_LEVELS, path, "review.fail_on", f"one of {', '.join(FAIL_LEVELS)}")
-                s.review.fail_on = v
-            else:
-                raise ConfigError(f"{path}: unknown setting 'review.{k}'")
+    try:
+        raw = _converter.structure(data, _File)
+    except (cattrs.BaseValidationError, ValueError, TypeError) as e:
+        raise ConfigError(f"{path}: {_first_error(e)}") from None
+    _check(raw.model is None or bool(raw.model), path, "model", "a directory path")
+    _check(raw.max_seconds > 0, path, "max_seconds", "a positive number")
+    _check(raw.completion_context_tokens >= 16, path, "completion_context_tokens", "an integer >= 16")
+    for table in ("max_tokens", "features"):
+        for k, v in getattr(raw, table).items():
+            _check(k in TASK_NAMES, path, f"{table}.{k}", f"one of {', '.join(TASK_NAMES)}")
+            _check(table == "features" or v > 0, path, f"{table}.{k}", "a positive integer")
+    r = raw.review
+    _check(0 <= r.min_confidence <= 1, path, "review.min_confidence", "a number in [0, 1]")
+    _check(r.jobs > 0, path, "review.jobs", "a positive integer")
+    _check(r.fail_on in FAIL_LEVELS, path, "review.fail_on", f"one of {', '.join(FAIL_LEVELS)}")
+    faces = {f: getattr(raw, f) for f in ("lsp", "chat", "tasks", "serve")}
+    faces["review_face"] = FaceSettings(r.model, r.device, r.max_seconds)
+    for name, f in faces.items():
+        label = "review" if name == "review_face" else name
+        _check(f.max_seconds is None or f.max_seconds > 0, path, f"{label}.max_seconds", "a positive number")
+        if f.model is not None:
+            f.model = str(Path(f.model).expanduser())
+    s = Settings(model=str(Path(raw.model).expanduser()) if raw.model else None, device=raw.device,
+                 max_seconds=raw.max_seconds, completion_context_tokens=raw.completion_context_tokens,
+                 review=ReviewSettings(r.min_confidence, r.jobs, r.fail_on), source=path, **faces)
+    s.max_tokens.update(raw.max_tokens)
+    s.features.update(raw.features)
     return s
 
 

@@ -3,7 +3,8 @@
 ``Engine.stream(request)`` turns a :class:`assistant.tasks.TaskRequest` into a stream of
 :class:`Event`: ``reasoning`` deltas (the model's text before ``<|/think|>``), then
 ``answer`` deltas, then one ``done`` event carrying the parsed result (or one ``error``
-event). The model forward is not thread-safe, so every model call of every request runs
+event). The engine satisfies :class:`assistant.protocols.Engine` (what the faces use); the
+model forward is not thread-safe, so every model call of every request runs
 on the engine's single worker thread; ``stream`` may be called from any thread and
 ``astream`` from asyncio. A :class:`CancelToken` stops generation within one token, and
 every request is guarded by a token limit and a time limit.
@@ -16,9 +17,14 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from model.generate import CancelToken, GenerationResult, SamplingParams
+from assistant.protocols import CancelToken, EngineError, Event, Tokenizer
+from model.generate import GenerationResult, SamplingParams
+
+if TYPE_CHECKING:
+    from assistant.config import Settings
+    from assistant.tasks import TaskRequest
 
 __all__ = ["CancelToken", "Engine", "EngineError", "Event", "Backend", "ModelBackend"]
 
@@ -26,22 +32,11 @@ DEFAULT_CONTEXT_LENGTH = 2048
 _POLL_S = 0.1  # queue polling period: keeps the consumer interruptible by Ctrl-C
 
 
-class EngineError(RuntimeError):
-    """A request failed; the message is one line and meant for the user."""
-
-
-@dataclass
-class Event:
-    kind: str  # "reasoning" | "answer" | "done" | "error"
-    text: str = ""
-    result: object | None = None
-
-
 class Backend:
     """What the engine needs from the model side. :class:`ModelBackend` is the real one;
     tests substitute scripted fakes for deterministic outputs."""
 
-    tokenizer: Any
+    tokenizer: Tokenizer
     context_length: int
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, cancel: CancelToken | None) -> Iterator[Any]:
@@ -53,6 +48,10 @@ class Backend:
 
     def token_logprobs(self, ids: list[int]) -> list[float]:
         raise NotImplementedError
+
+    def next_token_logprobs(self, ids: list[int], candidates: Sequence[int]) -> list[float]:
+        """log P(c | ids) for each candidate next token (the debug gate's question)."""
+        return [self.token_logprobs([*ids, c])[-1] for c in candidates]
 
 
 def _context_length(config: Any) -> int:
@@ -88,6 +87,14 @@ class ModelBackend(Backend):
 
         return gen.token_logprobs(self.model, ids)
 
+    def next_token_logprobs(self, ids, candidates):
+        import torch
+
+        with torch.no_grad():  # one forward for all candidates
+            x = torch.tensor([list(ids)], dtype=torch.long, device=self.model.tok_emb.weight.device)
+            logp = self.model(x, last_only=True)[0, -1].float().log_softmax(-1)
+        return [float(logp[c]) for c in candidates]
+
 
 @dataclass
 class _Job:
@@ -99,7 +106,8 @@ class Engine:
 
     def __init__(self, model_dir: str | None = None, device: str = "cpu", *, backend: Backend | None = None,
                  default_max_new_tokens: int = 256, default_max_seconds: float | None = 60.0,
-                 max_new_tokens_for: dict[str, int] | None = None, completion_context_tokens: int | None = 512):
+                 max_new_tokens_for: dict[str, int] | None = None, completion_context_tokens: int | None = 512,
+                 disabled_tasks: frozenset[str] = frozenset()):
         if backend is None:
             from model.checkpoint import load_model
 
@@ -112,10 +120,17 @@ class Engine:
         self.default_max_new_tokens_for = dict(max_new_tokens_for or {})
         # completions are latency-bound: their prompt is capped below the context length
         self.completion_context_tokens = completion_context_tokens
+        self.disabled_tasks = frozenset(disabled_tasks)  # the config file's [features] switched off
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._closed = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings, model_dir: str | None = None, device: str | None = None) -> Engine:
+        """The engine a face gets: ``settings`` (already ``for_face``) with the face's own
+        ``model_dir``/``device`` (a flag, an editor setting) winning over the file's."""
+        return cls(model_dir or settings.model, device=device or settings.device, **settings.engine_options())
 
     @classmethod
     def from_loaded(cls, model: Any = None, tokenizer: Any = None, config: Any = None, *,
@@ -129,7 +144,7 @@ class Engine:
 
     # -- properties -------------------------------------------------------------------
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> Tokenizer:
         return self.backend.tokenizer
 
     @property
@@ -137,8 +152,7 @@ class Engine:
         return self.backend.context_length
 
     def count_tokens(self, text: str) -> int:
-        tok = self.tokenizer
-        return tok.count(text) if hasattr(tok, "count") else len(tok.encode(text))
+        return self.tokenizer.count(text)
 
     # -- the worker ---------------------------------------------------------------------
     def _ensure_worker(self) -> None:
@@ -208,7 +222,7 @@ class Engine:
             **kwargs,
         )
 
-    def stream(self, request: Any, cancel: CancelToken | None = None) -> Iterator[Event]:
+    def stream(self, request: TaskRequest, cancel: CancelToken | None = None) -> Iterator[Event]:
         """Events of one request: reasoning deltas, answer deltas, then done (or error).
 
         Thread-safe. Closing the iterator early cancels the request.
@@ -244,7 +258,7 @@ class Engine:
             if not finished:
                 cancel.cancel()
 
-    async def astream(self, request: Any, cancel: CancelToken | None = None) -> AsyncIterator[Event]:
+    async def astream(self, request: TaskRequest, cancel: CancelToken | None = None) -> AsyncIterator[Event]:
         """``stream`` for asyncio: the blocking queue is read on a helper thread."""
         cancel = cancel or CancelToken()
         loop = asyncio.get_running_loop()
@@ -282,7 +296,7 @@ class Engine:
             if not finished:
                 cancel.cancel()
 
-    def run(self, request: Any, cancel: CancelToken | None = None) -> object:
+    def run(self, request: TaskRequest, cancel: CancelToken | None = None) -> object:
         """The result of the ``done`` event; raises :class:`EngineError` on an ``error`` event."""
         result: object | None = None
         for event in self.stream(request, cancel):
@@ -292,7 +306,7 @@ class Engine:
                 result = event.result
         return result
 
-    def run_batch(self, requests: Sequence[Any], batch_size: int = 4,
+    def run_batch(self, requests: Sequence[TaskRequest], batch_size: int = 4,
                   progress: Callable[[int], None] | None = None) -> list[object]:
         """Results of many requests with batched generation (the review CLI's road).
 

@@ -36,10 +36,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from assistant import code as codemod
 from assistant.files import Unreadable, read_bytes, walk_files
+
+if TYPE_CHECKING:  # the review batches generation: it runs on the in-process engine
+    from assistant.engine import Engine
 
 LEVELS = ("note", "warning", "error")  # ascending
 FAIL_ON = ("error", "warning", "note", "none")
@@ -401,7 +404,7 @@ def _findings(job: _Job, result: Any, opts: Options) -> list[Finding]:
     return out
 
 
-def run_review(paths: Sequence[str], opts: Options, engine: Any, report: Report | None = None) -> Report:
+def run_review(paths: Sequence[str], opts: Options, engine: Engine, report: Report | None = None) -> Report:
     """Review ``paths``; fills and returns ``report``. KeyboardInterrupt marks it interrupted
     (partial results kept) and is not re-raised."""
     from assistant.engine import CancelToken, EngineError
@@ -586,7 +589,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None, engine: Any = None) -> int:
+def main(argv: Sequence[str] | None = None, engine: Engine | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     try:
@@ -601,7 +604,7 @@ def main(argv: Sequence[str] | None = None, engine: Any = None) -> int:
     from assistant.config import load_settings
 
     try:
-        settings = load_settings()
+        settings = load_settings().for_face("review")
     except ValueError as e:
         return fail(str(e))
     jobs = args.jobs if args.jobs is not None else settings.review.jobs
@@ -633,8 +636,7 @@ def main(argv: Sequence[str] | None = None, engine: Any = None) -> int:
             from assistant.engine import Engine
 
             try:
-                engine = Engine(args.model or settings.model, device=settings.device,
-                                default_max_seconds=settings.max_seconds, max_new_tokens_for=settings.max_tokens)
+                engine = Engine.from_settings(settings, args.model)
             except (ValueError, OSError) as e:
                 return fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
         try:

@@ -32,9 +32,13 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from assistant import code as codemod
+
+if TYPE_CHECKING:  # tasks run inside the in-process engine (its worker thread)
+    from assistant.engine import Engine
+    from assistant.protocols import CancelToken, Event
 
 TASKS = ("complete", "comment", "debug", "explain")
 DEFAULT_MAX_NEW = {"complete": 64, "comment": 160, "debug": 160, "explain": 160}
@@ -137,24 +141,25 @@ class Plan:
     notes: list[str] = field(default_factory=list)  # what the context manager trimmed
 
 
-def _budget(engine: Any, max_new: int) -> tuple[int, int]:
+def _budget(engine: Engine, max_new: int) -> tuple[int, int]:
     """(prompt budget, max new tokens) within the model's context length."""
     ctx = engine.context_length
     max_new = max(1, min(max_new, ctx // 2))
     return ctx - max_new - 1, max_new
 
 
-def make_plan(engine: Any, req: TaskRequest) -> Plan:
+def make_plan(engine: Engine, req: TaskRequest) -> Plan:
     """Prompt, limits and result parser for ``req`` (pure Python; no model call)."""
     if req.task not in TASKS:
         raise TaskError(f"unknown task {req.task!r} (choose from {', '.join(TASKS)})")
+    if req.task in engine.disabled_tasks:
+        raise TaskError(f"the {req.task} task is switched off ([features] in the config file)")
     if not isinstance(req.source, str):
         raise TaskError("source must be text")
-    max_new = req.max_new_tokens or getattr(engine, "default_max_new_tokens_for", {}).get(req.task) \
-        or DEFAULT_MAX_NEW[req.task]
+    max_new = req.max_new_tokens or engine.default_max_new_tokens_for.get(req.task) or DEFAULT_MAX_NEW[req.task]
     budget, max_new = _budget(engine, max_new)
     if req.task == "complete":
-        cap = getattr(engine, "completion_context_tokens", None)  # prefill time bounds latency
+        cap = engine.completion_context_tokens  # prefill time bounds latency
         return _plan_complete(engine, req, min(budget, cap) if cap else budget, max_new)
     if req.task == "explain":
         return _plan_explain(engine, req, budget, max_new)
@@ -162,7 +167,7 @@ def make_plan(engine: Any, req: TaskRequest) -> Plan:
 
 
 # ------------------------------------------------------------------------- running one request
-def execute(engine: Any, request: TaskRequest, cancel: Any) -> Iterator[Any]:
+def execute(engine: Engine, request: TaskRequest, cancel: CancelToken | None) -> Iterator[Event]:
     """Events of one request. Runs on the engine's worker thread (it calls the model)."""
     from assistant.engine import Event
 
@@ -220,7 +225,7 @@ def split_generation(tok: Any, token_ids: list[int], logprobs: list[float], thin
     return Generated(tok.decode(r_ids), tok.decode([t for t, _ in keep]), [lp for _, lp in keep], "eos")
 
 
-def iter_batch(engine: Any, requests: Sequence[TaskRequest], batch_size: int = 4, cancel: Any = None,
+def iter_batch(engine: Engine, requests: Sequence[TaskRequest], batch_size: int = 4, cancel: Any = None,
                on_plan_error: Callable[[int, Exception], None] | None = None) -> Iterator[tuple[int, object]]:
     """``(index, result)`` for each request as its batch finishes (``result`` may be an
     exception for a request that failed). Generation is batched ``batch_size`` prompts at a
@@ -267,7 +272,7 @@ def iter_batch(engine: Any, requests: Sequence[TaskRequest], batch_size: int = 4
                 yield i, result
 
 
-def execute_batch(engine: Any, requests: list[TaskRequest], batch_size: int = 4,
+def execute_batch(engine: Engine, requests: list[TaskRequest], batch_size: int = 4,
                   progress: Callable[[int], None] | None = None) -> list[object]:
     results: list[object] = [None] * len(requests)
     done = 0
@@ -280,7 +285,7 @@ def execute_batch(engine: Any, requests: list[TaskRequest], batch_size: int = 4,
 
 
 # ------------------------------------------------------------------------- complete
-def _plan_complete(engine: Any, req: TaskRequest, budget: int, max_new: int) -> Plan:
+def _plan_complete(engine: Engine, req: TaskRequest, budget: int, max_new: int) -> Plan:
     from assistant.context import build_context
 
     tok = engine.tokenizer
@@ -294,7 +299,7 @@ def _plan_complete(engine: Any, req: TaskRequest, budget: int, max_new: int) -> 
     prefix = "\n".join(lines[:req.line] + [lines[req.line][:column]])
     suffix = "\n".join([lines[req.line][column:]] + lines[req.line + 1:])
 
-    def finish(_engine: Any, gen: Generated) -> Completion:
+    def finish(_engine: Engine, gen: Generated) -> Completion:
         text = postprocess_completion(gen.answer, prefix, suffix, multiline)
         return Completion(text=text, multiline=multiline)
 
@@ -494,7 +499,7 @@ def _fit_code(tok: Any, task: str, code_lines: list[str], budget: int, numbered:
     return ids, lo
 
 
-def _plan_function_task(engine: Any, req: TaskRequest, budget: int, max_new: int) -> Plan:
+def _plan_function_task(engine: Engine, req: TaskRequest, budget: int, max_new: int) -> Plan:
     tok = engine.tokenizer
     src_lines = req.source.split("\n")
     func = _target_function(req)
@@ -523,7 +528,7 @@ def _plan_function_task(engine: Any, req: TaskRequest, budget: int, max_new: int
         ids, _ = _fit_code(tok, "comment", prompt_lines, budget, False, notes)
         style = codemod.docstring_style(req.source)
 
-        def finish_comment(_engine: Any, gen: Generated) -> Docstring:
+        def finish_comment(_engine: Engine, gen: Generated) -> Docstring:
             return make_docstring(func, gen.answer, gen.reasoning, style)
 
         return Plan(req, ids, max_new, think=True, finish=finish_comment, notes=notes)
@@ -537,7 +542,7 @@ def _plan_function_task(engine: Any, req: TaskRequest, budget: int, max_new: int
     return Plan(req, ids, max_new, think=True, finish=finish_debug, notes=notes)
 
 
-def _plan_explain(engine: Any, req: TaskRequest, budget: int, max_new: int) -> Plan:
+def _plan_explain(engine: Engine, req: TaskRequest, budget: int, max_new: int) -> Plan:
     tok = engine.tokenizer
     src_lines = req.source.split("\n")
     if req.end_line is not None:
@@ -553,14 +558,14 @@ def _plan_explain(engine: Any, req: TaskRequest, budget: int, max_new: int) -> P
     notes: list[str] = []
     ids, _ = _fit_code(tok, "explain", code.split("\n"), budget, False, notes)
 
-    def finish(_engine: Any, gen: Generated) -> Explanation:
+    def finish(_engine: Engine, gen: Generated) -> Explanation:
         return Explanation(text=gen.answer.strip(), reasoning=gen.reasoning.strip())
 
     return Plan(req, ids, max_new, think=True, finish=finish, notes=notes)
 
 
 # ------------------------------------------------------------------------- debug results
-def line_surprisal(engine: Any, code_lines: list[str]) -> list[float]:
+def line_surprisal(engine: Engine, code_lines: list[str]) -> list[float]:
     """Mean surprisal (-log p, nats/token) of each line under the model; 0.0 for blank lines."""
     tok = engine.tokenizer
     ids: list[int] = [tok.eos_id]
@@ -649,7 +654,7 @@ DEBUG_GATE_FACTORS = True  # multiply the gate confidence by the consistency che
 DEBUG_RANK_WEIGHT = 0.0  # weight of the flagged line's surprisal rank in the gate's logit
 
 
-def debug_gate_score(engine: Any, prompt_ids: Sequence[int]) -> float | None:
+def debug_gate_score(engine: Engine, prompt_ids: Sequence[int]) -> float | None:
     """log P("Line"...) - log P("Takes"...) for the first reasoning token after a debug
     prompt (ending in ``<|think|>``); positive = the model leans to "there is a bug".
     None when the backend cannot score (then the older confidence is used)."""
@@ -662,18 +667,8 @@ def debug_gate_score(engine: Any, prompt_ids: Sequence[int]) -> float | None:
     ids = list(prompt_ids)
     if not ids:
         return None
-    backend = engine.backend
-    model = getattr(backend, "model", None)
     try:
-        if model is not None and hasattr(model, "tok_emb"):
-            import torch
-
-            with torch.no_grad():
-                x = torch.tensor([ids], dtype=torch.long, device=model.tok_emb.weight.device)
-                logp = model(x, last_only=True)[0, -1].float().log_softmax(-1)
-            return float(logp[bug_id] - logp[clean_id])
-        a = backend.token_logprobs([*ids, bug_id])[-1]
-        b = backend.token_logprobs([*ids, clean_id])[-1]
+        a, b = engine.backend.next_token_logprobs(ids, [bug_id, clean_id])
         return float(a - b)
     except Exception:  # noqa: BLE001 - a fake or broken backend: fall back
         return None
@@ -745,12 +740,12 @@ def check_debug_answer(answer: str, first: int, code_lines: list[str], src_lines
     return CheckedAnswer(n, hint, full_fix, factor)
 
 
-def legacy_confidence(engine: Any, code_lines: list[str], n: int, answer_logprobs: list[float]) -> float:
+def legacy_confidence(engine: Engine, code_lines: list[str], n: int, answer_logprobs: list[float]) -> float:
     """The older confidence: the answer's mean probability x the flagged line's surprisal rank."""
     return calibrate(answer_logprobs, surprisal_rank(engine, code_lines, n))
 
 
-def surprisal_rank(engine: Any, code_lines: list[str], n: int) -> float:
+def surprisal_rank(engine: Engine, code_lines: list[str], n: int) -> float:
     """Percentile of line ``n``'s (1-based) surprisal among the non-blank lines (1.0 = most surprising)."""
     surprisal = line_surprisal(engine, code_lines)
     nonblank = [s for s, ln in zip(surprisal, code_lines) if ln.strip()]
@@ -763,7 +758,7 @@ def surprisal_rank(engine: Any, code_lines: list[str], n: int) -> float:
     return rank
 
 
-def make_debug_result(engine: Any, req: TaskRequest, name: str, first: int, code_lines: list[str],
+def make_debug_result(engine: Engine, req: TaskRequest, name: str, first: int, code_lines: list[str],
                       src_lines: list[str], gen: Generated, prompt_ids: Sequence[int] | None = None,
                       gate_score: float | None = None, use_gate: bool | None = None) -> DebugResult:
     """The hint from a debug answer, checked against the code (:func:`check_debug_answer`)
@@ -1098,10 +1093,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from assistant.engine import Engine, EngineError
 
     try:
-        settings = load_settings()
-        engine = Engine(args.model or settings.model, device=settings.device,
-                        default_max_seconds=settings.max_seconds, max_new_tokens_for=settings.max_tokens,
-                        completion_context_tokens=settings.completion_context_tokens)
+        engine = Engine.from_settings(load_settings().for_face("tasks"), args.model)
     except (ValueError, OSError) as e:
         print(f"moecoder {task}: error: {str(e).splitlines()[0] if str(e) else e}", file=sys.stderr)
         return 2

@@ -29,8 +29,10 @@ Settings (camelCase, either top level or under a ``"moecoder"`` key)::
      "features": {"completion": true, "inlineCompletion": true, "codeActions": true,
                   "diagnostics": true, "hover": false}}
 
-``MOECODER_LSP_ENGINE=fake`` (or the hidden ``--fake-engine``) swaps in
-:class:`lsp.testing.FakeEngine`; ``MOECODER_LSP_ENGINE=module:attr`` any engine class.
+The model and device come from the config file (``assistant.config``, ``[lsp]`` table
+overrides), then ``--model``/``--device``, then the editor's ``modelPath``/``device``.
+The server talks to any :class:`assistant.protocols.Engine`; tests pass their scripted
+engine to :func:`build_server` / :func:`main` (``tests/lsp_fake_server.py``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import copy
-import importlib
 import itertools
 import logging
 import os
@@ -63,6 +64,9 @@ from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol, lsp_method
 
 from assistant import __version__
+from assistant.config import Settings as Config
+from assistant.config import load_settings
+from assistant.protocols import CancelToken, Engine
 from lsp.documents import Document, normalize_encoding
 
 log = logging.getLogger("moecoder.lsp")
@@ -95,6 +99,18 @@ class Settings:
     features: dict[str, bool] = field(default_factory=lambda: {
         "completion": True, "inlineCompletion": True, "codeActions": True, "diagnostics": True, "hover": False,
     })
+
+    @classmethod
+    def from_config(cls, config: Config, model_path: str | None = None, device: str | None = None) -> Settings:
+        """Defaults from the config file (``[lsp]`` face): model, device, and the tasks its
+        ``[features]`` switch off; ``model_path``/``device`` (the command line) win."""
+        s = cls(model_path=model_path or config.model, device=device or config.device)
+        off = config.disabled_tasks()
+        for task, features in (("complete", ("completion", "inlineCompletion")), ("debug", ("diagnostics",)),
+                               ("explain", ("hover",))):
+            if task in off:
+                s.features.update(dict.fromkeys(features, False))
+        return s
 
     def on(self, feature: str) -> bool:
         return bool(self.features.get(feature, False))
@@ -159,30 +175,19 @@ def _snake(key: str) -> str:
 
 
 # -- engine factory ------------------------------------------------------------------------
-def engine_factory(spec: str | None = None) -> Callable[..., Any]:
-    """The engine class: the real :class:`assistant.engine.Engine`, ``fake`` or ``module:attr``."""
-    spec = spec or os.environ.get("MOECODER_LSP_ENGINE") or "real"
-    if spec == "real":
-        from assistant.engine import Engine
-
-        return Engine
-    if spec == "fake":
-        from lsp.testing import FakeEngine
-
-        return FakeEngine
-    module, _, attr = spec.partition(":")
-    if not module or not attr:
-        raise ValueError(f"MOECODER_LSP_ENGINE must be 'real', 'fake' or 'module:attr', got {spec!r}")
-    return getattr(importlib.import_module(module), attr)
+EngineFactory = Callable[..., Engine]  # (model_dir=..., device=...) -> Engine
 
 
-def _new_token(engine: Any) -> Any:
-    """A cancel token for ``engine``: its own class if it names one (the scripted test
-    engine does, to start without torch), else :class:`assistant.engine.CancelToken`."""
-    cls = getattr(engine, "cancel_token_class", None)
-    if cls is None:
-        from assistant.engine import CancelToken as cls
-    return cls()
+def config_engine_factory(config: Config | None = None) -> EngineFactory:
+    """The real :class:`assistant.engine.Engine` with the config file's settings (the
+    ``[lsp]`` face); the model and device passed in (flags, editor settings) win."""
+
+    def make(model_dir: str | None = None, device: str | None = None) -> Engine:
+        from assistant.engine import Engine as InProcessEngine
+
+        return InProcessEngine.from_settings(config or load_settings().for_face("lsp"), model_dir, device)
+
+    return make
 
 
 # -- the protocol: robust framing, our own document store, client-aware capabilities -------
@@ -242,7 +247,7 @@ class DiagState:
 
 
 class MoeServer(LanguageServer):
-    def __init__(self, factory: Callable[..., Any], settings: Settings | None = None):
+    def __init__(self, factory: EngineFactory, settings: Settings | None = None):
         super().__init__("moecoder", __version__, protocol_cls=MoeProtocol,
                          text_document_sync_kind=types.TextDocumentSyncKind.Incremental)
         self.factory = factory
@@ -252,16 +257,16 @@ class MoeServer(LanguageServer):
         self.caps = types.ClientCapabilities()
         self.pull_diagnostics = False
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="moecoder-lsp")
-        self._engine: Any = None
+        self._engine: Engine | None = None
         self._engine_key: tuple | None = None
         self._engine_future: concurrent.futures.Future | None = None
         self._reported_errors: set[str] = set()
-        self._active: dict[str, Any] = {}  # completion kind -> CancelToken of the newest request
+        self._active: dict[str, CancelToken] = {}  # completion kind -> token of the newest request
         self._diag: dict[str, DiagState] = {}
         self._diag_timers: dict[str, asyncio.TimerHandle] = {}
         self._diag_tasks: dict[str, tuple[int | None, asyncio.Task]] = {}
         self._hint_cache: dict[str, dict[tuple[str, str], list[tuple[int, Any]]]] = {}
-        self._live_tokens: set[Any] = set()  # tokens of engine jobs queued or running
+        self._live_tokens: set[CancelToken] = set()  # tokens of engine jobs queued or running
         self._shared: dict[tuple, asyncio.Future] = {}  # (uri, version, offset) -> completion
         self._gates: dict[str, asyncio.Lock] = {}  # completion kind -> one job in the engine at a time
         self._result_ids = itertools.count(1)
@@ -304,8 +309,8 @@ class MoeServer(LanguageServer):
         old = self._engine
         self._engine, self._engine_key = None, key
 
-        def load() -> Any:
-            if old is not None and hasattr(old, "close"):
+        def load() -> Engine:
+            if old is not None:
                 with contextlib.suppress(Exception):
                     old.close()
             return self.factory(model_dir=key[0], device=key[1])
@@ -313,7 +318,7 @@ class MoeServer(LanguageServer):
         self._engine_future = fut = self.executor.submit(load)
         return fut
 
-    async def engine(self) -> Any:
+    async def engine(self) -> Engine:
         fut = self.start_engine()
         try:
             if not fut.done():
@@ -334,14 +339,14 @@ class MoeServer(LanguageServer):
                 self.window_show_message(types.ShowMessageParams(type=kind, message=message))
 
     async def run_task(self, request: Any, progress: Progress | None = None,
-                       on_token: Callable[[Any], None] | None = None, gate: asyncio.Lock | None = None) -> Any:
+                       on_token: Callable[[CancelToken], None] | None = None, gate: asyncio.Lock | None = None) -> Any:
         """Run one task on the engine in a worker thread and return its result (None when
         its cancel token was cancelled, e.g. by a newer request). If the awaiting request is
         cancelled (``$/cancelRequest``), the engine's token is cancelled too. With ``gate``,
         one such task at a time reaches the engine, and one superseded while it waited for
         the gate never does (no prefill spent on a result nobody will see)."""
         engine = await self.engine()
-        token = _new_token(engine)
+        token = CancelToken()
         if on_token is not None:
             on_token(token)
         if gate is None:
@@ -351,7 +356,7 @@ class MoeServer(LanguageServer):
                 return None
             return await self._submit(engine, request, token, progress)
 
-    async def _submit(self, engine: Any, request: Any, token: Any, progress: Progress | None) -> Any:
+    async def _submit(self, engine: Engine, request: Any, token: CancelToken, progress: Progress | None) -> Any:
         self._live_tokens.add(token)
         loop = asyncio.get_running_loop()
 
@@ -518,9 +523,9 @@ class MoeServer(LanguageServer):
         request = TaskRequest(task="complete", source=source, path=_path(uri), line=wline, column=col,
                               related=self.related(doc), max_new_tokens=max_new,
                               max_seconds=self.settings.max_seconds)
-        mine: list[Any] = []
+        mine: list[CancelToken] = []
 
-        def supersede(token: Any) -> None:
+        def supersede(token: CancelToken) -> None:
             previous = self._active.get(kind)
             if previous is not None:
                 previous.cancel()  # a newer request supersedes it
@@ -541,10 +546,9 @@ class MoeServer(LanguageServer):
         if current is None or current.version != version or current.text != text:
             log.info("dropped a completion for stale version %s of %s", version, uri)
             return None
-        out = str(getattr(result, "text", "") or "")
+        out = result.text
         # the assistant decides single- vs multi-line from the syntax at the cursor
-        # (Completion.multiline); an engine without that flag gets the plain rule.
-        if not getattr(result, "multiline", multiline_ok):
+        if not result.multiline:
             out = out.split("\n", 1)[0]
         out = out.rstrip("\r") if "\n" not in out else out
         if not out.strip():
@@ -632,7 +636,7 @@ class MoeServer(LanguageServer):
                             continue
                         if result is None:  # stopped: not a verdict, do not cache it
                             continue
-                        found = list(getattr(result, "hints", None) or [])
+                        found = list(result.hints)
                         fresh[key] = [(int(h.line) - first, h) for h in found]
                         hints += found
             snapshot = Document(uri, text, version, doc.language_id, self.encoding)
@@ -649,18 +653,18 @@ class MoeServer(LanguageServer):
                 types.PublishDiagnosticsParams(uri=uri, diagnostics=items, version=version))
 
     def _diagnostic(self, doc: Document, hint: Any) -> types.Diagnostic | None:
-        start = doc.engine_line_offset(int(getattr(hint, "line", -1)))
+        start = doc.engine_line_offset(hint.line)
         if start is None:
             return None
         line_text = doc.engine_line_text(hint.line)
         indent = len(line_text) - len(line_text.lstrip())
         rng = doc.range_of(start + indent, start + len(line_text))
-        conf = float(getattr(hint, "confidence", 0.5) or 0.0)
+        conf = float(hint.confidence)
         severity = (types.DiagnosticSeverity.Error if conf >= 0.9 else types.DiagnosticSeverity.Warning
                     if conf >= 0.6 else types.DiagnosticSeverity.Information if conf >= 0.3
                     else types.DiagnosticSeverity.Hint)
         message = f"{hint.message} (confidence {conf:.0%})"
-        reasoning = (getattr(hint, "reasoning", "") or "").strip()
+        reasoning = (hint.reasoning or "").strip()
         related = None
         if reasoning:
             if self.client_has("text_document.publish_diagnostics.related_information", False) or (
@@ -722,7 +726,7 @@ class MoeServer(LanguageServer):
         snapshot = Document(doc.uri, text, version, doc.language_id, self.encoding)
         body = str(result.text)
         new = result.indent + body + "\n"
-        rs, re_ = getattr(result, "replace_start", None), getattr(result, "replace_end", None)
+        rs, re_ = result.replace_start, result.replace_end
         if isinstance(rs, int) and isinstance(re_, int):
             s, e = snapshot.engine_line_offset(rs), snapshot.engine_line_offset(re_ + 1)
             s = len(text) if s is None else s
@@ -851,7 +855,7 @@ def _debuggable_functions(source: str) -> list[tuple[str, int, int]]:
 
 
 def _moved(hint: Any, line: int) -> Any:
-    if getattr(hint, "line", None) == line:
+    if hint.line == line:
         return hint
     moved = copy.copy(hint)
     moved.line = line
@@ -859,8 +863,9 @@ def _moved(hint: Any, line: int) -> Any:
 
 
 # -- handlers -----------------------------------------------------------------------------------
-def build_server(factory: Callable[..., Any] | None = None, settings: Settings | None = None) -> MoeServer:
-    server = MoeServer(factory or engine_factory(), settings)
+def build_server(factory: EngineFactory | None = None, settings: Settings | None = None) -> MoeServer:
+    """The server; ``factory`` makes its engine (default: the real one, config file settings)."""
+    server = MoeServer(factory or config_engine_factory(), settings)
 
     @server.feature(types.INITIALIZE)
     def initialize(ls: MoeServer, params: types.InitializeParams) -> None:
@@ -1029,22 +1034,13 @@ def build_server(factory: Callable[..., Any] | None = None, settings: Settings |
             except TaskFailed as e:
                 log.warning("explain failed: %s", e)
                 return None
-        if result is None or not str(getattr(result, "text", "")).strip():
+        if result is None or not result.text.strip():
             return None
-        reasoning = str(getattr(result, "reasoning", "") or "").strip()
+        reasoning = (result.reasoning or "").strip()
         value = (f"*Reasoning:* {reasoning}\n\n---\n\n" if reasoning else "") + str(result.text).strip()
         s, e = doc.engine_line_offset(start), doc.engine_line_offset(end)
         rng = doc.range_of(s, e + len(doc.engine_line_text(end))) if s is not None and e is not None else None
         return types.Hover(contents=types.MarkupContent(kind=types.MarkupKind.Markdown, value=value), range=rng)
-
-    @server.command("moecoder.engineStats")
-    async def engine_stats(ls: MoeServer, *args: Any) -> dict:
-        """Counters of a test engine (empty for the real one); used by the tests."""
-        try:
-            eng = await ls.engine()
-        except TaskFailed:
-            return {}
-        return eng.stats() if hasattr(eng, "stats") else {}
 
     @server.feature(types.SHUTDOWN)
     def shutdown(ls: MoeServer, *args: Any) -> None:
@@ -1053,7 +1049,7 @@ def build_server(factory: Callable[..., Any] | None = None, settings: Settings |
         for uri in list(ls._diag_tasks):
             ls.cancel_diagnostics(uri)
         eng = ls._engine
-        if eng is not None and hasattr(eng, "close"):
+        if eng is not None:
             with contextlib.suppress(Exception):
                 eng.close()
 
@@ -1066,14 +1062,15 @@ def _parser() -> argparse.ArgumentParser:
                                 description="Run the moecoder language server on stdio (or TCP for debugging).")
     p.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP instead of stdio (for debugging)")
     p.add_argument("--model", metavar="DIR", help="model directory (default: the shipped model)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--device", help="torch device (default: the config file's, else cpu)")
     p.add_argument("--log-file", metavar="FILE", help="write the server log to FILE (default: stderr)")
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.add_argument("--fake-engine", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, factory: EngineFactory | None = None,
+         build: Callable[[EngineFactory, Settings], MoeServer] | None = None) -> int:
+    """``moecoder lsp``. ``factory``/``build`` are for tests (a scripted engine, extra commands)."""
     args = _parser().parse_args(argv)
     host, port = None, None
     if args.tcp is not None:
@@ -1086,8 +1083,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moecoder lsp: error: model directory not found: {args.model}", file=sys.stderr)
         return 2
     try:
-        factory = engine_factory("fake" if args.fake_engine else None)
-    except (ValueError, ImportError, AttributeError) as e:
+        config = load_settings().for_face("lsp")
+    except ValueError as e:
         print(f"moecoder lsp: error: {_one_line(e)}", file=sys.stderr)
         return 2
     try:
@@ -1100,8 +1097,8 @@ def main(argv: list[str] | None = None) -> int:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(args.log_level)
-    settings = Settings(model_path=args.model, device=args.device)
-    server = build_server(factory, settings)
+    settings = Settings.from_config(config, model_path=args.model, device=args.device)
+    server = (build or build_server)(factory or config_engine_factory(config), settings)
     if host is not None:
         try:
             server.start_tcp(host, port)

@@ -13,31 +13,17 @@ from __future__ import annotations
 import argparse
 import codecs
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from model.cancel import CancelToken  # noqa: F401  (re-exported: the interface names it here)
 from model.formats import fim_prompt
 from model.transformer import Transformer
 
 PREFILL_CHUNK = 512
-
-
-class CancelToken:
-    """Set from any thread; generation checks it between tokens."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def cancel(self) -> None:
-        self._event.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
 
 
 @dataclass

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Real-terminal check of `moecoder chat` (the same steps as tests/test_tui_tmux.py):
 # start the app in a detached tmux session, type with send-keys, read with capture-pane.
-# Uses the scripted engine (MOECODER_TUI_ENGINE=fake), so no model is needed.
+# Uses the scripted engine (python -m tests.tui_fake_chat), so no model is needed.
 #   scripts/tui_tmux_check.sh            # prints the screens, exits 0 when all checks pass
 set -euo pipefail
 
 command -v tmux >/dev/null || { echo "tui_tmux_check: tmux is not installed" >&2; exit 2; }
 PY=${PYTHON:-python}
+root=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
 session="moecoder-check-$$"
 cleanup() { tmux kill-session -t "$session" 2>/dev/null || true; rm -rf "$work"; }
@@ -34,8 +35,8 @@ wait_gone() {  # wait_gone TEXT: poll the screen until TEXT is gone (30 s at mos
 }
 
 tmux new-session -d -s "$session" -x 100 -y 30 \
-    "cd '$work' && env MOECODER_DATA_DIR='$work/data' MOECODER_TUI_ENGINE=fake MOECODER_TUI_FAKE_DELAY=0.25 \
-     $PY -m assistant.cli chat calc.py"
+    "cd '$work' && env MOECODER_DATA_DIR='$work/data' PYTHONPATH='$root' \
+     $PY -m tests.tui_fake_chat --delay 0.25 calc.py"
 
 wait_for "Context budget"
 echo "ok: app started, calc.py attached with its budget report"

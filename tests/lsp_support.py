@@ -12,12 +12,15 @@ from lsprotocol import types
 from pytest_lsp import LanguageClient, client_capabilities
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVER_CMD = [sys.executable, "-m", "assistant.cli", "lsp"]
+SERVER_CMD = [sys.executable, "-m", "tests.lsp_fake_server"]  # the server on the scripted engine
+REAL_SERVER_CMD = [sys.executable, "-m", "assistant.cli", "lsp"]  # the product, on the real engine
 
 
-def server_env(engine: str = "fake") -> dict[str, str]:
+def server_env(config: str | Path | None = None) -> dict[str, str]:
+    """The environment of a server under test: this checkout first on the path, and the
+    config file ``config`` (default: none, whatever the user has)."""
     env = dict(os.environ)
-    env["MOECODER_LSP_ENGINE"] = engine
+    env["MOECODER_CONFIG"] = str(config) if config is not None else str(ROOT / "tests" / "no-such-config.toml")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 

@@ -1,6 +1,6 @@
 """End-to-end tests of the language server over stdio (pytest-lsp), on the scripted engine.
 
-The scripted engine (lsp.testing.FakeEngine) echoes the cursor it was given, so position
+The scripted engine (tests.lsp_fakes.FakeEngine, served by tests.lsp_fake_server) echoes the cursor it was given, so position
 conversion is checked exactly; FAKE_DELAY makes a request slow without timing races.
 """
 
@@ -31,7 +31,7 @@ from tests.lsp_support import (
 )
 
 
-@pytest_lsp.fixture(config=ClientServerConfig(server_command=SERVER_CMD, server_env=server_env("fake")))
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=SERVER_CMD, server_env=server_env()))
 async def client(lsp_client: LanguageClient):
     yield
     await lsp_client.shutdown_session()

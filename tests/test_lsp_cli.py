@@ -7,11 +7,12 @@ import socket
 import subprocess
 import time
 
-from tests.lsp_support import SERVER_CMD, server_env
+from tests.lsp_support import REAL_SERVER_CMD, SERVER_CMD, server_env
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*SERVER_CMD, *args], capture_output=True, text=True, timeout=60, env=server_env("fake"))
+def _run(*args: str, config=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*SERVER_CMD, *args], capture_output=True, text=True, timeout=60, env=server_env(config),
+                          input="")
 
 
 def test_bad_arguments_exit_2_with_one_line():
@@ -33,11 +34,12 @@ def test_a_busy_tcp_port_exits_2_with_one_line():
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_bad_engine_spec_exit_2():
-    env = server_env("no_such_module_xyz:Engine")
-    proc = subprocess.run([*SERVER_CMD], capture_output=True, text=True, timeout=60, env=env, input="")
+def test_a_bad_config_file_exits_2_with_one_line(tmp_path):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[lsp]\ndevice = 3\n')
+    proc = _run(config=cfg)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "no_such_module_xyz" in proc.stderr
+    assert "lsp.device" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def _frame(msg: dict) -> bytes:
@@ -49,7 +51,7 @@ def test_tcp_mode_answers_initialize():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([*SERVER_CMD, "--tcp", f"127.0.0.1:{port}"], env=server_env("fake"),
+    proc = subprocess.Popen([*SERVER_CMD, "--tcp", f"127.0.0.1:{port}"], env=server_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
@@ -78,5 +80,5 @@ def test_tcp_mode_answers_initialize():
 
 
 def test_help_lists_the_options():
-    proc = _run("--help")
-    assert proc.returncode == 0 and "--tcp" in proc.stdout and "--fake-engine" not in proc.stdout
+    proc = subprocess.run([*REAL_SERVER_CMD, "--help"], capture_output=True, text=True, timeout=60, env=server_env())
+    assert proc.returncode == 0 and "--tcp" in proc.stdout and "--model" in proc.stdout

@@ -35,7 +35,7 @@ class RawServer:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(SERVER_CMD, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, env=server_env("fake"))
+                                     stderr=subprocess.DEVNULL, env=server_env())
         self.responses: dict[object, queue.Queue] = {}
         self.shown: list[str] = []  # window/showMessage texts
         self.lock = threading.Lock()

@@ -48,7 +48,7 @@ end
 local function run()
   local client_id = vim.lsp.start({
     name = "moecoder",
-    cmd = { vim.env.MOECODER_TEST_PYTHON, "-m", "assistant.cli", "lsp" },
+    cmd = { vim.env.MOECODER_TEST_PYTHON, "-m", "tests.lsp_fake_server" },
     root_dir = vim.fn.getcwd(),
   })
   assert(client_id, "vim.lsp.start returned nil")
@@ -133,7 +133,7 @@ def test_neovim_receives_completion_and_inline_completion(tmp_path: Path):
     init = tmp_path / "test_init.lua"
     init.write_text(INIT_LUA, encoding="utf-8")
     out = tmp_path / "result.json"
-    env = server_env("fake")
+    env = server_env()
     env.update(MOECODER_TEST_OUT=str(out), MOECODER_TEST_PYTHON=sys.executable, XDG_STATE_HOME=str(tmp_path),
                XDG_DATA_HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path))
     proc = subprocess.run([NVIM, "--headless", "--clean", "-u", str(init), str(src)], cwd=tmp_path, env=env,

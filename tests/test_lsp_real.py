@@ -13,8 +13,8 @@ from lsprotocol import types
 from pytest_lsp import ClientServerConfig, LanguageClient
 
 from tests.lsp_support import (
+    REAL_SERVER_CMD,
     ROOT,
-    SERVER_CMD,
     apply_edits,
     capabilities,
     complete,
@@ -43,7 +43,7 @@ TEXT = (
 )
 
 
-@pytest_lsp.fixture(config=ClientServerConfig(server_command=SERVER_CMD, server_env=server_env("real")))
+@pytest_lsp.fixture(config=ClientServerConfig(server_command=REAL_SERVER_CMD, server_env=server_env()))
 async def real_client(lsp_client: LanguageClient):
     yield
     await lsp_client.shutdown_session()

@@ -1,4 +1,4 @@
-"""The chat TUI, driven headless with Textual's Pilot and a scripted engine (tui.testing)."""
+"""The chat TUI, driven headless with Textual's Pilot and a scripted engine (tests.tui_fakes)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.tui_fakes import ANSWER, REASONING, ScriptedEngine, failing_loader
 from tui.app import ChatApp, main
 from tui.commands import CommandError, parse_file_line, read_attachment, route_free_text
 from tui.store import Conversation, Store
-from tui.testing import ANSWER, REASONING, ScriptedEngine, failing_loader
 from tui.widgets import AssistantTurn, FilesPanel, NoteMessage, PromptArea, UserMessage
 
 SIZE = (80, 24)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 
+from tests.tui_fakes import ScriptedEngine
 from tui.app import ChatApp
-from tui.testing import ScriptedEngine
 from tui.widgets import AssistantTurn
 
 SIZE = (80, 24)

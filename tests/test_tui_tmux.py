@@ -1,6 +1,6 @@
 """Real-terminal check: `moecoder chat` under tmux, driven by send-keys, read by capture-pane.
 
-Uses the scripted engine (MOECODER_TUI_ENGINE=fake) so it needs no model; skipped
+Uses the scripted engine (``python -m tests.tui_fake_chat``) so it needs no model; skipped
 without tmux. The same check as a script: scripts/tui_tmux_check.sh.
 """
 
@@ -12,8 +12,11 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")
 
@@ -38,12 +41,11 @@ def test_chat_in_a_real_terminal(tmp_path):
     session = f"moecoder-tui-{uuid.uuid4().hex[:8]}"
     env = {
         "MOECODER_DATA_DIR": str(tmp_path / "data"),
-        "MOECODER_TUI_ENGINE": "fake",
-        "MOECODER_TUI_FAKE_DELAY": "0.25",
+        "PYTHONPATH": str(ROOT),
         "TERM": "xterm-256color",
     }
     exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-    cmd = f"cd {shlex.quote(str(tmp_path))} && env {exports} {shlex.quote(sys.executable)} -m assistant.cli chat calc.py"
+    cmd = f"cd {shlex.quote(str(tmp_path))} && env {exports} {shlex.quote(sys.executable)} -m tests.tui_fake_chat --delay 0.25 calc.py"
     tmux("new-session", "-d", "-s", session, "-x", "100", "-y", "30", cmd)
     try:
         screen = wait_screen(session, lambda s: "Context budget" in s)

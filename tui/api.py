@@ -3,16 +3,18 @@
 Every other tui module takes the assistant's names from here, so the surface the TUI
 depends on is visible in one place (see docs/interfaces.md): ``Engine``, ``Event``,
 ``CancelToken``, ``TaskRequest``, the task results and ``build_context``'s report.
-The engine itself is imported lazily (it pulls in torch), so the app starts fast.
+The in-process engine is imported lazily (it pulls in torch), so the app starts fast;
+the app itself only knows the :class:`assistant.protocols.Engine` protocol.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from assistant.engine import CancelToken, Event  # noqa: F401  (re-exported)
+from assistant.config import Settings, load_settings  # noqa: F401  (re-exported)
+from assistant.protocols import CancelToken, Engine, Event  # noqa: F401  (re-exported)
 from assistant.tasks import (  # noqa: F401  (re-exported)
     Completion,
     DebugResult,
@@ -26,11 +28,21 @@ from assistant.tasks import (  # noqa: F401  (re-exported)
 DEFAULT_ANSWER_TOKENS = 256
 
 
-def load_engine(model_dir: str | Path | None) -> Any:
-    """Load the real engine (slow: torch + weights). Raises ValueError for a bad checkpoint."""
-    from assistant.engine import Engine
+def engine_factory(config: Settings | None = None, device: str | None = None
+                   ) -> Callable[[str | Path | None], Engine]:
+    """Loads the real engine (slow: torch + weights) with the config file's settings (the
+    ``[chat]`` face); raises ValueError for a bad checkpoint."""
 
-    return Engine(model_dir=None if model_dir is None else str(model_dir))
+    def load(model_dir: str | Path | None) -> Engine:
+        from assistant.engine import Engine as InProcessEngine
+
+        settings = config or load_settings().for_face("chat")
+        return InProcessEngine.from_settings(settings, None if model_dir is None else str(model_dir), device)
+
+    return load
+
+
+load_engine = engine_factory()  # the default: the config file's model unless a path is given
 
 
 @dataclass
@@ -44,7 +56,7 @@ class Budget:
     context_length: int = 0  # the model's window; ``budget`` is what is left after the answer
 
 
-def budget_report(engine: Any, files: list[tuple[str, str]]) -> Budget:
+def budget_report(engine: Engine, files: list[tuple[str, str]]) -> Budget:
     """Fit the attached files into the model's window as the tasks do and report it.
 
     ``files`` are ``(path, text)``; the newest is the file being worked on (cursor at its
@@ -56,7 +68,7 @@ def budget_report(engine: Any, files: list[tuple[str, str]]) -> Budget:
     if not files:
         return Budget(0, int(engine.context_length), [], file_tokens, int(engine.context_length))
     ctx = int(engine.context_length)
-    answer = int(getattr(engine, "default_max_new_tokens", DEFAULT_ANSWER_TOKENS) or DEFAULT_ANSWER_TOKENS)
+    answer = int(engine.default_max_new_tokens or DEFAULT_ANSWER_TOKENS)
     answer = max(1, min(answer, ctx // 2))  # as the tasks reserve room for the answer
     budget = ctx - answer - 1
     path, text = files[-1]

@@ -8,7 +8,6 @@ UI with ``call_from_thread``. Escape cancels the engine's ``CancelToken``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
 import time
@@ -40,7 +39,7 @@ from tui.commands import (
 from tui.store import Conversation, Store, Turn
 from tui.widgets import AssistantTurn, FilesPanel, HelpMessage, NoteMessage, PromptArea, UserMessage
 
-EngineFactory = Callable[[str | None], Any]
+EngineFactory = Callable[[str | None], api.Engine]  # model dir (None: the configured one) -> engine
 
 DRAIN_INTERVAL = 1 / 30  # seconds between UI updates from a streaming answer
 WELCOME = "Ask about code, or attach a file with /add PATH. /help lists the commands."
@@ -72,7 +71,7 @@ class ChatApp(App):
     def __init__(
         self,
         *,
-        engine: Any | None = None,
+        engine: api.Engine | None = None,
         engine_factory: EngineFactory | None = None,
         model_dir: str | None = None,
         files: Sequence[str] = (),
@@ -101,7 +100,7 @@ class ChatApp(App):
         self.attachments: list[Attachment] = []
         self.show_reasoning = False
         self.current: AssistantTurn | None = None
-        self._cancel: Any | None = None
+        self._cancel: api.CancelToken | None = None
         self._budget_lines: list[str] = []
         self._load_failed = False
         self._events: deque[tuple[AssistantTurn, str, str, object, str]] = deque()
@@ -180,7 +179,7 @@ class ChatApp(App):
         except RuntimeError:
             pass
 
-    def _engine_or_load(self) -> Any:
+    def _engine_or_load(self) -> api.Engine:
         with self._engine_lock:
             if self._engine is None:
                 self._engine = self._factory(self._model_dir)
@@ -194,7 +193,7 @@ class ChatApp(App):
             return
         self._post(self._loaded, engine, "")
 
-    async def _loaded(self, engine: Any, error: str) -> None:
+    async def _loaded(self, engine: api.Engine | None, error: str) -> None:
         if engine is None:
             self._model_label = "no model"
             self.sub_title = self._model_label
@@ -216,12 +215,11 @@ class ChatApp(App):
         with self._engine_lock:
             old, self._engine = self._engine, engine
             owned, self._owns_engine = self._owns_engine, True
-        close = getattr(old, "close", None)
-        if owned and callable(close):
-            close()
+        if owned and old is not None:
+            old.close()
         self._post(self._model_switched, engine, path, "")
 
-    async def _model_switched(self, engine: Any, path: str, error: str) -> None:
+    async def _model_switched(self, engine: api.Engine | None, path: str, error: str) -> None:
         if engine is None:
             self.sub_title = self._model_label
             await self._error(f"could not load model {path}: {error}")
@@ -235,7 +233,7 @@ class ChatApp(App):
         self._update_budget()
 
     # -- turns ------------------------------------------------------------------------
-    async def _start_turn(self, request: Any) -> None:
+    async def _start_turn(self, request: api.TaskRequest) -> None:
         turn = AssistantTurn(request.task, expand_reasoning=self.show_reasoning)
         turn.conversation = self.conversation
         await self.conv_view.mount(turn)
@@ -246,7 +244,7 @@ class ChatApp(App):
             lambda: self._generate(turn, request, cancel), thread=True, group="generate", exit_on_error=False
         )
 
-    def _generate(self, turn: AssistantTurn, request: Any, cancel: Any) -> None:
+    def _generate(self, turn: AssistantTurn, request: api.TaskRequest, cancel: api.CancelToken) -> None:
         """Thread worker: stream the engine's events into the queue the UI drains."""
         emit = self._emit
         try:
@@ -273,9 +271,7 @@ class ChatApp(App):
             emit(turn, "error", message=one_line(e))
             return
         finally:
-            close = getattr(events, "close", None)
-            if callable(close):
-                close()
+            events.close()
         if cancel.cancelled:
             emit(turn, "stopped")
         else:
@@ -373,9 +369,7 @@ class ChatApp(App):
         if self._cancel is not None:
             self._cancel.cancel()
         if self._owns_engine and self._engine is not None:
-            close = getattr(self._engine, "close", None)
-            if callable(close):
-                close()
+            self._engine.close()
 
     # -- input ------------------------------------------------------------------------
     @on(PromptArea.Submitted)
@@ -582,7 +576,7 @@ class ChatApp(App):
             exit_on_error=False,
         )
 
-    def _budget_worker(self, engine: Any, files: list[tuple[str, str]], seq: int) -> None:
+    def _budget_worker(self, engine: api.Engine, files: list[tuple[str, str]], seq: int) -> None:
         try:
             report = api.budget_report(engine, files)
         except Exception as e:  # noqa: BLE001 - shown in the panel
@@ -675,11 +669,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="*", metavar="FILES", help="files to attach at start")
     p.add_argument("--resume", action="store_true", help="reopen the most recent conversation")
     p.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the shipped model)")
-    p.add_argument("--fake-engine", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--device", help="torch device (default: the config file's, else cpu)")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, engine: api.Engine | None = None,
+         engine_factory: EngineFactory | None = None) -> int:
+    """``moecoder chat``; ``engine``/``engine_factory`` are for tests (a scripted engine)."""
     parser = build_parser()
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -694,13 +690,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except CommandError as e:
             print(f"moecoder chat: error: {e}", file=sys.stderr)
             return 2
-    engine = None
-    if args.fake_engine or os.environ.get("MOECODER_TUI_ENGINE") == "fake":
-        from tui.testing import ScriptedEngine
-
-        delay = float(os.environ.get("MOECODER_TUI_FAKE_DELAY", "0.05"))
-        engine = ScriptedEngine(delay=delay)
-    app = ChatApp(engine=engine, model_dir=args.model, files=args.files, resume=args.resume)
+    try:
+        config = api.load_settings().for_face("chat")
+    except ValueError as e:
+        print(f"moecoder chat: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    app = ChatApp(engine=engine, engine_factory=engine_factory or api.engine_factory(config, args.device),
+                  model_dir=args.model or config.model, files=args.files, resume=args.resume)
     app.run()
     return 0
 

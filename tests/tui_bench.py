@@ -1,4 +1,4 @@
-"""Benchmarks of the chat UI (headless): `python -m tui.bench [--model DIR]`.
+"""Benchmarks of the chat UI (headless): `python -m tests.tui_bench [--model DIR]`.
 
 Measures what the user feels, not the model: how many engine events per second the
 screen absorbs (reasoning + Markdown answer streaming), how long Escape takes to mark a
@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.tui_fakes import ScriptedEngine
 from tui.app import ChatApp
-from tui.testing import ScriptedEngine
 from tui.widgets import AssistantTurn
 
 SIZE = (80, 24)
@@ -137,7 +137,7 @@ async def bench_model(tmp: Path, model_dir: str, max_new_tokens: int) -> dict:
         out["load_s"] = time.perf_counter() - t0
         out["load_max_ui_gap_ms"] = ticker.max_gap * 1e3
         if app._engine is None:
-            raise SystemExit(f"tui.bench: could not load {model_dir}")
+            raise SystemExit(f"tests.tui_bench: could not load {model_dir}")
         await pilot.pause(0.2)
         ticker.reset()
         t0 = time.perf_counter()
@@ -189,12 +189,12 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tui.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tests.tui_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", metavar="DIR", help="also load this checkpoint and answer one request")
     p.add_argument("--max-new-tokens", type=int, default=32)
     args = p.parse_args(argv)
     if args.model and not Path(args.model).is_dir():
-        print(f"tui.bench: error: no such checkpoint directory: {args.model}", file=sys.stderr)
+        print(f"tests.tui_bench: error: no such checkpoint directory: {args.model}", file=sys.stderr)
         return 2
     asyncio.run(run(args))
     return 0

@@ -1,6 +1,7 @@
-"""A scripted engine for tests, snapshots and the tmux check (``--fake-engine``).
+"""A scripted engine for the chat's tests, snapshots, benchmark and tmux check
+(``python -m tests.tui_fake_chat``).
 
-It speaks the same protocol as ``assistant.engine.Engine``: ``stream(request, cancel)``
+It satisfies :class:`assistant.protocols.Engine`: ``stream(request, cancel)``
 yields reasoning events, then answer events, then one ``done`` event whose result is
 the task's dataclass. Small sleeps between events make it behave like a model.
 ``hold_after`` makes it wait (for a cancel or ``release``) after a number of answer chunks, so a test can
@@ -14,7 +15,8 @@ import threading
 import time
 from collections.abc import Iterator
 
-from tui.api import CancelToken, Completion, DebugResult, Docstring, Event, Explanation, Hint, TaskRequest
+from assistant.protocols import CancelToken, Event
+from assistant.tasks import Completion, DebugResult, Docstring, Explanation, Hint, TaskRequest
 
 REASONING = ["The user asks about ", "the code. ", "Let me read it ", "step by step."]
 ANSWER = ["Here is the **answer**.\n\n", "```python\n", "def add(a, b):\n", "    return a + b\n", "```\n"]
@@ -84,6 +86,7 @@ class ScriptedEngine:
     """Fake engine: deterministic events with small delays; honours the cancel token."""
 
     context_length = 2048
+    default_max_new_tokens = 256
 
     def __init__(
         self,

@@ -1,7 +1,7 @@
-"""A scripted engine for fast, deterministic protocol tests (``MOECODER_LSP_ENGINE=fake``).
+"""A scripted engine for fast, deterministic protocol tests (``tests/lsp_fake_server.py``).
 
-It has the surface of :class:`assistant.engine.Engine` that the server uses (``stream``,
-``close``) and answers every task from the request alone, never from a model:
+It satisfies :class:`assistant.protocols.Engine` and answers every task from the request
+alone, never from a model:
 
 - ``complete``: ``"<word>_L<line>_C<column>"`` where line/column are the 0-based cursor
   the server sent (so tests can check position conversion), ``<word>`` is ``done``
@@ -25,9 +25,10 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
+from assistant.protocols import CancelToken, Event
 from assistant.tasks import Completion, DebugResult, Docstring, Explanation, Hint, TaskRequest
+from tests.tui_fakes import WordTokenizer
 
 _DELAY = re.compile(r"FAKE_DELAY=([0-9.]+)")
 _PREFILL = re.compile(r"FAKE_PREFILL=([0-9.]+)")
@@ -51,33 +52,9 @@ def _span(lines: list[str], qualname: str) -> tuple[int, int]:
     return 0, -1
 
 
-class FakeCancelToken:
-    """Same surface as ``assistant.engine.CancelToken``; defined here so that the fake
-    engine starts without importing torch (the tests start many servers)."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def cancel(self) -> None:
-        self._event.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._event.is_set()
-
-
-@dataclass
-class Event:
-    """Same fields as ``assistant.engine.Event``."""
-
-    kind: str
-    text: str = ""
-    result: object | None = None
-
-
 class FakeEngine:
     context_length = 2048
-    cancel_token_class = FakeCancelToken
+    default_max_new_tokens = 256
 
     def __init__(self, model_dir: str | None = None, device: str = "cpu", **_: object) -> None:
         self.model_dir = model_dir
@@ -101,15 +78,19 @@ class FakeEngine:
     def count_tokens(self, text: str) -> int:
         return len(text.split())
 
-    def run(self, request: TaskRequest, cancel: FakeCancelToken | None = None) -> object:
+    @property
+    def tokenizer(self) -> WordTokenizer:
+        return WordTokenizer()
+
+    def run(self, request: TaskRequest, cancel: CancelToken | None = None) -> object:
         result = None
         for ev in self.stream(request, cancel):
             if ev.kind == "done":
                 result = ev.result
         return result
 
-    def stream(self, request: TaskRequest, cancel: FakeCancelToken | None = None) -> Iterator[Event]:
-        cancel = cancel or FakeCancelToken()
+    def stream(self, request: TaskRequest, cancel: CancelToken | None = None) -> Iterator[Event]:
+        cancel = cancel or CancelToken()
         with self._lock:
             self._stats["started"] += 1
             self._stats["requests"].append([request.task, request.line, request.column])
@@ -133,7 +114,7 @@ class FakeEngine:
             return
         result = self._answer(request)
         self._count("finished")
-        yield Event("answer", text=getattr(result, "text", ""))
+        yield Event("answer", text=str(getattr(result, "text", "")))  # a DebugResult has no text
         yield Event("done", result=result)
 
     def _answer(self, r: TaskRequest) -> object:
