@@ -92,6 +92,8 @@ class TrainConfig:
     seq_len: int = 0  # 0 = the model's context length
     clip: float = 1.0
     max_steps: int = 3000  # the LR schedule's horizon
+    schedule: str = "cosine"  # cosine, or wsd (warmup-stable-decay: linear decay over the last decay_frac)
+    decay_frac: float = 0.2  # wsd: share of max_steps spent decaying to min_lr_ratio * lr
     seed: int = 0
     fim_rate: float = 0.5
     spm_rate: float = 0.5
@@ -106,12 +108,13 @@ class TrainConfig:
     ckpt_every: int = 0  # also checkpoint every N steps (0 = only by time / at the end)
     keep: int = 2
     async_ckpt: str = "auto"  # auto (= on for CUDA), on, off: dcp.async_save, see AsyncCheckpointer
+    init: str = ""  # start from this model directory's weights (a fresh optimizer; ignored when resuming)
 
     # Fields that define the run: a resume with any of these changed is refused.
     IDENTITY = (
         "preset", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "batch_size",
         "grad_accum", "seq_len", "clip", "max_steps", "seed", "fim_rate", "spm_rate", "line_rate",
-        "task_ratio", "overrides",
+        "task_ratio", "overrides", "schedule", "decay_frac",
     )
 
     def identity(self) -> dict:
@@ -123,9 +126,19 @@ class TrainConfig:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine to the floor."""
+    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine to the floor
+    (``schedule="cosine"``) or constant until the last ``decay_frac`` of ``max_steps`` and linear to
+    the floor there (``schedule="wsd"``, warmup-stable-decay: suits training in pieces)."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "wsd":
+        floor = cfg.lr * cfg.min_lr_ratio
+        decay = max(1, round(cfg.max_steps * cfg.decay_frac))
+        start = max(cfg.warmup_steps, cfg.max_steps - decay)
+        if step < start:
+            return cfg.lr
+        t = min(1.0, (step - start + 1) / max(1, cfg.max_steps - start))
+        return cfg.lr + (floor - cfg.lr) * t
     span = max(1, cfg.max_steps - cfg.warmup_steps)
     t = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.lr * cfg.min_lr_ratio
@@ -673,11 +686,24 @@ def prepare(args: argparse.Namespace) -> Setup:
         ("fim-rate", 0 <= cfg.fim_rate <= 1), ("spm-rate", 0 <= cfg.spm_rate <= 1),
         ("line-rate", 0 <= cfg.line_rate <= 1), ("task-ratio", 0 <= cfg.task_ratio < 1),
         ("min-lr-ratio", 0 <= cfg.min_lr_ratio <= 1), ("warmup-steps", cfg.warmup_steps >= 0),
+        ("schedule", cfg.schedule in ("cosine", "wsd")), ("decay-frac", 0 < cfg.decay_frac <= 1),
     ]:
         if not ok:
             raise TrainError(f"--{name} has an invalid value")
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise TrainError("--max-minutes must be positive")
+    if cfg.init:
+        from model.checkpoint import CheckpointError, read_config
+
+        try:
+            init_cfg, _ = read_config(cfg.init)
+        except CheckpointError as e:
+            raise TrainError(f"--init: {e}") from None
+        diffs = [f"{k} {v!r} (init) vs {model_cfg.to_dict().get(k)!r}"
+                 for k, v in init_cfg.to_dict().items() if model_cfg.to_dict().get(k) != v]
+        if diffs:
+            raise TrainError(f"--init {cfg.init}: another model configuration ({'; '.join(diffs[:3])}); "
+                             "use the same --preset/--override")
 
     # device
     dev = args.device
@@ -708,8 +734,9 @@ def prepare(args: argparse.Namespace) -> Setup:
             extra = read_checkpoint_extra(resume_from)
             diffs = []
             saved = extra.get("train_config", {})
+            base = TrainConfig()
             for k, v in cfg.identity().items():
-                if saved.get(k) != v:
+                if saved.get(k, getattr(base, k)) != v:  # a field added later: its default
                     diffs.append(f"{k} {saved.get(k)!r} -> {v!r}")
             saved_m = extra.get("model_config", {})
             for k, v in model_cfg.to_dict().items():
@@ -835,6 +862,16 @@ def train(s: Setup, max_minutes: float | None, compile_model: bool, t_start: flo
             model = Transformer(s.model_cfg)
     else:
         model = Transformer(s.model_cfg)
+    init_note = ""
+    if cfg.init and s.resume_from is None:
+        # start from released weights (int8 dequantised); the optimizer starts fresh
+        from model.checkpoint import load_model
+
+        init = load_model(cfg.init).model.state_dict()
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                v.copy_(init[k].to(v.device, v.dtype))
+        init_note = f"initialised from {cfg.init}"
     model.train()
     # --- scale-out (#9): expert parallelism + FSDP2/HSDP under torchrun (before the optimizer)
     from model import parallel
@@ -905,7 +942,7 @@ def train(s: Setup, max_minutes: float | None, compile_model: bool, t_start: flo
                  f"dp_shard {d.dp_shard}, ep {d.ep}, attempt {dctx.restart}")
     if s.resume_from is not None:
         log.line(f"resumed from {s.resume_from} at step {step} ({tokens_seen:,} tokens)")
-    for n in s.notes:
+    for n in s.notes + ([init_note] if init_note else []):
         log.line(f"note: {n}")
     log.line(
         f"preset {cfg.preset} {json.dumps(s.model_cfg.to_dict())} | params {total_params / 1e6:.2f}M "
@@ -971,6 +1008,10 @@ def train(s: Setup, max_minutes: float | None, compile_model: bool, t_start: flo
     # async checkpoints (#9): on by default on CUDA; --async-ckpt on for CPU (gloo) runs
     saver = AsyncCheckpointer(s.out, cfg.keep) if cfg.async_ckpt == "on" or (cfg.async_ckpt == "auto" and cuda) else None
 
+    if init_note and step == 0 and ev_rows is not None:
+        model.eval()
+        do_eval()  # the starting point's bits per byte (kept as best/ until training beats it)
+        model.train()
     stopper = _Stop()
     stopper.install()
     prefetch = Prefetcher(loader, cfg.batch_size * cfg.grad_accum, pin=cuda)

@@ -4,6 +4,9 @@
 # SECONDS is the whole call's budget: data building (first call on a machine) comes out of it.
 # Data is built once per machine under $WORK (kept while the machine stays warm);
 # training state resumes from $WORK/run's last complete DCP checkpoint.
+# Continue from released weights (a fresh optimizer, warmup-stable-decay), e.g.:
+#   MAX_STEPS=560 scripts/gpu_train.sh 430 --init model/weights --schedule wsd --decay-frac 0.35 \
+#       --lr 6e-4 --min-lr-ratio 0.02 --warmup-steps 40 --eval-every 80
 set -euo pipefail
 BUDGET_S=${1:-540}; shift || true
 START=$(date +%s)
@@ -12,7 +15,7 @@ OUT=${OUT:-$WORK/out}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 PY=python3
 mkdir -p "$WORK" "$OUT"
-TOK=model/weights/tokenizer.model
+TOK=${TOK:-model/weights/tokenizer.model}  # e.g. ../../model/weights/tokenizer.model from a copy under .gpu/
 ROOTS=$($PY -c "import os,site,sysconfig; print(' '.join(p for p in [*site.getsitepackages(), sysconfig.get_paths()['stdlib']] if os.path.isdir(p)))")
 if [ ! -f "$WORK/packed/meta.json" ]; then
   echo "== corpus over $ROOTS"; date
@@ -37,6 +40,7 @@ $PY -m assistant.cli train --preset small --device cuda --data "$WORK/packed" --
    "$@" 2>&1 | tr '\r' '\n' | grep -v "^\s*$" | tail -80 || true
 WORK_RUN=$RUN
 cp "$RUN/metrics.jsonl" "$OUT/${METRICS_NAME:-metrics.jsonl}" 2>/dev/null || true
+cp "$RUN/best_info.json" "$OUT/" 2>/dev/null || true
 if [ -d "$RUN/best" ] && [ -z "${NO_BEST:-}" ]; then
   # the best-by-validation model, stored int8 (<= 40 MiB), split into <= 15 MB parts for the trip back
   rm -rf "$WORK/ship"
