@@ -909,31 +909,36 @@ def _sentence(text: str, fallback: str) -> str:
 
 
 def render_docstring(parts: DocParts, style: str, func: codemod.Scope | None, indent: str) -> str:
-    """The full docstring literal in ``style`` with continuation lines indented by ``indent``."""
+    """The full docstring literal in ``style`` with continuation lines indented by ``indent``.
+
+    Only what the model wrote goes in: a parameter, return value or exception without a
+    description from the model is left out, and a section with nothing in it is omitted
+    (never a placeholder such as "TODO")."""
     params = list(func.params) if func is not None else list(parts.params)
     types = func.param_types if func is not None else {}
-    pdesc = {k.lstrip("*"): v for k, v in parts.params.items()}
+    pdesc = {k.lstrip("*"): " ".join(v.split()) for k, v in parts.params.items()}
+    params = [p for p in params if pdesc.get(p.lstrip("*"))]
     raises = list(dict.fromkeys([*(func.raises if func is not None else []), *parts.raises]))
-    returns = parts.returns
-    if func is not None:
-        returns = (parts.returns or "TODO") if func.returns_value else ""
-    summary = _sentence(parts.summary, f"{func.name.replace('_', ' ').strip().capitalize()}" if func else "TODO")
-    out: list[str] = [summary]
-    if parts.body and style != "plain":
-        out += ["", parts.body]
-    elif parts.body:
-        out += ["", parts.body]
+    raises = [r for r in raises if " ".join(parts.raises.get(r, "").split())]
+    returns = " ".join(parts.returns.split())
+    if func is not None and not func.returns_value:
+        returns = ""
+    fallback = func.name.replace("_", " ").strip().capitalize() if func is not None else ""
+    summary = _sentence(parts.summary, fallback or "Undocumented") if (parts.summary.strip() or fallback) else ""
+    out: list[str] = [summary] if summary else []
+    if parts.body:
+        out += ["", parts.body] if out else [parts.body]
 
     def desc(name: str) -> str:
-        return _sentence(pdesc.get(name.lstrip("*"), ""), "TODO")
+        return _sentence(pdesc[name.lstrip("*")], "")
 
     if style == "google":
         if params:
             out += ["", "Args:"] + [f"    {p}: {desc(p)}" for p in params]
         if returns:
-            out += ["", "Returns:", f"    {_sentence(returns, 'TODO')}"]
+            out += ["", "Returns:", f"    {_sentence(returns, '')}"]
         if raises:
-            out += ["", "Raises:"] + [f"    {r}: {_sentence(parts.raises.get(r, ''), 'TODO')}" for r in raises]
+            out += ["", "Raises:"] + [f"    {r}: {_sentence(parts.raises[r], '')}" for r in raises]
     elif style == "numpy":
         if params:
             out += ["", "Parameters", "----------"]
@@ -941,18 +946,22 @@ def render_docstring(parts: DocParts, style: str, func: codemod.Scope | None, in
                 t = types.get(p)
                 out += [f"{p} : {t}" if t else p, f"    {desc(p)}"]
         if returns:
-            out += ["", "Returns", "-------", f"    {_sentence(returns, 'TODO')}"]
+            out += ["", "Returns", "-------", f"    {_sentence(returns, '')}"]
         if raises:
             out += ["", "Raises", "------"]
             for r in raises:
-                out += [r, f"    {_sentence(parts.raises.get(r, ''), 'TODO')}"]
+                out += [r, f"    {_sentence(parts.raises[r], '')}"]
     elif style == "rest":
         fields = [f":param {p.lstrip('*')}: {desc(p)}" for p in params]
         if returns:
-            fields.append(f":returns: {_sentence(returns, 'TODO')}")
-        fields += [f":raises {r}: {_sentence(parts.raises.get(r, ''), 'TODO')}" for r in raises]
+            fields.append(f":returns: {_sentence(returns, '')}")
+        fields += [f":raises {r}: {_sentence(parts.raises[r], '')}" for r in raises]
         if fields:
             out += [""] + fields
+    if not out:
+        out = ["Undocumented."]
+    if out[0] == "":
+        out = out[1:]
     if len(out) == 1:
         return f'"""{out[0]}"""'
     body = "\n".join((indent + ln) if ln else "" for ln in out[1:])

@@ -213,8 +213,14 @@ def test_render_in_file_style(style):
 def test_docstring_uses_real_signature_and_raises():
     func = codemod.find_function(SRC, "Shape.scale")
     doc = make_docstring(func, "Scale it.", "because", "google")
-    assert "k: TODO." in doc.text and "strict: TODO." in doc.text and "self" not in doc.text
-    assert "Raises:\n            ValueError: TODO." in doc.text and "Returns:" in doc.text
+    # the model described nothing: no section is invented, no placeholder
+    assert doc.text == '"""Scale it."""' and "TODO" not in doc.text
+    doc = make_docstring(func, "Scale it.\n\nArgs:\n    k: the factor.\n\nReturns:\n    the scaled shape.", "", "google")
+    assert "Args:\n            k: The factor." in doc.text and "strict" not in doc.text and "self" not in doc.text
+    assert "Returns:\n            The scaled shape." in doc.text and "Raises:" not in doc.text
+    doc = make_docstring(func, "Scale it.\n\nRaises:\n    ValueError: when k is negative.", "", "google")
+    assert "Raises:\n            ValueError: When k is negative." in doc.text and "Args:" not in doc.text
+    doc = make_docstring(func, "Scale it.", "because", "google")
     assert (doc.insert_line, doc.indent, doc.function, doc.replace_start) == (24, "        ", "Shape.scale", None)
 
 
