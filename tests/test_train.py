@@ -117,6 +117,32 @@ def test_lr_schedule_warmup_then_cosine_to_floor():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
+def test_lr_schedule_wsd_warmup_stable_then_linear_decay():
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, max_steps=110, min_lr_ratio=0.0, schedule="wsd", decay_frac=0.2)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(10, cfg) == lr_at(87, cfg) == pytest.approx(1e-3)  # stable until the last 22 steps
+    assert lr_at(88, cfg) < 1e-3 and lr_at(98, cfg) == pytest.approx(0.5e-3)
+    assert lr_at(109, cfg) == pytest.approx(0.0) and lr_at(300, cfg) == pytest.approx(0.0)
+
+
+def test_init_from_released_weights_evaluates_the_start_first(small_data_dir, tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    base = ["--data", str(small_data_dir), "--preset", "tiny", "--batch-size", "4", "--grad-accum", "1",
+            "--seq-len", "32", "--warmup-steps", "2", "--lr", "1e-2", "--fim-rate", "0", "--log-every", "5",
+            "--eval-every", "20", "--eval-tokens", "64", "--threads", "1"]
+    assert main([*base, "--out", str(first), "--max-steps", "40"]) == 0
+    end = [json.loads(x) for x in (first / "metrics.jsonl").read_text().splitlines() if "valid_bpb" in x][-1]
+    assert main([*base, "--out", str(second), "--max-steps", "4", "--init", str(first / "best"),
+                 "--schedule", "wsd", "--lr", "1e-5"]) == 0
+    recs = [json.loads(x) for x in (second / "metrics.jsonl").read_text().splitlines()]
+    start = next(r for r in recs if "valid_bpb" in r)
+    # the first evaluation is of the loaded weights (step 0), as good as where the first run ended
+    assert start["step"] == 0 and start["valid_bpb"] == pytest.approx(end["valid_bpb"], rel=0.02)
+    assert "initialised from" in (second / "train.log").read_text()
+    assert main([*base, "--out", str(tmp_path / "c"), "--init", str(first / "best"), "--override",
+                 "n_experts=2"]) == 2  # another architecture: a one-line error
+
+
 # ---------------------------------------------------------------------------------- loader
 def _loader(data_dir, tok, seed=0, fim=0.5, tasks=None, task_ratio=0.0, seq_len=32):
     return BatchLoader(
