@@ -41,12 +41,15 @@ def ep_moe_experts(
     w_up_local: torch.Tensor,
     w_down_local: torch.Tensor,
     group: dist.ProcessGroup | None = None,
+    autograd: bool = True,
 ) -> torch.Tensor:
     """``kernels.moe_experts`` with the experts spread over the ranks of ``group``.
 
     ``experts_TK`` holds global expert ids; rank r of the group owns experts
-    ``[r * E_local, (r + 1) * E_local)``. Returns this rank's ``y_TD``.
+    ``[r * E_local, (r + 1) * E_local)``. Returns this rank's ``y_TD``. ``autograd=False``
+    (inference) uses the plain collectives.
     """
+    a2a = dist_fn.all_to_all_single if autograd else _all_to_all
     W = dist.get_world_size(group)
     E_local = w_gate_local.shape[0]
     E = E_local * W
@@ -62,7 +65,7 @@ def ep_moe_experts(
     recv_splits = counts_recv_WE.sum(1).tolist()
 
     # 2. the token rows themselves (uneven splits), differentiable
-    x_recv = dist_fn.all_to_all_single(
+    x_recv = a2a(
         x_perm.new_empty((sum(recv_splits), D)), x_perm, recv_splits, send_splits, group=group
     )
     # rows arrive ordered by (source rank, local expert): tag each with its local expert
@@ -80,10 +83,130 @@ def ep_moe_experts(
         y_recv = kernels.moe_experts(x_recv, ones, local_ids[:, None], w_gate_local, w_up_local, w_down_local)
 
     # 3. back to the ranks the tokens came from, then the weighted sum over k
-    y_perm = dist_fn.all_to_all_single(
+    y_perm = a2a(
         y_recv.new_empty((x_perm.shape[0], y_recv.shape[1])), y_recv, send_splits, recv_splits, group=group
     )
     return kernels.unpermute(y_perm, weights_TK, row_index, T)
+
+
+def _all_to_all(out, inp, out_splits, in_splits, group=None):
+    dist.all_to_all_single(out, inp.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+# ---------------------------------------------------------------------- expert parallelism at inference
+# Every rank runs the same batch (rank 0 broadcasts each step's plan; model/batching.py):
+# attention, embeddings, dense and shared MLPs are replicated, each rank holds 1/N of every
+# MoE layer's routed experts. Large steps (prefill) split the tokens over the ranks and
+# dispatch them with the all-to-all of training (count exchange, uneven splits), then
+# all-gather the outputs; small steps (decode: T = batch rows) skip the all-to-alls: each
+# rank runs its own experts on the tokens routed to them and one all-reduce sums the parts.
+EP_SMALL_T = 64  # steps of at most this many tokens take the all-reduce road
+
+
+def ep_infer_experts(x_TD, weights_TK, experts_TK, w_gate, w_up, w_down, *, group=None,
+                     small_t: int = EP_SMALL_T) -> torch.Tensor:
+    """``GroupedExperts.experts_fn`` for inference with the experts sharded over ``group``."""
+    W, r = dist.get_world_size(group), dist.get_rank(group)
+    T, D = x_TD.shape
+    E_local = w_gate.shape[0]
+    if T <= small_t:
+        t_idx, k_idx = (experts_TK // E_local == r).nonzero(as_tuple=True)
+        y = x_TD.new_zeros((T, D))
+        if t_idx.numel():
+            local = (experts_TK[t_idx, k_idx] - r * E_local)[:, None]
+            y_sel = kernels.moe_experts(x_TD[t_idx], weights_TK[t_idx, k_idx][:, None], local, w_gate, w_up, w_down)
+            y.index_add_(0, t_idx, y_sel.to(y.dtype))
+        dist.all_reduce(y, group=group)
+        return y
+    chunk = -(-T // W)  # this rank's tokens: rows [r*chunk, (r+1)*chunk), maybe none
+    a, b = min(T, r * chunk), min(T, (r + 1) * chunk)
+    y_mine = ep_moe_experts(x_TD[a:b], weights_TK[a:b], experts_TK[a:b], w_gate, w_up, w_down, group, autograd=False)
+    buf = x_TD.new_zeros((chunk, D))
+    buf[:b - a] = y_mine.to(buf.dtype)
+    out = x_TD.new_empty((W * chunk, D))
+    dist.all_gather_into_tensor(out, buf, group=group)
+    return out[:T]
+
+
+def shard_experts_for_inference(model: torch.nn.Module, group=None, small_t: int = EP_SMALL_T) -> int:
+    """Keep only this rank's 1/N of every MoE layer's routed experts (plain tensors) and route
+    their tokens through :func:`ep_infer_experts`. Returns the experts kept per layer."""
+    W, r = dist.get_world_size(group), dist.get_rank(group)
+    kept = 0
+    for moe in model.moe_layers():
+        ex = moe.experts
+        E = ex.w_gate.shape[0]
+        if E % W:
+            raise ValueError(f"n_experts {E} is not divisible by --ep {W}")
+        n = E // W
+        for name in ("w_gate", "w_up", "w_down"):
+            full = getattr(ex, name)
+            setattr(ex, name, torch.nn.Parameter(full.detach()[r * n:(r + 1) * n].clone(), requires_grad=False))
+        ex.experts_fn = functools.partial(ep_infer_experts, group=group, small_t=small_t)
+        kept = n
+    return kept
+
+
+@dataclass
+class ServeDist:
+    """The process layout of ``moecoder serve`` (one process: rank 0 of 1, nothing initialised)."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+    plan_group: object | None = None  # gloo group for the plan broadcast (CPU objects)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_serve(ep: int, device: str = "cpu", timeout_s: float = 60.0) -> ServeDist:
+    """Initialise expert parallelism for serving from torchrun's environment.
+
+    The world is the EP group (``--ep`` must equal the number of processes). Collectives
+    time out after ``timeout_s``: a rank that dies or hangs ends every other rank with an
+    error instead of a hang. On CUDA rank r uses ``cuda:LOCAL_RANK`` and NCCL for the
+    expert exchange; the plan broadcast always rides a gloo group.
+    """
+    from datetime import timedelta
+
+    rank, world, local = env_rank()
+    if ep < 1:
+        raise ValueError("--ep must be at least 1")
+    if world == 1:
+        if ep > 1:
+            raise ValueError(f"--ep {ep} needs {ep} processes: launch with torchrun --nproc-per-node {ep}")
+        return ServeDist(device=device)
+    if ep != world:
+        raise ValueError(f"--ep {ep} must equal the number of processes ({world})")
+    cuda = device.startswith("cuda")
+    if cuda:
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda but CUDA is not available")
+        device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    timeout = timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", rank=rank, world_size=world,
+                                timeout=timeout)
+    plan_group = dist.new_group(backend="gloo", timeout=timeout) if cuda else None
+    return ServeDist(rank, world, device, plan_group)
+
+
+def plan_channel(sd: ServeDist):
+    """(send, receive) of step plans from rank 0 to the others (pickled objects)."""
+
+    def send(obj) -> None:
+        dist.broadcast_object_list([obj], src=0, group=sd.plan_group)
+
+    def receive():
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=sd.plan_group)
+        return box[0]
+
+    return send, receive
 
 
 @dataclass

@@ -218,6 +218,54 @@ def dcp_roundtrip(mode: str, ckpt: str, ref_path: str, replicate: str, shard: st
     _finish()
 
 
+def ep_generate(out_path: str, small_t: str, tok_path: str) -> None:
+    """Greedy generation through the batch scheduler with the routed experts sharded over the
+    world (rank 0 drives, the others follow) equals one unsharded process, token for token."""
+    import copy
+    import random
+    import time
+
+    from model.batching import BatchScheduler, BatchState, follow
+    from model.generate import SamplingParams, generate
+    from model.parallel import ServeDist, plan_channel, shard_experts_for_inference
+    from model.tokenizer import Tokenizer
+    from model.transformer import Transformer
+
+    rank, world = _init()
+    tok = Tokenizer.load(tok_path)
+    cfg = _tiny_cfg(vocab_size=tok.vocab_size, max_seq_len=48, init_std=0.3, n_experts=4,
+                   n_layers=3, bias_update_rate=0.001)
+    torch.manual_seed(0)
+    model = Transformer(cfg).double().eval()
+    n = cfg.n_experts // world
+    with torch.no_grad():  # the last rank's experts are never chosen in the first MoE layer
+        model.moe_layers()[0].expert_bias[cfg.n_experts - n:] = -1e4
+    ref = copy.deepcopy(model)
+    shard_experts_for_inference(model, small_t=int(small_t))
+    send, receive = plan_channel(ServeDist(rank, world))
+    rng = random.Random(0)
+    prompts = [[rng.randrange(20, tok.vocab_size) for _ in range(rng.randrange(1, 40))] for _ in range(7)]
+    params = SamplingParams(max_new_tokens=12)
+    res = {}
+    if rank == 0:
+        sched = BatchScheduler(model, tok, max_batch=4, broadcast=send, heartbeat_s=0.5).start()
+        handles = []
+        for p in prompts:  # staggered: requests join a running batch
+            handles.append(sched.submit(p, params))
+            time.sleep(0.05)
+        got = [list(h) and h.result.token_ids for h in handles]
+        sched.close()
+        want = [generate(ref, tok, p, params).token_ids for p in prompts]
+        res = {"got": got, "want": want, "max_rows": sched.stats["max_rows"], "lens": [len(p) for p in prompts],
+               "experts_kept": model.moe_layers()[0].experts.w_gate.shape[0]}
+    else:
+        follow(BatchState(model, capacity=4), receive)
+        res = {"experts_kept": model.moe_layers()[0].experts.w_gate.shape[0]}
+    with open(f"{out_path}.{rank}", "w") as f:
+        json.dump(res, f)
+    _finish()
+
+
 if __name__ == "__main__":
     globals()[sys.argv[1]](*sys.argv[2:])
     # Results are written and the group is torn down: leave without running C++ static
