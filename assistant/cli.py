@@ -3,7 +3,7 @@
 Each subcommand lives in the room that owns it and exposes ``main(argv) -> int``.
 This module only dispatches, importing the owner lazily so that `moecoder --help`
 stays fast and a face's dependencies load only when that face runs. It is the one
-module allowed to import ``lsp`` and ``tui``.
+module allowed to import ``lsp``, ``tui`` and ``serve``.
 """
 
 from __future__ import annotations
@@ -66,6 +66,12 @@ def _lsp(argv: list[str]) -> int:
     return main(argv)
 
 
+def _serve(argv: list[str]) -> int:
+    from serve.server import main
+
+    return main(argv)
+
+
 def _chat(argv: list[str]) -> int:
     from tui.app import main
 
@@ -76,6 +82,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "review": (_review, "review files or a git diff: debugging hints and missing docstrings"),
     "chat": (_chat, "open the terminal chat (Textual TUI)"),
     "lsp": (_lsp, "run the language server on stdio (or --tcp HOST:PORT)"),
+    "serve": (_serve, "serve the model over the OpenAI HTTP API (torchrun --ep N: experts sharded)"),
     "complete": (_task("complete"), "complete code at FILE:LINE:COL (fill-in-the-middle)"),
     "comment": (_task("comment"), "write a docstring for a function, reasoning first"),
     "debug": (_task("debug"), "debugging hints for a function, reasoning first"),
