@@ -29,8 +29,11 @@ Example::
     jobs = 4
     fail_on = "warning"                   # "error" | "warning" | "note" | "none"
 
-    [lsp]                                 # per-face overrides of model / device / max_seconds
+    [lsp]                                 # per-face overrides of model / device / max_seconds / server
     device = "cuda"                       # (tables: lsp, chat, review, tasks, serve)
+
+    [chat]
+    server = "http://127.0.0.1:8000"      # use a running `moecoder serve` (as --server URL does)
 
 A missing file means defaults; a malformed one raises :class:`ConfigError` (a
 ``ValueError``) with a one-line message naming the file and the key. Validation is
@@ -73,12 +76,14 @@ class FaceSettings:
     model: str | None = None
     device: str | None = None
     max_seconds: float | None = None
+    server: str | None = None  # a running `moecoder serve` to use instead of loading the model
 
 
 @dataclass
 class Settings:
     model: str | None = None
     device: str = "cpu"
+    server: str | None = None  # e.g. "http://127.0.0.1:8000": faces use it instead of an in-process engine
     max_seconds: float | None = 60.0
     completion_context_tokens: int = 512
     max_tokens: dict[str, int] = field(default_factory=lambda: {"complete": 64, "comment": 160, "debug": 160,
@@ -134,6 +139,7 @@ class _ReviewTable:  # the [review] table as written: review settings plus face 
 class _File:  # the file as written (every key optional)
     model: str | None = None
     device: str = "cpu"
+    server: str | None = None
     max_seconds: float = 60.0
     completion_context_tokens: int = 512
     max_tokens: dict[str, int] = field(default_factory=dict)
@@ -195,6 +201,10 @@ def parse_settings(data: dict[str, Any], path: Path = Path("<config>")) -> Setti
     except (cattrs.BaseValidationError, ValueError, TypeError) as e:
         raise ConfigError(f"{path}: {_first_error(e)}") from None
     _check(raw.model is None or bool(raw.model), path, "model", "a directory path")
+    for name, f in (("server", raw), *((t, getattr(raw, t)) for t in ("lsp", "chat", "tasks", "serve"))):
+        key = "server" if name == "server" else f"{name}.server"
+        _check(f.server is None or f.server.startswith(("http://", "https://")), path, key,
+               "an http:// or https:// URL")
     _check(raw.max_seconds > 0, path, "max_seconds", "a positive number")
     _check(raw.completion_context_tokens >= 16, path, "completion_context_tokens", "an integer >= 16")
     for table in ("max_tokens", "features"):
@@ -212,7 +222,7 @@ def parse_settings(data: dict[str, Any], path: Path = Path("<config>")) -> Setti
         _check(f.max_seconds is None or f.max_seconds > 0, path, f"{label}.max_seconds", "a positive number")
         if f.model is not None:
             f.model = str(Path(f.model).expanduser())
-    s = Settings(model=str(Path(raw.model).expanduser()) if raw.model else None, device=raw.device,
+    s = Settings(model=str(Path(raw.model).expanduser()) if raw.model else None, device=raw.device, server=raw.server,
                  max_seconds=raw.max_seconds, completion_context_tokens=raw.completion_context_tokens,
                  review=ReviewSettings(r.min_confidence, r.jobs, r.fail_on), source=path, **faces)
     s.max_tokens.update(raw.max_tokens)

@@ -65,7 +65,8 @@ class _RemoteTokenizer:
 class RemoteEngine:
     """The engine interface over HTTP to ``moecoder serve`` at ``url``."""
 
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 30.0, **_ignored: Any):
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 30.0,
+                 default_max_new_tokens: int | None = None):
         import httpx
 
         base = url.rstrip("/")
@@ -83,6 +84,7 @@ class RemoteEngine:
         self.context_length = int(self.info["context_length"])
         self.model_name = str(self.info.get("model", "moecoder"))
         self.device = f"server {self.url}"
+        self.default_max_new_tokens = default_max_new_tokens or int(self.info.get("max_tokens", 256))
 
     # ----------------------------------------------------------------- HTTP
     def _check(self, r: Any) -> None:
@@ -250,3 +252,16 @@ class RemoteEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def engine_from_settings(settings: Any, model_dir: str | None = None, device: str | None = None) -> Any:
+    """The engine a face gets: a :class:`RemoteEngine` when the settings (already
+    ``for_face``; ``--server URL`` sets them) name a server, else the in-process engine."""
+    import os
+
+    if getattr(settings, "server", None):
+        return RemoteEngine(settings.server, api_key=os.environ.get("MOECODER_API_KEY"),
+                            default_max_new_tokens=None)
+    from assistant.engine import Engine
+
+    return Engine.from_settings(settings, model_dir, device)

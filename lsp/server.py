@@ -42,6 +42,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import copy
+import dataclasses
 import itertools
 import logging
 import os
@@ -183,9 +184,9 @@ def config_engine_factory(config: Config | None = None) -> EngineFactory:
     ``[lsp]`` face); the model and device passed in (flags, editor settings) win."""
 
     def make(model_dir: str | None = None, device: str | None = None) -> Engine:
-        from assistant.engine import Engine as InProcessEngine
+        from assistant.remote import engine_from_settings  # in-process, or a running `moecoder serve`
 
-        return InProcessEngine.from_settings(config or load_settings().for_face("lsp"), model_dir, device)
+        return engine_from_settings(config or load_settings().for_face("lsp"), model_dir, device)
 
     return make
 
@@ -1063,6 +1064,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP instead of stdio (for debugging)")
     p.add_argument("--model", metavar="DIR", help="model directory (default: the shipped model)")
     p.add_argument("--device", help="torch device (default: the config file's, else cpu)")
+    p.add_argument("--server", metavar="URL", help="use a running `moecoder serve` at URL instead of loading the model")
     p.add_argument("--log-file", metavar="FILE", help="write the server log to FILE (default: stderr)")
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -1087,6 +1089,11 @@ def main(argv: list[str] | None = None, factory: EngineFactory | None = None,
     except ValueError as e:
         print(f"moecoder lsp: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    if args.server is not None:
+        if not args.server.startswith(("http://", "https://")):
+            print(f"moecoder lsp: error: --server wants an http:// URL, got {args.server!r}", file=sys.stderr)
+            return 2
+        config = dataclasses.replace(config, server=args.server)
     try:
         handler: logging.Handler = (logging.FileHandler(args.log_file) if args.log_file
                                     else logging.StreamHandler(sys.stderr))

@@ -399,7 +399,7 @@ def create_app(service: Any, api_key: str | None = None) -> FastAPI:
         tok_path = getattr(service.tokenizer, "path", None)
         return {"model": service.name, "context_length": service.context_length, "ep": service.ep,
                 "tokenizer": tok_path.name if tok_path is not None and tok_path.exists() else None,
-                "max_seconds": service.max_seconds}
+                "max_seconds": service.max_seconds, "max_tokens": service.max_new_tokens}
 
     @app.get("/v1/moecoder/tokenizer")
     async def tokenizer():

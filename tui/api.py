@@ -34,10 +34,10 @@ def engine_factory(config: Settings | None = None, device: str | None = None
     ``[chat]`` face); raises ValueError for a bad checkpoint."""
 
     def load(model_dir: str | Path | None) -> Engine:
-        from assistant.engine import Engine as InProcessEngine
+        from assistant.remote import engine_from_settings  # in-process, or a running `moecoder serve`
 
         settings = config or load_settings().for_face("chat")
-        return InProcessEngine.from_settings(settings, None if model_dir is None else str(model_dir), device)
+        return engine_from_settings(settings, None if model_dir is None else str(model_dir), device)
 
     return load
 

@@ -8,6 +8,7 @@ UI with ``call_from_thread``. Escape cancels the engine's ``CancelToken``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import threading
 import time
@@ -670,6 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="reopen the most recent conversation")
     p.add_argument("--model", metavar="DIR", help="checkpoint directory (default: the shipped model)")
     p.add_argument("--device", help="torch device (default: the config file's, else cpu)")
+    p.add_argument("--server", metavar="URL", help="use a running `moecoder serve` at URL instead of loading the model")
     return p
 
 
@@ -695,6 +697,11 @@ def main(argv: Sequence[str] | None = None, engine: api.Engine | None = None,
     except ValueError as e:
         print(f"moecoder chat: error: {one_line(e)}", file=sys.stderr)
         return 2
+    if args.server is not None:
+        if not args.server.startswith(("http://", "https://")):
+            print(f"moecoder chat: error: --server wants an http:// URL, got {args.server!r}", file=sys.stderr)
+            return 2
+        config = dataclasses.replace(config, server=args.server)
     app = ChatApp(engine=engine, engine_factory=engine_factory or api.engine_factory(config, args.device),
                   model_dir=args.model or config.model, files=args.files, resume=args.resume)
     app.run()
