@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+# One decision for the whole session, made before any test module imports ``kernels``:
+# without CUDA the Triton kernels run in the interpreter. It is process-wide (``triton.jit``
+# reads it when a kernel is defined), so no single test module may set it for the others.
+if "TRITON_INTERPRET" not in os.environ and _no_cuda():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def _sample_sources() -> list[Path]:

@@ -191,7 +191,7 @@ def test_trimming_order(tiny_tokenizer):
         assert len(r.prompt_ids) <= budget
         seen.append(_stage(r))
         # the cursor line and the enclosing headers survive as long as imports do
-        assert "        second = first * 2".startswith(r.prefix.split("\n")[-1] + "second") or True
+        assert r.prefix.split("\n")[-1] == " " * 8  # the cursor line up to the cursor, always kept
         if "import os" in r.prefix:
             assert "class Here:" in r.prefix and "    def target(self, q):" in r.prefix
     # each stage happens no later than the ones after it: the flags switch on in order

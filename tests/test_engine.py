@@ -153,23 +153,46 @@ def test_bad_model_dir_is_a_one_line_value_error(tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_thread_safe_concurrent_requests(loaded):
-    engine = Engine.from_loaded(loaded)
-    results: list[object] = []
-    errors: list[BaseException] = []
+def test_thread_safe_concurrent_requests(tiny_tokenizer):
+    """Concurrent streams from many threads: each gets exactly its own events and result
+    (the script answers from the code in the prompt, so crosstalk shows in the text)."""
 
-    def worker(fn):
+    def script(task, code):
+        name = "add" if "def add" in code else "scale" if "def scale" in code else "?"
+        line = "total = a + b" if name == "add" else "out.append(x * k)"
+        return f"Reading {name} step by step.", f"line 1: `{line}` is wrong in {name}\nfix: {line}  # {name}"
+
+    engine = Engine.from_loaded(backend=ScriptedBackend(tiny_tokenizer, script))
+    got: dict[int, tuple[str, str, object]] = {}
+    errors: list[BaseException] = []
+    names = ["add", "scale"] * 4
+
+    def worker(i: int, fn: str) -> None:
         try:
-            results.append(engine.run(TaskRequest("debug", SRC, function=fn, max_new_tokens=6)))
+            reasoning, answer, result = [], [], None
+            for ev in engine.stream(TaskRequest("debug", SRC, function=fn, max_new_tokens=64)):
+                {"reasoning": reasoning, "answer": answer}.get(ev.kind, []).append(ev.text)
+                if ev.kind == "done":
+                    result = ev.result
+            got[i] = ("".join(reasoning), "".join(answer), result)
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(fn,)) for fn in ("add", "scale", "add", "scale")]
+    threads = [threading.Thread(target=worker, args=(i, fn)) for i, fn in enumerate(names)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert not errors and len(results) == 4 and all(isinstance(r, DebugResult) for r in results)
+    engine.close()
+    assert not errors and len(got) == len(names)
+    for i, fn in enumerate(names):
+        reasoning, answer, result = got[i]
+        other = "scale" if fn == "add" else "add"
+        assert reasoning == f"Reading {fn} step by step.", (fn, reasoning)
+        assert f"wrong in {fn}" in answer and other not in answer, (fn, answer)
+        assert isinstance(result, DebugResult) and result.reasoning == reasoning
+        want_line = 1 if fn == "add" else 8  # 0-based file line of the quoted statement
+        assert [h.line for h in result.hints] == [want_line], (fn, result.hints)
 
 
 async def test_astream_from_asyncio(fake):

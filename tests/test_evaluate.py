@@ -10,9 +10,10 @@ import pytest
 
 from assistant import evaluate as E
 from model.formats import Finding, format_finding, number_lines
+from tests.shared_data import needs_shared
 
 EVAL = E._eval_dir(None)
-needs_eval = pytest.mark.skipif(not (EVAL / "mbpp").is_dir(), reason="no ../shared/eval")
+needs_eval = needs_shared(EVAL / "mbpp", "the eval sets (../shared/eval)")
 
 
 # --------------------------------------------------------------------------- metrics

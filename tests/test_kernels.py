@@ -1,7 +1,8 @@
 """Triton kernels against the reference ops, forward and backward.
 
-On a CPU box the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set here
-before anything defines a kernel) in float64 on tiny shapes; on a CUDA machine the same
+On a CPU box the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set once
+for the whole session by ``tests/conftest.py``, before any module defines a kernel) in
+float64 on tiny shapes; on a CUDA machine the same
 tests run compiled, in bf16, with bf16 tolerances. Inputs are fresh random draws.
 """
 
@@ -15,10 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 triton = pytest.importorskip("triton")
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.fail("tests/conftest.py sets TRITON_INTERPRET=1 on a machine without CUDA", pytrace=False)
 
 import kernels  # noqa: E402
 from kernels import autograd as tk  # noqa: E402
@@ -328,9 +328,9 @@ def test_dispatcher_routes_to_triton(monkeypatch):
 # ------------------------------------------------------------- inside the model
 
 
-@pytest.mark.skipif(CUDA, reason="the CPU-interpreter check; on the GPU the bench and train runs cover it")
 def test_tiny_model_same_loss_and_grads_with_either_path(monkeypatch):
-    """The tiny model's loss and every parameter gradient agree between the two kernel paths."""
+    """The tiny model's loss and every parameter gradient agree between the two kernel paths
+    (float32; on CUDA the compiled kernels, whose dots may use TF32, get TF32 tolerances)."""
     import dataclasses
 
     import torch.nn.functional as F
@@ -343,8 +343,9 @@ def test_tiny_model_same_loss_and_grads_with_either_path(monkeypatch):
     monkeypatch.setattr(tk, "moe_experts", lambda *a: calls.append(1) or real(*a))
     cfg = dataclasses.replace(get_preset("tiny"), vocab_size=512)
     torch.manual_seed(0)
-    model = Transformer(cfg).train()
-    tokens = torch.randint(0, 512, (2, 24))
+    model = Transformer(cfg).to(DEV).train()
+    tokens = torch.randint(0, 512, (2, 24), device=DEV)
+    loss_tol, grad_tol = (2e-3, 2e-2) if CUDA else (1e-5, 1e-4)
 
     def loss_and_grads(mode):
         monkeypatch.setenv("MOECODER_KERNELS", mode)
@@ -358,7 +359,7 @@ def test_tiny_model_same_loss_and_grads_with_either_path(monkeypatch):
     assert len(calls) == sum(1 for _ in model.moe_layers())  # the Triton path ran in every MoE layer
     loss_r, grads_r = loss_and_grads("reference")
     assert len(calls) == sum(1 for _ in model.moe_layers())
-    assert abs(float(loss_t - loss_r)) < 1e-5
+    assert abs(float(loss_t - loss_r)) < loss_tol
     assert grads_t.keys() == grads_r.keys() and any("w_gate" in n for n in grads_t)
     for n in grads_r:
-        assert rel(grads_t[n], grads_r[n]) < 1e-4, n
+        assert rel(grads_t[n], grads_r[n]) < grad_tol, n

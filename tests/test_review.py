@@ -14,6 +14,7 @@ from assistant_fakes import ScriptedBackend
 
 from assistant.engine import Engine
 from assistant.review import Report, main, parse_diff
+from tests.shared_data import require_shared
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "buggy"
@@ -93,8 +94,7 @@ def test_json_round_trips_and_matches_its_schema(fake_engine, capsys):
 
 def _sarif_validator():
     jsonschema = pytest.importorskip("jsonschema")
-    if not SARIF_SCHEMA.exists():
-        pytest.skip(f"SARIF schema not found at {SARIF_SCHEMA} (CI keeps ../shared beside the repo)")
+    require_shared(SARIF_SCHEMA, "the SARIF schema")
     return jsonschema.Draft4Validator(json.loads(SARIF_SCHEMA.read_text()))
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from model.data import tasks as T
 from model.formats import NO_ISSUE, number_lines, parse_finding
+from tests.shared_data import require_shared
 
 # Small functions where each mutation kind applies, with inputs that expose a behaviour change.
 FUNCS = {
@@ -155,8 +156,7 @@ def test_comment_facts_and_docstring_sections():
 
 def test_no_eval_overlap(tmp_path):
     overlap = T.EvalOverlap()
-    if not overlap.index.sources:
-        pytest.skip("no eval data (../shared/eval)")
+    require_shared(overlap.eval_dir / "mbpp", "the eval sets (../shared/eval)")
     mbpp = json.loads((overlap.eval_dir / "mbpp" / "sanitized-mbpp.json").read_text())
     qb = sorted((overlap.eval_dir / "quixbugs" / "correct_python_programs").glob("*.py"))
     eval_src = [t["code"] for t in mbpp[:40]] + [p.read_text() for p in qb[:10]]
