@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 _BOOT = r"""
@@ -117,6 +117,7 @@ class SandboxResult:
     stderr: str
     timed_out: bool
     duration: float
+    files: dict[str, str] = field(default_factory=dict)  # the ``collect``ed files (text, size-limited)
 
     @property
     def ok(self) -> bool:
@@ -199,8 +200,13 @@ def run(
     max_output: int = 64_000,
     python: str | None = None,
     env: Mapping[str, str] | None = None,
+    collect: Sequence[str] = (),
+    max_collect: int = 8_000_000,
 ) -> SandboxResult:
-    """Run ``target`` (``kind`` "path": a file relative to the work dir; "module": ``python -m``)."""
+    """Run ``target`` (``kind`` "path": a file relative to the work dir; "module": ``python -m``).
+
+    ``collect`` names files (relative to the work dir) to read back after the run, whatever
+    its outcome (a killed run keeps what it wrote): :attr:`SandboxResult.files`."""
     if kind not in ("path", "module"):
         raise ValueError(f"unknown sandbox target kind {kind!r}")
     if timeout <= 0:
@@ -242,12 +248,18 @@ def run(
                 except (ProcessLookupError, PermissionError):
                     pass
                 proc.wait()
+        got: dict[str, str] = {}
+        for name in collect:
+            f = (work / name).resolve()
+            if str(f).startswith(str(work.resolve()) + os.sep) and f.is_file() and not f.is_symlink():
+                got[name] = _read(f, max_collect)
         return SandboxResult(
             returncode=proc.returncode,
             stdout=_read(root / "stdout", max_output),
             stderr=_read(root / "stderr", max_output),
             timed_out=timed_out,
             duration=time.monotonic() - t0,
+            files=got,
         )
     finally:
         shutil.rmtree(root, ignore_errors=True)
