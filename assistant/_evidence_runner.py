@@ -116,6 +116,10 @@ def run_examples(spec, cand, cov, emit, t_run):
             emit({"kind": "doctest", "test": ex["id"], "outcome": "error", "lines": [],
                   "message": "the module failed to import: " + _short(f"{type(e).__name__}: {e}")})
         return False
+    return run_examples_in(spec, mod, cov, emit, t_run)
+
+
+def run_examples_in(spec, mod, cov, emit, t_run):
     globs = dict(vars(mod))
     ok = True
     for ex in spec["examples"]:
@@ -244,8 +248,113 @@ def run_pytest(spec, cov, emit, t_run, ids):
     return rec.failed == 0
 
 
+def _find_code(code, qualname):
+    for c in code.co_consts:
+        if hasattr(c, "co_code"):
+            if getattr(c, "co_qualname", c.co_name) == qualname:
+                return c
+            found = _find_code(c, qualname)
+            if found is not None:
+                return found
+    return None
+
+
+def _resolve(obj, qualname):
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return getattr(obj, "__func__", obj)
+
+
+def main_swap(spec, out):
+    """Many candidates in one process: the function's code object is swapped in place (every
+    reference to the function, in the tests too, runs the candidate), the tests collected once."""
+    t_run = float(spec.get("per_run_timeout", 2.0))
+    cur = {"id": None}
+
+    def emit(rec):
+        rec["candidate"] = cur["id"]
+        out.write(json.dumps(rec) + "\n")
+
+    try:
+        mod = load_module(spec["module"], spec["target"])
+        fn = _resolve(mod, spec["swap"])
+        orig = fn.__code__
+    except BaseException as e:  # noqa: BLE001
+        for cand in spec["candidates"]:
+            cur["id"] = cand["id"]
+            emit({"kind": "collect", "test": "<import>", "outcome": "error", "lines": [],
+                  "message": "the module failed to import: " + _short(f"{type(e).__name__}: {e}")})
+            out.write(json.dumps({"candidate": cand["id"], "kind": "end", "ok": False}) + "\n")
+        return
+
+    def use(cand):
+        if cand.get("source") is None:
+            fn.__code__ = orig
+            return True
+        try:
+            code = _find_code(compile(cand["source"], os.path.realpath(spec["target"]), "exec"), spec["swap"])
+            if code is None or code.co_freevars != orig.co_freevars:
+                return False
+            fn.__code__ = code
+            return True
+        except (SyntaxError, ValueError):
+            return False
+
+    cov = Coverage(spec["target"], False)
+    first = [i for i in spec.get("only_first", [])]
+
+    def loop(session=None):
+        items = list(session.items) if session is not None else []
+        rank = {n: k for k, n in enumerate(first)}
+        items.sort(key=lambda it: rank.get(it.nodeid, len(rank)))
+        for cand in spec["candidates"]:
+            cur["id"] = cand["id"]
+            if not use(cand):
+                out.write(json.dumps({"candidate": cand["id"], "kind": "end", "ok": False}) + "\n")
+                continue
+            ok = True
+            if spec.get("examples"):
+                ex_spec = dict(spec, stop_on_fail=True)
+                ok = run_examples_in(ex_spec, mod, cov, emit, t_run)
+            if ok and items:
+                rec.failed = 0
+                for item in items:
+                    item.config.hook.pytest_runtest_protocol(item=item, nextitem=None)
+                    if rec.failed:
+                        ok = False
+                        break
+            out.write(json.dumps({"candidate": cand["id"], "kind": "end", "ok": ok}) + "\n")
+        fn.__code__ = orig
+
+    if not spec.get("pytest"):
+        loop()
+        return
+    import pytest
+
+    rec = Recorder(cov, emit, t_run)
+
+    class Loop:
+        @pytest.hookimpl(tryfirst=True)
+        def pytest_runtestloop(self, session):
+            loop(session)
+            return True
+
+    args = [*spec["pytest"], "--rootdir", os.getcwd(), "-p", "no:cacheprovider", "-p", "no:terminal",
+            "-o", "addopts=", "-o", "python_files=test_*.py *_test.py tests.py", *spec.get("pytest_args", [])]
+    devnull = open(os.devnull, "w")
+    old = sys.stdout
+    sys.stdout = devnull
+    try:
+        pytest.main(args, plugins=[make_recorder_plugin(rec), Loop()])
+    finally:
+        sys.stdout = old
+
+
 def main():
     spec = json.load(open(sys.argv[1]))
+    if spec.get("swap"):
+        main_swap(spec, open(spec["out"], "a", buffering=1))
+        return
     work = os.path.realpath(os.getcwd())
     keep = {os.path.realpath(__file__)}
     cov = Coverage(spec["target"], spec.get("coverage", False))

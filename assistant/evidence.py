@@ -347,7 +347,7 @@ def _why_stopped(res: sandbox.SandboxResult) -> str:
 def execute(tgt: Target, *, examples: Sequence[dict] = (), pytest_ids: Sequence[str] = (),
             candidates: Sequence[tuple[str, str | None]] = (("base", None),), coverage: bool = True,
             per_run_timeout: float = 2.0, timeout: float = 60.0, stop_on_fail: bool = False,
-            only_first: Sequence[str] = (), max_restarts: int = 3,
+            only_first: Sequence[str] = (), max_restarts: int = 3, swap: str | None = None,
             progress: Callable[[str], None] | None = None) -> tuple[dict[str, list[Run]], dict[str, bool], list[str]]:
     """Run the examples and tests once per candidate (``(id, source or None)``) in the sandbox.
 
@@ -369,7 +369,7 @@ def execute(tgt: Target, *, examples: Sequence[dict] = (), pytest_ids: Sequence[
                 "pytest_args": tgt.pytest_args, "candidates": [{"id": c, "source": s} for c, s in todo],
                 "coverage": coverage, "per_run_timeout": per_run_timeout, "stop_on_fail": stop_on_fail,
                 "only_first": list(only_first), "out": RESULTS_NAME,
-                "deselect": deselect.get(todo[0][0], [])}
+                "deselect": deselect.get(todo[0][0], []), "swap": swap}
         files = {**tgt.files, RUNNER_NAME: RUNNER, SPEC_NAME: json.dumps(spec)}
         res = sandbox.run("path", RUNNER_NAME, [SPEC_NAME], files=files, timeout=max(1.0, left),
                           collect=[RESULTS_NAME], max_file_mb=32, env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
@@ -455,7 +455,8 @@ def check_candidates(tgt: Target, ev: Evidence, candidates: Sequence[tuple[str, 
     fail_ids = [r.id for r in ev.failing if r.kind == "pytest"]
     runs, ends, _ = execute(tgt, examples=ex, pytest_ids=ids, candidates=candidates, coverage=False,
                             per_run_timeout=per_run_timeout, timeout=timeout, stop_on_fail=True,
-                            only_first=fail_ids, progress=progress)
+                            only_first=fail_ids, progress=progress,
+                            swap=None if "<" in ev.function else ev.function)
     need = {r.id for r in ev.runs}
     ok: dict[str, bool] = {}
     for cid, _ in candidates:

@@ -100,6 +100,7 @@ class Hint:
     fix: str | None
     confidence: float
     reasoning: str
+    evidence: str = "model"  # "model": the model alone; "runs": failing runs point here; "verified": a fix passed them
 
 
 @dataclass

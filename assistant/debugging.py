@@ -1,0 +1,307 @@
+"""Debugging from evidence: run the examples and tests, localise, repair, verify.
+
+:func:`debug_stream` is what every face calls when the user asked to run code (``moecoder
+debug --run``, ``moecoder review --run``, the LSP's "Find the bug (runs examples)", the chat's
+``/debug``). For each function it
+
+1. runs the evidence (:mod:`assistant.evidence`: doctest examples, the repository's tests
+   that call it, the user's ``--tests``) in the sandbox with per-run coverage;
+2. ranks its lines (:mod:`assistant.localize`: Ochiai over the failing and passing runs plus
+   the model's line surprisal and debug answer);
+3. for the most suspicious lines, checks candidate fixes (:mod:`assistant.repair`: the
+   model's proposals and cheap mutations) by running the evidence on each, keeping those that
+   make every failing run pass and keep every passing run passing, ranked by the model's
+   likelihood;
+4. streams reasoning that cites the evidence, then the answer: a :class:`DebugResult` whose
+   hints say what backs them (``Hint.evidence``: "verified" — a fix made every run pass,
+   high confidence; "runs" — failing runs point at the line, no fix verified; "model" — no
+   failing run, the model's hint alone, lower confidence).
+
+Nothing here runs unless a face was told to (a flag, a setting, a code action).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from assistant import evidence as evmod
+from assistant import localize, repair
+from assistant.engine import Event
+from assistant.tasks import DebugResult, Hint, TaskRequest
+
+VERIFIED_CONFIDENCE = 0.95  # a fix that makes every failing run pass and keeps the passing ones
+RUNS_CONFIDENCE = 0.6  # failing runs, no verified fix: the top line by the spectrum
+MODEL_ONLY_FACTOR = 0.8  # nothing ran: the model's own confidence, lowered
+ALL_PASS_CAP = 0.3  # every run passes: a model hint stays below the review's default threshold
+
+
+@dataclass
+class DebugOptions:
+    tests: Sequence[str] = ()  # user --tests paths / node ids
+    repo_tests: bool = True  # look for the repository's tests that call the function
+    doctests: bool = True
+    use_model: bool = True  # the model's surprisal, answer and line proposals
+    top_lines: int = 5  # lines to try fixes on
+    budget_s: float = 90.0  # per function, evidence and repair together
+    per_run_timeout: float = 2.0
+    chunk: int = 30  # candidates per sandbox process (progress between chunks)
+    max_verified: int = 6  # stop looking once this many fixes are verified
+    keep_going: bool = False  # check every candidate (for measurement) instead of stopping early
+
+
+@dataclass
+class FunctionReport:
+    """Everything measured for one function (for the evaluation and --json)."""
+
+    function: str
+    evidence: evmod.Evidence
+    ranked: list[localize.Suspect] = field(default_factory=list)
+    ranked_ochiai: list[localize.Suspect] = field(default_factory=list)
+    ranked_model: list[localize.Suspect] = field(default_factory=list)
+    model_line: int | None = None  # 1-based line of the model's debug answer
+    model_hint: Hint | None = None
+    verified: list[tuple[repair.Candidate, float]] = field(default_factory=list)  # with the model score
+    tried: int = 0
+    mode: str = "model"  # "verified" | "runs" | "passing" | "model"
+    seconds: float = 0.0
+
+
+def _q(text: str, n: int = 70) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def describe_run(r: evmod.Run) -> str:
+    """One clause citing a run: "`f(3)` returned 5, the docstring expects 6"."""
+    if r.kind == "doctest":
+        src = _q(r.source.strip().splitlines()[0] if r.source.strip() else r.id)
+        if r.outcome == "timeout":
+            return f"`{src}` did not finish ({r.message})"
+        if r.outcome == "crashed":
+            return f"`{src}` stopped the process ({r.message})"
+        want = _q(r.want.strip(), 40) or "no output"
+        if r.message.startswith("raised"):
+            return f"`{src}` {_q(r.message, 90)}, the docstring expects {want}"
+        return f"`{src}` returned {_q(r.got.strip(), 40) or 'nothing'}, the docstring expects {want}"
+    name = r.id.split("::", 1)[-1]
+    if r.outcome == "timeout":
+        return f"`{_q(name, 60)}` did not finish ({r.message})"
+    if r.outcome == "crashed":
+        return f"`{_q(name, 60)}` stopped the process ({r.message})"
+    return f"`{_q(name, 60)}` failed: {_q(r.message, 90)}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _model_signals(engine: Any, source: str, path: str | None, function: str, lines: Sequence[int],
+                   ) -> tuple[dict[int, float], Hint | None]:
+    from assistant.tasks import line_surprisal
+
+    src_lines = source.split("\n")
+    surprisal: dict[int, float] = {}
+    try:
+        vals = engine.submit(lambda: line_surprisal(engine, [src_lines[ln - 1] for ln in lines]))
+        surprisal = dict(zip(lines, vals))
+    except Exception:  # noqa: BLE001 - a backend without log-probabilities: no surprisal
+        surprisal = {}
+    hint = None
+    try:
+        res = engine.run(TaskRequest("debug", source, path, function=function))
+        if isinstance(res, DebugResult) and res.hints:
+            hint = res.hints[0]
+    except Exception:  # noqa: BLE001 - the model's answer is one signal among others
+        hint = None
+    return surprisal, hint
+
+
+def debug_function(engine: Any, tgt: evmod.Target, function: str, path: str | None = None,
+                   opts: DebugOptions | None = None, emit: Callable[[str], None] | None = None,
+                   ) -> tuple[DebugResult, FunctionReport]:
+    """Evidence, localisation and repair for one function; ``emit`` receives reasoning text
+    as it is written."""
+    opts = opts or DebugOptions()
+    t0 = time.monotonic()
+    deadline = t0 + opts.budget_s
+    parts: list[str] = []
+
+    def say(text: str) -> None:
+        parts.append(text)
+        if emit:
+            emit(text)
+
+    source = tgt.source
+    src_lines = source.split("\n")
+    span = evmod.function_span(source, function)
+    if span is None:
+        rep = FunctionReport(function, evmod.Evidence(function, 0, 0))
+        return DebugResult([], f"no function named {function!r}"), rep
+    n_ex = len(tgt.examples.get(function, []))
+    n_tests = len(tgt.tests.get(function, []))
+    if n_ex or n_tests:
+        what = " and ".join(x for x in (_plural(n_ex, "doctest example") if n_ex else "",
+                                        _plural(n_tests, "test") if n_tests else "") if x)
+        say(f"Running {what} for `{function}` in the sandbox. ")
+    ev = evmod.gather(tgt, function, per_run_timeout=opts.per_run_timeout,
+                      timeout=max(5.0, min(opts.budget_s * 0.4, deadline - time.monotonic())))
+    rep = FunctionReport(function, ev)
+    for p in ev.problems[:3]:
+        say(f"Problem: {_q(p, 160)}. ")
+    lines = localize.statement_lines(source, span[0], span[1])
+    surprisal: dict[int, float] = {}
+    mhint: Hint | None = None
+    if engine is not None and opts.use_model and lines:
+        surprisal, mhint = _model_signals(engine, source, path, function, lines)
+    rep.model_hint = mhint
+    rep.model_line = mhint.line + 1 if mhint is not None else None
+    rep.ranked = localize.rank(ev, lines, surprisal, rep.model_line)
+    rep.ranked_ochiai = localize.rank(ev, lines, surprisal, rep.model_line, mode="ochiai")
+    rep.ranked_model = localize.rank(ev, lines, surprisal, rep.model_line, mode="model")
+
+    def finish(hints: list[Hint], mode: str) -> tuple[DebugResult, FunctionReport]:
+        rep.mode = mode
+        rep.seconds = time.monotonic() - t0
+        text = "".join(parts).strip()
+        for h in hints:
+            h.reasoning = text
+        return DebugResult(hints, text), rep
+
+    if not ev.failing:
+        if ev.runs:
+            say(f"All {_plural(len(ev.runs), 'run')} pass ({ev.summary()}): no evidence of a bug. ")
+        elif ev.collected:
+            say("None of the runs reached the function. ")
+        else:
+            say(f"Nothing to run for `{function}` (no doctest examples, no tests that call it). ")
+        if mhint is None:
+            say("The model sees no issue either.")
+            return finish([], "passing" if ev.runs else "model")
+        cap = ALL_PASS_CAP if ev.runs else None
+        conf = mhint.confidence * MODEL_ONLY_FACTOR
+        if cap is not None:
+            conf = min(conf, cap)
+        say(f"The model alone suspects line {mhint.line + 1} (model-only, lower confidence): {_q(mhint.message, 120)}")
+        h = Hint(path, function, mhint.line, "[model only] " + mhint.message, mhint.fix, round(conf, 3), "",
+                 evidence="model")
+        return finish([h], "passing" if ev.runs else "model")
+
+    # ---- failing runs: cite them, localise
+    fails = ev.failing
+    say(f"{ev.summary()}: " + "; ".join(describe_run(r) for r in fails[:2])
+        + (f"; and {len(fails) - 2} more" if len(fails) > 2 else "") + ". ")
+    top = rep.ranked[0]
+    P = len(ev.passing)
+    say(f"Line {top.line} (`{_q(src_lines[top.line - 1].strip(), 50)}`) runs in {top.failing} of "
+        f"{len(fails)} failing runs and in {top.passing} of {P} passing ones (Ochiai {top.ochiai:.2f}"
+        + (f"; the model ranks it {top.model:.2f}" if surprisal or rep.model_line else "") + "). ")
+
+    # ---- repair: candidates on the top lines, checked by running the evidence
+    try_lines = [s.line for s in rep.ranked if s.ochiai > 0][: opts.top_lines] or [top.line]
+    proposals: dict[int, list[tuple[str, str]]] = {ln: [] for ln in try_lines}
+    if mhint is not None and mhint.fix and mhint.line + 1 in proposals:
+        proposals[mhint.line + 1].append((mhint.fix, "the model's fix"))
+    if engine is not None and opts.use_model:
+        for ln in try_lines:
+            if time.monotonic() > deadline - 5:
+                break
+            proposals[ln] += repair.model_line_proposals(engine, source, ln, path)
+    per_line = [repair.candidates_for(source, ln, proposals[ln]) for ln in try_lines]
+    ordered: list[repair.Candidate] = [c for cs in per_line for c in cs if c.origin == "model"]
+    muts = [(c.prior, i, c) for i, cs in enumerate(per_line) for c in cs if c.origin == "mutation"]
+    ordered += [c for _, _, c in sorted(muts, key=lambda x: (x[0], x[1]))]
+    say(f"Trying {_plural(len(ordered), 'candidate fix')} on line{'s' if len(try_lines) > 1 else ''} "
+        f"{', '.join(map(str, try_lines))}: ")
+    verified: list[repair.Candidate] = []
+    done = 0
+    for k in range(0, len(ordered), opts.chunk):
+        left = deadline - time.monotonic()
+        if left < 2:
+            say(f"(time budget spent after {done}) ")
+            break
+        chunk = ordered[k:k + opts.chunk]
+        ok, _runs = evmod.check_candidates(tgt, ev, [(f"c{k + i}", c.apply(source)) for i, c in enumerate(chunk)],
+                                           per_run_timeout=opts.per_run_timeout, timeout=left)
+        done += len(chunk)
+        verified += [c for i, c in enumerate(chunk) if ok.get(f"c{k + i}")]
+        say(f"{done} checked{', ' + _plural(len(verified), 'verified') if verified else ''}; ")
+        if verified and (len(verified) >= opts.max_verified or not opts.keep_going):
+            break
+    rep.tried = done
+    scored: list[tuple[repair.Candidate, float]] = []
+    for c in verified:
+        score = 0.0
+        if engine is not None and opts.use_model:
+            fn_text = "\n".join(c.apply(source).split("\n")[span[0] - 1: span[1]])
+            try:
+                score = engine.submit(lambda t=fn_text: repair.function_logprob(engine, t))
+            except Exception:  # noqa: BLE001
+                score = 0.0
+        else:
+            score = -float(c.prior)
+        scored.append((c, score))
+    scored.sort(key=lambda x: -x[1])
+    rep.verified = scored
+    n_runs = len(ev.runs)
+    if scored:
+        best = scored[0][0]
+        say(f"\nReplacing line {best.line} with `{_q(best.text.strip(), 60)}` ({best.how}) makes all "
+            f"{_plural(n_runs, 'run')} pass ({len(fails)} failed before)"
+            + (f"; {len(scored) - 1} other verified fix{'es' if len(scored) > 2 else ''} rank lower by the model's likelihood"
+               if len(scored) > 1 else "") + ".")
+        msg = f"{best.how}: makes all {_plural(n_runs, 'run')} pass (verified)"
+        return finish([Hint(path, function, best.line - 1, msg, best.text, VERIFIED_CONFIDENCE, "",
+                            evidence="verified")], "verified")
+    say(f"\nNo one-line fix among {done} candidates made the failing runs pass; the most suspicious line is {top.line}.")
+    fix = mhint.fix if mhint is not None and mhint.line + 1 == top.line else None
+    msg = f"runs in {top.failing} of {len(fails)} failing runs and {top.passing} of {P} passing (no verified fix)"
+    conf = RUNS_CONFIDENCE * (0.5 + 0.5 * top.ochiai)
+    return finish([Hint(path, function, top.line - 1, msg, fix, round(conf, 3), "", evidence="runs")], "runs")
+
+
+def debug_stream(engine: Any, path: str, source: str, functions: Sequence[str] = (),
+                 opts: DebugOptions | None = None) -> Iterator[Event]:
+    """Events for the faces: per function, reasoning events citing the evidence, then one
+    ``answer`` event and a ``done`` event with the :class:`DebugResult`. A function whose
+    evidence cannot run is reported and the next one goes on."""
+    import queue
+    import threading
+
+    opts = opts or DebugOptions()
+    try:
+        tgt = evmod.prepare(path, source, functions, tests=opts.tests, repo_tests=opts.repo_tests,
+                            doctests=opts.doctests)
+    except (evmod.EvidenceError, OSError) as e:
+        yield Event("error", str(e))
+        return
+    names = list(functions) or list(tgt.examples)
+    for name in names:
+        q: queue.Queue = queue.Queue()
+        box: dict[str, Any] = {}
+
+        def work(name: str = name) -> None:
+            try:
+                box["out"] = debug_function(engine, tgt, name, path, opts, emit=lambda t: q.put(t))
+            except Exception as e:  # noqa: BLE001 - report it and go on with the next function
+                box["err"] = e
+            finally:
+                q.put(None)
+
+        th = threading.Thread(target=work, daemon=True)
+        th.start()
+        while True:
+            item = q.get()
+            if item is None:
+                break
+            yield Event("reasoning", item)
+        th.join()
+        if "err" in box:
+            e = box["err"]
+            yield Event("error", f"{name}: {type(e).__name__}: {e}")
+            continue
+        result, _rep = box["out"]
+        yield Event("answer", "; ".join(f"line {h.line + 1}: {h.message}" for h in result.hints) or "no issue")
+        yield Event("done", result=result)

@@ -1,0 +1,139 @@
+"""Fault localisation: which line of a function is most likely wrong.
+
+Two signals. The evidence (:mod:`assistant.evidence`): Ochiai's spectrum formula over the
+failing and passing runs, ``ef / sqrt(F * (ef + ep))`` for a line executed by ``ef`` failing
+and ``ep`` passing runs out of ``F`` failing runs (Abreu et al. 2007). The model: how
+surprising each line is to it (mean token surprisal, ranked within the function) and the line
+its debug answer names. They are combined as ``ochiai + MODEL_WEIGHT x model``: the model's
+share is small, so it orders lines the runs cannot tell apart (Ochiai ties are common: a loop
+body runs in every failing run) and does not overrule a clear spectrum. The weights were set on
+injected bugs in held-out packages and measured on QuixBugs (docs/benchmarks.md, "Debugging
+from evidence": Ochiai alone, the model alone, combined). With no failing run the ranking is
+the model's alone, and the caller says so.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from assistant.evidence import Evidence
+
+MODEL_WEIGHT = 0.3  # the model's share next to Ochiai (in [0, 1])
+ANSWER_SHARE = 0.5  # within the model's signal: the debug answer's line vs the surprisal rank
+
+
+@dataclass
+class Suspect:
+    line: int  # 1-based line of the file
+    score: float  # the combined score
+    ochiai: float
+    model: float
+    failing: int  # failing runs that executed the line
+    passing: int  # passing runs that executed the line
+
+
+def statement_lines(source: str, first: int, last: int) -> list[int]:
+    """1-based first lines of the statements in the function spanning ``first..last`` (the
+    ``def`` line and the docstring excluded): the lines coverage reports and a fix replaces."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return list(range(first + 1, last + 1))
+    fn = None
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.lineno == first:
+            fn = node
+            break
+    if fn is None:
+        return list(range(first + 1, last + 1))
+    body = list(fn.body)
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        body = body[1:]
+    lines: set[int] = set()
+    for stmt in body:
+        for node in ast.walk(stmt):
+            if isinstance(node, ast.stmt) and not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                                    ast.ClassDef)):
+                lines.add(node.lineno)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                lines.add(node.lineno)
+            if isinstance(node, ast.ExceptHandler):
+                lines.add(node.lineno)
+    return sorted(ln for ln in lines if first < ln <= last)
+
+
+def ochiai(ev: Evidence, lines: Sequence[int]) -> dict[int, tuple[float, int, int]]:
+    """line -> (Ochiai score, failing runs through it, passing runs through it)."""
+    total_failed = len(ev.failing)
+    out = {}
+    for ln in lines:
+        ef = sum(1 for r in ev.failing if ln in r.lines)
+        ep = sum(1 for r in ev.passing if ln in r.lines)
+        s = ef / math.sqrt(total_failed * (ef + ep)) if ef and total_failed else 0.0
+        out[ln] = (s, ef, ep)
+    return out
+
+
+def surprisal_ranks(surprisal: Mapping[int, float]) -> dict[int, float]:
+    """line -> percentile of its surprisal among the given lines (1.0 = most surprising; ties share)."""
+    vals = list(surprisal.values())
+    n = len(vals)
+    out = {}
+    for ln, s in surprisal.items():
+        if n <= 1:
+            out[ln] = 0.5
+            continue
+        below = sum(1 for v in vals if v < s)
+        equal = sum(1 for v in vals if v == s)
+        out[ln] = (below + (equal - 1) / 2) / (n - 1)
+    return out
+
+
+def model_signal(lines: Sequence[int], surprisal: Mapping[int, float] | None,
+                 answer_line: int | None) -> dict[int, float]:
+    """line -> the model's suspicion in [0, 1] from the surprisal rank and the debug answer's line."""
+    ranks = surprisal_ranks({ln: surprisal.get(ln, 0.0) for ln in lines}) if surprisal else {}
+    out = {}
+    for ln in lines:
+        r = ranks.get(ln, 0.5)
+        a = 1.0 if answer_line == ln else 0.0
+        out[ln] = (1 - ANSWER_SHARE) * r + ANSWER_SHARE * a if answer_line is not None else r
+    return out
+
+
+def rank(ev: Evidence, lines: Sequence[int], surprisal: Mapping[int, float] | None = None,
+         answer_line: int | None = None, *, mode: str = "combined",
+         model_weight: float | None = None) -> list[Suspect]:
+    """Lines from most to least suspicious. ``mode``: "combined", "ochiai" (evidence alone;
+    ties keep file order) or "model" (the model alone). Without failing runs, "combined" is
+    the model alone."""
+    w = MODEL_WEIGHT if model_weight is None else model_weight
+    och = ochiai(ev, lines)
+    mod = model_signal(lines, surprisal, answer_line)
+    out = []
+    for ln in lines:
+        o, ef, ep = och[ln]
+        m = mod[ln]
+        if mode == "ochiai":
+            s = o
+        elif mode == "model" or not ev.failing:
+            s = m
+        else:
+            s = o + w * m
+        out.append(Suspect(ln, s, o, m, ef, ep))
+    out.sort(key=lambda x: (-x.score, x.line))
+    return out
+
+
+def top1_credit(ranked: Sequence[Suspect], bug_lines: set[int] | Sequence[int]) -> float:
+    """Expected top-1 hit when ties at the top are broken at random (1/k for k tied lines)."""
+    if not ranked:
+        return 0.0
+    best = ranked[0].score
+    tied = [s.line for s in ranked if math.isclose(s.score, best, rel_tol=0, abs_tol=1e-12)]
+    hits = sum(1 for ln in tied if ln in set(bug_lines))
+    return hits / len(tied)
