@@ -224,7 +224,7 @@ def run_pytest(spec, cov, emit, t_run, ids):
     import pytest
 
     rec = Recorder(cov, emit, t_run)
-    args = [*ids, "--rootdir", os.getcwd(), "-p", "no:cacheprovider", "-p", "no:terminal", "-o", "addopts=",
+    args = [*ids, "--rootdir", os.getcwd(), "-p", "no:cacheprovider", "-q", "-o", "addopts=",
             "-o", "python_files=test_*.py *_test.py tests.py", *spec.get("pytest_args", [])]
     for d in spec.get("deselect", []):
         args += ["--deselect", d]
@@ -261,8 +261,12 @@ def _find_code(code, qualname):
 
 def _resolve(obj, qualname):
     for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return getattr(obj, "__func__", obj)
+        obj = vars(obj)[part] if isinstance(obj, type) and part in vars(obj) else getattr(obj, part)
+        if isinstance(obj, property):
+            obj = obj.fget
+        obj = getattr(obj, "__func__", obj)  # staticmethod / classmethod
+        obj = getattr(obj, "__wrapped__", obj)  # functools.wraps decorators (lru_cache, ...)
+    return obj
 
 
 def main_swap(spec, out):
@@ -339,7 +343,7 @@ def main_swap(spec, out):
             loop(session)
             return True
 
-    args = [*spec["pytest"], "--rootdir", os.getcwd(), "-p", "no:cacheprovider", "-p", "no:terminal",
+    args = [*spec["pytest"], "--rootdir", os.getcwd(), "-p", "no:cacheprovider", "-q",
             "-o", "addopts=", "-o", "python_files=test_*.py *_test.py tests.py", *spec.get("pytest_args", [])]
     devnull = open(os.devnull, "w")
     old = sys.stdout

@@ -250,7 +250,7 @@ def debug_function(engine: Any, tgt: evmod.Target, function: str, path: str | No
         best = scored[0][0]
         say(f"\nReplacing line {best.line} with `{_q(best.text.strip(), 60)}` ({best.how}) makes all "
             f"{_plural(n_runs, 'run')} pass ({len(fails)} failed before)"
-            + (f"; {len(scored) - 1} other verified fix{'es' if len(scored) > 2 else ''} rank lower by the model's likelihood"
+            + (f"; {len(scored) - 1} other verified fix{'es rank' if len(scored) > 2 else ' ranks'} lower"
                if len(scored) > 1 else "") + ".")
         msg = f"{best.how}: makes all {_plural(n_runs, 'run')} pass (verified)"
         return finish([Hint(path, function, best.line - 1, msg, best.text, VERIFIED_CONFIDENCE, "",
@@ -281,16 +281,7 @@ def debug_stream(engine: Any, path: str, source: str, functions: Sequence[str] =
     for name in names:
         q: queue.Queue = queue.Queue()
         box: dict[str, Any] = {}
-
-        def work(name: str = name) -> None:
-            try:
-                box["out"] = debug_function(engine, tgt, name, path, opts, emit=lambda t: q.put(t))
-            except Exception as e:  # noqa: BLE001 - report it and go on with the next function
-                box["err"] = e
-            finally:
-                q.put(None)
-
-        th = threading.Thread(target=work, daemon=True)
+        th = threading.Thread(target=_work, args=(engine, tgt, name, path, opts, q, box), daemon=True)
         th.start()
         while True:
             item = q.get()
@@ -305,3 +296,12 @@ def debug_stream(engine: Any, path: str, source: str, functions: Sequence[str] =
         result, _rep = box["out"]
         yield Event("answer", "; ".join(f"line {h.line + 1}: {h.message}" for h in result.hints) or "no issue")
         yield Event("done", result=result)
+
+
+def _work(engine: Any, tgt: evmod.Target, name: str, path: str, opts: DebugOptions, q: Any, box: dict) -> None:
+    try:
+        box["out"] = debug_function(engine, tgt, name, path, opts, emit=q.put)
+    except Exception as e:  # noqa: BLE001 - report it and go on with the next function
+        box["err"] = e
+    finally:
+        q.put(None)

@@ -1,0 +1,258 @@
+"""Debugging from evidence (assistant/evidence.py, localize.py, repair.py, debugging.py):
+run the examples and tests in the sandbox, localise, repair, verify, cite the evidence."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from assistant_fakes import ScriptedBackend
+
+from assistant import debugging, evidence, localize, repair
+from assistant.engine import Engine
+
+BUGGY = textwrap.dedent('''\
+    def count_below(items, limit):
+        """How many items are at most ``limit``.
+
+        >>> count_below([1, 2, 3], 2)
+        2
+        >>> count_below([5], 1)
+        0
+        >>> count_below([], 3)
+        0
+        >>> count_below([3, 3], 3)
+        2
+        """
+        n = 0
+        for x in items:
+            if x < limit:
+                n += 1
+        return n
+
+
+    def double(x):
+        """Twice ``x``.
+
+        >>> double(4)
+        8
+        """
+        return x * 2
+    ''')
+
+FAST = debugging.DebugOptions(budget_s=60, per_run_timeout=2.0, use_model=False)
+
+
+def _write(tmp_path: Path, name: str, text: str) -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def _events(engine, path, functions=(), opts=FAST):
+    src = Path(path).read_text()
+    return list(debugging.debug_stream(engine, str(path), src, functions, opts))
+
+
+def test_doctests_localise_and_verify_a_fix_citing_the_examples(tmp_path):
+    p = _write(tmp_path, "mod.py", BUGGY)
+    events = _events(None, p, ["count_below"])
+    kinds = [e.kind for e in events]
+    assert kinds.index("reasoning") < kinds.index("answer") < kinds.index("done")
+    result = events[-1].result
+    (h,) = result.hints
+    assert h.evidence == "verified" and h.confidence >= 0.9
+    assert h.line + 1 == 15 and h.fix == "        if x <= limit:"
+    text = result.reasoning
+    # the reasoning cites a failing example with what it returned and what the docstring expects
+    assert "`count_below([1, 2, 3], 2)` returned 1, the docstring expects 2" in text
+    assert "makes all 4 runs pass" in text and "Line 15" in text
+
+
+def test_a_clean_function_with_passing_examples_gets_no_hint(tmp_path):
+    p = _write(tmp_path, "mod.py", BUGGY)
+    result = _events(None, p, ["double"])[-1].result
+    assert result.hints == []
+    assert "All 1 run pass" in result.reasoning
+
+
+def test_ochiai_ranks_the_line_only_failing_runs_execute_first():
+    ev = evidence.Evidence("f", 1, 6, runs=[
+        evidence.Run("a", "pytest", "failed", lines=frozenset({2, 3, 5})),
+        evidence.Run("b", "pytest", "failed", lines=frozenset({2, 3, 5})),
+        evidence.Run("c", "pytest", "passed", lines=frozenset({2, 3, 4})),
+        evidence.Run("d", "pytest", "passed", lines=frozenset({2, 4})),
+    ])
+    ranked = localize.rank(ev, [2, 3, 4, 5])
+    assert ranked[0].line == 5 and ranked[0].ochiai == pytest.approx(1.0)
+    assert (ranked[0].failing, ranked[0].passing) == (2, 0)
+    och = localize.ochiai(ev, [3])[3][0]
+    assert och == pytest.approx(2 / (2 * 3) ** 0.5)
+    # lines 2 and 6 run in exactly the same runs: Ochiai ties them (credit 1/2 each); the
+    # model's surprisal breaks the tie
+    ev.runs = [evidence.Run(r.id, r.kind, r.outcome, lines=r.lines | ({6} if 2 in r.lines else set()))
+               for r in ev.runs]
+    assert localize.top1_credit(localize.rank(ev, [2, 6], mode="ochiai"), {6}) == pytest.approx(0.5)
+    tied = localize.rank(ev, [2, 6], surprisal={2: 0.1, 6: 5.0})
+    assert tied[0].line == 6 and localize.top1_credit(tied, {6}) == 1.0
+
+
+def test_mutations_cover_the_usual_one_line_slips():
+    src = "def f(a, b, items):\n    if a < b:\n        return items[len(items) - 1]\n    return g(a, b)\n"
+    texts = {c.text.strip() for c in repair.candidates_for(src, 2)}
+    assert {"if a <= b:", "if a > b:", "if b < a:", "if not (a < b):"} <= texts | {"if b < a:"}
+    assert "if a <= b:" in texts and "if a < a:" in texts  # comparison, variable swap
+    texts3 = {c.text.strip() for c in repair.candidates_for(src, 3)}
+    assert "return items[len(items)]" in texts3 and "return items[len(items) - 2]" in texts3
+    texts4 = {c.text.strip() for c in repair.candidates_for(src, 4)}
+    assert "return g(b, a)" in texts4
+    # every candidate parses and differs from the line
+    for c in repair.candidates_for(src, 3):
+        assert repair.parses(c.apply(src)) and c.text.strip() != "return items[len(items) - 1]"
+
+
+def test_repository_tests_are_found_by_name_and_run_with_coverage(tmp_path):
+    (tmp_path / "pyproject.toml").write_text("[project]\nname='x'\n")
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "calc.py").write_text("def add(a, b):\n    return a - b\n\n\ndef neg(a):\n    return -a\n")
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_calc.py").write_text(
+        "from pkg.calc import add, neg\n\n"
+        "def test_add():\n    assert add(2, 3) == 5\n\n"
+        "def test_add_zero():\n    assert add(0, 0) == 0\n\n"
+        "def test_neg():\n    assert neg(2) == -2\n")
+    tgt = evidence.prepare(pkg / "calc.py")
+    assert tgt.tests["add"] == ["tests/test_calc.py::test_add", "tests/test_calc.py::test_add_zero"]
+    assert tgt.tests["neg"] == ["tests/test_calc.py::test_neg"]
+    ev = evidence.gather(tgt, "add")
+    assert [(r.id.split("::")[1], r.outcome) for r in ev.runs] == [("test_add", "failed"), ("test_add_zero", "passed")]
+    assert all(2 in r.lines for r in ev.runs)
+    assert "assert -1 == 5" in ev.failing[0].message
+    res, rep = debugging.debug_function(None, tgt, "add", str(pkg / "calc.py"), FAST)
+    assert res.hints[0].evidence == "verified" and res.hints[0].fix.strip() == "return a + b"
+
+
+def test_user_tests_option_and_a_missing_path(tmp_path):
+    p = _write(tmp_path, "m.py", "def inc(x):\n    return x + 2\n")
+    t = _write(tmp_path, "check_m.py", "from m import inc\n\ndef test_inc():\n    assert inc(1) == 2\n    assert inc(5) == 6\n")
+    opts = debugging.DebugOptions(tests=[str(t)], use_model=False, budget_s=60)
+    result = _events(None, p, ["inc"], opts)[-1].result
+    assert result.hints[0].evidence == "verified" and result.hints[0].fix.strip() == "return x + 1"
+    bad = debugging.DebugOptions(tests=[str(tmp_path / "nope.py")], use_model=False)
+    ev = _events(None, p, ["inc"], bad)
+    assert ev[-1].kind == "error" and "no such file" in ev[-1].text
+
+
+BAD = textwrap.dedent('''\
+    import os, socket, sys
+
+
+    def spin(n):
+        """
+        >>> spin(1)
+        1
+        """
+        while n:
+            pass
+        return n
+
+
+    def shout(n):
+        """
+        >>> shout(1)
+        1
+        """
+        sys.stdout.write("x" * (40 * 1024 * 1024))
+        return n
+
+
+    def spawn(n):
+        """
+        >>> spawn(1)
+        1
+        """
+        os.fork()
+        return n
+
+
+    def fetch(n):
+        """
+        >>> fetch(1)
+        1
+        """
+        socket.create_connection(("127.0.0.1", 9), timeout=2).recv(10)
+        return n
+
+
+    def scribble(n):
+        """
+        >>> scribble(1)
+        1
+        """
+        open("/tmp/moecoder-debug-escape.txt", "w").write("x")
+        return n
+
+
+    def fine(n):
+        """
+        >>> fine(2)
+        3
+        """
+        return n + 1
+    ''')
+
+
+def test_bad_code_is_contained_and_reported_and_the_next_function_goes_on(tmp_path):
+    p = _write(tmp_path, "bad.py", BAD)
+    opts = debugging.DebugOptions(use_model=False, budget_s=20, per_run_timeout=1.0, top_lines=1, chunk=5,
+                                  max_verified=1)
+    events = _events(None, p, ["spin", "shout", "spawn", "fetch", "scribble", "fine"], opts)
+    done = [e.result for e in events if e.kind == "done"]
+    assert len(done) == 6  # every function got an answer, none stopped the review
+    why = [r.reasoning for r in done]
+    assert "did not finish" in why[0]
+    assert any(s in why[1] for s in ("stopped the process", "did not finish", "returned"))
+    assert "os.fork is not allowed" in why[2]
+    assert "socket" in why[3] and "not allowed" in why[3]
+    assert "write outside the sandbox" in why[4]
+    assert not Path("/tmp/moecoder-debug-escape.txt").exists()
+    assert done[5].hints == [] and "All 1 run pass" in why[5]
+
+
+def test_tests_that_fail_to_import_are_reported(tmp_path):
+    (tmp_path / "setup.py").write_text("")
+    _write(tmp_path, "lib.py", "def one():\n    return 1\n")
+    _write(tmp_path, "test_lib.py", "from lib import one\nimport no_such_module_xyz\n\ndef test_one():\n    assert one() == 1\n")
+    tgt = evidence.prepare(tmp_path / "lib.py")
+    ev = evidence.gather(tgt, "one")
+    assert ev.runs == [] and any("failed to import" in p and "no_such_module_xyz" in p for p in ev.problems)
+    res, _ = debugging.debug_function(None, tgt, "one", None, FAST)
+    assert "failed to import" in res.reasoning and res.hints == []
+
+
+def _debug_script(task, code):
+    if task == "debug":
+        return "Line 2 looks odd.", "line 2: the sum subtracts\nfix: return a + b"
+    return "", "return a + b"
+
+
+def test_without_failing_runs_the_hint_is_model_only_and_lower(tmp_path, tiny_tokenizer):
+    engine = Engine.from_loaded(backend=ScriptedBackend(tiny_tokenizer, _debug_script, context_length=4096))
+    p = _write(tmp_path, "m.py", "def add(a, b):\n    return a - b\n")
+    opts = debugging.DebugOptions(use_model=True, doctests=False, repo_tests=False)
+    try:
+        result = _events(engine, p, ["add"], opts)[-1].result
+        (h,) = result.hints
+        assert h.evidence == "model" and h.message.startswith("[model only]")
+        assert "Nothing to run" in result.reasoning and "model-only" in result.reasoning
+        # with failing evidence the model's fix is checked by running it
+        t = _write(tmp_path, "test_m.py", "from m import add\n\ndef test_add():\n    assert add(1, 1) == 2\n")
+        opts2 = debugging.DebugOptions(use_model=True, tests=[str(t)], repo_tests=False)
+        r2 = _events(engine, p, ["add"], opts2)[-1].result
+        assert r2.hints[0].evidence == "verified" and r2.hints[0].confidence > h.confidence
+        assert r2.hints[0].fix.strip() == "return a + b"
+    finally:
+        engine.close()
