@@ -122,6 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"moecoder: error: unknown command {name!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
+    from assistant.shadow import check
+
+    shadowed = check()
+    if shadowed is not None:
+        print(f"moecoder: error: {shadowed}", file=sys.stderr)
+        return 2
     handler, _ = COMMANDS[name]
     try:
         return int(handler(rest) or 0)
