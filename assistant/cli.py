@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     if not args or args[0] in ("-h", "--help"):
         parser.print_help()
-        return 0 if args else 2
+        return 0
     if args[0] == "--version":
         parser.parse_args(["--version"])
     name, rest = args[0], args[1:]

@@ -66,8 +66,9 @@ def _os_reason(e: OSError) -> str:
     return f"cannot read: {e.strerror or e}"
 
 
-def read_bytes(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """The bytes of a regular file of at most ``max_bytes``; Unreadable otherwise. Never blocks."""
+def read_bytes(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES, *, head: bool = False) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; Unreadable otherwise. Never blocks.
+    ``head=True``: the first ``max_bytes`` bytes of a file of any size."""
     p = Path(path)
     real = os.path.realpath(p)
     try:
@@ -78,7 +79,7 @@ def read_bytes(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES)
         raise Unreadable(_os_reason(e)) from None
     if not stat.S_ISREG(st.st_mode):
         raise _not_regular(p, real, st.st_mode)
-    if st.st_size > max_bytes:
+    if st.st_size > max_bytes and not head:
         raise Unreadable(f"too large ({st.st_size} bytes; the limit is {max_bytes})")
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
     flags |= getattr(os, "O_NOFOLLOW", 0)  # ``real`` has no symlinks left; one swapped in fails
@@ -98,6 +99,8 @@ def read_bytes(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES)
                 break
             chunks.append(chunk)
             total += len(chunk)
+            if head and total >= max_bytes:
+                return b"".join(chunks)[:max_bytes]
             if total > max_bytes:
                 raise Unreadable(f"too large (more than {max_bytes} bytes)")
     except OSError as e:

@@ -175,6 +175,18 @@ class _Ignore:
         return False
 
 
+def _looks_python(p: Path) -> bool:
+    """A file named on the command line: ``.py``/``.pyi``/``.pyw``, or a script with a python ``#!``."""
+    if p.suffix in (".py", ".pyi", ".pyw"):
+        return True
+    try:
+        head = read_bytes(p, 200, head=True)
+    except Unreadable:
+        return True  # let the reader say what is wrong with it
+    first = head.split(b"\n", 1)[0]
+    return first.startswith(b"#!") and b"python" in first
+
+
 def collect_files(paths: Sequence[str], skipped: list[Skipped]) -> list[Path]:
     """Python files under ``paths`` (explicit files are taken whatever their suffix)."""
     out: list[Path] = []
@@ -185,6 +197,9 @@ def collect_files(paths: Sequence[str], skipped: list[Skipped]) -> list[Path]:
             skipped.append(Skipped(raw, "no such file or directory", explicit=True))
             continue
         if p.is_file():
+            if not _looks_python(p):
+                skipped.append(Skipped(raw, "not a Python file (no .py suffix or python #! line)", explicit=True))
+                continue
             if p.resolve() not in seen:
                 seen.add(p.resolve())
                 out.append(p)
@@ -466,8 +481,8 @@ def render_text(report: Report, reasoning: bool = True, color: bool = False) -> 
             con.print()
             con.print(escape(f.path), style="bold underline")
         if reasoning and f.reasoning:
-            for ln in f.reasoning.strip().split("\n"):
-                con.print("  " + escape(ln), style="dim")
+            for j, ln in enumerate(f.reasoning.strip().split("\n")):
+                con.print(("  why: " if j == 0 else "       ") + escape(ln), style="dim")
         style = {"error": "bold red", "warning": "yellow", "note": "cyan"}[f.level]
         con.print(f"  {escape(f.path)}:{f.line}: [{style}]{f.level}[/]: {escape(f.message)} "
                   f"[dim]\\[{f.rule}] (confidence {f.confidence:.2f}) in {escape(f.function)}[/]")
@@ -656,9 +671,16 @@ def main(argv: Sequence[str] | None = None, engine: Engine | None = None) -> int
         return fail(str(e))
     except OSError as e:
         return fail(f"cannot write {args.output}: {e.strerror or e}")
-    for s in report.skipped:
-        if s.explicit:
-            print(f"moecoder review: {s.path}: {s.reason}", file=sys.stderr)
+    if args.format != "text" or args.output not in (None, "-"):  # text on stdout already lists them
+        for s in report.skipped:
+            if s.explicit:
+                print(f"moecoder review: {s.path}: {s.reason}", file=sys.stderr)
     if report.interrupted:
         print("moecoder review: interrupted; partial results written", file=sys.stderr)
+        return 130
+    if not opts.diff and report.files_reviewed == 0:
+        what = " ".join(args.paths)
+        if report.skipped:
+            return fail(f"nothing reviewed: no file under {what} could be read ({len(report.skipped)} skipped)")
+        return fail(f"nothing to review: no Python files under {what}")
     return exit_code(report, fail_on)

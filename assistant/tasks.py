@@ -759,6 +759,25 @@ def surprisal_rank(engine: Engine, code_lines: list[str], n: int) -> float:
     return rank
 
 
+_LINE_REF = re.compile(r"\b([Ll]ines?) (\d+)(?:(-|–| to | and )(\d+))?\b")
+
+
+def file_line_numbers(text: str, first: int, n_lines: int) -> str:
+    """The model counts lines from the start of the code it was shown ("Line 6"); the user
+    reads the file's numbers (``small.py:21``). Rewrites "line N" (and "lines N-M") to file
+    numbers, ``first`` being the 0-based file line of the code's line 1."""
+
+    def sub(m: re.Match[str]) -> str:
+        a = int(m.group(2))
+        b = int(m.group(4)) if m.group(4) else None
+        if not 1 <= a <= n_lines or (b is not None and not 1 <= b <= n_lines):
+            return m.group(0)
+        out = f"{m.group(1)} {first + a}"
+        return out + (f"{m.group(3)}{first + b}" if b is not None else "")
+
+    return _LINE_REF.sub(sub, text) if first else text
+
+
 def make_debug_result(engine: Engine, req: TaskRequest, name: str, first: int, code_lines: list[str],
                       src_lines: list[str], gen: Generated, prompt_ids: Sequence[int] | None = None,
                       gate_score: float | None = None, use_gate: bool | None = None) -> DebugResult:
@@ -770,7 +789,7 @@ def make_debug_result(engine: Engine, req: TaskRequest, name: str, first: int, c
     when ``DEBUG_GATE_FACTORS``); without, the older answer-probability x surprisal-rank
     confidence times the consistency factor.
     """
-    reasoning = gen.reasoning.strip()
+    reasoning = file_line_numbers(gen.reasoning.strip(), first, len(code_lines))
     checked = check_debug_answer(gen.answer, first, code_lines, src_lines)
     if checked is None:
         return DebugResult(hints=[], reasoning=reasoning)
@@ -784,7 +803,8 @@ def make_debug_result(engine: Engine, req: TaskRequest, name: str, first: int, c
         conf = legacy_confidence(engine, code_lines, checked.n, gen.answer_logprobs) * checked.factor
     conf = round(max(0.01, conf), 3)
     line = first + checked.n - 1
-    return DebugResult(hints=[Hint(req.path, name, line, checked.hint, checked.fix, conf, reasoning)],
+    hint = file_line_numbers(checked.hint, first, len(code_lines))
+    return DebugResult(hints=[Hint(req.path, name, line, hint, checked.fix, conf, reasoning)],
                        reasoning=reasoning)
 
 
@@ -999,6 +1019,9 @@ def _parser(task: str) -> argparse.ArgumentParser:
     elif task == "debug":
         p.add_argument("target", metavar="FILE")
         p.add_argument("function", metavar="FUNC", nargs="?")
+        p.add_argument("--min-confidence", type=float, default=None, metavar="X",
+                       help="hide hints below this confidence, 0..1 (default: the review's, 0.5 or "
+                            "review.min_confidence in the config file)")
     else:
         p.add_argument("target", metavar="FILE:LINE:COL" if task == "complete" else "FILE:START-END")
     p.add_argument("--model", metavar="DIR", default=None, help="model directory (default: the shipped model)")
@@ -1031,8 +1054,11 @@ def _requests(task: str, args: argparse.Namespace) -> list[TaskRequest]:
         src = _read_source(m.group(1))
         line, col = int(m.group(2)) - 1, int(m.group(3)) - 1
         lines = src.split("\n")
-        if not (0 <= line < len(lines)) or not (0 <= col <= len(lines[line])):
-            raise UsageError(f"{args.target}: position outside the file")
+        if not 0 <= line < len(lines):
+            raise UsageError(f"{args.target}: line {line + 1} is outside the file (lines 1..{len(lines)})")
+        if not 0 <= col <= len(lines[line]):
+            raise UsageError(f"{args.target}: column {col + 1} is outside line {line + 1} "
+                             f"(columns 1..{len(lines[line]) + 1})")
         return [TaskRequest("complete", src, m.group(1), line, col, **common)]
     if task == "explain":
         m = re.fullmatch(r"(.+):(\d+)(?:-(\d+))?", args.target)
@@ -1042,10 +1068,21 @@ def _requests(task: str, args: argparse.Namespace) -> list[TaskRequest]:
         a = int(m.group(2)) - 1
         b = int(m.group(3) or m.group(2)) - 1
         n = len(src.split("\n"))
-        if not (0 <= a <= b < n):
+        if a > b:
+            raise UsageError(f"{args.target}: the range is reversed (start {a + 1} > end {b + 1}); "
+                             f"write {b + 1}-{a + 1}")
+        if not (0 <= a and b < n):
             raise UsageError(f"{args.target}: lines outside the file (1..{n})")
         return [TaskRequest("explain", src, m.group(1), a, end_line=b, **common)]
     src = _read_source(args.target)
+    try:  # as the review: a file that does not parse has no functions to comment or debug
+        import ast
+
+        ast.parse(src, filename=args.target)
+    except SyntaxError as e:
+        raise UsageError(f"{args.target}: does not parse: {e.msg} (line {e.lineno})") from None
+    except (ValueError, RecursionError, MemoryError) as e:
+        raise UsageError(f"{args.target}: does not parse: {type(e).__name__}") from None
     if args.function:
         if codemod.find_function(src, args.function) is None:
             raise UsageError(f"{args.target}: no function named {args.function!r}")
@@ -1056,15 +1093,19 @@ def _requests(task: str, args: argparse.Namespace) -> list[TaskRequest]:
     return [TaskRequest(task, src, args.target, function=f.qualname, line=f.start_line, **common) for f in funcs]
 
 
-def _format_result(result: object, path: str | None) -> str:
+def _format_result(result: object, path: str | None, hidden: int = 0, min_confidence: float = 0.0) -> str:
     if isinstance(result, Completion):
         return result.text
     if isinstance(result, Docstring):
         return result.indent + result.text
     if isinstance(result, DebugResult):
+        note = ""
+        if hidden:
+            note = (f"({hidden} hint{'s' if hidden != 1 else ''} below confidence {min_confidence:.2f} hidden, "
+                    "as in the review; --min-confidence 0 shows them)")
         if not result.hints:
-            return "no issue"
-        out = []
+            return "no issue" + (f" {note}" if note else "")
+        out = [note] if note else []
         for h in result.hints:
             out.append(f"{path or h.path}:{h.line + 1}: {h.message} (confidence {h.confidence:.2f})")
             if h.fix:
@@ -1103,7 +1144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from assistant.engine import Engine, EngineError
 
     try:
-        engine = Engine.from_settings(load_settings().for_face("tasks"), args.model)
+        settings = load_settings()
+        min_conf = getattr(args, "min_confidence", None)
+        min_conf = settings.review.min_confidence if min_conf is None else min_conf
+        if not 0.0 <= min_conf <= 1.0:
+            raise ValueError("--min-confidence must be between 0 and 1")
+        engine = Engine.from_settings(settings.for_face("tasks"), args.model)
     except (ValueError, OSError) as e:
         print(f"moecoder {task}: error: {str(e).splitlines()[0] if str(e) else e}", file=sys.stderr)
         return 2
@@ -1126,9 +1172,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     result = ev.result
             if in_reasoning:
                 out.out("")
+            hidden = 0
+            if isinstance(result, DebugResult):  # the review's threshold, said when it hides something
+                kept = [h for h in result.hints if h.confidence >= min_conf]
+                hidden = len(result.hints) - len(kept)
+                result = dataclasses.replace(result, hints=kept)
             results.append(result)
             if not args.json:
-                out.out(_format_result(result, req.path), highlight=False)
+                out.out(_format_result(result, req.path, hidden, min_conf), highlight=False)
     except EngineError as e:
         print(f"moecoder {task}: error: {e}", file=sys.stderr)
         return 2

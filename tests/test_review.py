@@ -142,7 +142,7 @@ def test_text_output_shows_reasoning_before_the_finding_and_the_code_line(fake_e
     _, out, _ = run([str(EXAMPLES / "stats.py")], fake_engine, capsys)
     lines = out.split("\n")
     k = next(i for i, ln in enumerate(lines) if ":14: warning:" in ln)
-    assert "Line 11 looks wrong" in lines[k - 1]  # function-relative numbering
+    assert "Line 14 looks wrong" in lines[k - 1]  # the file's numbering, as the finding (model said 11)
     assert lines[k + 1].strip() == "14 |     for i in range(len(values) + 1):"
     assert "fix: for i in range(len(values)):" in lines[k + 2]
     _, quiet, _ = run([str(EXAMPLES / "stats.py"), "--no-reasoning"], fake_engine, capsys)
