@@ -140,6 +140,9 @@ class Plan:
     stop_strings: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     notes: list[str] = field(default_factory=list)  # what the context manager trimmed
+    # (first, n): the reasoning's "line N" counts from file line ``first`` over ``n`` lines;
+    # streamed reasoning is rewritten to the file's numbers (:func:`file_line_numbers`)
+    reasoning_lines: tuple[int, int] | None = None
 
 
 def _budget(engine: Engine, max_new: int) -> tuple[int, int]:
@@ -185,12 +188,19 @@ def execute(engine: Engine, request: TaskRequest, cancel: CancelToken | None) ->
     started = time.monotonic()
     limit = params.max_seconds
     stream = engine.backend.stream(plan.prompt_ids, params, cancel)
+    renumber = _StreamRenumber(*plan.reasoning_lines) if plan.reasoning_lines else None
     for ev in stream:
         if ev.token_id == think_end and not in_answer:
             in_answer = True
+            if renumber is not None and (rest := renumber.flush()):
+                yield Event("reasoning", rest)
         elif ev.text:
             (answer if in_answer else reasoning).append(ev.text)
-            yield Event("answer" if in_answer else "reasoning", ev.text)
+            if not in_answer and renumber is not None:
+                if text := renumber.feed(ev.text):
+                    yield Event("reasoning", text)
+            else:
+                yield Event("answer" if in_answer else "reasoning", ev.text)
         if in_answer and ev.token_id != think_end:
             answer_lps.append(ev.logprob)
         if cancel is not None and cancel.cancelled:
@@ -202,6 +212,8 @@ def execute(engine: Engine, request: TaskRequest, cancel: CancelToken | None) ->
     else:
         result = getattr(stream, "result", None)
         finish_reason = getattr(result, "finish_reason", "eos")
+    if renumber is not None and (rest := renumber.flush()):
+        yield Event("reasoning", rest)
     if finish_reason == "cancelled" or (cancel is not None and cancel.cancelled):
         yield Event("error", "cancelled")
         return
@@ -540,7 +552,8 @@ def _plan_function_task(engine: Engine, req: TaskRequest, budget: int, max_new: 
     def finish_debug(eng: Any, gen: Generated) -> DebugResult:
         return make_debug_result(eng, req, name, first, surprisal_lines, src_lines, gen, prompt_ids=ids)
 
-    return Plan(req, ids, max_new, think=True, finish=finish_debug, notes=notes)
+    return Plan(req, ids, max_new, think=True, finish=finish_debug, notes=notes,
+                reasoning_lines=(first, len(surprisal_lines)))
 
 
 def _plan_explain(engine: Engine, req: TaskRequest, budget: int, max_new: int) -> Plan:
@@ -776,6 +789,31 @@ def file_line_numbers(text: str, first: int, n_lines: int) -> str:
         return out + (f"{m.group(3)}{first + b}" if b is not None else "")
 
     return _LINE_REF.sub(sub, text) if first else text
+
+
+class _StreamRenumber:
+    """:func:`file_line_numbers` on streamed text: holds back the last few characters so that
+    a "line 12" split across deltas is rewritten whole."""
+
+    HOLD = 24  # longer than any "lines 123 and 456"
+
+    def __init__(self, first: int, n_lines: int):
+        self.first, self.n, self.buf = first, n_lines, ""
+
+    def feed(self, text: str) -> str:
+        self.buf += text
+        cut = self.buf.rfind(" ", 0, max(0, len(self.buf) - self.HOLD) + 1)
+        if cut <= 0:
+            return ""
+        for m in _LINE_REF.finditer(self.buf):
+            if m.start() < cut < m.end():
+                cut = m.start()
+        out, self.buf = self.buf[:cut], self.buf[cut:]
+        return file_line_numbers(out, self.first, self.n)
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return file_line_numbers(out, self.first, self.n)
 
 
 def make_debug_result(engine: Engine, req: TaskRequest, name: str, first: int, code_lines: list[str],

@@ -410,3 +410,27 @@ def test_default_min_confidence_drops_weak_hints(fake_engine, capsys, tmp_path, 
     main([str(EXAMPLES), "--format", "json"], engine=fake_engine)
     assert len(Report.from_json(capsys.readouterr().out).findings) > len(kept)
     assert code in (0, 1)
+
+
+def test_nothing_to_review_and_text_files_are_errors_printed_once(fake_engine, capsys, tmp_path):
+    empty = tmp_path / "emptydir"
+    empty.mkdir()
+    code, out, err = run([str(empty)], fake_engine, capsys)
+    assert code == 2 and err.strip().splitlines() == [f"moecoder review: error: nothing to review: no Python files under {empty}"]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("remember\n")  # parses as Python (a name), but is not a Python file
+    code, out, err = run([str(notes), str(EXAMPLES / "stats.py")], fake_engine, capsys)
+    assert code == 2
+    assert "1 file" in out.splitlines()[0] and out.count("notes.txt: not a Python file") == 1
+    assert "notes.txt" not in err  # the text report on stdout has it: not twice
+    script_file = tmp_path / "tool"
+    script_file.write_text("#!/usr/bin/env python3\ndef main():\n    return 1\n")
+    code, out, err = run([str(script_file), "--format", "json"], fake_engine, capsys)
+    assert Report.from_json(out).files_reviewed == 1 and code in (0, 1)
+    code, out, err = run([str(notes), "--format", "json"], fake_engine, capsys)
+    assert code == 2 and err.count("notes.txt: not a Python file") == 1  # JSON on stdout: said on stderr once
+
+
+def test_reasoning_is_labelled(fake_engine, capsys):
+    _, out, _ = run([str(EXAMPLES / "stats.py")], fake_engine, capsys)
+    assert "  why: Line 14 looks wrong: off-by-one" in out

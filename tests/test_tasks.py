@@ -138,7 +138,7 @@ def test_debug_maps_lines_and_keeps_indentation(tiny_tokenizer):
     h = res.hints[0]
     assert (h.path, h.function, h.line) == ("w.py", "window", 17)  # 0-based file line of the for loop
     assert h.fix == "    for i in range(len(xs) - n):"
-    assert h.reasoning == "Line 3 reads one past the end." and 0 < h.confidence < 1
+    assert h.reasoning == "Line 18 reads one past the end." and 0 < h.confidence < 1  # the file's numbering (model said 3)
 
 
 def test_debug_surprising_line_gets_higher_confidence(tiny_tokenizer, monkeypatch):
@@ -345,3 +345,51 @@ def test_debug_consistency_checks(tiny_tokenizer):
     c_plain = plain.run(TaskRequest("debug", SRC, function="window")).hints[0].confidence
     c_stray = stray.run(TaskRequest("debug", SRC, function="window")).hints[0].confidence
     assert c_stray < c_plain
+
+
+# -- rough edges of the task commands (#20) ------------------------------------------------------
+def test_cli_errors_say_what_is_wrong(tmp_path, capsys):
+    f = tmp_path / "a.py"
+    f.write_text(SRC)
+    assert main(["complete", f"{f}:5:999"]) == 2
+    assert main(["complete", f"{f}:999:1"]) == 2
+    assert main(["explain", f"{f}:10-4"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3
+    assert "column 999 is outside line 5 (columns 1..25)" in err[0]  # line 5: `    """Area of a circle.`
+    assert "line 999 is outside the file" in err[1]
+    assert "the range is reversed (start 10 > end 4); write 4-10" in err[2]
+    broken = tmp_path / "broken.py"
+    broken.write_text("def f(:\n    return 1\n")
+    assert main(["debug", str(broken)]) == 2
+    assert main(["comment", str(broken), "f"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all("broken.py: does not parse: " in e and "(line 1)" in e for e in err), err
+
+
+def test_cli_debug_uses_the_reviews_threshold_and_says_what_it_hides(tmp_path, capsys, monkeypatch,
+                                                                      tiny_tokenizer):
+    from assistant import engine as engine_mod
+
+    f = tmp_path / "a.py"
+    f.write_text(SRC)
+    monkeypatch.setenv("MOECODER_CONFIG", str(tmp_path / "none.toml"))
+    answers = {"debug": ("Line 3 reads one past the end.", "line 3: off by one\nfix: for i in range(len(xs) - n):")}
+    made = []
+
+    def fake(settings, model=None):
+        made.append(_engine(tiny_tokenizer, answers))
+        return made[-1]
+
+    monkeypatch.setattr(engine_mod.Engine, "from_settings", staticmethod(fake))
+    monkeypatch.setattr("assistant.tasks.DEBUG_USE_GATE", False)
+    monkeypatch.setattr("assistant.tasks.calibrate", lambda lps, rank: 0.3)  # below the review's 0.5
+    assert main(["debug", str(f), "window", "--no-reasoning"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("no issue (1 hint below confidence 0.50 hidden, as in the review;"), out
+    assert main(["debug", str(f), "window", "--min-confidence", "0"]) == 0
+    out = capsys.readouterr().out
+    # reasoning and finding count lines the same way: the file's
+    assert "Line 18 reads one past the end." in out and f"{f}:18: off by one (confidence 0.30)" in out
+    assert main(["debug", str(f), "window", "--min-confidence", "2"]) == 2
+    assert "--min-confidence must be between 0 and 1" in capsys.readouterr().err
