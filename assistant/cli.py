@@ -78,6 +78,29 @@ def _chat(argv: list[str]) -> int:
     return main(argv)
 
 
+# `COMMAND --help` builds only the command's parser, from a module that imports neither torch
+# nor Textual nor pygls (help in well under half a second); the others' modules are light already.
+HELP_PARSERS: dict[str, tuple[str, str]] = {
+    "chat": ("tui.args", "build_parser"),
+    "lsp": ("lsp.args", "build_parser"),
+    "generate": ("model.cli_args", "generate_parser"),
+    "export": ("model.cli_args", "export_parser"),
+    "train": ("model.train", "_parser"),
+}
+
+
+def _fast_help(name: str, rest: list[str]) -> bool:
+    """Print ``name``'s help without importing the command's module; False when not asked."""
+    args = rest[: rest.index("--")] if "--" in rest else rest
+    if name not in HELP_PARSERS or not ({"-h", "--help"} & set(args)):
+        return False
+    import importlib
+
+    module, func = HELP_PARSERS[name]
+    getattr(importlib.import_module(module), func)().print_help()
+    return True
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "review": (_review, "review files or a git diff: debugging hints and missing docstrings"),
     "chat": (_chat, "open the terminal chat (Textual TUI)"),
@@ -122,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"moecoder: error: unknown command {name!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
+    if _fast_help(name, rest):
+        return 0
     from assistant.shadow import check
 
     shadowed = check()

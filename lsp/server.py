@@ -37,7 +37,6 @@ engine to :func:`build_server` / :func:`main` (``tests/lsp_fake_server.py``).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import concurrent.futures
 import contextlib
@@ -68,6 +67,7 @@ from assistant import __version__
 from assistant.config import Settings as Config
 from assistant.config import load_settings
 from assistant.protocols import CancelToken, Engine
+from lsp.args import build_parser as _parser  # light: `moecoder lsp --help` imports only it
 from lsp.documents import Document, normalize_encoding
 
 log = logging.getLogger("moecoder.lsp")
@@ -1058,18 +1058,6 @@ def build_server(factory: EngineFactory | None = None, settings: Settings | None
 
 
 # -- entry point --------------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moecoder lsp",
-                                description="Run the moecoder language server on stdio (or TCP for debugging).")
-    p.add_argument("--tcp", metavar="HOST:PORT", help="listen on TCP instead of stdio (for debugging)")
-    p.add_argument("--model", metavar="DIR", help="model directory (default: the shipped model)")
-    p.add_argument("--device", help="torch device (default: the config file's, else cpu)")
-    p.add_argument("--server", metavar="URL", help="use a running `moecoder serve` at URL instead of loading the model")
-    p.add_argument("--log-file", metavar="FILE", help="write the server log to FILE (default: stderr)")
-    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    return p
-
-
 def main(argv: list[str] | None = None, factory: EngineFactory | None = None,
          build: Callable[[EngineFactory, Settings], MoeServer] | None = None) -> int:
     """``moecoder lsp``. ``factory``/``build`` are for tests (a scripted engine, extra commands)."""

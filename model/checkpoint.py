@@ -18,7 +18,6 @@ turns one into a model directory.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -30,6 +29,7 @@ from typing import Any
 
 import torch
 
+from model.cli_args import export_parser as _export_parser  # torch-free, for a fast `--help`
 from model.config import ModelConfig
 from model.transformer import Transformer
 
@@ -309,18 +309,6 @@ def load_training_checkpoint(path) -> tuple[Transformer, ModelConfig, dict]:
     check_state_dict(state["model"], model, str(ckpt))
     model.load_state_dict(state["model"])
     return model.eval(), cfg, extra
-
-
-def _export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moecoder export",
-                                description="Export released weights (safetensors) from a training checkpoint.")
-    p.add_argument("--checkpoint", required=True,
-                   help="training output dir (newest complete ckpt/step_*) or one step_* directory")
-    p.add_argument("--out", required=True, help="new model directory (an existing model is never replaced)")
-    p.add_argument("--int8", action="store_true", help="int8 per-channel weights + fp16 scales")
-    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="storage dtype without --int8")
-    p.add_argument("--tokenizer", default=None, help="tokenizer (default: the one recorded in the checkpoint)")
-    return p
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,6 @@ which is what ranking by surprise needs.
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import sys
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.cancel import CancelToken  # noqa: F401  (re-exported: the interface names it here)
+from model.cli_args import generate_parser as _parser  # torch-free, for a fast `--help`
 from model.formats import fim_prompt
 from model.transformer import Transformer
 
@@ -283,22 +283,6 @@ def fim(model: Transformer, tok, prefix: str, suffix: str, params: SamplingParam
 
 
 # --------------------------------------------------------------------------- CLI
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moecoder generate", description="Generate text from a prompt (streams).")
-    p.add_argument("--model", default=None, help="model directory (default: the shipped model/weights/)")
-    p.add_argument("--prompt", required=True, help="prompt text ('-' reads stdin); with --fim-suffix the prefix")
-    p.add_argument("--fim-suffix", default=None, help="fill in the middle between --prompt and this suffix")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--max-seconds", type=float, default=None)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     err = lambda msg: print(f"moecoder generate: error: {msg}", file=sys.stderr) or 2  # noqa: E731

@@ -380,15 +380,6 @@ def current() -> DistContext:
     return _CTX
 
 
-def add_arguments(p) -> None:
-    """--dp-replicate / --dp-shard / --ep for ``moecoder train`` (used under torchrun)."""
-    p.add_argument("--dp-replicate", type=int, default=1,
-                   help="data-parallel replicas (HSDP: parameters replicated across groups of --dp-shard ranks)")
-    p.add_argument("--dp-shard", type=int, default=-1,
-                   help="ranks that FSDP-shard the parameters (-1: world size / --dp-replicate)")
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (divides --dp-shard and n_experts)")
-
-
 def init_from_env(args) -> DistContext:
     """Set up this process from torchrun's environment; raises ValueError on a bad layout.
 

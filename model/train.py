@@ -166,12 +166,22 @@ class _Parser(argparse.ArgumentParser):
         raise TrainError(message)
 
 
+class _DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default once: not where the help already says it, not for None / False / []."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = _Parser(
         prog="moecoder train",
         description="Train a model on packed tokens on one device (CPU or CUDA).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsOnce,
     )
     p.add_argument("--preset", default=d.preset, help="model preset (tiny, small, base)")
     p.add_argument("--data", required=True, help="packed token directory (moecoder data pack)")
@@ -191,9 +201,9 @@ def _parser() -> argparse.ArgumentParser:
         if f.name in ("preset", "overrides"):
             continue
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    from model import parallel  # scale-out (#9): --dp-replicate/--dp-shard/--ep under torchrun
+    from model.cli_args import add_parallel_arguments  # scale-out (#9), torch-free for a fast --help
 
-    parallel.add_arguments(p)
+    add_parallel_arguments(p)
     return p
 
 
