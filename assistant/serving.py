@@ -128,6 +128,11 @@ class Service:
         from model.parallel import EP_SMALL_T, init_serve, plan_channel, shard_experts_for_inference
 
         self.dist = init_serve(ep, device, ep_timeout)
+        if on_fatal is not None and self.dist.distributed:
+            report = on_fatal
+
+            def on_fatal(msg: str) -> None:  # noqa: F811 - the same callback, with the cause named
+                report(f"the expert-parallel group failed (a rank died or hung?): {msg}")
         loaded = load_model(model_dir, device=self.dist.device)
         self.model, self.tokenizer, self.config = loaded.model, loaded.tokenizer, loaded.config
         self.model.eval()
