@@ -49,8 +49,9 @@ class CheckpointError(ValueError):
 @dataclass
 class LoadedModel:
     model: Transformer
-    tokenizer: Any  # model.tokenizer.Tokenizer
+    tokenizer: Any  # model.tokenizer.Tokenizer, or model.hf.HFTokenizer for an open checkpoint
     config: ModelConfig
+    family: str = "moecoder"  # or the open family: qwen3_moe, mixtral, olmoe, deepseek_v2, deepseek_v3
 
 
 def default_model_dir() -> Path:
@@ -230,11 +231,27 @@ def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], device="cpu", whe
     return model.eval()
 
 
-def load_model(model_dir=None, device="cpu") -> LoadedModel:
-    """Load a model directory (None = the shipped model); CheckpointError on any problem."""
+def load_model(model_dir=None, device="cpu", dtype: str | None = None, max_context: int | None = None,
+               progress=None) -> LoadedModel:
+    """Load a model directory (None = the shipped model); CheckpointError on any problem.
+
+    A Hugging Face checkpoint directory (config.json with "architectures") loads through
+    ``model.hf`` into the same Transformer; ``dtype`` (fp32, bf16, fp16, int8, int4; default
+    fp32 on CPU, bf16 on CUDA) and ``max_context`` apply to those.
+    """
     from model.tokenizer import Tokenizer
 
     d = default_model_dir() if model_dir is None else Path(model_dir)
+    if model_dir is not None:
+        from model import hf
+
+        if hf.is_hf_dir(d):
+            dt = dtype or ("bf16" if torch.device(device).type == "cuda" else "fp32")
+            try:
+                model, tok, fam = hf.load_hf(d, device, dt, max_context, progress)
+            except hf.HFError as e:
+                raise CheckpointError(str(e)) from None
+            return LoadedModel(model, tok, fam.config, fam.name)
     if model_dir is None and not (d / CONFIG).is_file():
         raise CheckpointError(f"no shipped model in {d} yet; pass a model directory (--model DIR)")
     cfg, meta = read_config(d)

@@ -37,14 +37,40 @@ class ModelConfig:
     z_loss_coef: float = 1e-3  # mean(logsumexp(router logits)^2)
     bias_update_rate: float = 1e-3  # DeepSeek-V3 aux-loss-free selection bias (0 = off)
     init_std: float = 0.02
+    # --- switches for open checkpoints (model/hf/); the defaults are our own model's layout
+    attn_head_dim: int = 0  # 0: dim // n_heads
+    qk_norm: str = "none"  # "none" | "head" (RMSNorm per head, Qwen3) | "full" (over all heads, OLMoE)
+    attn_bias: bool = False  # biases on the q/k/v/o projections
+    clip_qkv: float = 0.0  # clamp q, k, v to [-c, c] (OLMoE option; 0 = off)
+    tie_embeddings: bool = True  # False: a separate output head
+    rope_interleave: bool = False  # rotary pairs (x0, x1), (x2, x3)... (DeepSeek), permuted at load
+    rope_scaling: dict | None = None  # {"rope_type": "yarn", "factor", "original_max_position_embeddings", ...}
+    attn_type: str = "gqa"  # "gqa" | "mla" (DeepSeek multi-head latent attention, compressed KV cache)
+    q_lora_rank: int = 0  # MLA: 0 = a plain q projection
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    n_groups: int = 1  # group-limited routing: experts in n_groups groups, tokens use topk_groups of them
+    topk_groups: int = 1
+    group_score: str = "max"  # "max" (DeepSeek-V2) | "top2sum" (DeepSeek-V3)
+    routed_scaling: float = 1.0  # routed expert weights are multiplied by this
 
     def __post_init__(self) -> None:
         checks = [
             (self.vocab_size > 0 and self.dim > 0 and self.n_layers > 0, "sizes must be positive"),
-            (self.dim % self.n_heads == 0, f"dim {self.dim} is not divisible by n_heads {self.n_heads}"),
+            (self.attn_head_dim > 0 or self.dim % self.n_heads == 0,
+             f"dim {self.dim} is not divisible by n_heads {self.n_heads}"),
             (self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0,
              f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}"),
-            ((self.dim // self.n_heads) % 2 == 0, "head dim must be even for RoPE"),
+            (self.rope_dim % 2 == 0, "head dim must be even for RoPE"),
+            (self.qk_norm in ("none", "head", "full"), f"qk_norm must be none, head or full, not {self.qk_norm!r}"),
+            (self.attn_type in ("gqa", "mla"), f"attn_type must be gqa or mla, not {self.attn_type!r}"),
+            (self.attn_type == "gqa" or min(self.kv_lora_rank, self.qk_rope_head_dim, self.v_head_dim) > 0,
+             "mla needs kv_lora_rank, qk_rope_head_dim and v_head_dim"),
+            (self.n_groups >= 1 and self.n_experts % self.n_groups == 0 and 1 <= self.topk_groups <= self.n_groups,
+             f"n_experts {self.n_experts} must split into n_groups {self.n_groups} (topk_groups {self.topk_groups})"),
+            (self.group_score in ("max", "top2sum"), f"group_score must be max or top2sum, not {self.group_score!r}"),
             (0 <= self.n_dense_layers <= self.n_layers, "n_dense_layers must be between 0 and n_layers"),
             (self.n_dense_layers == self.n_layers or 1 <= self.top_k <= self.n_experts,
              f"top_k {self.top_k} must be between 1 and n_experts {self.n_experts}"),
@@ -57,7 +83,12 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.attn_head_dim or self.dim // self.n_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Dimensions per head that rotate (all of them, except MLA's decoupled rope part)."""
+        return self.qk_rope_head_dim if self.attn_type == "mla" else self.head_dim
 
     @property
     def n_moe_layers(self) -> int:

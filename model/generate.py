@@ -150,10 +150,10 @@ def _decode(model: Transformer, tok, prompts: list[list[int]], params: SamplingP
     B = len(prompts)
     device = model.tok_emb.weight.device
     total = min(ctx, longest + params.max_new_tokens)
-    pad_id = getattr(tok, "pad_id", 0)
-    rows = [[pad_id] * (longest - len(p)) + list(p) for p in prompts]
+    pad_id = getattr(tok, "pad_id", 0)  # < 0: no pad token (open checkpoints); rows are masked anyway
+    rows = [[max(pad_id, 0)] * (longest - len(p)) + list(p) for p in prompts]
     x = torch.tensor(rows, dtype=torch.long, device=device)
-    stop_ids = {int(tok.eos_id), *map(int, params.stop_token_ids)}
+    stop_ids = {int(tok.eos_id), *map(int, params.stop_token_ids), *getattr(tok, "stop_ids", ())}
     texts = [_Text(tok, params.stop_strings) for _ in range(B)]
     active = [True] * B
     for r in results:

@@ -5,6 +5,8 @@ Shapes: B batch, T new tokens, L keys (cached + new), H query heads, G kv heads,
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,11 +27,46 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables of shape [max_len, head_dim // 2] (float32)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_inv_freq(dim: int, theta: float, s: dict, device) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv:2309.00071) inverse frequencies and cos/sin factor, as the DeepSeek and Qwen configs give them."""
+    factor = float(s["factor"])
+    orig = float(s["original_max_position_embeddings"])
+    beta_fast, beta_slow = float(s.get("beta_fast") or 32), float(s.get("beta_slow") or 1)
+    att = s.get("attention_factor")
+    if att is None:
+        m, m_all = s.get("mscale"), s.get("mscale_all_dim")
+        att = yarn_mscale(factor, m) / yarn_mscale(factor, m_all) if m and m_all else yarn_mscale(factor)
+
+    def corr(rot: float) -> float:
+        return dim * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = corr(beta_fast), corr(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+    extra = 1 - ramp
+    inv = (1.0 / (factor * pos_freqs)) * (1 - extra) + (1.0 / pos_freqs) * extra
+    return inv, float(att)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float, device=None,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables of shape [max_len, head_dim // 2] (float32). ``scaling``: YaRN parameters."""
+    att = 1.0
+    if scaling and scaling.get("rope_type", "default") == "yarn":
+        inv_freq, att = _yarn_inv_freq(head_dim, theta, scaling, device)
+    else:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    return angles.cos() * att, angles.sin() * att
 
 
 def apply_rope(x_BHTD: torch.Tensor, cos_BTd: torch.Tensor, sin_BTd: torch.Tensor) -> torch.Tensor:
@@ -47,10 +84,11 @@ class KVCache:
     """
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 device=None, dtype=torch.float32):
+                 device=None, dtype=torch.float32, v_head_dim: int | None = None):
         shape = (batch, n_kv_heads, max_len, head_dim)
+        v_shape = (batch, n_kv_heads, max_len, v_head_dim or head_dim)  # MLA: latent and rope key differ
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(v_shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.batch, self.max_len = batch, max_len
         self.pad_lens: torch.Tensor | None = None
 
@@ -81,37 +119,139 @@ def attention_mask(start_pos: int, T: int, pad_lens: torch.Tensor | None, device
     return mask
 
 
+def static_mask(pos: torch.Tensor, L: int, pad_lens: torch.Tensor | None) -> torch.Tensor:
+    """Decode mask over a whole static cache of L slots for the query at slot ``pos`` (a [1] tensor)."""
+    k = torch.arange(L, device=pos.device)
+    mask = (k <= pos)[None, None, None, :]  # [1, 1, 1, L]
+    if pad_lens is not None:
+        mask = mask & ((k[None] >= pad_lens[:, None]) | (k == pos)[None])[:, None, None, :]
+    return mask
+
+
+def _write_cache(cache: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
+                 start_pos: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Store the new keys/values; returns the keys/values to attend to. A tensor ``start_pos``
+    is a static decode step (CUDA graphs): the whole cache, with the mask hiding unused slots."""
+    ck, cv = cache
+    if isinstance(start_pos, torch.Tensor):
+        ck.index_copy_(2, start_pos, k.to(ck.dtype))
+        cv.index_copy_(2, start_pos, v.to(cv.dtype))
+        return ck, cv
+    T = k.shape[2]
+    ck[:, :, start_pos:start_pos + T] = k
+    cv[:, :, start_pos:start_pos + T] = v
+    return ck[:, :, :start_pos + T], cv[:, :, :start_pos + T]
+
+
+def _attend(q, k, v, T: int, mask, scale=None, gqa: bool = False) -> torch.Tensor:
+    if mask is None:
+        # Lq == Lk (no history) -> plain causal; T == 1 decode sees every cached key.
+        causal = k.shape[2] == T and T > 1
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        b = cfg.attn_bias
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=b)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=b)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=b)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=b)
+        self.qk_norm, self.clip = cfg.qk_norm, cfg.clip_qkv
+        if cfg.qk_norm != "none":
+            full = cfg.qk_norm == "full"
+            self.q_norm = RMSNorm(cfg.n_heads * cfg.head_dim if full else cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.n_kv_heads * cfg.head_dim if full else cfg.head_dim, cfg.norm_eps)
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0,
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor = 0,
                 cache: tuple[torch.Tensor, torch.Tensor] | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x_BTD).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.wq(x_BTD), self.wk(x_BTD), self.wv(x_BTD)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            ck, cv = cache
-            ck[:, :, start_pos:start_pos + T] = k
-            cv[:, :, start_pos:start_pos + T] = v
-            k, v = ck[:, :, :start_pos + T], cv[:, :, :start_pos + T]
+            k, v = _write_cache(cache, k, v, start_pos)
             q = q.to(k.dtype)
-        gqa = self.n_heads != self.n_kv_heads
-        if mask is None:
-            # Lq == Lk (no history) -> plain causal; T == 1 decode sees every cached key.
-            causal = k.shape[2] == T and T > 1
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = _attend(q, k, v, T, mask, gqa=self.n_heads != self.n_kv_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1).to(x_BTD.dtype))
+
+
+def linear_weight(lin: nn.Module) -> torch.Tensor:
+    """The [out, in] weight of a Linear or of a weight-only quantised linear (dequantised)."""
+    w = getattr(lin, "weight", None)
+    return w if isinstance(w, torch.Tensor) else lin.dequantize()
+
+
+class MLAttention(nn.Module):
+    """DeepSeek-V2/V3 multi-head latent attention. The cache holds the compressed latent
+    ``c`` [B, 1, L, kv_lora_rank] (as ``k``) and the shared rotary key [B, 1, L, rope] (as ``v``).
+
+    Prefill expands the latent into per-head keys and values; a decode step (T == 1) absorbs
+    the key/value up-projections into the query and output instead (attention in the latent
+    space, reading only the compressed cache).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, D, b = cfg.n_heads, cfg.dim, cfg.attn_bias
+        self.n_heads, self.dn, self.dr, self.dv, self.r = H, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, \
+            cfg.v_head_dim, cfg.kv_lora_rank
+        qd = self.dn + self.dr
+        if cfg.q_lora_rank > 0:
+            self.wq_a = nn.Linear(D, cfg.q_lora_rank, bias=b)
+            self.q_a_norm = RMSNorm(cfg.q_lora_rank, 1e-6)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, H * qd, bias=False)
+        else:
+            self.wq = nn.Linear(D, H * qd, bias=False)
+        self.wkv_a = nn.Linear(D, self.r + self.dr, bias=b)
+        self.kv_a_norm = RMSNorm(self.r, 1e-6)
+        self.wkv_b = nn.Linear(self.r, H * (self.dn + self.dv), bias=False)
+        self.wo = nn.Linear(H * self.dv, D, bias=b)
+        self.scale = qd ** -0.5
+        s = cfg.rope_scaling or {}
+        if s.get("rope_type", "default") != "default" and s.get("mscale_all_dim"):
+            m = yarn_mscale(float(s["factor"]), float(s["mscale_all_dim"]))
+            self.scale *= m * m
+
+    def forward(self, x_BTD, cos, sin, start_pos=0, cache=None, mask=None):
+        B, T, _ = x_BTD.shape
+        H, dn, dr, dv, r = self.n_heads, self.dn, self.dr, self.dv, self.r
+        q = self.wq_b(self.q_a_norm(self.wq_a(x_BTD))) if hasattr(self, "wq_a") else self.wq(x_BTD)
+        q = q.view(B, T, H, dn + dr).transpose(1, 2)
+        q_nope, q_pe = q.split([dn, dr], dim=-1)
+        c, k_pe = self.wkv_a(x_BTD).split([r, dr], dim=-1)
+        c = self.kv_a_norm(c).view(B, 1, T, r)
+        q_pe, k_pe = apply_rope(q_pe, cos, sin), apply_rope(k_pe.view(B, 1, T, dr), cos, sin)
+        if cache is not None:
+            c, k_pe = _write_cache(cache, c, k_pe, start_pos)
+        L = c.shape[2]
+        w = linear_weight(self.wkv_b).view(H, dn + dv, r)
+        if T == 1 and cache is not None:  # absorbed: attention over the latent cache
+            q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope.to(w.dtype), w[:, :dn])
+            qq = torch.cat([q_lat, q_pe.to(q_lat.dtype)], dim=-1).to(c.dtype)
+            kk = torch.cat([c, k_pe], dim=-1)
+            o = _attend(qq, kk, c, T, mask, scale=self.scale, gqa=True)
+            y = torch.einsum("bhtr,hvr->bhtv", o.to(w.dtype), w[:, dn:])
+        else:
+            kv = self.wkv_b(c[:, 0].to(x_BTD.dtype)).view(B, L, H, dn + dv).transpose(1, 2)
+            k_nope, v = kv.split([dn, dv], dim=-1)
+            k = torch.cat([k_nope, k_pe.to(k_nope.dtype).expand(B, H, L, dr)], dim=-1)
+            qq = torch.cat([q_nope, q_pe], dim=-1).to(k.dtype)
+            y = _attend(qq, k, v, T, mask, scale=self.scale)
+        return self.wo(y.transpose(1, 2).reshape(B, T, H * dv).to(x_BTD.dtype))
 
 
 class SwiGLU(nn.Module):

@@ -41,6 +41,8 @@ class MoE(nn.Module):
         self.score_func, self.renormalize = cfg.score_func, cfg.route_renormalize
         self.aux_loss_coef, self.z_loss_coef = cfg.aux_loss_coef, cfg.z_loss_coef
         self.use_bias = cfg.bias_update_rate > 0
+        self.n_groups, self.topk_groups, self.group_score = cfg.n_groups, cfg.topk_groups, cfg.group_score
+        self.routed_scaling = cfg.routed_scaling
         self.gate = nn.Linear(D, E, bias=False)  # the router; always evaluated in float32
         self.experts = GroupedExperts(E, D, Fh)
         self.shared = SwiGLU(D, cfg.n_shared_experts * Fh) if cfg.n_shared_experts > 0 else None
@@ -56,7 +58,12 @@ class MoE(nn.Module):
         with torch.autocast(x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
         bias = self.expert_bias if self.use_bias else None
-        weights_TK, experts_TK = kernels.route(logits_TE, self.top_k, self.score_func, bias, self.renormalize)
+        if self.topk_groups < self.n_groups:
+            weights_TK, experts_TK = self._route_groups(logits_TE, bias)
+        else:
+            weights_TK, experts_TK = kernels.route(logits_TE, self.top_k, self.score_func, bias, self.renormalize)
+        if self.routed_scaling != 1.0:
+            weights_TK = weights_TK * self.routed_scaling
 
         x_in = x_TD
         if torch.is_autocast_enabled(x_TD.device.type):
@@ -67,8 +74,29 @@ class MoE(nn.Module):
         self._record(logits_TE, experts_TK)
         return y_TD.reshape(B, T, D).to(x_BTD.dtype)
 
+    def _route_groups(self, logits_TE: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Group-limited routing (DeepSeek): only experts of the ``topk_groups`` best groups
+        compete. Groups are scored by their best expert ("max", V2) or the sum of their two
+        best biased scores ("top2sum", V3); the other groups are masked before
+        ``kernels.route`` picks the top-k (softmax keeps the order of the masked choice
+        scores); the weights are the unbiased scores of the chosen experts."""
+        T, E = logits_TE.shape
+        scores = logits_TE.softmax(-1) if self.score_func == "softmax" else logits_TE.sigmoid()
+        choice = scores if bias is None else scores + bias
+        grouped = choice.view(T, self.n_groups, E // self.n_groups)
+        g = grouped.amax(-1) if self.group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
+        keep = torch.zeros_like(g, dtype=torch.bool).scatter_(1, g.topk(self.topk_groups, dim=-1).indices, True)
+        masked = choice.masked_fill(~keep.repeat_interleave(E // self.n_groups, dim=1), float("-inf"))
+        _, experts_TK = kernels.route(masked, self.top_k, "softmax", None, False)
+        weights_TK = scores.gather(-1, experts_TK)
+        if self.renormalize and self.top_k > 1:
+            weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
+        return weights_TK, experts_TK
+
     def _record(self, logits_TE: torch.Tensor, experts_TK: torch.Tensor) -> None:
         """Tensor statistics of this forward (no host sync) and, when training, the losses."""
+        if logits_TE.is_cuda and torch.cuda.is_current_stream_capturing():
+            return  # CUDA graph capture (static decode): bincount would sync with the host
         counts = torch.bincount(experts_TK.reshape(-1), minlength=self.n_experts).float()
         last = {"counts": counts}
         if self.training:

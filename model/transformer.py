@@ -14,7 +14,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.config import ModelConfig
-from model.layers import Attention, KVCache, RMSNorm, SwiGLU, attention_mask, rope_tables
+from model.layers import (
+    Attention,
+    KVCache,
+    MLAttention,
+    RMSNorm,
+    SwiGLU,
+    attention_mask,
+    rope_tables,
+    static_mask,
+)
 from model.moe import MoE
 
 
@@ -22,7 +31,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: bool):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = MLAttention(cfg) if cfg.attn_type == "mla" else Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn: nn.Module = MoE(cfg) if moe else SwiGLU(cfg.dim, cfg.dense_hidden)
 
@@ -38,6 +47,8 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, moe=i >= cfg.n_dense_layers) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        # open checkpoints usually have an output head of their own; ours is tied to the embedding
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.init_weights()
@@ -46,7 +57,8 @@ class Transformer(nn.Module):
     def reset_buffers(self, device=None) -> None:
         """(Re)compute the RoPE tables, e.g. after ``to_empty`` from the meta device."""
         device = device if device is not None else self.tok_emb.weight.device
-        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device)
+        cos, sin = rope_tables(self.cfg.rope_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device,
+                               self.cfg.rope_scaling)
         self.rope_cos, self.rope_sin = cos, sin
 
     @torch.no_grad()
@@ -58,11 +70,14 @@ class Transformer(nn.Module):
             self.reset_buffers(buffer_device)
         nn.init.normal_(self.tok_emb.weight, std=std)
         for block in self.layers:
-            block.attn_norm.reset_parameters()
-            block.ffn_norm.reset_parameters()
-            for lin in (block.attn.wq, block.attn.wk, block.attn.wv):
-                nn.init.normal_(lin.weight, std=std)
-            nn.init.normal_(block.attn.wo.weight, std=out_std)
+            for norm in block.modules():
+                if isinstance(norm, RMSNorm):
+                    norm.reset_parameters()
+            for name, lin in block.attn.named_children():
+                if isinstance(lin, nn.Linear):
+                    nn.init.normal_(lin.weight, std=out_std if name == "wo" else std)
+                    if lin.bias is not None:
+                        nn.init.zeros_(lin.bias)
             if isinstance(block.ffn, MoE):
                 block.ffn.reset_parameters(std, out_std)
             ffn = block.ffn.shared if isinstance(block.ffn, MoE) else block.ffn
@@ -71,6 +86,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(ffn.w3.weight, std=std)
                 nn.init.normal_(ffn.w2.weight, std=out_std)
         self.norm.reset_parameters()
+        if self.output is not None:
+            nn.init.normal_(self.output.weight, std=std)
 
     # ----------------------------------------------------------------- forward
     def setup_cache(self, batch: int, max_len: int | None = None, device=None, dtype=None) -> KVCache:
@@ -79,7 +96,15 @@ class Transformer(nn.Module):
             raise ValueError(f"cache length {max_len} exceeds the context length {self.cfg.max_seq_len}")
         device = device if device is not None else self.tok_emb.weight.device
         dtype = dtype if dtype is not None else self.tok_emb.weight.dtype
+        if self.cfg.attn_type == "mla":  # compressed: the latent and the shared rotary key
+            return KVCache(self.cfg.n_layers, batch, 1, max_len, self.cfg.kv_lora_rank, device, dtype,
+                           v_head_dim=self.cfg.qk_rope_head_dim)
         return KVCache(self.cfg.n_layers, batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, device, dtype)
+
+    def head_weight(self) -> torch.Tensor:
+        from model.layers import linear_weight
+
+        return self.tok_emb.weight if self.output is None else linear_weight(self.output)
 
     def forward(self, tokens_BT: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
                 last_only: bool = False) -> torch.Tensor:
@@ -103,7 +128,23 @@ class Transformer(nn.Module):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             h = block(h, cos, sin, start_pos, kv, mask)
         h = self.norm(h[:, -1:] if last_only else h)
-        return F.linear(h, self.tok_emb.weight).float()
+        return F.linear(h, self.head_weight()).float()
+
+    def decode_static(self, tokens_B1: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decode step at slot ``pos`` (a [1] long tensor) attending over the whole
+        preallocated cache: no host sync and fixed shapes, so it can be captured in a CUDA
+        graph (gpt-fast style). Same logits as ``forward(tokens, int(pos), cache)``."""
+        pad = cache.pad_lens
+        if pad is None:
+            cos, sin = self.rope_cos[pos][None], self.rope_sin[pos][None]
+        else:
+            p = (pos[None, :] - pad[:, None]).clamp_min(0)
+            cos, sin = self.rope_cos[p], self.rope_sin[p]
+        mask = static_mask(pos, cache.max_len, pad)
+        h = self.tok_emb(tokens_B1)
+        for i, block in enumerate(self.layers):
+            h = block(h, cos, sin, pos, (cache.k[i], cache.v[i]), mask)
+        return F.linear(self.norm(h), self.head_weight()).float()
 
     # ----------------------------------------------------------------- MoE bookkeeping
     def moe_layers(self) -> list[MoE]:
