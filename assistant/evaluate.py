@@ -285,17 +285,22 @@ def _eval_dir(eval_dir: str | Path | None) -> Path:
     return default_eval_dir()
 
 
+_WHERE = " (the external benchmarks are not installed with moecoder: pass --eval-dir DIR or set MOECODER_EVAL_DIR)"
+EXTERNAL = {"mbpp": ("mbpp", "sanitized-mbpp.json"), "mbpp-infill": ("mbpp", "sanitized-mbpp.json"),
+            "quixbugs": ("quixbugs", "quixbugs_python.jsonl")}
+
+
 def load_mbpp(eval_dir: Path) -> list[dict]:
     path = eval_dir / "mbpp" / "sanitized-mbpp.json"
     if not path.is_file():
-        raise EvalError(f"MBPP not found: {path}")
+        raise EvalError(f"MBPP not found: {path}{_WHERE}")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
 def load_quixbugs(eval_dir: Path) -> list[dict]:
     path = eval_dir / "quixbugs" / "quixbugs_python.jsonl"
     if not path.is_file():
-        raise EvalError(f"QuixBugs not found: {path}")
+        raise EvalError(f"QuixBugs not found: {path}{_WHERE}")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
@@ -899,6 +904,12 @@ def main(argv: list[str] | None = None) -> int:
         if v is not None and not Path(v).is_dir():
             print(f"moecoder eval: error: --{name.replace('_', '-')} {v} is not a directory", file=sys.stderr)
             return 2
+    for suite in suites:  # before the model loads: the benchmarks are not part of an installed package
+        if suite in EXTERNAL:
+            path = _eval_dir(args.eval_dir).joinpath(*EXTERNAL[suite])
+            if not path.is_file():
+                print(f"moecoder eval: error: suite {suite}: {path} not found{_WHERE}", file=sys.stderr)
+                return 2
     if args.json is not None and Path(args.json).is_dir():
         print(f"moecoder eval: error: --json {args.json} is a directory", file=sys.stderr)
         return 2

@@ -286,3 +286,17 @@ def test_dense_twin_matches_active_parameters():
     model = Transformer(dataclasses.replace(get_preset("tiny"), **mod.dense_twin("tiny")[0]))
     assert sum(p.numel() for p in model.parameters()) == mod.dense_twin("tiny")[2]
     assert model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 512)
+
+
+def test_missing_external_benchmarks_name_eval_dir_before_loading_a_model(tmp_path, monkeypatch, capsys):
+    """A non-editable install has no ../shared/eval: one line that says how to point at it."""
+    from assistant.evaluate import main as eval_main
+
+    monkeypatch.setenv("MOECODER_EVAL_DIR", str(tmp_path / "nowhere"))
+    assert eval_main(["--suite", "mbpp", "--model", str(tmp_path / "no-model")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--eval-dir DIR" in err[0] and "nowhere/mbpp/sanitized-mbpp.json not found" in err[0]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert eval_main(["--suite", "quixbugs", "--eval-dir", str(empty)]) == 2
+    assert "--eval-dir" in capsys.readouterr().err

@@ -219,7 +219,10 @@ def test_cli_ctrl_c_stops_cleanly(tmp_path, tiny_tokenizer_path):
     cmd = [sys.executable, "-m", "assistant.cli", "generate", "--model", str(tmp_path / "m"),
            "--prompt", "def", "--max-new-tokens", "8000"]  # greedy: no early eos
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    # SIGINT back to its default in the child: pytest run as a background job ignores it, and an
+    # ignored signal is inherited (the Ctrl-C below would never arrive)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = proc.stdout.read(1)  # streaming has started
         assert first

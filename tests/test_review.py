@@ -377,7 +377,9 @@ def test_sigint_midway_exits_130_with_partial_results(tiny_tokenizer_path, tmp_p
     proc = subprocess.Popen(
         [sys.executable, "-c", SIGINT_SCRIPT, str(Path(__file__).parent), str(tiny_tokenizer_path), str(marker),
          str(EXAMPLES), "--jobs", "2", "--format", "json", "--output", str(out_file), "--min-confidence", "0"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # pytest run as a background job ignores SIGINT and children inherit that: restore the default
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for _ in range(6000):  # wait (up to minutes on a loaded box) until the second batch is running
             if marker.exists() or proc.poll() is not None:
