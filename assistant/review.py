@@ -29,9 +29,11 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -124,6 +126,7 @@ class Options:
     max_new_tokens: int | None = None
     max_seconds: float | None = None
     progress: bool = False
+    batch_size: int = 4  # prompts generated together by one engine
 
 
 class UsageError(ValueError):
@@ -289,13 +292,26 @@ def git_changed_lines(rev: str, paths: Sequence[str]) -> tuple[Path, dict[Path, 
     """(repository root, changed lines per file path) of ``git diff -U0 REV -- PATHS``."""
     if rev.startswith("-"):
         raise UsageError(f"--diff: not a revision: {rev!r}")
-    try:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise UsageError("--diff needs git, which is not installed") from None
-    if top.returncode != 0:
-        raise UsageError("--diff: not inside a git repository")
-    root = Path(top.stdout.strip())
+    paths = list(paths) or ["."]
+    roots = set()
+    for raw in paths:  # the repository of PATH, wherever the review is started from
+        p = Path(raw)
+        where = p if p.is_dir() else p.parent
+        if not where.is_dir():
+            continue  # a missing PATH is reported as skipped
+        try:
+            top = subprocess.run(["git", "-C", str(where), "rev-parse", "--show-toplevel"], capture_output=True,
+                                 text=True, check=False)
+        except FileNotFoundError:
+            raise UsageError("--diff needs git, which is not installed") from None
+        if top.returncode != 0:
+            raise UsageError(f"--diff: {raw} is not inside a git repository")
+        roots.add(Path(top.stdout.strip()))
+    if len(roots) > 1:
+        raise UsageError("--diff: the PATHs are in different git repositories; review them one at a time")
+    if not roots:
+        raise UsageError("--diff: no PATH exists")
+    root = roots.pop()
     abs_paths = [str(Path(p).resolve()) for p in paths]
     r = subprocess.run(["git", "-C", str(root), "diff", "-U0", "--no-color", "--no-ext-diff", "--relative",
                         rev, "--", *abs_paths], capture_output=True, text=True, check=False,
@@ -419,37 +435,70 @@ def _findings(job: _Job, result: Any, opts: Options) -> list[Finding]:
     return out
 
 
-def run_review(paths: Sequence[str], opts: Options, engine: Engine, report: Report | None = None) -> Report:
+def run_review(paths: Sequence[str], opts: Options, engine: Engine | None, report: Report | None = None,
+               pool: Any = None) -> Report:
     """Review ``paths``; fills and returns ``report``. KeyboardInterrupt marks it interrupted
-    (partial results kept) and is not re-raised."""
+    (partial results kept) and is not re-raised. The model calls run on ``engine`` (batched
+    ``opts.batch_size`` prompts at a time) or, given one, on ``pool``'s worker processes
+    (:class:`assistant.workers.WorkerPool`)."""
+    report = report or Report()
+    t0 = time.monotonic()
+    try:
+        jobs = plan_review(paths, opts, report)
+    except KeyboardInterrupt:
+        report.interrupted = True
+        jobs = []
+    finally:
+        report.elapsed_s = round(time.monotonic() - t0, 3)
+    return execute_review(jobs, opts, engine, report, pool=pool, t0=t0)
+
+
+def execute_review(jobs: list[_Job], opts: Options, engine: Engine | None, report: Report, pool: Any = None,
+                   t0: float | None = None) -> Report:
+    """Run planned jobs (:func:`plan_review`) into ``report``; see :func:`run_review`."""
     from assistant.engine import CancelToken, EngineError
     from assistant.tasks import iter_batch
 
-    report = report or Report()
-    t0 = time.monotonic()
+    t0 = time.monotonic() if t0 is None else t0
     cancel = CancelToken()
     progress = None
+    requests = _requests(jobs, opts)
+    # a function is reviewed when its results are in: the bar and the counters count functions,
+    # as the header does (a function has a debug job and maybe a docstring job)
+    left: dict[tuple[str, int], int] = {}
+    for j in jobs:
+        key = (j.path, j.func.start_line)
+        left[key] = left.get(key, 0) + 1
+    report.functions_reviewed = 0
     try:
-        jobs = plan_review(paths, opts, report)
-        requests = _requests(jobs, opts)
+        if report.interrupted:
+            raise KeyboardInterrupt
         if opts.progress and requests:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            progress = Progress(TextColumn("reviewing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                TextColumn("{task.description}"), console=Console(stderr=True), transient=True)
+            progress = Progress(TextColumn("reviewing"), BarColumn(), MofNCompleteColumn(), TextColumn("functions"),
+                                TimeRemainingColumn(), TextColumn("{task.description}"),
+                                console=Console(stderr=True), transient=True)
             progress.start()
-            task = progress.add_task("", total=len(requests))
-        report.functions_reviewed = 0  # counts up as the debug results come in
-        for i, result in iter_batch(engine, requests, batch_size=opts.jobs, cancel=cancel):
+            task = progress.add_task("", total=len(left))
+        if pool is not None:
+            results = pool.run(requests, batch_size=opts.batch_size)
+        else:
+            results = iter_batch(engine, requests, batch_size=opts.batch_size, cancel=cancel)
+        started: set[tuple[str, int]] = set()
+        for i, result in results:
             job = jobs[i]
+            key = (job.path, job.func.start_line)
             if isinstance(result, EngineError | Exception):
                 report.skipped.append(Skipped(f"{job.path}::{job.func.qualname}", f"{job.kind} failed: {result}"))
             else:
                 report.findings.extend(_findings(job, result, opts))
-                if job.kind == "debug":
+                if key not in started:  # counted once its first result is in: findings never outnumber it
+                    started.add(key)
                     report.functions_reviewed += 1
-            if progress is not None:
+            left[key] -= 1
+            if progress is not None and left[key] == 0:
                 progress.update(task, advance=1, description=job.path)
     except KeyboardInterrupt:
         cancel.cancel()
@@ -582,12 +631,15 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moecoder review",
                                 description="Review Python files (or a git diff): debugging hints and missing "
                                             "docstrings, with the model's reasoning.")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="files and directories to review")
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="files and directories to review (with --diff: default '.', the current repository)")
     p.add_argument("--diff", metavar="REV", help="review only the functions touched by `git diff REV`")
     p.add_argument("--format", choices=FORMATS, default="text", help="output format (default: text)")
     p.add_argument("--output", "-o", metavar="FILE", help="write the report to FILE (default: stdout)")
     p.add_argument("--force", action="store_true", help="overwrite --output even if it is not a moecoder report")
-    p.add_argument("--jobs", "-j", type=int, default=None, metavar="N", help="prompts generated per batch (default 4)")
+    p.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
+                   help="worker processes, each with its own model and a share of the CPU threads (default 4, "
+                        "at most the CPUs available, or review.jobs in the config file)")
     p.add_argument("--min-confidence", type=float, default=None, metavar="X",
                    help="drop debug hints below this confidence, 0..1 (default 0.5, or review.min_confidence "
                         "in the config file)")
@@ -602,6 +654,47 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float, default=None, metavar="S", help="time limit per batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     return p
+
+
+class _loading:
+    """A spinner on stderr while the model loads (a terminal only)."""
+
+    def __init__(self, show: bool, text: str):
+        self.status = None
+        if show:
+            from rich.console import Console
+
+            self.status = Console(stderr=True).status(text + "...")
+
+    def __enter__(self) -> _loading:
+        if self.status is not None:
+            self.status.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.status is not None:
+            self.status.stop()
+
+
+REQUESTS_PER_WORKER = 8  # a worker process pays a model load: only when it has this much to do
+
+
+def _start_engine(settings: Any, model: str | None, jobs: int, n_jobs: int) -> tuple[Any, Any]:
+    """(engine, None) for one in-process engine, or (None, WorkerPool) for ``jobs`` > 1 workers."""
+    from assistant.workers import WorkerPool, default_workers
+
+    workers = min(default_workers(jobs), max(1, n_jobs // REQUESTS_PER_WORKER))
+    if workers > 1 and not getattr(settings, "server", None):
+        pool = WorkerPool(settings, model, workers)
+        try:
+            pool.wait_ready()
+        except BaseException:
+            pool.close()
+            raise
+        return None, pool
+    from assistant.engine import Engine
+
+    return Engine.from_settings(settings, model), None
 
 
 def main(argv: Sequence[str] | None = None, engine: Engine | None = None) -> int:
@@ -622,6 +715,11 @@ def main(argv: Sequence[str] | None = None, engine: Engine | None = None) -> int
         settings = load_settings().for_face("review")
     except ValueError as e:
         return fail(str(e))
+    if not args.paths:
+        if not args.diff:
+            parser.print_usage(sys.stderr)
+            return fail("give at least one PATH to review (or --diff REV for the current repository's changes)")
+        args.paths = ["."]
     jobs = args.jobs if args.jobs is not None else settings.review.jobs
     min_conf = args.min_confidence if args.min_confidence is not None else settings.review.min_confidence
     fail_on = args.fail_on or settings.review.fail_on
@@ -646,21 +744,34 @@ def main(argv: Sequence[str] | None = None, engine: Engine | None = None) -> int
                    progress=not args.no_progress and sys.stderr.isatty())
     report = Report(model=args.model or settings.model, root=os.getcwd())
     own_engine = engine is None
-    try:
-        if engine is None:
-            from assistant.engine import Engine
+    pool = None
+    terminated = []
 
-            try:
-                engine = Engine.from_settings(settings, args.model)
-            except (ValueError, OSError) as e:
-                return fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    def on_term(signum: int, _frame: Any) -> None:  # SIGTERM: stop like Ctrl-C, write the partial report
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
+    t0 = time.monotonic()
+    try:
         try:
-            run_review(args.paths, opts, engine, report)
+            planned = plan_review(args.paths, opts, report)  # before the model loads: bad input fails fast
         except UsageError as e:
             return fail(str(e))
+        if planned and engine is None:
+            try:
+                with _loading(opts.progress, "loading the model"):
+                    engine, pool = _start_engine(settings, args.model, jobs, len(planned))
+            except (ValueError, OSError) as e:
+                return fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        execute_review(planned, opts, engine, report, pool=pool, t0=t0)
     except KeyboardInterrupt:
         report.interrupted = True
     finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        if pool is not None:
+            pool.close()
         if own_engine and engine is not None:
             engine.close()
     color = args.output in (None, "-") and args.format == "text" and sys.stdout.isatty()
@@ -676,8 +787,9 @@ def main(argv: Sequence[str] | None = None, engine: Engine | None = None) -> int
             if s.explicit:
                 print(f"moecoder review: {s.path}: {s.reason}", file=sys.stderr)
     if report.interrupted:
-        print("moecoder review: interrupted; partial results written", file=sys.stderr)
-        return 130
+        why = "terminated" if terminated else "interrupted"
+        print(f"moecoder review: {why}; partial results written", file=sys.stderr)
+        return 143 if terminated else 130
     if not opts.diff and report.files_reviewed == 0:
         what = " ".join(args.paths)
         if report.skipped:

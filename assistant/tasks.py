@@ -239,29 +239,44 @@ def split_generation(tok: Any, token_ids: list[int], logprobs: list[float], thin
 
 
 def iter_batch(engine: Engine, requests: Sequence[TaskRequest], batch_size: int = 4, cancel: Any = None,
-               on_plan_error: Callable[[int, Exception], None] | None = None) -> Iterator[tuple[int, object]]:
+               on_plan_error: Callable[[int, Exception], None] | None = None,
+               window: int | None = None) -> Iterator[tuple[int, object]]:
     """``(index, result)`` for each request as its batch finishes (``result`` may be an
     exception for a request that failed). Generation is batched ``batch_size`` prompts at a
-    time; model calls run on the engine's worker thread; Ctrl-C in the caller stops it."""
+    time; model calls run on the engine's worker thread; Ctrl-C in the caller stops it.
+
+    Requests are planned ``window`` at a time (default ``8 x batch_size``, at least 32): a
+    plan holds its file's lines, so memory is bounded by the work in flight, not by how many
+    functions a file has."""
+    batch_size = max(1, batch_size)
+    window = window or max(32, 8 * batch_size)
+    for start in range(0, len(requests), window):
+        yield from _iter_window(engine, requests, range(start, min(start + window, len(requests))), batch_size,
+                                cancel)
+
+
+def _iter_window(engine: Engine, requests: Sequence[TaskRequest], indices: range, batch_size: int,
+                 cancel: Any) -> Iterator[tuple[int, object]]:
     from assistant.engine import EngineError
 
     plans: list[tuple[int, Plan]] = []
-    for i, req in enumerate(requests):
+    for i in indices:
         try:
-            plans.append((i, make_plan(engine, req)))
+            plans.append((i, make_plan(engine, requests[i])))
         except Exception as e:  # noqa: BLE001 - reported per request
             yield i, EngineError(str(e).splitlines()[0] if str(e) else type(e).__name__)
     groups: dict[tuple, list[tuple[int, Plan]]] = {}
     for i, p in plans:
         key = (p.max_new_tokens, p.request.max_seconds, p.stop_strings, p.stop_token_ids, p.think)
         groups.setdefault(key, []).append((i, p))
+    del plans
     tok = engine.tokenizer
     for key, members in groups.items():
         max_new, max_s, stops, stop_ids, think = key
         members.sort(key=lambda m: len(m[1].prompt_ids))  # similar lengths batch with less padding
         params = engine.sampling_params(max_new, max_s, stop_strings=stops, stop_token_ids=stop_ids)
-        for a in range(0, len(members), max(1, batch_size)):
-            chunk = members[a:a + batch_size]
+        while members:
+            chunk, members[:batch_size] = members[:batch_size], []  # done plans are dropped as we go
             prompts = [p.prompt_ids for _, p in chunk]
             try:
                 outs = engine.submit(lambda prompts=prompts, params=params: engine.backend.generate_batch(prompts, params, cancel))

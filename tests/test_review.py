@@ -297,6 +297,19 @@ def test_diff_reviews_only_touched_functions(tiny_tokenizer, capsys, tmp_path, m
     assert prompts and all("def two" in p and "def one" not in p for p in prompts)
     code, _, err = run([".", "--diff", "no-such-rev"], Engine.from_loaded(backend=backend), capsys)
     assert code == 2 and "no-such-rev" in err and "Traceback" not in err
+    # without a PATH: the current repository
+    code, out, _ = run(["--diff", "HEAD", "--format", "json"], Engine.from_loaded(backend=backend), capsys)
+    assert code == 0 and Report.from_json(out).functions_reviewed == 1
+    # from another directory (outside any repository): git runs in PATH's repository
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, out, err = run([str(repo), "--diff", "HEAD", "--format", "json"], Engine.from_loaded(backend=backend), capsys)
+    rep = Report.from_json(out)
+    assert code == 0 and rep.functions_reviewed == 1, err
+    assert [f.function for f in rep.findings if f.rule == "MC002"] == ["two"]
+    code, _, err = run(["--diff", "HEAD"], Engine.from_loaded(backend=backend), capsys)
+    assert code == 2 and "is not inside a git repository" in err
 
 
 def test_output_never_clobbers_foreign_files(fake_engine, capsys, tmp_path):
@@ -398,6 +411,36 @@ def test_sigint_midway_exits_130_with_partial_results(tiny_tokenizer_path, tmp_p
     assert rep.interrupted and len(rep.findings) >= 1
 
 
+def test_sigterm_writes_the_partial_report_like_ctrl_c(tiny_tokenizer_path, tmp_path):
+    import signal
+    import sys
+    import time
+
+    marker = tmp_path / "marker"
+    out_file = tmp_path / "partial.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGINT_SCRIPT, str(Path(__file__).parent), str(tiny_tokenizer_path), str(marker),
+         str(EXAMPLES), "--jobs", "1", "--format", "json", "--output", str(out_file), "--min-confidence", "0"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(6000):
+            if marker.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert marker.exists(), proc.communicate()[1]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "terminated; partial results written" in err
+    rep = Report.from_json(out_file.read_text())
+    assert rep.interrupted and len(rep.findings) >= 1
+    # the counters agree with the findings: every function with a finding is counted
+    assert rep.functions_reviewed >= len({(f.path, f.function) for f in rep.findings}) > 0
+
+
 def test_default_min_confidence_drops_weak_hints(fake_engine, capsys, tmp_path, monkeypatch):
     _, out, _ = run([str(EXAMPLES), "--format", "json", "--min-confidence", "0"], fake_engine, capsys)
     weak = [f for f in Report.from_json(out).findings if f.rule == "MC001" and f.confidence < 0.5]
@@ -436,3 +479,31 @@ def test_nothing_to_review_and_text_files_are_errors_printed_once(fake_engine, c
 def test_reasoning_is_labelled(fake_engine, capsys):
     _, out, _ = run([str(EXAMPLES / "stats.py")], fake_engine, capsys)
     assert "  why: Line 14 looks wrong: off-by-one" in out
+
+
+@pytest.mark.slow
+def test_jobs_runs_worker_processes(tiny_model_dir, capsys, tmp_path, monkeypatch):
+    """--jobs 2: two worker processes, each with its own model, give the same report as one."""
+    import assistant.review as review_mod
+    import assistant.workers as workers_mod
+
+    monkeypatch.setattr(review_mod, "REQUESTS_PER_WORKER", 1)
+    monkeypatch.setattr(workers_mod, "default_workers", lambda jobs: jobs)  # CI may have 1 CPU
+    pids = []
+    real_run = workers_mod.WorkerPool.run
+
+    def spy_run(self, requests, batch_size=4):
+        yield from real_run(self, requests, batch_size)
+        pids.extend(self._pool._pool)
+
+    monkeypatch.setattr(workers_mod.WorkerPool, "run", spy_run)
+    common = [str(EXAMPLES / "stats.py"), str(EXAMPLES / "text.py"), "--model", str(tiny_model_dir),
+              "--max-tokens", "3", "--format", "json", "--min-confidence", "0"]
+    code1, out1, err1 = run([*common, "--jobs", "1"], None, capsys)
+    assert not pids
+    code2, out2, err2 = run([*common, "--jobs", "2"], None, capsys)
+    assert len(pids) == 2, err2
+    one, two = Report.from_json(out1), Report.from_json(out2)
+    assert one.functions_reviewed == two.functions_reviewed > 0 and not two.skipped, two.skipped
+    assert {(f.path, f.function) for f in one.findings if f.rule == "MC002"} == \
+        {(f.path, f.function) for f in two.findings if f.rule == "MC002"}
