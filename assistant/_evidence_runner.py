@@ -159,7 +159,7 @@ def run_examples_in(spec, mod, cov, emit, t_run):
         emit(rec)
         if rec["outcome"] != "passed":
             ok = False
-            if spec.get("stop_on_fail"):
+            if spec.get("stop_on_fail") or (rec["outcome"] == "timeout" and spec.get("stop_on_timeout")):
                 return False
     return ok
 
@@ -169,7 +169,7 @@ class Recorder:
         self.cov, self.emit, self.t_run = cov, emit, t_run
         self.lines = {}
         self.failed = 0
-        self.timed_out = set()
+        self.last_timeout = False
 
     def pytest_runtest_logreport(self, report):
         if report.when == "call" or (report.when == "setup" and not report.passed):
@@ -183,6 +183,7 @@ class Recorder:
                 crash = getattr(report.longrepr, "reprcrash", None)
                 msg = crash.message if crash is not None else str(report.longrepr)
                 if "RunTimeout" in msg:
+                    self.last_timeout = True
                     rec.update(outcome="timeout", message=f"did not finish within {self.t_run:g}s")
                 else:
                     rec.update(outcome="failed", message=_short(msg, 300))
@@ -317,16 +318,22 @@ def main_swap(spec, out):
                 out.write(json.dumps({"candidate": cand["id"], "kind": "end", "ok": False}) + "\n")
                 continue
             ok = True
+            through = spec.get("through_failing")
             if spec.get("examples"):
-                ex_spec = dict(spec, stop_on_fail=True)
+                ex_spec = dict(spec, stop_on_fail=not through, stop_on_timeout=True)
                 ok = run_examples_in(ex_spec, mod, cov, emit, t_run)
-            if ok and items:
-                rec.failed = 0
+            if (ok or through) and items:
+                first_set = set(first)
                 for item in items:
+                    rec.failed = 0
+                    rec.last_timeout = False
                     item.config.hook.pytest_runtest_protocol(item=item, nextitem=None)
                     if rec.failed:
                         ok = False
-                        break
+                        if not through or rec.last_timeout or item.nodeid not in first_set:
+                            break
+                    elif not ok and item.nodeid not in first_set:
+                        break  # the failing runs are counted; a candidate that failed one is not verified
             out.write(json.dumps({"candidate": cand["id"], "kind": "end", "ok": ok}) + "\n")
         fn.__code__ = orig
 

@@ -61,7 +61,7 @@ def run_quixbugs(args: argparse.Namespace) -> dict:
     recs = load_quixbugs(_eval_dir(args.eval_dir))[: args.limit]
     engine = _engine(args.model)
     opts = debugging.DebugOptions(budget_s=args.budget, per_run_timeout=args.per_run_timeout,
-                                  use_model=engine is not None)
+                                  use_model=engine is not None, top_lines=args.top_lines)
     rows = []
     for i, rec in enumerate(recs):
         it = quixbugs_item(rec)
@@ -74,7 +74,8 @@ def run_quixbugs(args: argparse.Namespace) -> dict:
         row = {"name": name, "bug_lines": sorted(bug), "runs": len(rep.evidence.runs),
                "failing": len(rep.evidence.failing), "mode": rep.mode, "tried": rep.tried,
                "seconds": round(time.monotonic() - t0, 1), "problems": rep.evidence.problems[:2]}
-        for key, ranked in (("ochiai", rep.ranked_ochiai), ("model", rep.ranked_model), ("combined", rep.ranked)):
+        for key, ranked in (("ochiai", rep.ranked_ochiai), ("model", rep.ranked_model), ("combined", rep.ranked),
+                            ("final", rep.ranked_final or rep.ranked)):
             row[f"top1_{key}"] = round(localize.top1_credit(ranked, bug), 3)
         h = res.hints[0] if res.hints else None
         row["answer_line"] = h.line + 1 if h else None
@@ -100,6 +101,7 @@ def run_quixbugs(args: argparse.Namespace) -> dict:
         "top1_ochiai": round(sum(r["top1_ochiai"] for r in rows), 2),
         "top1_model": round(sum(r["top1_model"] for r in rows), 2),
         "top1_combined": round(sum(r["top1_combined"] for r in rows), 2),
+        "top1_with_candidates": round(sum(r["top1_final"] for r in rows), 2),
         "top1_answer": sum(r["top1_answer"] for r in rows),
         "verified": sum(r["verified"] for r in rows),
         "verified_failing_heldout": sum(1 for r in rows if r["verified"] and not r.get("heldout_pass")),
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=40)
     p.add_argument("--budget", type=float, default=60.0, help="seconds per function")
     p.add_argument("--per-run-timeout", type=float, default=1.0)
+    p.add_argument("--top-lines", type=int, default=5, help="lines to try fixes on")
     p.add_argument("--split", choices=["all", "evidence"], default="all",
                    help="quixbugs: 'evidence' = half the JSON cases as evidence, the other half held out")
     p.add_argument("--packages", default="", help="injected: comma-separated package names")

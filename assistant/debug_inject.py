@@ -105,7 +105,7 @@ def run_injected(args: argparse.Namespace) -> dict:
     packages = [p for p in (args.packages or "textual,jsonschema").split(",") if p]
     engine = _engine(args.model)
     opts = debugging.DebugOptions(budget_s=args.budget, per_run_timeout=args.per_run_timeout,
-                                  use_model=engine is not None)
+                                  use_model=engine is not None, top_lines=args.top_lines)
     rng = random.Random(0)
     rows = []
     jobs = [(tgt, n) for tgt, names in _targets(packages) for n in names][: args.limit]

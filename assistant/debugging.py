@@ -64,6 +64,8 @@ class FunctionReport:
     model_line: int | None = None  # 1-based line of the model's debug answer
     model_hint: Hint | None = None
     verified: list[tuple[repair.Candidate, float]] = field(default_factory=list)  # with the model score
+    mutation: dict[int, float] = field(default_factory=dict)  # line -> most failing runs a candidate fixed
+    ranked_final: list[localize.Suspect] = field(default_factory=list)  # with the candidates' outcomes
     tried: int = 0
     mode: str = "model"  # "verified" | "runs" | "passing" | "model"
     seconds: float = 0.0
@@ -87,6 +89,8 @@ def describe_run(r: evmod.Run) -> str:
             return f"`{src}` {_q(r.message, 90)}, the docstring expects {want}"
         return f"`{src}` returned {_q(r.got.strip(), 40) or 'nothing'}, the docstring expects {want}"
     name = r.id.split("::", 1)[-1]
+    msg = r.message.split(" Use -v to get")[0].split("\nUse -v")[0]
+    r = evmod.Run(r.id, r.kind, r.outcome, msg, r.lines)
     if r.outcome == "timeout":
         return f"`{_q(name, 60)}` did not finish ({r.message})"
     if r.outcome == "crashed":
@@ -95,7 +99,9 @@ def describe_run(r: evmod.Run) -> str:
 
 
 def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
+    if n == 1:
+        return f"{n} {word}"
+    return f"{n} {word}" + ("es" if word.endswith(("x", "s")) else "s")
 
 
 def _model_signals(engine: Any, source: str, path: str | None, function: str, lines: Sequence[int],
@@ -217,19 +223,31 @@ def debug_function(engine: Any, tgt: evmod.Target, function: str, path: str | No
         f"{', '.join(map(str, try_lines))}: ")
     verified: list[repair.Candidate] = []
     done = 0
+    fail_ids = {r.id for r in fails}
+    pass_ids = {r.id for r in ev.passing}
+    mut: dict[int, float] = {}
     for k in range(0, len(ordered), opts.chunk):
         left = deadline - time.monotonic()
         if left < 2:
             say(f"(time budget spent after {done}) ")
             break
         chunk = ordered[k:k + opts.chunk]
-        ok, _runs = evmod.check_candidates(tgt, ev, [(f"c{k + i}", c.apply(source)) for i, c in enumerate(chunk)],
-                                           per_run_timeout=opts.per_run_timeout, timeout=left)
+        ok, runs = evmod.check_candidates(tgt, ev, [(f"c{k + i}", c.apply(source)) for i, c in enumerate(chunk)],
+                                          per_run_timeout=opts.per_run_timeout, timeout=left,
+                                          through_failing=True)
         done += len(chunk)
-        verified += [c for i, c in enumerate(chunk) if ok.get(f"c{k + i}")]
-        say(f"{done} checked{', ' + _plural(len(verified), 'verified') if verified else ''}; ")
+        for i, c in enumerate(chunk):
+            got = runs.get(f"c{k + i}", [])
+            fixed = len({r.id for r in got if r.passed} & fail_ids) / len(fail_ids)
+            broke = any(not r.passed for r in got if r.id in pass_ids)
+            mut[c.line] = max(mut.get(c.line, 0.0), fixed * (0.5 if broke else 1.0))
+            if ok.get(f"c{k + i}"):
+                verified.append(c)
+        say(f"{done} checked{f', {len(verified)} verified' if verified else ''}; ")
         if verified and (len(verified) >= opts.max_verified or not opts.keep_going):
             break
+    rep.mutation = mut
+    rep.ranked_final = localize.rank(ev, lines, surprisal, rep.model_line, mutation=mut)
     rep.tried = done
     scored: list[tuple[repair.Candidate, float]] = []
     for c in verified:
@@ -255,10 +273,13 @@ def debug_function(engine: Any, tgt: evmod.Target, function: str, path: str | No
         msg = f"{best.how}: makes all {_plural(n_runs, 'run')} pass (verified)"
         return finish([Hint(path, function, best.line - 1, msg, best.text, VERIFIED_CONFIDENCE, "",
                             evidence="verified")], "verified")
-    say(f"\nNo one-line fix among {done} candidates made the failing runs pass; the most suspicious line is {top.line}.")
+    top = rep.ranked_final[0] if rep.ranked_final else top
+    part = mut.get(top.line, 0.0)
+    say(f"\nNo one-line fix among {done} candidates made every failing run pass; the most suspicious line is "
+        f"{top.line}" + (f" (a change there fixes {part:.0%} of the failing runs)" if part > 0 else "") + ".")
     fix = mhint.fix if mhint is not None and mhint.line + 1 == top.line else None
     msg = f"runs in {top.failing} of {len(fails)} failing runs and {top.passing} of {P} passing (no verified fix)"
-    conf = RUNS_CONFIDENCE * (0.5 + 0.5 * top.ochiai)
+    conf = RUNS_CONFIDENCE * (0.5 + 0.5 * max(top.ochiai, part))
     return finish([Hint(path, function, top.line - 1, msg, fix, round(conf, 3), "", evidence="runs")], "runs")
 
 

@@ -218,10 +218,29 @@ def _mentions(node: ast.AST, name: str) -> bool:
     return False
 
 
+def _imports_module(tree: ast.AST, module: str) -> bool:
+    """Whether the test module imports ``module`` (or a name from it) by its full or last name."""
+    last = module.split(".")[-1]
+    parent = module.rsplit(".", 1)[0] if "." in module else ""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == module or node.module.endswith("." + last) or node.module == last:
+                return True
+            if (node.module == parent or node.module.endswith("." + parent.split(".")[-1] if parent else False)) \
+                    and any(a.name == last for a in node.names):
+                return True
+        elif isinstance(node, ast.ImportFrom) and node.level and any(a.name == last for a in node.names):
+            return True
+        elif isinstance(node, ast.Import):
+            if any(a.name == module or a.name.endswith("." + last) or a.name == last for a in node.names):
+                return True
+    return False
+
+
 def tests_calling(root: Path, files: Mapping[str, Path | str], module: str, func: str,
                   limit: int = 200) -> list[str]:
     """Node ids of the pytest tests (``test*`` functions, also in ``Test*`` classes) whose body
-    names ``func`` (its last part), in test files that name the module (its last part)."""
+    names ``func`` (its last part), in test files that import the module."""
     short = func.split(".")[-1]
     mod_last = module.split(".")[-1]
     word = re.compile(rf"\b{re.escape(short)}\b")
@@ -240,6 +259,8 @@ def tests_calling(root: Path, files: Mapping[str, Path | str], module: str, func
             tree = ast.parse(text)
         except SyntaxError:
             out.append(rel)  # let pytest report it (a test file that fails to import)
+            continue
+        if not _imports_module(tree, module):
             continue
         for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test"):
@@ -348,6 +369,7 @@ def execute(tgt: Target, *, examples: Sequence[dict] = (), pytest_ids: Sequence[
             candidates: Sequence[tuple[str, str | None]] = (("base", None),), coverage: bool = True,
             per_run_timeout: float = 2.0, timeout: float = 60.0, stop_on_fail: bool = False,
             only_first: Sequence[str] = (), max_restarts: int = 3, swap: str | None = None,
+            through_failing: bool = False,
             progress: Callable[[str], None] | None = None) -> tuple[dict[str, list[Run]], dict[str, bool], list[str]]:
     """Run the examples and tests once per candidate (``(id, source or None)``) in the sandbox.
 
@@ -369,7 +391,8 @@ def execute(tgt: Target, *, examples: Sequence[dict] = (), pytest_ids: Sequence[
                 "pytest_args": tgt.pytest_args, "candidates": [{"id": c, "source": s} for c, s in todo],
                 "coverage": coverage, "per_run_timeout": per_run_timeout, "stop_on_fail": stop_on_fail,
                 "only_first": list(only_first), "out": RESULTS_NAME,
-                "deselect": deselect.get(todo[0][0], []), "swap": swap}
+                "deselect": deselect.get(todo[0][0], []), "swap": swap,
+                "through_failing": through_failing}
         files = {**tgt.files, RUNNER_NAME: RUNNER, SPEC_NAME: json.dumps(spec)}
         res = sandbox.run("path", RUNNER_NAME, [SPEC_NAME], files=files, timeout=max(1.0, left),
                           collect=[RESULTS_NAME], max_file_mb=32, env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
@@ -388,6 +411,10 @@ def execute(tgt: Target, *, examples: Sequence[dict] = (), pytest_ids: Sequence[
                 started[cid] = rec["test"]
             elif kind == "collect":
                 msg = f"{rec['test']}: {rec.get('message', '')}"
+                if rec["test"] == "<pytest>":
+                    err = [ln[1:].strip() for ln in res.stderr.splitlines() if ln.startswith("E ")]
+                    head = next((ln for ln in res.stderr.splitlines() if ln.startswith("ImportError while")), "")
+                    msg += ": " + "; ".join(x for x in (head.strip(), err[-1] if err else "") if x)[:300]
                 if cid == candidates[0][0] and msg not in problems:
                     problems.append(msg)
                 if rec["test"] == "<pytest>":
@@ -444,10 +471,12 @@ def gather(tgt: Target, function: str, *, per_run_timeout: float = 2.0, timeout:
 
 
 def check_candidates(tgt: Target, ev: Evidence, candidates: Sequence[tuple[str, str]], *,
-                     per_run_timeout: float = 2.0, timeout: float = 60.0,
+                     per_run_timeout: float = 2.0, timeout: float = 60.0, through_failing: bool = False,
                      progress: Callable[[str], None] | None = None) -> tuple[dict[str, bool], dict[str, list[Run]]]:
     """Run the evidence on each candidate source; a candidate is verified when every run that
-    failed now passes and every run that passed still passes."""
+    failed now passes and every run that passed still passes. ``through_failing``: a candidate
+    runs all the failing runs (stopping at a timeout) before stopping at its first failure, so
+    that how many failing runs it fixes is known (a localisation signal)."""
     if not candidates:
         return {}, {}
     ex = tgt.examples.get(ev.function, [])
@@ -456,7 +485,8 @@ def check_candidates(tgt: Target, ev: Evidence, candidates: Sequence[tuple[str, 
     runs, ends, _ = execute(tgt, examples=ex, pytest_ids=ids, candidates=candidates, coverage=False,
                             per_run_timeout=per_run_timeout, timeout=timeout, stop_on_fail=True,
                             only_first=fail_ids, progress=progress,
-                            swap=None if "<" in ev.function else ev.function)
+                            swap=None if "<" in ev.function else ev.function,
+                            through_failing=through_failing and "<" not in ev.function)
     need = {r.id for r in ev.runs}
     ok: dict[str, bool] = {}
     for cid, _ in candidates:

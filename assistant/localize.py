@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from assistant.evidence import Evidence
 
 MODEL_WEIGHT = 0.3  # the model's share next to Ochiai (in [0, 1])
+MUTATION_WEIGHT = 1.0  # a one-line change that makes failing runs pass points at its line
 ANSWER_SHARE = 0.5  # within the model's signal: the debug answer's line vs the surprisal rank
 
 
@@ -107,10 +108,12 @@ def model_signal(lines: Sequence[int], surprisal: Mapping[int, float] | None,
 
 def rank(ev: Evidence, lines: Sequence[int], surprisal: Mapping[int, float] | None = None,
          answer_line: int | None = None, *, mode: str = "combined",
-         model_weight: float | None = None) -> list[Suspect]:
+         model_weight: float | None = None, mutation: Mapping[int, float] | None = None) -> list[Suspect]:
     """Lines from most to least suspicious. ``mode``: "combined", "ochiai" (evidence alone;
     ties keep file order) or "model" (the model alone). Without failing runs, "combined" is
-    the model alone."""
+    the model alone. ``mutation`` (line -> the largest share of failing runs one candidate
+    change on that line made pass, from the repair step; Metallaxis-style mutation-based
+    localisation) adds ``MUTATION_WEIGHT x`` that share."""
     w = MODEL_WEIGHT if model_weight is None else model_weight
     och = ochiai(ev, lines)
     mod = model_signal(lines, surprisal, answer_line)
@@ -124,6 +127,8 @@ def rank(ev: Evidence, lines: Sequence[int], surprisal: Mapping[int, float] | No
             s = m
         else:
             s = o + w * m
+        if mutation and mode != "model":
+            s += MUTATION_WEIGHT * mutation.get(ln, 0.0)
         out.append(Suspect(ln, s, o, m, ef, ep))
     out.sort(key=lambda x: (-x.score, x.line))
     return out

@@ -31,7 +31,7 @@ SWAP = {**{op: [o for o in COMPARE if o != op] for op in COMPARE},
         **{op: [o for o in ARITH if o != op] for op in ARITH},
         **{op: [o for o in BITS if o != op] + (["+", "-"] if op == "^" else []) for op in BITS},
         **AUG, "and": ["or"], "or": ["and"], "True": ["False"], "False": ["True"],
-        "in": ["not in"], "is": ["is not"], "max": ["min"], "min": ["max"]}
+        "in": ["not in"], "is": ["is not"], "max": ["min"], "min": ["max"], "any": ["all"], "all": ["any"]}
 NON_COMMUTATIVE = (ast.Sub, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.LShift, ast.RShift)
 MAX_PER_LINE = 120
 
@@ -110,7 +110,7 @@ def mutations(source: str, line: int, fn: ast.AST | None = None) -> Iterator[tup
             _, b = at(toks[i + 1])
             yield indent + _replace(code, a, b, "is"), "`is not` -> `is`", 0
             continue
-        if s in SWAP and (t.type == tokenize.OP or s in ("and", "or", "True", "False", "in", "is", "max", "min")):
+        if s in SWAP and (t.type == tokenize.OP or s in ("and", "or", "True", "False", "in", "is", "max", "min", "any", "all")):
             if s == "in" and (i > 0 and toks[i - 1].string in ("not", "for") or any(x.string == "for" for x in toks[:i])
                               and not any(x.string in ("if", "while") for x in toks[:i])):
                 continue
@@ -147,7 +147,7 @@ def mutations(source: str, line: int, fn: ast.AST | None = None) -> Iterator[tup
             if t.type == tokenize.NAME and (keyword.iskeyword(t.string) or (i + 1 < len(toks) and toks[i + 1].string in ("(", ".", "[", "="))):
                 continue
             nxt = toks[i + 1].string if i + 1 < len(toks) else ""
-            if nxt in (")", "]", ",", ":", "") or (t.string in (")", "]") and nxt in ("<", ">", "<=", ">=", "==", "!=")):
+            if nxt in (")", "]", ",", ":", "") or nxt in COMPARE or nxt in ARITH:
                 _, b = at(t)
                 for op in ("+", "-"):
                     yield indent + code[:b] + f" {op} 1" + code[b:], f"`{t.string}` -> `{t.string} {op} 1`", 2
@@ -170,12 +170,25 @@ def mutations(source: str, line: int, fn: ast.AST | None = None) -> Iterator[tup
                         new = (code[:ai.col_offset] + segs[j] + code[ai.end_col_offset:aj.col_offset] + segs[i]
                                + code[aj.end_col_offset:])
                         yield indent + new, f"swap arguments `{segs[i]}` and `{segs[j]}`", 2
-            elif isinstance(node, ast.BinOp) and isinstance(node.op, NON_COMMUTATIVE):
+            elif isinstance(node, ast.BinOp) and node.lineno == 1 and node.end_lineno == 1:
                 l_, r_ = ast.get_source_segment(code, node.left), ast.get_source_segment(code, node.right)
-                if l_ and r_ and node.left.end_lineno == 1 and node.right.end_lineno == 1:
+                if not (l_ and r_ and node.left.end_lineno == 1 and node.right.end_lineno == 1):
+                    continue
+                if isinstance(node.op, NON_COMMUTATIVE) or (isinstance(node.op, ast.Add) and not (
+                        isinstance(node.left, ast.Constant) or isinstance(node.right, ast.Constant))):
                     new = (code[:node.left.col_offset] + r_ + code[node.left.end_col_offset:node.right.col_offset]
                            + l_ + code[node.right.end_col_offset:])
-                    yield indent + new, f"swap `{l_}` and `{r_}`", 2
+                    yield indent + new, f"swap `{l_}` and `{r_}`", 2 if isinstance(node.op, NON_COMMUTATIVE) else 3
+                for keep, drop in ((l_, node.right), (r_, node.left)):
+                    if isinstance(drop, ast.Constant) and drop.value in (1, 2):
+                        new = code[:node.col_offset] + keep + code[node.end_col_offset:]
+                        yield indent + new, f"`{ast.get_source_segment(code, node)}` -> `{keep}`", 1
+            elif isinstance(node, ast.Call) and len(node.args) == 1 and not node.keywords \
+                    and node.lineno == 1 and node.end_lineno == 1:
+                inner = ast.get_source_segment(code, node.args[0])
+                if inner and not isinstance(node.args[0], ast.Starred):
+                    new = code[:node.col_offset] + inner + code[node.end_col_offset:]
+                    yield indent + new, f"`{ast.get_source_segment(code, node)}` -> `{inner}`", 3
             elif isinstance(node, (ast.Assign, ast.AugAssign)):
                 pass
     # 4. a variable replaced by another name in scope
@@ -194,6 +207,15 @@ def mutations(source: str, line: int, fn: ast.AST | None = None) -> Iterator[tup
             for other in scope:
                 if other != t.string and other not in dir(builtins):
                     yield indent + _replace(code, a, b, other), f"`{t.string}` -> `{other}`", 3
+    # attributes: ``.name`` replaced by another attribute the function uses
+    attrs = sorted({n.attr for n in ast.walk(fn) if isinstance(n, ast.Attribute)}) if fn is not None else []
+    if len(attrs) > 1:
+        for i, t in enumerate(toks):
+            if t.type == tokenize.NAME and i > 0 and toks[i - 1].string == "." and t.string in attrs:
+                a, b = at(t)
+                for other in attrs:
+                    if other != t.string:
+                        yield indent + _replace(code, a, b, other), f"`.{t.string}` -> `.{other}`", 3
     # 5. the statement dropped
     if toks and not code.endswith(":") and toks[0].string not in ("return", "yield", "raise", "else", "elif",
                                                                    "except", "finally"):

@@ -1058,7 +1058,7 @@ def make_docstring(func: codemod.Scope, answer: str, reasoning: str, style: str)
 _USAGE = {
     "complete": "moecoder complete FILE:LINE:COL   (1-based line and column)",
     "comment": "moecoder comment FILE FUNC",
-    "debug": "moecoder debug FILE [FUNC]",
+    "debug": "moecoder debug FILE [FUNC] [--run] [--tests PATH[::NODE] ...]",
     "explain": "moecoder explain FILE:START-END   (1-based, inclusive)",
 }
 
@@ -1075,6 +1075,14 @@ def _parser(task: str) -> argparse.ArgumentParser:
         p.add_argument("--min-confidence", type=float, default=None, metavar="X",
                        help="hide hints below this confidence, 0..1 (default: the review's, 0.5 or "
                             "review.min_confidence in the config file)")
+        p.add_argument("--run", action="store_true",
+                       help="run the evidence (doctest examples, the repository's tests that call the function) "
+                            "in a sandbox: localise with it and verify fixes (this executes the code)")
+        p.add_argument("--tests", metavar="PATH[::NODE]", action="append", default=[],
+                       help="tests to run as evidence (implies --run; repeatable)")
+        p.add_argument("--no-repo-tests", action="store_true", help="with --run: only doctests and --tests")
+        p.add_argument("--budget", type=float, default=90.0, metavar="S",
+                       help="with --run: seconds per function for running and repairing (default 90)")
     else:
         p.add_argument("target", metavar="FILE:LINE:COL" if task == "complete" else "FILE:START-END")
     p.add_argument("--model", metavar="DIR", default=None, help="model directory (default: the shipped model)")
@@ -1160,7 +1168,10 @@ def _format_result(result: object, path: str | None, hidden: int = 0, min_confid
             return "no issue" + (f" {note}" if note else "")
         out = [note] if note else []
         for h in result.hints:
-            out.append(f"{path or h.path}:{h.line + 1}: {h.message} (confidence {h.confidence:.2f})")
+            tag = {"verified": " [verified by running]", "runs": " [from failing runs]"}.get(
+                getattr(h, "evidence", "model"), " [model only]")
+            msg = h.message if not h.message.startswith("[model only]") else h.message[len("[model only] "):]
+            out.append(f"{path or h.path}:{h.line + 1}: {msg} (confidence {h.confidence:.2f}){tag}")
             if h.fix:
                 out.append(f"  fix: {h.fix.strip()}")
         return "\n".join(out)
@@ -1189,6 +1200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0) if e.code in (0, None) else 2
     try:
         requests = _requests(task, args)
+        for t in getattr(args, "tests", None) or []:
+            from pathlib import Path
+
+            if not Path(t.split("::", 1)[0]).exists():
+                raise UsageError(f"--tests {t}: no such file")
     except UsageError as e:
         print(f"moecoder {task}: error: {e}", file=sys.stderr)
         return 2
@@ -1207,13 +1223,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"moecoder {task}: error: {str(e).splitlines()[0] if str(e) else e}", file=sys.stderr)
         return 2
     results = []
+    run_code = task == "debug" and (args.run or bool(args.tests))
     try:
         for req in requests:
             if len(requests) > 1:
                 out.print(f"[bold]{req.function}[/bold]")
             result = None
             in_reasoning = False
-            for ev in engine.stream(req):
+            if run_code:
+                from assistant.debugging import DebugOptions, debug_stream
+
+                opts = DebugOptions(tests=tuple(args.tests), repo_tests=not args.no_repo_tests, budget_s=args.budget)
+                events = debug_stream(engine, req.path or args.target, req.source, [req.function], opts)
+            else:
+                events = engine.stream(req)
+            for ev in events:
                 if ev.kind == "reasoning" and not args.no_reasoning and not args.json:
                     out.out(ev.text, style="dim", end="", highlight=False)
                     in_reasoning = True
