@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from assistant import sandbox
+from assistant.files import read_text
 
 RUNNER = Path(__file__).with_name("_evidence_runner.py")
 RUNNER_NAME = "_moecoder_runner.py"
@@ -250,8 +251,8 @@ def tests_calling(root: Path, files: Mapping[str, Path | str], module: str, func
             continue
         src = files[rel]
         try:
-            text = src if isinstance(src, str) else Path(src).read_text(encoding="utf-8", errors="replace")
-        except OSError:
+            text = src if isinstance(src, str) else read_text(src, max_bytes=MAX_FILE_BYTES)
+        except (OSError, ValueError):  # files.Unreadable is a ValueError
             continue
         if not word.search(text) or mod_last not in text:
             continue
@@ -290,7 +291,12 @@ def prepare(path: str | Path, source: str | None = None, functions: Sequence[str
     ``tests`` are user test paths/node ids (relative to the current directory or the project)."""
     p = Path(path)
     if source is None:
-        source = p.read_text(encoding="utf-8")
+        from assistant.files import Unreadable, read_text
+
+        try:
+            source = read_text(p)
+        except Unreadable as e:
+            raise EvidenceError(f"{path}: {e}") from None
     root = project_root(p)
     files, notes = project_files(root)
     try:
