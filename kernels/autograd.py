@@ -8,6 +8,8 @@ SwiGLU derivative and the routing-weight gradient into the first backward GEMM.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kernels import triton_ops as ops
@@ -143,9 +145,11 @@ class _MoEExperts(torch.autograd.Function):
         T, K = experts_TK.shape
         E = wg.shape[0]
         N = T * K
+        need_grad = any(ctx.needs_input_grad)
+        if not need_grad and _use_decode(T, K):  # few tokens, inference: two launches
+            return ops.decode_experts(x_TD, weights_TK, experts_TK, wg, wu, wd)
         bm = ops.block_m_for(N, E)
         offsets, row_index, dest, tm, n_tiles = ops.plan(experts_TK, E, bm)
-        need_grad = any(ctx.needs_input_grad)
         g, u, h = ops.gmm_gu(x_TD, wg, wu, tm, n_tiles, bm, N, idx=row_index, div=K, save_gu=need_grad)
         y = ops.gmm(h, wd, tm, n_tiles, bm, N)
         out = ops.combine(y, dest, T, K, scale_TK=weights_TK)
@@ -169,11 +173,55 @@ class _MoEExperts(torch.autograd.Function):
                 dg, wg.transpose(1, 2), tm, n_tiles, bm, T * K, a2=du, b2=wu.transpose(1, 2)
             )
             dx = ops.combine(dxp, dest, T, K)
-        if need_wd:  # dWd[e] = (s*H)_e^T @ dout[token]: both operands plain loads (pipelined)
-            dwd, _ = ops.gmm_dw(hs, dout, offsets, b_mode=1, bidx=row_index, divb=K)
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            dwg, dwu = ops.gmm_dw(x, dg, offsets, a_mode=1, aidx=row_index, diva=K, b2=du)
+        need_wgu = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        if _dw_path(dout, wg) == "grouped_mm":  # gather once, then the library's K-grouped GEMM
+            tok = row_index // K
+            if need_wd:
+                dwd = ops.grouped_at_b(hs, dout.index_select(0, tok), offsets)
+            if need_wgu:
+                xs = x.index_select(0, tok)
+                dwg = ops.grouped_at_b(xs, dg, offsets)
+                dwu = ops.grouped_at_b(xs, du, offsets)
+        else:
+            if need_wd:  # dWd[e] = (s*H)_e^T @ dout[token]: both operands plain loads (pipelined)
+                dwd, _ = ops.gmm_dw(hs, dout, offsets, b_mode=1, bidx=row_index, divb=K)
+            if need_wgu:
+                dwg, dwu = ops.gmm_dw(x, dg, offsets, a_mode=1, aidx=row_index, diva=K, b2=du)
         return dx, dweights, None, dwg, dwu, dwd
+
+
+DECODE_MAX_TOKENS = 8  # at most this many tokens take the two-launch inference path ("auto")
+
+
+def _use_decode(T: int, K: int) -> bool:
+    """MOECODER_DECODE=auto|fused|tiles: the two-launch GEMV path for few tokens without autograd."""
+    mode = os.environ.get("MOECODER_DECODE", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "fused", "tiles"):
+        raise ValueError(f"MOECODER_DECODE must be one of auto, fused, tiles; got {mode!r}")
+    if T == 0 or mode == "tiles":
+        return False
+    return mode == "fused" or T <= DECODE_MAX_TOKENS
+
+
+def _dw_path(dout, w) -> str:
+    """MOECODER_DW=auto|triton|grouped_mm: who computes the weight gradients.
+
+    auto: ``torch._grouped_mm`` for bf16 on a CUDA GPU of compute capability >= 9.0 with
+    16-byte aligned rows (it ran at ~600 TFLOP/s where our dW kernels reached ~310 on the H100
+    and H200, both shapes, docs/kernels-notes.md); the Triton dW kernels otherwise.
+    ``grouped_mm`` forces the gather + grouped path (on CPU/float64: a loop, for tests).
+    """
+    mode = os.environ.get("MOECODER_DW", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "triton", "grouped_mm"):
+        raise ValueError(f"MOECODER_DW must be one of auto, triton, grouped_mm; got {mode!r}")
+    if mode != "auto":
+        return mode
+    ok = (
+        dout.is_cuda and dout.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+        and torch.cuda.get_device_capability(dout.device) >= (9, 0)
+        and w.shape[1] % 8 == 0 and w.shape[2] % 8 == 0
+    )  # fmt: skip
+    return "grouped_mm" if ok else "triton"
 
 
 def _check_experts(x_TD, weights_TK, experts_TK, wg, wu, wd):

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 
-MNEMONICS = ("HGMMA", "HMMA", "LDGSTS", "LDL", "STL")
+MNEMONICS = ("HGMMA", "HMMA", "LDGSTS", "LDG.E.128", "LDL", "STL")
 
 
 def _compile(fn, types: dict, consts: dict, warps: int, stages: int) -> dict:
@@ -40,8 +40,9 @@ def _compile(fn, types: dict, consts: dict, warps: int, stages: int) -> dict:
         with open(path, "wb") as f:
             f.write(k.asm["cubin"])
         sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
-    out = {m: len(re.findall(rf"\b{m}\b", sass)) for m in MNEMONICS}
+    out = {m: len(re.findall(rf"\b{re.escape(m)}\b", sass)) for m in MNEMONICS}
     out["shared"] = k.metadata.shared
+    out["regs"] = getattr(k, "n_regs", None) or getattr(k.metadata, "num_regs", None) or -1
     return out
 
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: triton is not installed: {exc}", file=sys.stderr)
         return 2
     B, I64, I32, F32 = "*bf16", "*i64", "*i32", "*fp32"
-    common = dict(ACC64=False, PREC=None)
+    common = dict(PREC=None, ACC64=False)
     gmm_t = dict(a_ptr=B, a2_ptr=B, idx_ptr=I64, b_ptr=B, b2_ptr=B, c_ptr=B, tm_ptr=I32)
     gu_t = dict(x_ptr=B, idx_ptr=I64, wg_ptr=B, wu_ptr=B, g_ptr=B, u_ptr=B, h_ptr=B, tm_ptr=I32)
     dh_t = dict(dout_ptr=B, idx_ptr=I64, sw_ptr=F32, wd_ptr=B, g_ptr=B, u_ptr=B, dg_ptr=B, du_ptr=B, dwp_ptr=F32,
@@ -80,14 +81,25 @@ def main(argv: list[str] | None = None) -> int:
         ("bwd dW_down 128x128x64", ops._gmm_dw_kernel, dw_t,
          dict(A_MODE=0, B_MODE=1, HAS_BS=False, DUAL=False, A_T=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3),
     ]  # fmt: skip
-    print(f"{'kernel':34s} warps stages " + " ".join(f"{m:>6s}" for m in MNEMONICS) + "  shared")
+    dec_gu_t = dict(x_ptr=B, e_ptr=I64, wg_ptr=B, wu_ptr=B, h_ptr=B)
+    dec_dn_t = dict(h_ptr=B, e_ptr=I64, s_ptr=F32, wd_ptr=B, out_ptr=B)
+    for c in ops._DEC_GU_GPU:
+        cases.append((f"decode gate/up BN={c['BLOCK_N']} BK={c['BLOCK_K']}", ops._decode_gu_kernel, dec_gu_t,
+                      dict(stride_wn=1, ACC64=False, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"]), c["w"], c["s"]))
+    for c in ops._DEC_DOWN_GPU:
+        cases.append((f"decode down+combine BN={c['BLOCK_N']} BK={c['BLOCK_K']}", ops._decode_down_kernel, dec_dn_t,
+                      dict(stride_wd=1, K=8, ACC64=False, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"]), c["w"], c["s"]))
+    only = os.environ.get("SASS_ONLY", "")
+    cases = [c for c in cases if only in c[0]]
+    print(f"{'kernel':34s} warps stages " + " ".join(f"{m:>6s}" for m in MNEMONICS) + "  shared regs")
     for name, fn, types, consts, w, s in cases:
         try:
-            r = _compile(fn, types, {**common, **consts}, w, s)
+            names = (fn.fn if hasattr(fn, "fn") else fn).arg_names
+            r = _compile(fn, types, {k: v for k, v in {**common, **consts}.items() if k in names}, w, s)
         except Exception as exc:  # report and go on
             print(f"{name:34s} FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
             continue
-        print(f"{name:34s} {w:5d} {s:6d} " + " ".join(f"{r[m]:6d}" for m in MNEMONICS) + f"  {r['shared']}")
+        print(f"{name:34s} {w:5d} {s:6d} " + " ".join(f"{r[m]:6d}" for m in MNEMONICS) + f"  {r['shared']} {r['regs']}")
     return 0
 
 

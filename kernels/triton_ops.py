@@ -864,3 +864,137 @@ def swiglu_bwd(g, u, dh):
     if n:
         _swiglu_bwd_kernel[(triton.cdiv(n, 1024),)](g, u, dh, dg, du, n, BLOCK=1024)
     return dg, du
+
+
+# --------------------------------------------------------------------------------------
+# decode: few tokens, no autograd. Two launches instead of plan + gate/up + down + combine.
+#
+# At T = 1..8 the layer is a handful of GEMVs that stream expert weights: what costs is the
+# number of dependent launches (each with a ramp and a tail) and bytes in flight per SM.
+# Program (column block, assignment a): the gate/up GEMV of row x[a // K] against expert
+# experts[a] with SwiGLU applied; program (column block, token t): the down GEMV of all K
+# rows of token t, weighted by the routing weights and summed (the combine), loads of the K
+# experts' tiles issued together. No permutation, no tile map; a token's rows never
+# leave registers except h (K x F values). Deterministic (fixed summation order).
+
+_DEC_GU_GPU = [
+    dict(BLOCK_N=32, BLOCK_K=128, w=4, s=1),
+    dict(BLOCK_N=32, BLOCK_K=256, w=8, s=1),
+    dict(BLOCK_N=16, BLOCK_K=256, w=4, s=1),
+    dict(BLOCK_N=64, BLOCK_K=128, w=8, s=1),
+]
+_DEC_DOWN_GPU = [
+    dict(BLOCK_N=32, BLOCK_K=64, w=4, s=1),
+    dict(BLOCK_N=16, BLOCK_K=128, w=4, s=1),
+    dict(BLOCK_N=16, BLOCK_K=64, w=4, s=1),
+    dict(BLOCK_N=64, BLOCK_K=64, w=8, s=1),
+]
+_DEC_INT = dict(BLOCK_N=16, BLOCK_K=16)
+
+
+@triton.autotune(configs=_configs(_DEC_GU_GPU, _DEC_INT), key=["F", "D", "NA"])
+@triton.jit
+def _decode_gu_kernel(
+    x_ptr, e_ptr, wg_ptr, wu_ptr, h_ptr, F, D, NA, KT,
+    stride_xm, stride_we, stride_wk, stride_wn, stride_hm,
+    ACC64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """h[a] = silu(x[a // KT] @ Wg[e]) * (x[a // KT] @ Wu[e]) for e = experts[a] (one column block)."""
+    ACC: tl.constexpr = tl.float64 if ACC64 else tl.float32
+    pid_n = tl.program_id(0)
+    a = tl.program_id(1).to(tl.int64)
+    t = a // KT
+    e = tl.load(e_ptr + a).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cm = cols < F
+    ks = tl.arange(0, BLOCK_K)
+    acc_g = tl.zeros((BLOCK_K, BLOCK_N), dtype=ACC)
+    acc_u = tl.zeros((BLOCK_K, BLOCK_N), dtype=ACC)
+    w_off = e * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+    m = (ks < D)[:, None] & cm[None, :]
+    g = tl.load(wg_ptr + w_off, mask=m, other=0.0)
+    u = tl.load(wu_ptr + w_off, mask=m, other=0.0)
+    for k0 in range(0, D, BLOCK_K):  # software-pipelined by hand: the next tiles load during this FMA
+        xv = tl.load(x_ptr + t * stride_xm + k0 + ks, mask=(k0 + ks) < D, other=0.0).to(ACC)
+        w_off += BLOCK_K * stride_wk
+        mn = ((k0 + BLOCK_K + ks) < D)[:, None] & cm[None, :]
+        g_next = tl.load(wg_ptr + w_off, mask=mn, other=0.0)
+        u_next = tl.load(wu_ptr + w_off, mask=mn, other=0.0)
+        acc_g += xv[:, None] * g.to(ACC)
+        acc_u += xv[:, None] * u.to(ACC)
+        g, u = g_next, u_next
+    sg = tl.sum(acc_g, axis=0)
+    su = tl.sum(acc_u, axis=0)
+    h = sg / (1.0 + tl.exp(-sg)) * su
+    tl.store(h_ptr + a * stride_hm + cols, h.to(h_ptr.dtype.element_ty), mask=cm)
+
+
+@triton.autotune(configs=_configs(_DEC_DOWN_GPU, _DEC_INT), key=["F", "D", "T"])
+@triton.jit
+def _decode_down_kernel(
+    h_ptr, e_ptr, s_ptr, wd_ptr, out_ptr, F, D, T,
+    stride_hm, stride_we, stride_wf, stride_wd, stride_om,
+    K: tl.constexpr, ACC64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """out[t] = sum_k s[t, k] * (h[t*K + k] @ Wd[experts[t, k]]) (one column block, fixed order)."""
+    ACC: tl.constexpr = tl.float64 if ACC64 else tl.float32
+    pid_n = tl.program_id(0)
+    t = tl.program_id(1).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cm = cols < D
+    fs = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=ACC)
+    for f0 in range(0, F, BLOCK_K):
+        fm = (f0 + fs) < F
+        m = fm[:, None] & cm[None, :]
+        for k in tl.static_range(K):  # K independent weight tiles in flight per step
+            a = t * K + k
+            e = tl.load(e_ptr + a).to(tl.int64)
+            w = tl.load(wd_ptr + e * stride_we + (f0 + fs)[:, None] * stride_wf + cols[None, :] * stride_wd,
+                        mask=m, other=0.0)  # fmt: skip
+            hv = tl.load(h_ptr + a * stride_hm + f0 + fs, mask=fm, other=0.0).to(ACC)
+            s = tl.load(s_ptr + a).to(ACC)
+            acc += (hv * s)[:, None] * w.to(ACC)
+    out = tl.sum(acc, axis=0)
+    tl.store(out_ptr + t * stride_om + cols, out.to(out_ptr.dtype.element_ty), mask=cm)
+
+
+def decode_experts(x_TD, weights_TK, experts_TK, wg_EDF, wu_EDF, wd_EFD):
+    """The routed experts' forward for a few tokens in two launches (no autograd, no sync)."""
+    T, K = experts_TK.shape
+    D, F = wg_EDF.shape[1], wg_EDF.shape[2]
+    assert wg_EDF.stride() == wu_EDF.stride() and x_TD.stride(1) == 1
+    out = torch.empty((T, D), dtype=x_TD.dtype, device=x_TD.device)
+    if T == 0:
+        return out
+    N = T * K
+    h = torch.empty((N, F), dtype=x_TD.dtype, device=x_TD.device)
+    e = experts_TK.contiguous()
+    s = weights_TK.contiguous()
+    acc64 = _acc64(x_TD.dtype)
+    _decode_gu_kernel[lambda meta: (triton.cdiv(F, meta["BLOCK_N"]), N)](
+        x_TD, e, wg_EDF, wu_EDF, h, F, D, N, K,
+        x_TD.stride(0), wg_EDF.stride(0), wg_EDF.stride(1), wg_EDF.stride(2), h.stride(0), ACC64=acc64,
+    )  # fmt: skip
+    _decode_down_kernel[lambda meta: (triton.cdiv(D, meta["BLOCK_N"]), T)](
+        h, e, s, wd_EFD, out, F, D, T,
+        h.stride(0), wd_EFD.stride(0), wd_EFD.stride(1), wd_EFD.stride(2), out.stride(0), K=K, ACC64=acc64,
+    )  # fmt: skip
+    return out
+
+
+def grouped_at_b(a_NM, b_NP, offsets_E1):
+    """Per group e (rows offsets[e]:offsets[e+1]): A_e^T @ B_e -> (E, M, P); empty groups give zeros.
+
+    bf16 CUDA tensors go to ``torch._grouped_mm`` (CUTLASS grouped GEMM, K-grouped);
+    anything else (float64, CPU tests) to a loop over the groups with the same result.
+    """
+    E = offsets_E1.numel() - 1
+    if a_NM.is_cuda and a_NM.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+        return torch._grouped_mm(a_NM.t(), b_NP, offs=offsets_E1[1:].to(torch.int32))
+    out = a_NM.new_zeros((E, a_NM.shape[1], b_NP.shape[1]))
+    offs = offsets_E1.tolist()
+    for e in range(E):
+        if offs[e + 1] > offs[e]:
+            out[e] = a_NM[offs[e] : offs[e + 1]].t() @ b_NP[offs[e] : offs[e + 1]]
+    return out

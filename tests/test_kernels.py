@@ -233,6 +233,70 @@ def test_moe_experts(T, E, K, one, empty):
         assert torch.count_nonzero(grads[2][e]) == 0 and torch.count_nonzero(grads[4][e]) == 0
 
 
+@pytest.mark.parametrize("mode", ["auto", "fused"])
+@pytest.mark.parametrize(
+    "T,E,K,D,F",
+    [(1, 8, 2, 40, 24), (1, 128, 8, 33, 17), (3, 6, 1, 16, 40), (8, 16, 4, 24, 8), (12, 4, 2, 8, 16)],
+)
+def test_decode_experts_matches_reference(monkeypatch, mode, T, E, K, D, F):
+    """Inference (no autograd) for few tokens: the two-launch GEMV path against the reference."""
+    from kernels import autograd as ag
+
+    monkeypatch.setenv("MOECODER_DECODE", mode)
+    w, ex = routing(T, E, K)
+    x = rnd(T, D, grad=False)
+    wg, wu = rnd(E, D, F, grad=False, scale=D**-0.5), rnd(E, D, F, grad=False, scale=D**-0.5)
+    wd = rnd(E, F, D, grad=False, scale=F**-0.5)
+    used = []
+    real = ag.ops.decode_experts
+    monkeypatch.setattr(ag.ops, "decode_experts", lambda *a: used.append(1) or real(*a))
+    with torch.no_grad():
+        out = tk.moe_experts(x, w, ex, wg, wu, wd)
+    assert used == ([1] if mode == "fused" or T <= ag.DECODE_MAX_TOKENS else [])
+    outr = ref.moe_experts(ref_of(x), ref_of(w.to(x.dtype)), ex, *(ref_of(t) for t in (wg, wu, wd)))
+    assert out.dtype == x.dtype and out.shape == (T, D)
+    assert rel(out, outr) < TOL
+    monkeypatch.setenv("MOECODER_DECODE", "tiles")
+    with torch.no_grad():
+        tiles = tk.moe_experts(x, w, ex, wg, wu, wd)
+    assert len(used) <= 1 and rel(out, tiles.double()) < TOL
+
+
+def test_moe_experts_weight_grads_through_grouped_path(monkeypatch):
+    """MOECODER_DW=grouped_mm (gather + K-grouped GEMM; a loop on CPU) gives the reference gradients."""
+    monkeypatch.setenv("MOECODER_DW", "grouped_mm")
+    T, E, K, D, F = 37, 8, 2, 32, 24
+    w, ex = routing(T, E, K, empty=(0, 5))
+    x = rnd(T, D)
+    wg, wu = rnd(E, D, F, scale=D**-0.5), rnd(E, D, F, scale=D**-0.5)
+    wd = rnd(E, F, D, scale=F**-0.5)
+    out = tk.moe_experts(x, w, ex, wg, wu, wd)
+    go = rnd(T, D, grad=False)
+    grads = torch.autograd.grad(out, (x, wg, wu, wd), go)
+    xr, wgr, wur, wdr = (ref_of(t) for t in (x, wg, wu, wd))
+    outr = ref.moe_experts(xr, w.to(xr.dtype), ex, wgr, wur, wdr)
+    grads_r = torch.autograd.grad(outr, (xr, wgr, wur, wdr), go.double())
+    for name, a, b in zip(("x", "w_gate", "w_up", "w_down"), grads, grads_r):
+        assert rel(a, b) < TOL, name
+    for e in (0, 5):
+        assert all(torch.count_nonzero(g[e]) == 0 for g in grads[1:])
+
+
+def test_kernel_path_env_rejects_bad_values(monkeypatch):
+    T, E, K, D, F = 2, 4, 2, 8, 8
+    w, ex = routing(T, E, K)
+    x = rnd(T, D, grad=False)
+    wg, wu, wd = rnd(E, D, F, grad=False), rnd(E, D, F, grad=False), rnd(E, F, D, grad=False)
+    monkeypatch.setenv("MOECODER_DECODE", "fast")
+    with pytest.raises(ValueError, match="MOECODER_DECODE"), torch.no_grad():
+        tk.moe_experts(x, w, ex, wg, wu, wd)
+    monkeypatch.setenv("MOECODER_DECODE", "auto")
+    monkeypatch.setenv("MOECODER_DW", "cublas")
+    out = tk.moe_experts(x, w, ex, wg.requires_grad_(), wu, wd)
+    with pytest.raises(ValueError, match="MOECODER_DW"):
+        out.sum().backward()
+
+
 @settings(max_examples=6, deadline=None, derandomize=False)
 @given(
     T=st.integers(1, 40), E=st.integers(1, 12), K=st.integers(1, 4), D=st.integers(1, 40), F=st.integers(1, 40),
