@@ -263,6 +263,100 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def _dw_gu_grouped(ops, x, dg, du, row_index, K, offsets):
+    xs = x.index_select(0, row_index // K)
+    return ops.grouped_at_b(xs, dg, offsets), ops.grouped_at_b(xs, du, offsets)
+
+
+def graph_time(fn, reps: int = 20, inner: int = 16) -> float:
+    """Median ms of one ``fn(i)`` for i = 0..inner-1 replayed back to back from one CUDA graph."""
+    for i in range(inner):
+        fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(inner):
+            fn(i)
+    return statistics.median(time_calls(lambda _: graph.replay(), [None], reps)) / inner
+
+
+def decode_breakdown(s: Shape, T: int, dev, inner: int = 16) -> list[dict]:
+    """Decode: each launch of the layer alone (graph-replayed back to back), an empty launch.
+
+    Separates launch overhead (a trivial kernel's cost per launch in a graph) from the time
+    the weight-streaming kernels take; bytes per kernel give its bandwidth. Each of the
+    ``inner`` back-to-back calls uses its own input and routing, so consecutive calls touch
+    different experts (the weights do not stay in L2).
+    """
+    import triton
+
+    from kernels import triton_ops as ops
+
+    p = Params(s, dev, grad=False)
+    K, E, D, Fh = s.K, s.E, s.D, s.F
+    N = T * K
+    bm = ops.block_m_for(N, E)
+    sets = []
+    for _ in range(inner):
+        x = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
+        logits = x.float() @ p.wr.t()
+        w, e = ops.route_fwd(logits, K, "softmax", None, s.renormalize)
+        plan = ops.plan(e, E, bm)
+        _, _, hh = ops.gmm_gu(x, p.wg, p.wu, plan[3], plan[4], bm, N, idx=plan[1], div=K, save_gu=False)
+        y = ops.gmm(hh, p.wd, plan[3], plan[4], bm, N)
+        sets.append(dict(x=x, logits=logits, w=w, e=e, plan=plan, hh=hh, y=y,
+                         hbuf=torch.empty(N, Fh, device=dev, dtype=torch.bfloat16),
+                         out=torch.empty(T, D, device=dev, dtype=torch.bfloat16)))  # fmt: skip
+    wbytes = statistics.mean(float(q["e"].unique().numel()) for q in sets) * D * Fh * 2
+    one = torch.zeros(1, device=dev)
+
+    def gu(i):
+        q = sets[i]
+        ops._decode_gu_kernel[lambda m: (triton.cdiv(Fh, m["BLOCK_N"]), N)](
+            q["x"], q["e"], p.wg, p.wu, q["hbuf"], Fh, D, N, K, q["x"].stride(0), p.wg.stride(0), p.wg.stride(1),
+            p.wg.stride(2), q["hbuf"].stride(0), ACC64=False)  # fmt: skip
+
+    def down(i):
+        q = sets[i]
+        ops._decode_down_kernel[lambda m: (triton.cdiv(D, m["BLOCK_N"]), T)](
+            q["hbuf"], q["e"], q["w"], p.wd, q["out"], Fh, D, T, q["hbuf"].stride(0), p.wd.stride(0),
+            p.wd.stride(1), p.wd.stride(2), q["out"].stride(0), K=K, ACC64=False)  # fmt: skip
+
+    def tiles_gu(i):
+        q = sets[i]
+        _, ri, _, tm, nt = q["plan"]
+        ops.gmm_gu(q["x"], p.wg, p.wu, tm, nt, bm, N, idx=ri, div=K, save_gu=False)
+
+    def tiles_down(i):
+        q = sets[i]
+        ops.gmm(q["hh"], p.wd, q["plan"][3], q["plan"][4], bm, N)
+
+    pieces = {
+        "empty launch (one tiny kernel)": (lambda i: one.add_(1.0), 0),
+        "router: cast + fp32 GEMV": (lambda i: sets[i]["x"].float() @ p.wr.t(), p.wr.numel() * 4),
+        "route (top-k)": (lambda i: ops.route_fwd(sets[i]["logits"], K, "softmax", None, s.renormalize), 0),
+        "fused: gate/up GEMV + SwiGLU": (gu, 2 * wbytes),
+        "fused: down GEMV + combine": (down, wbytes),
+        "fused: both (decode_experts)": (
+            lambda i: ops.decode_experts(sets[i]["x"], sets[i]["w"], sets[i]["e"], p.wg, p.wu, p.wd), 3 * wbytes),
+        "tiles: plan": (lambda i: ops.plan(sets[i]["e"], E, bm), 0),
+        "tiles: gate/up+SwiGLU": (tiles_gu, 2 * wbytes),
+        "tiles: down": (tiles_down, wbytes),
+        "tiles: combine": (lambda i: ops.combine(sets[i]["y"], sets[i]["plan"][2], T, K, scale_TK=sets[i]["w"]), 0),
+    }
+    out = []
+    for name, (fn, nbytes) in pieces.items():
+        try:
+            ms = graph_time(fn, inner=inner)
+        except Exception as exc:
+            print(f"  decode breakdown {name}: FAILED {type(exc).__name__}: {exc}", flush=True)
+            continue
+        bw = nbytes / (ms * 1e-3) / 1e12 if nbytes else 0.0
+        out.append({"shape": s.name, "T": T, "piece": name, "us": ms * 1e3, "TBps": bw})
+        print(f"  {s.name:16s} decode T={T:3d} {name:34s} {ms * 1e3:8.2f} us {bw:6.2f} TB/s", flush=True)
+    return out
+
+
 def breakdown(s: Shape, T: int, dev, reps: int = 20) -> list[dict]:
     """Time each Triton piece of the experts' forward and backward alone, with torch._grouped_mm twins."""
     from kernels import triton_ops as ops
@@ -291,16 +385,14 @@ def breakdown(s: Shape, T: int, dev, reps: int = 20) -> list[dict]:
             lambda: ops.gmm_dh(dout, row_index, K, w.reshape(-1), p.wd, g, u, tm, nt, bm, write_hs=True), gemm),
         "bwd dX dual": (lambda: ops.gmm(dg, p.wg.transpose(1, 2), tm, nt, bm, N, a2=du, b2=p.wu.transpose(1, 2)),
                         2 * gemm),
-        "bwd dW_down (old: swiglu+scale in loop)": (
-            lambda: ops.gmm_dw(g, dout, offsets, a_mode=2, u=u, b_mode=1, bidx=row_index, divb=K,
-                               bscale=w.reshape(-1)), gemm),
         "bwd dW_down (s*H saved)": (lambda: ops.gmm_dw(hs, dout, offsets, b_mode=1, bidx=row_index, divb=K), gemm),
         "bwd dW_gate+up (gather)": (lambda: ops.gmm_dw(x, dg, offsets, a_mode=1, aidx=row_index, diva=K, b2=du),
                                     2 * gemm),
-        "bwd dW_gate+up (tl.trans variant)": (
-            lambda: ops.gmm_dw(x, dg, offsets, a_mode=1, aidx=row_index, diva=K, b2=du, a_t=False), 2 * gemm),
-        "bwd dW_down (tl.trans variant)": (
-            lambda: ops.gmm_dw(hs, dout, offsets, b_mode=1, bidx=row_index, divb=K, a_t=False), gemm),
+        "bwd gather xs = x[token] (N x D)": (lambda: x.index_select(0, row_index // K), 0),
+        "bwd dW_gate+up grouped_mm (gather + 2 GEMMs)": (lambda: _dw_gu_grouped(ops, x, dg, du, row_index, K, offsets),
+                                                         2 * gemm),
+        "bwd dW_down grouped_mm (gather + GEMM)": (
+            lambda: ops.grouped_at_b(hs, dout.index_select(0, row_index // K), offsets), gemm),
         "peer _grouped_mm x@Wg": (lambda: torch._grouped_mm(xs, p.wg, offs=offs32), gemm),
         "peer _grouped_mm h@Wd": (lambda: torch._grouped_mm(h, p.wd, offs=offs32), gemm),
         "peer _grouped_mm dG@Wg^T": (lambda: torch._grouped_mm(dg, p.wg.transpose(1, 2), offs=offs32), gemm),
@@ -335,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write all numbers here")
     ap.add_argument("--check", action="store_true", help="also check Triton vs reference at T=4096")
     ap.add_argument("--breakdown", default="", help="only time each Triton piece at these T (e.g. 16384)")
+    ap.add_argument("--decode-breakdown", default="", help="only time each decode launch at these T (e.g. 1,8)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: kernels.bench needs a CUDA GPU", file=sys.stderr)
@@ -368,8 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(meta), flush=True)
     rows = []
     checks = {}
-    if args.breakdown:
-        parts = [r for sh in shapes for t in args.breakdown.split(",") for r in breakdown(sh, int(t), dev)]
+    if args.breakdown or args.decode_breakdown:
+        parts = [r for sh in shapes for t in args.breakdown.split(",") if t for r in breakdown(sh, int(t), dev)]
+        parts += [r for sh in shapes for t in args.decode_breakdown.split(",") if t
+                  for r in decode_breakdown(sh, int(t), dev)]  # fmt: skip
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"meta": meta, "breakdown": parts}, f, indent=1)
