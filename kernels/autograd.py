@@ -146,8 +146,9 @@ class _MoEExperts(torch.autograd.Function):
         E = wg.shape[0]
         N = T * K
         need_grad = any(ctx.needs_input_grad)
-        if not need_grad and _use_decode(T, K):  # few tokens, inference: two launches
-            return ops.decode_experts(x_TD, weights_TK, experts_TK, wg, wu, wd)
+        if not need_grad:
+            ctx.meta = (T, K, 0, 0)
+            return _experts_forward(x_TD, weights_TK, experts_TK, wg, wu, wd)
         bm = ops.block_m_for(N, E)
         offsets, row_index, dest, tm, n_tiles = ops.plan(experts_TK, E, bm)
         g, u, h = ops.gmm_gu(x_TD, wg, wu, tm, n_tiles, bm, N, idx=row_index, div=K, save_gu=need_grad)
@@ -165,7 +166,16 @@ class _MoEExperts(torch.autograd.Function):
         dout = dout.contiguous()
         w_flat = w.reshape(-1)
         need_wd = ctx.needs_input_grad[5]
-        dg, du, dw_row, hs = ops.gmm_dh(dout, row_index, K, w_flat, wd, g, u, tm, n_tiles, bm, write_hs=need_wd)
+        need_wgu = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        lib = _dw_path(dout, wg) == "grouped_mm"
+        tok = row_index // K if lib else None
+        dout_s = dout.index_select(0, tok) if lib else None  # dout[token] per permuted row, once
+        if lib and _dh_path(dout, wg) == "grouped_mm":  # library GEMM, then the fused epilogue as one pass
+            dhu = ops.grouped_mm_rows(dout_s, wd.transpose(1, 2), offsets)
+            dg, du, dw_row, hs = ops.dh_epilogue(dhu, g, u, row_index, w_flat, write_hs=need_wd)
+            del dhu
+        else:
+            dg, du, dw_row, hs = ops.gmm_dh(dout, row_index, K, w_flat, wd, g, u, tm, n_tiles, bm, write_hs=need_wd)
         dweights = dw_row[dest].view(T, K).to(w.dtype)
         dx = dwg = dwu = dwd = None
         if ctx.needs_input_grad[0]:
@@ -173,11 +183,10 @@ class _MoEExperts(torch.autograd.Function):
                 dg, wg.transpose(1, 2), tm, n_tiles, bm, T * K, a2=du, b2=wu.transpose(1, 2)
             )
             dx = ops.combine(dxp, dest, T, K)
-        need_wgu = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
-        if _dw_path(dout, wg) == "grouped_mm":  # gather once, then the library's K-grouped GEMM
-            tok = row_index // K
+        if lib:  # gathered operands, then the library's K-grouped GEMM
             if need_wd:
-                dwd = ops.grouped_at_b(hs, dout.index_select(0, tok), offsets)
+                dwd = ops.grouped_at_b(hs, dout_s, offsets)
+            del dout_s
             if need_wgu:
                 xs = x.index_select(0, tok)
                 dwg = ops.grouped_at_b(xs, dg, offsets)
@@ -190,7 +199,10 @@ class _MoEExperts(torch.autograd.Function):
         return dx, dweights, None, dwg, dwu, dwd
 
 
-DECODE_MAX_TOKENS = 8  # at most this many tokens take the two-launch inference path ("auto")
+# At most this many tokens take the two-launch GEMV path in "auto". 0: measured slower than the
+# tiles path on the H200 at T = 1 and 8, both shapes (docs/kernels-notes.md, run 4): its down
+# GEMV + combine has one program per (token, column block), too few to stream the weights.
+DECODE_MAX_TOKENS = 0
 
 
 def _use_decode(T: int, K: int) -> bool:
@@ -201,6 +213,20 @@ def _use_decode(T: int, K: int) -> bool:
     if T == 0 or mode == "tiles":
         return False
     return mode == "fused" or T <= DECODE_MAX_TOKENS
+
+
+def _dh_path(dout, w) -> str:
+    """MOECODER_DH=auto|triton|grouped_mm: the backward's first GEMM (dHu = dout[token] @ Wd^T).
+
+    ``triton``: one kernel with the gather and the SwiGLU/routing-weight epilogue fused
+    (~230 TFLOP/s on the H200: its epilogue holds too many live tiles, ncu shows 255 registers
+    and 12% occupancy); ``grouped_mm`` (auto, with the library dW path): the library GEMM on the
+    gathered dout, then the epilogue as one elementwise pass.
+    """
+    mode = os.environ.get("MOECODER_DH", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "triton", "grouped_mm"):
+        raise ValueError(f"MOECODER_DH must be one of auto, triton, grouped_mm; got {mode!r}")
+    return "grouped_mm" if mode == "auto" else mode
 
 
 def _dw_path(dout, w) -> str:
@@ -222,6 +248,20 @@ def _dw_path(dout, w) -> str:
         and w.shape[1] % 8 == 0 and w.shape[2] % 8 == 0
     )  # fmt: skip
     return "grouped_mm" if ok else "triton"
+
+
+def _experts_forward(x_TD, weights_TK, experts_TK, wg, wu, wd):
+    """The routed experts' forward without autograd bookkeeping (G and U not kept)."""
+    T, K = experts_TK.shape
+    E = wg.shape[0]
+    N = T * K
+    if _use_decode(T, K):  # MOECODER_DECODE=fused: the two-launch GEMV path
+        return ops.decode_experts(x_TD, weights_TK, experts_TK, wg, wu, wd)
+    bm = ops.block_m_for(N, E)
+    _, row_index, dest, tm, n_tiles = ops.plan(experts_TK, E, bm)
+    _, _, h = ops.gmm_gu(x_TD, wg, wu, tm, n_tiles, bm, N, idx=row_index, div=K, save_gu=False)
+    y = ops.gmm(h, wd, tm, n_tiles, bm, N)
+    return ops.combine(y, dest, T, K, scale_TK=weights_TK)
 
 
 def _check_experts(x_TD, weights_TK, experts_TK, wg, wu, wd):
@@ -246,4 +286,9 @@ def moe_experts(x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD):
     wg, wu, wd = (w.to(dt) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
     if wg.stride() != wu.stride():
         wg, wu = wg.contiguous(), wu.contiguous()
+    leaves = (x_TD, weights_TK, wg, wu, wd)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in leaves)):
+        # inference (no_grad / inference_mode): ``needs_input_grad`` would still say True for
+        # parameters, so decide here: nothing saved for backward, decode path for few tokens
+        return _experts_forward(x_TD.contiguous(), weights_TK.contiguous(), experts_TK.contiguous(), wg, wu, wd)
     return _MoEExperts.apply(x_TD.contiguous(), weights_TK.contiguous(), experts_TK.contiguous(), wg, wu, wd)

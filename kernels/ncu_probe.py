@@ -76,8 +76,9 @@ def summarize(path: str) -> int:
     head, units, data = rows[start], rows[start + 1], rows[start + 2 :]
     col = {n: i for i, n in enumerate(head)}
     unit = {n: units[i] for n, i in col.items()}
-    tscale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}.get(unit.get("gpu__time_duration.sum", ""), 1.0)
-    bscale = {"byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}
+    tscale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3,
+              "second": 1e6, "s": 1e6}.get(unit.get("gpu__time_duration.sum", ""), 1.0)  # fmt: skip
+    bscale = {"byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "Tbyte": 1e12}
     case = -1
     print(f"{'case':28s} {'kernel':44s} {'us':>9s} {'MB rd':>8s} {'MB wr':>8s} {'TB/s':>6s} {'grid':>7s} {'regs':>4s} "
           f"{'SM%':>5s} {'DRAM%':>5s} {'occ%':>5s}")  # fmt: skip

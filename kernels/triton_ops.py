@@ -160,6 +160,14 @@ def _route_bwd_kernel(
     )
 
 
+def _route_block(T: int, BLOCK_E: int) -> tuple[int, int]:
+    """Rows per program and warps: no more rows than there are tokens (decode: T = 1..8 took
+    13-25 us with 32 rows of one program, ncu/bench on the H200), fewer warps for small tiles
+    (the k argmax rounds then reduce within a warp, without block-wide barriers)."""
+    bt = max(1, min(64, 4096 // BLOCK_E, triton.next_power_of_2(max(T, 1))))
+    return bt, max(1, min(4, bt * BLOCK_E // 256))
+
+
 def route_fwd(logits_TE, top_k, score_func, bias_E, renormalize):
     T, E = logits_TE.shape
     if score_func not in ("softmax", "sigmoid"):
@@ -172,13 +180,13 @@ def route_fwd(logits_TE, top_k, score_func, bias_E, renormalize):
     if T == 0:
         return w, ex
     BLOCK_E = triton.next_power_of_2(E)
-    BLOCK_T = max(1, min(64, 4096 // BLOCK_E))
+    BLOCK_T, warps = _route_block(T, BLOCK_E)
     bias = bias_E.contiguous() if bias_E is not None else logits
     _route_fwd_kernel[(triton.cdiv(T, BLOCK_T),)](
         logits, bias, w, ex, T, E, logits.stride(0),
         K=top_k, SOFTMAX=score_func == "softmax", HAS_BIAS=bias_E is not None,
         RENORM=bool(renormalize and top_k > 1),
-        BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_K=triton.next_power_of_2(top_k),
+        BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_K=triton.next_power_of_2(top_k), num_warps=warps,
     )  # fmt: skip
     return w, ex
 
@@ -191,12 +199,12 @@ def route_bwd(logits_TE, weights_TK, experts_TK, dweights_TK, score_func, renorm
     if T == 0:
         return dl
     BLOCK_E = triton.next_power_of_2(E)
-    BLOCK_T = max(1, min(64, 4096 // BLOCK_E))
+    BLOCK_T, warps = _route_block(T, BLOCK_E)
     _route_bwd_kernel[(triton.cdiv(T, BLOCK_T),)](
         logits, weights_TK.contiguous(), experts_TK.contiguous(), dweights_TK.contiguous(), dl,
         T, E, logits.stride(0),
         K=K, SOFTMAX=score_func == "softmax", RENORM=bool(renormalize and K > 1),
-        BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_K=triton.next_power_of_2(K),
+        BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_K=triton.next_power_of_2(K), num_warps=warps,
     )  # fmt: skip
     return dl
 
@@ -998,3 +1006,71 @@ def grouped_at_b(a_NM, b_NP, offsets_E1):
         if offs[e + 1] > offs[e]:
             out[e] = a_NM[offs[e] : offs[e + 1]].t() @ b_NP[offs[e] : offs[e + 1]]
     return out
+
+
+def grouped_mm_rows(a_NK, b_EKP, offsets_E1):
+    """Row group e of A times B[e] -> (N, P) (every row in some group: offsets[-1] == N).
+
+    bf16 CUDA tensors go to ``torch._grouped_mm`` (B may be a transposed view); anything else
+    to a loop over the groups (CPU tests, float64).
+    """
+    if a_NK.is_cuda and a_NK.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+        return torch._grouped_mm(a_NK, b_EKP, offs=offsets_E1[1:].to(torch.int32))
+    out = a_NK.new_zeros((a_NK.shape[0], b_EKP.shape[2]))
+    offs = offsets_E1.tolist()
+    for e in range(b_EKP.shape[0]):
+        if offs[e + 1] > offs[e]:
+            out[offs[e] : offs[e + 1]] = a_NK[offs[e] : offs[e + 1]] @ b_EKP[e]
+    return out
+
+
+
+@triton.jit
+def _dh_epilogue_kernel(
+    dhu_ptr, g_ptr, u_ptr, idx_ptr, sw_ptr, dg_ptr, du_ptr, hs_ptr, dwr_ptr, N, F, stride,
+    WRITE_HS: tl.constexpr, ACC64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
+):  # fmt: skip
+    """The dH GEMM's epilogue as its own pass (when the GEMM is the library's): per permuted row
+    p with routing weight s: dw_row[p] = <dHu[p], H[p]>, dH = s * dHu, SwiGLU derivative -> dG, dU,
+    and s * H for the down projection's weight gradient (H recomputed from the saved G, U)."""
+    ACC: tl.constexpr = tl.float64 if ACC64 else tl.float32
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm = rows < N
+    a = tl.load(idx_ptr + rows, mask=rm, other=0)
+    s = tl.load(sw_ptr + a, mask=rm, other=0.0).to(ACC)
+    part = tl.zeros((BLOCK_R,), dtype=ACC)
+    out_ty = dg_ptr.dtype.element_ty
+    for f0 in range(0, F, BLOCK_F):
+        cols = f0 + tl.arange(0, BLOCK_F)
+        m = rm[:, None] & (cols < F)[None, :]
+        off = rows[:, None].to(tl.int64) * stride + cols[None, :]
+        acc = tl.load(dhu_ptr + off, mask=m, other=0.0).to(ACC)
+        g = tl.load(g_ptr + off, mask=m, other=0.0).to(ACC)
+        u = tl.load(u_ptr + off, mask=m, other=0.0).to(ACC)
+        sg = 1.0 / (1.0 + tl.exp(-g))
+        silu = g * sg
+        h = silu * u
+        part += tl.sum(acc * h, axis=1)
+        dh = acc * s[:, None]
+        tl.store(du_ptr + off, (dh * silu).to(out_ty), mask=m)
+        tl.store(dg_ptr + off, (dh * u * sg * (1.0 + g * (1.0 - sg))).to(out_ty), mask=m)
+        if WRITE_HS:
+            tl.store(hs_ptr + off, (h * s[:, None]).to(out_ty), mask=m)
+    tl.store(dwr_ptr + rows, part.to(dwr_ptr.dtype.element_ty), mask=rm)
+
+
+def dh_epilogue(dhu, g, u, idx, sw_flat, write_hs=False):
+    """dG, dU, dw_row (N,), s*H or None from dHu = dout[token] @ Wd[e]^T and the saved G, U."""
+    N, F = g.shape
+    assert dhu.shape == g.shape and dhu.stride() == g.stride() == u.stride()
+    dg, du = torch.empty_like(g), torch.empty_like(u)
+    hs = torch.empty_like(g) if write_hs else None
+    dwr = torch.empty(N, dtype=torch.float64 if _acc64(g.dtype) else torch.float32, device=g.device)
+    if N == 0:
+        return dg, du, dwr, hs
+    br, bf = (16, 16) if INTERPRET else (16, 256)
+    _dh_epilogue_kernel[(triton.cdiv(N, br),)](
+        dhu, g, u, idx, sw_flat, dg, du, hs if write_hs else dg, dwr, N, F, g.stride(0),
+        WRITE_HS=write_hs, ACC64=_acc64(g.dtype), BLOCK_R=br, BLOCK_F=bf, num_warps=4,
+    )  # fmt: skip
+    return dg, du, dwr, hs
