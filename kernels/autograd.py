@@ -179,10 +179,14 @@ class _MoEExperts(torch.autograd.Function):
         dweights = dw_row[dest].view(T, K).to(w.dtype)
         dx = dwg = dwu = dwd = None
         if ctx.needs_input_grad[0]:
-            dxp = ops.gmm(
-                dg, wg.transpose(1, 2), tm, n_tiles, bm, T * K, a2=du, b2=wu.transpose(1, 2)
-            )
-            dx = ops.combine(dxp, dest, T, K)
+            if lib and _dx_path() == "grouped_mm":  # two library GEMMs; their sum taken in the combine
+                dxg = ops.grouped_mm_rows(dg, wg.transpose(1, 2), offsets)
+                dxu = ops.grouped_mm_rows(du, wu.transpose(1, 2), offsets)
+                dx = ops.combine(dxg, dest, T, K, y2_ND=dxu)
+                del dxg, dxu
+            else:  # one Triton GEMM with two products (dG Wg^T + dU Wu^T) over the tile map
+                dxp = ops.gmm(dg, wg.transpose(1, 2), tm, n_tiles, bm, T * K, a2=du, b2=wu.transpose(1, 2))
+                dx = ops.combine(dxp, dest, T, K)
         if lib:  # gathered operands, then the library's K-grouped GEMM
             if need_wd:
                 dwd = ops.grouped_at_b(hs, dout_s, offsets)
@@ -226,6 +230,19 @@ def _dh_path(dout, w) -> str:
     mode = os.environ.get("MOECODER_DH", "auto").strip().lower() or "auto"
     if mode not in ("auto", "triton", "grouped_mm"):
         raise ValueError(f"MOECODER_DH must be one of auto, triton, grouped_mm; got {mode!r}")
+    return "grouped_mm" if mode == "auto" else mode
+
+
+def _dx_path() -> str:
+    """MOECODER_DX=auto|triton|grouped_mm: dX's GEMMs (with the library dW path only).
+
+    ``triton``: the dual-product Triton GEMM (~450 TFLOP/s, ncu on the H200); ``grouped_mm``
+    (auto): two library GEMMs (~600 each) whose sum the combine kernel takes while it sums
+    over k (one extra N x D read).
+    """
+    mode = os.environ.get("MOECODER_DX", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "triton", "grouped_mm"):
+        raise ValueError(f"MOECODER_DX must be one of auto, triton, grouped_mm; got {mode!r}")
     return "grouped_mm" if mode == "auto" else mode
 
 

@@ -41,7 +41,10 @@ def run() -> int:
 
     dev = torch.device("cuda")
     mark = torch.zeros(1, device=dev)
+    only = {int(a) for a in sys.argv[1:]}  # case indices (default: all)
     for i, (name, mode, T, dec) in enumerate(CASES):
+        if only and i not in only:
+            continue
         os.environ["MOECODER_DECODE"] = dec
         s = B.SHAPES[name]
         p = B.Params(s, dev)
@@ -69,7 +72,8 @@ def _num(v: str) -> float:
         return float("nan")
 
 
-def summarize(path: str) -> int:
+def summarize(path: str, only: set[int] | None = None) -> int:
+    cases = [c for i, c in enumerate(CASES) if not only or i in only]
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     start = next(i for i, r in enumerate(rows) if "Kernel Name" in r)
@@ -89,7 +93,7 @@ def summarize(path: str) -> int:
         if "_ncu_marker_kernel" in name:
             case += 1
             continue
-        label = "{} {} T={} {}".format(*CASES[case]) if 0 <= case < len(CASES) else "?"
+        label = "{} {} T={} {}".format(*cases[case]) if 0 <= case < len(cases) else "?"
         us = _num(r[col["gpu__time_duration.sum"]]) * tscale
         rd = _num(r[col["dram__bytes_read.sum"]]) * bscale.get(unit["dram__bytes_read.sum"], 1.0)
         wr = _num(r[col["dram__bytes_write.sum"]]) * bscale.get(unit["dram__bytes_write.sum"], 1.0)
@@ -107,8 +111,8 @@ def summarize(path: str) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--summarize":
-        sys.exit(summarize(sys.argv[2]))
+    if len(sys.argv) >= 3 and sys.argv[1] == "--summarize":
+        sys.exit(summarize(sys.argv[2], {int(a) for a in sys.argv[3:]}))
     if len(sys.argv) == 2 and sys.argv[1] == "--metrics":
         print(METRICS)
         sys.exit(0)

@@ -307,10 +307,10 @@ def gather_rows(x_TD, idx_N, div, scale=None, dot_with=None):
 
 @triton.jit
 def _combine_kernel(
-    y_ptr, pos_ptr, s_ptr, out_ptr, D, stride_y, stride_o,
-    K: tl.constexpr, HAS_S: tl.constexpr, ACC64: tl.constexpr, BLOCK_D: tl.constexpr,
+    y_ptr, y2_ptr, pos_ptr, s_ptr, out_ptr, D, stride_y, stride_o,
+    K: tl.constexpr, HAS_S: tl.constexpr, HAS_Y2: tl.constexpr, ACC64: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """out[t] = sum_k s[t, k] * y[pos[t*K + k]]  (fp32 accumulation, deterministic)."""
+    """out[t] = sum_k s[t, k] * (y[pos[t*K + k]] (+ y2[...]))  (fp32 accumulation, deterministic)."""
     ACC: tl.constexpr = tl.float64 if ACC64 else tl.float32
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -319,23 +319,29 @@ def _combine_kernel(
     for k in tl.static_range(K):
         p = tl.load(pos_ptr + t * K + k)
         v = tl.load(y_ptr + p * stride_y + cols, mask=cm, other=0.0).to(ACC)
+        if HAS_Y2:
+            v += tl.load(y2_ptr + p * stride_y + cols, mask=cm, other=0.0).to(ACC)
         if HAS_S:
             v = v * tl.load(s_ptr + t * K + k).to(ACC)
         acc += v
     tl.store(out_ptr + t * stride_o + cols, acc.to(out_ptr.dtype.element_ty), mask=cm)
 
 
-def combine(y_ND, pos_A, T, K, scale_TK=None, out_dtype=None):
+def combine(y_ND, pos_A, T, K, scale_TK=None, out_dtype=None, y2_ND=None):
+    """out[t] = sum_k s[t, k] * y[pos[t*K + k]]; with ``y2_ND`` the rows of y + y2 (one pass)."""
     D = y_ND.shape[1]
     out = torch.empty((T, D), dtype=out_dtype or y_ND.dtype, device=y_ND.device)
     if T == 0:
         return out
     y = y_ND if y_ND.stride(1) == 1 else y_ND.contiguous()
+    y2 = None
+    if y2_ND is not None:
+        y, y2 = y_ND.contiguous(), y2_ND.contiguous()
     BLOCK_D = min(1024, triton.next_power_of_2(D))
     s = scale_TK.contiguous() if scale_TK is not None else y
     _combine_kernel[(T, triton.cdiv(D, BLOCK_D))](
-        y, pos_A, s, out, D, y.stride(0), out.stride(0), K=K, HAS_S=scale_TK is not None,
-        ACC64=_acc64(y.dtype), BLOCK_D=BLOCK_D,
+        y, y2 if y2 is not None else y, pos_A, s, out, D, y.stride(0), out.stride(0), K=K,
+        HAS_S=scale_TK is not None, HAS_Y2=y2 is not None, ACC64=_acc64(y.dtype), BLOCK_D=BLOCK_D,
     )  # fmt: skip
     return out
 
