@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -36,6 +37,7 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()
     max_seconds: float | None = None
     seed: int | None = None
+    watermark: Any = None  # a model.watermark.Watermark (its key switches it on); None = off
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -50,6 +52,8 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty")
         if self.max_seconds is not None and self.max_seconds < 0:
             raise ValueError("max_seconds must be >= 0")
+        if self.watermark is not None:
+            self.watermark.validate()
 
 
 @dataclass
@@ -111,6 +115,11 @@ def sample(logits_BV: torch.Tensor, params: SamplingParams, gen: torch.Generator
     """Token ids [B] from float32 logits [B, V]: greedy, or temperature + top-k + top-p."""
     if params.temperature <= 0:
         return logits_BV.argmax(-1)
+    return torch.multinomial(sampling_probs(logits_BV, params), 1, generator=gen).squeeze(-1)
+
+
+def sampling_probs(logits_BV: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution [B, V] that temperature (> 0) + top-k + top-p sampling draws from."""
     logits = logits_BV / params.temperature
     if 0 < params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k, dim=-1).values[:, -1:]
@@ -121,8 +130,7 @@ def sample(logits_BV: torch.Tensor, params: SamplingParams, gen: torch.Generator
         drop = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest set reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    return logits.softmax(-1)
 
 
 def _generator(params: SamplingParams, device) -> torch.Generator | None:
@@ -160,6 +168,11 @@ def _decode(model: Transformer, tok, prompts: list[list[int]], params: SamplingP
         r.text, r.token_ids, r.logprobs, r.finish_reason = "", [], [], "length"
     gen = _generator(params, device)
     vocab = min(int(tok.vocab_size), model.cfg.vocab_size)
+    wm = None
+    if params.watermark is not None:  # model/watermark.py: tournament sampling / keyed greedy tie-break
+        from model.watermark import WatermarkState
+
+        wm = WatermarkState(params.watermark, prompts)
     t0 = time.monotonic()
 
     cache = model.setup_cache(B, total, device=device)
@@ -176,9 +189,11 @@ def _decode(model: Transformer, tok, prompts: list[list[int]], params: SamplingP
         allowed = last[:, :vocab].clone()  # ids the tokenizer can decode, never padding
         if 0 <= pad_id < vocab:
             allowed[:, pad_id] = float("-inf")
-        ids = sample(allowed, params, gen)
+        ids = sample(allowed, params, gen) if wm is None else wm.sample(allowed, params, gen, sampling_probs)
         lps = last.log_softmax(-1).gather(-1, ids[:, None]).squeeze(-1)
         ids_l, lps_l = ids.tolist(), lps.tolist()
+        if wm is not None:
+            wm.push(ids_l)
         out_of_time = params.max_seconds is not None and time.monotonic() - t0 >= params.max_seconds
         step: list[tuple[int, TokenEvent]] = []
         for b in range(B):
