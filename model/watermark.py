@@ -391,10 +391,15 @@ def functions(text: str) -> list[tuple[str, int, int, str]]:
         m = _DEF.match(lines[i])
         if m and (inside is None or len(m.group(1)) <= inside):
             indent = len(m.group(1))
-            j = i + 1
+            j, depth = i, 0
+            while j < len(lines):  # the signature may span lines
+                depth += lines[j].count("(") + lines[j].count("[") - lines[j].count(")") - lines[j].count("]")
+                j += 1
+                if depth <= 0:
+                    break
             while j < len(lines):
                 s = lines[j]
-                if s.strip() and len(s) - len(s.lstrip()) <= indent and not s.lstrip().startswith(")"):
+                if s.strip() and len(s) - len(s.lstrip()) <= indent:
                     break
                 j += 1
             while j > i + 1 and not lines[j - 1].strip():
