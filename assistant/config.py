@@ -35,6 +35,10 @@ Example::
     [chat]
     server = "http://127.0.0.1:8000"      # use a running `moecoder serve` (as --server URL does)
 
+    [watermark]                           # off unless a key is set (docs/watermark.md)
+    key = "a secret"                      # every face's generations carry the mark of this key;
+                                          # a face table overrides: [lsp] watermark_key = "" (off)
+
 A missing file means defaults; a malformed one raises :class:`ConfigError` (a
 ``ValueError``) with a one-line message naming the file and the key. Validation is
 ``cattrs`` (strict: no int for a bool, no float for an int, no unknown keys).
@@ -77,6 +81,7 @@ class FaceSettings:
     device: str | None = None
     max_seconds: float | None = None
     server: str | None = None  # a running `moecoder serve` to use instead of loading the model
+    watermark_key: str | None = None  # "" switches the watermark off for this face
 
 
 @dataclass
@@ -96,6 +101,7 @@ class Settings:
     serve: FaceSettings = field(default_factory=FaceSettings)
     # the [review] table also takes model/device/max_seconds overrides (kept apart from ReviewSettings)
     review_face: FaceSettings = field(default_factory=FaceSettings)
+    watermark_key: str | None = None  # [watermark] key: generations carry its mark (model/watermark.py)
     source: Path | None = None  # the file these came from
 
     def for_face(self, face: str) -> Settings:
@@ -113,7 +119,15 @@ class Settings:
         """Keyword arguments of :class:`assistant.engine.Engine` (besides model and device)."""
         return {"default_max_seconds": self.max_seconds, "max_new_tokens_for": dict(self.max_tokens),
                 "completion_context_tokens": self.completion_context_tokens,
-                "disabled_tasks": self.disabled_tasks()}
+                "disabled_tasks": self.disabled_tasks(), "watermark": self.watermark()}
+
+    def watermark(self) -> Any:
+        """The :class:`model.watermark.Watermark` of ``watermark_key``, or None (off)."""
+        if not self.watermark_key:
+            return None
+        from model.watermark import Watermark
+
+        return Watermark(self.watermark_key)
 
 
 def default_path() -> Path:
@@ -133,6 +147,12 @@ class _ReviewTable:  # the [review] table as written: review settings plus face 
     model: str | None = None
     device: str | None = None
     max_seconds: float | None = None
+    watermark_key: str | None = None
+
+
+@dataclass
+class _WatermarkTable:
+    key: str | None = None
 
 
 @dataclass
@@ -149,6 +169,7 @@ class _File:  # the file as written (every key optional)
     chat: FaceSettings = field(default_factory=FaceSettings)
     tasks: FaceSettings = field(default_factory=FaceSettings)
     serve: FaceSettings = field(default_factory=FaceSettings)
+    watermark: _WatermarkTable = field(default_factory=_WatermarkTable)
 
 
 def _strict(kind: type, want: str):
@@ -216,7 +237,8 @@ def parse_settings(data: dict[str, Any], path: Path = Path("<config>")) -> Setti
     _check(r.jobs > 0, path, "review.jobs", "a positive integer")
     _check(r.fail_on in FAIL_LEVELS, path, "review.fail_on", f"one of {', '.join(FAIL_LEVELS)}")
     faces = {f: getattr(raw, f) for f in ("lsp", "chat", "tasks", "serve")}
-    faces["review_face"] = FaceSettings(r.model, r.device, r.max_seconds)
+    faces["review_face"] = FaceSettings(r.model, r.device, r.max_seconds, watermark_key=r.watermark_key)
+    _check(raw.watermark.key is None or bool(raw.watermark.key), path, "watermark.key", "a non-empty string")
     for name, f in faces.items():
         label = "review" if name == "review_face" else name
         _check(f.max_seconds is None or f.max_seconds > 0, path, f"{label}.max_seconds", "a positive number")
@@ -224,7 +246,8 @@ def parse_settings(data: dict[str, Any], path: Path = Path("<config>")) -> Setti
             f.model = str(Path(f.model).expanduser())
     s = Settings(model=str(Path(raw.model).expanduser()) if raw.model else None, device=raw.device, server=raw.server,
                  max_seconds=raw.max_seconds, completion_context_tokens=raw.completion_context_tokens,
-                 review=ReviewSettings(r.min_confidence, r.jobs, r.fail_on), source=path, **faces)
+                 review=ReviewSettings(r.min_confidence, r.jobs, r.fail_on), source=path,
+                 watermark_key=raw.watermark.key, **faces)
     s.max_tokens.update(raw.max_tokens)
     s.features.update(raw.features)
     return s

@@ -107,7 +107,7 @@ class Engine:
     def __init__(self, model_dir: str | None = None, device: str = "cpu", *, backend: Backend | None = None,
                  default_max_new_tokens: int = 256, default_max_seconds: float | None = 60.0,
                  max_new_tokens_for: dict[str, int] | None = None, completion_context_tokens: int | None = 512,
-                 disabled_tasks: frozenset[str] = frozenset()):
+                 disabled_tasks: frozenset[str] = frozenset(), watermark: Any = None):
         if backend is None:
             from model.checkpoint import load_model
 
@@ -121,6 +121,7 @@ class Engine:
         # completions are latency-bound: their prompt is capped below the context length
         self.completion_context_tokens = completion_context_tokens
         self.disabled_tasks = frozenset(disabled_tasks)  # the config file's [features] switched off
+        self.watermark = watermark  # a model.watermark.Watermark: every generation carries its mark
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -219,7 +220,7 @@ class Engine:
         return SamplingParams(
             max_new_tokens=max_new_tokens or self.default_max_new_tokens,
             max_seconds=max_seconds if max_seconds is not None else self.default_max_seconds,
-            **kwargs,
+            **{"watermark": self.watermark, **kwargs},
         )
 
     def stream(self, request: TaskRequest, cancel: CancelToken | None = None) -> Iterator[Event]:

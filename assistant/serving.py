@@ -122,7 +122,8 @@ class Service:
 
     def __init__(self, model_dir: str | None = None, device: str = "cpu", *, max_batch: int = 32, ep: int = 1,
                  ep_timeout: float = 60.0, name: str | None = None, max_seconds: float = 120.0,
-                 max_new_tokens: int = 256, on_fatal: Any = None, small_t: int | None = None):
+                 max_new_tokens: int = 256, on_fatal: Any = None, small_t: int | None = None,
+                 watermark: Any = None):
         from model.batching import BatchScheduler, BatchState, follow
         from model.checkpoint import load_model
         from model.parallel import EP_SMALL_T, init_serve, plan_channel, shard_experts_for_inference
@@ -140,6 +141,7 @@ class Service:
         self.name = name or (Path(model_dir).resolve().name if model_dir else "moecoder")
         self.context_length = int(self.model.cfg.max_seq_len)
         self.max_seconds, self.max_new_tokens = max_seconds, max_new_tokens
+        self.watermark = watermark  # a model.watermark.Watermark: every generation carries its mark
         self.ep = self.dist.world_size
         if self.dist.distributed:
             shard_experts_for_inference(self.model, small_t=EP_SMALL_T if small_t is None else small_t)
@@ -150,7 +152,7 @@ class Service:
             self.scheduler = BatchScheduler(self.model, self.tokenizer, max_batch, broadcast=send,
                                             heartbeat_s=max(0.5, ep_timeout / 4), on_fatal=on_fatal)
             backend = BatchingBackend(self.scheduler, self.tokenizer, self.context_length)
-            self.engine = Engine.from_loaded(backend=backend, default_max_seconds=max_seconds)
+            self.engine = Engine.from_loaded(backend=backend, default_max_seconds=max_seconds, watermark=watermark)
             self.scheduler.start()  # followers wait on its steps (and heartbeats) from now on
         else:
             self._follow = lambda: follow(BatchState(self.model, capacity=4), receive)
@@ -187,7 +189,8 @@ class Service:
                seed: int | None, stop_token_ids: Sequence[int] = (), max_seconds: float | None = None) -> SamplingParams:
         p = SamplingParams(max_new_tokens=max_tokens or self.max_new_tokens, temperature=temperature, top_p=top_p,
                            stop_strings=tuple(stop), stop_token_ids=tuple(stop_token_ids),
-                           max_seconds=min(self.max_seconds, max_seconds or self.max_seconds), seed=seed)
+                           max_seconds=min(self.max_seconds, max_seconds or self.max_seconds), seed=seed,
+                           watermark=self.watermark)
         try:
             p.validate()
         except ValueError as e:

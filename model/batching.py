@@ -38,6 +38,7 @@ from model.generate import (
     TokenEvent,
     _Text,
     sample,
+    sampling_probs,
     token_logprobs,
 )
 from model.layers import KVCache
@@ -213,6 +214,11 @@ class Handle:
         self._q: queue.Queue = queue.Queue()
         self._text = _Text(tok, params.stop_strings)
         self._gen = (torch.Generator().manual_seed(params.seed) if params.seed is not None else None)
+        self._wm = None
+        if params.watermark is not None:  # model/watermark.py
+            from model.watermark import WatermarkState
+
+            self._wm = WatermarkState(params.watermark, [prompt])
         self.finished = threading.Event()
 
     # called on the scheduler thread
@@ -464,14 +470,18 @@ class BatchScheduler:
         if 0 <= self.pad_id < self.vocab:
             allowed = allowed.clone()
             allowed[:, self.pad_id] = float("-inf")
-        greedy = [i for i, r in enumerate(rows) if self._active[r].params.temperature <= 0]
+        greedy = [i for i, r in enumerate(rows)
+                  if self._active[r].params.temperature <= 0 and self._active[r]._wm is None]
         ids = [0] * len(rows)
         if greedy:
             for i, t in zip(greedy, allowed[greedy].argmax(-1).tolist()):
                 ids[i] = t
         for i, r in enumerate(rows):
             h = self._active[r]
-            if h.params.temperature > 0:
+            if h._wm is not None:
+                ids[i] = int(h._wm.sample(allowed[i:i + 1], h.params, h._gen, sampling_probs)[0])
+                h._wm.push([ids[i]])
+            elif h.params.temperature > 0:
                 ids[i] = int(sample(allowed[i:i + 1], h.params, h._gen)[0])
         lps = logits_NV.float().log_softmax(-1).gather(-1, torch.tensor(ids, device=logits_NV.device)[:, None])
         lps_l = lps.squeeze(-1).tolist()

@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of chat requests")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
+    p.add_argument("--watermark-key", default=None,
+                   help="watermark every generation with this key (default: the settings' [watermark] key, "
+                        "[serve] watermark_key; docs/watermark.md)")
     return p
 
 
@@ -60,9 +63,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from assistant.serving import Service, fatal_exit
 
     try:
+        from assistant.config import Settings, load_settings
+
+        if args.watermark_key is None:
+            watermark = load_settings().for_face("serve").watermark()
+        else:
+            watermark = Settings(watermark_key=args.watermark_key).watermark()
         service = Service(args.model, args.device, max_batch=args.max_batch, ep=args.ep, ep_timeout=args.ep_timeout,
                           name=args.name, max_seconds=args.max_seconds, max_new_tokens=args.max_tokens,
-                          on_fatal=fatal_exit)
+                          on_fatal=fatal_exit, watermark=watermark)
     except ValueError as e:  # CheckpointError, bad --ep layout
         return err(e)
     if not service.is_leader:

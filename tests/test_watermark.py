@@ -279,3 +279,36 @@ def test_cli_detect(tiny_model_dir, loaded, gens, tmp_path, capsys):
     assert len(rows) == 2 and '" g"' not in rows[0] and rows[1].endswith('"too short to tell"}')
     assert main(["detect", str(tmp_path / "missing.py"), "--key", KEY]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_settings_switch_the_watermark_on_per_face(loaded):
+    from assistant.config import ConfigError, parse_settings
+    from assistant.engine import Engine
+
+    s = parse_settings({"watermark": {"key": "K1"}, "lsp": {"watermark_key": ""}, "review": {"watermark_key": "K2"}})
+    assert s.for_face("chat").watermark() == Watermark("K1")
+    assert s.for_face("review").watermark() == Watermark("K2")
+    assert s.for_face("lsp").watermark() is None
+    assert parse_settings({}).for_face("tasks").watermark() is None  # off by default
+    for bad in ({"watermark": {"key": ""}}, {"watermark": {"key": 3}}, {"watermark": {"salt": "x"}}):
+        with pytest.raises(ConfigError, match="watermark"):
+            parse_settings(bad)
+    eng = Engine.from_loaded(loaded, **s.for_face("chat").engine_options())
+    assert eng.sampling_params(8, None).watermark == Watermark("K1")
+    assert Engine.from_loaded(loaded).sampling_params(8, None).watermark is None
+
+
+def test_batching_scheduler_watermarks_too(loaded, prompts):
+    from model.batching import BatchScheduler
+
+    wm = Watermark(KEY)
+    sched = BatchScheduler(loaded.model, loaded.tokenizer, max_batch=4).start()
+    try:
+        hs = [sched.submit(p, SamplingParams(max_new_tokens=48, temperature=1.0, seed=4, watermark=w))
+              for p, w in ((prompts[0], wm), (prompts[1], None))]
+        got = [list(h) and h.result.token_ids for h in hs]
+    finally:
+        sched.close()
+    marked = decide(score_tokens(prompts[0][-4:] + got[0], wm), wm)
+    plain = decide(score_tokens(prompts[1][-4:] + got[1], wm), wm)
+    assert marked.verdict == "watermarked" and plain.verdict == "not watermarked", (marked, plain)
