@@ -60,6 +60,12 @@ def _eval(argv: list[str]) -> int:
     return main(argv)
 
 
+def _watermark(argv: list[str]) -> int:
+    from model.watermark import main
+
+    return main(argv)
+
+
 def _lsp(argv: list[str]) -> int:
     from lsp.server import main
 
@@ -86,6 +92,7 @@ HELP_PARSERS: dict[str, tuple[str, str]] = {
     "generate": ("model.cli_args", "generate_parser"),
     "export": ("model.cli_args", "export_parser"),
     "train": ("model.train", "_parser"),
+    "watermark": ("model.cli_args", "watermark_parser"),
 }
 
 
@@ -115,6 +122,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train a model (one device or torchrun)"),
     "export": (_export, "export released weights from a training checkpoint"),
     "data": (_data, "build corpora, tokenizers and packed token files"),
+    "watermark": (_watermark, "tell whether files were generated with a watermark key (detect)"),
 }
 
 

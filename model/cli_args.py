@@ -44,3 +44,27 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp-shard", type=int, default=-1,
                    help="ranks that FSDP-shard the parameters (-1: world size / --dp-replicate)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (divides --dp-shard and n_experts)")
+
+
+def watermark_parser() -> argparse.ArgumentParser:
+    """``moecoder watermark detect`` (model/watermark.py; its defaults are tested to agree)."""
+    p = argparse.ArgumentParser(prog="moecoder watermark",
+                                description="Watermark tools: detect text generated with a watermark key.")
+    d = p
+    d.add_argument("cmd", choices=["detect"], help="detect: score files (or their functions) for a key's watermark")
+    d.add_argument("files", nargs="+", metavar="FILE")
+    d.add_argument("--key", required=True, help="the watermark key (the `watermark.key` setting)")
+    d.add_argument("--per-function", action="store_true", help="one result per function (def) instead of per file")
+    d.add_argument("--model", default=None, help="model directory (default: the shipped model)")
+    d.add_argument("--entropy", choices=("model", "rule", "none"), default="model",
+                   help="which tokens to score: model = recompute entropies with the model (default); "
+                        "rule = skip whitespace/punctuation tokens; none = all")
+    d.add_argument("--min-entropy", type=float, default=1.0, help="nats, for --entropy model (default 1.0)")
+    d.add_argument("--min-tokens", type=int, default=24,
+                   help="fewer scored tokens = too short to tell (default 24)")
+    d.add_argument("--alpha", type=float, default=0.01, help="p-value threshold for 'watermarked' (default 0.01)")
+    d.add_argument("--context", type=int, default=4, help="H used at generation")
+    d.add_argument("--layers", type=int, default=16, help="tournament rounds used at generation")
+    d.add_argument("--json", action="store_true", help="one JSON object per result")
+    d.add_argument("--threads", type=int, default=None)
+    return p

@@ -426,31 +426,14 @@ def _load_tokenizer(model_dir):
         raise CheckpointError(f"{path}: {str(e).splitlines()[0] if str(e) else 'cannot load'}") from None
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moecoder watermark",
-                                description="Watermark tools: detect text generated with a watermark key.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("detect", help="score files (or their functions) for the watermark of a key")
-    d.add_argument("files", nargs="+", metavar="FILE")
-    d.add_argument("--key", required=True, help="the watermark key (the `watermark.key` setting)")
-    d.add_argument("--per-function", action="store_true", help="one result per function (def) instead of per file")
-    d.add_argument("--model", default=None, help="model directory (default: the shipped model)")
-    d.add_argument("--entropy", choices=ENTROPY_MODES, default="model",
-                   help="which tokens to score: model = recompute entropies with the model (default); "
-                        "rule = skip whitespace/punctuation tokens; none = all")
-    d.add_argument("--min-entropy", type=float, default=1.0, help="nats, for --entropy model (default 1.0)")
-    d.add_argument("--min-tokens", type=int, default=DEFAULT_MIN_TOKENS,
-                   help=f"fewer scored tokens = too short to tell (default {DEFAULT_MIN_TOKENS})")
-    d.add_argument("--alpha", type=float, default=0.01, help="p-value threshold for 'watermarked' (default 0.01)")
-    d.add_argument("--context", type=int, default=Watermark.context, help="H used at generation")
-    d.add_argument("--layers", type=int, default=Watermark.layers, help="tournament rounds used at generation")
-    d.add_argument("--json", action="store_true", help="one JSON object per result")
-    d.add_argument("--threads", type=int, default=None)
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    from model.cli_args import watermark_parser
+
+    return run(watermark_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """``moecoder watermark detect`` with parsed arguments."""
     err = lambda msg: print(f"moecoder watermark: error: {msg}", file=sys.stderr) or 2  # noqa: E731
     if not 0 < args.alpha < 1:
         return err("--alpha must be in (0, 1)")

@@ -312,3 +312,13 @@ def test_batching_scheduler_watermarks_too(loaded, prompts):
     marked = decide(score_tokens(prompts[0][-4:] + got[0], wm), wm)
     plain = decide(score_tokens(prompts[1][-4:] + got[1], wm), wm)
     assert marked.verdict == "watermarked" and plain.verdict == "not watermarked", (marked, plain)
+
+
+def test_cli_defaults_agree_with_the_watermark_defaults():
+    from model.cli_args import watermark_parser
+    from model.watermark import DEFAULT_MIN_TOKENS, ENTROPY_MODES
+
+    a = watermark_parser().parse_args(["detect", "f.py", "--key", "k"])
+    assert (a.context, a.layers, a.min_tokens) == (Watermark.context, Watermark.layers, DEFAULT_MIN_TOKENS)
+    entropy = next(x for x in watermark_parser()._actions if x.dest == "entropy")
+    assert tuple(entropy.choices) == ENTROPY_MODES
