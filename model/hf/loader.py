@@ -189,12 +189,9 @@ def _read_shard(path: Path) -> Iterable[tuple[str, torch.Tensor]]:
         raise HFError(f"{path.name}: not a valid safetensors file ({msg[0] if msg else type(e).__name__})") from None
 
 
-def load_hf_model(model_dir, device="cpu", dtype: str = "fp32", max_context: int | None = None,
-                  progress: Callable[[str], None] | None = None) -> tuple[Transformer, Family]:
-    """Our Transformer (eval mode) holding the checkpoint's weights, and its family."""
-    d = Path(model_dir)
-    hf = read_hf_config(d)
-    fam = family_from_config(hf, max_context)
+def empty_model(fam: Family, device="cpu", dtype: str = "fp32") -> tuple[Transformer, dict[str, tuple[int, ...]]]:
+    """Our Transformer for ``fam`` allocated (uninitialised) on ``device`` in ``dtype``, and
+    the unquantised shapes of its parameters."""
     if dtype not in DTYPES:
         raise HFError(f"unknown dtype {dtype!r} (choose from bf16, fp32, fp16, int8, int4)")
     kind = DTYPES[dtype]
@@ -202,7 +199,6 @@ def load_hf_model(model_dir, device="cpu", dtype: str = "fp32", max_context: int
     if bits and torch.device(device).type != "cpu":
         raise HFError(f"--dtype {dtype} is a CPU format; use bf16 on {device}")
     compute = torch.float32 if bits else kind
-    files = weight_files(d)
     cfg = fam.config
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -221,15 +217,38 @@ def load_hf_model(model_dir, device="cpu", dtype: str = "fp32", max_context: int
     for moe in model.moe_layers():
         moe.expert_bias.zero_()
         moe.counts_acc.zero_()
+    return model, logical
+
+
+def fill(model: Transformer, fam: Family, logical: dict, tensors: Iterable[tuple[str, torch.Tensor]],
+         where: str = "checkpoint") -> None:
+    """Copy (name, tensor) pairs in checkpoint naming into ``model``; HFError on anything unexpected or missing."""
     filler = _Filler(model, fam, logical)
-    for i, path in enumerate(files):
-        if progress is not None:
-            progress(f"loading {path.name} ({i + 1}/{len(files)})")
-        for name, t in _read_shard(path):
-            targets = map_name(name, cfg)
-            if targets is None:
-                raise HFError(f"{path.name}: unexpected tensor {name} (unsupported option for {fam.architecture}?)")
-            for target in targets:
-                filler.put(name, target, t)
+    for name, t in tensors:
+        targets = map_name(name, fam.config)
+        if targets is None:
+            raise HFError(f"{where}: unexpected tensor {name} (unsupported option for {fam.architecture}?)")
+        for target in targets:
+            filler.put(name, target, t)
     filler.check_complete()
+
+
+def load_hf_model(model_dir, device="cpu", dtype: str = "fp32", max_context: int | None = None,
+                  progress: Callable[[str], None] | None = None) -> tuple[Transformer, Family]:
+    """Our Transformer (eval mode) holding the checkpoint's weights, and its family."""
+    d = Path(model_dir)
+    hf = read_hf_config(d)
+    fam = family_from_config(hf, max_context)
+    if dtype not in DTYPES:
+        raise HFError(f"unknown dtype {dtype!r} (choose from bf16, fp32, fp16, int8, int4)")
+    files = weight_files(d)
+    model, logical = empty_model(fam, device, dtype)
+
+    def tensors():
+        for i, path in enumerate(files):
+            if progress is not None:
+                progress(f"loading {path.name} ({i + 1}/{len(files)})")
+            yield from _read_shard(path)
+
+    fill(model, fam, logical, tensors(), where=d.name)
     return model.eval(), fam
