@@ -220,15 +220,27 @@ def build_context(
     prefix_share: float = 0.7,
     related_share: float = 0.15,
     end_line: int | None = None,
-    spm: bool = True,  # the shipped model completes far better in SPM order (model.formats.fim_prompt)
+    spm: bool | None = None,  # None: the tokenizer's ``fim_spm`` (the shipped model: SPM, model.formats.fim_prompt)
 ) -> ContextResult:
     """The FIM prompt for a cursor at (0-based) ``line``, ``column`` within ``budget`` tokens.
 
     ``end_line`` (inclusive) makes lines ``line..end_line`` a selection that is kept whole;
     the cursor is then at its end. ``related`` are ``(path, text)`` pairs of other files.
     Raises ValueError when the budget cannot even hold the special tokens.
+
+    A tokenizer with ``has_fim`` False (an open checkpoint without FIM tokens) gets a
+    prefix-only prompt: related files, then the text before the cursor, no suffix.
     """
     tok = tokenizer
+    if spm is None:
+        spm = getattr(tok, "fim_spm", True)
+    fim = getattr(tok, "has_fim", True)
+    if not fim:  # complete from the prefix only: the text after the cursor never enters the prompt
+        lines_ = source.split("\n")
+        ln = min(max(line if end_line is None else end_line, 0), len(lines_) - 1)
+        col = len(lines_[ln]) if end_line is not None else min(max(column, 0), len(lines_[ln]))
+        source = "\n".join(lines_[:ln] + [lines_[ln][:col]])
+        line, column, end_line = ln, col, None
     count = line_counter(tok)
     src_lines = source.split("\n")
     n = len(src_lines)
@@ -239,8 +251,8 @@ def build_context(
         keep_lo, line = line, end_line
         column = len(src_lines[line])
     column = min(max(column, 0), len(src_lines[line]))
-    overhead = 3
-    if budget < overhead:
+    overhead = 3 if fim else 0
+    if budget < max(overhead, 1):
         raise ValueError(f"context budget {budget} is too small (needs at least {overhead} tokens)")
 
     rel_items = [(p, t) for p, t in related if t]
@@ -275,10 +287,14 @@ def build_context(
         report.trimmed.append("cut characters to fit exactly")
         total = overhead + len(pre_ids) + len(suf_ids)
 
-    p, s, m = tok.special_id("fim_prefix"), tok.special_id("fim_suffix"), tok.special_id("fim_middle")
-    if spm:
+    if not fim:
+        ids = [*rel_ids, *pre_ids]
+        report.trimmed.append("prefix only (the model has no fill-in-the-middle tokens)")
+    elif spm:
+        p, s, m = tok.special_id("fim_prefix"), tok.special_id("fim_suffix"), tok.special_id("fim_middle")
         ids = [s, *suf_ids, p, *rel_ids, *pre_ids, m]
     else:
+        p, s, m = tok.special_id("fim_prefix"), tok.special_id("fim_suffix"), tok.special_id("fim_middle")
         ids = [p, *rel_ids, *pre_ids, s, *suf_ids, m]
     report.trimmed.extend(rel_report)
     report.used_tokens = len(ids)
@@ -293,7 +309,8 @@ def _fit_related(tok, count, items: list[tuple[str, str]], budget: int) -> tuple
     """Related files, in order, each from its top, within ``budget`` tokens (exact)."""
     if not items:
         return [], []
-    sep = tok.special_id("file_sep")
+    has_sep = getattr(tok, "has_special", lambda _n: True)("file_sep")
+    sep = tok.special_id("file_sep") if has_sep else None  # without one, the "# path" lines separate files
     ids: list[int] = []
     notes: list[str] = []
     left = budget - 1  # the separator before the document's prefix
@@ -321,9 +338,9 @@ def _fit_related(tok, count, items: list[tuple[str, str]], budget: int) -> tuple
             continue
         if len(kept) < len(file_lines):
             notes.append(f"related file {path}: kept {len(kept)} of {len(file_lines)} lines")
-        ids += [sep, *piece]
+        ids += [sep, *piece] if sep is not None else piece
         left -= len(piece) + 1
-    if ids:
+    if ids and sep is not None:
         ids.append(sep)
     return ids, notes
 

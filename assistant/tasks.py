@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from assistant import code as codemod
+from assistant import prompts
 
 if TYPE_CHECKING:  # tasks run inside the in-process engine (its worker thread)
     from assistant.engine import Engine
@@ -143,6 +144,8 @@ class Plan:
     # (first, n): the reasoning's "line N" counts from file line ``first`` over ``n`` lines;
     # streamed reasoning is rewritten to the file's numbers (:func:`file_line_numbers`)
     reasoning_lines: tuple[int, int] | None = None
+    # open checkpoints that do not think natively: reasoning until this text (assistant.prompts)
+    answer_marker: str | None = None
 
 
 def _budget(engine: Engine, max_new: int) -> tuple[int, int]:
@@ -177,7 +180,8 @@ def execute(engine: Engine, request: TaskRequest, cancel: CancelToken | None) ->
 
     plan = make_plan(engine, request)
     tok = engine.tokenizer
-    think_end = tok.special_id("think_end")
+    think_end = prompts.think_end_id(tok)
+    splitter = prompts.MarkerSplitter(plan.answer_marker) if plan.answer_marker and plan.think else None
     params = engine.sampling_params(plan.max_new_tokens, request.max_seconds, stop_strings=plan.stop_strings,
                                     stop_token_ids=plan.stop_token_ids)
     in_answer = not plan.think
@@ -194,6 +198,18 @@ def execute(engine: Engine, request: TaskRequest, cancel: CancelToken | None) ->
             in_answer = True
             if renumber is not None and (rest := renumber.flush()):
                 yield Event("reasoning", rest)
+        elif ev.text and splitter is not None:
+            for kind, text in splitter.push(ev.text):
+                (answer if kind == "answer" else reasoning).append(text)
+                if kind == "answer" and not in_answer:
+                    in_answer = True
+                    if renumber is not None and (rest := renumber.flush()):
+                        yield Event("reasoning", rest)
+                elif renumber is not None:
+                    text = renumber.feed(text)
+                if text:
+                    yield Event(kind, text)
+            in_answer = in_answer or splitter.in_answer
         elif ev.text:
             (answer if in_answer else reasoning).append(ev.text)
             if not in_answer and renumber is not None:
@@ -212,8 +228,13 @@ def execute(engine: Engine, request: TaskRequest, cancel: CancelToken | None) ->
     else:
         result = getattr(stream, "result", None)
         finish_reason = getattr(result, "finish_reason", "eos")
+    for kind, text in splitter.flush() if splitter is not None else ():
+        (answer if kind == "answer" else reasoning).append(text)
+        yield Event(kind, text)
     if renumber is not None and (rest := renumber.flush()):
         yield Event("reasoning", rest)
+    if splitter is not None and not splitter.in_answer:  # no marker: the whole text is the answer
+        reasoning, answer = [], reasoning
     if finish_reason == "cancelled" or (cancel is not None and cancel.cancelled):
         yield Event("error", "cancelled")
         return
@@ -221,10 +242,16 @@ def execute(engine: Engine, request: TaskRequest, cancel: CancelToken | None) ->
     yield Event("done", result=plan.finish(engine, gen))
 
 
-def split_generation(tok: Any, token_ids: list[int], logprobs: list[float], think: bool) -> Generated:
-    """Split a finished generation's tokens at ``<|/think|>`` (batch road)."""
-    think_end = tok.special_id("think_end")
-    specials = {tok.eos_id}
+def split_generation(tok: Any, token_ids: list[int], logprobs: list[float], think: bool,
+                     answer_marker: str | None = None) -> Generated:
+    """Split a finished generation's tokens at ``<|/think|>`` (batch road), or its text at
+    ``answer_marker``."""
+    think_end = prompts.think_end_id(tok)
+    specials = {tok.eos_id, *getattr(tok, "stop_ids", ())}
+    if think and answer_marker:
+        keep = [(t, lp) for t, lp in zip(token_ids, logprobs) if t not in specials]
+        r, a = prompts.split_text(tok.decode([t for t, _ in keep]), answer_marker)
+        return Generated(r, a, [lp for _, lp in keep], "eos")
     ids = [t for t in token_ids]
     lps = list(logprobs) + [0.0] * (len(ids) - len(logprobs))
     if think and think_end in ids:
@@ -267,12 +294,12 @@ def _iter_window(engine: Engine, requests: Sequence[TaskRequest], indices: range
             yield i, EngineError(str(e).splitlines()[0] if str(e) else type(e).__name__)
     groups: dict[tuple, list[tuple[int, Plan]]] = {}
     for i, p in plans:
-        key = (p.max_new_tokens, p.request.max_seconds, p.stop_strings, p.stop_token_ids, p.think)
+        key = (p.max_new_tokens, p.request.max_seconds, p.stop_strings, p.stop_token_ids, p.think, p.answer_marker)
         groups.setdefault(key, []).append((i, p))
     del plans
     tok = engine.tokenizer
     for key, members in groups.items():
-        max_new, max_s, stops, stop_ids, think = key
+        max_new, max_s, stops, stop_ids, think, marker = key
         members.sort(key=lambda m: len(m[1].prompt_ids))  # similar lengths batch with less padding
         params = engine.sampling_params(max_new, max_s, stop_strings=stops, stop_token_ids=stop_ids)
         while members:
@@ -289,7 +316,7 @@ def _iter_window(engine: Engine, requests: Sequence[TaskRequest], indices: range
                     yield i, EngineError(str(e).splitlines()[0] if str(e) else type(e).__name__)
                 continue
             for (i, p), out in zip(chunk, outs):
-                gen = split_generation(tok, out.token_ids, out.logprobs, think)
+                gen = split_generation(tok, out.token_ids, out.logprobs, think, marker)
                 gen.finish_reason = out.finish_reason
                 try:
                     result = engine.submit(lambda p=p, gen=gen: p.finish(engine, gen))
@@ -323,7 +350,7 @@ def _plan_complete(engine: Engine, req: TaskRequest, budget: int, max_new: int) 
     column = min(max(req.column, 0), len(lines[req.line]))
     ctx = build_context(tok, req.source, req.line, column, budget=budget, related=req.related)
     multiline = is_multiline(req.source, req.line, column)
-    stop_ids = tuple(tok.special_id(n) for n in ("fim_prefix", "fim_suffix", "fim_middle", "file_sep"))
+    stop_ids = prompts.fim_stop_ids(tok)
     prefix = "\n".join(lines[:req.line] + [lines[req.line][:column]])
     suffix = "\n".join([lines[req.line][column:]] + lines[req.line + 1:])
 
@@ -503,11 +530,11 @@ def _target_function(req: TaskRequest) -> codemod.Scope | None:
 def _fit_code(tok: Any, task: str, code_lines: list[str], budget: int, numbered: bool,
               notes: list[str]) -> tuple[list[int], int]:
     """Task prompt ids for as many leading lines of the code as fit; (ids, lines kept)."""
-    from model.formats import number_lines, task_prompt
+    from model.formats import number_lines
 
     def prompt(k: int) -> list[int]:
         code = "\n".join(code_lines[:k])
-        return task_prompt(tok, task, number_lines(code) if numbered else code)
+        return prompts.task_prompt(tok, task, number_lines(code) if numbered else code)
 
     n = len(code_lines)
     ids = prompt(n)
@@ -559,16 +586,20 @@ def _plan_function_task(engine: Engine, req: TaskRequest, budget: int, max_new: 
         def finish_comment(_engine: Engine, gen: Generated) -> Docstring:
             return make_docstring(func, gen.answer, gen.reasoning, style)
 
-        return Plan(req, ids, max_new, think=True, finish=finish_comment, notes=notes)
+        return Plan(req, ids, max_new, think=True, finish=finish_comment, notes=notes,
+                    answer_marker=prompts.answer_marker(tok))
 
     ids, kept = _fit_code(tok, "debug", code_lines, budget, True, notes)
     surprisal_lines = code_lines[:kept]
 
     def finish_debug(eng: Any, gen: Generated) -> DebugResult:
-        return make_debug_result(eng, req, name, first, surprisal_lines, src_lines, gen, prompt_ids=ids)
+        # the calibrated gate reads our model's first reasoning token; open checkpoints use the
+        # answer probability x surprisal rank
+        return make_debug_result(eng, req, name, first, surprisal_lines, src_lines, gen, prompt_ids=ids,
+                                 use_gate=None if prompts.kind(tok) == "moecoder" else False)
 
     return Plan(req, ids, max_new, think=True, finish=finish_debug, notes=notes,
-                reasoning_lines=(first, len(surprisal_lines)))
+                reasoning_lines=(first, len(surprisal_lines)), answer_marker=prompts.answer_marker(tok))
 
 
 def _plan_explain(engine: Engine, req: TaskRequest, budget: int, max_new: int) -> Plan:
@@ -590,7 +621,7 @@ def _plan_explain(engine: Engine, req: TaskRequest, budget: int, max_new: int) -
     def finish(_engine: Engine, gen: Generated) -> Explanation:
         return Explanation(text=gen.answer.strip(), reasoning=gen.reasoning.strip())
 
-    return Plan(req, ids, max_new, think=True, finish=finish, notes=notes)
+    return Plan(req, ids, max_new, think=True, finish=finish, notes=notes, answer_marker=prompts.answer_marker(tok))
 
 
 # ------------------------------------------------------------------------- debug results

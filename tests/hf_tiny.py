@@ -84,7 +84,7 @@ def hf_config(family: str, vocab: int = 384):
     tf = import_transformers()
 
     base = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                max_position_embeddings=256, initializer_range=0.1, tie_word_embeddings=False)
+                max_position_embeddings=1024, initializer_range=0.1, tie_word_embeddings=False)
     if family == "qwen3_moe":
         return tf.Qwen3MoeConfig(**base, head_dim=24, intermediate_size=96, moe_intermediate_size=32, num_experts=8,
                                  num_experts_per_tok=2, norm_topk_prob=True, rope_theta=1e4)

@@ -106,6 +106,8 @@ class HFTokenizer:
                 break
         if tid("<think>") is not None and tid("</think>") is not None:
             self._special["think"], self._special["think_end"] = tid("<think>"), tid("</think>")
+            # role markers, like our own <|think|>: they split reasoning from answer, never text
+            self._table[self._special["think"]] = self._table[self._special["think_end"]] = b""
         self.has_fim = "fim_prefix" in self._special
         self.fim_spm = False  # open code models are prompted prefix-suffix-middle
         self.chat_template = chat_template
