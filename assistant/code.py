@@ -208,6 +208,25 @@ def functions(source: str) -> list[Scope]:
     return [s for s in _scopes_cached(source) if s.kind == "function"]
 
 
+def task_functions(source: str) -> list[Scope]:
+    """The functions the tasks run for (:func:`model.formats.is_task_function`: module-level
+    functions and methods, not functions nested in functions), in source order. The one
+    function finder of the review, the LSP diagnostics and the chat."""
+    from model.formats import is_task_function
+
+    kinds = {s.qualname: s.kind for s in _scopes_cached(source)}
+    parents = {s.qualname: s.parent for s in _scopes_cached(source)}
+    out = []
+    for f in functions(source):
+        enclosing, p = [], f.parent
+        while p is not None:
+            enclosing.append(kinds.get(p, "class"))
+            p = parents.get(p)
+        if is_task_function(enclosing[::-1]):
+            out.append(f)
+    return out
+
+
 def classes(source: str) -> list[Scope]:
     return [s for s in _scopes_cached(source) if s.kind == "class"]
 

@@ -208,7 +208,36 @@ def _plan_side(src_lines: list[str], lo: int, hi: int, cursor: int, keep: set[in
     return _Side(units + cls_exp + func_exp, count, src_lines)
 
 
-# -- the public function ----------------------------------------------------------------
+# -- the public functions ---------------------------------------------------------------
+WINDOW_CHARS_PER_TOKEN = 16  # a coarse pre-cut keeps ~4x the budget at ~4 characters a token
+
+
+def source_window(source: str, line: int, budget: int, prefix_share: float = 0.75) -> tuple[str, int]:
+    """A cheap cut of a long ``source`` to the lines around 0-based ``line`` (about
+    ``budget x WINDOW_CHARS_PER_TOKEN`` characters, ``prefix_share`` of them before the
+    line), so that parsing and trimming cost is bounded by the budget, not the file
+    (a 100,000-line file completes as fast as a short one). Returns (window, the line's
+    index in it); short sources come back whole. :func:`build_context` then fits the
+    window into the budget, tree-sitter aware."""
+    limit = budget * WINDOW_CHARS_PER_TOKEN
+    if len(source) <= limit:
+        return source, line
+    lines = source.split("\n")
+    lo = hi = line
+    used = len(lines[line]) + 1
+    before = limit * prefix_share
+    while lo > 0 and used + len(lines[lo - 1]) + 1 <= before:
+        lo -= 1
+        used += len(lines[lo]) + 1
+    while hi < len(lines) - 1 and used + len(lines[hi + 1]) + 1 <= limit:
+        hi += 1
+        used += len(lines[hi]) + 1
+    while lo > 0 and used + len(lines[lo - 1]) + 1 <= limit:  # the suffix was short
+        lo -= 1
+        used += len(lines[lo]) + 1
+    return "\n".join(lines[lo:hi + 1]), line - lo
+
+
 def build_context(
     tokenizer: Any,
     source: str,

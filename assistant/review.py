@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from assistant import code as codemod
+from assistant.diagnostics import Policy, debug_request, functions_touching
 from assistant.files import Unreadable, read_bytes, walk_files
 
 if TYPE_CHECKING:  # the review batches generation: it runs on the in-process engine
@@ -325,20 +326,7 @@ def git_changed_lines(rev: str, paths: Sequence[str]) -> tuple[Path, dict[Path, 
 # ------------------------------------------------------------------------- reviewing
 def reviewable_functions(source: str) -> list[codemod.Scope]:
     """Module-level functions and methods (not functions nested in functions), as trained."""
-    funcs = codemod.functions(source)
-    names = {f.qualname: f for f in codemod.scopes(source)}
-    out = []
-    for f in funcs:
-        parent = names.get(f.parent) if f.parent else None
-        nested = False
-        while parent is not None:
-            if parent.kind == "function":
-                nested = True
-                break
-            parent = names.get(parent.parent) if parent.parent else None
-        if not nested:
-            out.append(f)
-    return out
+    return codemod.task_functions(source)
 
 
 def _is_public(f: codemod.Scope) -> bool:
@@ -387,17 +375,7 @@ def plan_review(paths: Sequence[str], opts: Options, report: Report) -> list[_Jo
         report.files_reviewed += 1
         funcs = reviewable_functions(src)
         if changed is not None:
-            lines = changed.get(fp.resolve(), set())
-            picked = []
-            for f in funcs:
-                if any(f.decorated_start <= ln <= f.end_line for ln in lines):
-                    inner = [g for g in funcs if g is not f and f.start_line <= g.decorated_start
-                             and g.end_line <= f.end_line]
-                    own = [ln for ln in lines if f.decorated_start <= ln <= f.end_line
-                           and not any(g.decorated_start <= ln <= g.end_line for g in inner)]
-                    if own:
-                        picked.append(f)
-            funcs = picked
+            funcs = functions_touching(src, changed.get(fp.resolve(), set()))
         for f in funcs:
             jobs.append(_Job(shown, src, f, "debug"))
             if opts.docstrings and f.docstring is None and _is_public(f):
@@ -409,8 +387,10 @@ def plan_review(paths: Sequence[str], opts: Options, report: Report) -> list[_Jo
 def _requests(jobs: list[_Job], opts: Options) -> list[Any]:
     from assistant.tasks import TaskRequest
 
-    return [TaskRequest("debug" if j.kind == "debug" else "comment", j.source, j.path, line=j.func.start_line,
-                        max_new_tokens=opts.max_new_tokens, max_seconds=opts.max_seconds) for j in jobs]
+    return [debug_request(j.source, j.path, j.func.qualname, j.func.start_line, max_new_tokens=opts.max_new_tokens,
+                          max_seconds=opts.max_seconds) if j.kind == "debug" else
+            TaskRequest("comment", j.source, j.path, line=j.func.start_line, max_new_tokens=opts.max_new_tokens,
+                        max_seconds=opts.max_seconds) for j in jobs]
 
 
 def _findings(job: _Job, result: Any, opts: Options) -> list[Finding]:
@@ -419,12 +399,11 @@ def _findings(job: _Job, result: Any, opts: Options) -> list[Finding]:
     src_lines = job.source.split("\n")
     out: list[Finding] = []
     if isinstance(result, DebugResult):
-        for h in result.hints:
-            if h.confidence < opts.min_confidence:
-                continue
+        policy = Policy(opts.min_confidence)
+        for h in policy.keep(result.hints):
             code = src_lines[h.line] if 0 <= h.line < len(src_lines) else ""
-            out.append(Finding(job.path, h.line + 1, job.func.qualname, "MC001", "warning", h.message,
-                               h.confidence, code, h.fix, None, h.reasoning))
+            out.append(Finding(job.path, h.line + 1, job.func.qualname, "MC001", policy.level(h.confidence),
+                               h.message, h.confidence, code, h.fix, None, h.reasoning))
     elif isinstance(result, Docstring):
         code = src_lines[job.func.start_line]
         lit = result.text.split("\n")

@@ -60,6 +60,8 @@ class TaskRequest:
     related: list[tuple[str, str]] = field(default_factory=list)
     max_new_tokens: int | None = None
     max_seconds: float | None = None
+    context_tokens: int | None = None  # complete: prompt cap (default: the engine's completion_context_tokens)
+    question: str | None = None  # the user's words (chat): explain reads them with the code
 
 
 @dataclass
@@ -166,7 +168,7 @@ def make_plan(engine: Engine, req: TaskRequest) -> Plan:
     max_new = req.max_new_tokens or engine.default_max_new_tokens_for.get(req.task) or DEFAULT_MAX_NEW[req.task]
     budget, max_new = _budget(engine, max_new)
     if req.task == "complete":
-        cap = engine.completion_context_tokens  # prefill time bounds latency
+        cap = req.context_tokens or engine.completion_context_tokens  # prefill time bounds latency
         return _plan_complete(engine, req, min(budget, cap) if cap else budget, max_new)
     if req.task == "explain":
         return _plan_explain(engine, req, budget, max_new)
@@ -341,18 +343,20 @@ def execute_batch(engine: Engine, requests: list[TaskRequest], batch_size: int =
 
 # ------------------------------------------------------------------------- complete
 def _plan_complete(engine: Engine, req: TaskRequest, budget: int, max_new: int) -> Plan:
-    from assistant.context import build_context
+    from assistant.context import build_context, source_window
 
     tok = engine.tokenizer
     lines = req.source.split("\n")
     if not 0 <= req.line < len(lines):
         raise TaskError(f"line {req.line + 1} is outside the file (1..{len(lines)})")
     column = min(max(req.column, 0), len(lines[req.line]))
-    ctx = build_context(tok, req.source, req.line, column, budget=budget, related=req.related)
-    multiline = is_multiline(req.source, req.line, column)
+    source, line = source_window(req.source, req.line, budget)
+    ctx = build_context(tok, source, line, column, budget=budget, related=req.related)
+    multiline = is_multiline(source, line, column)
     stop_ids = prompts.fim_stop_ids(tok)
-    prefix = "\n".join(lines[:req.line] + [lines[req.line][:column]])
-    suffix = "\n".join([lines[req.line][column:]] + lines[req.line + 1:])
+    lines = source.split("\n")  # the window's: the post-filters look at the code near the cursor
+    prefix = "\n".join(lines[:line] + [lines[line][:column]])
+    suffix = "\n".join([lines[line][column:]] + lines[line + 1:])
 
     def finish(_engine: Engine, gen: Generated) -> Completion:
         text = postprocess_completion(gen.answer, prefix, suffix, multiline)
@@ -520,10 +524,12 @@ def _stay_in_block(text: str, prefix: str) -> str:
 # ------------------------------------------------------------------------- function tasks
 def _target_function(req: TaskRequest) -> codemod.Scope | None:
     if req.function:
-        f = codemod.find_function(req.source, req.function)
-        if f is None:
+        funcs = codemod.functions(req.source)
+        named = [f for f in funcs if f.qualname == req.function] or [f for f in funcs if f.name == req.function]
+        if not named:
             raise TaskError(f"no function named {req.function!r}" + (f" in {req.path}" if req.path else ""))
-        return f
+        # the same name defined twice (if/else, overloads): the one at the request's line
+        return next((f for f in named if f.decorated_start <= req.line <= f.end_line), named[0])
     return codemod.function_at(req.source, req.line)
 
 
@@ -602,6 +608,16 @@ def _plan_function_task(engine: Engine, req: TaskRequest, budget: int, max_new: 
                 reasoning_lines=(first, len(surprisal_lines)), answer_marker=prompts.answer_marker(tok))
 
 
+def question_lines(question: str | None, limit: int = 400) -> list[str]:
+    """The user's question as comment lines above the code (the model was trained on code;
+    a comment is how words reach it), cut to ``limit`` characters."""
+    if not question or not question.strip():
+        return []
+    text = " ".join(question.split())
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return [f"# Question: {text}"]
+
+
 def _plan_explain(engine: Engine, req: TaskRequest, budget: int, max_new: int) -> Plan:
     tok = engine.tokenizer
     src_lines = req.source.split("\n")
@@ -616,7 +632,7 @@ def _plan_explain(engine: Engine, req: TaskRequest, budget: int, max_new: int) -
         a = b = min(max(req.line, 0), len(src_lines) - 1)
     code = textwrap.dedent("\n".join(src_lines[a:b + 1]))
     notes: list[str] = []
-    ids, _ = _fit_code(tok, "explain", code.split("\n"), budget, False, notes)
+    ids, _ = _fit_code(tok, "explain", question_lines(req.question) + code.split("\n"), budget, False, notes)
 
     def finish(_engine: Engine, gen: Generated) -> Explanation:
         return Explanation(text=gen.answer.strip(), reasoning=gen.reasoning.strip())
@@ -656,23 +672,16 @@ def calibrate(answer_logprobs: list[float], rank: float) -> float:
     return round(min(0.99, max(0.01, c)), 3)
 
 
-_LOOSE_FINDING = re.compile(r"line\s+(\d+)\s*:\s*(.+)", re.IGNORECASE)
-_LOOSE_FIX = re.compile(r"^\s*fix\s*:\s?(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
-
-
 def parse_debug_answer(text: str) -> tuple[bool, int | None, str, str | None]:
     """(parsed, line, hint, fix) from a debug answer. ``(True, None, "", None)`` is "no issue";
-    ``parsed`` False means the answer was neither (garbage)."""
+    ``parsed`` False means the answer was neither (garbage). The parsing is
+    :func:`model.formats.parse_finding` (loose), the one debug-answer parser."""
     from model.formats import parse_finding
 
     try:
-        f = parse_finding(text)
+        f = parse_finding(text, loose=True)
     except ValueError:
-        m = _LOOSE_FINDING.search(text)
-        if not m:
-            return False, None, "", None
-        fm = _LOOSE_FIX.search(text[m.end():])
-        return True, int(m.group(1)), m.group(2).strip(), fm.group(1) if fm else None
+        return False, None, "", None
     if f is None:
         return True, None, "", None
     return True, f.line, f.hint, f.fix

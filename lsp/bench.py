@@ -195,7 +195,6 @@ def engine_only(model: str | None, positions: list[tuple[str, int, int]], max_to
     window as the server), to separate the model's time from the server's."""
     from assistant.engine import Engine
     from assistant.tasks import TaskRequest
-    from lsp.server import context_window
 
     engine = Engine(model_dir=model)
     texts: dict[str, str] = {}
@@ -206,9 +205,8 @@ def engine_only(model: str | None, positions: list[tuple[str, int, int]], max_to
             if mode == "typed":
                 text, _ = typed_text(text, line, col)
             start = time.perf_counter()
-            window, wline = context_window(text, line, context_tokens, engine.count_tokens)
-            engine.run(TaskRequest(task="complete", source=window, path=f, line=wline, column=col,
-                                   max_new_tokens=max_tokens, max_seconds=10.0))
+            engine.run(TaskRequest(task="complete", source=text, path=f, line=line, column=col,
+                                   max_new_tokens=max_tokens, max_seconds=10.0, context_tokens=context_tokens))
             if i:  # the first is a warm-up
                 times.append(time.perf_counter() - start)
     finally:

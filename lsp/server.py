@@ -25,7 +25,7 @@ Settings (camelCase, either top level or under a ``"moecoder"`` key)::
     {"modelPath": null, "device": "cpu", "maxTokens": 48, "maxLineTokens": 32, "maxTaskTokens": 256,
      "maxSeconds": 10.0,
      "contextTokens": 512, "relatedTokens": 0,
-     "diagnosticsDelay": 1.0, "maxDiagnosticLines": 3000,
+     "diagnosticsDelay": 1.0, "maxDiagnosticLines": 3000, "minConfidence": 0.5,
      "features": {"completion": true, "inlineCompletion": true, "codeActions": true,
                   "diagnostics": true, "hover": false}}
 
@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import copy
 import dataclasses
 import itertools
 import logging
@@ -63,10 +62,11 @@ from pygls.exceptions import (
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol, lsp_method
 
-from assistant import __version__
+from assistant import __version__, diagnostics
 from assistant.config import Settings as Config
 from assistant.config import load_settings
 from assistant.protocols import CancelToken, Engine
+from assistant.tasks import Hint
 from lsp.args import build_parser as _parser  # light: `moecoder lsp --help` imports only it
 from lsp.documents import Document, normalize_encoding
 
@@ -80,6 +80,10 @@ MAX_RELATED_CHARS = 8_000
 _WORD_TAIL = re.compile(r"[A-Za-z0-9_]*$")
 
 
+_SEVERITY = {"error": types.DiagnosticSeverity.Error, "warning": types.DiagnosticSeverity.Warning,
+             "note": types.DiagnosticSeverity.Information}
+
+
 class TaskFailed(Exception):
     """The engine reported an error event (one line)."""
 
@@ -91,12 +95,13 @@ class Settings:
     device: str = "cpu"
     max_tokens: int = 48  # completion
     max_line_tokens: int = 32  # completion where code follows the cursor (surely one line)
-    context_tokens: int = 512  # completion prompt: the code around the cursor (0 = all of it)
+    context_tokens: int = 512  # completion prompt cap, tokens (0 = the config file's completion_context_tokens)
     related_tokens: int = 0  # completion prompt: other open Python files (0 = none)
     max_task_tokens: int = 256  # docstring, debug, explain (reasoning included)
     max_seconds: float | None = 10.0
     diagnostics_delay: float = 1.0
     max_diagnostic_lines: int = 3000
+    min_confidence: float = diagnostics.DEFAULT_MIN_CONFIDENCE  # hints below are not shown (as in review)
     features: dict[str, bool] = field(default_factory=lambda: {
         "completion": True, "inlineCompletion": True, "codeActions": True, "diagnostics": True, "hover": False,
     })
@@ -105,7 +110,8 @@ class Settings:
     def from_config(cls, config: Config, model_path: str | None = None, device: str | None = None) -> Settings:
         """Defaults from the config file (``[lsp]`` face): model, device, and the tasks its
         ``[features]`` switch off; ``model_path``/``device`` (the command line) win."""
-        s = cls(model_path=model_path or config.model, device=device or config.device)
+        s = cls(model_path=model_path or config.model, device=device or config.device,
+                min_confidence=config.review.min_confidence)
         off = config.disabled_tasks()
         for task, features in (("complete", ("completion", "inlineCompletion")), ("debug", ("diagnostics",)),
                                ("explain", ("hover",))):
@@ -156,6 +162,12 @@ class Settings:
         number("maxSeconds", float, 0.1, allow_none=True)
         number("diagnosticsDelay", float, 0.0)
         number("maxDiagnosticLines", int, 1)
+        if "minConfidence" in raw and not (isinstance(raw["minConfidence"], int | float)
+                                           and not isinstance(raw["minConfidence"], bool)
+                                           and 0 <= raw["minConfidence"] <= 1):
+            problems.append(f"minConfidence must be a number in [0, 1], got {raw['minConfidence']!r}")
+        else:
+            number("minConfidence", float, 0.0)
         feats = raw.get("features")
         if feats is not None:
             if not isinstance(feats, dict):
@@ -266,7 +278,7 @@ class MoeServer(LanguageServer):
         self._diag: dict[str, DiagState] = {}
         self._diag_timers: dict[str, asyncio.TimerHandle] = {}
         self._diag_tasks: dict[str, tuple[int | None, asyncio.Task]] = {}
-        self._hint_cache: dict[str, dict[tuple[str, str], list[tuple[int, Any]]]] = {}
+        self._hints = diagnostics.HintCache()
         self._live_tokens: set[CancelToken] = set()  # tokens of engine jobs queued or running
         self._shared: dict[tuple, asyncio.Future] = {}  # (uri, version, offset) -> completion
         self._gates: dict[str, asyncio.Lock] = {}  # completion kind -> one job in the engine at a time
@@ -445,7 +457,7 @@ class MoeServer(LanguageServer):
         self.docs.pop(uri, None)
         self.cancel_diagnostics(uri)
         self._diag.pop(uri, None)
-        self._hint_cache.pop(uri, None)
+        self._hints.forget(uri)
         if not self.pull_diagnostics:
             self.text_document_publish_diagnostics(types.PublishDiagnosticsParams(uri=uri, diagnostics=[]))
 
@@ -507,7 +519,7 @@ class MoeServer(LanguageServer):
         _, line_end = doc.line_bounds(doc.position_at(offset).line)
         multiline_ok = not text[offset:line_end].strip()
         try:
-            engine = await self.engine()
+            await self.engine()  # loaded before diagnostics yield to it
         except TaskFailed:
             return None
         # the engine runs one job at a time: a completion must not queue behind hint
@@ -515,15 +527,13 @@ class MoeServer(LanguageServer):
         for other in [u for u, (_, t) in self._diag_tasks.items() if not t.done()]:
             self.cancel_diagnostics(other)
             self.schedule_diagnostics(other, self.settings.diagnostics_delay)
-        source, wline = text, line
-        if self.settings.context_tokens > 0:
-            source, wline = context_window(text, line, self.settings.context_tokens, engine.count_tokens)
         # code after the cursor on its line: the assistant will stop at the line end
         max_new = self.settings.max_tokens if multiline_ok else min(self.settings.max_tokens,
                                                                     self.settings.max_line_tokens)
-        request = TaskRequest(task="complete", source=source, path=_path(uri), line=wline, column=col,
+        # the whole document: assistant.context fits it into contextTokens (once, for every face)
+        request = TaskRequest(task="complete", source=text, path=_path(uri), line=line, column=col,
                               related=self.related(doc), max_new_tokens=max_new,
-                              max_seconds=self.settings.max_seconds)
+                              max_seconds=self.settings.max_seconds, context_tokens=self.settings.context_tokens or None)
         mine: list[CancelToken] = []
 
         def supersede(token: CancelToken) -> None:
@@ -600,46 +610,32 @@ class MoeServer(LanguageServer):
             log.warning("diagnostics failed: %s", task.exception())
 
     async def _compute_diagnostics(self, doc: Document) -> None:
-        """Debug every (top-level or method) function, like the review CLI does; functions
-        whose text is unchanged since the last run reuse their hints (shifted if moved)."""
-        from assistant.tasks import TaskRequest
-
+        """Debug the file's functions by the rules of ``assistant.diagnostics`` (the review's):
+        functions whose text is unchanged since the last run reuse their hints (shifted if
+        moved); hints below ``minConfidence`` are not shown."""
         uri, version, text = doc.uri, doc.version, doc.text
         items: list[types.Diagnostic] = []
         if doc.line_count > self.settings.max_diagnostic_lines:
             log.info("no diagnostics for %s: %d lines > maxDiagnosticLines", uri, doc.line_count)
         else:
-            lines = text.split("\n")
-            cache = self._hint_cache.get(uri, {})
-            fresh: dict[tuple[str, str], list[tuple[int, Any]]] = {}
-            self._hint_cache[uri] = fresh  # filled as functions finish: a cancelled run keeps them
-            hints: list[Any] = []
-            todo = []
-            for name, first, last in _debuggable_functions(text):
-                key = (name, "\n".join(lines[first:last + 1]))
-                if key in cache:
-                    fresh[key] = cache[key]
-                    hints += [_moved(h, first + rel) for rel, h in cache[key]]
-                else:
-                    todo.append((key, name, first))
+            hints, todo = self._hints.plan(uri, text)
             if todo:
                 async with self.progress(f"moecoder: checking {len(todo)} function(s) for bugs") as progress:
-                    for n, (key, name, first) in enumerate(todo, 1):
-                        progress.message(f"{n}/{len(todo)} {name}")
-                        request = TaskRequest(task="debug", source=text, path=_path(uri), line=first, function=name,
-                                              max_new_tokens=self.settings.max_task_tokens,
-                                              max_seconds=None if self.settings.max_seconds is None else
-                                              self.settings.max_seconds * 6)
+                    for n, check in enumerate(todo, 1):
+                        progress.message(f"{n}/{len(todo)} {check.name}")
+                        request = diagnostics.debug_request(
+                            text, _path(uri), check.name, check.start_line, max_new_tokens=self.settings.max_task_tokens,
+                            max_seconds=None if self.settings.max_seconds is None else self.settings.max_seconds * 6)
                         try:
                             result = await self.run_task(request, progress)
                         except TaskFailed as e:
-                            log.warning("debug task failed for %s: %s", name, e)
+                            log.warning("debug task failed for %s: %s", check.name, e)
                             continue
                         if result is None:  # stopped: not a verdict, do not cache it
                             continue
-                        found = list(result.hints)
-                        fresh[key] = [(int(h.line) - first, h) for h in found]
-                        hints += found
+                        self._hints.record(uri, check, result.hints)
+                        hints += result.hints
+            hints = diagnostics.Policy(self.settings.min_confidence).keep(hints)
             snapshot = Document(uri, text, version, doc.language_id, self.encoding)
             items = [d for d in (self._diagnostic(snapshot, h) for h in hints) if d is not None]
         current = self.docs.get(uri)
@@ -653,7 +649,7 @@ class MoeServer(LanguageServer):
             self.text_document_publish_diagnostics(
                 types.PublishDiagnosticsParams(uri=uri, diagnostics=items, version=version))
 
-    def _diagnostic(self, doc: Document, hint: Any) -> types.Diagnostic | None:
+    def _diagnostic(self, doc: Document, hint: Hint) -> types.Diagnostic | None:
         start = doc.engine_line_offset(hint.line)
         if start is None:
             return None
@@ -661,9 +657,7 @@ class MoeServer(LanguageServer):
         indent = len(line_text) - len(line_text.lstrip())
         rng = doc.range_of(start + indent, start + len(line_text))
         conf = float(hint.confidence)
-        severity = (types.DiagnosticSeverity.Error if conf >= 0.9 else types.DiagnosticSeverity.Warning
-                    if conf >= 0.6 else types.DiagnosticSeverity.Information if conf >= 0.3
-                    else types.DiagnosticSeverity.Hint)
+        severity = _SEVERITY[diagnostics.Policy.level(conf)]
         message = f"{hint.message} (confidence {conf:.0%})"
         reasoning = (hint.reasoning or "").strip()
         related = None
@@ -805,62 +799,6 @@ def _function_at(source: str, line: int) -> tuple[str, int, int, bool] | None:
     if fn is None:
         return None
     return fn.qualname, fn.start_line, fn.end_line, fn.docstring is not None
-
-
-def context_window(text: str, line: int, budget: int, count: Callable[[str], int],
-                   prefix_share: float = 0.75) -> tuple[str, int]:
-    """The lines around 0-based ``line`` that fit about ``budget`` tokens (``prefix_share``
-    of them before the cursor line, the rest after; unused room moves to the other side).
-    Returns (window text, the cursor line's index in it). Prompt length is what prefill
-    time scales with, so this is what keeps completion latency flat in long files."""
-    lines = text.split("\n")
-    lo = hi = line
-    used = count(lines[line] + "\n")
-
-    def grow(step: int, limit: float) -> None:
-        nonlocal lo, hi, used
-        spent = 0
-        while (lo > 0) if step < 0 else (hi < len(lines) - 1):
-            c = count(lines[lo - 1 if step < 0 else hi + 1] + "\n")
-            if used + c > budget or spent + c > limit:
-                return
-            used, spent = used + c, spent + c
-            if step < 0:
-                lo -= 1
-            else:
-                hi += 1
-
-    grow(-1, budget * prefix_share)  # the code before the cursor first, up to its share
-    grow(+1, budget)  # then after it, taking what the prefix left
-    grow(-1, budget)  # and the prefix again if the suffix was short
-    return "\n".join(lines[lo:hi + 1]), line - lo
-
-
-def _debuggable_functions(source: str) -> list[tuple[str, int, int]]:
-    """(qualified name, first line, last line) of module-level functions and methods (nested
-    functions are part of their parent's code), 0-based; decorators included."""
-    from assistant import code
-
-    try:
-        scopes = code.scopes(source)
-    except Exception:  # noqa: BLE001 - unparsable source: no hints
-        return []
-    kinds = {s.qualname: s.kind for s in scopes}
-    out = []
-    for s in scopes:
-        if s.kind != "function" or (s.parent is not None and kinds.get(s.parent) == "function"):
-            continue
-        first = s.decorated_start if 0 <= s.decorated_start <= s.start_line else s.start_line
-        out.append((s.qualname, first, s.end_line))
-    return out
-
-
-def _moved(hint: Any, line: int) -> Any:
-    if hint.line == line:
-        return hint
-    moved = copy.copy(hint)
-    moved.line = line
-    return moved
 
 
 # -- handlers -----------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ A debug finding is either the exact text ``no issue`` or::
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -106,17 +107,29 @@ def format_finding(f: Finding | None) -> str:
     return text
 
 
-def parse_finding(text: str) -> Finding | None:
-    """Parse a debug answer. ``None`` means "no issue"; raises ValueError if neither."""
+_LOOSE_FINDING = re.compile(r"line\s+(\d+)\s*:\s*(.+)", re.IGNORECASE)
+_LOOSE_FIX = re.compile(r"^\s*fix\s*:\s?(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
+
+
+def parse_finding(text: str, loose: bool = False) -> Finding | None:
+    """Parse a debug answer. ``None`` means "no issue"; raises ValueError if neither.
+
+    The one parser of debug answers (training data, the product, the eval). Strict: the
+    answer is exactly :func:`format_finding`'s shape. ``loose`` (what the product accepts
+    from a small model): failing that, the first ``line N: hint`` anywhere, and a ``fix:``
+    line after it.
+    """
     stripped = text.strip()
     if stripped.lower().startswith(NO_ISSUE):
         return None
     lines = stripped.splitlines()
-    if not lines:
-        raise ValueError("empty debug answer")
-    m = _FINDING.match(lines[0])
-    if not m:
-        raise ValueError(f"not a finding: {lines[0]!r}")
+    m = _FINDING.match(lines[0]) if lines else None
+    if m is None:
+        lm = _LOOSE_FINDING.search(text) if loose else None
+        if lm is None:
+            raise ValueError(f"not a finding: {lines[0]!r}" if lines else "empty debug answer")
+        fm = _LOOSE_FIX.search(text[lm.end():])
+        return Finding(int(lm.group(1)), lm.group(2).strip(), fm.group(1) if fm else None)
     fix = None
     for extra in lines[1:]:
         fm = _FIX.match(extra)
@@ -124,3 +137,13 @@ def parse_finding(text: str) -> Finding | None:
             fix = fm.group(1)
             break
     return Finding(int(m.group(1)), m.group(2), fix)
+
+
+def is_task_function(enclosing: Sequence[str]) -> bool:
+    """Which functions the tasks (comment, debug) are trained on and run for: module-level
+    functions and methods of (nested) classes, never a function nested in a function (it is
+    part of its parent's code). ``enclosing`` are the kinds (``"class"``/``"function"``) of
+    the scopes around the function, outermost first; blocks (``if``, ``try``...) are not
+    scopes. The one definition: ``model.data.tasks`` (ast) and ``assistant.code``
+    (tree-sitter) both ask this."""
+    return "function" not in enclosing

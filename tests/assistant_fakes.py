@@ -91,3 +91,45 @@ class ScriptedBackend(Backend):
     def token_logprobs(self, ids):
         tok = self.tokenizer
         return [0.0] + [self.logprob(tok.decode([t])) for t in ids[1:]]
+
+
+AGREE_SOURCE = '''class Shape:
+    def __init__(self, side):
+        self.side = side
+
+    def scale(self, k):
+        return Shape(self.side - k)
+
+
+def add(a, b):
+    return a - b
+
+
+def mul(a, b):
+    return a * b
+'''
+
+
+class AgreeBackend(ScriptedBackend):
+    """A deterministic model for the "faces agree" tests: it flags ``a - b`` (sure),
+    ``self.side - k`` (sure) and ``a * b`` (unsure: below the default min-confidence)."""
+
+    FLAGS = {"a - b": ("return a + b", True), "self.side - k": ("return Shape(self.side * k)", True),
+             "a * b": ("return a * b * 1", False)}
+
+    def __init__(self, tok):
+        def script(task, code):
+            for needle, (fix, _sure) in self.FLAGS.items():
+                if needle in code and task == "debug":
+                    n = next(i for i, ln in enumerate(code.split("\n"), 1) if needle in ln)
+                    return f"Line {n} uses `{needle}`.", f"line {n}: `{needle}` looks wrong\nfix: {fix}"
+            if task == "comment":
+                return "It is a method.", "Scale the shape.\n\nArgs:\n    k: the factor."
+            return "Takes a and b.", "no issue"
+
+        super().__init__(tok, script, context_length=512)
+
+    def next_token_logprobs(self, ids, candidates):
+        prompt = self.tokenizer.decode(list(ids))
+        sure = any(n in prompt and s for n, (_f, s) in self.FLAGS.items())
+        return [0.0, -6.0] if sure else [-1.0, -1.0]

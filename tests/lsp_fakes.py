@@ -93,7 +93,7 @@ class FakeEngine:
         cancel = cancel or CancelToken()
         with self._lock:
             self._stats["started"] += 1
-            self._stats["requests"].append([request.task, request.line, request.column])
+            self._stats["requests"].append([request.task, request.line, request.column, request.context_tokens])
         yield Event("reasoning", text=f"thinking about {request.task}")
         p = _PREFILL.search(request.source)
         if p:  # like a model's prefill: not interruptible

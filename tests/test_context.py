@@ -308,3 +308,23 @@ def test_selection_kept_and_budget_respected(tiny_tokenizer, c, span, extra):
     r = build_context(tok, src, line, budget=budget, end_line=end)
     assert len(r.prompt_ids) <= budget
     assert r.prefix.endswith(selection)
+
+
+def test_source_window_cuts_long_files_around_the_cursor(tiny_tokenizer):
+    from assistant.context import WINDOW_CHARS_PER_TOKEN, source_window
+
+    text = "\n".join(f"line{i:04d} a b" for i in range(100_000))  # 14 characters a line
+    budget = 60
+    window, k = source_window(text, 50_000, budget)
+    lines = window.split("\n")
+    assert lines[k] == "line50000 a b" and len(window) <= budget * WINDOW_CHARS_PER_TOKEN
+    assert 0.7 < k / len(lines) < 0.8  # about 3/4 before the cursor line
+    window, k = source_window(text, 2, budget)  # near the top: the suffix takes the rest
+    assert k == 2 and len(window) > budget * WINDOW_CHARS_PER_TOKEN - 20
+    window, k = source_window(text, 99_999, budget)
+    assert window.split("\n")[k] == "line99999 a b" and k == len(window.split("\n")) - 1
+    assert source_window("x = 1", 0, 1) == ("x = 1", 0)  # short: whole
+    # the prompt for a 100,000-line file is built from the window, as fast as for a short file
+    result = build_context(tiny_tokenizer, *source_window(text, 50_000, 200), budget=200)
+    assert len(result.prompt_ids) <= 200 and result.prefix.endswith("line49999 a b\n")
+    assert result.suffix.startswith("line50000 a b")

@@ -277,7 +277,8 @@ async def test_task_commands_build_requests(tmp_path):
         assert got == [
             ("complete", 1, len("    return a - b"), None, None),
             ("comment", 0, 0, None, "mul"),
-            ("debug", 0, 0, None, None),
+            ("debug", 0, 0, None, "add"),  # /debug: every function of the file, as review and lsp
+            ("debug", 4, 0, None, "mul"),
             ("debug", 0, 0, None, "add"),
             ("explain", 0, 0, 1, None),
         ]

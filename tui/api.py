@@ -9,11 +9,13 @@ the app itself only knows the :class:`assistant.protocols.Engine` protocol.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from assistant.code import find_function, functions  # noqa: F401  (re-exported)
 from assistant.config import Settings, load_settings  # noqa: F401  (re-exported)
+from assistant.diagnostics import Policy, check_file
 from assistant.protocols import CancelToken, Engine, Event  # noqa: F401  (re-exported)
 from assistant.tasks import (  # noqa: F401  (re-exported)
     Completion,
@@ -23,6 +25,22 @@ from assistant.tasks import (  # noqa: F401  (re-exported)
     Hint,
     TaskRequest,
 )
+
+
+def stream_turn(engine: Engine, request: TaskRequest, cancel: CancelToken, policy: Policy
+                ) -> Generator[Event, None, None]:
+    """The events of one chat turn. A debug request without a function checks the whole
+    file as the review and the LSP do (``assistant.diagnostics``); every debug result
+    shows only the hints ``policy`` keeps (the same hints as the other faces)."""
+    if request.task == "debug" and request.function is None and request.end_line is None:
+        yield from check_file(engine, request.source, request.path, policy, max_new_tokens=request.max_new_tokens,
+                              max_seconds=request.max_seconds, cancel=cancel)
+        return
+    for ev in engine.stream(request, cancel):
+        if ev.kind == "done" and isinstance(ev.result, DebugResult):
+            ev = Event("done", result=DebugResult(policy.keep(ev.result.hints), ev.result.reasoning))
+        yield ev
+
 
 # Tokens kept free for the answer when reporting the prompt budget.
 DEFAULT_ANSWER_TOKENS = 256

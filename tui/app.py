@@ -82,8 +82,10 @@ class ChatApp(App):
         clock: Callable[[], float] = time.time,
         max_file_bytes: int | None = None,
         max_new_tokens: int | None = None,
+        policy: api.Policy | None = None,
     ) -> None:
         super().__init__()
+        self._policy = policy or api.Policy()  # which debug hints to show: as review and lsp
         self._engine = engine
         self._owns_engine = engine is None  # engines the app loads itself, it closes at exit
         self._factory: EngineFactory = engine_factory or api.load_engine
@@ -255,7 +257,7 @@ class ChatApp(App):
             return
         if cancel.cancelled:  # stopped while the model was loading
             return
-        events = engine.stream(request, cancel)
+        events = api.stream_turn(engine, request, cancel, self._policy)
         try:
             for ev in events:
                 if cancel.cancelled:
@@ -397,8 +399,8 @@ class ChatApp(App):
         task, att, func = route_free_text(text, self.attachments)
         if att is None:
             request = api.TaskRequest(task="explain", source=text, max_new_tokens=self._max_new_tokens)
-        else:
-            request = self._request(task, att, function=func)
+        else:  # the question goes with the request: the model reads it with the code
+            request = self._request(task, att, function=func, question=text)
         self._save()
         await self._start_turn(request)
 
@@ -498,7 +500,7 @@ class ChatApp(App):
             request = self._request("complete", att, line=line - 1, column=len(lines[line - 1]))
         elif name == "comment":
             if len(args) != 1:
-                raise CommandError("usage: /comment FUNC")
+                raise CommandError("usage: /comment FUNC (a name or Class.method)")
             att = find_function(self.attachments, args[0])
             if att is None:
                 raise CommandError(f"no attached file defines {args[0]}(); /add the file first")
@@ -659,7 +661,8 @@ def main(argv: Sequence[str] | None = None, engine: api.Engine | None = None,
             return 2
         config = dataclasses.replace(config, server=args.server)
     app = ChatApp(engine=engine, engine_factory=engine_factory or api.engine_factory(config, args.device),
-                  model_dir=args.model or config.model, files=args.files, resume=args.resume)
+                  model_dir=args.model or config.model, files=args.files, resume=args.resume,
+                  policy=api.Policy.from_settings(config))
     app.run()
     return 0
 

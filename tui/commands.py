@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from assistant.files import Unreadable, read_bytes
+from tui import api
 
 MAX_FILE_BYTES = 2 * 1024 * 1024
 
@@ -125,19 +126,23 @@ def read_attachment(path: str, base: Path | None = None, max_bytes: int = MAX_FI
     return Attachment(path=path, text=text, file=p, mtime_ns=size_mtime)
 
 
-_DEF_RE = re.compile(r"^[ \t]*(?:async[ \t]+)?def[ \t]+([A-Za-z_]\w*)[ \t]*\(", re.M)
-
-
 def function_names(source: str) -> list[str]:
-    """Names of the functions defined in a Python source (a quick scan)."""
-    return _DEF_RE.findall(source)
+    """Qualified names (``Class.method``) of the functions a Python source defines
+    (``assistant.code``; none if it does not parse)."""
+    try:
+        return [f.qualname for f in api.functions(source)]
+    except Exception:  # noqa: BLE001 - not Python: no functions
+        return []
 
 
 def find_function(attachments: list[Attachment], func: str) -> Attachment | None:
-    """The newest attached file that defines ``func``."""
+    """The newest attached file that defines ``func`` (``name`` or ``Class.method``)."""
     for att in reversed(attachments):
-        if func in function_names(att.text):
-            return att
+        try:
+            if api.find_function(att.text, func) is not None:
+                return att
+        except Exception:  # noqa: BLE001 - not Python
+            continue
     return None
 
 
@@ -156,15 +161,18 @@ _COMPLETE_WORDS = re.compile(r"\b(complete|finish|continue)\b", re.I)
 
 
 def route_free_text(text: str, attachments: list[Attachment]) -> tuple[str, Attachment | None, str | None]:
-    """Pick ``(task, file, function)`` for a free-text question.
+    """Pick ``(task, file, function)`` for a free-text question (the question itself goes
+    to the model with the request, whatever the task).
 
     The file is the attached file named in the text (or defining a function named in
-    it), else the newest attachment. Words pick the task: bug/fix/wrong -> debug,
-    docstring/comment -> comment (needs a function), otherwise explain.
+    it: ``Class.method`` or a plain name, found by ``assistant.code``), else the newest
+    attachment. Words pick the task: bug/fix/wrong -> debug, docstring/comment ->
+    comment (needs a function), otherwise explain.
     """
     if not attachments:
         return "explain", None, None
-    words = set(re.findall(r"[A-Za-z_]\w*", text))
+    names = set(re.findall(r"[A-Za-z_][\w.]*\w|[A-Za-z_]", text))
+    words = names | {part for n in names for part in n.split(".")}
     target: Attachment | None = None
     func: str | None = None
     for att in reversed(attachments):
@@ -172,9 +180,11 @@ def route_free_text(text: str, attachments: list[Attachment]) -> tuple[str, Atta
             target = att
             break
     for att in reversed([target] if target else attachments):
-        names = [n for n in function_names(att.text) if n in words]
-        if names:
-            target, func = att, names[0]
+        quals = function_names(att.text)
+        # a qualified name written out beats a bare method name
+        hit = [q for q in quals if q in names] or [q for q in quals if q.rsplit(".", 1)[-1] in words]
+        if hit:
+            target, func = att, hit[0]
             break
     target = target or attachments[-1]
     if _DEBUG_WORDS.search(text):

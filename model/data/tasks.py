@@ -41,7 +41,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.formats import NO_ISSUE, Finding, format_finding, number_lines
+from model.formats import NO_ISSUE, Finding, format_finding, is_task_function, number_lines
 
 SPLITS = ("train", "valid", "test")
 TASKS = ("comment", "debug", "explain")
@@ -87,15 +87,19 @@ class Function:
 
 
 def _func_nodes(tree: ast.AST) -> Iterator[ast.FunctionDef | ast.AsyncFunctionDef]:
-    """Module-level functions and methods of (nested) classes; not functions nested in functions."""
-    stack: list[ast.AST] = [tree]
+    """The task functions (:func:`model.formats.is_task_function`): module-level functions
+    and methods of (nested) classes, wherever blocks put them; not functions in functions."""
+    stack: list[tuple[ast.AST, tuple[str, ...]]] = [(tree, ())]
     while stack:
-        node = stack.pop()
+        node, enclosing = stack.pop()
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
-                yield child
-            elif isinstance(child, ast.ClassDef | ast.If | ast.Try):
-                stack.append(child)
+                if is_task_function(enclosing):
+                    yield child  # nothing inside a function is a task function: not descended
+            elif isinstance(child, ast.ClassDef):
+                stack.append((child, (*enclosing, "class")))
+            elif isinstance(child, ast.stmt | ast.excepthandler | ast.match_case):
+                stack.append((child, enclosing))  # blocks (if, try, with, for...) are not scopes
 
 
 def extract_functions(source: str, path: str = "", package: str = "") -> list[Function]:
