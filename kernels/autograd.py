@@ -203,14 +203,14 @@ class _MoEExperts(torch.autograd.Function):
         return dx, dweights, None, dwg, dwu, dwd
 
 
-# At most this many tokens take the two-launch GEMV path in "auto". 0: measured slower than the
-# tiles path on the H200 at T = 1 and 8, both shapes (docs/kernels-notes.md, run 4): its down
-# GEMV + combine has one program per (token, column block), too few to stream the weights.
-DECODE_MAX_TOKENS = 0
+# At most this many tokens take the one-launch decode path (``decode_experts``) in "auto";
+# more take the tiles path (plan + gate/up + down + combine). The earlier two-launch GEMV
+# path lost to the tiles path at T = 1 and 8 (docs/kernels-notes.md, issue #18 run 4).
+DECODE_MAX_TOKENS = 8
 
 
 def _use_decode(T: int, K: int) -> bool:
-    """MOECODER_DECODE=auto|fused|tiles: the two-launch GEMV path for few tokens without autograd."""
+    """MOECODER_DECODE=auto|fused|tiles: the one-launch decode path for few tokens without autograd."""
     mode = os.environ.get("MOECODER_DECODE", "auto").strip().lower() or "auto"
     if mode not in ("auto", "fused", "tiles"):
         raise ValueError(f"MOECODER_DECODE must be one of auto, fused, tiles; got {mode!r}")
@@ -272,7 +272,7 @@ def _experts_forward(x_TD, weights_TK, experts_TK, wg, wu, wd):
     T, K = experts_TK.shape
     E = wg.shape[0]
     N = T * K
-    if _use_decode(T, K):  # MOECODER_DECODE=fused: the two-launch GEMV path
+    if _use_decode(T, K):  # one launch: experts + combine (few tokens)
         return ops.decode_experts(x_TD, weights_TK, experts_TK, wg, wu, wd)
     bm = ops.block_m_for(N, E)
     _, row_index, dest, tm, n_tiles = ops.plan(experts_TK, E, bm)

@@ -288,8 +288,6 @@ def decode_breakdown(s: Shape, T: int, dev, inner: int = 16) -> list[dict]:
     ``inner`` back-to-back calls uses its own input and routing, so consecutive calls touch
     different experts (the weights do not stay in L2).
     """
-    import triton
-
     from kernels import triton_ops as ops
 
     p = Params(s, dev, grad=False)
@@ -304,23 +302,9 @@ def decode_breakdown(s: Shape, T: int, dev, inner: int = 16) -> list[dict]:
         plan = ops.plan(e, E, bm)
         _, _, hh = ops.gmm_gu(x, p.wg, p.wu, plan[3], plan[4], bm, N, idx=plan[1], div=K, save_gu=False)
         y = ops.gmm(hh, p.wd, plan[3], plan[4], bm, N)
-        sets.append(dict(x=x, logits=logits, w=w, e=e, plan=plan, hh=hh, y=y,
-                         hbuf=torch.empty(N, Fh, device=dev, dtype=torch.bfloat16),
-                         out=torch.empty(T, D, device=dev, dtype=torch.bfloat16)))  # fmt: skip
+        sets.append(dict(x=x, logits=logits, w=w, e=e, plan=plan, hh=hh, y=y))
     wbytes = statistics.mean(float(q["e"].unique().numel()) for q in sets) * D * Fh * 2
     one = torch.zeros(1, device=dev)
-
-    def gu(i):
-        q = sets[i]
-        ops._decode_gu_kernel[lambda m: (triton.cdiv(Fh, m["BLOCK_N"]), N)](
-            q["x"], q["e"], p.wg, p.wu, q["hbuf"], Fh, D, N, K, q["x"].stride(0), p.wg.stride(0), p.wg.stride(1),
-            p.wg.stride(2), q["hbuf"].stride(0), ACC64=False)  # fmt: skip
-
-    def down(i):
-        q = sets[i]
-        ops._decode_down_kernel[lambda m: (triton.cdiv(D, m["BLOCK_N"]), T)](
-            q["hbuf"], q["e"], q["w"], p.wd, q["out"], Fh, D, T, q["hbuf"].stride(0), p.wd.stride(0),
-            p.wd.stride(1), p.wd.stride(2), q["out"].stride(0), K=K, ACC64=False)  # fmt: skip
 
     def tiles_gu(i):
         q = sets[i]
@@ -335,10 +319,11 @@ def decode_breakdown(s: Shape, T: int, dev, inner: int = 16) -> list[dict]:
         "empty launch (one tiny kernel)": (lambda i: one.add_(1.0), 0),
         "router: cast + fp32 GEMV": (lambda i: sets[i]["x"].float() @ p.wr.t(), p.wr.numel() * 4),
         "route (top-k)": (lambda i: ops.route_fwd(sets[i]["logits"], K, "softmax", None, s.renormalize), 0),
-        "fused: gate/up GEMV + SwiGLU": (gu, 2 * wbytes),
-        "fused: down GEMV + combine": (down, wbytes),
-        "fused: both (decode_experts)": (
+        "decode: experts + combine, 1 launch": (
             lambda i: ops.decode_experts(sets[i]["x"], sets[i]["w"], sets[i]["e"], p.wg, p.wu, p.wd), 3 * wbytes),
+        "decode: route + experts, 2 launches": (
+            lambda i: ops.decode_experts(sets[i]["x"], *ops.route_fwd(sets[i]["logits"], K, "softmax", None,
+                                                                      s.renormalize), p.wg, p.wu, p.wd), 3 * wbytes),
         "tiles: plan": (lambda i: ops.plan(sets[i]["e"], E, bm), 0),
         "tiles: gate/up+SwiGLU": (tiles_gu, 2 * wbytes),
         "tiles: down": (tiles_down, wbytes),

@@ -81,14 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         ("bwd dW_down 128x128x64", ops._gmm_dw_kernel, dw_t,
          dict(A_MODE=0, B_MODE=1, HAS_BS=False, DUAL=False, A_T=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3),
     ]  # fmt: skip
-    dec_gu_t = dict(x_ptr=B, e_ptr=I64, wg_ptr=B, wu_ptr=B, h_ptr=B)
-    dec_dn_t = dict(h_ptr=B, e_ptr=I64, s_ptr=F32, wd_ptr=B, out_ptr=B)
-    for c in ops._DEC_GU_GPU:
-        cases.append((f"decode gate/up BN={c['BLOCK_N']} BK={c['BLOCK_K']}", ops._decode_gu_kernel, dec_gu_t,
-                      dict(stride_wn=1, ACC64=False, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"]), c["w"], c["s"]))
-    for c in ops._DEC_DOWN_GPU:
-        cases.append((f"decode down+combine BN={c['BLOCK_N']} BK={c['BLOCK_K']}", ops._decode_down_kernel, dec_dn_t,
-                      dict(stride_wd=1, K=8, ACC64=False, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"]), c["w"], c["s"]))
+    dec_t = dict(x_ptr=B, e_ptr=I64, s_ptr=F32, wg_ptr=B, wu_ptr=B, wd_ptr=B, acc_ptr=F32, cnt_ptr=I32, out_ptr=B)
+    for c in ops._DEC_GPU:
+        cases.append((f"decode 1-launch BN={c['BLOCK_N']} BK={c['BLOCK_K']} BD={c['BLOCK_D']}", ops._decode_moe_kernel,
+                      dec_t, dict(stride_wn=1, stride_dd=1, ACC64=False, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
+                                  BLOCK_D=c["BLOCK_D"]), c["w"], c["s"]))  # fmt: skip
     only = os.environ.get("SASS_ONLY", "")
     cases = [c for c in cases if only in c[0]]
     print(f"{'kernel':34s} warps stages " + " ".join(f"{m:>6s}" for m in MNEMONICS) + "  shared regs")

@@ -881,46 +881,50 @@ def swiglu_bwd(g, u, dh):
 
 
 # --------------------------------------------------------------------------------------
-# decode: few tokens, no autograd. Two launches instead of plan + gate/up + down + combine.
+# decode: few tokens, no autograd. ONE launch for the routed experts and the combine.
 #
 # At T = 1..8 the layer is a handful of GEMVs that stream expert weights: what costs is the
-# number of dependent launches (each with a ramp and a tail) and bytes in flight per SM.
-# Program (column block, assignment a): the gate/up GEMV of row x[a // K] against expert
-# experts[a] with SwiGLU applied; program (column block, token t): the down GEMV of all K
-# rows of token t, weighted by the routing weights and summed (the combine), loads of the K
-# experts' tiles issued together. No permutation, no tile map; a token's rows never
-# leave registers except h (K x F values). Deterministic (fixed summation order).
+# number of dependent launches (each ~1-1.4 us in a CUDA graph, plus its ramp and tail) and
+# bytes in flight per SM. Program (column block f of F, assignment a = t*K + k) streams the
+# three weight slices that column block touches: Wg[e][:, f] and Wu[e][:, f] (D x BLOCK_N
+# each) give h = s_a * silu(x_t Wg) * (x_t Wu) for those columns, and Wd[e][f, :] (BLOCK_N x D)
+# turns them into a partial down projection of token t, added in fp32 into a per-token
+# accumulator with atomics (split-K over F and the sum over k in one). Every program moves
+# the same 3 * D * BLOCK_N weights, K * F / BLOCK_N of them per token (384 for Qwen3-30B-A3B at
+# T = 1 with BLOCK_N = 16), so the work spreads evenly over the SMs. The program that arrives
+# last for token t (an int32 counter; release/acquire ordering) reads the accumulator, writes
+# the output row in the input dtype and zeroes the accumulator and the counter again: the
+# workspace is clean after every launch and is kept per device (no memset launch, CUDA-graph
+# safe on one stream at a time). No permutation, no tile map, no separate combine launch.
+# The fp32 sum over the K * F / BLOCK_N partials is in arrival order: not bit-reproducible
+# from run to run (~1 fp32 ulp per add before the cast to bf16).
 
-_DEC_GU_GPU = [
-    dict(BLOCK_N=32, BLOCK_K=128, w=4, s=1),
-    dict(BLOCK_N=32, BLOCK_K=256, w=8, s=1),
-    dict(BLOCK_N=16, BLOCK_K=256, w=4, s=1),
-    dict(BLOCK_N=64, BLOCK_K=128, w=8, s=1),
+_DEC_GPU = [
+    dict(BLOCK_N=16, BLOCK_K=256, BLOCK_D=256, w=4, s=1),
+    dict(BLOCK_N=32, BLOCK_K=128, BLOCK_D=256, w=4, s=1),
+    dict(BLOCK_N=32, BLOCK_K=256, BLOCK_D=256, w=8, s=1),
+    dict(BLOCK_N=64, BLOCK_K=64, BLOCK_D=128, w=4, s=1),
 ]
-_DEC_DOWN_GPU = [
-    dict(BLOCK_N=32, BLOCK_K=64, w=4, s=1),
-    dict(BLOCK_N=16, BLOCK_K=128, w=4, s=1),
-    dict(BLOCK_N=16, BLOCK_K=64, w=4, s=1),
-    dict(BLOCK_N=64, BLOCK_K=64, w=8, s=1),
-]
-_DEC_INT = dict(BLOCK_N=16, BLOCK_K=16)
+_DEC_INT = dict(BLOCK_N=16, BLOCK_K=16, BLOCK_D=16)
 
 
-@triton.autotune(configs=_configs(_DEC_GU_GPU, _DEC_INT), key=["F", "D", "NA"])
+@triton.autotune(configs=_configs(_DEC_GPU, _DEC_INT), key=["F", "D", "NA"])
 @triton.jit
-def _decode_gu_kernel(
-    x_ptr, e_ptr, wg_ptr, wu_ptr, h_ptr, F, D, NA, KT,
-    stride_xm, stride_we, stride_wk, stride_wn, stride_hm,
-    ACC64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _decode_moe_kernel(
+    x_ptr, e_ptr, s_ptr, wg_ptr, wu_ptr, wd_ptr, acc_ptr, cnt_ptr, out_ptr, F, D, NA, KT,
+    stride_xm, stride_we, stride_wk, stride_wn, stride_de, stride_df, stride_dd, stride_om,
+    ACC64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """h[a] = silu(x[a // KT] @ Wg[e]) * (x[a // KT] @ Wu[e]) for e = experts[a] (one column block)."""
+    """out[t] = sum over k and column blocks f of s[t,k] * swiglu(x[t] @ W{g,u}[e][:, f]) @ Wd[e][f, :]."""
     ACC: tl.constexpr = tl.float64 if ACC64 else tl.float32
     pid_n = tl.program_id(0)
     a = tl.program_id(1).to(tl.int64)
     t = a // KT
     e = tl.load(e_ptr + a).to(tl.int64)
+    sc = tl.load(s_ptr + a).to(ACC)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cm = cols < F
+    # gate/up GEMV over D, software-pipelined by hand (the next tiles load during this FMA)
     ks = tl.arange(0, BLOCK_K)
     acc_g = tl.zeros((BLOCK_K, BLOCK_N), dtype=ACC)
     acc_u = tl.zeros((BLOCK_K, BLOCK_N), dtype=ACC)
@@ -928,7 +932,7 @@ def _decode_gu_kernel(
     m = (ks < D)[:, None] & cm[None, :]
     g = tl.load(wg_ptr + w_off, mask=m, other=0.0)
     u = tl.load(wu_ptr + w_off, mask=m, other=0.0)
-    for k0 in range(0, D, BLOCK_K):  # software-pipelined by hand: the next tiles load during this FMA
+    for k0 in range(0, D, BLOCK_K):
         xv = tl.load(x_ptr + t * stride_xm + k0 + ks, mask=(k0 + ks) < D, other=0.0).to(ACC)
         w_off += BLOCK_K * stride_wk
         mn = ((k0 + BLOCK_K + ks) < D)[:, None] & cm[None, :]
@@ -937,44 +941,61 @@ def _decode_gu_kernel(
         acc_g += xv[:, None] * g.to(ACC)
         acc_u += xv[:, None] * u.to(ACC)
         g, u = g_next, u_next
+    # the first down tile is in flight while SwiGLU is computed
+    ds = tl.arange(0, BLOCK_D)
+    d_base = wd_ptr + e * stride_de + cols[:, None].to(tl.int64) * stride_df
+    wd = tl.load(d_base + ds[None, :] * stride_dd, mask=cm[:, None] & (ds < D)[None, :], other=0.0)
     sg = tl.sum(acc_g, axis=0)
     su = tl.sum(acc_u, axis=0)
-    h = sg / (1.0 + tl.exp(-sg)) * su
-    tl.store(h_ptr + a * stride_hm + cols, h.to(h_ptr.dtype.element_ty), mask=cm)
+    h = sg / (1.0 + tl.exp(-sg)) * su * sc  # zero in masked columns (sg = su = 0 there)
+    # partial down projection of this column block, into the token's fp32 accumulator
+    acc_row = acc_ptr + t * D
+    n_d = tl.cdiv(D, BLOCK_D)
+    for i in range(0, n_d - 1):
+        d0 = i * BLOCK_D
+        dn = d0 + BLOCK_D + ds
+        wd_next = tl.load(d_base + dn[None, :] * stride_dd, mask=cm[:, None] & (dn < D)[None, :], other=0.0)
+        part = tl.sum(h[:, None] * wd.to(ACC), axis=0)
+        tl.atomic_add(acc_row + d0 + ds, part, sem="relaxed")
+        wd = wd_next
+    d0 = (n_d - 1) * BLOCK_D
+    part = tl.sum(h[:, None] * wd.to(ACC), axis=0)
+    # the last adds carry release semantics: this thread's earlier adds are ordered before them
+    tl.atomic_add(acc_row + d0 + ds, part, mask=(d0 + ds) < D, sem="release")
+    if D % BLOCK_D != 0:  # threads with no column in the ragged last chunk: order their adds too
+        tl.atomic_add(acc_row + ds, tl.zeros((BLOCK_D,), dtype=ACC), mask=ds < D, sem="release")
+    tl.debug_barrier()  # every thread's adds done before the counter moves
+    n_prog = KT * tl.num_programs(0)
+    arrived = tl.atomic_add(cnt_ptr + t, 1, sem="acq_rel")
+    if arrived == n_prog - 1:  # last program of token t: cast out, clean the workspace
+        for c0 in range(0, D, BLOCK_D):
+            cc = c0 + ds
+            v = tl.load(acc_row + cc, mask=cc < D, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + t * stride_om + cc, v.to(out_ptr.dtype.element_ty), mask=cc < D)
+            tl.store(acc_row + cc, tl.zeros((BLOCK_D,), dtype=ACC), mask=cc < D)
+        tl.store(cnt_ptr + t, 0)
 
 
-@triton.autotune(configs=_configs(_DEC_DOWN_GPU, _DEC_INT), key=["F", "D", "T"])
-@triton.jit
-def _decode_down_kernel(
-    h_ptr, e_ptr, s_ptr, wd_ptr, out_ptr, F, D, T,
-    stride_hm, stride_we, stride_wf, stride_wd, stride_om,
-    K: tl.constexpr, ACC64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """out[t] = sum_k s[t, k] * (h[t*K + k] @ Wd[experts[t, k]]) (one column block, fixed order)."""
-    ACC: tl.constexpr = tl.float64 if ACC64 else tl.float32
-    pid_n = tl.program_id(0)
-    t = tl.program_id(1).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cm = cols < D
-    fs = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=ACC)
-    for f0 in range(0, F, BLOCK_K):
-        fm = (f0 + fs) < F
-        m = fm[:, None] & cm[None, :]
-        for k in tl.static_range(K):  # K independent weight tiles in flight per step
-            a = t * K + k
-            e = tl.load(e_ptr + a).to(tl.int64)
-            w = tl.load(wd_ptr + e * stride_we + (f0 + fs)[:, None] * stride_wf + cols[None, :] * stride_wd,
-                        mask=m, other=0.0)  # fmt: skip
-            hv = tl.load(h_ptr + a * stride_hm + f0 + fs, mask=fm, other=0.0).to(ACC)
-            s = tl.load(s_ptr + a).to(ACC)
-            acc += (hv * s)[:, None] * w.to(ACC)
-    out = tl.sum(acc, axis=0)
-    tl.store(out_ptr + t * stride_om + cols, out.to(out_ptr.dtype.element_ty), mask=cm)
+_DEC_WS: dict = {}
+
+
+def _decode_workspace(device, T: int, D: int, acc_dtype):
+    """Per-device zeroed fp32 (fp64) accumulator and int32 counters, left clean by every launch."""
+    key = (str(device), acc_dtype)
+    ws = _DEC_WS.get(key)
+    if ws is None or ws[0].numel() < T * D or ws[1].numel() < T:
+        n_t = max(T, ws[1].numel() if ws is not None else 0)
+        n_acc = max(T * D, ws[0].numel() if ws is not None else 0)
+        ws = (torch.zeros(n_acc, dtype=acc_dtype, device=device), torch.zeros(n_t, dtype=torch.int32, device=device))
+        _DEC_WS[key] = ws
+    return ws
 
 
 def decode_experts(x_TD, weights_TK, experts_TK, wg_EDF, wu_EDF, wd_EFD):
-    """The routed experts' forward for a few tokens in two launches (no autograd, no sync)."""
+    """The routed experts' forward and the combine for a few tokens in ONE launch (no autograd, no sync).
+
+    Not for two streams at once on one device (they would share the workspace).
+    """
     T, K = experts_TK.shape
     D, F = wg_EDF.shape[1], wg_EDF.shape[2]
     assert wg_EDF.stride() == wu_EDF.stride() and x_TD.stride(1) == 1
@@ -982,17 +1003,14 @@ def decode_experts(x_TD, weights_TK, experts_TK, wg_EDF, wu_EDF, wd_EFD):
     if T == 0:
         return out
     N = T * K
-    h = torch.empty((N, F), dtype=x_TD.dtype, device=x_TD.device)
     e = experts_TK.contiguous()
     s = weights_TK.contiguous()
     acc64 = _acc64(x_TD.dtype)
-    _decode_gu_kernel[lambda meta: (triton.cdiv(F, meta["BLOCK_N"]), N)](
-        x_TD, e, wg_EDF, wu_EDF, h, F, D, N, K,
-        x_TD.stride(0), wg_EDF.stride(0), wg_EDF.stride(1), wg_EDF.stride(2), h.stride(0), ACC64=acc64,
-    )  # fmt: skip
-    _decode_down_kernel[lambda meta: (triton.cdiv(D, meta["BLOCK_N"]), T)](
-        h, e, s, wd_EFD, out, F, D, T,
-        h.stride(0), wd_EFD.stride(0), wd_EFD.stride(1), wd_EFD.stride(2), out.stride(0), K=K, ACC64=acc64,
+    acc, cnt = _decode_workspace(x_TD.device, T, D, torch.float64 if acc64 else torch.float32)
+    _decode_moe_kernel[lambda meta: (triton.cdiv(F, meta["BLOCK_N"]), N)](
+        x_TD, e, s, wg_EDF, wu_EDF, wd_EFD, acc, cnt, out, F, D, N, K,
+        x_TD.stride(0), wg_EDF.stride(0), wg_EDF.stride(1), wg_EDF.stride(2),
+        wd_EFD.stride(0), wd_EFD.stride(1), wd_EFD.stride(2), out.stride(0), ACC64=acc64,
     )  # fmt: skip
     return out
 

@@ -239,7 +239,7 @@ def test_moe_experts(T, E, K, one, empty):
     [(1, 128, 8, 33, 17), (3, 6, 1, 16, 40), (12, 4, 2, 8, 16)],
 )
 def test_decode_experts_matches_reference(monkeypatch, mode, T, E, K, D, F):
-    """Inference (no autograd) for few tokens: the two-launch GEMV path against the reference."""
+    """Inference (no autograd) for few tokens: the one-launch decode path against the reference."""
     from kernels import autograd as ag
 
     monkeypatch.setenv("MOECODER_DECODE", mode)
@@ -261,6 +261,25 @@ def test_decode_experts_matches_reference(monkeypatch, mode, T, E, K, D, F):
     with torch.no_grad():
         tiles = tk.moe_experts(x, w, ex, wg, wu, wd)
     assert len(used) <= 1 and rel(out, tiles.double()) < TOL
+
+
+def test_decode_experts_workspace_left_clean_across_calls():
+    """The one-launch decode path keeps its fp32 accumulator and counters in a per-device workspace
+    that the last program of each token zeroes again: calls of different sizes in a row (one
+    expert shared by every token, so its programs add into every token's row) give the reference."""
+    from kernels import triton_ops as ops
+
+    E, K, D, F = 5, 2, 24, 40
+    wg, wu = rnd(E, D, F, scale=D**-0.5, grad=False), rnd(E, D, F, scale=D**-0.5, grad=False)
+    wd = rnd(E, F, D, scale=F**-0.5, grad=False)
+    for T in (6, 2, 6, 1):
+        w, ex = routing(T, E, K, one_expert=3)
+        x = rnd(T, D, grad=False)
+        out = ops.decode_experts(x, w, ex, wg, wu, wd)
+        outr = ref.moe_experts(ref_of(x), ref_of(w.to(x.dtype)), ex, *(ref_of(t) for t in (wg, wu, wd)))
+        assert rel(out, outr) < TOL, T
+        acc, cnt = ops._decode_workspace(x.device, T, D, torch.float64 if DT == torch.float64 else torch.float32)
+        assert torch.count_nonzero(acc) == 0 and torch.count_nonzero(cnt) == 0, T
 
 
 @pytest.mark.parametrize("dh,dx", [("grouped_mm", "triton"), ("triton", "grouped_mm"), ("grouped_mm", "grouped_mm")])
