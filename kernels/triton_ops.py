@@ -901,6 +901,7 @@ def swiglu_bwd(g, u, dh):
 
 _DEC_GPU = [
     dict(BLOCK_N=16, BLOCK_K=256, BLOCK_D=256, w=4, s=1),
+    dict(BLOCK_N=8, BLOCK_K=256, BLOCK_D=512, w=4, s=1),
     dict(BLOCK_N=32, BLOCK_K=128, BLOCK_D=256, w=4, s=1),
     dict(BLOCK_N=32, BLOCK_K=256, BLOCK_D=256, w=8, s=1),
     dict(BLOCK_N=64, BLOCK_K=64, BLOCK_D=128, w=4, s=1),
