@@ -204,9 +204,11 @@ class _MoEExperts(torch.autograd.Function):
 
 
 # At most this many tokens take the one-launch decode path (``decode_experts``) in "auto";
-# more take the tiles path (plan + gate/up + down + combine). The earlier two-launch GEMV
-# path lost to the tiles path at T = 1 and 8 (docs/kernels-notes.md, issue #18 run 4).
-DECODE_MAX_TOKENS = 8
+# more take the tiles path (plan + gate/up + down + combine). 0: on the H200 the one-launch
+# path measured slower than the tiles path at T = 1 and 8 on both bench shapes (issue #18,
+# docs/kernels-notes.md: layer T=1 62 vs 50 us Qwen3-30B-A3B, 91 vs 78 us DeepSeek-V2-Lite),
+# as did the earlier two-launch GEMV path. ``MOECODER_DECODE=fused`` forces it (tested).
+DECODE_MAX_TOKENS = 0
 
 
 def _use_decode(T: int, K: int) -> bool:

@@ -898,6 +898,12 @@ def swiglu_bwd(g, u, dh):
 # safe on one stream at a time). No permutation, no tile map, no separate combine launch.
 # The fp32 sum over the K * F / BLOCK_N partials is in arrival order: not bit-reproducible
 # from run to run (~1 fp32 ulp per add before the cast to bf16).
+#
+# Measured (H200, issue #18, docs/kernels-notes.md): correct, but 46.8 us at T=1 for Qwen3-30B-
+# A3B (1.6 TB/s) where the four tiles-path launches take 31.7 us, so "auto" does not pick it
+# (``kernels.autograd.DECODE_MAX_TOKENS``). Likely causes, not isolated: plain loads with one
+# tile of prefetch keep too few bytes in flight per SM (the tiles kernels pipeline with cp.async),
+# and every program adds a whole D-row into the same token row (192-768 atomic adds per address).
 
 _DEC_GPU = [
     dict(BLOCK_N=16, BLOCK_K=256, BLOCK_D=256, w=4, s=1),
