@@ -47,7 +47,7 @@ def test_ep2_moe_layer_matches_single_process(tmp_path):
 def test_sharded_training_equals_single_process(tmp_path, nproc, replicate, shard, ep):
     """Parameters after 3 AdamW steps (grad-norm clipping at 0.5, active) equal one process on the
     global batch (float64 except the fp32 router; atol 1e-5; a layout bug shows as >1e-3), and the
-    clipped total grad norm equals the single-process one (rtol 1e-8)."""
+    clipped total grad norm equals the single-process one (rtol 1e-6: the fp32 router rounds at ~1e-8)."""
     out = tmp_path / "fsdp"
     torchrun(nproc, "fsdp_steps", str(out), str(replicate), str(shard), str(ep), "3")
     for rank in range(nproc):
@@ -55,7 +55,7 @@ def test_sharded_training_equals_single_process(tmp_path, nproc, replicate, shar
         assert res["ref_moved"] > 1e-3, "the reference did not train"
         assert res["max_err"] < 1e-5, res
         for got, want in res["norms"]:  # distributed grad-norm clipping: the global norm, and active
-            assert want > 0.5 and abs(got - want) < 1e-8 * want, res["norms"]
+            assert want > 0.5 and abs(got - want) < 1e-6 * want, res["norms"]
 
 
 def test_dcp_checkpoint_reshards_from_2_to_1_3_4_ranks(tmp_path):
