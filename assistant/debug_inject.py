@@ -1,9 +1,10 @@
 """Injected bugs in held-out packages, with their own doctest/test evidence (``python -m
 assistant.debug_bench injected``).
 
-Held-out packages (never in the training corpus; docs/model-card.md): ``textual`` (functions
-whose docstrings carry ``>>>`` examples: ``geometry.py``, ``color.py``, ``_slug.py``) and
-``jsonschema`` (functions named by the package's own shipped tests, ``jsonschema/tests``). For
+Held-out packages (never in the training corpus; docs/model-card.md): ``jsonschema`` (functions
+named by the package's own shipped tests, ``jsonschema/tests``; the default) and ``textual``
+(functions whose own docstrings carry ``>>>`` examples; textual keeps most of its examples in
+class docstrings, so few qualify). For
 each function whose evidence passes untouched: the untouched function is debugged (a hint at
 confidence >= 0.5 is a false alarm), then one bug is injected by the training-data injector
 (:func:`model.data.tasks.mutate`, a different code path from the repair's mutations) and the
@@ -53,7 +54,10 @@ def _targets(packages: list[str]) -> list[tuple[evidence.Target, list[str]]]:
         files, _ = evidence.project_files(sp / "jsonschema")
         files = {f"jsonschema/{k}": v for k, v in files.items() if not k.startswith("benchmarks/")}
         for rel in ("jsonschema/_utils.py", "jsonschema/_types.py", "jsonschema/_format.py",
-                    "jsonschema/exceptions.py", "jsonschema/_keywords.py"):
+                    "jsonschema/exceptions.py", "jsonschema/_keywords.py", "jsonschema/validators.py",
+                    "jsonschema/_legacy_keywords.py", "jsonschema/cli.py"):
+            if not (sp / rel).is_file():
+                continue
             src = (sp / rel).read_text(encoding="utf-8")
             tgt = evidence.Target(files=dict(files), target=rel, module=evidence.module_name(rel), source=src)
             tests = {k: v for k, v in files.items() if k.startswith("jsonschema/tests/")
@@ -102,7 +106,7 @@ def _with_source(tgt: evidence.Target, source: str) -> evidence.Target:
 def run_injected(args: argparse.Namespace) -> dict:
     from assistant.debug_bench import _engine
 
-    packages = [p for p in (args.packages or "textual,jsonschema").split(",") if p]
+    packages = [p for p in (args.packages or "jsonschema").split(",") if p]
     engine = _engine(args.model)
     opts = debugging.DebugOptions(budget_s=args.budget, per_run_timeout=args.per_run_timeout,
                                   use_model=engine is not None, top_lines=args.top_lines)

@@ -57,6 +57,8 @@ def statement_lines(source: str, first: int, last: int) -> list[int]:
     lines: set[int] = set()
     for stmt in body:
         for node in ast.walk(stmt):
+            if isinstance(node, (ast.Try, getattr(ast, "TryStar", ast.Try), ast.Pass)):
+                continue  # ``try:`` and ``pass`` do nothing that can be wrong
             if isinstance(node, ast.stmt) and not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
                                                                     ast.ClassDef)):
                 lines.add(node.lineno)

@@ -14,7 +14,6 @@ evidence on each; the verified ones are ranked by the model's likelihood of the 
 from __future__ import annotations
 
 import ast
-import builtins
 import io
 import keyword
 import re
@@ -205,7 +204,7 @@ def mutations(source: str, line: int, fn: ast.AST | None = None) -> Iterator[tup
                 continue  # a keyword argument's name
             a, b = at(t)
             for other in scope:
-                if other != t.string and other not in dir(builtins):
+                if other != t.string:
                     yield indent + _replace(code, a, b, other), f"`{t.string}` -> `{other}`", 3
     # attributes: ``.name`` replaced by another attribute the function uses
     attrs = sorted({n.attr for n in ast.walk(fn) if isinstance(n, ast.Attribute)}) if fn is not None else []

@@ -128,6 +128,9 @@ class Options:
     max_seconds: float | None = None
     progress: bool = False
     batch_size: int = 4  # prompts generated together by one engine
+    run: bool = False  # run each function's evidence (doctests, tests) and verify fixes: executes code
+    tests: tuple[str, ...] = ()  # --tests: extra tests run as evidence (with run)
+    run_budget_s: float = 60.0  # per function, with run
 
 
 class UsageError(ValueError):
@@ -486,8 +489,46 @@ def execute_review(jobs: list[_Job], opts: Options, engine: Engine | None, repor
         if progress is not None:
             progress.stop()
         report.elapsed_s = round(time.monotonic() - t0, 3)
+    if opts.run and not report.interrupted:
+        try:
+            _run_evidence(jobs, opts, engine if pool is None else None, report)
+        except KeyboardInterrupt:
+            report.interrupted = True
     report.findings.sort(key=lambda f: (f.path, f.line, f.rule))
     return report
+
+
+def _run_evidence(jobs: list[_Job], opts: Options, engine: Engine | None, report: Report) -> None:
+    """``--run``: for each reviewed function with evidence (doctest examples, tests that call
+    it, ``--tests``), debugging from evidence (:mod:`assistant.debugging`) replaces the model's
+    hint: verified fixes, failing runs, or "all runs pass". A function whose evidence cannot
+    run is reported as skipped and the review goes on."""
+    from assistant import debugging, evidence
+
+    dopts = debugging.DebugOptions(tests=opts.tests, budget_s=opts.run_budget_s, use_model=engine is not None)
+    targets: dict[str, Any] = {}
+    seen: set[tuple[str, str]] = set()
+    for job in jobs:
+        key = (job.path, job.func.qualname)
+        if job.kind != "debug" or key in seen:
+            continue
+        seen.add(key)
+        try:
+            if job.path not in targets:
+                targets[job.path] = evidence.prepare(job.path, job.source, [], tests=opts.tests)
+            tgt = targets[job.path]
+            if not tgt.examples.get(job.func.qualname) and not tgt.tests.get(job.func.qualname):
+                continue  # nothing to run: the model's hint stays
+            result, _rep = debugging.debug_function(engine, tgt, job.func.qualname, job.path, dopts)
+        except (evidence.EvidenceError, OSError) as e:
+            report.skipped.append(Skipped(f"{job.path}::{job.func.qualname}", f"--run: {e}"))
+            continue
+        except Exception as e:  # noqa: BLE001 - one function's trouble never stops the review
+            report.skipped.append(Skipped(f"{job.path}::{job.func.qualname}", f"--run failed: {type(e).__name__}: {e}"))
+            continue
+        report.findings = [f for f in report.findings
+                           if not (f.rule == "MC001" and f.path == job.path and f.function == job.func.qualname)]
+        report.findings.extend(_findings(job, result, opts))
 
 
 # ------------------------------------------------------------------------- output
@@ -632,6 +673,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="most new tokens per function")
     p.add_argument("--max-seconds", type=float, default=None, metavar="S", help="time limit per batch")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    p.add_argument("--run", action="store_true",
+                   help="run each function's doctest examples and the tests that call it in a sandbox; hints "
+                        "then come from the runs and fixes are verified (this executes the code: opt-in)")
+    p.add_argument("--tests", metavar="PATH[::NODE]", action="append", default=[],
+                   help="with --run: more tests to run as evidence (repeatable)")
     return p
 
 
@@ -720,7 +766,11 @@ def main(argv: Sequence[str] | None = None, engine: Engine | None = None) -> int
             return fail(f"--output {args.output}: exists and is not a moecoder report (use --force to overwrite)")
     opts = Options(diff=args.diff, jobs=jobs, min_confidence=min_conf, docstrings=not args.no_docstrings,
                    max_lines=args.max_lines, max_new_tokens=args.max_tokens, max_seconds=args.max_seconds,
-                   progress=not args.no_progress and sys.stderr.isatty())
+                   progress=not args.no_progress and sys.stderr.isatty(),
+                   run=args.run or bool(args.tests), tests=tuple(args.tests))
+    for t in args.tests:
+        if not Path(t.split("::", 1)[0]).exists():
+            return fail(f"--tests {t}: no such file")
     report = Report(model=args.model or settings.model, root=os.getcwd())
     own_engine = engine is None
     pool = None

@@ -256,3 +256,28 @@ def test_without_failing_runs_the_hint_is_model_only_and_lower(tmp_path, tiny_to
         assert r2.hints[0].fix.strip() == "return a + b"
     finally:
         engine.close()
+
+
+def test_review_run_replaces_model_hints_with_evidence(tmp_path, tiny_tokenizer, capsys):
+    import json
+
+    from assistant import review
+
+    (tmp_path / "setup.py").write_text("")
+    _write(tmp_path, "mod.py", BUGGY)
+    engine = Engine.from_loaded(backend=ScriptedBackend(
+        tiny_tokenizer, lambda task, code: ("Line 1 is odd.", "line 1: odd\nfix: pass") if task == "debug"
+        else ("", "Summary."), context_length=4096))
+    try:
+        code = review.main([str(tmp_path / "mod.py"), "--format", "json", "--min-confidence", "0",
+                            "--no-docstrings"], engine=engine)
+        plain = json.loads(capsys.readouterr().out)["findings"]
+        assert code == 1 and {f["line"] for f in plain} == {1, 20}  # the model's guesses, no code ran
+        code = review.main([str(tmp_path / "mod.py"), "--format", "json", "--no-docstrings", "--run"], engine=engine)
+        found = json.loads(capsys.readouterr().out)["findings"]
+    finally:
+        engine.close()
+    # count_below: the verified fix; double: its example passes, the model's hint drops below the threshold
+    assert code == 1 and [(f["function"], f["line"], f["fix"].strip()) for f in found] == [
+        ("count_below", 15, "if x <= limit:")]
+    assert "verified" in found[0]["message"] and "returned 1, the docstring expects 2" in found[0]["reasoning"]
