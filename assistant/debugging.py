@@ -240,7 +240,7 @@ def debug_function(engine: Any, tgt: evmod.Target, function: str, path: str | No
             got = runs.get(f"c{k + i}", [])
             fixed = len({r.id for r in got if r.passed} & fail_ids) / len(fail_ids)
             broke = any(not r.passed for r in got if r.id in pass_ids)
-            mut[c.line] = max(mut.get(c.line, 0.0), fixed * (0.5 if broke else 1.0))
+            mut[c.line] = max(mut.get(c.line, 0.0), 0.0 if broke else fixed)
             if ok.get(f"c{k + i}"):
                 verified.append(c)
         say(f"{done} checked{f', {len(verified)} verified' if verified else ''}; ")

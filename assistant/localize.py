@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from assistant.evidence import Evidence
 
 MODEL_WEIGHT = 0.3  # the model's share next to Ochiai (in [0, 1])
-MUTATION_WEIGHT = 1.0  # a one-line change that makes failing runs pass points at its line
+MUTATION_WEIGHT = 0.5  # a one-line change that makes failing runs pass (and breaks none) points at its line
 ANSWER_SHARE = 0.5  # within the model's signal: the debug answer's line vs the surprisal rank
 
 

@@ -75,6 +75,9 @@ log = logging.getLogger("moecoder.lsp")
 PYTHON_IDS = {"python", "py", "python3"}
 SOURCE = "moecoder"
 DOCSTRING_KIND = types.CodeActionKind.RefactorRewrite
+FIND_BUG_KIND = types.CodeActionKind.QuickFix + ".moecoder.findBug"  # runs code: only on request
+FIND_BUG_COMMAND = "moecoder.findBug"
+FIND_BUG_TITLE = "Find the bug (runs examples)"
 MAX_RELATED = 2
 MAX_RELATED_CHARS = 8_000
 _WORD_TAIL = re.compile(r"[A-Za-z0-9_]*$")
@@ -691,6 +694,60 @@ class MoeServer(LanguageServer):
         return types.CodeAction(title=f"Apply fix: {fix.strip()[:60]}", kind=types.CodeActionKind.QuickFix,
                                 diagnostics=[diag], edit=edit, is_preferred=True)
 
+    async def find_bug(self, uri: str, name: str, progress_token: Any = None) -> dict[str, Any]:
+        """The "Find the bug (runs examples)" command: debugging from evidence for one function
+        (its doctest examples and the tests that call it run in a sandbox; fixes are verified by
+        running them). The hints become diagnostics (a verified fix is a quick fix); the
+        summary goes to the client as a message. This runs the user's code: only on request."""
+        from assistant.debugging import DebugOptions, debug_stream
+
+        doc = self.python_doc(uri)
+        if doc is None:
+            return {"error": "not an open Python document"}
+        engine = await self.engine()
+        version, text = doc.version, doc.text
+        loop = asyncio.get_running_loop()
+        async with self.progress(f"moecoder: finding the bug in {name} (runs examples)", progress_token) as progress:
+            def work() -> tuple[Any, str | None]:
+                result, reasoning, error = None, [], None
+                for ev in debug_stream(engine, _path(uri), text, [name], DebugOptions()):
+                    if ev.kind == "reasoning":
+                        reasoning.append(ev.text)
+                        loop.call_soon_threadsafe(progress.reasoning, "".join(reasoning))
+                    elif ev.kind == "done":
+                        result = ev.result
+                    elif ev.kind == "error":
+                        error = ev.text
+                return result, error
+
+            result, error = await loop.run_in_executor(self.executor, work)
+        if error or result is None:
+            msg = error or "no result"
+            self.report_once(f"moecoder: find the bug: {msg}", types.MessageType.Warning)
+            return {"error": msg}
+        snapshot = Document(uri, text, version, doc.language_id, self.encoding)
+        items = [d for d in (self._diagnostic(snapshot, h) for h in result.hints) if d is not None]
+        current = self.docs.get(uri)
+        if current is not None and current.version == version:
+            state = self._diag.get(uri)
+            keep = [d for d in state.items if d.range.start.line not in {i.range.start.line for i in items}] \
+                if state is not None and state.version == version else []
+            self._diag[uri] = DiagState(version, str(next(self._result_ids)), keep + items)
+            if self.pull_diagnostics:
+                with contextlib.suppress(Exception):
+                    self.workspace_diagnostic_refresh(None)
+            else:
+                self.text_document_publish_diagnostics(
+                    types.PublishDiagnosticsParams(uri=uri, diagnostics=keep + items, version=version))
+        h = result.hints[0] if result.hints else None
+        summary = (f"{name}: line {h.line + 1}: {h.message}" + (f" — fix: {h.fix.strip()}" if h.fix else "")
+                   if h else f"{name}: no bug found")
+        with contextlib.suppress(Exception):
+            self.window_show_message(types.ShowMessageParams(type=types.MessageType.Info, message=summary))
+        return {"summary": summary, "reasoning": result.reasoning,
+                "hints": [{"line": x.line, "message": x.message, "fix": x.fix, "confidence": x.confidence,
+                           "evidence": getattr(x, "evidence", "model")} for x in result.hints]}
+
     def workspace_edit(self, doc: Document, edits: list[types.TextEdit]) -> types.WorkspaceEdit:
         if self.client_has("workspace.workspace_edit.document_changes", False):
             return types.WorkspaceEdit(document_changes=[types.TextDocumentEdit(
@@ -898,7 +955,7 @@ def build_server(factory: EngineFactory | None = None, settings: Settings | None
         return types.RelatedFullDocumentDiagnosticReport(items=state.items, result_id=state.result_id)
 
     @server.feature(types.TEXT_DOCUMENT_CODE_ACTION, types.CodeActionOptions(
-        code_action_kinds=[types.CodeActionKind.QuickFix, DOCSTRING_KIND], resolve_provider=True))
+        code_action_kinds=[types.CodeActionKind.QuickFix, DOCSTRING_KIND, FIND_BUG_KIND], resolve_provider=True))
     async def code_action(ls: MoeServer, params: types.CodeActionParams) -> list[types.CodeAction] | None:
         if not ls.settings.on("codeActions"):
             return None
@@ -926,6 +983,14 @@ def build_server(factory: EngineFactory | None = None, settings: Settings | None
                 action = ls.fix_action(doc, d)
                 if action is not None:
                     actions.append(action)
+        if wanted(FIND_BUG_KIND):
+            line, _ = doc.engine_line_col(start)
+            fn = _function_at(doc.text, line)
+            if fn is not None:
+                actions.append(types.CodeAction(
+                    title=f"{FIND_BUG_TITLE}: {fn[0]}", kind=FIND_BUG_KIND,
+                    command=types.Command(title=FIND_BUG_TITLE, command=FIND_BUG_COMMAND,
+                                          arguments=[doc.uri, fn[0]])))
         if wanted(DOCSTRING_KIND):
             line, _ = doc.engine_line_col(start)
             fn = _function_at(doc.text, line)
@@ -939,6 +1004,16 @@ def build_server(factory: EngineFactory | None = None, settings: Settings | None
                     action = await ls.docstring_edit(action, params.work_done_token)
                 actions.append(action)
         return actions
+
+    @server.command(FIND_BUG_COMMAND)
+    async def find_bug_command(ls: MoeServer, *args: Any) -> Any:
+        flat = list(args[0]) if len(args) == 1 and isinstance(args[0], list | tuple) else list(args)
+        if len(flat) < 2 or not isinstance(flat[0], str) or not isinstance(flat[1], str):
+            return {"error": f"{FIND_BUG_COMMAND} takes [uri, function]"}
+        try:
+            return await ls.find_bug(flat[0], flat[1])
+        except TaskFailed as e:
+            return {"error": str(e)}
 
     @server.feature(types.CODE_ACTION_RESOLVE)
     async def code_action_resolve(ls: MoeServer, action: types.CodeAction) -> types.CodeAction:
