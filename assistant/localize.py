@@ -6,9 +6,10 @@ and ``ep`` passing runs out of ``F`` failing runs (Abreu et al. 2007). The model
 surprising each line is to it (mean token surprisal, ranked within the function) and the line
 its debug answer names. They are combined as ``ochiai + MODEL_WEIGHT x model``: the model's
 share is small, so it orders lines the runs cannot tell apart (Ochiai ties are common: a loop
-body runs in every failing run) and does not overrule a clear spectrum. The weights were set on
-injected bugs in held-out packages and measured on QuixBugs (docs/benchmarks.md, "Debugging
-from evidence": Ochiai alone, the model alone, combined). With no failing run the ranking is
+body runs in every failing run) and does not overrule a clear spectrum. The weights were set
+a priori (not tuned on any benchmark) and the variants are measured on QuixBugs and on
+injected bugs (docs/benchmarks.md, "Debugging from evidence": Ochiai alone, the model
+alone, combined, and with the repair step's outcomes). With no failing run the ranking is
 the model's alone, and the caller says so.
 """
 

@@ -666,3 +666,17 @@ async def test_real_engine_streams_and_stops(tmp_path, tiny_model_dir, real_engi
         await wait_for(pilot, last_done(app), timeout=60)
         assert turns(app)[-1].state.status in ("done", "error")
         assert turns(app)[-2].state.status == "stopped"
+
+
+async def test_debug_run_runs_the_examples_and_shows_the_verified_fix(tmp_path):
+    src = ('def add(a, b):\n    """Add.\n\n    >>> add(2, 3)\n    5\n    """\n    return a - b\n')
+    (tmp_path / "calc.py").write_text(src)
+    engine = ScriptedEngine(delay=0.0)
+    app = make_app(tmp_path, engine, files=["calc.py"])
+    async with app.run_test(size=SIZE) as pilot:
+        await app.handle_input("/debug --run add")
+        await wait_for(pilot, last_done(app), timeout=120)
+        turn = turns(app)[-1]
+        assert turn.state.status == "done"
+        assert "verified by running" in turn.state.answer and "return a + b" in turn.state.answer
+        assert "`add(2, 3)` returned -1, the docstring expects 5" in turn.state.reasoning

@@ -42,6 +42,23 @@ def stream_turn(engine: Engine, request: TaskRequest, cancel: CancelToken, polic
         yield ev
 
 
+@dataclass
+class RunDebugRequest:
+    """``/debug --run``: debugging from evidence (the function's doctest examples and the tests
+    that call it run in a sandbox; fixes verified by running them). Runs the user's code, so
+    only on that explicit flag."""
+
+    source: str
+    path: str
+    functions: list[str] = field(default_factory=list)
+    task: str = "debug"
+
+    def stream(self, engine: Engine, cancel: CancelToken | None = None):
+        from assistant.debugging import DebugOptions, debug_stream
+
+        return debug_stream(engine, self.path, self.source, self.functions, DebugOptions())
+
+
 # Tokens kept free for the answer when reporting the prompt budget.
 DEFAULT_ANSWER_TOKENS = 256
 

@@ -257,7 +257,8 @@ class ChatApp(App):
             return
         if cancel.cancelled:  # stopped while the model was loading
             return
-        events = api.stream_turn(engine, request, cancel, self._policy)
+        events = request.stream(engine, cancel) if isinstance(request, api.RunDebugRequest) \
+            else api.stream_turn(engine, request, cancel, self._policy)
         try:
             for ev in events:
                 if cancel.cancelled:
@@ -505,9 +506,17 @@ class ChatApp(App):
             if att is None:
                 raise CommandError(f"no attached file defines {args[0]}(); /add the file first")
             request = self._request("comment", att, function=args[0])
+        elif name == "debug" and "--run" in args:
+            rest = [a for a in args if a != "--run"]
+            if len(rest) > 1:
+                raise CommandError("usage: /debug --run [FUNC]")
+            att = find_function(self.attachments, rest[0]) if rest else self._last_attachment("/debug --run")
+            if att is None:
+                raise CommandError(f"no attached file defines {rest[0]}(); /add the file first")
+            request = api.RunDebugRequest(att.text, str(att.file), list(rest))
         elif name == "debug":
             if len(args) > 1:
-                raise CommandError("usage: /debug [FUNC]")
+                raise CommandError("usage: /debug [--run] [FUNC]")
             if args:
                 att = find_function(self.attachments, args[0])
                 if att is None:

@@ -18,7 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "files": ("", "list attached files and the context budget"),
     "complete": ("FILE:LINE", "complete the code at the end of LINE (1-based)"),
     "comment": ("FUNC", "write a docstring for function FUNC of an attached file"),
-    "debug": ("[FUNC]", "look for a bug in FUNC (or in the last attached file)"),
+    "debug": ("[--run] [FUNC]", "look for a bug in FUNC (or in the last attached file); --run runs its "
+                                "doctest examples and tests in a sandbox and verifies fixes (executes the code)"),
     "explain": ("[FILE[:A-B]]", "explain a file or lines A-B of it (default: last attached)"),
     "clear": ("", "start a new conversation (the old one stays saved)"),
     "model": ("PATH", "load another model checkpoint directory"),
