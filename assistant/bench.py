@@ -161,6 +161,87 @@ def bench_review(model_dir: Path, label: str, jobs: int, max_tokens: int | None)
     return {"functions": n, "seconds": dt, "rate": rate, "tokens": generated[0]}
 
 
+def bench_review_path(path: str, jobs_list: list[int], model: str | None, max_tokens: int | None) -> None:
+    """``moecoder review PATH --jobs N`` end to end (a fresh process each: model load included),
+    for each N: wall time, functions per second, the children's peak RSS."""
+    import json
+    import resource
+    import subprocess
+
+    for jobs in jobs_list:
+        out = Path(tempfile.mkdtemp(prefix="moecoder-bench-")) / "r.json"
+        cmd = [sys.executable, "-m", "assistant.cli", "review", path, "--jobs", str(jobs), "--format", "json",
+               "--output", str(out), "--no-progress"]
+        if model:
+            cmd += ["--model", model]
+        if max_tokens:
+            cmd += ["--max-tokens", str(max_tokens)]
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        dt = time.perf_counter() - t0
+        if not out.exists():
+            print(f"review {path} --jobs {jobs}: failed (exit {r.returncode}): {r.stderr.strip()[-300:]}")
+            continue
+        rep = json.loads(out.read_text())
+        n = rep["summary"]["functions_reviewed"] if "summary" in rep else rep.get("functions_reviewed", 0)
+        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        print(f"review {path} --jobs {jobs}: {n} functions in {dt:.1f} s wall (model load included) = "
+              f"{n / dt:.2f} functions/s; {len(rep.get('findings', []))} findings; largest process so far "
+              f"{rss:.0f} MiB peak RSS", flush=True)
+
+
+_STANDIN = r"""
+import resource, sys, time
+from assistant.engine import Backend, Engine
+from assistant.review import Options, Report, plan_review, _requests, _findings
+from assistant.tasks import iter_batch
+from model.generate import GenerationResult
+from model.checkpoint import default_model_dir
+from model.tokenizer import Tokenizer
+
+class Echo(Backend):  # answers at once: the review's own cost, not the model's
+    def __init__(self, tok):
+        self.tokenizer, self.context_length = tok, 2048
+        self.answer = tok.encode("Takes the input.") + [tok.special_id("think_end")] + tok.encode("no issue") + [tok.eos_id]
+    def generate_batch(self, prompts, params, cancel=None):
+        return [GenerationResult(text="", token_ids=list(self.answer), logprobs=[-0.1] * len(self.answer),
+                                 finish_reason="eos") for _ in prompts]
+    def token_logprobs(self, ids):
+        return [-1.0] * len(ids)
+
+engine = Engine.from_loaded(backend=Echo(Tokenizer.load(default_model_dir())))
+opts = Options(max_lines=10**6, max_bytes=10**8)
+report = Report()
+t0 = time.perf_counter()
+jobs = plan_review([sys.argv[1]], opts, report)
+reqs = _requests(jobs, opts)
+window = len(reqs) if sys.argv[2] == "all" else None
+n = 0
+for i, res in iter_batch(engine, reqs, batch_size=4, window=window):
+    _findings(jobs[i], res, opts)
+    n += 1
+engine.close()
+print(f"{len(reqs)} requests ({report.files_reviewed} file, {len({(j.path, j.func.start_line) for j in jobs})} "
+      f"functions) in {time.perf_counter() - t0:.1f} s; peak RSS "
+      f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+"""
+
+
+def bench_review_memory(n_lines: int) -> None:
+    """Peak RSS of reviewing one ``n_lines``-line file with a stand-in model that answers at once:
+    every request planned up front (the old way) vs a window at a time (now)."""
+    import subprocess
+
+    work = Path(tempfile.mkdtemp(prefix="moecoder-bench-"))
+    f = work / "big.py"
+    f.write_text(synthetic_source(n_lines))
+    print(f"review memory, one file of {f.read_text().count(chr(10))} lines (stand-in model):")
+    for mode, label in (("all", "all requests planned up front (before)"), ("window", "a window at a time (now)")):
+        r = subprocess.run([sys.executable, "-c", _STANDIN, str(f), mode], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        print(f"  {label}: {(r.stdout.strip() or r.stderr.strip()[-300:])}", flush=True)
+
+
 def bench_calibration(n: int, seed: int, jobs: int, model_dir: Path | None, legacy: bool = False) -> None:
     """Debug hints on held-out code: this repository's own functions (the model never saw
     them), ``n`` untouched and ``n`` with one injected bug (``model.data.tasks.mutate``).
@@ -244,7 +325,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time review with a randomly initialised model of this preset (e.g. small, the "
                         "shipped architecture) and the shipped tokenizer: the worst case, every answer runs "
                         "to the token limit")
+    p.add_argument("--review-path", metavar="DIR",
+                   help="only time `moecoder review DIR --jobs N` end to end for each N of --review-jobs")
+    p.add_argument("--review-jobs", default="1,2", help="the --jobs values for --review-path (default 1,2)")
+    p.add_argument("--review-memory", type=int, metavar="LINES", default=0,
+                   help="only measure the review's peak RSS on one file of LINES lines (stand-in model)")
     args = p.parse_args(argv)
+    if args.review_path or args.review_memory:
+        print(f"date: {_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}")
+        print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f} (a shared box)")
+        print(f"versions: {versions()}")
+        if args.review_memory:
+            bench_review_memory(args.review_memory)
+        if args.review_path:
+            bench_review_path(args.review_path, [int(x) for x in args.review_jobs.split(",")], args.model,
+                              args.max_tokens)
+        return 0
 
     import torch
 
