@@ -148,6 +148,7 @@ class Plan:
     reasoning_lines: tuple[int, int] | None = None
     # open checkpoints that do not think natively: reasoning until this text (assistant.prompts)
     answer_marker: str | None = None
+    loop_guard: int = 0  # SamplingParams.loop_guard: prose tasks never repeat a unit three times in a row
 
 
 def _budget(engine: Engine, max_new: int) -> tuple[int, int]:
@@ -176,6 +177,13 @@ def make_plan(engine: Engine, req: TaskRequest) -> Plan:
 
 
 # ------------------------------------------------------------------------- running one request
+LOOP_GUARD = 8  # comment / debug / explain (and the chat, which runs them): see model/repetition.py
+
+
+def _guard(plan: Plan) -> dict[str, int]:
+    return {"loop_guard": plan.loop_guard} if plan.loop_guard else {}
+
+
 def execute(engine: Engine, request: TaskRequest, cancel: CancelToken | None) -> Iterator[Event]:
     """Events of one request. Runs on the engine's worker thread (it calls the model)."""
     from assistant.engine import Event
@@ -185,7 +193,7 @@ def execute(engine: Engine, request: TaskRequest, cancel: CancelToken | None) ->
     think_end = prompts.think_end_id(tok)
     splitter = prompts.MarkerSplitter(plan.answer_marker) if plan.answer_marker and plan.think else None
     params = engine.sampling_params(plan.max_new_tokens, request.max_seconds, stop_strings=plan.stop_strings,
-                                    stop_token_ids=plan.stop_token_ids)
+                                    stop_token_ids=plan.stop_token_ids, **_guard(plan))
     in_answer = not plan.think
     reasoning: list[str] = []
     answer: list[str] = []
@@ -296,14 +304,16 @@ def _iter_window(engine: Engine, requests: Sequence[TaskRequest], indices: range
             yield i, EngineError(str(e).splitlines()[0] if str(e) else type(e).__name__)
     groups: dict[tuple, list[tuple[int, Plan]]] = {}
     for i, p in plans:
-        key = (p.max_new_tokens, p.request.max_seconds, p.stop_strings, p.stop_token_ids, p.think, p.answer_marker)
+        key = (p.max_new_tokens, p.request.max_seconds, p.stop_strings, p.stop_token_ids, p.think, p.answer_marker,
+               p.loop_guard)
         groups.setdefault(key, []).append((i, p))
     del plans
     tok = engine.tokenizer
     for key, members in groups.items():
-        max_new, max_s, stops, stop_ids, think, marker = key
+        max_new, max_s, stops, stop_ids, think, marker, _ = key
         members.sort(key=lambda m: len(m[1].prompt_ids))  # similar lengths batch with less padding
-        params = engine.sampling_params(max_new, max_s, stop_strings=stops, stop_token_ids=stop_ids)
+        params = engine.sampling_params(max_new, max_s, stop_strings=stops, stop_token_ids=stop_ids,
+                                        **_guard(members[0][1]))
         while members:
             chunk, members[:batch_size] = members[:batch_size], []  # done plans are dropped as we go
             prompts = [p.prompt_ids for _, p in chunk]
@@ -344,6 +354,7 @@ def execute_batch(engine: Engine, requests: list[TaskRequest], batch_size: int =
 # ------------------------------------------------------------------------- complete
 def _plan_complete(engine: Engine, req: TaskRequest, budget: int, max_new: int) -> Plan:
     from assistant.context import build_context, source_window
+    from model.formats import fim_suffix_stop
 
     tok = engine.tokenizer
     lines = req.source.split("\n")
@@ -362,8 +373,10 @@ def _plan_complete(engine: Engine, req: TaskRequest, budget: int, max_new: int) 
         text = postprocess_completion(gen.answer, prefix, suffix, multiline)
         return Completion(text=text, multiline=multiline)
 
+    at_suffix = fim_suffix_stop(suffix) if multiline else None  # the middle ends where the suffix begins
+    stops = ("\n",) if not multiline else (at_suffix,) if at_suffix else ()
     return Plan(req, ctx.prompt_ids, max_new, think=False, finish=finish,
-                stop_strings=() if multiline else ("\n",), stop_token_ids=stop_ids, notes=ctx.report.trimmed)
+                stop_strings=stops, stop_token_ids=stop_ids, notes=ctx.report.trimmed)
 
 
 _OPEN = {"(": ")", "[": "]", "{": "}"}
@@ -593,7 +606,7 @@ def _plan_function_task(engine: Engine, req: TaskRequest, budget: int, max_new: 
             return make_docstring(func, gen.answer, gen.reasoning, style)
 
         return Plan(req, ids, max_new, think=True, finish=finish_comment, notes=notes,
-                    answer_marker=prompts.answer_marker(tok))
+                    answer_marker=prompts.answer_marker(tok), loop_guard=LOOP_GUARD)
 
     ids, kept = _fit_code(tok, "debug", code_lines, budget, True, notes)
     surprisal_lines = code_lines[:kept]
@@ -605,7 +618,8 @@ def _plan_function_task(engine: Engine, req: TaskRequest, budget: int, max_new: 
                                  use_gate=None if prompts.kind(tok) == "moecoder" else False)
 
     return Plan(req, ids, max_new, think=True, finish=finish_debug, notes=notes,
-                reasoning_lines=(first, len(surprisal_lines)), answer_marker=prompts.answer_marker(tok))
+                reasoning_lines=(first, len(surprisal_lines)), answer_marker=prompts.answer_marker(tok),
+                loop_guard=LOOP_GUARD)
 
 
 def question_lines(question: str | None, limit: int = 400) -> list[str]:
@@ -637,7 +651,8 @@ def _plan_explain(engine: Engine, req: TaskRequest, budget: int, max_new: int) -
     def finish(_engine: Engine, gen: Generated) -> Explanation:
         return Explanation(text=gen.answer.strip(), reasoning=gen.reasoning.strip())
 
-    return Plan(req, ids, max_new, think=True, finish=finish, notes=notes, answer_marker=prompts.answer_marker(tok))
+    return Plan(req, ids, max_new, think=True, finish=finish, notes=notes, answer_marker=prompts.answer_marker(tok),
+                loop_guard=LOOP_GUARD)
 
 
 # ------------------------------------------------------------------------- debug results

@@ -22,6 +22,8 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--loop-guard", type=int, default=8, metavar="N",
+                   help="never repeat a unit of up to N tokens three times in a row (default 8; 0: off)")
     return p
 
 

@@ -66,6 +66,16 @@ def fim_prompt(tok: TokenizerLike, prefix: str, suffix: str, spm: bool = True) -
     return [p, *tok.encode(prefix), s, *tok.encode(suffix), m]
 
 
+def fim_suffix_stop(suffix: str, min_chars: int = 4) -> str | None:
+    """A stop string for fill-in-the-middle: the suffix's first line after the cursor's line
+    with at least ``min_chars`` visible characters, as ``"\n" + line``. A model that does not
+    end the middle with ``<eos>`` goes on to write the suffix; this stops it at the suffix."""
+    for line in suffix.split("\n")[1:]:
+        if len(line.strip()) >= min_chars:
+            return "\n" + line.rstrip()
+    return None
+
+
 def task_prompt(tok: TokenizerLike, task: str, code: str) -> list[int]:
     """Prompt for ``comment``, ``debug`` or ``explain``; ends with <think>.
 

@@ -21,7 +21,8 @@ import torch
 
 from model.cancel import CancelToken  # noqa: F401  (re-exported: the interface names it here)
 from model.cli_args import generate_parser as _parser  # torch-free, for a fast `--help`
-from model.formats import fim_prompt
+from model.formats import fim_prompt, fim_suffix_stop
+from model.repetition import LoopGuard
 from model.transformer import Transformer
 
 PREFILL_CHUNK = 512
@@ -38,6 +39,7 @@ class SamplingParams:
     max_seconds: float | None = None
     seed: int | None = None
     watermark: Any = None  # a model.watermark.Watermark (its key switches it on); None = off
+    loop_guard: int = 0  # > 0: no unit of <= N tokens three times in a row (model/repetition.py)
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -54,6 +56,8 @@ class SamplingParams:
             raise ValueError("max_seconds must be >= 0")
         if self.watermark is not None:
             self.watermark.validate()
+        if self.loop_guard < 0:
+            raise ValueError("loop_guard must be >= 0")
 
 
 @dataclass
@@ -173,6 +177,7 @@ def _decode(model: Transformer, tok, prompts: list[list[int]], params: SamplingP
         from model.watermark import WatermarkState
 
         wm = WatermarkState(params.watermark, prompts)
+    guard = LoopGuard(tok, params.loop_guard) if params.loop_guard else None
     t0 = time.monotonic()
 
     cache = model.setup_cache(B, total, device=device)
@@ -189,6 +194,10 @@ def _decode(model: Transformer, tok, prompts: list[list[int]], params: SamplingP
         allowed = last[:, :vocab].clone()  # ids the tokenizer can decode, never padding
         if 0 <= pad_id < vocab:
             allowed[:, pad_id] = float("-inf")
+        if guard is not None:  # the token that would make a loop's third copy is not an option
+            for b in range(B):
+                if active[b] and (ban := [t for t in guard.banned(results[b].token_ids) if t < vocab]):
+                    allowed[b, ban] = float("-inf")
         ids = sample(allowed, params, gen) if wm is None else wm.sample(allowed, params, gen, sampling_probs)
         lps = last.log_softmax(-1).gather(-1, ids[:, None]).squeeze(-1)
         ids_l, lps_l = ids.tolist(), lps.tolist()
@@ -302,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     err = lambda msg: print(f"moecoder generate: error: {msg}", file=sys.stderr) or 2  # noqa: E731
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.top_k, tuple(args.stop),
-                            (), args.max_seconds, args.seed)
+                            (), args.max_seconds, args.seed, loop_guard=args.loop_guard)
     try:
         params.validate()
     except ValueError as e:
@@ -322,6 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.fim_suffix is not None:
         stops = {tok.special_id(n) for n in ("fim_prefix", "fim_suffix", "fim_middle", "file_sep")}
         params.stop_token_ids = tuple(stops)
+        at_suffix = fim_suffix_stop(args.fim_suffix)  # the middle ends where the suffix begins
+        if at_suffix is not None:
+            params.stop_strings = (*params.stop_strings, at_suffix)
         ids = fim_prompt(tok, prompt, args.fim_suffix)
     else:
         ids = tok.encode(prompt) or [tok.eos_id]
