@@ -146,7 +146,7 @@ def bench_review(model_dir: Path, label: str, jobs: int, max_tokens: int | None)
         return outs
 
     engine.backend.generate_batch = counting  # type: ignore[method-assign]
-    opts = Options(jobs=jobs, max_new_tokens=max_tokens)
+    opts = Options(batch_size=jobs, max_new_tokens=max_tokens)  # one in-process engine, `jobs` prompts a batch
     report = Report()
     t0 = time.perf_counter()
     run_review([str(ROOT / "examples" / "buggy")], opts, engine, report)

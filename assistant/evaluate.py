@@ -162,21 +162,23 @@ class Predictor(Protocol):
 class ModelPredictor:
     """Greedy decoding with ``model.generate`` (batched), prompts from ``model.formats``."""
 
-    def __init__(self, loaded, batch_size: int = 8, progress: Callable[[int], None] | None = None):
+    def __init__(self, loaded, batch_size: int = 8, progress: Callable[[int], None] | None = None,
+                 loop_guard: int = 0):
         self.model, self.tok, self.cfg = loaded.model, loaded.tokenizer, loaded.config
+        self.loop_guard = loop_guard  # for the prose tasks (comment / debug / explain), as the product
         self.ctx = int(self.cfg.max_seq_len)
         self.batch_size = batch_size
         self.progress = progress
 
     def _generate(self, prompts: list[list[int]], max_new: int, stops: Sequence[str] = (),
-                  stop_ids: Sequence[int] = ()) -> list:  # fmt: skip
+                  stop_ids: Sequence[int] = (), loop_guard: int = 0) -> list:  # fmt: skip
         from model.generate import SamplingParams, generate_batch
 
         fits = [i for i, p in enumerate(prompts) if 0 < len(p) <= self.ctx - 8]
         out: list = [None] * len(prompts)
         fits.sort(key=lambda i: len(prompts[i]))
         params = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop_strings=tuple(stops),
-                                stop_token_ids=tuple(stop_ids))  # fmt: skip
+                                stop_token_ids=tuple(stop_ids), loop_guard=loop_guard)  # fmt: skip
         for a in range(0, len(fits), self.batch_size):
             idx = fits[a : a + self.batch_size]
             res = generate_batch(
@@ -203,7 +205,7 @@ class ModelPredictor:
         ids = [task_prompt(self.tok, task, c) for c in codes]
         think_end = self.tok.special_id("think_end")
         out = []
-        for r in self._generate(ids, max_new_tokens):
+        for r in self._generate(ids, max_new_tokens, loop_guard=self.loop_guard):
             if r is None:
                 out.append(None)
                 continue
@@ -846,6 +848,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--loop-guard", type=int, default=0, metavar="N",
+                   help="the product's repetition guard on the prose tasks (comment/debug/explain: "
+                        "model/repetition.py; 8 in the assistant); default 0: plain greedy")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per sandboxed test run")
     p.add_argument(
@@ -925,7 +930,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moecoder eval: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     progress = _Progress()
-    predictor = ModelPredictor(loaded, batch_size=args.batch_size)
+    predictor = ModelPredictor(loaded, batch_size=args.batch_size, loop_guard=args.loop_guard)
     ctx = Context(predictor=predictor, limit=args.limit, seed=args.seed, data=args.data, task_data=args.task_data,
                   eval_dir=Path(args.eval_dir) if args.eval_dir else None, tokenizer=loaded.tokenizer,
                   jobs=args.jobs, timeout=args.timeout, max_new_tokens=args.max_new_tokens, progress=progress,

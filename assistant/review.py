@@ -658,8 +658,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", metavar="FILE", help="write the report to FILE (default: stdout)")
     p.add_argument("--force", action="store_true", help="overwrite --output even if it is not a moecoder report")
     p.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
-                   help="worker processes, each with its own model and a share of the CPU threads (default 4, "
-                        "at most the CPUs available, or review.jobs in the config file)")
+                   help="worker processes, each with its own model and a share of the CPU threads (at most "
+                        "the CPUs there are; default: review.jobs of the config file, 4, lowered to the idle "
+                        "CPUs + 1 on a busy machine)")
     p.add_argument("--min-confidence", type=float, default=None, metavar="X",
                    help="drop debug hints below this confidence, 0..1 (default 0.5, or review.min_confidence "
                         "in the config file)")
@@ -704,11 +705,12 @@ class _loading:
 REQUESTS_PER_WORKER = 8  # a worker process pays a model load: only when it has this much to do
 
 
-def _start_engine(settings: Any, model: str | None, jobs: int, n_jobs: int) -> tuple[Any, Any]:
+def _start_engine(settings: Any, model: str | None, jobs: int, n_jobs: int,
+                  adaptive: bool = False) -> tuple[Any, Any]:
     """(engine, None) for one in-process engine, or (None, WorkerPool) for ``jobs`` > 1 workers."""
     from assistant.workers import WorkerPool, default_workers
 
-    workers = min(default_workers(jobs), max(1, n_jobs // REQUESTS_PER_WORKER))
+    workers = min(default_workers(jobs, adaptive), max(1, n_jobs // REQUESTS_PER_WORKER))
     if workers > 1 and not getattr(settings, "server", None):
         pool = WorkerPool(settings, model, workers)
         try:
@@ -790,7 +792,8 @@ def main(argv: Sequence[str] | None = None, engine: Engine | None = None) -> int
         if planned and engine is None:
             try:
                 with _loading(opts.progress, "loading the model"):
-                    engine, pool = _start_engine(settings, args.model, jobs, len(planned))
+                    engine, pool = _start_engine(settings, args.model, jobs, len(planned),
+                                                 adaptive=args.jobs is None)
             except (ValueError, OSError) as e:
                 return fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
         execute_review(planned, opts, engine, report, pool=pool, t0=t0)

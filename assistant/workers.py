@@ -61,21 +61,31 @@ def _run(args: tuple[list[tuple[int, Any]], int]) -> list[tuple[int, object]]:
     return out
 
 
-def default_workers(jobs: int) -> int:
-    """Workers for ``--jobs N``: N, but not more than the CPUs this process may use."""
+def _cpus() -> int:
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(jobs, cpus))
+        return os.cpu_count() or 1
+
+
+def default_workers(jobs: int, adaptive: bool = False) -> int:
+    """Workers for ``--jobs N``: N, but not more than the CPUs this process may use. With
+    ``adaptive`` (N from the config file, not the command line) also not more than the idle
+    CPUs plus one: on a busy machine extra processes only compete for the same cores (measured:
+    docs/benchmarks.md, "Review throughput")."""
+    n = max(1, min(jobs, _cpus()))
+    if adaptive:
+        try:
+            idle = _cpus() - os.getloadavg()[0]
+        except OSError:
+            idle = _cpus()
+        n = max(1, min(n, int(idle) + 1))
+    return n
 
 
 class WorkerPool:
     def __init__(self, settings: Any, model_dir: str | None, workers: int, threads: int | None = None):
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except AttributeError:
-            cpus = os.cpu_count() or 1
+        cpus = _cpus()
         self.workers = max(1, workers)
         threads = threads or max(1, cpus // self.workers)
         ctx = multiprocessing.get_context("spawn")

@@ -312,6 +312,23 @@ class MoeServer(LanguageServer):
             caps.inline_completion_provider = None
         if not self.pull_diagnostics:
             caps.diagnostic_provider = None
+        self._hover_advertised = self.settings.on("hover")
+        if not self._hover_advertised:  # off (the default): the editor's own K / hover stays in charge
+            caps.hover_provider = None
+
+    def _register_hover(self) -> None:
+        """Hover switched on after initialize: register it, where the client allows that."""
+        if getattr(self, "_hover_advertised", True) or not self.settings.on("hover"):
+            return
+        if not self.client_has("text_document.hover.dynamic_registration", False):
+            self.report_once("moecoder: hover takes effect after the editor restarts the server",
+                             types.MessageType.Info)
+            return
+        self._hover_advertised = True
+        self.client_register_capability_async(types.RegistrationParams(registrations=[types.Registration(
+            id="moecoder-hover", method=types.TEXT_DOCUMENT_HOVER,
+            register_options=types.HoverRegistrationOptions(document_selector=[
+                types.TextDocumentFilterLanguage(language="python")]))]))
 
     # -- engine -----------------------------------------------------------------------------
     def _engine_wanted(self) -> tuple:
@@ -417,6 +434,7 @@ class MoeServer(LanguageServer):
             self.report_once(f"moecoder settings: {problem}", types.MessageType.Warning)
         if self._engine_future is not None and self._engine_key != self._engine_wanted():
             self.start_engine()  # the model changed: load the new one in the background
+        self._register_hover()
         if not self.settings.on("diagnostics"):
             for uri in list(self._diag) + list(self._diag_timers) + list(self._diag_tasks):
                 self.cancel_diagnostics(uri)

@@ -49,10 +49,15 @@ async def test_initialize_advertises_what_the_client_supports(client: LanguageCl
     assert caps.inline_completion_provider is not None
     assert caps.code_action_provider.resolve_provider is True
     assert caps.diagnostic_provider is not None  # neovim 0.10 pulls diagnostics
-    assert caps.hover_provider
+    assert caps.hover_provider is None  # off by default: not advertised, the editor's own hover (K) stays
     assert caps.text_document_sync.change == types.TextDocumentSyncKind.Incremental
     assert caps.position_encoding == types.PositionEncodingKind.Utf16
     assert result.server_info.name == "moecoder"
+
+
+async def test_hover_is_advertised_when_switched_on_at_initialize(client: LanguageClient):
+    result = await init(client, options={"features": {"hover": True}})
+    assert result.capabilities.hover_provider
 
 
 async def test_no_inline_completion_or_pull_for_an_older_client(client: LanguageClient):

@@ -488,7 +488,7 @@ def test_jobs_runs_worker_processes(tiny_model_dir, capsys, tmp_path, monkeypatc
     import assistant.workers as workers_mod
 
     monkeypatch.setattr(review_mod, "REQUESTS_PER_WORKER", 1)
-    monkeypatch.setattr(workers_mod, "default_workers", lambda jobs: jobs)  # CI may have 1 CPU
+    monkeypatch.setattr(workers_mod, "default_workers", lambda jobs, adaptive=False: jobs)  # CI may have 1 CPU
     pids = []
     real_run = workers_mod.WorkerPool.run
 
@@ -507,3 +507,15 @@ def test_jobs_runs_worker_processes(tiny_model_dir, capsys, tmp_path, monkeypatc
     assert one.functions_reviewed == two.functions_reviewed > 0 and not two.skipped, two.skipped
     assert {(f.path, f.function) for f in one.findings if f.rule == "MC002"} == \
         {(f.path, f.function) for f in two.findings if f.rule == "MC002"}
+
+
+def test_default_workers_follow_the_cpus_and_the_load(monkeypatch):
+    import assistant.workers as w
+
+    monkeypatch.setattr(w, "_cpus", lambda: 2)
+    monkeypatch.setattr(w.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert w.default_workers(4) == 2 and w.default_workers(1) == 1
+    assert w.default_workers(4, adaptive=True) == 2  # an idle machine: both cores
+    monkeypatch.setattr(w.os, "getloadavg", lambda: (16.0, 0.0, 0.0))
+    assert w.default_workers(4, adaptive=True) == 1  # a busy one: more processes only compete
+    assert w.default_workers(4) == 2  # --jobs on the command line is obeyed (up to the CPUs)
