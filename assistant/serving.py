@@ -23,7 +23,7 @@ from assistant.tasks import TaskRequest
 from model.generate import GenerationResult, SamplingParams, TokenEvent
 
 __all__ = ["CancelToken", "Event", "SamplingParams", "Service", "ServiceError", "TaskRequest", "TokenEvent",
-           "route_chat"]
+           "route_chat", "split_fim_markers"]
 
 TASKS = ("complete", "comment", "debug", "explain")
 
@@ -117,6 +117,26 @@ def route_chat(messages: Sequence[dict]) -> ChatRoute:
     return ChatRoute(TaskRequest(task, code, function=func))
 
 
+def split_fim_markers(prompt: str) -> tuple[str, str] | None:
+    """(prefix, suffix) of a prompt that spells our FIM tokens as text, in either order
+    (``<|fim_prefix|>P<|fim_suffix|>S<|fim_middle|>`` or the suffix first); else None.
+    Special tokens never come from encoding text, so such a prompt is rebuilt by id."""
+    from model.formats import SPECIAL_TOKENS
+
+    p, s, m = (SPECIAL_TOKENS[n] for n in ("fim_prefix", "fim_suffix", "fim_middle"))
+    body = prompt.rstrip()
+    if not body.endswith(m) or p not in body or s not in body:
+        return None
+    body = body[:-len(m)]
+    if body.startswith(p):
+        prefix, _, suffix = body[len(p):].partition(s)
+    elif body.startswith(s):
+        suffix, _, prefix = body[len(s):].partition(p)
+    else:
+        return None
+    return prefix, suffix
+
+
 class Service:
     """One model served through the batching loop (see the module docstring)."""
 
@@ -173,6 +193,10 @@ class Service:
         prefix and suffix into the completion budget (long files are trimmed, not refused).
         """
         tok = self.tokenizer
+        if suffix is None:
+            split = split_fim_markers(prompt)
+            if split is not None:  # clients that write the FIM prompt themselves (llm.nvim / llm-ls)
+                prompt, suffix = split
         if suffix is None:
             ids = tok.encode(prompt)
             return (ids or [tok.eos_id]), ()

@@ -203,7 +203,7 @@ class Handle:
     """
 
     def __init__(self, rid: int, prompt: list[int], params: SamplingParams, cancel: CancelToken | None,
-                 tok: Any, sink: Callable[[TokenEvent | None], None] | None = None):
+                 tok: Any, sink: Callable[[TokenEvent | None], None] | None = None, device: Any = "cpu"):
         self.rid, self.prompt, self.params = rid, prompt, params
         self.cancel = cancel or CancelToken()
         self.sink = sink
@@ -213,7 +213,8 @@ class Handle:
         self.first_token_at: float | None = None
         self._q: queue.Queue = queue.Queue()
         self._text = _Text(tok, params.stop_strings)
-        self._gen = (torch.Generator().manual_seed(params.seed) if params.seed is not None else None)
+        self._gen = (torch.Generator(device=device).manual_seed(params.seed)
+                     if params.seed is not None else None)
         self._wm = None
         if params.watermark is not None:  # model/watermark.py
             from model.watermark import WatermarkState
@@ -323,7 +324,7 @@ class BatchScheduler:
             raise SchedulerError(self.fatal)
         if self._closing:
             raise SchedulerError("the server is shutting down")
-        h = Handle(next(self._ids), list(prompt), params, cancel, self.tok, sink)
+        h = Handle(next(self._ids), list(prompt), params, cancel, self.tok, sink, self.state.device)
         with self._lock:
             self._waiting.append(h)
         self._wake.set()

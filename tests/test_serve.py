@@ -197,3 +197,26 @@ def test_task_stream_endpoint(url, service):
             if line.startswith("data: ") and line != "data: [DONE]":
                 kinds.append(json.loads(line[6:])["kind"])
     assert kinds[-1] == "done" and kinds.index("answer") > kinds.index("reasoning")
+
+
+def test_sampling_with_a_seed_repeats_and_top_p_is_honoured(client, service):
+    kw = dict(model=service.name, prompt="def main():\n", max_tokens=8, temperature=1.5, top_p=0.9)
+    a = client.completions.create(seed=7, **kw).choices[0].text
+    b = client.completions.create(seed=7, **kw).choices[0].text
+    assert a == b
+    texts = {client.completions.create(seed=s, **kw).choices[0].text for s in range(6)}
+    assert len(texts) > 1  # the seed matters: this is sampling, not greedy
+
+
+def test_fim_tokens_written_as_text_are_fill_in_the_middle(client, service):
+    """llm.nvim / llm-ls send the FIM prompt as text with the model's marker spellings."""
+    from assistant.serving import split_fim_markers
+
+    prefix, suffix = "def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"
+    text = f"<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
+    assert split_fim_markers(text) == (prefix, suffix)
+    assert split_fim_markers(f"<|fim_suffix|>{suffix}<|fim_prefix|>{prefix}<|fim_middle|>") == (prefix, suffix)
+    assert split_fim_markers("def f(): <|fim_middle|>") is None
+    marked = client.completions.create(model=service.name, prompt=text, max_tokens=6).choices[0].text
+    direct = client.completions.create(model=service.name, prompt=prefix, suffix=suffix, max_tokens=6).choices[0].text
+    assert marked == direct
