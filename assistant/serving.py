@@ -143,7 +143,7 @@ class Service:
     def __init__(self, model_dir: str | None = None, device: str = "cpu", *, max_batch: int = 32, ep: int = 1,
                  ep_timeout: float = 60.0, name: str | None = None, max_seconds: float = 120.0,
                  max_new_tokens: int = 256, on_fatal: Any = None, small_t: int | None = None,
-                 watermark: Any = None):
+                 watermark: Any = None, engine_options: dict | None = None):
         from model.batching import BatchScheduler, BatchState, follow
         from model.checkpoint import load_model
         from model.parallel import EP_SMALL_T, init_serve, plan_channel, shard_experts_for_inference
@@ -172,7 +172,9 @@ class Service:
             self.scheduler = BatchScheduler(self.model, self.tokenizer, max_batch, broadcast=send,
                                             heartbeat_s=max(0.5, ep_timeout / 4), on_fatal=on_fatal)
             backend = BatchingBackend(self.scheduler, self.tokenizer, self.context_length)
-            self.engine = Engine.from_loaded(backend=backend, default_max_seconds=max_seconds, watermark=watermark)
+            opts = {**(engine_options or {}), "default_max_seconds": max_seconds,  # the config file's [serve]
+                    "watermark": watermark}
+            self.engine = Engine.from_loaded(backend=backend, **opts)
             self.scheduler.start()  # followers wait on its steps (and heartbeats) from now on
         else:
             self._follow = lambda: follow(BatchState(self.model, capacity=4), receive)

@@ -154,23 +154,32 @@ class BatchState:
         self.pos += 1
         return logits
 
-    def join(self, rid: int, prompt: Sequence[int]) -> torch.Tensor:
-        """Prefill a new row so that its prompt ends at column ``pos``; logits [1, V]."""
-        P = len(prompt)
-        if not 0 < P < self.max_len:
-            raise RuntimeError(f"prompt of {P} tokens does not fit the cache of {self.max_len}")
-        if self.pos < P:
-            self._shift(P - self.pos)
-        if self.n == self.capacity:
-            self._alloc(self.capacity * 2)
-        i = self.n
-        self.rows.append(rid)
-        self.pads.append(self.pos - P)
-        view = self._view(i, i + 1)
-        x = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
-        start = self.pos - P
-        for a in range(0, P, PREFILL_CHUNK):
-            logits = self.model(x[:, a:a + PREFILL_CHUNK], start + a, view, last_only=True)
+    def join(self, joins: Sequence[tuple[int, Sequence[int]]]) -> torch.Tensor:
+        """Prefill new rows together so that every prompt ends at column ``pos`` (left padded,
+        as ``model.generate`` batches prompts); logits [len(joins), V]."""
+        lens = [len(p) for _, p in joins]
+        if not all(0 < P < self.max_len for P in lens):
+            raise RuntimeError(f"a prompt of {max(lens)} tokens does not fit the cache of {self.max_len}")
+        longest = max(lens)
+        if self.pos < longest:
+            self._shift(longest - self.pos)
+        need = self.n + len(joins)
+        if need > self.capacity:
+            cap = self.capacity
+            while cap < need:
+                cap *= 2
+            self._alloc(cap)
+        a = self.n
+        for rid, prompt in joins:
+            self.rows.append(rid)
+            self.pads.append(self.pos - len(prompt))
+        view = self._view(a, self.n)
+        pad_id = 0
+        x = torch.tensor([[pad_id] * (longest - len(p)) + list(p) for _, p in joins], dtype=torch.long,
+                         device=self.device)
+        start = self.pos - longest
+        for c in range(0, longest, PREFILL_CHUNK):
+            logits = self.model(x[:, c:c + PREFILL_CHUNK], start + c, view, last_only=True)
         return logits[:, -1]
 
     def execute(self, plan: Plan) -> tuple[torch.Tensor | None, list[list[float]]]:
@@ -180,8 +189,8 @@ class BatchState:
             parts = []
             if plan.decode is not None and self.n:
                 parts.append(self.decode(plan.decode))
-            for rid, prompt in plan.join:
-                parts.append(self.join(rid, prompt))
+            if plan.join:
+                parts.append(self.join(plan.join))
             scores = [token_logprobs(self.model, ids) for ids in plan.score]
             return (torch.cat(parts) if parts else None), scores
 

@@ -26,11 +26,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("MOECODER_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $MOECODER_API_KEY)")
     p.add_argument("--name", default=None, help="the model id clients use (default: the model directory's name)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--device", default=None, help="cpu or cuda (under torchrun: cuda:LOCAL_RANK; default: the config file's)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (= torchrun's --nproc-per-node)")
     p.add_argument("--ep-timeout", type=float, default=60.0, help="seconds before a silent rank counts as lost")
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together at most")
-    p.add_argument("--max-seconds", type=float, default=120.0, help="time limit of every request")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="time limit of every request (default: the config file's [serve] max_seconds, else 120)")
     p.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of chat requests")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
@@ -52,8 +53,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("max_batch", "max_tokens"):
         if getattr(args, name) < 1:
             return err(f"--{name.replace('_', '-')} must be at least 1")
-    if args.max_seconds <= 0 or args.ep_timeout <= 0:
+    if (args.max_seconds is not None and args.max_seconds <= 0) or args.ep_timeout <= 0:
         return err("--max-seconds and --ep-timeout must be positive")
+    from assistant.config import load_settings
+
+    try:
+        settings = load_settings().for_face("serve")  # model, device, max_seconds, [features], [max_tokens]
+    except ValueError as e:
+        return err(e)
+    model_dir = args.model or settings.model
+    device = args.device or settings.device
+    max_seconds = args.max_seconds or (settings.max_seconds if settings.serve.max_seconds else None) or 120.0
+    opts = settings.engine_options()
+    opts.pop("default_max_seconds", None)
+    from assistant.config import Settings
+
+    watermark = opts.pop("watermark", None)
+    try:
+        if args.watermark_key is not None:
+            watermark = Settings(watermark_key=args.watermark_key).watermark()
+    except ValueError as e:
+        return err(e)
     if args.threads is not None:
         if args.threads < 1:
             return err("--threads must be at least 1")
@@ -63,15 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from assistant.serving import Service, fatal_exit
 
     try:
-        from assistant.config import Settings, load_settings
-
-        if args.watermark_key is None:
-            watermark = load_settings().for_face("serve").watermark()
-        else:
-            watermark = Settings(watermark_key=args.watermark_key).watermark()
-        service = Service(args.model, args.device, max_batch=args.max_batch, ep=args.ep, ep_timeout=args.ep_timeout,
-                          name=args.name, max_seconds=args.max_seconds, max_new_tokens=args.max_tokens,
-                          on_fatal=fatal_exit, watermark=watermark)
+        service = Service(model_dir, device, max_batch=args.max_batch, ep=args.ep, ep_timeout=args.ep_timeout,
+                          name=args.name, max_seconds=max_seconds, max_new_tokens=args.max_tokens,
+                          on_fatal=fatal_exit, watermark=watermark, engine_options=opts)
     except ValueError as e:  # CheckpointError, bad --ep layout
         return err(e)
     if not service.is_leader:

@@ -250,9 +250,10 @@ def ep_generate(out_path: str, small_t: str, tok_path: str) -> None:
     if rank == 0:
         sched = BatchScheduler(model, tok, max_batch=4, broadcast=send, heartbeat_s=0.5).start()
         handles = []
-        for p in prompts:  # staggered: requests join a running batch
+        for i, p in enumerate(prompts):  # three at once (one batched prefill), then staggered joins
             handles.append(sched.submit(p, params))
-            time.sleep(0.05)
+            if i >= 2:
+                time.sleep(0.05)
         got = [list(h) and h.result.token_ids for h in handles]
         sched.close()
         want = [generate(ref, tok, p, params).token_ids for p in prompts]

@@ -220,3 +220,21 @@ def test_fim_tokens_written_as_text_are_fill_in_the_middle(client, service):
     marked = client.completions.create(model=service.name, prompt=text, max_tokens=6).choices[0].text
     direct = client.completions.create(model=service.name, prompt=prefix, suffix=suffix, max_tokens=6).choices[0].text
     assert marked == direct
+
+
+def test_switched_off_tasks_are_refused_with_a_400(tiny_model_dir):
+    """The config file's [features] reach the server's tasks (serve.server passes engine_options)."""
+    from assistant.serving import Service
+
+    s = Service(str(tiny_model_dir), max_batch=2, engine_options={"disabled_tasks": frozenset({"debug"})})
+    try:
+        with running(s) as u:
+            c = openai.OpenAI(base_url=f"{u}/v1", api_key="x", max_retries=0)
+            with pytest.raises(openai.BadRequestError, match="switched off"):
+                c.chat.completions.create(model=s.name, messages=[
+                    {"role": "user", "content": "/debug\n```python\ndef f(x):\n    return x\n```"}])
+            r = c.chat.completions.create(model=s.name, max_tokens=4, messages=[
+                {"role": "user", "content": "/explain\n```python\ndef f(x):\n    return x\n```"}])
+            assert r.choices[0].finish_reason == "stop"
+    finally:
+        s.close()

@@ -1,0 +1,101 @@
+"""model.batching: iteration-level batching gives each request what it gets alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+
+import pytest
+import torch
+
+from model.batching import BatchScheduler, rows_after_remove
+from model.config import get_preset
+from model.generate import CancelToken, SamplingParams, generate
+from model.transformer import Transformer
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    # a short context (48) makes the batch shift right for long joiners and left when full;
+    # float64 and a wide init keep greedy choices far from ties
+    cfg = dataclasses.replace(get_preset("tiny"), vocab_size=512, max_seq_len=48, init_std=0.3)
+    return Transformer(cfg).double().eval()
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(20, 500) for _ in range(rng.randrange(1, 40))] for _ in range(n)]
+
+
+def test_rows_after_remove_mirrors_the_cache():
+    assert rows_after_remove([1, 2, 3, 4], [2]) == [1, 4, 3]
+    assert rows_after_remove([1, 2, 3, 4], [4, 1]) == [3, 2]
+    assert rows_after_remove([7], [7]) == []
+
+
+@pytest.mark.parametrize("stagger", [0.0, 0.01], ids=["burst", "staggered"])
+def test_batched_greedy_equals_each_prompt_alone(model, tiny_tokenizer, stagger):
+    prompts = _prompts(8)
+    params = SamplingParams(max_new_tokens=20)
+    want = [generate(model, tiny_tokenizer, p, params).token_ids for p in prompts]
+    sched = BatchScheduler(model, tiny_tokenizer, max_batch=4).start()
+    try:
+        handles = []
+        for p in prompts:
+            handles.append(sched.submit(p, params))
+            time.sleep(stagger)
+        got = []
+        for h in handles:
+            streamed = [ev.token_id for ev in h]
+            assert streamed == h.result.token_ids
+            got.append(h.result.token_ids)
+        assert got == want
+        assert sched.stats["max_rows"] == 4  # never more than max_batch, and it was reached
+        assert any(len(p) + len(w) >= 48 for p, w in zip(prompts, want))  # some hit the context end
+    finally:
+        sched.close()
+
+
+def test_cancel_and_time_limit_leave_the_batch_within_a_step(model, tiny_tokenizer):
+    sched = BatchScheduler(model, tiny_tokenizer, max_batch=4).start()
+    try:
+        long = SamplingParams(max_new_tokens=40)
+        keep = sched.submit([30, 31, 32], long)
+        cancel = CancelToken()
+        stop = sched.submit([40, 41], long, cancel)
+        it = iter(stop)
+        next(it)
+        cancel.cancel()
+        rest = list(it)
+        assert stop.result.finish_reason == "cancelled" and len(rest) <= 2
+        timed = sched.submit([50, 51], SamplingParams(max_new_tokens=40, max_seconds=0.0))
+        list(timed)
+        assert timed.result.finish_reason == "time" and len(timed.result.token_ids) <= 1
+        list(keep)
+        assert keep.result.token_ids == generate(model, tiny_tokenizer, [30, 31, 32], long).token_ids
+        assert sched.active == 0 and sched.stats["finished"]["cancelled"] == 1
+    finally:
+        sched.close()
+
+
+def test_bad_requests_fail_at_submit_and_a_failed_step_fails_everyone(model, tiny_tokenizer):
+    sched = BatchScheduler(model, tiny_tokenizer, max_batch=2)
+    with pytest.raises(ValueError, match="context length"):
+        sched.submit(list(range(20, 70)), SamplingParams())
+    with pytest.raises(ValueError):
+        sched.submit([], SamplingParams())
+    with pytest.raises(ValueError):
+        sched.submit([5], SamplingParams(top_p=0))
+    fatal = []
+    sched.on_fatal = fatal.append
+    sched.state.decode = lambda ids: (_ for _ in ()).throw(RuntimeError("device lost"))
+    h = sched.submit([20, 21], SamplingParams(max_new_tokens=5))
+    from model.batching import SchedulerError
+
+    with pytest.raises(SchedulerError, match="device lost"):
+        list(h)
+    assert fatal and "device lost" in fatal[0]
+    with pytest.raises(SchedulerError):
+        sched.submit([20], SamplingParams())
