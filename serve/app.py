@@ -11,6 +11,7 @@ moecoder's own ``/v1/moecoder/*`` (info, tokenizer, tokenize, tasks) that
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import threading
@@ -101,7 +102,8 @@ class ChatBody(_Body):
 
 
 class TaskBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # the fields of assistant.tasks.TaskRequest; newer ones pass through (extra), unknown ones are refused there
+    model_config = ConfigDict(extra="allow")
     task: Literal["complete", "comment", "debug", "explain"]
     source: str
     path: str | None = None
@@ -112,6 +114,8 @@ class TaskBody(BaseModel):
     related: list[tuple[str, str]] = []
     max_new_tokens: int | None = Field(default=None, ge=1)
     max_seconds: float | None = Field(default=None, gt=0)
+    context_tokens: int | None = Field(default=None, ge=1)
+    question: str | None = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -421,7 +425,12 @@ def create_app(service: Any, api_key: str | None = None) -> FastAPI:
     async def tasks(request: Request):
         body: TaskBody = await parse(request, TaskBody)
         check_alive()
-        req = TaskRequest(**{**body.model_dump(), "related": [tuple(r) for r in body.related]})
+        known = {f.name for f in dataclasses.fields(TaskRequest)}
+        data = {**body.model_dump(), "related": [tuple(r) for r in body.related]}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise APIError(400, f"unknown task field {unknown[0]!r}", param=unknown[0])
+        req = TaskRequest(**data)
         try:
             service.check_task(req)
         except ServiceError as e:
