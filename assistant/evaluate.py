@@ -1,3 +1,5 @@
+# Longer than 600 lines because it holds one suite per benchmark; its scoring moves onto the product
+# path in #15, after which the suites split out.
 """``moecoder eval``: measure a model on held-out code and external benchmarks.
 
     moecoder eval --model DIR [--suite bpb,fim,mbpp,mbpp-infill,quixbugs,bugs,docstrings]

@@ -1,3 +1,5 @@
+# Longer than 600 lines because it holds file selection, the report model and three renderers (text,
+# JSON, SARIF) of one command.
 """``moecoder review``: debugging hints and missing docstrings for files or a git diff.
 
     moecoder review PATH... [--diff REV] [--format text|json|sarif] [--output FILE]

@@ -1,3 +1,6 @@
+# Longer than 600 lines because the four tasks share one plan/execute/batch road and the
+# debug confidence (gate, consistency checks); split along those seams (complete, function tasks,
+# debug scoring) once the debugging work in flight (#19) lands.
 """The four tasks: complete, comment, debug, explain — request -> prompt -> events -> result.
 
 Every task goes through the model's task formats (:mod:`model.formats`):

@@ -1,3 +1,5 @@
+# Longer than 600 lines because it is one module per the kernels room's rule (raw launchers, no
+# autograd); each kernel sits next to its launcher and the file reads top to bottom.
 """Triton kernels of the MoE layer (forward and backward pieces).
 
 Raw launchers only: no autograd here (see ``kernels.autograd``). Every launcher takes and

@@ -1,3 +1,6 @@
+# Longer than 600 lines because it holds the protocol handlers and the server state they share; task
+# rules live in assistant (diagnostics, context, tasks), transport robustness in lsp/ modules of its
+# own.
 """The moecoder language server: pygls 2 on top of ``assistant`` (Engine + tasks).
 
 Features (each can be switched off in the settings; hover is off by default):

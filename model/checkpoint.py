@@ -12,8 +12,10 @@ input dim of a Linear [out, in], the width of the embedding [V, D] (= the tied h
 rows) and the input dim of the stacked experts [E, in, out]); the router gate, norms and the
 selection bias stay float32. Weights are dequantised to float32 at load.
 
-Training state (optimizer, step, ...) is train.py's DCP checkpoint; ``moecoder export``
-turns one into a model directory.
+Training state (model, optimizer, step, data position, RNG) is a DCP checkpoint under
+``OUT/ckpt/step_NNNNNNN``, written by :class:`TrainCheckpoints` (sync or async, a
+``COMPLETE`` marker once every rank's shards are on disk, retention, discovery of the
+newest complete one); ``moecoder export`` turns one into a model directory.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,198 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 class CheckpointError(ValueError):
     """A missing, corrupt or mismatched model directory (one-line message)."""
+
+
+# ---------------------------------------------------------------------- training checkpoints
+CKPT_RE = re.compile(r"^step_(\d{7,})$")
+MARKER = "COMPLETE"
+_DCP_SINGLE = ".*torch.distributed is disabled.*"  # DCP's warning on one process
+
+
+def _complete_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of checkpoints that have the COMPLETE marker, oldest first."""
+    found = []
+    if ckpt_root.is_dir():
+        for d in ckpt_root.iterdir():
+            m = CKPT_RE.match(d.name)
+            if m and d.is_dir() and (d / MARKER).is_file():
+                found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``OUT/ckpt`` (None if none)."""
+    found = _complete_checkpoints(Path(out) / "ckpt")
+    return found[-1][1] if found else None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _one_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+
+
+def read_checkpoint_extra(ckpt: Path) -> dict:
+    """The JSON ``extra`` of a training checkpoint (step, data position, configs...)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    sd = {"extra": ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_DCP_SINGLE)
+            dcp.load(sd, checkpoint_id=str(ckpt))
+        return json.loads(sd["extra"])
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"checkpoint {ckpt} is unreadable: {_one_line(e)}") from None
+
+
+def load_checkpoint(ckpt: Path, model, optimizer) -> None:
+    """Model and optimizer state from a training checkpoint (sharded or not: DCP reshards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    sd = {"model": msd, "optim": osd}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_DCP_SINGLE)
+            dcp.load(sd, checkpoint_id=str(ckpt))
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"checkpoint {ckpt} could not be loaded: {_one_line(e)}") from None
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+
+class TrainCheckpoints:
+    """The training checkpoints of a run under ``OUT/ckpt``: the one object train.py uses.
+
+    ``save`` writes ``step_NNNNNNN`` with DCP: synchronously, or (``asynchronous``) with
+    ``dcp.async_save``: it first finishes the previous save, stages the state into CPU memory
+    (training may change the tensors at once) and returns while a background thread writes the
+    shards. The ``COMPLETE`` marker is written only once the shards are on disk on every rank
+    (``finish``: before the next save, at the end, on a signal), so a process killed while
+    writing leaves a directory that :func:`latest_checkpoint` (``--resume``) never takes; then
+    the newest ``keep`` complete checkpoints are kept. At most one save is in flight. Under
+    torchrun rank 0 alone cleans, marks and prunes, and the background thread's collectives
+    run on a gloo group of their own, never interleaved with the training loop's.
+    """
+
+    def __init__(self, out: str | Path, keep: int, layout=None, asynchronous: bool = False):
+        from model.parallel import Layout
+
+        self.out, self.root, self.keep = Path(out), Path(out) / "ckpt", keep
+        self.layout = layout or Layout()
+        self.asynchronous = asynchronous
+        self.group = None
+        if asynchronous and self.layout.distributed:
+            import torch.distributed as dist
+
+            self.group = dist.new_group(backend="gloo")  # collective: every rank creates it here
+        if asynchronous:  # DCP warns on every save from a thread, where catch_warnings is not safe
+            warnings.filterwarnings("ignore", message=_DCP_SINGLE)
+        self._pending: tuple | None = None  # (future, dir, step, start time, [done time])
+        self.write_s = 0.0  # how long the last finished async save took from staging to on disk
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.out)
+
+    @property
+    def pending(self) -> Path | None:
+        """The directory of the save in flight (not marked yet), if any."""
+        return None if self._pending is None else self._pending[1]
+
+    @property
+    def writing(self) -> bool:
+        """True while this rank's part of the save in flight is still being written."""
+        return self._pending is not None and not self._pending[0].done()
+
+    def save(self, step: int, model, optimizer, extra: dict) -> Path:
+        """Save (or, async, stage) ``step``; its directory. A step saved already is not redone."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        self.finish()
+        d = self._prepare(step)
+        if d is None:
+            return self.root / f"step_{step:07d}"
+        msd, osd = get_state_dict(model, optimizer)
+        state = {"model": msd, "optim": osd, "extra": json.dumps(extra)}
+        if not self.asynchronous:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_DCP_SINGLE)
+                dcp.save(state, checkpoint_id=str(d))
+            self._mark_complete(d, step)
+            return d
+        t0, done = time.time(), [None]
+        fut = dcp.async_save(state, checkpoint_id=str(d), process_group=self.group, no_dist=self.group is None)
+        fut.add_done_callback(lambda _f: done.__setitem__(0, time.time()))
+        self._pending = (fut, d, step, t0, done)
+        return d
+
+    def finish(self) -> Path | None:
+        """Wait for the save in flight (if any) on every rank, then mark it complete; its dir."""
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+        if self._pending is None:
+            return None
+        fut, d, step, t0, done = self._pending
+        self._pending = None
+        err = None
+        try:
+            fut.result()
+        except (Exception, CheckpointException) as e:
+            err = _one_line(e)
+        if self.layout.agree(err is not None)[0]:  # a failed write on any rank: no marker anywhere
+            raise CheckpointError(f"checkpoint {d} could not be written: {err or 'failed on another rank'}")
+        self.write_s = (done[0] or time.time()) - t0
+        self._mark_complete(d, step)
+        return d
+
+    def _prepare(self, step: int) -> Path | None:
+        """Make ``step_N`` ready for a save (collective); None if it is complete already."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        d = self.root / f"step_{step:07d}"
+        if (d / MARKER).is_file():
+            return None
+        if d.exists() and self.layout.is_main:
+            shutil.rmtree(d)  # a half-written save of ours
+        self.layout.barrier()
+        return d
+
+    def _mark_complete(self, d: Path, step: int) -> None:
+        """Once every rank's shards of ``d`` are on disk: rank 0 marks and prunes (collective)."""
+        self.layout.barrier()  # all shards are on disk before the marker
+        if self.layout.is_main:
+            tmp = d / (MARKER + ".tmp")
+            with open(tmp, "w") as f:
+                json.dump({"step": step, "time": time.time()}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, d / MARKER)
+            _fsync_dir(d)
+            complete = _complete_checkpoints(self.root)
+            for _s, old in complete[: max(0, len(complete) - max(1, self.keep))]:
+                shutil.rmtree(old, ignore_errors=True)
+            for other in self.root.iterdir():  # older incomplete leftovers too
+                m = CKPT_RE.match(other.name)
+                if m and int(m.group(1)) < step and not (other / MARKER).is_file():
+                    shutil.rmtree(other, ignore_errors=True)
+        self.layout.barrier()  # the other ranks see the marker from here on
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, extra: dict, keep: int, layout=None) -> Path:
+    """One synchronous save (:class:`TrainCheckpoints`)."""
+    return TrainCheckpoints(out, keep, layout).save(step, model, optimizer, extra)
 
 
 @dataclass
@@ -278,7 +475,7 @@ def find_training_checkpoint(path) -> Path:
     if (p / ".metadata").is_file():
         return p
     root = p / "ckpt" if (p / "ckpt").is_dir() else p
-    steps = sorted(d for d in root.glob("step_*") if (d / "COMPLETE").is_file() and (d / ".metadata").is_file())
+    steps = [d for _s, d in _complete_checkpoints(root) if (d / ".metadata").is_file()]
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
     if not steps:

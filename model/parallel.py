@@ -349,13 +349,15 @@ def env_rank() -> tuple[int, int, int]:
 
 
 # ---------------------------------------------------------------------- the training command
-# model/train.py calls these hooks; on one process (no torchrun) every one of them is a no-op
-# or the single-device code path, so a plain run behaves exactly as before.
+# model/train.py is handed a Layout and calls its methods; on one process (no torchrun)
+# every one of them is a no-op or the single-device code path, so a plain run behaves
+# exactly as before. There is no module-global state: the Layout is passed explicitly.
 
 
 @dataclass
-class DistContext:
-    """The process layout of this training process (one process: rank 0 of 1)."""
+class Layout:
+    """The process layout of a training job: one process (``Layout()``: rank 0 of 1), or
+    ranks of a torchrun job on the ``dims`` meshes (:func:`init_from_env`)."""
 
     rank: int = 0
     world_size: int = 1
@@ -372,23 +374,69 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
 
-_CTX = DistContext()
+    def agree(self, *flags: bool) -> list[bool]:
+        """Each flag true on any rank is true on all (one tiny all-reduce): every rank stops,
+        checkpoints and exports at the same step even when time or a signal reached one first."""
+        if not self.distributed:
+            return [bool(f) for f in flags]
+        t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    def dp_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """Mean of a (loss) tensor over the data-parallel ranks; itself on one process."""
+        if not self.distributed:
+            return t
+        t = t.detach().clone()
+        dist.all_reduce(t)  # gloo has no AVG
+        return t / self.world_size
+
+    def local_rows(self, n_rows: int) -> slice:
+        """This rank's slice of a micro-batch of ``n_rows`` global rows (rank r: the r-th block)."""
+        per = n_rows // self.world_size
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def parallelize(self, model: torch.nn.Module, device_type: str, param_dtype=None) -> None:
+        """Expert parallelism + FSDP2/HSDP on this layout's meshes (nothing on one process)."""
+        if self.distributed:
+            parallelize(model, self.dims, device_type, param_dtype=param_dtype)
+
+    def full_model_copy(self, model: torch.nn.Module, model_cfg):
+        """A plain (unsharded, CPU, float32) copy of a sharded Transformer on rank 0, None on
+        the other ranks (a collective: every rank must call it); ``model`` on one process."""
+        if not self.distributed:
+            return model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from model.transformer import Transformer
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.is_main:
+            return None
+        plain = Transformer(model_cfg)
+        missing, unexpected = plain.load_state_dict(full, strict=False)
+        if unexpected or [k for k in missing if k in dict(plain.named_parameters())]:
+            raise RuntimeError(f"gathered state dict does not fit the model: missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]}")
+        return plain
+
+    def shutdown(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def current() -> DistContext:
-    return _CTX
-
-
-def init_from_env(args) -> DistContext:
-    """Set up this process from torchrun's environment; raises ValueError on a bad layout.
+def init_from_env(args) -> Layout:
+    """The layout of this process from torchrun's environment; raises ValueError on a bad one.
 
     Under torchrun (WORLD_SIZE > 1) the process group is initialised (gloo on CPU, NCCL for
     CUDA tensors) on a store prefix of its own per restart attempt, so that a restarted
     attempt never reads keys the failed one left behind; on CUDA ``args.device`` becomes
     ``cuda:LOCAL_RANK``. One process: nothing is initialised and the flags must be 1.
     """
-    global _CTX
     from datetime import timedelta
 
     rank, world, local = env_rank()
@@ -399,8 +447,7 @@ def init_from_env(args) -> DistContext:
     if world == 1:
         if dims.dp_replicate > 1 or dims.dp_shard > 1 or dims.ep > 1:
             raise ValueError("--dp-replicate/--dp-shard/--ep need several processes: launch with torchrun --nproc-per-node N")
-        _CTX = DistContext(restart=restart, dims=ParallelDims(1, 1, 1))
-        return _CTX
+        return Layout(restart=restart, dims=ParallelDims(1, 1, 1))
     dims = dims.resolve(world)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if dims.ep > 1 and local_world % dims.ep and rank == 0:
@@ -420,45 +467,7 @@ def init_from_env(args) -> DistContext:
         store = dist.TCPStore(host, port, world, is_master=rank == 0 and not agent, timeout=timedelta(minutes=10))
         store = dist.PrefixStore(f"attempt_{restart}", store)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(minutes=30))
-    _CTX = DistContext(rank, world, local, restart, dims, backend)
-    return _CTX
-
-
-def shutdown() -> None:
-    global _CTX
-    if _CTX.distributed and dist.is_initialized():
-        dist.destroy_process_group()
-    _CTX = DistContext()
-
-
-def barrier() -> None:
-    if _CTX.distributed:
-        dist.barrier()
-
-
-def agree(*flags: bool) -> list[bool]:
-    """Each flag true on any rank is true on all (one tiny all-reduce): every rank stops,
-    checkpoints and exports at the same step even when time or a signal reached one first."""
-    if not _CTX.distributed:
-        return [bool(f) for f in flags]
-    t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
-
-
-def dp_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean of a (loss) tensor over the data-parallel ranks; itself on one process."""
-    if not _CTX.distributed:
-        return t
-    t = t.detach().clone()
-    dist.all_reduce(t)  # gloo has no AVG
-    return t / _CTX.world_size
-
-
-def local_rows(n_rows: int) -> slice:
-    """This rank's slice of a micro-batch of ``n_rows`` global rows (rank r: the r-th block)."""
-    per = n_rows // _CTX.world_size
-    return slice(_CTX.rank * per, (_CTX.rank + 1) * per)
+    return Layout(rank, world, local, restart, dims, backend)
 
 
 def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
@@ -496,23 +505,6 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     return total
 
 
-def full_model_copy(model: torch.nn.Module, model_cfg):
-    """A plain (unsharded, CPU, float32) copy of a sharded Transformer on rank 0, None on the
-    other ranks. A collective: every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from model.transformer import Transformer
-
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not _CTX.is_main:
-        return None
-    plain = Transformer(model_cfg)
-    missing, unexpected = plain.load_state_dict(full, strict=False)
-    if unexpected or [k for k in missing if k in dict(plain.named_parameters())]:
-        raise RuntimeError(f"gathered state dict does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return plain
-
-
 class NullLogger:
     """The logger of ranks > 0: rank 0 alone writes logs and metrics."""
 
@@ -525,6 +517,9 @@ class NullLogger:
         pass
 
     def progress(self, msg: str) -> None:
+        pass
+
+    def step(self, msg: str, step: int, max_steps: int) -> None:
         pass
 
     def close(self) -> None:

@@ -1,4 +1,7 @@
-"""Single-device training loop: ``moecoder train --preset P --data DIR --out DIR``.
+# Longer than 600 lines because configuration, validation (prepare) and the Trainer belong to
+# one command; the loop itself (Trainer.run) is ~70 lines, checkpoints live in model/checkpoint.py
+# and the process layout in model/parallel.py.
+"""The training loop: ``moecoder train --preset P --data DIR --out DIR`` (one process or torchrun).
 
 * AdamW (fused on CUDA), linear warmup + cosine decay to ``min_lr_ratio * lr`` over a fixed
   horizon ``--max-steps`` (the learning rate is a function of the step only, so a resumed run
@@ -17,7 +20,9 @@
   A ``COMPLETE`` marker is written last; ``--resume`` takes the newest directory that has it,
   so a save killed half-way is never used. The newest ``--keep`` complete checkpoints stay.
   ``--async-ckpt`` (auto = on for CUDA): ``dcp.async_save`` stages the state and writes it in the
-  background; the marker follows once the write has finished on every rank (``AsyncCheckpointer``).
+  background; the marker follows once the write has finished on every rank (``model.checkpoint.TrainCheckpoints``).
+* Layout: one process, or the ranks and meshes of a torchrun job (``model.parallel.Layout``), is
+  passed to :func:`train` explicitly (no module-global state); ``Trainer.run`` is the loop.
 * ``--max-minutes M`` stops early (with a checkpoint) before the wall-clock budget runs out;
   chain calls with ``--resume``. On CPU a resumed run reproduces the uninterrupted run's losses.
   With ``--resume``, the settings that define the run (``TrainConfig.IDENTITY``) come from the
@@ -30,26 +35,27 @@ one line on stderr with exit code 2, and nothing is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import queue
 import random
-import re
 import shutil
 import signal
 import sys
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-CKPT_RE = re.compile(r"^step_(\d{7,})$")
-MARKER = "COMPLETE"
+if TYPE_CHECKING:
+    from model.parallel import Layout
+
 
 # Dense bf16 tensor-core peak FLOP/s by device name (substring match, first hit wins).
 PEAK_FLOPS: list[tuple[str, float]] = [
@@ -107,7 +113,7 @@ class TrainConfig:
     ckpt_minutes: float = 10.0
     ckpt_every: int = 0  # also checkpoint every N steps (0 = only by time / at the end)
     keep: int = 2
-    async_ckpt: str = "auto"  # auto (= on for CUDA), on, off: dcp.async_save, see AsyncCheckpointer
+    async_ckpt: str = "auto"  # auto (= on for CUDA), on, off: dcp.async_save, see model.checkpoint.TrainCheckpoints
     init: str = ""  # start from this model directory's weights (a fresh optimizer; ignored when resuming)
 
     # Fields that define the run: a resume with any of these changed is refused.
@@ -243,24 +249,6 @@ def _parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def _complete_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
-    """(step, dir) of checkpoints that have the COMPLETE marker, oldest first."""
-    found = []
-    if ckpt_root.is_dir():
-        for d in ckpt_root.iterdir():
-            m = CKPT_RE.match(d.name)
-            if m and d.is_dir() and (d / MARKER).is_file():
-                found.append((int(m.group(1)), d))
-    return sorted(found)
-
-
-def latest_checkpoint(out: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``OUT/ckpt`` (None if none)."""
-    found = _complete_checkpoints(Path(out) / "ckpt")
-    return found[-1][1] if found else None
-
-
-# ---------------------------------------------------------------------------------- logging
 class Logger:
     def __init__(self, out: Path, resume_step: int | None):
         self.out = out
@@ -298,6 +286,15 @@ class Logger:
             sys.stderr.write("\r\033[K" + msg)
             sys.stderr.flush()
             self._progress_shown = True
+
+    def step(self, msg: str, step: int, max_steps: int) -> None:
+        """A log interval's line: a progress bar on a terminal (the plain line in the log file)."""
+        if not self.tty:
+            self.line(msg)
+            return
+        n = 20 * step // max_steps
+        self.progress(f"[{'#' * n}{'.' * (20 - n)}] " + msg)
+        self.log.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
 
     def close(self) -> None:
         if self.tty and self._progress_shown:
@@ -354,176 +351,6 @@ class Prefetcher:
         self.thread.join(timeout=5)
 
 
-# ---------------------------------------------------------------------------------- checkpoints
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def _checkpoint_dir(out: Path, step: int) -> Path | None:
-    """Make ``OUT/ckpt/step_N`` ready for a save (collective); None if it is complete already."""
-    root = out / "ckpt"
-    root.mkdir(parents=True, exist_ok=True)
-    d = root / f"step_{step:07d}"
-    if (d / MARKER).is_file():
-        return None  # already saved at this step
-    # --- scale-out (#9): every rank writes its own shards; rank 0 alone cleans, marks and prunes
-    from model import parallel
-
-    if d.exists() and parallel.current().is_main:
-        shutil.rmtree(d)  # a half-written save of ours
-    parallel.barrier()
-    return d
-
-
-def _mark_complete(d: Path, step: int, keep: int) -> None:
-    """Once every rank's shards of ``d`` are on disk: rank 0 writes the marker and prunes (collective)."""
-    from model import parallel
-
-    parallel.barrier()  # all shards are on disk before the marker
-    if parallel.current().is_main:
-        tmp = d / (MARKER + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"step": step, "time": time.time()}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, d / MARKER)
-        _fsync_dir(d)
-        # keep the newest `keep` complete checkpoints; drop older incomplete leftovers too
-        root = d.parent
-        complete = _complete_checkpoints(root)
-        for _s, old in complete[: max(0, len(complete) - max(1, keep))]:
-            shutil.rmtree(old, ignore_errors=True)
-        for other in root.iterdir():
-            m = CKPT_RE.match(other.name)
-            if m and int(m.group(1)) < step and not (other / MARKER).is_file():
-                shutil.rmtree(other, ignore_errors=True)
-    parallel.barrier()  # scale-out (#9): the other ranks see the marker from here on
-
-
-def save_checkpoint(out: Path, step: int, model, optimizer, extra: dict, keep: int) -> Path:
-    """Save synchronously: the shards, then the COMPLETE marker (see ``AsyncCheckpointer``)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    d = _checkpoint_dir(out, step)
-    if d is None:
-        return out / "ckpt" / f"step_{step:07d}"
-    msd, osd = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.save({"model": msd, "optim": osd, "extra": json.dumps(extra)}, checkpoint_id=str(d))
-    _mark_complete(d, step, keep)
-    return d
-
-
-class AsyncCheckpointer:
-    """Checkpoints with ``torch.distributed.checkpoint.async_save`` (#9).
-
-    ``save`` first finishes the previous save, then stages the state (copies it into CPU memory,
-    so training may change the tensors at once) and returns; a background thread writes the
-    shards. The COMPLETE marker is written only by ``finish`` (before the next save, at the end,
-    on a signal), after the write has finished on every rank, so a process killed while writing
-    leaves a directory that ``--resume`` never takes. At most one save is in flight. Under
-    torchrun the background thread's collectives (DCP's plan exchange) run on a gloo group of
-    their own, never interleaved with the training loop's collectives on the default group.
-    """
-
-    def __init__(self, out: Path, keep: int):
-        from model import parallel
-
-        self.out, self.keep = out, keep
-        self.group = None
-        if parallel.current().distributed:
-            import torch.distributed as dist
-
-            self.group = dist.new_group(backend="gloo")  # collective: every rank creates it here
-        # one process: DCP warns on every save that it assumes a single process (from a thread,
-        # where catch_warnings is not safe)
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        self._pending: tuple | None = None  # (future, dir, step, start time, [done time])
-        self.write_s = 0.0  # how long the last finished save took from staging to on disk
-
-    @property
-    def pending(self) -> Path | None:
-        """The directory of the save in flight (not marked yet), if any."""
-        return None if self._pending is None else self._pending[1]
-
-    @property
-    def writing(self) -> bool:
-        """True while this rank's part of the save in flight is still being written."""
-        return self._pending is not None and not self._pending[0].done()
-
-    def save(self, step: int, model, optimizer, extra: dict) -> Path:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        self.finish()
-        d = _checkpoint_dir(self.out, step)
-        if d is None:
-            return self.out / "ckpt" / f"step_{step:07d}"
-        msd, osd = get_state_dict(model, optimizer)
-        t0, done = time.time(), [None]
-        fut = dcp.async_save({"model": msd, "optim": osd, "extra": json.dumps(extra)}, checkpoint_id=str(d),
-                             process_group=self.group, no_dist=self.group is None)
-        fut.add_done_callback(lambda _f: done.__setitem__(0, time.time()))
-        self._pending = (fut, d, step, t0, done)
-        return d
-
-    def finish(self) -> Path | None:
-        """Wait for the save in flight (if any) on every rank, then mark it complete; its dir."""
-        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
-
-        from model import parallel
-
-        if self._pending is None:
-            return None
-        fut, d, step, t0, done = self._pending
-        self._pending = None
-        err = None
-        try:
-            fut.result()
-        except (Exception, CheckpointException) as e:
-            err = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        if parallel.agree(err is not None)[0]:  # a failed write on any rank: no marker anywhere
-            raise TrainError(f"checkpoint {d} could not be written: {err or 'failed on another rank'}")
-        self.write_s = (done[0] or time.time()) - t0
-        _mark_complete(d, step, self.keep)
-        return d
-
-
-def read_checkpoint_extra(ckpt: Path) -> dict:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
-
-    sd = {"extra": ""}
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load(sd, checkpoint_id=str(ckpt))
-        return json.loads(sd["extra"])
-    except (Exception, CheckpointException) as e:
-        raise TrainError(f"checkpoint {ckpt} is unreadable: {str(e).strip().splitlines()[-1] if str(e) else e}") from None
-
-
-def load_checkpoint(ckpt: Path, model, optimizer) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    msd, osd = get_state_dict(model, optimizer)
-    sd = {"model": msd, "optim": osd}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        dcp.load(sd, checkpoint_id=str(ckpt))
-    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-
-
 def _rng_state(torch, device) -> dict:
     py = random.getstate()
     npst = np.random.get_state()
@@ -548,18 +375,13 @@ def _set_rng_state(torch, device, st: dict) -> None:
         torch.cuda.set_rng_state(torch.tensor(st["cuda"], dtype=torch.uint8), device)
 
 
-def _export(model, model_cfg, tokenizer_path: Path, dest: Path) -> bool:
+def _export(model, model_cfg, tokenizer_path: Path, dest: Path, layout: Layout) -> bool:
     """Export released weights to ``dest`` atomically (build beside it, then swap)."""
-    try:
-        from model.checkpoint import export
-    except ImportError:
-        return False
-    from model import parallel  # scale-out (#9): gather a sharded model; rank 0 writes
+    from model.checkpoint import export
 
-    if parallel.current().distributed:
-        model = parallel.full_model_copy(model, model_cfg)  # a collective; None on ranks > 0
-        if model is None:
-            return False
+    model = layout.full_model_copy(model, model_cfg)  # sharded: a collective; None on ranks > 0
+    if model is None:
+        return False
     tmp = dest.with_name(dest.name + ".tmp")
     old = dest.with_name(dest.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -609,6 +431,7 @@ def prepare(args: argparse.Namespace) -> Setup:
     """Validate everything before anything is written; raises TrainError."""
     import torch
 
+    from model.checkpoint import latest_checkpoint, read_checkpoint_extra
     from model.config import get_preset
     from model.data.loader import DataError, open_split, read_meta
     from model.tokenizer import Tokenizer
@@ -841,339 +664,348 @@ def _compile_dense_parts(model) -> None:
             block.ffn.compile()
 
 
-def train(s: Setup, max_minutes: float | None, compile_model: bool, t_start: float) -> int:
+def _autocast(cuda: bool):
     import contextlib
 
     import torch
-    import torch.nn.functional as F
 
-    from model.data.fim import FIMConfig, FIMTokens, newline_mask
-    from model.data.loader import BatchLoader, DataError, LoaderConfig, eval_rows
+    return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+
+def _build_model(s: Setup, layout: Layout):
+    """The model (initialised from ``--init`` weights if given), sharded over ``layout``,
+    and its AdamW optimizer; (model, optimizer, note)."""
+    import torch
+
     from model.transformer import Transformer
 
-    cfg, device = s.cfg, s.device
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.set_float32_matmul_precision("high")
-
-    def autocast():
-        if cuda:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
+    cfg, device, cuda = s.cfg, s.device, s.device.type == "cuda"
     random.seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     torch.manual_seed(cfg.seed)
-    if cuda:  # initialise on the GPU: much faster for the big presets
-        with torch.device(device):
-            model = Transformer(s.model_cfg)
-    else:
+    with torch.device(device) if cuda else contextlib.nullcontext():  # on the GPU: faster for big presets
         model = Transformer(s.model_cfg)
-    init_note = ""
-    if cfg.init and s.resume_from is None:
-        # start from released weights (int8 dequantised); the optimizer starts fresh
+    note = ""
+    if cfg.init and s.resume_from is None:  # released weights (int8 dequantised); a fresh optimizer
         from model.checkpoint import load_model
 
         init = load_model(cfg.init).model.state_dict()
         with torch.no_grad():
             for k, v in model.state_dict().items():
                 v.copy_(init[k].to(v.device, v.dtype))
-        init_note = f"initialised from {cfg.init}"
+        note = f"initialised from {cfg.init}"
     model.train()
-    # --- scale-out (#9): expert parallelism + FSDP2/HSDP under torchrun (before the optimizer)
-    from model import parallel
-
-    dctx = parallel.current()
-    if dctx.distributed:
-        if cfg.batch_size % dctx.world_size:
-            raise TrainError(f"--batch-size {cfg.batch_size} must be divisible by the {dctx.world_size} data-parallel ranks")
-        parallel.barrier()  # every rank has validated OUT before rank 0 writes into it
+    if layout.distributed:  # expert parallelism + FSDP2/HSDP under torchrun, before the optimizer
+        if cfg.batch_size % layout.world_size:
+            raise TrainError(f"--batch-size {cfg.batch_size} must be divisible by the {layout.world_size} "
+                             "data-parallel ranks")
+        layout.barrier()  # every rank has validated OUT before rank 0 writes into it
         try:
-            parallel.parallelize(model, dctx.dims, device.type, param_dtype=torch.bfloat16 if cuda else None)
+            layout.parallelize(model, device.type, param_dtype=torch.bfloat16 if cuda else None)
         except ValueError as e:  # e.g. n_experts not divisible by --ep
             raise TrainError(str(e)) from None
-    # --- end scale-out
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt_kwargs = {"lr": lr_at(0, cfg), "betas": (cfg.beta1, cfg.beta2), "eps": 1e-8}
-    if cuda:
-        opt_kwargs["fused"] = True
-    optimizer = torch.optim.AdamW(groups, **opt_kwargs)
+    optimizer = torch.optim.AdamW(groups, lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                                  **({"fused": True} if cuda else {}))
+    return model, optimizer, note
 
-    special = FIMTokens.from_tokenizer(s.tokenizer)
-    nl = newline_mask(s.tokenizer)
-    loader = BatchLoader(
-        s.code,
-        LoaderConfig(seq_len=cfg.seq_len, seed=cfg.seed, task_ratio=cfg.task_ratio,
-                     fim=FIMConfig(cfg.fim_rate, cfg.spm_rate, cfg.line_rate)),
-        special, nl, tasks=s.tasks,
-    )
 
-    step, tokens_seen, best_bpb, train_seconds = 0, 0, None, 0.0
-    if s.resume_from is not None:
-        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+class Trainer:
+    """One training run: the model, its optimizer, the data, the logs and checkpoints.
+    :meth:`run` is the loop; the pieces it calls are the methods around it."""
+
+    def __init__(self, s: Setup, layout: Layout, compile_model: bool, t_start: float):
+        import torch
+
+        from model.checkpoint import TrainCheckpoints
+        from model.data.fim import FIMConfig, FIMTokens, newline_mask
+        from model.data.loader import BatchLoader, LoaderConfig, eval_rows
+
+        self.s, self.cfg, self.layout, self.t_start = s, s.cfg, layout, t_start
+        self.device, self.cuda = s.device, s.device.type == "cuda"
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.set_float32_matmul_precision("high")
+        cfg = self.cfg
+        self.model, self.optimizer, self.init_note = _build_model(s, layout)
+        self.loader = BatchLoader(
+            s.code, LoaderConfig(seq_len=cfg.seq_len, seed=cfg.seed, task_ratio=cfg.task_ratio,
+                                 fim=FIMConfig(cfg.fim_rate, cfg.spm_rate, cfg.line_rate)),
+            FIMTokens.from_tokenizer(s.tokenizer), newline_mask(s.tokenizer), tasks=s.tasks)
+        self.step, self.tokens_seen, self.best_bpb, self.train_seconds = 0, 0, None, 0.0
+        if s.resume_from is not None:
+            self._resume()
+        s.out.mkdir(parents=True, exist_ok=True)
+        # --resume: drop metrics past the checkpoint (or all of them when there is none yet)
+        from model.parallel import NullLogger
+
+        self.log = Logger(s.out, self.step if s.resume else None) if layout.is_main else NullLogger()
+        if compile_model:
+            _compile_dense_parts(self.model)
+        # async checkpoints: on by default on CUDA; --async-ckpt on for CPU (gloo) runs
+        asynchronous = cfg.async_ckpt == "on" or (cfg.async_ckpt == "auto" and self.cuda)
+        self.ckpts = TrainCheckpoints(s.out, cfg.keep, layout, asynchronous=asynchronous)
+        self.ev_rows, self.ev_bytes = None, 0  # evaluation rows and their byte count (fixed for the run)
+        if s.valid is not None and cfg.eval_every > 0:
+            arr = eval_rows(s.valid, cfg.seq_len, cfg.eval_tokens)
+            self.ev_bytes = len(s.tokenizer.decode_bytes(arr[:, 1:].reshape(-1).tolist()))
+            self.ev_rows = torch.from_numpy(arr).pin_memory() if self.cuda else torch.from_numpy(arr)
+        self._log_header()
+
+    def _resume(self) -> None:
+        import torch
+
+        from model.checkpoint import CheckpointError, load_checkpoint
+        from model.data.loader import DataError
 
         try:
-            load_checkpoint(s.resume_from, model, optimizer)
-        except (Exception, CheckpointException) as e:
-            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise TrainError(f"checkpoint {s.resume_from} could not be loaded: {msg}") from None
-        ex = s.resume_extra
-        step, tokens_seen = int(ex["step"]), int(ex["tokens"])
-        best_bpb, train_seconds = ex.get("best_bpb"), float(ex.get("train_seconds", 0.0))
+            load_checkpoint(self.s.resume_from, self.model, self.optimizer)
+        except CheckpointError as e:
+            raise TrainError(str(e)) from None
+        ex = self.s.resume_extra
+        self.step, self.tokens_seen = int(ex["step"]), int(ex["tokens"])
+        self.best_bpb, self.train_seconds = ex.get("best_bpb"), float(ex.get("train_seconds", 0.0))
         try:
-            loader.load_state_dict(ex["loader"])
+            self.loader.load_state_dict(ex["loader"])
         except DataError as e:
             raise TrainError(str(e)) from None
-        _set_rng_state(torch, device, ex["rng"])
+        _set_rng_state(torch, self.device, ex["rng"])
 
-    s.out.mkdir(parents=True, exist_ok=True)
-    # --resume: drop metrics past the checkpoint (or all of them when there is none yet)
-    log = Logger(s.out, step if s.resume else None) if dctx.is_main else parallel.NullLogger()
-    if compile_model:
-        _compile_dense_parts(model)
-    run_model = model
-    total_params = sum(p.numel() for p in model.parameters())
-    from model.config import param_counts
+    def _log_header(self) -> None:
+        import torch
 
-    _, active = param_counts(s.model_cfg)
-    fpt = flops_per_token(s.model_cfg, cfg.seq_len)
-    dev_name = torch.cuda.get_device_name(device) if cuda else "cpu"
-    peak = peak_flops(dev_name) if cuda else None
-    if peak:
-        peak *= dctx.world_size  # scale-out (#9): MFU of the whole job
-    if dctx.distributed:
-        d = dctx.dims
-        log.line(f"distributed: {dctx.world_size} ranks ({dctx.backend}), dp_replicate {d.dp_replicate} x "
-                 f"dp_shard {d.dp_shard}, ep {d.ep}, attempt {dctx.restart}")
-    if s.resume_from is not None:
-        log.line(f"resumed from {s.resume_from} at step {step} ({tokens_seen:,} tokens)")
-    for n in s.notes + ([init_note] if init_note else []):
-        log.line(f"note: {n}")
-    log.line(
-        f"preset {cfg.preset} {json.dumps(s.model_cfg.to_dict())} | params {total_params / 1e6:.2f}M "
-        f"(active {active / 1e6:.2f}M) | device {dev_name} | kernels {os.environ.get('MOECODER_KERNELS', 'auto')}"
-    )
-    log.line(
-        f"train {json.dumps(dataclasses.asdict(cfg))} | {cfg.tokens_per_step:,} tokens/step | "
-        f"data {s.code.num_docs:,} docs {len(s.code.tokens):,} tokens"
-        + (f" + tasks {s.tasks.num_docs:,} docs" if s.tasks is not None else "")
-    )
+        from model.config import param_counts
 
-    # evaluation rows and their byte count (fixed for the run)
-    ev_rows, ev_bytes = None, 0
-    if s.valid is not None and cfg.eval_every > 0:
-        arr = eval_rows(s.valid, cfg.seq_len, cfg.eval_tokens)
-        ev_bytes = len(s.tokenizer.decode_bytes(arr[:, 1:].reshape(-1).tolist()))
-        ev_rows = torch.from_numpy(arr)
-        if cuda:
-            ev_rows = ev_rows.pin_memory()
+        s, cfg, log, layout = self.s, self.cfg, self.log, self.layout
+        self.total_params = sum(p.numel() for p in self.model.parameters())
+        _, active = param_counts(s.model_cfg)
+        self.fpt = flops_per_token(s.model_cfg, cfg.seq_len)
+        dev_name = torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
+        peak = peak_flops(dev_name) if self.cuda else None
+        self.peak = peak * layout.world_size if peak else None  # MFU of the whole job
+        if layout.distributed:
+            d = layout.dims
+            log.line(f"distributed: {layout.world_size} ranks ({layout.backend}), dp_replicate {d.dp_replicate} x "
+                     f"dp_shard {d.dp_shard}, ep {d.ep}, attempt {layout.restart}")
+        if s.resume_from is not None:
+            log.line(f"resumed from {s.resume_from} at step {self.step} ({self.tokens_seen:,} tokens)")
+        for n in s.notes + ([self.init_note] if self.init_note else []):
+            log.line(f"note: {n}")
+        log.line(f"preset {cfg.preset} {json.dumps(s.model_cfg.to_dict())} | params {self.total_params / 1e6:.2f}M "
+                 f"(active {active / 1e6:.2f}M) | device {dev_name} | kernels {os.environ.get('MOECODER_KERNELS', 'auto')}")
+        log.line(f"train {json.dumps(dataclasses.asdict(cfg))} | {cfg.tokens_per_step:,} tokens/step | "
+                 f"data {s.code.num_docs:,} docs {len(s.code.tokens):,} tokens"
+                 + (f" + tasks {s.tasks.num_docs:,} docs" if s.tasks is not None else ""))
 
-    def do_eval() -> None:
-        nonlocal best_bpb
+    # -- the pieces of a step ------------------------------------------------------------
+    def train_step(self, batch, lr: float):
+        """One optimizer step over ``grad_accum`` micro-batches; (loss, aux loss, grad norm, imbalance)."""
+        import torch
+        import torch.nn.functional as F
+
+        from model.parallel import all_reduce_expert_counts, clip_grad_norm_
+
+        cfg, model = self.cfg, self.model
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        micro = batch.to(self.device, non_blocking=True).view(cfg.grad_accum, cfg.batch_size, cfg.seq_len + 1)
+        micro = micro[:, self.layout.local_rows(cfg.batch_size)]  # this rank's rows
+        loss_sum = torch.zeros((), device=self.device)
+        aux_sum = torch.zeros((), device=self.device)
+        for m in range(cfg.grad_accum):
+            x, y = micro[m, :, :-1], micro[m, :, 1:]
+            with _autocast(self.cuda):
+                logits = model(x)
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+                aux = model.aux_loss()
+            ((loss + aux) / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+            aux_sum += aux.detach()
+        gnorm = clip_grad_norm_(self.params, cfg.clip)  # torch's own on one process
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        all_reduce_expert_counts(model)  # the bias sees every rank's tokens
+        counts = model.expert_counts()
+        imbalance = (counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-9)).max() if counts.numel() else None
+        model.update_bias()
+        return loss_sum / cfg.grad_accum, aux_sum / cfg.grad_accum, gnorm, imbalance
+
+    def log_interval(self, loss_acc, aux_acc, n_steps: int, dt: float, lr: float, gnorm, imbalance) -> float:
+        """Log the last ``n_steps`` steps (``dt`` seconds of training); the seconds a step took."""
+        import torch
+
+        cfg, step = self.cfg, self.step
+        loss_acc, aux_acc = self.layout.dp_mean(loss_acc), self.layout.dp_mean(aux_acc)  # over every rank's rows
+        loss_v = float(loss_acc) / n_steps
+        if not math.isfinite(loss_v):
+            raise TrainError(f"loss is {loss_v} at step {step}; lower --lr or check the data")
+        tps = n_steps * cfg.tokens_per_step / dt
+        self.train_seconds += dt
+        mfu = self.fpt * tps / self.peak if self.peak else None
+        rec = {"step": step, "loss": loss_v, "aux_loss": float(aux_acc) / n_steps, "lr": lr,
+               "grad_norm": float(gnorm), "tokens": self.tokens_seen, "tokens_per_s": round(tps, 1),
+               "mfu": None if mfu is None else round(mfu, 5),
+               "expert_imbalance": None if imbalance is None else round(float(imbalance), 4),
+               "epoch": round(_epoch(self.loader_state, self.s.code.num_docs), 4),
+               "elapsed_s": round(time.time() - self.t_start, 1)}
+        if self.cuda:
+            rec["max_mem_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+        self.log.record(rec)
+        msg = (f"step {step}/{cfg.max_steps} loss {loss_v:.4f} lr {lr:.2e} gnorm {rec['grad_norm']:.3f} "
+               f"{tps / 1e3:.1f}k tok/s" + (f" mfu {100 * mfu:.1f}%" if mfu is not None else "")
+               + (f" imb {rec['expert_imbalance']:.2f}" if imbalance is not None else "")
+               + (f" mem {rec['max_mem_gib']:.1f}G" if self.cuda else "")
+               + f" eta {_fmt_secs((cfg.max_steps - step) * dt / n_steps)}")
+        self.log.step(msg, step, cfg.max_steps)
+        return dt / n_steps
+
+    def evaluate(self) -> None:
+        """Bits per byte on the valid rows; a new best is exported to ``OUT/best``."""
         t = time.time()
-        bpb, vloss = evaluate_bpb(run_model, ev_rows, ev_bytes, cfg.batch_size, device, autocast)
-        improved = parallel.agree(best_bpb is None or bpb < best_bpb)[0]  # scale-out (#9): export is collective
-        rec = {"step": step, "valid_bpb": bpb, "valid_loss": vloss, "eval_s": round(time.time() - t, 3)}
-        log.record(rec)
+        bpb, vloss = evaluate_bpb(self.model, self.ev_rows, self.ev_bytes, self.cfg.batch_size, self.device,
+                                  lambda: _autocast(self.cuda))
+        improved = self.layout.agree(self.best_bpb is None or bpb < self.best_bpb)[0]  # export is collective
+        self.log.record({"step": self.step, "valid_bpb": bpb, "valid_loss": vloss, "eval_s": round(time.time() - t, 3)})
         exported = ""
         if improved:
-            best_bpb = bpb
-            if _export(model, s.model_cfg, s.tokenizer_path, s.out / "best"):
-                (s.out / "best_info.json").write_text(json.dumps({"step": step, "valid_bpb": bpb}) + "\n")
+            self.best_bpb = bpb
+            if _export(self.model, self.s.model_cfg, self.s.tokenizer_path, self.s.out / "best", self.layout):
+                (self.s.out / "best_info.json").write_text(json.dumps({"step": self.step, "valid_bpb": bpb}) + "\n")
                 exported = " -> best/"
-        log.line(f"step {step} valid bpb {bpb:.4f} loss {vloss:.4f}{exported}")
+        self.log.line(f"step {self.step} valid bpb {bpb:.4f} loss {vloss:.4f}{exported}")
 
-    def checkpoint(reason: str) -> float:
-        t = time.time()
-        extra = {
-            "step": step, "tokens": tokens_seen, "best_bpb": best_bpb,
-            "train_seconds": train_seconds, "loader": loader_state,
-            "rng": _rng_state(torch, device),
-            "train_config": cfg.identity(), "train_config_full": dataclasses.asdict(cfg),
-            "model_config": s.model_cfg.to_dict(),
-            "data": str(s.data_dir), "tokenizer": str(s.tokenizer_path),
-        }
-        if saver is None:
-            d = save_checkpoint(s.out, step, model, optimizer, extra, cfg.keep)
-            dt = time.time() - t
-            log.line(f"step {step} checkpoint {d} ({reason}, {dt:.1f}s)")
-            return dt
-        finish_checkpoint()  # the previous save's marker first (its wait is part of this pause)
-        d = saver.save(step, model, optimizer, extra)
+    def checkpoint(self, reason: str) -> float:
+        """Save (async: stage) a checkpoint of this step; the seconds training paused."""
+        import torch
+
+        s, cfg, t = self.s, self.cfg, time.time()
+        extra = {"step": self.step, "tokens": self.tokens_seen, "best_bpb": self.best_bpb,
+                 "train_seconds": self.train_seconds, "loader": self.loader_state,
+                 "rng": _rng_state(torch, self.device), "train_config": cfg.identity(),
+                 "train_config_full": dataclasses.asdict(cfg), "model_config": s.model_cfg.to_dict(),
+                 "data": str(s.data_dir), "tokenizer": str(s.tokenizer_path)}
+        self.finish_checkpoint()  # the previous save's marker first (its wait is part of this pause)
+        d = self.ckpts.save(self.step, self.model, self.optimizer, extra)
         dt = time.time() - t
-        log.line(f"step {step} checkpoint {d} staged ({reason}, {dt:.1f}s); writing in the background")
+        staged = "staged " if self.ckpts.asynchronous else ""
+        self.log.line(f"step {self.step} checkpoint {d} {staged}({reason}, {dt:.1f}s)"
+                      + ("; writing in the background" if staged else ""))
         return dt
 
-    def finish_checkpoint() -> None:
+    def finish_checkpoint(self) -> None:
         t = time.time()
-        d = saver.finish() if saver is not None else None
+        d = self.ckpts.finish()
         if d is not None:
-            log.line(f"checkpoint {d} complete (written in {saver.write_s:.1f}s, waited {time.time() - t:.1f}s)")
+            self.log.line(f"checkpoint {d} complete (written in {self.ckpts.write_s:.1f}s, "
+                          f"waited {time.time() - t:.1f}s)")
 
-    # async checkpoints (#9): on by default on CUDA; --async-ckpt on for CPU (gloo) runs
-    saver = AsyncCheckpointer(s.out, cfg.keep) if cfg.async_ckpt == "on" or (cfg.async_ckpt == "auto" and cuda) else None
+    def should_stop(self, stopper: _Stop, deadline: float | None, step_est: float | None,
+                    save_est: float, eval_est: float) -> str | None:
+        """Why to stop before the next step (a signal, the time budget), agreed by every rank."""
+        out_of_time = False
+        if deadline is not None and step_est is not None:
+            need = step_est + save_est + 1.0
+            if self.ev_rows is not None and (self.step + 1) % self.cfg.eval_every == 0:
+                need += eval_est
+            out_of_time = time.time() + need > deadline
+        signalled, out_of_time, writing = self.layout.agree(stopper.signum is not None, out_of_time,
+                                                            self.ckpts.writing)
+        if self.ckpts.pending is not None and not writing:
+            self.finish_checkpoint()  # written on every rank: mark it now, not at the next save
+        if signalled:
+            return "signal " + (signal.Signals(stopper.signum).name if stopper.signum else "(another rank)")
+        return "time budget" if out_of_time else None
 
-    if init_note and step == 0 and ev_rows is not None:
-        model.eval()
-        do_eval()  # the starting point's bits per byte (kept as best/ until training beats it)
-        model.train()
-    stopper = _Stop()
-    stopper.install()
-    prefetch = Prefetcher(loader, cfg.batch_size * cfg.grad_accum, pin=cuda)
-    loader_state = loader.state_dict()
-    params = [p for p in model.parameters() if p.requires_grad]
-    state_bytes = total_params * 4 * 3
-    save_est = 2.0 + state_bytes / 200e6
-    step_est = None
-    eval_est = 0.0
-    last_ckpt_t = time.time()
-    deadline = t_start + max_minutes * 60 if max_minutes else None
-    interval_t, interval_steps = time.time(), 0
-    loss_acc = torch.zeros((), device=device)
-    aux_acc = torch.zeros((), device=device)
-    reason = "end"
-    exit_code = 0
-    try:
-        while step < cfg.max_steps:
-            out_of_time = False
-            if deadline is not None and step_est is not None:
-                need = step_est + save_est + 1.0
-                if ev_rows is not None and (step + 1) % cfg.eval_every == 0:
-                    need += eval_est
-                out_of_time = time.time() + need > deadline
-            # scale-out (#9): a signal or the budget on any rank stops every rank at this step
-            signalled, out_of_time, writing = parallel.agree(
-                stopper.signum is not None, out_of_time, saver is not None and saver.writing)
-            if saver is not None and saver.pending is not None and not writing:
-                finish_checkpoint()  # async (#9): written on every rank: mark it now, not at the next save
-            if signalled:
-                reason = "signal " + (signal.Signals(stopper.signum).name if stopper.signum else "(another rank)")
-                exit_code = 130
-                break
-            if out_of_time:
-                reason = "time budget"
-                break
-            t_step = time.time()
-            lr = lr_at(step, cfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            batch, loader_state_next = prefetch.next()
-            batch = batch.to(device, non_blocking=True)
-            micro = batch.view(cfg.grad_accum, cfg.batch_size, cfg.seq_len + 1)
-            micro = micro[:, parallel.local_rows(cfg.batch_size)]  # scale-out (#9): this rank's rows
-            loss_sum = torch.zeros((), device=device)
-            aux_sum = torch.zeros((), device=device)
-            for m in range(cfg.grad_accum):
-                x, y = micro[m, :, :-1], micro[m, :, 1:]
-                with autocast():
-                    logits = run_model(x)
-                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
-                    aux = model.aux_loss()
-                ((loss + aux) / cfg.grad_accum).backward()
-                loss_sum += loss.detach()
-                aux_sum += aux.detach()
-            gnorm = parallel.clip_grad_norm_(params, cfg.clip)  # scale-out (#9): torch's own on one process
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            parallel.all_reduce_expert_counts(model)  # scale-out (#9): the bias sees every rank's tokens
-            counts = model.expert_counts()
-            log_now = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
-            imbalance = None
-            if log_now and counts.numel():
-                imbalance = (counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-9)).max()
-            model.update_bias()
-            step += 1
-            tokens_seen += cfg.tokens_per_step
-            loader_state = loader_state_next
-            loss_acc += loss_sum / cfg.grad_accum
-            aux_acc += aux_sum / cfg.grad_accum
-            interval_steps += 1
+    def finish(self, reason: str) -> None:
+        """The last eval, checkpoint and export of the run."""
+        cfg, step = self.cfg, self.step
+        if step >= cfg.max_steps and self.ev_rows is not None and step % cfg.eval_every != 0:
+            self.evaluate()
+        self.checkpoint(reason)
+        self.finish_checkpoint()  # async: the last save is on disk and marked before we exit
+        if step >= cfg.max_steps:
+            if _export(self.model, self.s.model_cfg, self.s.tokenizer_path, self.s.out / "final", self.layout):
+                self.log.line(f"exported the final model to {self.s.out / 'final'}")
+            self.log.line(f"done: {step} steps, {self.tokens_seen:,} tokens, best valid bpb {self.best_bpb}")
+        else:
+            self.log.line(f"stopped at step {step}/{cfg.max_steps} ({reason}); continue with --resume")
 
-            if log_now:
-                if dctx.distributed:  # scale-out (#9): the mean over every rank's rows
-                    loss_acc, aux_acc = parallel.dp_mean(loss_acc), parallel.dp_mean(aux_acc)
-                loss_v = float(loss_acc) / interval_steps
-                if not math.isfinite(loss_v):
-                    raise TrainError(f"loss is {loss_v} at step {step}; lower --lr or check the data")
-                now = time.time()
-                dt = max(1e-9, now - interval_t)
-                tps = interval_steps * cfg.tokens_per_step / dt
-                step_est = dt / interval_steps
-                train_seconds += dt
-                mfu = fpt * tps / peak if peak else None
-                rec = {
-                    "step": step, "loss": loss_v, "aux_loss": float(aux_acc) / interval_steps, "lr": lr,
-                    "grad_norm": float(gnorm), "tokens": tokens_seen, "tokens_per_s": round(tps, 1),
-                    "mfu": None if mfu is None else round(mfu, 5),
-                    "expert_imbalance": None if imbalance is None else round(float(imbalance), 4),
-                    "epoch": round(_epoch(loader_state, s.code.num_docs), 4),
-                    "elapsed_s": round(now - t_start, 1),
-                }
-                if cuda:
-                    rec["max_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-                log.record(rec)
-                left = (cfg.max_steps - step) * step_est
-                msg = (
-                    f"step {step}/{cfg.max_steps} loss {loss_v:.4f} lr {lr:.2e} gnorm {rec['grad_norm']:.3f} "
-                    f"{tps / 1e3:.1f}k tok/s" + (f" mfu {100 * mfu:.1f}%" if mfu is not None else "")
-                    + (f" imb {rec['expert_imbalance']:.2f}" if imbalance is not None else "")
-                    + (f" mem {rec['max_mem_gib']:.1f}G" if cuda else "")
-                    + f" eta {_fmt_secs(left)}"
-                )
-                if log.tty:
-                    bar_n = 20 * step // cfg.max_steps
-                    log.progress(f"[{'#' * bar_n}{'.' * (20 - bar_n)}] " + msg)
-                    log.log.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
-                else:
-                    log.line(msg)
-                loss_acc.zero_()
-                aux_acc.zero_()
-                interval_steps = 0
-                interval_t = time.time()
+    # -- the loop ------------------------------------------------------------------------
+    def run(self, max_minutes: float | None) -> int:
+        """Train to ``--max-steps`` (or a signal, or the time budget); the exit code."""
+        import torch
 
-            paused = time.time()
-            if ev_rows is not None and step % cfg.eval_every == 0:
-                do_eval()
-                eval_est = time.time() - paused
-            if (cfg.ckpt_every > 0 and step % cfg.ckpt_every == 0) or parallel.agree(
-                time.time() - last_ckpt_t > cfg.ckpt_minutes * 60
-            )[0]:
-                save_est = checkpoint("periodic") + 1.0
-                if saver is not None:  # the final save waits for the whole write
-                    save_est += saver.write_s
-                last_ckpt_t = time.time()
-            interval_t += time.time() - paused  # eval/checkpoint time is not training throughput
-            if step_est is None and step >= 1:
-                step_est = time.time() - t_step  # a first guess until the first log interval
-    except KeyboardInterrupt:
-        log.line(f"interrupted at step {step}; no checkpoint written for it")
-        log.close()
-        return 130
-    except TrainError as e:
-        log.line(f"error: {e}")
-        log.close()
-        raise
-    finally:
-        prefetch.close()
-        stopper.restore()
+        cfg = self.cfg
+        if self.init_note and self.step == 0 and self.ev_rows is not None:
+            self.evaluate()  # the starting point's bits per byte (kept as best/ until training beats it)
+        stopper = _Stop()
+        stopper.install()
+        prefetch = Prefetcher(self.loader, cfg.batch_size * cfg.grad_accum, pin=self.cuda)
+        self.loader_state = self.loader.state_dict()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        save_est = 2.0 + self.total_params * 4 * 3 / 200e6  # model + 2 AdamW moments at ~200 MB/s
+        step_est, eval_est = None, 0.0
+        last_ckpt_t = time.time()
+        deadline = self.t_start + max_minutes * 60 if max_minutes else None
+        interval_t, interval_steps = time.time(), 0
+        loss_acc = torch.zeros((), device=self.device)
+        aux_acc = torch.zeros((), device=self.device)
+        reason, exit_code = "end", 0
+        try:
+            while self.step < cfg.max_steps:
+                stop = self.should_stop(stopper, deadline, step_est, save_est, eval_est)
+                if stop is not None:
+                    reason, exit_code = stop, 130 if stop.startswith("signal") else 0
+                    break
+                t_step, lr = time.time(), lr_at(self.step, cfg)
+                batch, loader_state_next = prefetch.next()
+                loss, aux, gnorm, imbalance = self.train_step(batch, lr)
+                self.step += 1
+                self.tokens_seen += cfg.tokens_per_step
+                self.loader_state = loader_state_next
+                loss_acc += loss
+                aux_acc += aux
+                interval_steps += 1
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    step_est = self.log_interval(loss_acc, aux_acc, interval_steps, max(1e-9, time.time() - interval_t),
+                                                 lr, gnorm, imbalance)
+                    loss_acc.zero_()
+                    aux_acc.zero_()
+                    interval_t, interval_steps = time.time(), 0
+                paused = time.time()
+                if self.ev_rows is not None and self.step % cfg.eval_every == 0:
+                    self.evaluate()
+                    eval_est = time.time() - paused
+                if (cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0) or self.layout.agree(
+                        time.time() - last_ckpt_t > cfg.ckpt_minutes * 60)[0]:
+                    save_est = self.checkpoint("periodic") + 1.0 + self.ckpts.write_s  # the last save waits for it
+                    last_ckpt_t = time.time()
+                interval_t += time.time() - paused  # eval/checkpoint time is not training throughput
+                if step_est is None:
+                    step_est = time.time() - t_step  # a first guess until the first log interval
+        except KeyboardInterrupt:
+            self.log.line(f"interrupted at step {self.step}; no checkpoint written for it")
+            self.log.close()
+            return 130
+        except TrainError as e:
+            self.log.line(f"error: {e}")
+            self.log.close()
+            raise
+        finally:
+            prefetch.close()
+            stopper.restore()
+        self.finish(reason)
+        self.log.close()
+        return exit_code
 
-    if step >= cfg.max_steps and ev_rows is not None and step % cfg.eval_every != 0:
-        do_eval()
-    checkpoint(reason)
-    finish_checkpoint()  # async: the last save is on disk and marked before we exit
-    if step >= cfg.max_steps:
-        if _export(model, s.model_cfg, s.tokenizer_path, s.out / "final"):
-            log.line(f"exported the final model to {s.out / 'final'}")
-        log.line(f"done: {step} steps, {tokens_seen:,} tokens, best valid bpb {best_bpb}")
-    else:
-        log.line(f"stopped at step {step}/{cfg.max_steps} ({reason}); continue with --resume")
-    log.close()
-    return exit_code
+
+def train(s: Setup, layout: Layout, max_minutes: float | None, compile_model: bool, t_start: float) -> int:
+    """Train ``s`` on ``layout`` (one process: ``Layout()``); the exit code."""
+    return Trainer(s, layout, compile_model, t_start).run(max_minutes)
 
 
 def _epoch(loader_state: dict, num_docs: int) -> float:
@@ -1198,27 +1030,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
+    from model.checkpoint import CheckpointError
+    from model.parallel import Layout, init_from_env
+
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from model import parallel
-
+    layout = Layout()
     try:
-        # --- scale-out (#9): under torchrun, join the process group (a restarted attempt resumes)
-        try:
-            dctx = parallel.init_from_env(args)
+        try:  # under torchrun: join the process group (a restarted attempt resumes)
+            layout = init_from_env(args)
         except ValueError as e:
             raise TrainError(str(e)) from None
-        if dctx.restart > 0:
+        if layout.restart > 0:
             args.resume = True  # torchrun --max-restarts: continue from the last complete checkpoint
         setup = prepare(args)
-        return train(setup, args.max_minutes, args.compile, t_start)
-    except TrainError as e:
-        if parallel.current().is_main:
+        return train(setup, layout, args.max_minutes, args.compile, t_start)
+    except (TrainError, CheckpointError) as e:
+        if layout.is_main:
             print(f"moecoder train: error: {e}", file=sys.stderr)
         return 2
     finally:
-        parallel.shutdown()
+        layout.shutdown()
         torch.set_num_threads(threads)
 
 

@@ -17,7 +17,8 @@ import threading
 import pytest
 import torch
 
-from model.train import AsyncCheckpointer, TrainError, latest_checkpoint, main, read_checkpoint_extra
+from model.checkpoint import CheckpointError, TrainCheckpoints, latest_checkpoint, read_checkpoint_extra
+from model.train import main
 from tests.test_parallel import TRAIN, _launch
 from tests.test_parallel import _pack as _pack_kernels
 from tests.test_train import TRAIN_ARGS, _env, _losses, _wait_for_step
@@ -40,7 +41,7 @@ def _tiny():
 
 
 def _load(ckpt, model, opt):
-    from model.train import load_checkpoint
+    from model.checkpoint import load_checkpoint
 
     load_checkpoint(ckpt, model, opt)
     return {k: v.clone() for k, v in model.state_dict().items()}
@@ -53,7 +54,7 @@ def test_a_save_in_flight_is_never_complete_and_its_state_is_staged(tmp_path, mo
     from torch.distributed.checkpoint import FileSystemWriter
 
     model, opt = _tiny()
-    saver = AsyncCheckpointer(tmp_path, keep=2)
+    saver = TrainCheckpoints(tmp_path, keep=2, asynchronous=True)
     assert saver.save(1, model, opt, {"step": 1}).name == "step_0000001"
     assert latest_checkpoint(tmp_path) is None  # written, maybe, but not marked yet
     assert saver.finish().name == "step_0000001"
@@ -94,7 +95,7 @@ def test_a_failed_background_write_gets_no_marker(tmp_path, monkeypatch):
     from torch.distributed.checkpoint import FileSystemWriter
 
     model, opt = _tiny()
-    saver = AsyncCheckpointer(tmp_path, keep=2)
+    saver = TrainCheckpoints(tmp_path, keep=2, asynchronous=True)
     saver.save(1, model, opt, {"step": 1})
     saver.finish()
 
@@ -103,7 +104,7 @@ def test_a_failed_background_write_gets_no_marker(tmp_path, monkeypatch):
 
     monkeypatch.setattr(FileSystemWriter, "write_data", broken)
     d = saver.save(2, model, opt, {"step": 2})
-    with pytest.raises(TrainError, match="step_0000002 could not be written"):
+    with pytest.raises(CheckpointError, match="step_0000002 could not be written"):
         saver.finish()
     assert not (d / "COMPLETE").exists()
     assert latest_checkpoint(tmp_path).name == "step_0000001"

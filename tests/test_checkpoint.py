@@ -157,7 +157,7 @@ def test_no_pickle_in_the_loader():
 
 # ---------------------------------------------------------------- export from a train.py checkpoint
 def _train_checkpoint(out, tokenizer_path, **cfg_kw):
-    from model.train import save_checkpoint
+    from model.checkpoint import save_checkpoint
 
     model, cfg = _tiny_model(seed=3, **cfg_kw)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -220,7 +220,7 @@ def test_export_of_a_checkpoint_from_another_config(tmp_path, tiny_tokenizer_pat
     extra["model_config"]["dim"] = 64  # a checkpoint that claims another config
     extra["model_config"]["n_heads"], extra["model_config"]["n_kv_heads"] = 4, 2
     model, cfg = _tiny_model(seed=3, dim=32, n_heads=2, n_kv_heads=1)
-    from model.train import save_checkpoint
+    from model.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "bad", 1, model, torch.optim.AdamW(model.parameters()), extra, keep=1)
     assert main(["--checkpoint", str(tmp_path / "bad"), "--out", str(tmp_path / "m")]) == 2

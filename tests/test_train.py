@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from model.checkpoint import latest_checkpoint
 from model.data.fim import FIMConfig, FIMTokens
 from model.data.loader import BatchLoader, DataError, LoaderConfig, eval_rows, open_split
-from model.train import TrainConfig, latest_checkpoint, lr_at, main
+from model.train import TrainConfig, lr_at, main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -246,9 +247,10 @@ def test_eval_rows(data_dir, small_data_dir):
     t = open_split(data_dir, "train")  # bigger than the budget: whole documents from all over the split
     rows = eval_rows(t, 16, 64)
     assert rows.shape == (4, 17)
-    assert rows[:, 1:].reshape(-1).tolist() != np.asarray(t.tokens[1:65]).tolist()
     assert np.array_equal(rows, eval_rows(t, 16, 64))  # fixed across calls (and resumes)
     order = np.random.default_rng(1234).permutation(t.num_docs)
+    if order[0] != 0:  # (which documents: the corpus is this repo's kernels/, so it changes)
+        assert rows[:, 1:].reshape(-1).tolist() != np.asarray(t.tokens[1:65]).tolist()
     expected = np.concatenate([np.asarray(t.doc(int(i))) for i in order[:3]])[:65]
     assert [*rows[0, :1].tolist(), *rows[:, 1:].reshape(-1).tolist()] == expected.tolist()  # whole documents
 

@@ -1,3 +1,4 @@
+# Longer than 600 lines because it is the one test module of the chat face; each test is short.
 """The chat TUI, driven headless with Textual's Pilot and a scripted engine (tests.tui_fakes)."""
 
 from __future__ import annotations

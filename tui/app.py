@@ -1,3 +1,5 @@
+# Longer than 600 lines because the App's handlers share its state (turns, attachments,
+# budget); commands, store, widgets and the assistant door are modules of their own.
 """`moecoder chat`: the Textual chat app.
 
 The app talks to the model only through ``assistant`` (via :mod:`tui.api`): a turn is a

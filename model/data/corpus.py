@@ -1,3 +1,5 @@
+# Longer than 600 lines because it is one deterministic pipeline (walk, filter, license, dedupe,
+# split, shard) whose stages share their records.
 """Build a Python code corpus: ``moecoder data corpus ROOT... --out DIR``.
 
 Pipeline (deterministic: files are processed in sorted path order, whatever the number
