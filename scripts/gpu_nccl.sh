@@ -24,7 +24,7 @@ timeout 150 $TR --nproc-per-node 1 scripts/nccl_check.py --preset base --steps 1
   --json "$OUT/nccl_base_w1.json" 2>&1 | grep -v "^W1\|OMP_NUM" | tee -a "$OUT/nccl.log"
 echo "== 2. two processes on one GPU (NCCL)" | tee -a "$OUT/nccl.log"
 timeout 90 $TR --nproc-per-node 2 scripts/nccl_check.py --preset small --ep 2 --steps 8 --batch 8 --seq 512 \
-  --json "$OUT/nccl_small_w2_one_gpu.json" 2>&1 | grep -v "^W1\|OMP_NUM" | tail -30 | tee -a "$OUT/nccl.log"
+  --json "$OUT/nccl_small_w2_one_gpu.json" 2>&1 | grep -v "^W1\|OMP_NUM" | grep -v "^\s*File\|^    \|^\[\|^---\|^===\|^  " | head -40 | tee -a "$OUT/nccl.log"
 
 echo "== 3. async vs sync DCP saves on CUDA (small)" | tee "$OUT/ckpt.log"
 D=/tmp/nccl_data

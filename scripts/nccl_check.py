@@ -69,13 +69,12 @@ def _sync(device) -> None:
 def _train(model, batches, rows: slice, device, steps_timed_from: int = 2, profile_steps: int = 0,
            reduce_loss: bool = True):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
-    losses, times, nccl_ms = [], [], None
+    losses, times, nccl_ms, prof = [], [], None, None
     for i, b in enumerate(batches):
         x = b[rows, :-1].to(device)
         y = b[rows, 1:].to(device)
         _sync(device)
         t0 = time.perf_counter()
-        prof = None
         if profile_steps and i == len(batches) - profile_steps:
             acts = [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [torch.profiler.ProfilerActivity.CPU]
             prof = torch.profiler.profile(activities=acts)
@@ -119,13 +118,18 @@ def main() -> int:
     a = p.parse_args()
     rank, world, local = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
     ngpu = torch.cuda.device_count()
-    if ngpu:
-        device = torch.device("cuda", local % ngpu)
-        torch.cuda.set_device(device)
-        dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
-    else:  # a CPU smoke test of this script (gloo)
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    try:
+        if ngpu:
+            device = torch.device("cuda", local % ngpu)
+            torch.cuda.set_device(device)
+            dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
+        else:  # a CPU smoke test of this script (gloo)
+            device = torch.device("cpu")
+            dist.init_process_group("gloo")
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        print(f"rank {rank}: process group init failed: {(msg[0] if msg else type(e).__name__)[:300]}", flush=True)
+        os._exit(3)
     res: dict = {"world": world, "gpus_visible": ngpu, "preset": a.preset, "ep": a.ep, "torch": torch.__version__,
                  "nccl": ".".join(map(str, torch.cuda.nccl.version())) if ngpu else None,
            "gpu": torch.cuda.get_device_name(device) if ngpu else "cpu"}
