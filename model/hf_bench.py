@@ -252,8 +252,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="tiny configs (debug the script on a CPU)")
     p.add_argument("--batches", default="1,8,64")
-    p.add_argument("--decode-steps", type=int, default=32)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--decode-steps", type=int, default=16)
+    p.add_argument("--reps", type=int, default=2)
     p.add_argument("--out", default=None, help="write the results (JSON) here after each configuration")
     args = p.parse_args(argv)
     dev = torch.device(args.device)
@@ -289,6 +289,26 @@ def main(argv=None) -> int:
         prompts["decode"] = torch.randint(0, V, (max(batches), 128 if not args.tiny else 8), generator=g).to(dev)
         res = {"transformers": {}, "moecoder": {}}
         results["configs"][name] = res
+        try:
+            run_config(name, hf_cfg, tf, dev, dtype, dtype_name, prompts, batches, args, env, res)
+        except Exception as e:  # noqa: BLE001 - report and go on with the next configuration
+            import traceback
+
+            traceback.print_exc()
+            res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            res["peak_GiB"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 1)
+            torch.cuda.reset_peak_memory_stats(dev)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+    print(render(results))
+    return 0
+
+
+def run_config(name, hf_cfg, tf, dev, dtype, dtype_name, prompts, batches, args, env, res) -> None:
+    if True:
         t0 = time.perf_counter()
         hf, ref = bench_transformers(tf, hf_cfg, dev, dtype, prompts, batches, args.decode_steps, args.reps, res)
         print(name, "transformers", json.dumps(res["transformers"]), f"{time.perf_counter() - t0:.0f}s", flush=True)
@@ -313,13 +333,6 @@ def main(argv=None) -> int:
         print(name, "moecoder", json.dumps(res["moecoder"]), json.dumps(res["logits"]),
               json.dumps(res["hbm_floor"]), f"{time.perf_counter() - t0:.0f}s", flush=True)
         del model
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=2)
-    print(render(results))
-    return 0
 
 
 def render(results: dict) -> str:
@@ -327,6 +340,9 @@ def render(results: dict) -> str:
     lines = []
     bw = results["env"].get("copy_bandwidth_GBs")
     for name, r in results["configs"].items():
+        if "logits" not in r:
+            lines.append(f"\n**{name}**: incomplete ({r.get('error', '?')}); partial: {json.dumps(r)}")
+            continue
         t, m, fl = r["transformers"], r["moecoder"], r.get("hbm_floor", {})
         lines.append(f"\n**{name}** (logits: max |diff| {r['logits']['max_abs_diff']} of |logit| <= "
                      f"{r['logits']['ref_abs_max']}, mean {r['logits']['mean_abs_diff']}, top-1 agreement "
