@@ -434,7 +434,7 @@ def load_model(model_dir=None, device="cpu", dtype: str | None = None, max_conte
 
     A Hugging Face checkpoint directory (config.json with "architectures") loads through
     ``model.hf`` into the same Transformer; ``dtype`` (fp32, bf16, fp16, int8, int4; default
-    fp32 on CPU, bf16 on CUDA) and ``max_context`` apply to those.
+    ``$MOECODER_DTYPE``, else fp32 on CPU and bf16 on CUDA) and ``max_context`` apply to those.
     """
     from model.tokenizer import Tokenizer
 
@@ -443,7 +443,7 @@ def load_model(model_dir=None, device="cpu", dtype: str | None = None, max_conte
         from model import hf
 
         if hf.is_hf_dir(d):
-            dt = dtype or ("bf16" if torch.device(device).type == "cuda" else "fp32")
+            dt = dtype or os.environ.get("MOECODER_DTYPE") or ("bf16" if torch.device(device).type == "cuda" else "fp32")
             try:
                 model, tok, fam = hf.load_hf(d, device, dt, max_context, progress)
             except hf.HFError as e:

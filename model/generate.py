@@ -301,9 +301,10 @@ def fim(model: Transformer, tok, prefix: str, suffix: str, params: SamplingParam
         cancel: CancelToken | None = None) -> GenerationResult:
     """Fill in the middle between ``prefix`` and ``suffix``; stops at eos or any FIM/file marker."""
     params = params or SamplingParams()
-    stops = {tok.special_id(n) for n in ("fim_prefix", "fim_suffix", "fim_middle", "file_sep")}
+    has = getattr(tok, "has_special", lambda _n: True)
+    stops = {tok.special_id(n) for n in ("fim_prefix", "fim_suffix", "fim_middle", "file_sep") if has(n)}
     p = SamplingParams(**{**params.__dict__, "stop_token_ids": tuple({*params.stop_token_ids, *stops})})
-    return generate(model, tok, fim_prompt(tok, prefix, suffix), p, cancel)
+    return generate(model, tok, fim_prompt(tok, prefix, suffix, spm=getattr(tok, "fim_spm", True)), p, cancel)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -324,17 +325,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from model.checkpoint import CheckpointError, load_model
 
     try:
-        loaded = load_model(args.model)
+        loaded = load_model(args.model, dtype=args.dtype)
     except CheckpointError as e:
         return err(e)
     model, tok = loaded.model, loaded.tokenizer
     if args.fim_suffix is not None:
-        stops = {tok.special_id(n) for n in ("fim_prefix", "fim_suffix", "fim_middle", "file_sep")}
+        if not getattr(tok, "has_fim", True):
+            return err("this checkpoint has no fill-in-the-middle tokens; drop --fim-suffix")
+        has = getattr(tok, "has_special", lambda _n: True)
+        stops = {tok.special_id(n) for n in ("fim_prefix", "fim_suffix", "fim_middle", "file_sep") if has(n)}
         params.stop_token_ids = tuple(stops)
         at_suffix = fim_suffix_stop(args.fim_suffix)  # the middle ends where the suffix begins
         if at_suffix is not None:
             params.stop_strings = (*params.stop_strings, at_suffix)
-        ids = fim_prompt(tok, prompt, args.fim_suffix)
+        ids = fim_prompt(tok, prompt, args.fim_suffix, spm=getattr(tok, "fim_spm", True))
     else:
         ids = tok.encode(prompt) or [tok.eos_id]
     out = sys.stdout
