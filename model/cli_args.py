@@ -24,6 +24,8 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--loop-guard", type=int, default=8, metavar="N",
                    help="never repeat a unit of up to N tokens three times in a row (default 8; 0: off)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16", "int8", "int4"],
+                   help="open checkpoints: weights dtype at load (default $MOECODER_DTYPE, else fp32 on CPU)")
     return p
 
 

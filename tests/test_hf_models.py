@@ -29,6 +29,15 @@ ROOT = Path(__file__).resolve().parents[1]
 N_NEW = 32
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is ~30x faster than oversubscribed threads on a busy box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     import_transformers()
@@ -124,6 +133,7 @@ def test_generate_path_and_static_decode(ckpts):
 
 _TRITON_SCRIPT = r"""
 import json, sys, torch
+torch.set_num_threads(1)
 from model.checkpoint import load_model
 import kernels
 out = {}
