@@ -163,18 +163,22 @@ async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: li
         client.exit(None)
         await client.stop()
         raise BenchError(errors[0])
+    from rich.console import Console
+    from rich.progress import Progress
+
     times, nonempty, exact, samples = [], 0, 0, []
-    for i, (f, line, col) in enumerate(timed):
+    bar = Progress(console=Console(stderr=True), transient=True, disable=not sys.stderr.isatty())
+    task = bar.add_task("requests", total=len(timed))
+    bar.start()
+    for f, line, col in timed:
         dt, count, text, rest = await one(f, line, col)
         times.append(dt)
         nonempty += count > 0
         exact += mode == "typed" and bool(text.strip()) and text.rstrip() == rest.rstrip()
         if len(samples) < 5 and text:
             samples.append({"file": f.name, "line": line, "column": col, "text": text, "expected": rest})
-        if sys.stderr.isatty():
-            print(f"\r{i + 1}/{len(timed)} requests", end="", file=sys.stderr, flush=True)
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
+        bar.advance(task)
+    bar.stop()
     await client.shutdown_async(None)
     client.exit(None)
     await client.stop()

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from model.data.eval_overlap import SHINGLE, shingle_hashes, token_hashes
+from model.progress import Progress
 
 SPLITS = ("train", "valid", "test")
 SKIP_DIR_NAMES = {"__pycache__", "node_modules", "site-packages-stubs"}
@@ -435,7 +436,12 @@ def _init_worker(cfg: CorpusConfig) -> None:
 def minhash_signature(text: str | None = None, num_perm: int = 128, shingle: int = 5, _ab=None,
                       shingles: np.ndarray | None = None) -> np.ndarray:
     """MinHash (uint32[num_perm]) of the set of token ``shingle``-grams of ``text`` (or of
-    precomputed ``shingles`` from ``eval_overlap.shingle_hashes``)."""
+    precomputed ``shingles`` from ``eval_overlap.shingle_hashes``).
+
+    Ours rather than ``datasketch.MinHash``: on the same 555,605 shingle hashes of 150 stdlib
+    files, 128 permutations, this vectorised numpy version took 609 ms against datasketch
+    2.0.0's ``update_batch`` 2068 ms (medians of 3, x86_64, numpy 2.4.6, a loaded 2-core box,
+    2026-12-04; the script is in the commit message of this note)."""
     if _ab is None:
         rng = np.random.default_rng(1234567)
         a = (rng.integers(1, 2**63, num_perm, dtype=np.uint64) | np.uint64(1)).reshape(-1, 1)
@@ -591,40 +597,6 @@ def assign_splits(packages: Iterable[str], fractions: tuple[float, float, float]
 
 
 # -- progress ------------------------------------------------------------------------------
-
-
-class Progress:
-    """Progress on stderr: a live line on a terminal, a line per 10 % otherwise."""
-
-    def __init__(self, label: str, total: int, stream=None, enabled: bool = True):
-        self.label, self.total = label, max(total, 0)
-        self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.t0 = time.perf_counter()
-        self.last = 0.0
-        self.next_pct = 10
-
-    def update(self, done: int, extra: str = "") -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        el = now - self.t0
-        if self.tty:
-            if now - self.last > 0.2 or done >= self.total:
-                self.last = now
-                self.stream.write(f"\r{self.label}: {done}/{self.total} {extra} {el:.1f}s\x1b[K")
-                self.stream.flush()
-        elif self.total and done * 100 >= self.next_pct * self.total:
-            while done * 100 >= self.next_pct * self.total:
-                self.next_pct += 10
-            self.stream.write(f"{self.label}: {done}/{self.total} {extra} {el:.1f}s\n")
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 # -- the builder ---------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model.data.corpus import SPLITS, Progress, iter_split
+from model.data.corpus import SPLITS, iter_split
+from model.progress import Progress
 
 BATCH_BYTES = 1 << 20  # text per worker task
 

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.formats import NO_ISSUE, Finding, format_finding, is_task_function, number_lines
+from model.progress import Progress
 
 SPLITS = ("train", "valid", "test")
 TASKS = ("comment", "debug", "explain")
@@ -986,24 +987,19 @@ def _tokenizer_sha256(tokenizer, tokenizer_path) -> str | None:
 
 
 class _Progress:
+    """Files and examples per split (:class:`model.progress.Progress`; the total is unknown)."""
+
     def __init__(self, enabled: bool):
         self.enabled = enabled
-        self.t0 = time.monotonic()
-        self.last = self.t0
+        self.bars: dict[str, Progress] = {}
 
     def __call__(self, split: str, files: int, examples: int, done: bool = False) -> None:
-        now = time.monotonic()
-        tty = sys.stderr.isatty()
-        if not self.enabled or (not done and now - self.last < (1.0 if tty else 10.0)):
-            return
-        self.last = now
-        end = "\r" if tty and not done else "\n"
-        print(
-            f"  {split}: {files} files, {examples} examples, {now - self.t0:.0f}s",
-            end=end,
-            file=sys.stderr,
-            flush=True,
-        )
+        bar = self.bars.get(split)
+        if bar is None:
+            bar = self.bars[split] = Progress(f"  {split} (files)", None, enabled=self.enabled)
+        bar.update(files, f"{examples} examples")
+        if done:
+            bar.close()
 
 
 def build_tasks(
