@@ -207,7 +207,7 @@ class GraphDecoder:
         self.pos.add_(1)
 
 
-def bench_moecoder(model, prompts, dev, batches, n_decode: int, reps: int, res: dict):
+def bench_moecoder(model, prompts, dev, batches, n_decode: int, reps: int, res: dict, compiled: bool = False):
     out = res["moecoder"]
     with torch.inference_mode():
         ours = model(prompts["check"]).float().cpu()
@@ -221,15 +221,25 @@ def bench_moecoder(model, prompts, dev, batches, n_decode: int, reps: int, res: 
             t = _timeit(run, dev, reps)
             out[f"prefill_{name}_tok_s"] = round(x.numel() / t, 1)
         ctx = prompts["decode"].shape[1]
-        for b in batches:
-            x = prompts["decode"][:b]
-            for mode in ("eager", "graph"):
-                if mode == "graph" and dev.type != "cuda":
-                    continue
-                dec = GraphDecoder(model, b, ctx + n_decode + 8, dev)
-                dec.prefill(x)
+        modes = ["eager"] + (["graph"] if dev.type == "cuda" else []) + (["graphc"] if compiled and dev.type == "cuda" else [])
+        for mode in modes:
+            if mode == "graphc":
+                from model.layers import compile_pointwise
+
                 try:
-                    if mode == "graph":
+                    probe = prompts["check"][:1, :32]
+                    before = model(probe)
+                    compile_pointwise(True)
+                    out["compiled_vs_eager_max_abs_diff"] = round(float((model(probe) - before).abs().max()), 5)
+                except Exception as e:  # noqa: BLE001
+                    compile_pointwise(False)
+                    out["compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                    continue
+            for b in batches:
+                dec = GraphDecoder(model, b, ctx + n_decode + 8, dev)
+                dec.prefill(prompts["decode"][:b])
+                try:
+                    if mode != "eager":
                         dec.capture()
                     for _ in range(2):
                         dec.step()
@@ -242,6 +252,7 @@ def bench_moecoder(model, prompts, dev, batches, n_decode: int, reps: int, res: 
                     dec.step()
                 _sync(dev)
                 out[f"decode_b{b}_{mode}_tok_s"] = round(b * n_decode / (time.perf_counter() - t0), 1)
+                print(f"  decode b{b} {mode}: {out[f'decode_b{b}_{mode}_tok_s']} tok/s", flush=True)
                 del dec
     return ours
 
@@ -254,6 +265,8 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1,8,64")
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--compile", action="store_true",
+                   help="also decode with RMSNorm/RoPE fused by torch.compile inside the CUDA graph")
     p.add_argument("--out", default=None, help="write the results (JSON) here after each configuration")
     args = p.parse_args(argv)
     dev = torch.device(args.device)
@@ -316,7 +329,7 @@ def run_config(name, hf_cfg, tf, dev, dtype, dtype_name, prompts, batches, args,
         del hf
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        ours = bench_moecoder(model, prompts, dev, batches, args.decode_steps, args.reps, res)
+        ours = bench_moecoder(model, prompts, dev, batches, args.decode_steps, args.reps, res, args.compile)
         diff = (ours - ref).abs()
         res["logits"] = {"max_abs_diff": round(float(diff.max()), 4), "mean_abs_diff": round(float(diff.mean()), 5),
                          "ref_abs_max": round(float(ref.abs().max()), 3),
@@ -354,8 +367,11 @@ def render(results: dict) -> str:
             lines.append(f"| {k} | {a} | {b} | {b / a:.2f}x |  |" if a and b else f"| {k} | {a} | {b} | | |")
         for key in sorted({k for k in t if k.startswith("decode_b")}, key=lambda s: int(s.split("_")[1][1:])):
             b = key.split("_")[1]
-            ours = m.get(f"decode_{b}_graph_tok_s") or m.get(f"decode_{b}_eager_tok_s")
-            how = "graph" if m.get(f"decode_{b}_graph_tok_s") else "eager"
+            ours = m.get(f"decode_{b}_graphc_tok_s") or m.get(f"decode_{b}_graph_tok_s") or m.get(f"decode_{b}_eager_tok_s")
+            how = "graph+compiled" if m.get(f"decode_{b}_graphc_tok_s") else (
+                "graph" if m.get(f"decode_{b}_graph_tok_s") else "eager")
+            if m.get(f"decode_{b}_graphc_tok_s"):
+                how += f"; graph {m.get(f'decode_{b}_graph_tok_s')}"
             floor = fl.get(b, {}).get("floor_tok_s")
             ratio = f"{ours / t[key]:.2f}x" if ours and t[key] else ""
             fl_txt = f"{floor} ({ours / floor:.0%})" if floor and ours else ""

@@ -14,6 +14,33 @@ import torch.nn.functional as F
 from model.config import ModelConfig
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).type_as(x)
+
+
+def _rope(x_BHTD: torch.Tensor, cos_BTd: torch.Tensor, sin_BTd: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x_BHTD.float().chunk(2, dim=-1)
+    cos, sin = cos_BTd[:, None], sin_BTd[:, None]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x_BHTD)
+
+
+_POINTWISE = {"rms_norm": _rms_norm, "rope": _rope}
+
+
+def compile_pointwise(enabled: bool = True, backend: str = "inductor") -> None:
+    """Fuse RMSNorm and RoPE into one kernel each with ``torch.compile`` (process-wide).
+
+    On a GPU a decode step at batch 1 is latency-bound: dozens of tiny kernels per layer,
+    several of them the casts and multiplies of these two. Same math; off by default (the
+    first calls compile).
+    """
+    if enabled:
+        _POINTWISE["rms_norm"] = torch.compile(_rms_norm, dynamic=True, fullgraph=True, backend=backend)
+        _POINTWISE["rope"] = torch.compile(_rope, dynamic=True, fullgraph=True, backend=backend)
+    else:
+        _POINTWISE.update(rms_norm=_rms_norm, rope=_rope)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -21,7 +48,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+        return _POINTWISE["rms_norm"](x, self.weight, self.eps)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -71,9 +98,7 @@ def rope_tables(head_dim: int, max_len: int, theta: float, device=None,
 
 def apply_rope(x_BHTD: torch.Tensor, cos_BTd: torch.Tensor, sin_BTd: torch.Tensor) -> torch.Tensor:
     """Rotate the two halves of each head (GPT-NeoX layout); cos/sin are [B or 1, T, Dh/2]."""
-    x1, x2 = x_BHTD.float().chunk(2, dim=-1)
-    cos, sin = cos_BTd[:, None], sin_BTd[:, None]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x_BHTD)
+    return _POINTWISE["rope"](x_BHTD, cos_BTd, sin_BTd)
 
 
 class KVCache:
