@@ -131,6 +131,22 @@ def test_generate_path_and_static_decode(ckpts):
         assert (a - b).abs().max().item() <= 1e-4
 
 
+def test_compiled_pointwise_same_logits(ckpts):
+    """layers.compile_pointwise (the GPU decode option) changes no numbers (traced with aot_eager here)."""
+    from model.layers import compile_pointwise
+
+    lm = load_model(ckpts["olmoe"][0])
+    ids, _ = _batch()
+    with torch.no_grad():
+        a = lm.model(ids[:1, :8])
+        try:
+            compile_pointwise(True, backend="aot_eager")
+            b = lm.model(ids[:1, :8])
+        finally:
+            compile_pointwise(False)
+    assert (a - b).abs().max().item() <= 1e-5
+
+
 _TRITON_SCRIPT = r"""
 import json, sys, torch
 torch.set_num_threads(1)
