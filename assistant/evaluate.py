@@ -433,7 +433,8 @@ def fim_items(
         if tok is not None:
             prefix = _clip_lines(prefix, budget * 3 // 4, tok, keep_end=True)
             suffix = _clip_lines(suffix, budget // 4, tok, keep_end=False)
-        items.append({"path": path, "line": i + 1, "prefix": prefix, "middle": middle, "suffix": suffix})
+        items.append({"path": path, "line": i + 1, "prefix": prefix, "middle": middle, "suffix": suffix,
+                      "source": "\n".join(lines)})  # fmt: skip
     return items
 
 
@@ -770,6 +771,246 @@ def suite_docstrings(ctx: Context) -> dict:
     return {"rouge_l_f1": sum(scores) / n if n else 0.0, "n": n, "skipped": len(recs) - n, "source": where}
 
 
+# --------------------------------------------------------------------------- the product's path
+#
+# What a user gets: each item goes through ``assistant.tasks`` on an ``Engine`` built with the
+# product's default settings (the completion prompt cap, per-task token limits), so the context
+# manager, the completion post-filters, the debug gate + consistency checks, the loose answer
+# parser and the docstring renderer all take part. Completions put the cursor where an editor
+# leaves it: after the line's indentation. Debug hints count only at or above the review's
+# default ``min_confidence`` (what the review and the editor show).
+
+
+class ProductRunner:
+    """Runs ``TaskRequest``s through ``assistant.tasks.iter_batch`` on one engine."""
+
+    def __init__(self, engine, batch_size: int = 8, min_confidence: float = 0.5,
+                 progress: Callable[[int], None] | None = None):  # fmt: skip
+        self.engine = engine
+        self.batch_size = batch_size
+        self.min_confidence = min_confidence
+        self.progress = progress
+
+    def run(self, requests: list) -> list:
+        """Results in order (an exception object for a request that failed)."""
+        from assistant.tasks import iter_batch
+
+        out: list = [None] * len(requests)
+        for i, r in iter_batch(self.engine, requests, batch_size=self.batch_size):
+            out[i] = r
+            if self.progress:
+                self.progress(1)
+        return out
+
+
+def _indent(line: str) -> str:
+    return line[: len(line) - len(line.lstrip())]
+
+
+def completion_request(source_lines: list[str], i: int, max_new: int | None = None, related=(),
+                       path: str | None = None) -> tuple[Any, str]:  # fmt: skip
+    """(a ``complete`` request at line ``i``, cursor after the indentation, the rest of the line
+    removed; the removed text = the reference)."""
+    from assistant.tasks import TaskRequest
+
+    line = source_lines[i]
+    ind = _indent(line)
+    lines = [*source_lines[:i], ind, *source_lines[i + 1 :]]
+    req = TaskRequest("complete", "\n".join(lines), path=path, line=i, column=len(ind), max_new_tokens=max_new,
+                      related=list(related))  # fmt: skip
+    return req, line[len(ind) :]
+
+
+def _text(result) -> str | None:
+    return None if isinstance(result, BaseException) or result is None else result.text
+
+
+def product_fim(ctx: Context) -> dict:
+    runner: ProductRunner = ctx.extra["runner"]
+    ctx_len = ctx.extra.get("ctx_len", 2048)
+    sources, where = heldout_sources(ctx.data, max(ctx.n("fim"), 1), ctx.seed, ctx.tokenizer)
+    items = fim_items(sources, ctx.n("fim"), ctx.seed, ctx.tokenizer, ctx_len, 64)
+    reqs, refs = [], []
+    for it in items:
+        req, ref = completion_request(it["source"].split("\n"), it["line"] - 1)
+        reqs.append(req)
+        refs.append(ref)
+    preds = runner.run(reqs)
+    scored = [(ref, _text(p)) for ref, p in zip(refs, preds) if _text(p) is not None]
+    n = len(scored)
+    out = {"exact_match": sum(exact_match(p, r) for r, p in scored) / n if n else 0.0,
+           "edit_similarity": sum(edit_similarity(p, r) for r, p in scored) / n if n else 0.0,
+           "multiline": sum(bool(getattr(p, "multiline", False)) for p in preds if not isinstance(p, BaseException)),
+           "n": n, "skipped": len(items) - n, "source": where}  # fmt: skip
+    raw_pred = ctx.extra.get("raw_predictor")
+    if raw_pred is not None:  # the model alone: whole-line middle, prefix/suffix clipped, no post-filters
+        raw = raw_pred.fim([(it["prefix"], it["suffix"]) for it in items], 64, spm=True)
+        rs = [(it, p) for it, p in zip(items, raw) if p is not None]
+        out["raw_exact_match_spm"] = sum(exact_match(p, it["middle"]) for it, p in rs) / len(rs) if rs else 0.0
+    return out
+
+
+def product_mbpp(ctx: Context) -> dict:
+    from assistant.tasks import TaskRequest
+
+    runner: ProductRunner = ctx.extra["runner"]
+    tasks = load_mbpp(_eval_dir(ctx.eval_dir))[: ctx.n("mbpp")]
+    built = [(t, mbpp_prompt(t)) for t in tasks]
+    built = [(t, p[0]) for t, p in built if p is not None]
+    reqs = []
+    for _t, prompt in built:
+        src = prompt + "    "
+        reqs.append(TaskRequest("complete", src, line=src.count("\n"), column=4, max_new_tokens=ctx.max_new_tokens))
+    preds = runner.run(reqs)
+    runs = [(t, prompt + "    " + _text(p)) for (t, prompt), p in zip(built, preds) if _text(p) is not None]
+    passed = _run_parallel(lambda tp: _run_tests(mbpp_program(tp[0], tp[1]), ctx.timeout), runs, ctx.jobs,
+                           _tests_progress(ctx, "mbpp"))  # fmt: skip
+    n = len(runs)
+    return {"pass@1": sum(passed) / n if n else 0.0, "passed": sum(passed), "n": n, "skipped": len(tasks) - n,
+            "max_new_tokens": ctx.max_new_tokens,
+            "failed_ids": [t["task_id"] for (t, _), ok in zip(runs, passed) if not ok][:50]}  # fmt: skip
+
+
+def product_mbpp_infill(ctx: Context) -> dict:
+    runner: ProductRunner = ctx.extra["runner"]
+    tasks = load_mbpp(_eval_dir(ctx.eval_dir))[: ctx.n("mbpp-infill")]
+    items = mbpp_infill_items(tasks, ctx.seed)
+    reqs, refs = [], []
+    for it in items:
+        src_lines = (it["prefix"] + it["middle"] + it["suffix"]).split("\n")
+        req, ref = completion_request(src_lines, it["line"] - 1)
+        reqs.append(req)
+        refs.append(ref)
+    preds = runner.run(reqs)
+    scored = [(it, ref, _text(p)) for it, ref, p in zip(items, refs, preds) if _text(p) is not None]
+
+    def check(x):
+        it, _ref, p = x
+        code = it["prefix"] + _indent(it["middle"]) + p.rstrip("\n") + "\n" + it["suffix"]
+        return _run_tests(mbpp_program(it["task"], code), ctx.timeout)
+
+    passed = _run_parallel(check, scored, ctx.jobs, _tests_progress(ctx, "mbpp-infill"))
+    n = len(scored)
+    return {"exact_match": sum(exact_match(p, r) for _, r, p in scored) / n if n else 0.0,
+            "pass": sum(passed) / n if n else 0.0, "passed": sum(passed), "n": n, "skipped": len(items) - n}  # fmt: skip
+
+
+def _top_hint(result, min_confidence: float):
+    hints = [] if isinstance(result, BaseException) or result is None else list(result.hints)
+    hints = [h for h in hints if h.confidence >= min_confidence]
+    return max(hints, key=lambda h: h.confidence) if hints else None
+
+
+def _def_line(lines: list[str], name: str = "") -> int:
+    if name:
+        for i, ln in enumerate(lines):
+            if re.match(rf"\s*(async\s+)?def\s+{re.escape(name)}\s*\(", ln):
+                return i
+    for i, ln in enumerate(lines):
+        if re.match(r"\s*(async\s+)?def\s", ln):
+            return i
+    return 0
+
+
+def product_quixbugs(ctx: Context) -> dict:
+    from assistant.tasks import TaskRequest
+
+    runner: ProductRunner = ctx.extra["runner"]
+    root = _eval_dir(ctx.eval_dir) / "quixbugs"
+    items = [quixbugs_item(r) for r in load_quixbugs(_eval_dir(ctx.eval_dir))][: ctx.n("quixbugs")]
+    reqs = [TaskRequest("debug", "\n".join(it["lines"]) + "\n", path=f"{it['name']}.py",
+                        line=_def_line(it["lines"], it["name"])) for it in items]  # fmt: skip
+    preds = runner.run(reqs)
+    rows, to_run = [], []
+    for it, p in zip(items, preds):
+        h = _top_hint(p, runner.min_confidence)
+        row = {"name": it["name"], "bug_lines": it["bug_lines"], "skipped": isinstance(p, BaseException),
+               "hint_line": None if h is None else h.line + 1, "confidence": None if h is None else h.confidence,
+               "localised": h is not None and h.line + 1 in it["bug_lines"], "repaired": False}  # fmt: skip
+        if h is not None and h.fix is not None and 0 <= h.line < len(it["lines"]):
+            new = list(it["lines"])
+            new[h.line] = h.fix
+            to_run.append((row, it, "\n".join(new) + "\n"))
+        rows.append(row)
+    results = _run_parallel(lambda x: run_quixbugs_tests(root, x[1]["rec"], x[2], 3 * ctx.timeout), to_run,
+                            ctx.jobs, _tests_progress(ctx, "quixbugs"))  # fmt: skip
+    for (row, _, _), ok in zip(to_run, results):
+        row["repaired"] = ok
+    done = [r for r in rows if not r["skipped"]]
+    n = len(done)
+    loc, rep = sum(r["localised"] for r in done), sum(r["repaired"] for r in done)
+    return {"localisation_top1": loc / n if n else 0.0, "repair_pass": rep / n if n else 0.0,
+            "hints_shown": sum(r["hint_line"] is not None for r in done), "localised": loc, "repaired": rep,
+            "n": n, "skipped": len(rows) - n, "min_confidence": runner.min_confidence, "programs": rows}  # fmt: skip
+
+
+def product_bugs(ctx: Context) -> dict:
+    from assistant.tasks import TaskRequest
+
+    runner: ProductRunner = ctx.extra["runner"]
+    recs, where = _task_records(ctx, "debug", ctx.n("bugs"))
+    preds = runner.run([TaskRequest("debug", r["code"], line=_def_line(r["code"].split("\n"))) for r in recs])
+    pairs, fixed = [], 0
+    for r, p in zip(recs, preds):
+        if isinstance(p, BaseException):
+            continue
+        truth = parse_finding(r["answer"])
+        h = _top_hint(p, runner.min_confidence)
+        pred = None if h is None else Finding(h.line + 1, h.message, None if h.fix is None else h.fix.strip())
+        pairs.append((None if truth is None else truth.line, pred))
+        if (pred is not None and truth is not None and pred.line == truth.line and pred.fix is not None
+                and truth.fix is not None and pred.fix == truth.fix.strip()):  # fmt: skip
+            fixed += 1
+    out = debug_scores(pairs)
+    out["fix_exact"] = fixed / out["bugs"] if out["bugs"] else 0.0
+    out.update({"n": len(pairs), "skipped": len(recs) - len(pairs), "source": where,
+                "min_confidence": runner.min_confidence})  # fmt: skip
+    return out
+
+
+def docstring_text(literal: str) -> str:
+    """The text inside a docstring literal, dedented."""
+    import textwrap
+
+    t = literal.strip()
+    for q in ('"""', "'''"):
+        if t.startswith(q) and t.endswith(q) and len(t) >= 6:
+            t = t[3:-3]
+            break
+    first, _, rest = t.partition("\n")
+    return (first.strip() + ("\n" + textwrap.dedent(rest) if rest else "")).strip()
+
+
+def product_docstrings(ctx: Context) -> dict:
+    from assistant.tasks import TaskRequest
+
+    runner: ProductRunner = ctx.extra["runner"]
+    recs, where = _task_records(ctx, "comment", ctx.n("docstrings"))
+    preds = runner.run([TaskRequest("comment", r["code"], line=_def_line(r["code"].split("\n"))) for r in recs])
+    texts = [None if isinstance(p, BaseException) or p is None else docstring_text(p.text) for p in preds]
+    scores = [rouge_l(t, r["answer"]) for r, t in zip(recs, texts) if t is not None]
+    n = len(scores)
+    placeholders = sum(bool(re.search(r"\bTODO\b", t)) for t in texts if t is not None)
+    out = {"rouge_l_f1": sum(scores) / n if n else 0.0, "with_todo": placeholders, "n": n,
+           "skipped": len(recs) - n, "source": where}  # fmt: skip
+    raw_pred = ctx.extra.get("raw_predictor")
+    if raw_pred is not None:  # the model's own answer before the renderer
+        raw = raw_pred.task("comment", [r["code"] for r in recs], ctx.max_new_tokens)
+        rs = [rouge_l(p[1], r["answer"]) for r, p in zip(recs, raw) if p is not None]
+        out["raw_rouge_l_f1"] = sum(rs) / len(rs) if rs else 0.0
+    return out
+
+
+PRODUCT_SUITE_FUNCS: dict[str, Callable[[Context], dict]] = {
+    "fim": product_fim,
+    "mbpp": product_mbpp,
+    "mbpp-infill": product_mbpp_infill,
+    "quixbugs": product_quixbugs,
+    "bugs": product_bugs,
+    "docstrings": product_docstrings,
+}
+
+
 SUITE_FUNCS: dict[str, Callable[[Context], dict]] = {
     "fim": suite_fim,
     "mbpp": suite_mbpp,
@@ -781,12 +1022,12 @@ SUITE_FUNCS: dict[str, Callable[[Context], dict]] = {
 
 HEADLINE = {
     "bpb": ["bits_per_byte"],
-    "fim": ["exact_match", "edit_similarity", "exact_match_spm", "edit_similarity_spm"],
+    "fim": ["exact_match", "edit_similarity", "exact_match_spm", "edit_similarity_spm", "raw_exact_match_spm"],
     "mbpp": ["pass@1"],
     "mbpp-infill": ["exact_match", "pass", "exact_match_spm", "pass_spm"],
-    "quixbugs": ["localisation_top1", "repair_pass"],
+    "quixbugs": ["localisation_top1", "repair_pass", "hints_shown"],
     "bugs": ["precision", "recall", "false_alarm_rate", "fix_exact"],
-    "docstrings": ["rouge_l_f1"],
+    "docstrings": ["rouge_l_f1", "raw_rouge_l_f1", "with_todo"],
 }
 
 
@@ -859,6 +1100,12 @@ def _parser() -> argparse.ArgumentParser:
         "--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel sandboxed test runs"
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--path", choices=["product", "raw"], default="product",
+                   help="product: every item through the assistant's task path (context manager, post-filters, "
+                        "debug gate, docstring renderer) with the default settings, what a user gets; raw: "
+                        "the model alone on hand-made prompts")  # fmt: skip
+    p.add_argument("--raw-beside", action="store_true",
+                   help="with --path product: also the raw model's score where it explains one (fim, docstrings)")
     p.add_argument("--fim-order", choices=["psm", "spm", "both"], default="both",
                    help="FIM prompt order(s) for fim and mbpp-infill (PSM is what the assistant sends)")  # fmt: skip
     return p
@@ -889,7 +1136,22 @@ def run_suites(ctx: Context, suites: Sequence[str], model=None, progress_cb=None
                 progress_cb(_s, min(_state["done"], _total), _total)
 
             ctx.predictor.progress = tick
-        res = suite_bpb(ctx, model) if s == "bpb" else SUITE_FUNCS[s](ctx)
+        runner = ctx.extra.get("runner")
+        if runner is not None and progress_cb is not None:
+            total = ctx.n(s)
+            state = {"done": 0}
+
+            def rtick(k, _s=s, _total=total, _state=state):
+                _state["done"] += k
+                progress_cb(_s, min(_state["done"], _total), _total)
+
+            runner.progress = rtick
+        if s == "bpb":
+            res = suite_bpb(ctx, model)
+        elif runner is not None and s in PRODUCT_SUITE_FUNCS:
+            res = PRODUCT_SUITE_FUNCS[s](ctx)
+        else:
+            res = SUITE_FUNCS[s](ctx)
         res["seconds"] = time.monotonic() - t0
         report["suites"][s] = res
     return report
@@ -938,6 +1200,16 @@ def main(argv: list[str] | None = None) -> int:
                   jobs=args.jobs, timeout=args.timeout, max_new_tokens=args.max_new_tokens, progress=progress,
                   extra={"ctx_len": int(loaded.config.max_seq_len),
                          "fim_orders": ("psm", "spm") if args.fim_order == "both" else (args.fim_order,)})  # fmt: skip
+    if args.path == "product":
+        from assistant.config import Settings
+        from assistant.engine import Engine
+
+        settings = Settings().for_face("review")
+        engine = Engine.from_loaded(loaded, **settings.engine_options())
+        ctx.extra["runner"] = ProductRunner(engine, batch_size=args.batch_size,
+                                            min_confidence=settings.review.min_confidence)
+        if args.raw_beside:
+            ctx.extra["raw_predictor"] = predictor
     t0 = time.monotonic()
     try:
         report = run_suites(ctx, suites, model=loaded.model, progress_cb=progress)
@@ -948,7 +1220,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(args.model or "model/weights (shipped)"),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus".strip(),
-        "device": args.device, "versions": _versions(), "seed": args.seed, "limit": args.limit,
+        "device": args.device, "versions": _versions(), "seed": args.seed, "limit": args.limit, "path": args.path,
         "seconds": time.monotonic() - t0,
     })  # fmt: skip
     print_table(report)
