@@ -250,11 +250,14 @@ def build_context(
     related_share: float = 0.15,
     end_line: int | None = None,
     spm: bool | None = None,  # None: the tokenizer's ``fim_spm`` (the shipped model: SPM, model.formats.fim_prompt)
+    related_sep: bool = True,
 ) -> ContextResult:
     """The FIM prompt for a cursor at (0-based) ``line``, ``column`` within ``budget`` tokens.
 
     ``end_line`` (inclusive) makes lines ``line..end_line`` a selection that is kept whole;
-    the cursor is then at its end. ``related`` are ``(path, text)`` pairs of other files.
+    the cursor is then at its end. ``related`` are ``(path, text)`` pairs of other files, each
+    after a ``<|file_sep|>`` token (``related_sep``) or, without it, as plain code headed by a
+    ``# path`` comment.
     Raises ValueError when the budget cannot even hold the special tokens.
 
     A tokenizer with ``has_fim`` False (an open checkpoint without FIM tokens) gets a
@@ -299,7 +302,8 @@ def build_context(
                      prefix_share)
         prefix_text, suffix_text, report = plan
         rel_ids, rel_report = _fit_related(tok, count, rel_items,
-                                           max(0, text_budget - slack - report.prefix_tokens - report.suffix_tokens))
+                                           max(0, text_budget - slack - report.prefix_tokens - report.suffix_tokens),
+                                           sep=related_sep)
         if len(rel_ids) < rel_reserve:  # the related files did not use their share: give it back
             rel_reserve = len(rel_ids)
             continue
@@ -334,12 +338,14 @@ def build_context(
     return ContextResult(ids, report, prefix_text, suffix_text)
 
 
-def _fit_related(tok, count, items: list[tuple[str, str]], budget: int) -> tuple[list[int], list[str]]:
+def _fit_related(tok, count, items: list[tuple[str, str]], budget: int,
+                 sep: bool = True) -> tuple[list[int], list[str]]:  # fmt: skip
     """Related files, in order, each from its top, within ``budget`` tokens (exact)."""
     if not items:
         return [], []
-    has_sep = getattr(tok, "has_special", lambda _n: True)("file_sep")
-    sep = tok.special_id("file_sep") if has_sep else None  # without one, the "# path" lines separate files
+    has_sep = sep and getattr(tok, "has_special", lambda _n: True)("file_sep")
+    sep_id = tok.special_id("file_sep") if has_sep else None  # without one, the "# path" lines separate files
+    nl_ids = [] if has_sep else tok.encode("\n")
     ids: list[int] = []
     notes: list[str] = []
     left = budget - 1  # the separator before the document's prefix
@@ -367,10 +373,10 @@ def _fit_related(tok, count, items: list[tuple[str, str]], budget: int) -> tuple
             continue
         if len(kept) < len(file_lines):
             notes.append(f"related file {path}: kept {len(kept)} of {len(file_lines)} lines")
-        ids += [sep, *piece] if sep is not None else piece
+        ids += [sep_id, *piece] if sep_id is not None else [*piece, *nl_ids]
         left -= len(piece) + 1
-    if ids and sep is not None:
-        ids.append(sep)
+    if ids and sep_id is not None:
+        ids.append(sep_id)
     return ids, notes
 
 

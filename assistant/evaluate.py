@@ -51,9 +51,9 @@ from typing import Any, Protocol
 from assistant import sandbox
 from model.formats import Finding, fim_prompt, number_lines, parse_finding, task_prompt
 
-SUITES = ("bpb", "fim", "mbpp", "mbpp-infill", "quixbugs", "bugs", "docstrings")
+SUITES = ("bpb", "fim", "mbpp", "mbpp-infill", "quixbugs", "bugs", "docstrings", "repo-fim")
 DEFAULT_LIMITS = {"bpb": 200, "fim": 500, "mbpp": 427, "mbpp-infill": 427, "quixbugs": 40, "bugs": 500,
-                  "docstrings": 300}  # fmt: skip
+                  "docstrings": 300, "repo-fim": 200}  # fmt: skip
 MBPP_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\nassert ", "\n#")
 
 
@@ -1001,6 +1001,87 @@ def product_docstrings(ctx: Context) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- repository-level infilling
+
+
+def repo_fim_items(roots: Sequence[str | Path], n: int, seed: int) -> list[dict]:
+    """Single lines of held-out packages whose text uses a name that the file imports from
+    another file of its package (where it is defined): ``n`` lines, spread over ``roots``."""
+    from assistant.repo import RepoIndex
+
+    rng = random.Random(seed)
+    per_root: list[list[dict]] = []
+    for root in roots:
+        idx = RepoIndex(root)
+        cands: list[dict] = []
+        files = list(idx.files())
+        rng.shuffle(files)
+        for rel in files[:400]:
+            text = idx._read(rel)
+            if not text or len(text) > 200_000:
+                continue
+            imported = {imp.local: imp for imp in idx.imported_names(text, rel)}
+            if not imported:
+                continue
+            import_rows = set(__import__("assistant.code", fromlist=["import_lines"]).import_lines(text))
+            lines = text.split("\n")
+            for i, ln in enumerate(lines[:-1]):
+                s = ln.strip()
+                if i in import_rows or not 4 <= len(s) <= 120 or s.startswith(("#", "@", "def ", "class ")):
+                    continue
+                names = set(re.findall(r"[A-Za-z_]\w*", s))
+                hit = [nm for nm in names if nm in imported and (
+                    imported[nm].attr is None or idx.definition(imported[nm].module_file, imported[nm].attr))]
+                if hit:
+                    cands.append({"root": str(root), "path": rel, "line": i, "names": sorted(hit)})
+        rng.shuffle(cands)
+        per_root.append(cands)
+    items: list[dict] = []
+    k = 0
+    while len(items) < n and any(per_root):
+        c = per_root[k % len(per_root)]
+        if c:
+            items.append(c.pop())
+        k += 1
+    return items
+
+
+def suite_repo_fim(ctx: Context) -> dict:
+    """Repository-level single-line infilling, through the product's completion path, scored
+    with and without repository context (``TaskRequest.repo``)."""
+    runner: ProductRunner | None = ctx.extra.get("runner")
+    roots = ctx.extra.get("repos") or []
+    if runner is None:
+        raise EvalError("repo-fim runs on the product path (--path product)")
+    if not roots:
+        raise EvalError("repo-fim needs --repos DIR[,DIR...] (held-out packages)")
+    items = repo_fim_items(roots, ctx.n("repo-fim"), ctx.seed)
+    if not items:
+        raise EvalError("repo-fim: no line in --repos uses a name imported from another file of its package")
+    reqs: dict[str, list] = {"without": [], "with": []}
+    refs = []
+    for it in items:
+        text = (Path(it["root"]) / it["path"]).read_text(encoding="utf-8")
+        req, ref = completion_request(text.split("\n"), it["line"], path=str(Path(it["root"]) / it["path"]))
+        refs.append(ref)
+        reqs["without"].append(req)
+        req2, _ = completion_request(text.split("\n"), it["line"], path=str(Path(it["root"]) / it["path"]))
+        req2.repo, req2.recent = it["root"], []
+        reqs["with"].append(req2)
+    out: dict = {"n": len(items), "repos": [str(r) for r in roots]}
+    preds: dict[str, list] = {}
+    for key in ("without", "with"):
+        preds[key] = runner.run(reqs[key])
+        sc = [(r, _text(p)) for r, p in zip(refs, preds[key]) if _text(p) is not None]
+        m = len(sc)
+        out[f"exact_match_{key}"] = sum(exact_match(p, r) for r, p in sc) / m if m else 0.0
+        out[f"edit_similarity_{key}"] = sum(edit_similarity(p, r) for r, p in sc) / m if m else 0.0
+    out["gain_points"] = 100 * (out["exact_match_with"] - out["exact_match_without"])
+    out["examples"] = [{"path": it["path"], "line": it["line"] + 1, "ref": r, "without": _text(a), "with": _text(b)}
+                       for it, r, a, b in list(zip(items, refs, preds["without"], preds["with"]))[:20]]  # fmt: skip
+    return out
+
+
 PRODUCT_SUITE_FUNCS: dict[str, Callable[[Context], dict]] = {
     "fim": product_fim,
     "mbpp": product_mbpp,
@@ -1008,6 +1089,7 @@ PRODUCT_SUITE_FUNCS: dict[str, Callable[[Context], dict]] = {
     "quixbugs": product_quixbugs,
     "bugs": product_bugs,
     "docstrings": product_docstrings,
+    "repo-fim": suite_repo_fim,
 }
 
 
@@ -1028,6 +1110,8 @@ HEADLINE = {
     "quixbugs": ["localisation_top1", "repair_pass", "hints_shown"],
     "bugs": ["precision", "recall", "false_alarm_rate", "fix_exact"],
     "docstrings": ["rouge_l_f1", "raw_rouge_l_f1", "with_todo"],
+    "repo-fim": ["exact_match_without", "exact_match_with", "gain_points", "edit_similarity_without",
+                 "edit_similarity_with"],
 }
 
 
@@ -1104,6 +1188,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="product: every item through the assistant's task path (context manager, post-filters, "
                         "debug gate, docstring renderer) with the default settings, what a user gets; raw: "
                         "the model alone on hand-made prompts")  # fmt: skip
+    p.add_argument("--repos", default=None, metavar="DIR[,DIR...]",
+                   help="held-out project roots for the repo-fim suite (e.g. packages in site-packages)")
     p.add_argument("--raw-beside", action="store_true",
                    help="with --path product: also the raw model's score where it explains one (fim, docstrings)")
     p.add_argument("--fim-order", choices=["psm", "spm", "both"], default="both",
@@ -1160,6 +1246,8 @@ def run_suites(ctx: Context, suites: Sequence[str], model=None, progress_cb=None
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+    if args.suite == ",".join(SUITES) and not args.repos:
+        suites = [s for s in suites if s != "repo-fim"]  # the default run: repo-fim only with --repos
     bad = [s for s in suites if s not in SUITES]
     if bad or not suites:
         print(f"moecoder eval: error: unknown suite {', '.join(bad) or '(none)'} (choose from {', '.join(SUITES)})",
@@ -1210,6 +1298,13 @@ def main(argv: list[str] | None = None) -> int:
                                             min_confidence=settings.review.min_confidence)
         if args.raw_beside:
             ctx.extra["raw_predictor"] = predictor
+    if args.repos:
+        repos = [r for r in args.repos.split(",") if r]
+        missing = [r for r in repos if not Path(r).is_dir()]
+        if missing:
+            print(f"moecoder eval: error: --repos {missing[0]} is not a directory", file=sys.stderr)
+            return 2
+        ctx.extra["repos"] = repos
     t0 = time.monotonic()
     try:
         report = run_suites(ctx, suites, model=loaded.model, progress_cb=progress)

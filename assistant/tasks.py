@@ -65,6 +65,8 @@ class TaskRequest:
     max_seconds: float | None = None
     context_tokens: int | None = None  # complete: prompt cap (default: the engine's completion_context_tokens)
     question: str | None = None  # the user's words (chat): explain reads them with the code
+    repo: str | None = None  # project root: completion adds definitions from its other files
+    recent: list[str] | None = None  # recently edited files of the project, most recent first
 
 
 @dataclass
@@ -365,7 +367,16 @@ def _plan_complete(engine: Engine, req: TaskRequest, budget: int, max_new: int) 
         raise TaskError(f"line {req.line + 1} is outside the file (1..{len(lines)})")
     column = min(max(req.column, 0), len(lines[req.line]))
     source, line = source_window(req.source, req.line, budget)
-    ctx = build_context(tok, source, line, column, budget=budget, related=req.related)
+    related, added = list(req.related), []
+    if req.repo:
+        related, added = repo_related(req)  # on the whole document: its imports are at the top
+    share = REPO_RELATED_SHARE if added else 0.15
+    ctx = build_context(tok, source, line, column, budget=budget, related=related, related_share=share,
+                        related_sep=not added)
+    if added:
+        ctx.report.trimmed.insert(0, f"repository context: added {', '.join(added[:8])}"
+                                     f"{f' and {len(added) - 8} more' if len(added) > 8 else ''} "
+                                     f"({ctx.report.related_tokens} tokens)")
     multiline = is_multiline(source, line, column)
     stop_ids = prompts.fim_stop_ids(tok)
     lines = source.split("\n")  # the window's: the post-filters look at the code near the cursor
@@ -382,6 +393,23 @@ def _plan_complete(engine: Engine, req: TaskRequest, budget: int, max_new: int) 
                 stop_strings=stops, stop_token_ids=stop_ids, notes=ctx.report.trimmed)
 
 
+REPO_RELATED_SHARE = 0.35  # of the completion prompt, for repository context (stubs are dense)
+
+
+def repo_related(req: TaskRequest) -> tuple[list[tuple[str, str]], list[str]]:
+    """(related pieces: repository definitions first, then the request's own related files;
+    names added). Never raises: a repository that cannot be read adds nothing."""
+    from assistant.repo import index_for
+
+    try:
+        idx = index_for(req.repo)
+        pieces, added = idx.context_for(req.path, req.source, req.line, recent=req.recent)
+    except (OSError, ValueError, RecursionError):
+        return list(req.related), []
+    have = {p for p, _ in req.related}
+    return [*[(p, t) for p, t in pieces if p not in have], *req.related], added
+
+
 _OPEN = {"(": ")", "[": "]", "{": "}"}
 _CLOSE = {v: k for k, v in _OPEN.items()}
 
@@ -390,7 +418,10 @@ def is_multiline(source: str, line: int, column: int) -> bool:
     """Whether a completion at the cursor should span lines, from the syntax there.
 
     Single line inside strings and comments, when code follows the cursor on its line, and
-    mid-statement; multi-line on a blank line or right after a block header (``...:``).
+    mid-statement; multi-line right after a block header (``...:``) and on a blank line that
+    ends its block (the next code is less indented, or there is none). A blank line between two
+    statements of one block (the next code as indented as the cursor), or inside open
+    brackets, fills a gap: one line.
     """
     lines = source.split("\n")
     cur = lines[line] if 0 <= line < len(lines) else ""
@@ -408,7 +439,13 @@ def is_multiline(source: str, line: int, column: int) -> bool:
         n = n.parent
     if before.strip():
         return before.rstrip().endswith(":") and not _open_brackets(before)
-    return True
+    prev = next((ln for ln in reversed(lines[:line]) if ln.strip()), "")
+    if prev.rstrip().endswith(":") and not prev.lstrip().startswith("#"):
+        return True  # the first line of a new body
+    if _open_brackets("\n".join(lines[max(0, line - 50):line])):
+        return False
+    nxt = next((ln for ln in lines[line + 1:] if ln.strip()), None)
+    return nxt is None or _indent_of(nxt) < len(before)
 
 
 def _scan_brackets(text: str, stack: list[str] | None = None) -> tuple[list[str], int | None]:

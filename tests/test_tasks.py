@@ -63,7 +63,12 @@ def _no_user_config(tmp_path, monkeypatch):
 # -- completion ------------------------------------------------------------------------------
 def test_multiline_decided_from_syntax():
     src = "def f(x):\n    \n    y = g(x, )\n    s = 'abc'\n    # note\n"
-    assert is_multiline(src, 1, 4)  # blank line inside a body
+    assert is_multiline(src, 1, 4)  # the first line of a body
+    gap = "def f(x):\n    a = 1\n    \n    b = 2\n"
+    assert not is_multiline(gap, 2, 4)  # between two statements of one block: one line
+    assert is_multiline(gap + "    \n", 4, 4)  # at the end of the block
+    assert is_multiline("def f(x):\n    a = 1\n    \nz = 0\n", 2, 4)  # the block ends below
+    assert not is_multiline("x = [\n    1,\n    \n]\n", 2, 4)  # inside open brackets
     assert is_multiline("def f(x):", 0, 9)  # right after a block header
     assert not is_multiline(src, 2, 8)  # code follows the cursor
     assert not is_multiline(src, 2, 14)  # mid-call: only closers follow, but brackets are open
