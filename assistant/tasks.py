@@ -403,7 +403,14 @@ def repo_related(req: TaskRequest) -> tuple[list[tuple[str, str]], list[str]]:
 
     try:
         idx = index_for(req.repo)
-        pieces, added = idx.context_for(req.path, req.source, req.line, recent=req.recent)
+        source = req.source
+        on_disk = idx.rel(req.path) and idx._read(idx.rel(req.path) or "")
+        if on_disk and on_disk != source:  # a face may send a window of the file: its imports from disk
+            source = "\n".join(codemod.lines(on_disk)[i] for i in codemod.import_lines(on_disk)) + "\n" + source
+            line = req.line + source.count("\n") - req.source.count("\n")
+        else:
+            line = req.line
+        pieces, added = idx.context_for(req.path, source, line, recent=req.recent)
     except (OSError, ValueError, RecursionError):
         return list(req.related), []
     have = {p for p, _ in req.related}

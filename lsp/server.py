@@ -27,7 +27,7 @@ Settings (camelCase, either top level or under a ``"moecoder"`` key)::
 
     {"modelPath": null, "device": "cpu", "maxTokens": 48, "maxLineTokens": 32, "maxTaskTokens": 256,
      "maxSeconds": 10.0,
-     "contextTokens": 512, "relatedTokens": 0,
+     "contextTokens": 512, "relatedTokens": 0, "repositoryContext": true,
      "diagnosticsDelay": 1.0, "maxDiagnosticLines": 3000, "minConfidence": 0.5,
      "features": {"completion": true, "inlineCompletion": true, "codeActions": true,
                   "diagnostics": true, "hover": false}}
@@ -103,6 +103,7 @@ class Settings:
     max_line_tokens: int = 32  # completion where code follows the cursor (surely one line)
     context_tokens: int = 512  # completion prompt cap, tokens (0 = the config file's completion_context_tokens)
     related_tokens: int = 0  # completion prompt: other open Python files (0 = none)
+    repository_context: bool = True  # completion prompt: definitions from the workspace's other files
     max_task_tokens: int = 256  # docstring, debug, explain (reasoning included)
     max_seconds: float | None = 10.0
     diagnostics_delay: float = 1.0
@@ -165,6 +166,11 @@ class Settings:
         number("maxTaskTokens", int, 1)
         number("contextTokens", int, 0)
         number("relatedTokens", int, 0)
+        if "repositoryContext" in raw:
+            if isinstance(raw["repositoryContext"], bool):
+                self.repository_context = raw["repositoryContext"]
+            else:
+                problems.append(f"repositoryContext must be true or false, got {raw['repositoryContext']!r}")
         number("maxSeconds", float, 0.1, allow_none=True)
         number("diagnosticsDelay", float, 0.0)
         number("maxDiagnosticLines", int, 1)
@@ -494,6 +500,16 @@ class MoeServer(LanguageServer):
             return doc
         return None
 
+    def repository(self, doc: Document) -> dict:
+        """``repo``/``recent`` of a completion request: the workspace root and the Python files
+        opened or edited most recently (the assistant adds definitions from the workspace)."""
+        root = getattr(getattr(self, "workspace", None), "root_path", None)
+        if not self.settings.repository_context or not root:
+            return {}
+        recent = [_path(o.uri) for o in reversed(list(self.docs.values()))
+                  if o.uri != doc.uri and o.language_id.lower() in PYTHON_IDS][:MAX_RELATED]
+        return {"repo": root, "recent": recent}
+
     def related(self, doc: Document) -> list[tuple[str, str]]:
         """The most recently opened other Python files, cut to ``relatedTokens`` in total
         (about 4 characters a token); none by default (they cost prefill time)."""
@@ -557,7 +573,8 @@ class MoeServer(LanguageServer):
         # the whole document: assistant.context fits it into contextTokens (once, for every face)
         request = TaskRequest(task="complete", source=text, path=_path(uri), line=line, column=col,
                               related=self.related(doc), max_new_tokens=max_new,
-                              max_seconds=self.settings.max_seconds, context_tokens=self.settings.context_tokens or None)
+                              max_seconds=self.settings.max_seconds, context_tokens=self.settings.context_tokens or None,
+                              **self.repository(doc))
         mine: list[CancelToken] = []
 
         def supersede(token: CancelToken) -> None:
