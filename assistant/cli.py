@@ -66,6 +66,12 @@ def _watermark(argv: list[str]) -> int:
     return main(argv)
 
 
+def _tune(argv: list[str]) -> int:
+    from assistant.tune import main
+
+    return main(argv)
+
+
 def _lsp(argv: list[str]) -> int:
     from lsp.server import main
 
@@ -119,6 +125,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "explain": (_task("explain"), "explain a piece of code, reasoning first"),
     "generate": (_generate, "generate text from a prompt with a model (streams)"),
     "eval": (_eval, "evaluate a model on the held-out and external benchmarks"),
+    "tune": (_tune, "adapt the model to one repository on the CPU (--minutes M --out DIR)"),
     "train": (_train, "train a model (one device or torchrun)"),
     "export": (_export, "export released weights from a training checkpoint"),
     "data": (_data, "build corpora, tokenizers and packed token files"),
