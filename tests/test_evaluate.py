@@ -199,12 +199,28 @@ def test_cli_runs_every_suite_on_the_tiny_model(tiny_model_dir, tmp_path, capsys
             "--jobs", "1", "--timeout", "5"]  # fmt: skip
     assert E.main(argv) == 0
     report = json.loads(out.read_text())
-    assert set(report["suites"]) == set(E.SUITES)
+    assert set(report["suites"]) == set(E.SUITES) - {"repo-fim"}  # repo-fim runs only with --repos
+    assert report["path"] == "product"
     assert report["suites"]["bpb"]["bits_per_byte"] > 0 and report["suites"]["bpb"]["tokens"] > 0
     for name, res in report["suites"].items():
         assert res["n"] + res.get("skipped", 0) >= 1, name
     assert "versions" in report and "date" in report
     assert "bits_per_byte" in capsys.readouterr().out
+
+
+def test_repo_fim_scores_with_and_without_repository_context(tiny_model_dir, tmp_path):
+    from tests.test_repo import _project
+
+    root = _project(tmp_path)
+    items = E.repo_fim_items([root], 5, 0)
+    assert items and all(it["path"] == "pkg/main.py" for it in items)  # the one file importing from others
+    assert {n for it in items for n in it["names"]} <= {"scale", "M", "fmt"}
+    out = tmp_path / "r.json"
+    assert E.main(["--model", str(tiny_model_dir), "--suite", "repo-fim", "--repos", str(root), "--limit", "2",
+                   "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["suites"]["repo-fim"]
+    assert res["n"] == 2 and {"exact_match_with", "exact_match_without", "gain_points"} <= set(res)
+    assert E.main(["--model", str(tiny_model_dir), "--suite", "repo-fim", "--limit", "2"]) == 2  # needs --repos
 
 
 def test_cli_errors(tmp_path, capsys):
