@@ -123,7 +123,7 @@ def summarize(results: list[dict], wall: float, ref: list[str] | None) -> dict:
 
 def start_server(args, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "assistant.cli", "serve", "--port", str(port), "--device", args.device,
-           "--max-batch", str(args.max_batch), "--name", "bench"]
+           "--max-batch", str(args.max_batch), "--name", "bench", "--max-seconds", "600"]
     if args.model:
         cmd += ["--model", args.model]
     if args.threads:

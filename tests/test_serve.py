@@ -238,3 +238,14 @@ def test_switched_off_tasks_are_refused_with_a_400(tiny_model_dir):
             assert r.choices[0].finish_reason == "stop"
     finally:
         s.close()
+
+
+def test_serve_cli_errors_are_one_line_exit_2(tmp_path, capsys):
+    from serve.server import main
+
+    assert main(["--port", "0"]) == 2
+    assert main(["--max-batch", "0"]) == 2
+    assert main(["--ep", "2", "--model", str(tmp_path)]) == 2  # no torchrun: one line, not a hang
+    assert main(["--model", str(tmp_path / "missing")]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 4 and all(ln.startswith("moecoder serve: error: ") for ln in lines), lines
