@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from assistant import sandbox
-from model.formats import Finding, fim_prompt, number_lines, parse_finding, task_prompt
+from model.formats import Finding, fim_prompt, number_lines, parse_finding
 
 SUITES = ("bpb", "fim", "mbpp", "mbpp-infill", "quixbugs", "bugs", "docstrings", "repo-fim")
 DEFAULT_LIMITS = {"bpb": 200, "fim": 500, "mbpp": 427, "mbpp-infill": 427, "quixbugs": 40, "bugs": 500,
@@ -199,20 +199,27 @@ class ModelPredictor:
         return [None if r is None else r.text for r in self._generate(ids, max_new_tokens, stops)]
 
     def fim(self, pairs, max_new_tokens, spm=False):
-        stop_ids = [self.tok.special_id(n) for n in ("fim_prefix", "fim_suffix", "fim_middle", "file_sep")]
-        ids = [fim_prompt(self.tok, p, s, spm=spm) for p, s in pairs]
+        from assistant.prompts import fim_stop_ids
+
+        stop_ids = list(fim_stop_ids(self.tok))
+        ids = [fim_prompt(self.tok, p, s, spm=spm and getattr(self.tok, "fim_spm", True)) for p, s in pairs]
         return [None if r is None else r.text for r in self._generate(ids, max_new_tokens, ("\n",), stop_ids)]
 
     def task(self, task, codes, max_new_tokens):
-        ids = [task_prompt(self.tok, task, c) for c in codes]
-        think_end = self.tok.special_id("think_end")
+        from assistant import prompts
+
+        ids = [prompts.task_prompt(self.tok, task, c) for c in codes]  # our format or the checkpoint's own
+        think_end = prompts.think_end_id(self.tok)
+        marker = prompts.answer_marker(self.tok)
         out = []
         for r in self._generate(ids, max_new_tokens, loop_guard=self.loop_guard):
             if r is None:
                 out.append(None)
                 continue
-            toks = [t for t in r.token_ids if t != self.tok.eos_id]
-            if think_end in toks:
+            toks = [t for t in r.token_ids if t != self.tok.eos_id and t not in getattr(self.tok, "stop_ids", ())]
+            if marker is not None:
+                out.append(prompts.split_text(self.tok.decode(toks), marker))
+            elif think_end in toks:
                 k = toks.index(think_end)
                 out.append((self.tok.decode(toks[:k]), self.tok.decode(toks[k + 1 :])))
             else:  # never closed its reasoning: no answer

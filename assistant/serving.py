@@ -203,8 +203,9 @@ class Service:
             ids = tok.encode(prompt)
             return (ids or [tok.eos_id]), ()
         from assistant.context import build_context
+        from assistant.prompts import fim_stop_ids
 
-        stops = tuple(tok.special_id(n) for n in ("fim_prefix", "fim_suffix", "fim_middle", "file_sep"))
+        stops = fim_stop_ids(tok)  # the tokens this checkpoint has (open checkpoints differ)
         source = prompt + suffix
         lines = prompt.split("\n")
         budget = min(self.context_length // 2, self.engine.completion_context_tokens or self.context_length // 2)

@@ -70,6 +70,10 @@ def test_fim_prompts_by_family(engines):
     assert not any(mx.tokenizer.is_special(i) for i in plan.prompt_ids)
     assert any("prefix only" in n for n in plan.notes)
     assert mx.tokenizer.eos_id in plan.stop_token_ids
+    # DeepSeek has no file separator: the stops are what the vocabulary has (serve uses these too)
+    stops = prompts.fim_stop_ids(ds.tokenizer)
+    assert not ds.tokenizer.has_special("file_sep") and ds.tokenizer.eos_id in stops
+    assert ds.tokenizer.tok.token_to_id("<｜fim▁hole｜>") in stops
 
 
 def test_chat_template_prompts(engines):
