@@ -70,15 +70,10 @@ def exact_match(pred: str, ref: str) -> bool:
 
 
 def levenshtein(a: Sequence, b: Sequence) -> int:
-    if len(a) < len(b):
-        a, b = b, a
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
+    """Edit distance (insertions, deletions, substitutions of one item), by ``rapidfuzz``."""
+    from rapidfuzz.distance import Levenshtein
+
+    return Levenshtein.distance(a, b)
 
 
 def edit_similarity(pred: str, ref: str) -> float:

@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 from assistant import code as codemod
 from assistant import prompts
+from model import docstrings
+from model.docstrings import DocParts
 
 if TYPE_CHECKING:  # tasks run inside the in-process engine (its worker thread)
     from assistant.engine import Engine
@@ -964,184 +966,18 @@ def make_debug_result(engine: Engine, req: TaskRequest, name: str, first: int, c
 
 
 # ------------------------------------------------------------------------- docstrings
-@dataclass
-class DocParts:
-    summary: str = ""
-    body: str = ""  # free text after the summary that is not a section
-    params: dict[str, str] = field(default_factory=dict)
-    returns: str = ""
-    raises: dict[str, str] = field(default_factory=dict)
-
-
-_G_HEAD = re.compile(r"^\s*(Args|Arguments|Parameters|Params|Returns|Return|Yields|Raises)\s*:\s*$", re.I)
-_N_UNDER = re.compile(r"^\s*-{3,}\s*$")
-_R_PARAM = re.compile(r"^\s*:param\s+(?:[\w\[\], .|]+\s+)?\*{0,2}(\w+)\s*:\s*(.*)$")
-_R_RET = re.compile(r"^\s*:returns?\s*:\s*(.*)$")
-_R_RAISE = re.compile(r"^\s*:raises?\s+([\w.]+)\s*:\s*(.*)$")
-_ITEM = re.compile(r"^\s*(\*{0,2}[\w.]+)\s*(?:\(([^)]*)\))?\s*:\s*(.*)$")
-
-
 def parse_docstring_text(text: str) -> DocParts:
-    """Summary and sections of a docstring in any of the styles (best effort)."""
-    t = text.strip()
-    for q in ('"""', "'''", '"', "'"):
-        if t.startswith(q):
-            t = t[len(q):]
-            break
-    for q in ('"""', "'''"):
-        if q in t:
-            t = t[: t.index(q)]
-    for q in ('"', "'"):
-        if t.endswith(q):
-            t = t[:-1]
-    lines = textwrap.dedent(t.strip("\n")).strip().split("\n")
-    parts = DocParts()
-    i = 0
-    summary: list[str] = []
-    while i < len(lines) and lines[i].strip() and not _is_section(lines, i):
-        summary.append(lines[i].strip())
-        i += 1
-    parts.summary = " ".join(summary)
-    section = None
-    numpy_style = False
-    section_indent = item_indent = 0
-    body: list[str] = []
-    last_key: tuple[str, str] | None = None
-    while i < len(lines):
-        ln = lines[i]
-        s = ln.strip()
-        m = _G_HEAD.match(ln)
-        if m or (i + 1 < len(lines) and _N_UNDER.match(lines[i + 1]) and s):
-            section = (m.group(1) if m else s).lower()
-            numpy_style = not m
-            section_indent = _indent_of(ln)
-            i += 2 if not m else 1
-            last_key = None
-            continue
-        if _R_PARAM.match(ln):
-            pm = _R_PARAM.match(ln)
-            assert pm
-            parts.params[pm.group(1)] = pm.group(2).strip()
-            last_key = ("params", pm.group(1))
-        elif _R_RET.match(ln):
-            parts.returns = _R_RET.match(ln).group(1).strip()  # type: ignore[union-attr]
-            last_key = ("returns", "")
-        elif _R_RAISE.match(ln):
-            rm = _R_RAISE.match(ln)
-            assert rm
-            parts.raises[rm.group(1)] = rm.group(2).strip()
-            last_key = ("raises", rm.group(1))
-        elif section in ("args", "arguments", "parameters", "params", "raises") and s:
-            kind = "raises" if section == "raises" else "params"
-            target = parts.raises if kind == "raises" else parts.params
-            if numpy_style:  # "name : type" at the section's indent, description indented below
-                nm = re.match(r"^\s*(\*{0,2}[\w.]+)\s*(?::.*)?$", ln)
-                if nm and _indent_of(ln) <= section_indent:
-                    target[nm.group(1).lstrip("*")] = ""
-                    last_key = (kind, nm.group(1).lstrip("*"))
-                elif last_key:
-                    _append(parts, last_key, s)
-            else:  # Google: "name (type): description", continuation lines indented deeper
-                im = _ITEM.match(ln)
-                if im and (last_key is None or _indent_of(ln) <= item_indent):
-                    target[im.group(1).lstrip("*")] = im.group(3).strip()
-                    last_key = (kind, im.group(1).lstrip("*"))
-                    item_indent = _indent_of(ln)
-                elif last_key:
-                    _append(parts, last_key, s)
-        elif section in ("returns", "return", "yields") and s:
-            parts.returns = (parts.returns + " " + s).strip()
-        elif s and last_key and _indent_of(ln) > 0 and section is None:
-            _append(parts, last_key, s)
-        elif section is None:
-            body.append(ln)
-        i += 1
-    parts.body = "\n".join(body).strip()
-    return parts
-
-
-def _is_section(lines: list[str], i: int) -> bool:
-    ln = lines[i]
-    return bool(_G_HEAD.match(ln) or _R_PARAM.match(ln) or _R_RET.match(ln) or _R_RAISE.match(ln)
-                or (i + 1 < len(lines) and _N_UNDER.match(lines[i + 1])))
-
-
-def _append(parts: DocParts, key: tuple[str, str], text: str) -> None:
-    kind, name = key
-    if kind == "params":
-        parts.params[name] = (parts.params.get(name, "") + " " + text).strip()
-    elif kind == "raises":
-        parts.raises[name] = (parts.raises.get(name, "") + " " + text).strip()
-    else:
-        parts.returns = (parts.returns + " " + text).strip()
-
-
-def _sentence(text: str, fallback: str) -> str:
-    s = " ".join(text.split())
-    if not s:
-        s = fallback
-    s = s[0].upper() + s[1:]
-    return s if s.endswith((".", "!", "?", "...")) else s + "."
+    """Summary and sections of a docstring in any of the styles (:func:`model.docstrings.parse`)."""
+    return docstrings.parse(text)
 
 
 def render_docstring(parts: DocParts, style: str, func: codemod.Scope | None, indent: str) -> str:
-    """The full docstring literal in ``style`` with continuation lines indented by ``indent``.
-
-    Only what the model wrote goes in: a parameter, return value or exception without a
-    description from the model is left out, and a section with nothing in it is omitted
-    (never a placeholder such as "TODO")."""
-    params = list(func.params) if func is not None else list(parts.params)
-    types = func.param_types if func is not None else {}
-    pdesc = {k.lstrip("*"): " ".join(v.split()) for k, v in parts.params.items()}
-    params = [p for p in params if pdesc.get(p.lstrip("*"))]
-    raises = list(dict.fromkeys([*(func.raises if func is not None else []), *parts.raises]))
-    raises = [r for r in raises if " ".join(parts.raises.get(r, "").split())]
-    returns = " ".join(parts.returns.split())
-    if func is not None and not func.returns_value:
-        returns = ""
-    fallback = func.name.replace("_", " ").strip().capitalize() if func is not None else ""
-    summary = _sentence(parts.summary, fallback or "Undocumented") if (parts.summary.strip() or fallback) else ""
-    out: list[str] = [summary] if summary else []
-    if parts.body:
-        out += ["", parts.body] if out else [parts.body]
-
-    def desc(name: str) -> str:
-        return _sentence(pdesc[name.lstrip("*")], "")
-
-    if style == "google":
-        if params:
-            out += ["", "Args:"] + [f"    {p}: {desc(p)}" for p in params]
-        if returns:
-            out += ["", "Returns:", f"    {_sentence(returns, '')}"]
-        if raises:
-            out += ["", "Raises:"] + [f"    {r}: {_sentence(parts.raises[r], '')}" for r in raises]
-    elif style == "numpy":
-        if params:
-            out += ["", "Parameters", "----------"]
-            for p in params:
-                t = types.get(p)
-                out += [f"{p} : {t}" if t else p, f"    {desc(p)}"]
-        if returns:
-            out += ["", "Returns", "-------", f"    {_sentence(returns, '')}"]
-        if raises:
-            out += ["", "Raises", "------"]
-            for r in raises:
-                out += [r, f"    {_sentence(parts.raises[r], '')}"]
-    elif style == "rest":
-        fields = [f":param {p.lstrip('*')}: {desc(p)}" for p in params]
-        if returns:
-            fields.append(f":returns: {_sentence(returns, '')}")
-        fields += [f":raises {r}: {_sentence(parts.raises[r], '')}" for r in raises]
-        if fields:
-            out += [""] + fields
-    if not out:
-        out = ["Undocumented."]
-    if out[0] == "":
-        out = out[1:]
-    if len(out) == 1:
-        return f'"""{out[0]}"""'
-    body = "\n".join((indent + ln) if ln else "" for ln in out[1:])
-    return f'"""{out[0]}\n{body}\n{indent}"""'
+    """The full docstring literal in ``style`` (:func:`model.docstrings.render`) with the
+    function's real signature."""
+    if func is None:
+        return docstrings.render(parts, style, indent)
+    return docstrings.render(parts, style, indent, name=func.name, params=list(func.params),
+                             types=func.param_types, raises=list(func.raises), returns_value=func.returns_value)
 
 
 def make_docstring(func: codemod.Scope, answer: str, reasoning: str, style: str) -> Docstring:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
-import inspect
 import json
 import os
 import random
@@ -44,6 +43,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from model import docstrings
+from model.docstrings import MAX_ANSWER_CHARS
 from model.formats import NO_ISSUE, Finding, format_finding, is_task_function, number_lines
 from model.progress import Progress
 
@@ -52,7 +53,6 @@ TASKS = ("comment", "debug", "explain")
 
 MAX_LINES = 60
 MAX_CHARS = 2400
-MAX_ANSWER_CHARS = 300
 CLEAN_SHARE = 0.4  # share of debug examples left untouched ("no issue"); must stay >= 1/3
 EXPLAIN_SHARE = 0.1  # share of documented functions that become explain instead of comment
 
@@ -307,81 +307,13 @@ def facts_reasoning(facts: Facts) -> str:
 
 # --------------------------------------------------------------------------- docstrings
 
-_SECTION_WANTED = {"args", "arguments", "parameters", "params", "returns", "return", "raises", "yields"}
-_GOOGLE_HEADER = re.compile(r"^([A-Za-z][A-Za-z ]*):\s*$")
-_UNDERLINE = re.compile(r"^\s*(-{3,}|={3,})\s*$")
-
-
 def docstring_target(doc: str, limit: int = MAX_ANSWER_CHARS) -> str:
-    """The summary paragraph plus Args/Returns/Raises sections (Google, numpy or reST), <= ``limit``."""
-    lines = inspect.cleandoc(doc).split("\n")
-    summary_lines: list[str] = []
-    i = 0
-    while i < len(lines) and lines[i].strip():
-        summary_lines.append(lines[i].strip())
-        i += 1
-    summary = " ".join(summary_lines)
-    if len(summary) > limit:
-        cut = summary[:limit].rsplit(" ", 1)[0]
-        return cut.rstrip(",;:") + "..."
-    # split the rest into sections by header
-    sections: list[tuple[str, list[str]]] = []
-    cur: tuple[str, list[str]] | None = None
-    rest = lines[i:]
-    j = 0
-    while j < len(rest):
-        line = rest[j]
-        header = None
-        m = _GOOGLE_HEADER.match(line)
-        if m and not line.startswith(" "):
-            header = m.group(1).strip().lower()
-        elif (
-            j + 1 < len(rest) and _UNDERLINE.match(rest[j + 1]) and line.strip() and not line.startswith(" ")
-        ):
-            header = line.strip().lower()
-        elif line.lstrip().startswith((":param", ":return", ":raises", ":type", ":rtype")):
-            if cur is None or cur[0] != "rest":
-                cur = ("rest", [])
-                sections.append(cur)
-            if not line.lstrip().startswith((":type", ":rtype")):
-                cur[1].append(line.strip())
-            j += 1
-            continue
-        if header is not None:
-            cur = (header, [line])
-            sections.append(cur)
-        elif cur is not None:
-            cur[1].append(line)
-        j += 1
-    kept = []
-    for name, body in sections:
-        if name in _SECTION_WANTED or name == "rest":
-            while body and not body[-1].strip():
-                body.pop()
-            if name == "rest":
-                kept.append("\n".join(body))
-            else:
-                kept.append("\n".join(body))
-    text = summary
-    for sec in kept:
-        candidate = text + "\n\n" + sec
-        if len(candidate) <= limit:
-            text = candidate
-            continue
-        # add as many whole lines of the section as fit
-        partial = text + "\n"
-        for line in sec.split("\n"):
-            if len(partial) + 1 + len(line) > limit:
-                break
-            partial += "\n" + line
-        if partial.count("\n") >= text.count("\n") + 3:  # header + at least one line
-            text = partial
-        break
-    return text
+    """The comment task's answer for ``doc`` (:func:`model.docstrings.target`)."""
+    return docstrings.target(doc, limit)
 
 
 def docstring_summary(doc: str, limit: int = 200) -> str:
-    return docstring_target(doc, limit=limit).split("\n\n")[0]
+    return docstrings.summary(doc, limit)
 
 
 # --------------------------------------------------------------------------- rewriting
