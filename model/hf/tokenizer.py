@@ -112,6 +112,7 @@ class HFTokenizer:
         self.fim_spm = False  # open code models are prompted prefix-suffix-middle
         self.chat_template = chat_template
         self._compiled = None
+        self._plain = None
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
@@ -164,11 +165,13 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         if not text:
             return []
-        self.tok.encode_special_tokens = True  # "<|im_end|>" in user code stays text
-        try:
-            return self.tok.encode(text, add_special_tokens=False).ids
-        finally:
-            self.tok.encode_special_tokens = False
+        if self._plain is None:  # a second instance that encodes "<|im_end|>" in user code as text
+            from tokenizers import Tokenizer as _Tok
+
+            plain = _Tok.from_str(self.tok.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain.encode(text, add_special_tokens=False).ids
 
     def encode_with_specials(self, text: str) -> list[int]:
         """Encode a rendered template: special-token text becomes the special ids."""
