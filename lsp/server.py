@@ -69,7 +69,7 @@ from assistant import __version__, diagnostics
 from assistant.config import Settings as Config
 from assistant.config import load_settings
 from assistant.protocols import CancelToken, Engine
-from assistant.tasks import Hint
+from assistant.tasks import Hint, TaskRequest
 from lsp.args import build_parser as _parser  # light: `moecoder lsp --help` imports only it
 from lsp.documents import Document, normalize_encoding
 
@@ -380,7 +380,7 @@ class MoeServer(LanguageServer):
             with contextlib.suppress(Exception):
                 self.window_show_message(types.ShowMessageParams(type=kind, message=message))
 
-    async def run_task(self, request: Any, progress: Progress | None = None,
+    async def run_task(self, request: TaskRequest, progress: Progress | None = None,
                        on_token: Callable[[CancelToken], None] | None = None, gate: asyncio.Lock | None = None) -> Any:
         """Run one task on the engine in a worker thread and return its result (None when
         its cancel token was cancelled, e.g. by a newer request). If the awaiting request is
@@ -398,7 +398,7 @@ class MoeServer(LanguageServer):
                 return None
             return await self._submit(engine, request, token, progress)
 
-    async def _submit(self, engine: Engine, request: Any, token: CancelToken, progress: Progress | None) -> Any:
+    async def _submit(self, engine: Engine, request: TaskRequest, token: CancelToken, progress: Progress | None) -> Any:
         self._live_tokens.add(token)
         loop = asyncio.get_running_loop()
 
@@ -551,8 +551,6 @@ class MoeServer(LanguageServer):
                 shared.set_result(value)
 
     async def _complete(self, doc: Document, offset: int, kind: str) -> tuple[Document, int, str] | None:
-        from assistant.tasks import TaskRequest
-
         uri = doc.uri
         version, text = doc.version, doc.text
         line, col = doc.engine_line_col(offset)
@@ -784,7 +782,7 @@ class MoeServer(LanguageServer):
             self.window_show_message(types.ShowMessageParams(type=types.MessageType.Info, message=summary))
         return {"summary": summary, "reasoning": result.reasoning,
                 "hints": [{"line": x.line, "message": x.message, "fix": x.fix, "confidence": x.confidence,
-                           "evidence": getattr(x, "evidence", "model")} for x in result.hints]}
+                           "evidence": x.evidence} for x in result.hints]}
 
     def workspace_edit(self, doc: Document, edits: list[types.TextEdit]) -> types.WorkspaceEdit:
         if self.client_has("workspace.workspace_edit.document_changes", False):
@@ -794,8 +792,6 @@ class MoeServer(LanguageServer):
         return types.WorkspaceEdit(changes={doc.uri: edits})
 
     async def docstring_edit(self, action: types.CodeAction, progress_token: Any = None) -> types.CodeAction:
-        from assistant.tasks import TaskRequest
-
         data = action.data if isinstance(action.data, dict) else {}
         doc = self.python_doc(str(data.get("uri", "")))
         name, line = data.get("function"), data.get("line")
@@ -1062,8 +1058,6 @@ def build_server(factory: EngineFactory | None = None, settings: Settings | None
 
     @server.feature(types.TEXT_DOCUMENT_HOVER)
     async def hover(ls: MoeServer, params: types.HoverParams) -> types.Hover | None:
-        from assistant.tasks import TaskRequest
-
         if not ls.settings.on("hover"):
             return None
         doc = ls.python_doc(params.text_document.uri)
