@@ -130,6 +130,18 @@ def test_tournament_probs_equal_a_brute_force_tournament():
     assert got == pytest.approx(exact, abs=1e-12)
 
 
+def test_tournament_is_unbiased_over_keys():
+    """Averaged over contexts (fresh g-values), the watermarked distribution is the model's."""
+    torch.manual_seed(0)
+    V = 50
+    p = torch.softmax(torch.randn(V) * 2, 0)[None].double()
+    g = g_values(list(range(4000)), torch.arange(V), 16).double()
+    avg = tournament_probs(p.expand(len(g), -1), g).mean(0)
+    assert (avg - p[0]).abs().max().item() < 0.01
+    one = tournament_probs(p, g[:1])[0]  # one context: sharpened towards high g-values
+    assert one.max().item() > p.max().item()
+
+
 def test_null_p_value_is_exact_and_calibrated():
     w = [3, 2, 1]
     pmf1 = _token_pmf(w)
