@@ -241,7 +241,8 @@ def run_cost(loaded, args, wm, log=_log) -> dict:
     stop_ids = tuple(tok.special_id(n) for n in ("fim_prefix", "fim_suffix", "fim_middle", "file_sep"))
     items = mbpp_infill_items(tasks[: args.mbpp_infill], args.seed)
     prompts = [fim_prompt(tok, it["prefix"], it["suffix"], spm=True) for it in items]
-    for temp in (args.temperature, 0.0):
+    temps = [float(t) for t in args.cost_temps.split(",")] if args.cost_temps else [args.temperature, 0.0]
+    for temp in temps:
         for arm in ("plain", "wm"):
             p = SamplingParams(max_new_tokens=64, temperature=temp, top_p=args.top_p, seed=args.seed,
                                stop_strings=("\n",), stop_token_ids=stop_ids, watermark=wm if arm == "wm" else None)
@@ -257,6 +258,8 @@ def run_cost(loaded, args, wm, log=_log) -> dict:
             out[f"mbpp_infill/T={temp}/{arm}"] = {"n": len(items), "exact": sum(em), "passed": sum(passed),
                                                    "exact_rate": sum(em) / len(items), "pass_rate": sum(passed) / len(items)}
             log(f"cost: mbpp-infill T={temp} {arm}: {sum(em)} exact, {sum(passed)} pass of {len(items)}")
+    if args.mbpp <= 0:
+        return out
     built = [(t, mbpp_prompt(t)) for t in tasks[: args.mbpp]]
     built = [(t, pp) for t, pp in built if pp is not None]
     prompts = [[tok.eos_id, *tok.encode(pp[0])] for _, pp in built]
@@ -314,6 +317,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.01)
     p.add_argument("--mbpp-infill", type=int, default=427)
     p.add_argument("--mbpp", type=int, default=100)
+    p.add_argument("--cost-temps", default=None, help="temperatures of the infill cost runs (default: T,0)")
     p.add_argument("--latency-prompts", type=int, default=8)
     p.add_argument("--latency-rounds", type=int, default=3)
     p.add_argument("--jobs", type=int, default=2)
