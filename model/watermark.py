@@ -265,6 +265,7 @@ class TokenScores:
     g_mean: list[float] = field(default_factory=list)
     trivial: list[bool] = field(default_factory=list)  # whitespace/punctuation only
     entropy: list[float] | None = None  # model-recomputed, when computed
+    n_ids: int = 0  # tokens in the text
 
 
 @dataclass
@@ -290,7 +291,7 @@ def score_tokens(ids: Sequence[int], wm: Watermark, tok=None) -> TokenScores:
         seen.add(ctx)
         pos.append(t)
         seeds.append(context_seed(wm.key, ctx))
-    out = TokenScores(positions=pos)
+    out = TokenScores(positions=pos, n_ids=len(ids))
     if not pos:
         return out
     toks = torch.tensor([ids[t] for t in pos], dtype=torch.long)[:, None]
@@ -336,7 +337,7 @@ def decide(ts: TokenScores, wm: Watermark, entropy: str = "none", min_entropy: f
             continue
         keep.append(ts.scores[i])
     n, W = len(keep), sum(wm.weights)
-    n_tokens = ts.positions[-1] + 1 if ts.positions else 0
+    n_tokens = ts.n_ids if limit is None else min(ts.n_ids, limit)
     if n == 0:
         return Detection(n_tokens, 0, 0.5, 0.0, 1.0, "too short to tell")
     total = sum(keep)
