@@ -209,9 +209,9 @@ def test_edits_degrade_the_score_gracefully(loaded, gens):
     for i, n in enumerate(names[: len(names) // 3]):  # a third of the identifiers renamed
         renamed = re.sub(rf"\b{re.escape(n)}\b", f"v{i}", renamed)
     z_ren = det.detect(renamed).z
-    for z in (*z_del, z_ren):
-        assert z < z0  # weaker ...
-        assert z > 0.3 * z0 and z > 3  # ... but still clearly marked
+    assert sum(z_del) / len(z_del) < z0 and z_ren < z0  # weaker on average ...
+    for z in (*z_del, z_ren):  # (one deletion may drop weakly marked lines and gain a little)
+        assert 0.3 * z0 < z < 1.1 * z0 and z > 3  # ... but still clearly marked
     # deleting everything but a few tokens: too short to tell
     assert det.detect(text[:20]).verdict == "too short to tell"
 
