@@ -4,8 +4,9 @@
 # 32 is checked against the same prompt's response alone (level 1). With 2+ GPUs visible it also
 # runs --ep 2 under torchrun (experts sharded over 2 GPUs, NCCL).
 #
-# The device image lacks fastapi/uvicorn/pydantic/tree-sitter/cattrs: they travel as wheels in
-# .gpu/h13-whl (built here with pip download, see docs/benchmarks.md). From /work/main:
+# The device image lacks fastapi/starlette/uvicorn/pydantic/opentelemetry-api/tree-sitter/cattrs: they
+# travel as 14 cp312 wheels (4 MiB) in /work/main/.gpu/h13-whl (pip download, same versions as
+# /work/venv). From /work/main:
 #   run(carry=[".gpu/h13-whl"], timeout_s=420, command="bash scripts/gpu_serve.sh")
 # Writes under $OUT: env.txt, ep1.log + ep1.json (and ep2.log + ep2.json + ep2-server.log
 # with 2 GPUs), summary.txt. REQ (requests per level, default 48) and MAXTOK (default 64) tune it.

@@ -175,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
         health0 = httpx.get(f"{url}/health", timeout=10).json()
         reqs = prompts(args.requests, max_lines=args.max_lines)
-        asyncio.run(run_level(url, model, reqs[:2], 2, 4))  # warm-up
+        # warm-up (not measured): Triton autotuning, allocator, batch shapes
+        asyncio.run(run_level(url, model, reqs[:min(8, len(reqs))], 8, 4))
+        asyncio.run(run_level(url, model, reqs[:1], 1, 4))
         report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.node(),
                   "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "device": args.device,
                   "python": platform.python_version(), "model": model, "ep": health0.get("ep"),
