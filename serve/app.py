@@ -124,6 +124,9 @@ def _sse(obj: dict | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
+_NOTHING = object()
+
+
 class _Bridge:
     """Items pushed from worker threads into an asyncio queue (None ends the stream)."""
 
@@ -150,15 +153,20 @@ class _Bridge:
         threading.Thread(target=pump, name="moecoder-serve-task", daemon=True).start()
 
     async def items(self, request: Request | None = None) -> AsyncIterator[Any]:
+        checked = time.monotonic()
         while True:
             if request is None:
                 item = await self.q.get()
-            else:  # a plain (non-streaming) request: notice a client that went away
+            else:  # a plain (non-streaming) request: notice a client that went away (every 0.5 s)
                 try:
                     item = await asyncio.wait_for(self.q.get(), 0.5)
                 except TimeoutError:
+                    item = _NOTHING
+                if time.monotonic() - checked >= 0.5:
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return
+                if item is _NOTHING:
                     continue
             if item is None:
                 return
@@ -189,14 +197,8 @@ def create_app(service: Any, api_key: str | None = None) -> FastAPI:
     async def _unexpected(_req: Request, e: Exception):
         return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            got = request.headers.get("authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
-                return JSONResponse(error_body("missing or wrong API key (Authorization: Bearer ...)",
-                                               "invalid_request_error", None, "invalid_api_key"), status_code=401)
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(_BearerAuth, key=api_key)
 
     async def parse(request: Request, cls: type[BaseModel]) -> Any:
         raw = await request.body()
@@ -457,6 +459,24 @@ def create_app(service: Any, api_key: str | None = None) -> FastAPI:
         return _validation_response(e.errors)
 
     return app
+
+
+class _BearerAuth:
+    """Pure ASGI middleware (BaseHTTPMiddleware would hide client disconnects from the
+    endpoints): /v1 requests need ``Authorization: Bearer KEY``."""
+
+    def __init__(self, app: Any, key: str):
+        self.app, self.want = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            got = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(got, self.want):
+                response = JSONResponse(error_body("missing or wrong API key (Authorization: Bearer ...)",
+                                                   "invalid_request_error", None, "invalid_api_key"), status_code=401)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class _ValidationFailed(Exception):

@@ -249,3 +249,16 @@ def test_serve_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "missing")]) == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(lines) == 4 and all(ln.startswith("moecoder serve: error: ") for ln in lines), lines
+
+
+def test_a_plain_request_whose_client_leaves_is_cancelled(url, service):
+    before = service.health["finished"].get("cancelled", 0)
+    tokens0 = service.health["tokens"]
+    body = {"model": service.name, "prompt": "class A:\n", "max_tokens": 240, "temperature": 0}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(5.0, read=0.3))
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 10 and service.health["finished"].get("cancelled", 0) == before:
+        time.sleep(0.05)
+    assert service.health["finished"].get("cancelled", 0) == before + 1
+    assert service.health["active"] == 0 and service.health["tokens"] - tokens0 < 240
