@@ -140,6 +140,23 @@ def tournament_probs(probs: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return p
 
 
+def tournament_top(probs: torch.Tensor, top_i: torch.Tensor, g_top: torch.Tensor) -> torch.Tensor:
+    """``tournament_probs`` where only the tokens ``top_i`` [B, k] have bits ``g_top`` [B, m, k] and
+    every other token has the neutral g = 1/2: the same result in O(B*m*k) (the others share one
+    factor per round)."""
+    top = probs.gather(-1, top_i)
+    rest = (1.0 - top.sum(-1, keepdim=True)).clamp_min(0)
+    scale = torch.ones_like(rest)
+    gf = g_top.to(probs.dtype)
+    for lay in range(gf.shape[1]):
+        gl = gf[:, lay]
+        G = (top * gl).sum(-1, keepdim=True) + 0.5 * rest
+        top = top * (1.0 + gl - G)
+        rest = rest * (1.5 - G)
+        scale = scale * (1.5 - G)
+    return (probs * scale).scatter(-1, top_i, top)
+
+
 class WatermarkState:
     """Per-generation state: each row's recent tokens and the context windows already used."""
 
@@ -197,12 +214,9 @@ class WatermarkState:
                 seeds = [s for (_, s), k in zip(elig, keep.tolist()) if k]
                 ps = probs[sel]
                 k = min(self.wm.sample_top, ps.shape[-1])
-                top_p, top_i = ps.topk(k, dim=-1)
-                g = torch.full((len(seeds), self.wm.layers, ps.shape[-1]), 0.5, dtype=ps.dtype)
-                g.scatter_(-1, top_i[:, None, :].expand(-1, self.wm.layers, -1),
-                           g_values(seeds, top_i, self.wm.layers).to(ps.dtype))
+                top_i = ps.topk(k, dim=-1).indices
                 probs = probs.clone()
-                probs[sel] = tournament_probs(ps, g).clamp_min(0)
+                probs[sel] = tournament_top(ps, top_i, g_values(seeds, top_i, self.wm.layers)).clamp_min(0)
                 self.marked += len(seeds)
         return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 

@@ -130,6 +130,21 @@ def test_tournament_probs_equal_a_brute_force_tournament():
     assert got == pytest.approx(exact, abs=1e-12)
 
 
+def test_tournament_on_the_top_tokens_equals_the_full_one_with_neutral_rest():
+    from model.watermark import tournament_top
+
+    torch.manual_seed(1)
+    V, k, m = 200, 20, 6
+    p = torch.softmax(torch.randn(3, V) * 2, -1).double()
+    top_i = p.topk(k, dim=-1).indices
+    g_top = g_values([1, 2, 3], top_i, m)
+    full = torch.full((3, m, V), 0.5, dtype=torch.double)
+    full.scatter_(-1, top_i[:, None, :].expand(-1, m, -1), g_top.double())
+    got = tournament_top(p, top_i, g_top)
+    assert torch.allclose(got, tournament_probs(p, full), atol=1e-12)
+    assert torch.allclose(got.sum(-1), torch.ones(3, dtype=torch.double))
+
+
 def test_tournament_is_unbiased_over_keys():
     """Averaged over contexts (fresh g-values), the watermarked distribution is the model's."""
     torch.manual_seed(0)
