@@ -299,11 +299,42 @@ def run_latency(loaded, items, args, wm, log=_log) -> dict:
             "ratio": (med["wm"] / med["plain"]) if med["plain"] and med["wm"] else None}
 
 
+def run_micro(vocab: int = 16384, batches=(1, 16), calls: int = 100) -> dict:
+    """The sampling step alone (no model): plain vs watermarked, interleaved, median ms."""
+    import statistics
+
+    import torch
+
+    from model.generate import SamplingParams, sample, sampling_probs
+    from model.watermark import Watermark, WatermarkState
+
+    torch.manual_seed(0)
+    out = {}
+    for B in batches:
+        logits = torch.randn(B, vocab) * 4
+        p = SamplingParams(temperature=0.7, seed=0)
+        gen = torch.Generator().manual_seed(0)
+        ts: dict[str, list[float]] = {"plain": [], "wm": []}
+        for it in range(calls):
+            for arm in (("plain", "wm") if it % 2 == 0 else ("wm", "plain")):
+                t = time.perf_counter()
+                if arm == "plain":
+                    sample(logits, p, gen)
+                else:
+                    st = WatermarkState(Watermark("k"), [[1, 2, 3, it]] * B)
+                    st.push(st.sample(logits, p, gen, sampling_probs).tolist())
+                ts[arm].append((time.perf_counter() - t) * 1000)
+        out[f"batch{B}"] = {k: statistics.median(v) for k, v in ts.items()}
+        _log(f"micro: batch {B}: plain {out[f'batch{B}']['plain']:.2f} ms, watermark {out[f'batch{B}']['wm']:.2f} ms")
+    return out
+
+
 # --------------------------------------------------------------------------- main
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m assistant.watermark_bench", description=__doc__.split("\n")[0])
     p.add_argument("--model", default=None)
-    p.add_argument("--data", required=True, help="held-out corpus (moecoder data corpus ... --splits 0,0,1)")
+    p.add_argument("--data", default=None, help="held-out corpus (moecoder data corpus ... --splits 0,0,1)")
+    p.add_argument("--micro", action="store_true", help="only time the sampling step alone (no model, no data)")
     p.add_argument("--eval-dir", default=None, help="../shared/eval (default: the project's)")
     p.add_argument("--key", default="watermark-bench-key")
     p.add_argument("--n", type=int, default=160, help="held-out prompts")
@@ -331,6 +362,16 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     import torch
+
+    torch.set_num_threads(args.threads)
+    if args.micro:
+        print(json.dumps({"date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                          "machine": platform.platform(), "torch": torch.__version__, "threads": args.threads,
+                          "sampling_step_ms_median": run_micro()}, indent=1))
+        return 0
+    if args.data is None:
+        print("watermark_bench: error: --data is required (or --micro)", file=sys.stderr)
+        return 2
 
     from assistant.evaluate import heldout_sources
     from model.checkpoint import load_model
