@@ -84,8 +84,7 @@ class BatchState:
     def __init__(self, model: Any, capacity: int = 4, max_len: int | None = None):
         self.model = model
         cfg = model.cfg
-        self.max_len = max_len or cfg.max_seq_len
-        self.n_layers, self.G, self.Dh = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
+        self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
         p = model.tok_emb.weight
         self.device, self.dtype = p.device, p.dtype
         self.rows: list[int] = []  # request id of each row
@@ -97,13 +96,12 @@ class BatchState:
 
     # ----------------------------------------------------------------- storage
     def _alloc(self, capacity: int) -> None:
-        shape = (capacity, self.G, self.max_len, self.Dh)
-        k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.n_layers)]
-        v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.n_layers)]
+        # the model's own cache layout (grouped K/V heads, or MLA's compressed latent)
+        fresh = self.model.setup_cache(capacity, self.max_len, device=self.device, dtype=self.dtype)
         n = len(self.rows)
-        for old, new in zip(self.k + self.v, k + v):
+        for old, new in zip(self.k + self.v, fresh.k + fresh.v):
             new[:n] = old[:n]
-        self.k, self.v, self.capacity = k, v, capacity
+        self.k, self.v, self.capacity = fresh.k, fresh.v, capacity
 
     @property
     def n(self) -> int:

@@ -99,3 +99,33 @@ def test_bad_requests_fail_at_submit_and_a_failed_step_fails_everyone(model, tin
     assert fatal and "device lost" in fatal[0]
     with pytest.raises(SchedulerError):
         sched.submit([20], SamplingParams())
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2"])
+def test_open_checkpoints_batch_like_alone(tmp_path, family):
+    """Tiny open checkpoints (GQA + QK-norm; MLA's compressed cache) through the batch loop:
+    each prompt's greedy tokens equal generating it alone."""
+    pytest.importorskip("transformers")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hf_tiny import import_transformers, make_checkpoint
+
+    from model.checkpoint import load_model
+
+    import_transformers()
+    make_checkpoint(family, tmp_path / family)
+    loaded = load_model(tmp_path / family)
+    model, tok = loaded.model.double().eval(), loaded.tokenizer
+    prompts = [p[:min(len(p), 30)] or [5] for p in _prompts(6, seed=3)]
+    prompts = [[t % 250 + 3 for t in p] for p in prompts]
+    params = SamplingParams(max_new_tokens=12)
+    want = [generate(model, tok, p, params).token_ids for p in prompts]
+    sched = BatchScheduler(model, tok, max_batch=4).start()
+    try:
+        handles = [sched.submit(p, params) for p in prompts]
+        got = [list(h) and h.result.token_ids for h in handles]
+    finally:
+        sched.close()
+    assert got == want
