@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.node(),
                   "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "device": args.device,
                   "python": platform.python_version(), "model": model, "ep": health0.get("ep"),
-                  "max_tokens": args.max_tokens, "levels": {}}
+                  "max_tokens": args.max_tokens, "load_avg_start": [round(x, 2) for x in os.getloadavg()],
+                  "levels": {}}
         try:
             import torch
 
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         for c in levels[1:]:
             report["levels"][str(c)]["speedup_vs_first"] = round(report["levels"][str(c)]["tok_per_s"] / base, 2) if base else None
         report["server"] = httpx.get(f"{url}/health", timeout=10).json()
+        report["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=1))
         return 0
