@@ -1152,8 +1152,9 @@ def main(argv: list[str] | None = None, factory: EngineFactory | None = None,
     proto_out = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    server.start_io(sys.stdin.buffer, proto_out)
-    return 0
+    from lsp.transport import start_io  # the robust reader (resyncs, caps bodies, answers every request)
+
+    return start_io(server, sys.stdin.buffer, proto_out)
 
 
 if __name__ == "__main__":
