@@ -502,6 +502,7 @@ def _open_brackets(text: str) -> list[str]:
 
 def postprocess_completion(text: str, prefix: str, suffix: str, multiline: bool) -> str:
     """The post-filters of a raw FIM middle (see the module docstring)."""
+    text = text.rstrip("\ufffd")  # cut at the token limit inside a UTF-8 character: drop the half
     if not text:
         return ""
     if not multiline:

@@ -56,6 +56,15 @@ def normalize_encoding(value: object) -> str:
     return v if v in (UTF8, UTF16, UTF32) else UTF16
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """Lone UTF-16 surrogates (JSON can carry them, UTF-8 cannot) become U+FFFD: one UTF-16
+    unit for one, so every position the client sends stays right."""
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
+
+
 @dataclass
 class Document:
     """One open text document: its text, version and language, plus position maths."""
@@ -67,6 +76,9 @@ class Document:
     encoding: str = UTF16
     _starts: list[int] | None = field(default=None, repr=False)
     _nl_starts: list[int] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.text = clean_text(self.text)
 
     # -- lines ------------------------------------------------------------------------
     @property
@@ -149,12 +161,13 @@ class Document:
     # -- edits ------------------------------------------------------------------------
     def apply_change(self, change: types.TextDocumentContentChangeEvent) -> None:
         rng = getattr(change, "range", None)
+        text = clean_text(change.text)
         if rng is None:
-            self.text = change.text
+            self.text = text
         else:
             s, e = self.clamped_offset(rng.start), self.clamped_offset(rng.end)
             if e < s:
                 s, e = e, s
-            self.text = self.text[:s] + change.text + self.text[e:]
+            self.text = self.text[:s] + text + self.text[e:]
         self._starts = None
         self._nl_starts = None

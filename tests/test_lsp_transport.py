@@ -120,3 +120,25 @@ def test_exit_without_shutdown_exits_1(raw):
     raw.response(1)
     raw.msg({"jsonrpc": "2.0", "method": "exit"})
     assert raw.proc.wait(timeout=60) == 1
+
+
+def test_lone_surrogate_in_a_document_is_not_an_internal_error(raw):
+    from lsp.documents import Document
+
+    doc = Document("file:///s.py", "x = '\ud800'\ny = 1\n")
+    assert doc.text == "x = '\ufffd'\ny = 1\n"  # one UTF-16 unit for one: positions unchanged
+    raw.msg(INIT)
+    raw.response(1)
+    raw.msg({"jsonrpc": "2.0", "method": "initialized", "params": {}})
+    raw.msg({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {
+        "uri": "file:///s.py", "languageId": "python", "version": 1, "text": "x = '\ud800'\nval = comp"}}})
+    raw.msg({"jsonrpc": "2.0", "id": 2, "method": "textDocument/completion", "params": {
+        "textDocument": {"uri": "file:///s.py"}, "position": {"line": 1, "character": 10}}})
+    r = raw.response(2)
+    assert "error" not in r, r
+
+
+def test_a_completion_cut_inside_a_character_drops_the_half():
+    from assistant.tasks import postprocess_completion
+
+    assert postprocess_completion("print('caf\ufffd", "x = ", "", False) == "print('caf"
