@@ -840,8 +840,12 @@ class Progress:
         s = self.server
         if self.token is None and s.client_has("window.work_done_progress", False):
             token = f"moecoder-{next(s._progress_ids)}"
+            # shielded: when typing cancels this work, the request stays pending until the client
+            # answers (a cancelled request future would make pygls log InvalidStateError then)
+            request = asyncio.ensure_future(s.work_done_progress.create_async(token))
+            request.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "never retrieved"
             try:
-                await asyncio.wait_for(s.work_done_progress.create_async(token), 5.0)
+                await asyncio.wait_for(asyncio.shield(request), 5.0)
                 self.token = token
             except Exception as e:  # noqa: BLE001 - progress is optional
                 log.info("no progress: %s", e)

@@ -142,3 +142,41 @@ def test_a_completion_cut_inside_a_character_drops_the_half():
     from assistant.tasks import postprocess_completion
 
     assert postprocess_completion("print('caf\ufffd", "x = ", "", False) == "print('caf"
+
+
+async def test_cancel_while_waiting_for_progress_create_leaves_the_request_alone():
+    """Typing cancels a hints run waiting for window/workDoneProgress/create: the request's
+    future is not cancelled, so the client's late answer is no InvalidStateError."""
+    import asyncio
+    import concurrent.futures
+    import types as pytypes
+
+    from lsp.server import Progress
+
+    pending = concurrent.futures.Future()
+
+    class WDP:
+        def create_async(self, token):
+            return asyncio.wrap_future(pending)
+
+        def begin(self, *a):
+            pass
+
+        def end(self, *a):
+            pass
+
+    server = pytypes.SimpleNamespace(client_has=lambda path, default=None: True, _progress_ids=iter(range(9)),
+                                     work_done_progress=WDP())
+
+    async def hints():
+        async with Progress(server, "hints"):
+            await asyncio.sleep(10)
+
+    task = asyncio.ensure_future(hints())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not pending.cancelled()
+    pending.set_result(None)  # the client's late answer: accepted, no InvalidStateError
+    await asyncio.sleep(0)
