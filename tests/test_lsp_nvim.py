@@ -46,17 +46,23 @@ local function finish()
   vim.cmd("qa!")
 end
 local function run()
-  local client_id = vim.lsp.start({
-    name = "moecoder",
+  -- the configuration of docs/editors.md (vim.lsp.config + vim.lsp.enable); only cmd differs:
+  -- the server on the test engine
+  vim.lsp.config("moecoder", {
     cmd = { vim.env.MOECODER_TEST_PYTHON, "-m", "tests.lsp_fake_server" },
-    root_dir = vim.fn.getcwd(),
+    filetypes = { "python" },
+    root_markers = { "pyproject.toml", "setup.py", ".git" },
+    init_options = {
+      moecoder = { maxTokens = 48, features = { hover = false } },
+    },
   })
-  assert(client_id, "vim.lsp.start returned nil")
-  local client = vim.lsp.get_client_by_id(client_id)
+  vim.lsp.enable("moecoder")
+  local client
   local attached = vim.wait(30000, function()
-    return client.initialized and #vim.lsp.get_clients({ bufnr = 0, name = "moecoder" }) > 0
+    client = vim.lsp.get_clients({ bufnr = 0, name = "moecoder" })[1]
+    return client ~= nil and client.initialized
   end, 50)
-  assert(attached, "the server did not attach")
+  assert(attached, "the server did not attach (filetype " .. vim.bo.filetype .. ")")
   result.offset_encoding = client.offset_encoding
   result.inline_provider = client.server_capabilities.inlineCompletionProvider ~= nil
   result.completion_provider = client.server_capabilities.completionProvider ~= nil
