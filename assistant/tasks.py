@@ -156,6 +156,7 @@ class Plan:
     # open checkpoints that do not think natively: reasoning until this text (assistant.prompts)
     answer_marker: str | None = None
     loop_guard: int = 0  # SamplingParams.loop_guard: prose tasks never repeat a unit three times in a row
+    heal: str = ""  # SamplingParams.heal: token healing of the word at the cursor (completion)
 
 
 def _budget(engine: Engine, max_new: int) -> tuple[int, int]:
@@ -187,8 +188,11 @@ def make_plan(engine: Engine, req: TaskRequest) -> Plan:
 LOOP_GUARD = 8  # comment / debug / explain (and the chat, which runs them): see model/repetition.py
 
 
-def _guard(plan: Plan) -> dict[str, int]:
-    return {"loop_guard": plan.loop_guard} if plan.loop_guard else {}
+def _guard(plan: Plan) -> dict[str, Any]:
+    out: dict[str, Any] = {"loop_guard": plan.loop_guard} if plan.loop_guard else {}
+    if plan.heal:
+        out["heal"] = plan.heal
+    return out
 
 
 def execute(engine: Engine, request: TaskRequest, cancel: CancelToken | None) -> Iterator[Event]:
@@ -312,12 +316,12 @@ def _iter_window(engine: Engine, requests: Sequence[TaskRequest], indices: range
     groups: dict[tuple, list[tuple[int, Plan]]] = {}
     for i, p in plans:
         key = (p.max_new_tokens, p.request.max_seconds, p.stop_strings, p.stop_token_ids, p.think, p.answer_marker,
-               p.loop_guard)
+               p.loop_guard, p.heal)
         groups.setdefault(key, []).append((i, p))
     del plans
     tok = engine.tokenizer
     for key, members in groups.items():
-        max_new, max_s, stops, stop_ids, think, marker, _ = key
+        max_new, max_s, stops, stop_ids, think, marker, _, _ = key
         members.sort(key=lambda m: len(m[1].prompt_ids))  # similar lengths batch with less padding
         params = engine.sampling_params(max_new, max_s, stop_strings=stops, stop_token_ids=stop_ids,
                                         **_guard(members[0][1]))
@@ -384,15 +388,38 @@ def _plan_complete(engine: Engine, req: TaskRequest, budget: int, max_new: int) 
     lines = source.split("\n")  # the window's: the post-filters look at the code near the cursor
     prefix = "\n".join(lines[:line] + [lines[line][:column]])
     suffix = "\n".join([lines[line][column:]] + lines[line + 1:])
+    heal = healing_word(lines[line], column) if TOKEN_HEALING else ""
+    if heal:  # the prompt stops at the word's start (a token boundary); the model spells it again
+        cut = lines[:line] + [lines[line][:column - len(heal)] + lines[line][column:]] + lines[line + 1:]
+        ctx = build_context(tok, "\n".join(cut), line, column - len(heal), budget=budget, related=related,
+                            related_share=share, related_sep=not added)
 
     def finish(_engine: Engine, gen: Generated) -> Completion:
-        text = postprocess_completion(gen.answer, prefix, suffix, multiline)
+        answer = gen.answer
+        if heal:
+            answer = answer[len(heal):] if answer.startswith(heal) else "" if heal.startswith(answer) else answer
+        text = postprocess_completion(answer, prefix, suffix, multiline)
         return Completion(text=text, multiline=multiline)
 
     at_suffix = fim_suffix_stop(suffix) if multiline else None  # the middle ends where the suffix begins
     stops = ("\n",) if not multiline else (at_suffix,) if at_suffix else ()
-    return Plan(req, ctx.prompt_ids, max_new, think=False, finish=finish,
-                stop_strings=stops, stop_token_ids=stop_ids, notes=ctx.report.trimmed)
+    return Plan(req, ctx.prompt_ids, max_new + (len(heal) + 1 if heal else 0), think=False, finish=finish,
+                stop_strings=stops, stop_token_ids=stop_ids, notes=ctx.report.trimmed, heal=heal)
+
+
+TOKEN_HEALING = True  # mid-word completion continues the word (lsp.bench --mode midword measures it)
+_WORD_END = re.compile(r"[A-Za-z_][A-Za-z0-9_]*$")
+HEAL_MAX_CHARS = 24
+
+
+def healing_word(line: str, column: int) -> str:
+    """The identifier the cursor is at the end of ("sp" in ``text.sp|``), or "" (the cursor is
+    not at the end of a word, or inside one: ``wo|rd``)."""
+    after = line[column:column + 1]
+    if after and (after.isalnum() or after == "_"):
+        return ""
+    m = _WORD_END.search(line[:column])
+    return m.group(0) if m and len(m.group(0)) <= HEAL_MAX_CHARS else ""
 
 
 REPO_RELATED_SHARE = 0.35  # of the completion prompt, for repository context (stubs are dense)

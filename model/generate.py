@@ -40,6 +40,7 @@ class SamplingParams:
     seed: int | None = None
     watermark: Any = None  # a model.watermark.Watermark (its key switches it on); None = off
     loop_guard: int = 0  # > 0: no unit of <= N tokens three times in a row (model/repetition.py)
+    heal: str = ""  # token healing: the output must begin with this text (the word typed at the cursor)
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -73,6 +74,34 @@ class GenerationResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str = "length"  # "eos" | "stop" | "length" | "time" | "cancelled"
+
+
+class Healer:
+    """Token healing: the prompt stops before the word typed at the cursor (a token boundary
+    the model knows); the first generated tokens are held to spelling that word again, so the
+    model picks how to tokenize it and goes on from there (``text.sp`` -> ``text.split(...)``)."""
+
+    def __init__(self, tok, text: str, vocab: int):
+        self.need = text.encode("utf-8")
+        table = getattr(tok, "_table", None)
+        self.pieces = [bytes(table[i]) if table is not None and i < len(table) else tok.decode([i]).encode()
+                       for i in range(vocab)]
+        self._masks: dict[bytes, torch.Tensor] = {}
+
+    def allowed(self, produced: list[int], device) -> torch.Tensor | None:
+        done = b"".join(self.pieces[t] for t in produced if t < len(self.pieces))
+        if len(done) >= len(self.need):
+            return None
+        rest = self.need[len(done):]
+        mask = self._masks.get(rest)
+        if mask is None:
+            ok = [i for i, p in enumerate(self.pieces) if p and (rest.startswith(p) or p.startswith(rest))]
+            if not ok:  # nothing spells it: leave the model free
+                return None
+            mask = torch.zeros(len(self.pieces), dtype=torch.bool, device=device)
+            mask[ok] = True
+            self._masks[rest] = mask
+        return mask
 
 
 # --------------------------------------------------------------------------- text state
@@ -178,6 +207,7 @@ def _decode(model: Transformer, tok, prompts: list[list[int]], params: SamplingP
 
         wm = WatermarkState(params.watermark, prompts)
     guard = LoopGuard(tok, params.loop_guard) if params.loop_guard else None
+    healer = Healer(tok, params.heal, vocab) if params.heal else None
     t0 = time.monotonic()
 
     cache = model.setup_cache(B, total, device=device)
@@ -194,6 +224,10 @@ def _decode(model: Transformer, tok, prompts: list[list[int]], params: SamplingP
         allowed = last[:, :vocab].clone()  # ids the tokenizer can decode, never padding
         if 0 <= pad_id < vocab:
             allowed[:, pad_id] = float("-inf")
+        if healer is not None:  # the first tokens spell the text typed at the cursor, then anything
+            for b in range(B):
+                if active[b] and (keep := healer.allowed(results[b].token_ids, allowed.device)) is not None:
+                    allowed[b].masked_fill_(~keep, float("-inf"))
         if guard is not None:  # the token that would make a loop's third copy is not an option
             for b in range(B):
                 if active[b] and (ban := [t for t in guard.banned(results[b].token_ids) if t < vocab]):
