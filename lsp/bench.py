@@ -218,6 +218,68 @@ def engine_only(model: str | None, positions: list[tuple[str, int, int]], max_to
     return times
 
 
+def midword_positions(files: list[Path], n: int, seed: int = 0, typed: int = 3) -> list[tuple[Path, int, int, str]]:
+    """``n`` (file, line, column, word) cursors in the middle of a name of 5+ characters in
+    code (``tokenize`` NAME tokens: not in strings or comments), ``typed`` characters into it
+    (``text.sp|lit()``); one per line at most."""
+    import io
+    import keyword
+    import tokenize
+
+    rng = random.Random(seed)
+    out: list[tuple[Path, int, int, str]] = []
+    for f in files:
+        text = f.read_text(encoding="utf-8")
+        per_line: dict[int, list[tuple[int, str]]] = {}
+        for t in tokenize.generate_tokens(io.StringIO(text).readline):
+            if t.type == tokenize.NAME and len(t.string) >= 5 and not keyword.iskeyword(t.string) and t.string.isascii():
+                per_line.setdefault(t.start[0] - 1, []).append((t.start[1], t.string))
+        for i, words in per_line.items():
+            col, word = rng.choice(words)
+            out.append((f, i, col + typed, word))
+    rng.shuffle(out)
+    return out[:n]
+
+
+def midword(model: str | None, positions: list[tuple[Path, int, int, str]], max_tokens: int,
+            context_tokens: int = 512) -> dict:
+    """Mid-word completions (the line cut at the cursor, as typed) through ``Engine.run``, with
+    and without token healing: how often the completion continues the word as the file does."""
+    import re
+
+    import assistant.tasks as tasks
+    from assistant.engine import Engine
+    from assistant.tasks import TaskRequest
+
+    engine = Engine(model_dir=model)
+    texts: dict[Path, str] = {}
+    out: dict = {}
+    try:
+        for healing in (False, True):
+            tasks.TOKEN_HEALING = healing
+            hits, times, samples = 0, [], []
+            for f, line, col, _word in positions:
+                text, rest_of_line = typed_text(texts.setdefault(f, f.read_text(encoding="utf-8")), line, col)
+                start = time.perf_counter()
+                res = engine.run(TaskRequest(task="complete", source=text, path=str(f), line=line, column=col,
+                                             max_new_tokens=max_tokens, max_seconds=10.0,
+                                             context_tokens=context_tokens))
+                times.append(time.perf_counter() - start)
+                got = getattr(res, "text", "") or ""
+                need = re.match(r"\w*", rest_of_line).group(0)  # the rest of the word in the file
+                hit = bool(need) and got.startswith(need)
+                hits += hit
+                if len(samples) < 4:
+                    samples.append((f"{f.name}:{line + 1}:{col + 1}", text.split(chr(10))[line][-12:], got, need))
+            out["healing" if healing else "plain"] = {
+                "continues_the_word": hits, "n": len(positions), "p50_ms": 1000 * statistics.median(times),
+                "samples": samples}
+    finally:
+        tasks.TOKEN_HEALING = True
+        engine.close()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lsp.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", metavar="DIR", help="model directory (default: the shipped model)")
@@ -226,8 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=48, help="completion token limit (server setting maxTokens)")
     p.add_argument("--max-line-tokens", type=int, default=32,
                    help="limit where code follows the cursor (server setting maxLineTokens; all positions here)")
-    p.add_argument("--mode", choices=["typed", "inplace"], default="typed",
-                   help="typed: cut each line at the cursor first (default); inplace: the unchanged file")
+    p.add_argument("--mode", choices=["typed", "inplace", "midword"], default="typed",
+                   help="typed: cut each line at the cursor first (default); inplace: the unchanged file; "
+                        "midword: N cursors 3 characters into an identifier, line cut there, through "
+                        "Engine.run with and without token healing (does the completion continue the word?)")
     p.add_argument("--context-tokens", type=int, default=512,
                    help="code around the cursor in the prompt (server setting contextTokens)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -241,6 +305,23 @@ def main(argv: list[str] | None = None) -> int:
         print("lsp.bench: error: -n and --warmup must be >= 1", file=sys.stderr)
         return 2
     files = stdlib_files(DEFAULT_MODULES)
+    if args.mode == "midword":
+        positions = midword_positions(files, args.n)
+        r = midword(args.model, positions, args.max_tokens, args.context_tokens)
+        m = machine()
+        print(f"moecoder mid-word completion ({len(positions)} cursors 3 characters into an identifier, "
+              f"{len(files)} stdlib files, line cut at the cursor; Engine.run in-process)")
+        for k in ("plain", "healing"):
+            v = r[k]
+            print(f"  {k:8} continues the word as the file does: {v['continues_the_word']}/{v['n']}   "
+                  f"p50 {v['p50_ms']:.0f} ms")
+            for where, typed, got, need in v["samples"]:
+                print(f"    {where}: ...{typed!r} -> {got!r} (file: {need!r}...)")
+        print(f"  machine: {m['cpu']}, {m['cores']} cores; {m['platform']}; load average {m['load_average']}")
+        print(f"  python {m['python']}, torch {m['torch']}; {m['date']}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(r, indent=2, default=str), encoding="utf-8")
+        return 0
     try:
         r = asyncio.run(asyncio.wait_for(run(args.model, args.n, args.max_tokens, args.warmup, files, args.max_line_tokens,
                                       args.context_tokens, args.mode), 3600))
