@@ -871,6 +871,23 @@ class Progress:
                 self.server.work_done_progress.end(self.token, types.WorkDoneProgressEnd())
 
 
+_CLOSERS = frozenset(")]}\"'")
+
+
+def closing_overlap(text: str, rest: str) -> int:
+    """How many closing brackets/quotes at the start of ``rest`` (the code after the cursor)
+    ``text`` (a one-line completion) already ends with: ``("a, b)", "):")`` -> 1."""
+    k = 0
+    while k < len(rest) and rest[k] in _CLOSERS and text.endswith(rest[:k + 1]):
+        k += 1
+    return k
+
+
+def _rest_of_line(doc: Document, offset: int) -> str:
+    end = doc.text.find("\n", offset)
+    return doc.text[offset:] if end < 0 else doc.text[offset:end].rstrip("\r")
+
+
 def _path(uri: str) -> str:
     from pygls.uris import to_fs_path
 
@@ -945,6 +962,9 @@ def build_server(factory: EngineFactory | None = None, settings: Settings | None
         doc, offset, text = got
         line_start = doc.starts[doc.position_at(offset).line]
         word = _WORD_TAIL.search(doc.text[line_start:offset]).group()
+        rest = _rest_of_line(doc, offset)
+        if "\n" not in text and (k := closing_overlap(text, rest)):
+            text = text[:-k]  # `max(|)` + "a, b)": the ")" is there already
         new_text = word + text
         first = new_text.split("\n", 1)[0].strip() or new_text.strip()
         label = first if len(first) <= 60 else first[:57] + "..."
@@ -967,8 +987,16 @@ def build_server(factory: EngineFactory | None = None, settings: Settings | None
         if got is None:
             return None
         doc, offset, text = got
+        rest = _rest_of_line(doc, offset)
+        if "\n" in text or not rest.strip():
+            return types.InlineCompletionList(items=[types.InlineCompletionItem(
+                insert_text=text, range=doc.range_of(offset, offset))])
+        # code follows the cursor: the item replaces the rest of the line with the completion and
+        # that code, so the editor draws the whole line instead of the suggestion over the code,
+        # and a closing bracket the completion also writes is not doubled
+        k = closing_overlap(text, rest)
         return types.InlineCompletionList(items=[types.InlineCompletionItem(
-            insert_text=text, range=doc.range_of(offset, offset))])
+            insert_text=text + rest[k:], range=doc.range_of(offset, offset + len(rest)))])
 
     @server.feature(types.TEXT_DOCUMENT_DIAGNOSTIC,
                     types.DiagnosticOptions(identifier=SOURCE, inter_file_dependencies=False,

@@ -458,3 +458,21 @@ async def test_find_the_bug_runs_the_examples_and_offers_the_verified_fix(client
         context=types.CodeActionContext(diagnostics=[])))
     fixes = [a for a in actions if a.title.startswith("Apply fix")]
     assert fixes and apply_edits(text, edits_of(fixes[0].edit, uri)).split("\n")[10] == "        if x <= limit:"
+
+
+async def test_inline_item_replaces_the_rest_of_the_line(client: LanguageClient, tmp_path):
+    """Code after the cursor: the inline item's range runs to the end of the line and its text
+    carries that code, so the editor does not draw the suggestion over it."""
+    from lsp.server import closing_overlap
+
+    text = "y = max()  # two\n"
+    uri = uri_for(tmp_path, "r.py", text)
+    await init(client, capabilities(inline=True))
+    open_doc(client, uri, text)
+    inl = await inline(client, uri, 0, 8)
+    item = inl.items[0]
+    assert item.insert_text == "done_L0_C8)  # two"
+    assert item.range.start == types.Position(0, 8) and item.range.end == types.Position(0, 16)
+    # a one-line completion that also closes the bracket does not double it
+    assert closing_overlap("a, b)", ")  # two") == 1 and closing_overlap("a, b", ")") == 0
+    assert closing_overlap("f(x))", "))") == 2
