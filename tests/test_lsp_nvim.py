@@ -85,6 +85,18 @@ local function run()
   assert(resp and not resp.err, "completion failed: " .. vim.inspect(resp))
   result.mid_completion = resp.result
 
+  -- 2b. inline completion at the same mid-line cursor, accepted the way an editor does (its
+  -- range replaced by its text): the line must read completion + the code that was there
+  local inl_params = vim.tbl_extend("force", params, { context = { triggerKind = 1 } })
+  resp = client:request_sync("textDocument/inlineCompletion", inl_params, 20000, 0)
+  assert(resp and not resp.err, "inline failed: " .. vim.inspect(resp))
+  local item = resp.result.items[1]
+  result.inline_mid = item
+  vim.lsp.util.apply_text_edits({ { range = item.range, newText = item.insertText } },
+                                vim.api.nvim_get_current_buf(), client.offset_encoding)
+  result.line_after_inline = vim.api.nvim_buf_get_lines(0, 1, 2, false)[1]
+  vim.api.nvim_buf_set_lines(0, 1, 2, false, { line2 })  -- back to the file as it was
+
   -- 3. inline completion at the end of line 3
   params = { textDocument = { uri = uri }, position = { line = 2, character = 15 },
              context = { triggerKind = 1 } }
@@ -164,6 +176,12 @@ def test_neovim_receives_completion_and_inline_completion(tmp_path: Path):
     assert got["mid_position"] == {"line": 1, "character": len(line2[:col].encode("utf-8"))}
     (mid,) = got["mid_completion"]["items"]
     assert mid["textEdit"]["newText"] == f"done_L1_C{col}"
+
+    # inline completion mid-line: it replaces the rest of the line with the completion + that
+    # code, so Neovim draws (and accepting writes) the line once, not over the code after the cursor
+    inl_mid = got["inline_mid"]
+    assert inl_mid["range"]["end"] == {"line": 1, "character": len(line2.encode("utf-8"))}
+    assert got["line_after_inline"] == line2[:col] + f"done_L1_C{col}" + line2[col:]
 
     # inline completion: the multi-line text, anchored at the cursor
     (inl,) = got["inline"]["items"]
