@@ -278,18 +278,6 @@ def _import_lines_cached(source: str) -> tuple[int, ...]:
     return tuple(sorted(set(out)))
 
 
-def scope_source(source: str, scope: Scope, with_decorators: bool = True) -> str:
-    first = scope.decorated_start if with_decorators else scope.start_line
-    return "\n".join(lines(source)[first: scope.end_line + 1])
-
-
-def number_lines(code: str, start: int = 1) -> str:
-    """``"12| x = 1"`` numbering (delegates to the model's format)."""
-    from model.formats import number_lines as _nl
-
-    return _nl(code, start)
-
-
 # -- docstring style -----------------------------------------------------------------
 _GOOGLE = re.compile(r"^\s*(Args|Arguments|Parameters|Returns|Yields|Raises|Attributes|Examples?|Note)\s*:\s*$",
                      re.MULTILINE)

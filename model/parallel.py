@@ -227,11 +227,6 @@ class ParallelDims:
         return dims
 
 
-def ep_group_ranks(dims: ParallelDims, world_size: int) -> list[list[int]]:
-    """Rank lists of the EP groups: consecutive ranks (the fastest mesh dimension)."""
-    return [list(range(s, s + dims.ep)) for s in range(0, world_size, dims.ep)]
-
-
 def _ep_experts_fn(x_TD, weights_TK, experts_TK, w_gate, w_up, w_down, group=None):
     """``GroupedExperts.experts_fn`` under EP: the parameters are DTensors sharded on dim 0."""
     return ep_moe_experts(x_TD, weights_TK, experts_TK, w_gate.to_local(), w_up.to_local(), w_down.to_local(), group)

@@ -75,7 +75,6 @@ def test_import_lines_and_errors():
 def test_line_numbering_matches_split():
     src = "x = 'é'\r\ny = 2\n\n"
     assert code.lines(src) == ["x = 'é'\r", "y = 2", "", ""]
-    assert code.number_lines("a\nb", start=3) == "3| a\n4| b"
 
 
 def _doc_file(body: str) -> str:

@@ -246,10 +246,6 @@ def overlaps(text: str, eval_dir: str | os.PathLike | None = None) -> bool:
     return _cached(None if eval_dir is None else str(eval_dir)).match(text) is not None
 
 
-def overlap_name(text: str, eval_dir: str | os.PathLike | None = None) -> str | None:
-    return _cached(None if eval_dir is None else str(eval_dir)).match(text)
-
-
 if __name__ == "__main__":  # pragma: no cover - manual check: python -m model.data.eval_overlap FILE...
     idx = EvalIndex.load()
     for f in sys.argv[1:]:

@@ -647,13 +647,6 @@ def _mutate_one(
     raise ValueError(f"unknown mutation {kind!r}")
 
 
-def _same_ast(a: str, b: str) -> bool:
-    try:
-        return ast.dump(_parse(a)) == ast.dump(_parse(b))
-    except SyntaxError:
-        return False
-
-
 def mutate(code: str, rng: random.Random, kinds: Iterable[str] | None = None) -> Mutation | None:
     """Inject one single-line bug into a function (exact source-segment rewrite); None if none fits.
 
