@@ -99,15 +99,13 @@ def rename_identifiers(code: str) -> str:
     except (tokenize.TokenError, IndentationError, SyntaxError):
         pass  # a cut-off generation: rename what was tokenised
     names: dict[str, str] = {}
+    for _, _, s in spans:  # v1, v2, ... in order of first appearance
+        names.setdefault(s, f"v{len(names) + 1}")
     lines = code.split("\n")
     for (r0, c0), (r1, c1), s in reversed(spans):
-        if r0 != r1:
-            continue
-        new = names.setdefault(s, "")
-        if not new:
-            new = names[s] = f"v{len(names)}"
-        line = lines[r0 - 1]
-        lines[r0 - 1] = line[:c0] + new + line[c1:]
+        if r0 == r1:
+            line = lines[r0 - 1]
+            lines[r0 - 1] = line[:c0] + names[s] + line[c1:]
     return "\n".join(lines)
 
 

@@ -349,3 +349,29 @@ def test_cli_defaults_agree_with_the_watermark_defaults():
     assert (a.context, a.layers, a.min_tokens) == (Watermark.context, Watermark.layers, DEFAULT_MIN_TOKENS)
     entropy = next(x for x in watermark_parser()._actions if x.dest == "entropy")
     assert tuple(entropy.choices) == ENTROPY_MODES
+
+
+def test_service_passes_the_watermark(tiny_model_dir):
+    from assistant.serving import Service
+
+    wm = Watermark(KEY)
+    s = Service(str(tiny_model_dir), max_batch=2, watermark=wm)
+    try:
+        assert s.params(8, 1.0, 1.0, (), 0).watermark == wm
+        assert s.engine.sampling_params(8, None).watermark == wm
+    finally:
+        s.close()
+
+
+def test_bench_edits():
+    from assistant.watermark_bench import delete_lines, rename_identifiers
+
+    code = "def f(items, n):\n    total = len(items)  # count\n    return self.total + n + 'items'\n"
+    out = rename_identifiers(code)
+    assert out == "def v1(v2, v3):\n    v4 = len(v2)  # count\n    return self.total + v3 + 'items'\n"
+    cut = rename_identifiers("def g(a):\n    return (a")  # cut-off code: renames what tokenises
+    assert cut.startswith("def v1(v2)")
+    text = "\n".join(f"x{i} = {i}" for i in range(10)) + "\n\n"
+    kept = delete_lines(text, 0.2, seed=0)
+    assert len([s for s in kept.split("\n") if s.strip()]) == 8
+    assert delete_lines(text, 0.2, seed=0) == kept
