@@ -48,6 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {msg}", file=sys.stderr)
         return 2
 
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        return err(f"{' and '.join(missing)} not installed: install the server extra, pip install 'moecoder[serve]'")
     if not 0 < args.port < 65536:
         return err("--port must be in 1..65535")
     for name in ("max_batch", "max_tokens"):
