@@ -281,8 +281,9 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def export(model: Transformer, cfg: ModelConfig, tokenizer_path, out_dir, int8: bool = False,
-           dtype: str = "float32", overwrite: bool = False) -> Path:
-    """Write ``out_dir`` (created if needed). Refuses to replace an existing export unless ``overwrite``."""
+           dtype: str = "float32", overwrite: bool = False, int4: bool = False) -> Path:
+    """Write ``out_dir`` (created if needed). Refuses to replace an existing export unless ``overwrite``.
+    ``int4``: routed experts group-wise int4, the rest int8 (:mod:`model.quant`)."""
     from safetensors.torch import save_file
 
     if dtype not in _DTYPES:
@@ -314,6 +315,14 @@ def export(model: Transformer, cfg: ModelConfig, tokenizer_path, out_dir, int8: 
             tensors[name] = t.float().contiguous() if keep32 else t.to(_DTYPES[dtype]).contiguous()
         else:
             tensors[name] = t.contiguous()
+    q4meta = None
+    if int4:  # mixed int4/int8 (model/quant.py)
+        from model.quant import quantize_state
+
+        tensors, q4meta = quantize_state({k: (v.full_tensor() if hasattr(v, "full_tensor") else v)
+                                          for k, v in model.state_dict().items()},
+                                         _quantizable, quantize_int8, SCALE_SUFFIX)  # fmt: skip
+        int8 = True
 
     # write to temporary names, then rename: a crash never leaves a half-written model
     tmp_w, tmp_c, tmp_t = out / (WEIGHTS + ".tmp"), out / (CONFIG + ".tmp"), out / (TOKENIZER + ".tmp")
@@ -323,8 +332,8 @@ def export(model: Transformer, cfg: ModelConfig, tokenizer_path, out_dir, int8: 
         "format_version": FORMAT_VERSION,
         "config": cfg.to_dict(),
         "dtype": "float32" if int8 else dtype,
-        "quantization": {"method": "int8-per-channel", "scale_dtype": "float16", "axis": 1,
-                         "tensors": quantized} if int8 else None,
+        "quantization": q4meta or ({"method": "int8-per-channel", "scale_dtype": "float16", "axis": 1,
+                                    "tensors": quantized} if int8 else None),
         "weights_file": WEIGHTS,
         "sha256": _sha256(tmp_w),
         "size": tmp_w.stat().st_size,
@@ -382,6 +391,10 @@ def _read_tensors(path: Path, meta: dict) -> dict[str, torch.Tensor]:
 def state_dict_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
     """Dequantise int8 entries; leaves the others as stored."""
     q = meta.get("quantization") or {}
+    if str(q.get("method", "")).startswith("int4"):
+        from model.quant import dequantize_state
+
+        return dequantize_state(tensors, q, dequantize_int8, SCALE_SUFFIX, CheckpointError)
     qnames = set(q.get("tensors", []))
     sd: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
