@@ -548,10 +548,10 @@ def main(argv=None) -> int:
         tok = Path(args.tokenizer or extra.get("tokenizer") or "")
         if not str(tok) or not (tok.is_file() or (tok / TOKENIZER).is_file()):
             raise CheckpointError(f"tokenizer not found: {tok or '(none recorded)'}; pass --tokenizer")
-        export(model, cfg, tok, out, int8=args.int8, dtype=args.dtype)
+        export(model, cfg, tok, out, int8=args.int8, dtype=args.dtype, int4=args.int4)
     except CheckpointError as e:
         print(f"moecoder export: error: {e}", file=sys.stderr)
         return 2
     size = (out / WEIGHTS).stat().st_size
-    print(f"exported step {extra.get('step', '?')} to {out} ({size / 2**20:.1f} MiB{', int8' if args.int8 else ''})")
+    print(f"exported step {extra.get('step', '?')} to {out} ({size / 2**20:.1f} MiB{', int4/int8' if args.int4 else ', int8' if args.int8 else ''})")
     return 0

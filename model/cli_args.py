@@ -36,6 +36,8 @@ def export_parser() -> argparse.ArgumentParser:
                    help="training output dir (newest complete ckpt/step_*) or one step_* directory")
     p.add_argument("--out", required=True, help="new model directory (an existing model is never replaced)")
     p.add_argument("--int8", action="store_true", help="int8 per-channel weights + fp16 scales")
+    p.add_argument("--int4", action="store_true",
+                   help="routed experts group-wise int4, the rest int8 (model/quant.py; smaller file, same CPU speed)")
     p.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"], help="storage dtype without --int8")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the one recorded in the checkpoint)")
     return p
