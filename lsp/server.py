@@ -27,7 +27,7 @@ Settings (camelCase, either top level or under a ``"moecoder"`` key)::
 
     {"modelPath": null, "device": "cpu", "maxTokens": 48, "maxLineTokens": 32, "maxTaskTokens": 256,
      "maxSeconds": 10.0,
-     "contextTokens": 512, "relatedTokens": 0, "repositoryContext": true,
+     "contextTokens": 512, "relatedTokens": 0, "repositoryContext": false,
      "diagnosticsDelay": 1.0, "maxDiagnosticLines": 3000, "minConfidence": 0.5,
      "features": {"completion": true, "inlineCompletion": true, "codeActions": true,
                   "diagnostics": true, "hover": false}}
@@ -103,7 +103,9 @@ class Settings:
     max_line_tokens: int = 32  # completion where code follows the cursor (surely one line)
     context_tokens: int = 512  # completion prompt cap, tokens (0 = the config file's completion_context_tokens)
     related_tokens: int = 0  # completion prompt: other open Python files (0 = none)
-    repository_context: bool = True  # completion prompt: definitions from the workspace's other files
+    # completion prompt: definitions from the workspace's other files. Off by default: the shipped
+    # model never saw such context in training and scores lower with it (docs/model-card.md, repo-fim)
+    repository_context: bool = False
     max_task_tokens: int = 256  # docstring, debug, explain (reasoning included)
     max_seconds: float | None = 10.0
     diagnostics_delay: float = 1.0
