@@ -86,6 +86,15 @@ def purge(work, keep):
 
 
 def load_module(name, path):
+    """The module at ``path`` by its dotted ``name``: through the import system when that
+    finds this very file (a package's circular imports then work), else from the file."""
+    try:
+        mod = importlib.import_module(name)
+        if os.path.realpath(getattr(mod, "__file__", "") or "") == os.path.realpath(path):
+            return mod
+    except Exception:  # noqa: BLE001 - fall back to loading the file directly
+        pass
+    sys.modules.pop(name, None)
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
@@ -252,7 +261,7 @@ def run_pytest(spec, cov, emit, t_run, ids):
 def _find_code(code, qualname):
     for c in code.co_consts:
         if hasattr(c, "co_code"):
-            if getattr(c, "co_qualname", c.co_name) == qualname:
+            if getattr(c, "co_qualname", c.co_name).replace("<locals>.", "") == qualname:
                 return c
             found = _find_code(c, qualname)
             if found is not None:
@@ -282,9 +291,15 @@ def main_swap(spec, out):
 
     try:
         mod = load_module(spec["module"], spec["target"])
-        fn = _resolve(mod, spec["swap"])
-        orig = fn.__code__
     except BaseException as e:  # noqa: BLE001
+        mod, err = None, e
+    try:
+        fn = _resolve(mod, spec["swap"]) if mod is not None else None
+        orig = fn.__code__ if fn is not None else None
+    except (AttributeError, KeyError, TypeError):  # not reachable from the module (nested): rewrite files
+        return main_plain(spec, out)
+    if mod is None:
+        e = err
         for cand in spec["candidates"]:
             cur["id"] = cand["id"]
             emit({"kind": "collect", "test": "<import>", "outcome": "error", "lines": [],
@@ -363,14 +378,19 @@ def main_swap(spec, out):
 
 def main():
     spec = json.load(open(sys.argv[1]))
+    out = open(spec["out"], "a", buffering=1)
     if spec.get("swap"):
-        main_swap(spec, open(spec["out"], "a", buffering=1))
-        return
+        main_swap(spec, out)
+    else:
+        main_plain(spec, out)
+
+
+def main_plain(spec, out):
+    """One candidate at a time: the file rewritten, the project's modules imported afresh."""
     work = os.path.realpath(os.getcwd())
     keep = {os.path.realpath(__file__)}
     cov = Coverage(spec["target"], spec.get("coverage", False))
     t_run = float(spec.get("per_run_timeout", 2.0))
-    out = open(spec["out"], "a", buffering=1)
     original = open(spec["target"], encoding="utf-8").read()
     for cand in spec["candidates"]:
         src = original if cand.get("source") is None else cand["source"]
