@@ -281,3 +281,18 @@ def test_review_run_replaces_model_hints_with_evidence(tmp_path, tiny_tokenizer,
     assert code == 1 and [(f["function"], f["line"], f["fix"].strip()) for f in found] == [
         ("count_below", 15, "if x <= limit:")]
     assert "verified" in found[0]["message"] and "returned 1, the docstring expects 2" in found[0]["reasoning"]
+
+
+def test_a_module_in_a_package_with_circular_imports_is_checked_through_the_import_system(tmp_path):
+    # loading pk/core.py on its own would fail: pk/__init__ -> pk.user -> pk.core.add (half-built)
+    (tmp_path / "setup.py").write_text("")
+    pk = tmp_path / "pk"
+    pk.mkdir()
+    (pk / "__init__.py").write_text("from pk import user\n")
+    (pk / "user.py").write_text("from pk import core\n\nADD = core.add\n")
+    (pk / "core.py").write_text("import pk\n\n\ndef add(a, b):\n    return a - b\n")
+    (tmp_path / "test_pk.py").write_text("from pk.core import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n")
+    tgt = evidence.prepare(pk / "core.py")
+    res, rep = debugging.debug_function(None, tgt, "add", None, FAST)
+    assert not rep.evidence.problems
+    assert res.hints[0].evidence == "verified" and res.hints[0].fix.strip() == "return a + b"
