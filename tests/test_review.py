@@ -519,3 +519,35 @@ def test_default_workers_follow_the_cpus_and_the_load(monkeypatch):
     monkeypatch.setattr(w.os, "getloadavg", lambda: (16.0, 0.0, 0.0))
     assert w.default_workers(4, adaptive=True) == 1  # a busy one: more processes only compete
     assert w.default_workers(4) == 2  # --jobs on the command line is obeyed (up to the CPUs)
+
+
+def test_progress_counts_functions_as_the_header_does(fake_engine, monkeypatch):
+    """The bar's total is the header's "N functions" (not the prompts: a function can have a
+    debug and a docstring prompt), and it reaches it."""
+    import rich.progress
+
+    from assistant.review import Options, run_review
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, *a, **k):
+            seen["advanced"] = 0
+
+        def start(self):
+            pass
+
+        def stop(self):
+            pass
+
+        def add_task(self, description, total):
+            seen["total"] = total
+            return 0
+
+        def update(self, task, advance=0, description=""):
+            seen["advanced"] += advance
+
+    monkeypatch.setattr(rich.progress, "Progress", Recorder)
+    report = run_review([str(EXAMPLES)], Options(progress=True, min_confidence=0.0), fake_engine)
+    assert seen["total"] == report.functions_reviewed == 9  # 9 functions, 12 prompts
+    assert seen["advanced"] == 9
