@@ -267,3 +267,16 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: cannot read: {e}") from None
     return parse_settings(data, p)
+
+
+def face_settings(face: str, server: str | None = None) -> Settings:
+    """What a face runs with: the config file, its ``[face]`` table, then ``--server URL``.
+
+    Raises ``ValueError`` (one line) for a bad config file or a server that is not an http(s) URL.
+    """
+    config = load_settings().for_face(face)
+    if server is not None:
+        if not server.startswith(("http://", "https://")):
+            raise ValueError(f"--server wants an http:// URL, got {server!r}")
+        config = dataclasses.replace(config, server=server)
+    return config

@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import dataclasses
 import itertools
 import logging
 import os
@@ -67,7 +66,7 @@ from pygls.protocol import LanguageServerProtocol, lsp_method
 
 from assistant import __version__, diagnostics
 from assistant.config import Settings as Config
-from assistant.config import load_settings
+from assistant.config import face_settings, load_settings
 from assistant.protocols import CancelToken, Engine
 from assistant.tasks import Hint, TaskRequest
 from lsp.args import build_parser as _parser  # light: `moecoder lsp --help` imports only it
@@ -1152,15 +1151,10 @@ def main(argv: list[str] | None = None, factory: EngineFactory | None = None,
         print(f"moecoder lsp: error: model directory not found: {args.model}", file=sys.stderr)
         return 2
     try:
-        config = load_settings().for_face("lsp")
+        config = face_settings("lsp", args.server)
     except ValueError as e:
         print(f"moecoder lsp: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    if args.server is not None:
-        if not args.server.startswith(("http://", "https://")):
-            print(f"moecoder lsp: error: --server wants an http:// URL, got {args.server!r}", file=sys.stderr)
-            return 2
-        config = dataclasses.replace(config, server=args.server)
     try:
         handler: logging.Handler = (logging.FileHandler(args.log_file) if args.log_file
                                     else logging.StreamHandler(sys.stderr))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from assistant.code import find_function, functions  # noqa: F401  (re-exported)
-from assistant.config import Settings, load_settings  # noqa: F401  (re-exported)
+from assistant.config import Settings, face_settings, load_settings  # noqa: F401  (re-exported)
 from assistant.diagnostics import Policy, check_file
 from assistant.protocols import CancelToken, Engine, Event  # noqa: F401  (re-exported)
 from assistant.tasks import (  # noqa: F401  (re-exported)

@@ -9,7 +9,6 @@ UI with ``call_from_thread``. Escape cancels the engine's ``CancelToken``.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import threading
 import time
@@ -662,15 +661,10 @@ def main(argv: Sequence[str] | None = None, engine: api.Engine | None = None,
             print(f"moecoder chat: error: {e}", file=sys.stderr)
             return 2
     try:
-        config = api.load_settings().for_face("chat")
+        config = api.face_settings("chat", args.server)
     except ValueError as e:
         print(f"moecoder chat: error: {one_line(e)}", file=sys.stderr)
         return 2
-    if args.server is not None:
-        if not args.server.startswith(("http://", "https://")):
-            print(f"moecoder chat: error: --server wants an http:// URL, got {args.server!r}", file=sys.stderr)
-            return 2
-        config = dataclasses.replace(config, server=args.server)
     app = ChatApp(engine=engine, engine_factory=engine_factory or api.engine_factory(config, args.device),
                   model_dir=args.model or config.model, files=args.files, resume=args.resume,
                   policy=api.Policy.from_settings(config))
