@@ -679,6 +679,19 @@ def _parse(answer: str) -> Finding | None | str:
         return "invalid"
 
 
+def _score_quixbugs(ctx: Context, root: Path, rows: list[dict], to_run: list[tuple]) -> dict:
+    """Run each proposed program (row, item, source) against its QuixBugs tests; the shared scores."""
+    results = _run_parallel(lambda x: run_quixbugs_tests(root, x[1]["rec"], x[2], 3 * ctx.timeout), to_run,
+                            ctx.jobs, _tests_progress(ctx, "quixbugs"))  # fmt: skip
+    for (row, _, _), ok in zip(to_run, results):
+        row["repaired"] = ok
+    done = [r for r in rows if not r["skipped"]]
+    n = len(done)
+    loc, rep = sum(r["localised"] for r in done), sum(r["repaired"] for r in done)
+    return {"localisation_top1": loc / n if n else 0.0, "repair_pass": rep / n if n else 0.0,
+            "localised": loc, "repaired": rep, "n": n, "skipped": len(rows) - n, "programs": rows}  # fmt: skip
+
+
 def suite_quixbugs(ctx: Context) -> dict:
     root = _eval_dir(ctx.eval_dir) / "quixbugs"
     items = [quixbugs_item(r) for r in load_quixbugs(_eval_dir(ctx.eval_dir))][: ctx.n("quixbugs")]
@@ -698,17 +711,8 @@ def suite_quixbugs(ctx: Context) -> dict:
             if program is not None:
                 to_run.append((row, it, program))
         rows.append(row)
-    results = _run_parallel(lambda x: run_quixbugs_tests(root, x[1]["rec"], x[2], 3 * ctx.timeout), to_run,
-                            ctx.jobs, _tests_progress(ctx, "quixbugs"))  # fmt: skip
-    for (row, _, _), ok in zip(to_run, results):
-        row["repaired"] = ok
-    done = [r for r in rows if not r["skipped"]]
-    n = len(done)
-    loc, rep = sum(r["localised"] for r in done), sum(r["repaired"] for r in done)
     repairable = sum(1 for it in items if it["oracle"] is not None and it["oracle"].fix is not None)
-    return {"localisation_top1": loc / n if n else 0.0, "repair_pass": rep / n if n else 0.0,
-            "localised": loc, "repaired": rep, "n": n, "skipped": len(rows) - n,
-            "one_line_repairable": repairable, "programs": rows}  # fmt: skip
+    return {**_score_quixbugs(ctx, root, rows, to_run), "one_line_repairable": repairable}
 
 
 # --------------------------------------------------------------------------- synthetic bugs, docstrings
@@ -934,16 +938,9 @@ def product_quixbugs(ctx: Context) -> dict:
             new[h.line] = h.fix
             to_run.append((row, it, "\n".join(new) + "\n"))
         rows.append(row)
-    results = _run_parallel(lambda x: run_quixbugs_tests(root, x[1]["rec"], x[2], 3 * ctx.timeout), to_run,
-                            ctx.jobs, _tests_progress(ctx, "quixbugs"))  # fmt: skip
-    for (row, _, _), ok in zip(to_run, results):
-        row["repaired"] = ok
     done = [r for r in rows if not r["skipped"]]
-    n = len(done)
-    loc, rep = sum(r["localised"] for r in done), sum(r["repaired"] for r in done)
-    return {"localisation_top1": loc / n if n else 0.0, "repair_pass": rep / n if n else 0.0,
-            "hints_shown": sum(r["hint_line"] is not None for r in done), "localised": loc, "repaired": rep,
-            "n": n, "skipped": len(rows) - n, "min_confidence": runner.min_confidence, "programs": rows}  # fmt: skip
+    return {**_score_quixbugs(ctx, root, rows, to_run), "hints_shown": sum(r["hint_line"] is not None for r in done),
+            "min_confidence": runner.min_confidence}  # fmt: skip
 
 
 def product_bugs(ctx: Context) -> dict:
