@@ -389,25 +389,10 @@ def _read_tensors(path: Path, meta: dict) -> dict[str, torch.Tensor]:
 
 
 def state_dict_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
-    """Dequantise int8 entries; leaves the others as stored."""
-    q = meta.get("quantization") or {}
-    if str(q.get("method", "")).startswith("int4"):
-        from model.quant import dequantize_state
+    """Dequantise int8 (and group-wise int4) entries; leaves the others as stored."""
+    from model.quant import dequantize_state
 
-        return dequantize_state(tensors, q, dequantize_int8, SCALE_SUFFIX, CheckpointError)
-    qnames = set(q.get("tensors", []))
-    sd: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        if name.endswith(SCALE_SUFFIX):
-            continue
-        if name in qnames:
-            scale = tensors.get(name + SCALE_SUFFIX)
-            if scale is None or t.dtype != torch.int8:
-                raise CheckpointError(f"quantised tensor {name} lacks its int8 data or scale")
-            sd[name] = dequantize_int8(t, scale)
-        else:
-            sd[name] = t
-    return sd
+    return dequantize_state(tensors, meta.get("quantization") or {}, dequantize_int8, SCALE_SUFFIX, CheckpointError)
 
 
 def check_state_dict(sd: dict[str, torch.Tensor], model: Transformer, where: str) -> None:
