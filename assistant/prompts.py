@@ -80,10 +80,9 @@ def task_prompt(tok: Any, task: str, code: str) -> list[int]:
 def fim_stop_ids(tok: Any) -> tuple[int, ...]:
     """Tokens that end a completion: FIM markers and file separators the tokenizer has, and
     its end-of-text / end-of-turn tokens."""
-    names = ("fim_prefix", "fim_suffix", "fim_middle", "file_sep")
-    has = getattr(tok, "has_special", None)
-    ids = [tok.special_id(n) for n in names if has is None or has(n)]
-    return tuple(dict.fromkeys([*ids, *getattr(tok, "stop_ids", ())]))
+    from model.generate import fim_stop_ids as markers
+
+    return tuple(dict.fromkeys([*markers(tok), *getattr(tok, "stop_ids", ())]))
 
 
 class MarkerSplitter:

@@ -231,12 +231,12 @@ def run_cost(loaded, args, wm, log=_log) -> dict:
         mbpp_prompt,
     )
     from model.formats import fim_prompt
-    from model.generate import SamplingParams
+    from model.generate import SamplingParams, fim_stop_ids
 
     tok = loaded.tokenizer
     tasks = load_mbpp(_eval_dir(args.eval_dir))
     out: dict = {}
-    stop_ids = tuple(tok.special_id(n) for n in ("fim_prefix", "fim_suffix", "fim_middle", "file_sep"))
+    stop_ids = fim_stop_ids(tok)
     items = mbpp_infill_items(tasks[: args.mbpp_infill], args.seed)
     prompts = [fim_prompt(tok, it["prefix"], it["suffix"], spm=True) for it in items]
     temps = [float(t) for t in args.cost_temps.split(",")] if args.cost_temps else [args.temperature, 0.0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 import sys
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,11 +82,16 @@ class Healer:
     the model knows); the first generated tokens are held to spelling that word again, so the
     model picks how to tokenize it and goes on from there (``text.sp`` -> ``text.split(...)``)."""
 
+    _pieces: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> bytes of every id
+
     def __init__(self, tok, text: str, vocab: int):
         self.need = text.encode("utf-8")
-        table = getattr(tok, "_table", None)
-        self.pieces = [bytes(table[i]) if table is not None and i < len(table) else tok.decode([i]).encode()
-                       for i in range(vocab)]
+        self.pieces = self._pieces.get(tok)
+        if self.pieces is None or len(self.pieces) != vocab:  # once per tokenizer, not per completion
+            table = getattr(tok, "_table", None)
+            self.pieces = [bytes(table[i]) if table is not None and i < len(table) else tok.decode([i]).encode()
+                           for i in range(vocab)]
+            self._pieces[tok] = self.pieces
         self._masks: dict[bytes, torch.Tensor] = {}
 
     def allowed(self, produced: list[int], device) -> torch.Tensor | None:
@@ -331,13 +337,17 @@ def token_logprobs(model: Transformer, ids: Sequence[int]) -> list[float]:
     return [0.0, *logp.gather(-1, x[0, 1:, None]).squeeze(-1).tolist()]
 
 
+def fim_stop_ids(tok) -> tuple[int, ...]:
+    """The ids that end a middle: every FIM / file marker the tokenizer has."""
+    has = getattr(tok, "has_special", lambda _n: True)
+    return tuple({tok.special_id(n) for n in ("fim_prefix", "fim_suffix", "fim_middle", "file_sep") if has(n)})
+
+
 def fim(model: Transformer, tok, prefix: str, suffix: str, params: SamplingParams | None = None,
         cancel: CancelToken | None = None) -> GenerationResult:
     """Fill in the middle between ``prefix`` and ``suffix``; stops at eos or any FIM/file marker."""
     params = params or SamplingParams()
-    has = getattr(tok, "has_special", lambda _n: True)
-    stops = {tok.special_id(n) for n in ("fim_prefix", "fim_suffix", "fim_middle", "file_sep") if has(n)}
-    p = SamplingParams(**{**params.__dict__, "stop_token_ids": tuple({*params.stop_token_ids, *stops})})
+    p = SamplingParams(**{**params.__dict__, "stop_token_ids": tuple({*params.stop_token_ids, *fim_stop_ids(tok)})})
     return generate(model, tok, fim_prompt(tok, prefix, suffix, spm=getattr(tok, "fim_spm", True)), p, cancel)
 
 
@@ -366,9 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.fim_suffix is not None:
         if not getattr(tok, "has_fim", True):
             return err("this checkpoint has no fill-in-the-middle tokens; drop --fim-suffix")
-        has = getattr(tok, "has_special", lambda _n: True)
-        stops = {tok.special_id(n) for n in ("fim_prefix", "fim_suffix", "fim_middle", "file_sep") if has(n)}
-        params.stop_token_ids = tuple(stops)
+        params.stop_token_ids = fim_stop_ids(tok)
         at_suffix = fim_suffix_stop(args.fim_suffix)  # the middle ends where the suffix begins
         if at_suffix is not None:
             params.stop_strings = (*params.stop_strings, at_suffix)

@@ -54,11 +54,14 @@ def test_fim_prompts_by_family(engines):
     req = TaskRequest("complete", SRC, line=1, column=12)
     qwen = engines["qwen3_moe"]
     tok = qwen.tokenizer
-    ids = make_plan(qwen, req).prompt_ids
-    # prefix-suffix-middle with Qwen's tokens
+    plan = make_plan(qwen, req)
+    ids = plan.prompt_ids
+    # prefix-suffix-middle with Qwen's tokens; the word typed at the cursor ("a") is healed: the
+    # prompt stops before it and the model spells it again
     assert ids[0] == tok.special_id("fim_prefix") and ids[-1] == tok.special_id("fim_middle")
     s = ids.index(tok.special_id("fim_suffix"))
-    assert tok.decode(ids[1:s]).endswith("return a") and tok.decode(ids[s + 1:-1]).startswith(" - b\n")
+    assert plan.heal == "a"
+    assert tok.decode(ids[1:s]).endswith("return ") and tok.decode(ids[s + 1:-1]).startswith(" - b\n")
     ds = engines["deepseek_v2"]
     ids = make_plan(ds, req).prompt_ids
     assert ids[0] == ds.tokenizer.tok.token_to_id("<｜fim▁begin｜>")
@@ -66,7 +69,7 @@ def test_fim_prompts_by_family(engines):
     # no FIM tokens: the prefix only, no special ids, and the context report says so
     mx = engines["mixtral"]
     plan = make_plan(mx, req)
-    assert mx.tokenizer.decode(plan.prompt_ids) == "def add(a, b):\n    return a"
+    assert mx.tokenizer.decode(plan.prompt_ids) == "def add(a, b):\n    return " and plan.heal == "a"
     assert not any(mx.tokenizer.is_special(i) for i in plan.prompt_ids)
     assert any("prefix only" in n for n in plan.notes)
     assert mx.tokenizer.eos_id in plan.stop_token_ids
