@@ -251,7 +251,14 @@ def test_serve_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     assert len(lines) == 4 and all(ln.startswith("moecoder serve: error: ") for ln in lines), lines
 
 
-def test_a_plain_request_whose_client_leaves_is_cancelled(url, service):
+def test_a_plain_request_whose_client_leaves_is_cancelled(url, service, monkeypatch):
+    forward = service.model.forward
+
+    def slow_forward(*a, **k):  # 240 steps take >= 2.4 s on any machine: the client leaves first
+        time.sleep(0.01)
+        return forward(*a, **k)
+
+    monkeypatch.setattr(service.model, "forward", slow_forward)
     before = service.health["finished"].get("cancelled", 0)
     tokens0 = service.health["tokens"]
     body = {"model": service.name, "prompt": "class A:\n", "max_tokens": 240, "temperature": 0}
