@@ -22,7 +22,7 @@ from assistant.engine import Backend, CancelToken, Engine, Event
 from assistant.tasks import TaskRequest
 from model.generate import GenerationResult, SamplingParams, TokenEvent
 
-__all__ = ["CancelToken", "Event", "SamplingParams", "Service", "ServiceError", "TaskRequest", "TokenEvent",
+__all__ = ["CancelToken", "ChatPrompt", "Event", "SamplingParams", "Service", "ServiceError", "TaskRequest", "TokenEvent",
            "route_chat", "split_fim_markers"]
 
 TASKS = ("complete", "comment", "debug", "explain")
@@ -58,6 +58,20 @@ class ChatRoute:
 
     request: TaskRequest | None = None
     prompt: str | None = None
+    messages: list[dict] | None = None  # plain chat: the conversation (role, text), for a chat template
+
+
+@dataclass
+class ChatPrompt:
+    """A plain chat turn ready to generate: prompt ids, stops, and how to split the stream.
+
+    ``think_end`` is set when the checkpoint thinks natively (``<think>...</think>``, as
+    Qwen3): the tokens before it stream as reasoning, the rest as the answer."""
+
+    ids: list[int]
+    stop_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+    think_end: int | None = None
 
 
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.S)
@@ -96,11 +110,10 @@ def route_chat(messages: Sequence[dict]) -> ChatRoute:
         words = text[:fence.start()] + text[fence.end():]
         task = "debug" if _BUGGY.search(words) else "comment" if _DOC.search(words) else "explain"
     else:
-        lines = []
-        for m in messages:
-            role = str(m.get("role", "user"))
-            lines.append(f"{role.capitalize()}: {_text_of(m.get('content')).strip()}")
-        return ChatRoute(prompt="\n".join(lines) + "\nAssistant:")
+        turns = [{"role": str(m.get("role", "user")), "content": _text_of(m.get("content")).strip()}
+                 for m in messages]
+        lines = [f"{t['role'].capitalize()}: {t['content']}" for t in turns]
+        return ChatRoute(prompt="\n".join(lines) + "\nAssistant:", messages=turns)
     code = code.rstrip("\n")
     src_lines = code.split("\n")
     if task == "complete":
@@ -211,6 +224,23 @@ class Service:
         budget = min(self.context_length // 2, self.engine.completion_context_tokens or self.context_length // 2)
         ctx = build_context(tok, source, len(lines) - 1, len(lines[-1]), budget=budget)
         return list(ctx.prompt_ids), stops
+
+    def chat_prompt(self, route: ChatRoute) -> ChatPrompt:
+        """The prompt of a plain chat turn: an open checkpoint with a chat template gets its
+        own template (and stops at its end-of-turn tokens); our model and base checkpoints
+        continue a ``User:``/``Assistant:`` transcript until the next ``User:``."""
+        from assistant import prompts
+
+        tok = self.tokenizer
+        if route.messages is not None and prompts.kind(tok) == "chat":
+            rendered = tok.render_chat(route.messages, add_generation_prompt=True)
+            think = prompts.think_end_id(tok) if prompts.native_think(tok) else None
+            if think is not None and not rendered.rstrip().endswith("<think>"):
+                rendered += "<think>\n"  # the thinking starts at once: reasoning events first
+            return ChatPrompt(tok.encode_with_specials(rendered), tuple(getattr(tok, "stop_ids", ())) or (tok.eos_id,),
+                              (), think)
+        ids, _ = self.prompt_ids(route.prompt or "", None)
+        return ChatPrompt(ids, (), ("\nUser:",))
 
     def params(self, max_tokens: int | None, temperature: float, top_p: float, stop: Sequence[str],
                seed: int | None, stop_token_ids: Sequence[int] = (), max_seconds: float | None = None) -> SamplingParams:

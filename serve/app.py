@@ -325,19 +325,33 @@ def create_app(service: Any, api_key: str | None = None) -> FastAPI:
 
             bridge.run_thread(lambda: service.run_task(req, cancel))
         else:
-            prompt_ids, _ = service.prompt_ids(route.prompt, None)
-            stops = body.stops or ["\nUser:"]
             try:
-                params = service.params(max_tokens, body.temperature, body.top_p, stops, body.seed, (),
-                                        body.max_seconds)
-                handle = service.generate(prompt_ids, params, cancel, sink=bridge.put)
+                chat_prompt = service.chat_prompt(route)
+            except Exception as e:  # noqa: BLE001 - a template that fails on these messages
+                raise APIError(400, f"chat template: {e}", param="messages") from None
+            stops = tuple(body.stops) if body.stops else chat_prompt.stop_strings
+            try:
+                params = service.params(max_tokens, body.temperature, body.top_p, stops, body.seed,
+                                        chat_prompt.stop_ids, body.max_seconds)
+                handle = service.generate(chat_prompt.ids, params, cancel, sink=bridge.put)
             except ServiceError as e:
                 code = "context_length_exceeded" if "context length" in str(e) else None
                 raise APIError(400, str(e), param="messages", code=code) from None
-            state["prompt_tokens"] = len(prompt_ids)
+            state["prompt_tokens"] = len(chat_prompt.ids)
+            thinking = [chat_prompt.think_end is not None]
+            answer_started = [False]
 
             def plain(ev: Any) -> Event | None:
-                return Event("answer", ev.text) if ev.text else None
+                if thinking[0]:
+                    if ev.token_id == chat_prompt.think_end:
+                        thinking[0] = False
+                        return None
+                    return Event("reasoning", ev.text) if ev.text else None
+                text = ev.text
+                if chat_prompt.think_end is not None and not answer_started[0]:
+                    text = text.lstrip("\n")  # the blank line after </think>
+                    answer_started[0] = bool(text)
+                return Event("answer", text) if text else None
 
         async def deltas(req_for_disconnect: Request | None) -> AsyncIterator[tuple[str, str]]:
             """(field, text) deltas: reasoning_content first, then content."""

@@ -177,3 +177,40 @@ async def test_chat_tui_on_an_open_checkpoint(engines, tmp_path):
         (turn,) = turns(app)
         assert turn.state.status == "done"
         assert turn.state.order and turn.state.order[0] == "reasoning"  # Qwen3-style: thinking streams first
+
+
+def test_serve_plain_chat_uses_the_checkpoint_chat_template(dirs):
+    """`moecoder serve --model DIR`: plain chat on an open checkpoint is rendered with the
+    checkpoint's own template; a native thinker's tokens before </think> stream as
+    reasoning_content, the rest as content, and <|im_end|> ends the turn."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from assistant.serving import Service
+    from tests.serve_support import running
+
+    s = Service(str(dirs["qwen3_moe"]), max_batch=4, max_seconds=30)
+    try:
+        tok = s.tokenizer
+        think, a, b = tok.special_id("think_end"), tok.encode("alpha")[0], tok.encode("beta")[0]
+        end = tok.encode_with_specials("<|im_end|>")[0]
+        expected = tok.encode_with_specials(tok.render_chat([{"role": "user", "content": "hi there"}]) + "<think>\n")
+        script = {expected[-1]: a, a: think, think: b, b: end}  # reasoning "alpha", answer "beta", end of turn
+
+        def hook(_module, inputs, logits):
+            for row, t in enumerate(inputs[0][:, -1].tolist()):
+                if t in script:
+                    logits[row, -1] = -1e4
+                    logits[row, -1, script[t]] = 1e4
+            return logits
+
+        s.model.register_forward_hook(hook)
+        with running(s) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+            r = client.chat.completions.create(model=s.name, max_tokens=8, temperature=0,
+                                               messages=[{"role": "user", "content": "hi there"}])
+        assert r.usage.prompt_tokens == len(expected)  # the template's prompt, not "User: ...\nAssistant:"
+        msg = r.choices[0].message
+        assert msg.content == tok.decode([b]) and getattr(msg, "reasoning_content", None) == tok.decode([a])
+        assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 4
+    finally:
+        s.close()
