@@ -58,7 +58,15 @@ def run_quixbugs(args: argparse.Namespace) -> dict:
     from assistant.evaluate import _eval_dir, load_quixbugs, quixbugs_item, run_quixbugs_tests
 
     qb = _eval_dir(args.eval_dir) / "quixbugs"
-    recs = load_quixbugs(_eval_dir(args.eval_dir))[: args.limit]
+    recs = load_quixbugs(_eval_dir(args.eval_dir))
+    if args.only:
+        want = set(args.only.split(","))
+        unknown = sorted(want - {r["name"] for r in recs})
+        if unknown:
+            print(f"error: no QuixBugs program named {', '.join(unknown)}", file=sys.stderr)
+            raise SystemExit(2)
+        recs = [r for r in recs if r["name"] in want]
+    recs = recs[: args.limit]
     engine = _engine(args.model)
     opts = debugging.DebugOptions(budget_s=args.budget, per_run_timeout=args.per_run_timeout,
                                   use_model=engine is not None, top_lines=args.top_lines)
@@ -90,6 +98,18 @@ def run_quixbugs(args: argparse.Namespace) -> dict:
                 held = quixbugs_target(qb, rec, fixed, split="heldout")
                 ev = evidence.gather(held, name, timeout=60, per_run_timeout=2.0)
                 row["heldout_half_pass"] = bool(ev.runs) and not ev.failing
+        if rep.suspicious and not row["verified"]:
+            # a fix that made every run pass but left reached lines unreached (not verified):
+            # how it fares on the held-out cases says whether the check rejected an overfit
+            c, lost = rep.suspicious[0]
+            row["cut_out_fix"] = c.text.strip()
+            row["cut_out_lines"] = lost
+            cut = c.apply(program)
+            row["cut_out_heldout_pass"] = run_quixbugs_tests(qb, rec, cut, 60.0)
+            if args.split == "evidence":
+                held = quixbugs_target(qb, rec, cut, split="heldout")
+                ev = evidence.gather(held, name, timeout=60, per_run_timeout=2.0)
+                row["cut_out_heldout_half_pass"] = bool(ev.runs) and not ev.failing
         rows.append(row)
         print(f"[{i + 1}/{len(recs)}] {name}: mode={row['mode']} top1={row['top1_answer']} "
               f"ochiai={row['top1_ochiai']} model={row['top1_model']} combined={row['top1_combined']} "
@@ -107,11 +127,15 @@ def run_quixbugs(args: argparse.Namespace) -> dict:
         "verified_failing_heldout": sum(1 for r in rows if r["verified"] and not r.get("heldout_pass")),
         "verified_same_as_reference": sum(1 for r in rows if r.get("fix_matches_reference")),
         "with_failing_runs": sum(1 for r in rows if r["failing"]),
+        "not_verified_cut_out": sum(1 for r in rows if "cut_out_fix" in r),
+        "cut_out_failing_heldout": sum(1 for r in rows if "cut_out_fix" in r and not r["cut_out_heldout_pass"]),
         "seconds_median": sorted(r["seconds"] for r in rows)[n // 2] if n else 0,
     }
     if args.split == "evidence":
         summary["verified_failing_heldout_half"] = sum(1 for r in rows if r["verified"]
                                                        and not r.get("heldout_half_pass"))
+        summary["cut_out_failing_heldout_half"] = sum(1 for r in rows if "cut_out_fix" in r
+                                                      and not r.get("cut_out_heldout_half_pass"))
     if engine is not None:
         engine.close()
     return {"suite": "quixbugs", "summary": summary, "rows": rows}
@@ -140,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-lines", type=int, default=5, help="lines to try fixes on")
     p.add_argument("--split", choices=["all", "evidence"], default="all",
                    help="quixbugs: 'evidence' = half the JSON cases as evidence, the other half held out")
+    p.add_argument("--only", default="", help="quixbugs: comma-separated program names (default: all)")
     p.add_argument("--packages", default="", help="injected: comma-separated package names")
     p.add_argument("--json", default=None, help="write the full report here")
     args = p.parse_args(argv)

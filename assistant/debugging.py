@@ -11,7 +11,10 @@ debug --run``, ``moecoder review --run``, the LSP's "Find the bug (runs examples
 3. for the most suspicious lines, checks candidate fixes (:mod:`assistant.repair`: the
    model's proposals and cheap mutations) by running the evidence on each, keeping those that
    make every failing run pass and keep every passing run passing, ranked by the model's
-   likelihood;
+   likelihood; with nothing verified and time left, the next lines down the ranking. A fix
+   after which some line the runs used to reach is reached by none (``x < a[m]`` -> ``x !=
+   a[m]``, so the other branch never runs) made the tests pass by cutting behaviour out: it is
+   not verified, and the line it cut out, if failing runs executed it, is named as the fault;
 4. streams reasoning that cites the evidence, then the answer: a :class:`DebugResult` whose
    hints say what backs them (``Hint.evidence``: "verified" — a fix made every run pass,
    high confidence; "runs" — failing runs point at the line, no fix verified; "model" — no
@@ -50,6 +53,8 @@ class DebugOptions:
     chunk: int = 30  # candidates per sandbox process (progress between chunks)
     max_verified: int = 6  # stop looking once this many fixes are verified
     keep_going: bool = False  # check every candidate (for measurement) instead of stopping early
+    widen: bool = True  # nothing verified on the top lines and time left: try the next lines down
+    coverage_check: bool = True  # a fix that leaves a line the runs reached unreached is not verified
 
 
 @dataclass
@@ -64,6 +69,7 @@ class FunctionReport:
     model_line: int | None = None  # 1-based line of the model's debug answer
     model_hint: Hint | None = None
     verified: list[tuple[repair.Candidate, float]] = field(default_factory=list)  # with the model score
+    suspicious: list[tuple[repair.Candidate, list[int]]] = field(default_factory=list)  # pass, but lines lost
     mutation: dict[int, float] = field(default_factory=dict)  # line -> most failing runs a candidate fixed
     ranked_final: list[localize.Suspect] = field(default_factory=list)  # with the candidates' outcomes
     tried: int = 0
@@ -158,15 +164,17 @@ def debug_function(engine: Any, tgt: evmod.Target, function: str, path: str | No
     for p in ev.problems[:3]:
         say(f"Problem: {_q(p, 160)}. ")
     lines = localize.statement_lines(source, span[0], span[1])
+    owner = localize.physical_lines(source, span[0], span[1])  # + later lines of long statements
+    all_lines = list(owner)
     surprisal: dict[int, float] = {}
     mhint: Hint | None = None
     if engine is not None and opts.use_model and lines:
         surprisal, mhint = _model_signals(engine, source, path, function, lines)
     rep.model_hint = mhint
     rep.model_line = mhint.line + 1 if mhint is not None else None
-    rep.ranked = localize.rank(ev, lines, surprisal, rep.model_line)
-    rep.ranked_ochiai = localize.rank(ev, lines, surprisal, rep.model_line, mode="ochiai")
-    rep.ranked_model = localize.rank(ev, lines, surprisal, rep.model_line, mode="model")
+    rep.ranked = localize.rank(ev, all_lines, surprisal, rep.model_line, owner=owner)
+    rep.ranked_ochiai = localize.rank(ev, all_lines, surprisal, rep.model_line, mode="ochiai", owner=owner)
+    rep.ranked_model = localize.rank(ev, all_lines, surprisal, rep.model_line, mode="model", owner=owner)
 
     def finish(hints: list[Hint], mode: str) -> tuple[DebugResult, FunctionReport]:
         rep.mode = mode
@@ -205,49 +213,90 @@ def debug_function(engine: Any, tgt: evmod.Target, function: str, path: str | No
         f"{len(fails)} failing runs and in {top.passing} of {P} passing ones (Ochiai {top.ochiai:.2f}"
         + (f"; the model ranks it {top.model:.2f}" if surprisal or rep.model_line else "") + "). ")
 
-    # ---- repair: candidates on the top lines, checked by running the evidence
-    try_lines = [s.line for s in rep.ranked if s.ochiai > 0][: opts.top_lines] or [top.line]
-    proposals: dict[int, list[tuple[str, str]]] = {ln: [] for ln in try_lines}
-    if mhint is not None and mhint.fix and mhint.line + 1 in proposals:
-        proposals[mhint.line + 1].append((mhint.fix, "the model's fix"))
-    if engine is not None and opts.use_model:
-        for ln in try_lines:
-            if time.monotonic() > deadline - 5:
-                break
-            proposals[ln] += repair.model_line_proposals(engine, source, ln, path)
-    per_line = [repair.candidates_for(source, ln, proposals[ln]) for ln in try_lines]
-    ordered: list[repair.Candidate] = [c for cs in per_line for c in cs if c.origin == "model"]
-    muts = [(c.prior, i, c) for i, cs in enumerate(per_line) for c in cs if c.origin == "mutation"]
-    ordered += [c for _, _, c in sorted(muts, key=lambda x: (x[0], x[1]))]
-    say(f"Trying {_plural(len(ordered), 'candidate fix')} on line{'s' if len(try_lines) > 1 else ''} "
-        f"{', '.join(map(str, try_lines))}: ")
+    # ---- repair: candidates on the top lines, checked by running the evidence; while the
+    # budget lasts and nothing is verified, the next lines down the ranking (in rounds of
+    # ``top_lines`` statements)
+    heads = [s.line for s in rep.ranked if s.ochiai > 0 and owner.get(s.line, s.line) == s.line] \
+        or [owner.get(top.line, top.line)]
+    rounds = [heads[i:i + opts.top_lines] for i in range(0, len(heads), opts.top_lines)]
+    if not opts.widen:
+        rounds = rounds[:1]
     verified: list[repair.Candidate] = []
+    suspicious: list[tuple[repair.Candidate, list[int]]] = []  # make the runs pass, but leave lines unreached
     done = 0
     fail_ids = {r.id for r in fails}
     pass_ids = {r.id for r in ev.passing}
     mut: dict[int, float] = {}
-    for k in range(0, len(ordered), opts.chunk):
-        left = deadline - time.monotonic()
-        if left < 2:
-            say(f"(time budget spent after {done}) ")
+    reached = frozenset().union(*(r.lines for r in ev.runs)) & set(lines)
+    for r_i, try_heads in enumerate(rounds):
+        if r_i and deadline - time.monotonic() < 5:
             break
-        chunk = ordered[k:k + opts.chunk]
-        ok, runs = evmod.check_candidates(tgt, ev, [(f"c{k + i}", c.apply(source)) for i, c in enumerate(chunk)],
-                                          per_run_timeout=opts.per_run_timeout, timeout=left,
-                                          through_failing=True)
-        done += len(chunk)
-        for i, c in enumerate(chunk):
-            got = runs.get(f"c{k + i}", [])
-            fixed = len({r.id for r in got if r.passed} & fail_ids) / len(fail_ids)
-            broke = any(not r.passed for r in got if r.id in pass_ids)
-            mut[c.line] = max(mut.get(c.line, 0.0), 0.0 if broke else fixed)
-            if ok.get(f"c{k + i}"):
-                verified.append(c)
-        say(f"{done} checked{f', {len(verified)} verified' if verified else ''}; ")
-        if verified and (len(verified) >= opts.max_verified or not opts.keep_going):
+        # a statement over several lines: each of its lines gets candidates (the head's first)
+        try_lines = [ln for h in try_heads for ln in [h, *(c for c, o in owner.items() if o == h and c != h)]]
+        proposals: dict[int, list[tuple[str, str]]] = {ln: [] for ln in try_lines}
+        if mhint is not None and mhint.fix and mhint.line + 1 in proposals:
+            proposals[mhint.line + 1].append((mhint.fix, "the model's fix"))
+        if engine is not None and opts.use_model and r_i == 0:
+            for ln in try_heads:
+                if time.monotonic() > deadline - 5:
+                    break
+                proposals[ln] += repair.model_line_proposals(engine, source, ln, path)
+        per_line = [repair.candidates_for(source, ln, proposals[ln], fragment=owner.get(ln, ln) != ln)
+                    for ln in try_lines]
+        order = {h: i for i, h in enumerate(try_heads)}
+        ordered: list[repair.Candidate] = [c for cs in per_line for c in cs if c.origin == "model"]
+        muts = [(c.prior, order[owner.get(c.line, c.line)], c.line, c) for cs in per_line for c in cs
+                if c.origin == "mutation"]
+        ordered += [c for *_, c in sorted(muts, key=lambda x: (x[0], x[1], x[2]))]
+        if r_i:
+            say("\nNo fix verified there; the next lines down the ranking. ")
+        say(f"Trying {_plural(len(ordered), 'candidate fix')} on line{'s' if len(try_lines) > 1 else ''} "
+            f"{', '.join(map(str, try_lines))}: ")
+        stop = False
+        for k in range(0, len(ordered), opts.chunk):
+            left = deadline - time.monotonic()
+            if left < 2:
+                say(f"(time budget spent after {done}) ")
+                stop = True
+                break
+            chunk = ordered[k:k + opts.chunk]
+            ok, runs = evmod.check_candidates(tgt, ev, [(f"c{k + i}", c.apply(source)) for i, c in enumerate(chunk)],
+                                              per_run_timeout=opts.per_run_timeout, timeout=left,
+                                              through_failing=True)
+            done += len(chunk)
+            new: list[repair.Candidate] = []
+            for i, c in enumerate(chunk):
+                got = runs.get(f"c{k + i}", [])
+                fixed = len({r.id for r in got if r.passed} & fail_ids) / len(fail_ids)
+                broke = any(not r.passed for r in got if r.id in pass_ids)
+                mut[c.line] = max(mut.get(c.line, 0.0), 0.0 if broke else fixed)
+                if ok.get(f"c{k + i}"):
+                    new.append(c)
+            if new and opts.coverage_check:
+                # a fix should keep every line the runs reached reachable: one that leaves a
+                # line unreached by every run made the tests pass by cutting behaviour out
+                cov = evmod.coverage_of(tgt, ev, [(f"v{i}", c.apply(source)) for i, c in enumerate(new)],
+                                        per_run_timeout=opts.per_run_timeout,
+                                        timeout=max(2.0, min(20.0, deadline - time.monotonic())))
+                for i, c in enumerate(new):
+                    after = cov.get(f"v{i}")
+                    lost = sorted(reached - after) if after is not None else []
+                    if lost:
+                        suspicious.append((c, lost))
+                    else:
+                        verified.append(c)
+            else:
+                verified += new
+            say(f"{done} checked{f', {len(verified)} verified' if verified else ''}"
+                f"{f', {len(suspicious)} passing but cutting code out' if suspicious else ''}; ")
+            if verified and (len(verified) >= opts.max_verified or not opts.keep_going):
+                stop = True
+                break
+        if stop:
             break
     rep.mutation = mut
-    rep.ranked_final = localize.rank(ev, lines, surprisal, rep.model_line, mutation=mut)
+    rep.suspicious = suspicious
+    rep.ranked_final = localize.rank(ev, all_lines, surprisal, rep.model_line, mutation=mut, owner=owner)
     rep.tried = done
     scored: list[tuple[repair.Candidate, float]] = []
     for c in verified:
@@ -273,6 +322,28 @@ def debug_function(engine: Any, tgt: evmod.Target, function: str, path: str | No
         msg = f"{best.how}: makes all {_plural(n_runs, 'run')} pass (verified)"
         return finish([Hint(path, function, best.line - 1, msg, best.text, VERIFIED_CONFIDENCE, "",
                             evidence="verified")], "verified")
+    if suspicious:
+        c, lost = suspicious[0]
+        where = ", ".join(map(str, lost[:4])) + (" ..." if len(lost) > 4 else "")
+        say(f"\nReplacing line {c.line} with `{_q(c.text.strip(), 60)}` ({c.how}) makes all "
+            f"{_plural(n_runs, 'run')} pass, but then no run reaches line{'s' if len(lost) > 1 else ''} {where} "
+            "any more: it cuts behaviour out rather than repairs it, so the tests do not confirm it.")
+        # the failing runs pass once a line they executed is no longer reached: that line's
+        # behaviour is the likely fault (the cut names it, it does not repair it)
+        by_line = {s_.line: s_ for s_ in rep.ranked}
+        pos = {s_.line: i for i, s_ in enumerate(rep.ranked)}
+        culprits = sorted((ln for ln in lost if ln in by_line and by_line[ln].failing), key=lambda ln: pos[ln])
+        if culprits:
+            bad = by_line[culprits[0]]
+            say(f" Line {bad.line} runs in {bad.failing} of {len(fails)} failing runs, and they all pass once it "
+                f"is no longer reached: line {bad.line} is the likely fault.")
+            msg = (f"runs in {bad.failing} of {len(fails)} failing runs, which all pass once it is no longer reached "
+                   f"({c.how} on line {c.line}); no verified fix")
+            return finish([Hint(path, function, bad.line - 1, msg, None, RUNS_CONFIDENCE, "", evidence="runs")],
+                          "runs")
+        msg = (f"{c.how}: makes all {_plural(n_runs, 'run')} pass but leaves line{'s' if len(lost) > 1 else ''} "
+               f"{where} unreached (not verified)")
+        return finish([Hint(path, function, c.line - 1, msg, c.text, RUNS_CONFIDENCE, "", evidence="runs")], "runs")
     top = rep.ranked_final[0] if rep.ranked_final else top
     part = mut.get(top.line, 0.0)
     say(f"\nNo one-line fix among {done} candidates made every failing run pass; the most suspicious line is "

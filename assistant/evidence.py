@@ -499,3 +499,21 @@ def check_candidates(tgt: Target, ev: Evidence, candidates: Sequence[tuple[str, 
         got = {r.id for r in runs.get(cid, []) if r.passed}
         ok[cid] = bool(ends.get(cid)) and need <= got
     return ok, runs
+
+
+def coverage_of(tgt: Target, ev: Evidence, candidates: Sequence[tuple[str, str]], *,
+                per_run_timeout: float = 2.0, timeout: float = 30.0) -> dict[str, frozenset[int] | None]:
+    """The lines of the target file each candidate source executes over all of the evidence's
+    runs (None: it did not finish). For the check that a fix keeps the code the runs used to
+    reach (a fix that leaves a line no run reaches any more deletes behaviour, not repairs it)."""
+    if not candidates:
+        return {}
+    ex = tgt.examples.get(ev.function, [])
+    ids = [r.id for r in ev.runs if r.kind == "pytest"]
+    runs, ends, _ = execute(tgt, examples=ex, pytest_ids=ids, candidates=candidates, coverage=True,
+                            per_run_timeout=per_run_timeout, timeout=timeout)
+    out: dict[str, frozenset[int] | None] = {}
+    for cid, _ in candidates:
+        got = runs.get(cid, [])
+        out[cid] = frozenset().union(*(r.lines for r in got)) if cid in ends and got else None
+    return out

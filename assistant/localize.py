@@ -11,6 +11,10 @@ puts the bug line first in 5 of 40 programs against 14 for Ochiai, and with the 
 tell apart (Ochiai ties are common: a loop body runs in every failing run); that choice was
 made after seeing QuixBugs, so QuixBugs is no longer an unbiased test of it. With no failing run the ranking is
 the model's alone, and the caller says so.
+
+Coverage reports a statement written over several lines on its first line; :func:`physical_lines`
+adds its later lines (those holding code), which share the first line's runs and rank just below
+it, so that a repair on a later line (``op(token, b, a)`` inside ``stack.append(...)``) can name it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 
 from assistant.evidence import Evidence
 
+CONTINUATION_EPS = 1e-6  # a statement's later physical lines rank just below its first line
 MODEL_WEIGHT = 1e-3  # the model's share next to Ochiai: it only breaks ties (0.3 was measured worse)
 MUTATION_WEIGHT = 0.5  # a one-line change that makes failing runs pass (and breaks none) points at its line
 ANSWER_SHARE = 0.5  # within the model's signal: the debug answer's line vs the surprisal rank
@@ -70,13 +75,53 @@ def statement_lines(source: str, first: int, last: int) -> list[int]:
     return sorted(ln for ln in lines if first < ln <= last)
 
 
-def ochiai(ev: Evidence, lines: Sequence[int]) -> dict[int, tuple[float, int, int]]:
-    """line -> (Ochiai score, failing runs through it, passing runs through it)."""
+def _only_brackets(text: str) -> bool:
+    return not text.strip().strip("()[]{},:;\\ ")
+
+
+def physical_lines(source: str, first: int, last: int) -> dict[int, int]:
+    """Every physical line of code in the function's statements -> the statement's first line
+    (the line coverage reports for it). A statement written over several lines
+    (``stack.append(\n    op(token, a, b)\n)``) contributes each of its lines that holds code
+    (not only brackets) so that a bug on a later line can be named and repaired there; a
+    compound statement contributes its header only (its body's statements are their own)."""
+    heads = statement_lines(source, first, last)
+    out = {ln: ln for ln in heads}
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return out
+    text = source.split("\n")
+    head_set = set(heads)
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.stmt) or node.lineno not in head_set:
+            continue
+        end = node.end_lineno or node.lineno
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.stmt):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            end = body[0].lineno - 1  # the header's lines only
+        for ln in range(node.lineno + 1, min(end, last) + 1):
+            if ln in out or ln in head_set or not 1 <= ln <= len(text):
+                continue
+            code = text[ln - 1].split("#", 1)[0] if "'" not in text[ln - 1] and '"' not in text[ln - 1] \
+                else text[ln - 1]
+            if code.strip() and not _only_brackets(code):
+                out[ln] = node.lineno
+    return dict(sorted(out.items()))
+
+
+def ochiai(ev: Evidence, lines: Sequence[int], owner: Mapping[int, int] | None = None,
+           ) -> dict[int, tuple[float, int, int]]:
+    """line -> (Ochiai score, failing runs through it, passing runs through it). ``owner`` maps
+    a later physical line of a statement to its first line (coverage records that one)."""
     total_failed = len(ev.failing)
     out = {}
     for ln in lines:
-        ef = sum(1 for r in ev.failing if ln in r.lines)
-        ep = sum(1 for r in ev.passing if ln in r.lines)
+        cov = owner.get(ln, ln) if owner else ln
+        ef = sum(1 for r in ev.failing if cov in r.lines)
+        ep = sum(1 for r in ev.passing if cov in r.lines)
         s = ef / math.sqrt(total_failed * (ef + ep)) if ef and total_failed else 0.0
         out[ln] = (s, ef, ep)
     return out
@@ -111,25 +156,33 @@ def model_signal(lines: Sequence[int], surprisal: Mapping[int, float] | None,
 
 def rank(ev: Evidence, lines: Sequence[int], surprisal: Mapping[int, float] | None = None,
          answer_line: int | None = None, *, mode: str = "combined",
-         model_weight: float | None = None, mutation: Mapping[int, float] | None = None) -> list[Suspect]:
+         model_weight: float | None = None, mutation: Mapping[int, float] | None = None,
+         owner: Mapping[int, int] | None = None) -> list[Suspect]:
     """Lines from most to least suspicious. ``mode``: "combined", "ochiai" (evidence alone;
     ties keep file order) or "model" (the model alone). Without failing runs, "combined" is
     the model alone. ``mutation`` (line -> the largest share of failing runs one candidate
     change on that line made pass, from the repair step; Metallaxis-style mutation-based
-    localisation) adds ``MUTATION_WEIGHT x`` that share."""
+    localisation) adds ``MUTATION_WEIGHT x`` that share. ``owner`` (from :func:`physical_lines`)
+    maps a statement's later lines to its first line: they share its runs and its model signal
+    and rank just below it, unless a candidate change on them made failing runs pass."""
     w = MODEL_WEIGHT if model_weight is None else model_weight
-    och = ochiai(ev, lines)
-    mod = model_signal(lines, surprisal, answer_line)
+    owner = owner or {}
+    heads = [ln for ln in lines if owner.get(ln, ln) == ln]
+    och = ochiai(ev, lines, owner)
+    mod = model_signal(heads, surprisal, answer_line)
     out = []
     for ln in lines:
         o, ef, ep = och[ln]
-        m = mod[ln]
+        head = owner.get(ln, ln)
+        m = mod.get(head, 0.0)
         if mode == "ochiai":
             s = o
         elif mode == "model" or not ev.failing:
             s = m
         else:
             s = o + w * m
+        if head != ln:
+            s -= CONTINUATION_EPS * (1 + (ln - head) * 1e-3)
         if mutation and mode != "model":
             s += MUTATION_WEIGHT * mutation.get(ln, 0.0)
         out.append(Suspect(ln, s, o, m, ef, ep))

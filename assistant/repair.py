@@ -50,12 +50,19 @@ class Candidate:
 
 
 def _tokens(code: str) -> list[tokenize.TokenInfo] | None:
+    """The line's tokens; a line that opens a bracket it does not close (the first line of a
+    statement written over several lines) gives the tokens read before the end."""
+    out: list[tokenize.TokenInfo] = []
     try:
-        return [t for t in tokenize.generate_tokens(io.StringIO(code).readline)
-                if t.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.ENDMARKER, tokenize.INDENT,
-                                  tokenize.DEDENT, tokenize.COMMENT)]
-    except (tokenize.TokenError, IndentationError, SyntaxError):
+        for t in tokenize.generate_tokens(io.StringIO(code).readline):
+            if t.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.ENDMARKER, tokenize.INDENT,
+                              tokenize.DEDENT, tokenize.COMMENT):
+                out.append(t)
+    except tokenize.TokenError:
+        return out or None  # EOF inside brackets: what was read is the line's tokens
+    except (IndentationError, SyntaxError):
         return None
+    return out
 
 
 def _replace(code: str, start: int, end: int, new: str) -> str:
@@ -85,8 +92,10 @@ def _offsets(lines: list[str]) -> list[int]:
     return out
 
 
-def mutations(source: str, line: int, fn: ast.AST | None = None) -> Iterator[tuple[str, str, int]]:
-    """(new line, description, prior) for the 1-based ``line`` of ``source``."""
+def mutations(source: str, line: int, fn: ast.AST | None = None, fragment: bool = False,
+              ) -> Iterator[tuple[str, str, int]]:
+    """(new line, description, prior) for the 1-based ``line`` of ``source``. ``fragment``: the
+    line is a later line of a statement written over several lines (no statement-level changes)."""
     lines = source.split("\n")
     old = lines[line - 1]
     indent = old[: len(old) - len(old.lstrip())]
@@ -125,7 +134,7 @@ def mutations(source: str, line: int, fn: ast.AST | None = None) -> Iterator[tup
             b = toks[i + 1].start[1] if i + 1 < len(toks) else len(code)
             yield indent + _replace(code, a, b, ""), "drop `not`", 1
     # ``not`` added to a condition
-    if toks and toks[0].string in ("if", "elif", "while") and code.endswith(":"):
+    if not fragment and toks and toks[0].string in ("if", "elif", "while") and code.endswith(":"):
         cond = code[len(toks[0].string):-1].strip()
         if not cond.startswith("not "):
             yield f"{indent}{toks[0].string} not ({cond}):", "negate the condition", 2
@@ -188,8 +197,19 @@ def mutations(source: str, line: int, fn: ast.AST | None = None) -> Iterator[tup
                 if inner and not isinstance(node.args[0], ast.Starred):
                     new = code[:node.col_offset] + inner + code[node.end_col_offset:]
                     yield indent + new, f"`{ast.get_source_segment(code, node)}` -> `{inner}`", 3
-            elif isinstance(node, (ast.Assign, ast.AugAssign)):
-                pass
+            elif isinstance(node, ast.Tuple) and len(node.elts) >= 2 and node.end_lineno == 1:
+                # swapped indices / tuple items: ``d[j, k]`` -> ``d[k, j]``
+                segs = [ast.get_source_segment(code, e) for e in node.elts]
+                if any(s_ is None for s_ in segs) or any(isinstance(e, ast.Starred) for e in node.elts):
+                    continue
+                for i in range(len(node.elts)):
+                    for j in range(i + 1, len(node.elts)):
+                        ei, ej = node.elts[i], node.elts[j]
+                        if segs[i] == segs[j]:
+                            continue
+                        new = (code[:ei.col_offset] + segs[j] + code[ei.end_col_offset:ej.col_offset] + segs[i]
+                               + code[ej.end_col_offset:])
+                        yield indent + new, f"swap `{segs[i]}` and `{segs[j]}`", 2
     # 4. a variable replaced by another name in scope
     scope = _names_in_scope(fn) if fn is not None else []
     if scope:
@@ -216,7 +236,7 @@ def mutations(source: str, line: int, fn: ast.AST | None = None) -> Iterator[tup
                     if other != t.string:
                         yield indent + _replace(code, a, b, other), f"`.{t.string}` -> `.{other}`", 3
     # 5. the statement dropped
-    if toks and not code.endswith(":") and toks[0].string not in ("return", "yield", "raise", "else", "elif",
+    if not fragment and toks and not code.endswith(":") and toks[0].string not in ("return", "yield", "raise", "else", "elif",
                                                                    "except", "finally"):
         yield indent + "pass", "drop the statement", 4
 
@@ -243,9 +263,10 @@ def _fn_at(source: str, line: int) -> ast.AST | None:
 
 
 def candidates_for(source: str, line: int, model_lines: Sequence[tuple[str, str]] = (),
-                   limit: int = MAX_PER_LINE) -> list[Candidate]:
+                   limit: int = MAX_PER_LINE, fragment: bool = False) -> list[Candidate]:
     """Candidates for the 1-based ``line``: the model's proposals first (``(text, how)``),
-    then mutations by prior; only those that parse, no duplicates, none equal to the line."""
+    then mutations by prior; only those that parse, no duplicates, none equal to the line.
+    ``fragment``: a later line of a statement written over several lines."""
     lines = source.split("\n")
     old = lines[line - 1]
     indent = old[: len(old) - len(old.lstrip())]
@@ -269,7 +290,7 @@ def candidates_for(source: str, line: int, model_lines: Sequence[tuple[str, str]
             seen.add(t)
             seen_ast.add(norm(t))
             out.append(cand)
-    muts = sorted(mutations(source, line, fn), key=lambda x: x[2])
+    muts = sorted(mutations(source, line, fn, fragment), key=lambda x: x[2])
     for text, how, prior in muts:
         t = text.strip()
         if t in seen:

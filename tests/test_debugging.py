@@ -296,3 +296,103 @@ def test_a_module_in_a_package_with_circular_imports_is_checked_through_the_impo
     res, rep = debugging.debug_function(None, tgt, "add", None, FAST)
     assert not rep.evidence.problems
     assert res.hints[0].evidence == "verified" and res.hints[0].fix.strip() == "return a + b"
+
+
+LONG_STATEMENT = textwrap.dedent('''\
+    def weighted(pairs, scale):
+        """Sum of ``value * weight`` over the pairs, times ``scale``.
+
+        >>> weighted([(2, 3), (4, 5)], 1)
+        26
+        >>> weighted([(1, 1)], 2)
+        2
+        >>> weighted([], 3)
+        0
+        """
+        total = sum(
+            value + weight
+            for value, weight in pairs
+        )
+        return total * scale
+    ''')
+
+
+def test_a_statement_over_several_lines_is_localised_and_repaired_on_its_own_line(tmp_path):
+    src = LONG_STATEMENT
+    owner = localize.physical_lines(src, 1, 15)
+    # the later lines of ``total = sum(...)`` belong to its first line; ``)`` alone is no line
+    assert owner == {11: 11, 12: 11, 13: 11, 15: 15}
+    assert repair._tokens("total = sum(") is not None  # an unclosed bracket: the tokens read so far
+    # a later line shares its statement's runs, ranks just below the lines tied with it, and
+    # is lifted by a repair
+    ev = evidence.Evidence("weighted", 1, 15, runs=[
+        evidence.Run("a", "doctest", "failed", lines=frozenset({11, 15})),
+        evidence.Run("b", "doctest", "passed", lines=frozenset({11, 15})),
+    ])
+    ranked = localize.rank(ev, list(owner), owner=owner)
+    assert [s.line for s in ranked[:3]] == [11, 15, 12] and ranked[2].ochiai == ranked[0].ochiai
+    assert localize.top1_credit(ranked, {11}) == 0.5  # tied with line 15, not with its own line 12
+    assert localize.rank(ev, list(owner), owner=owner, mutation={12: 1.0})[0].line == 12
+    # end to end: the fix is verified on line 12, not on the statement's first line
+    p = _write(tmp_path, "w.py", src)
+    (h,) = _events(None, p, ["weighted"])[-1].result.hints
+    assert h.evidence == "verified" and h.line + 1 == 12 and h.fix.strip() == "value * weight"
+
+
+def test_swapped_indices_and_fragments_get_candidates():
+    src = "def f(d, n):\n    return min(\n        d[1, 2],\n        d[n, 0] + d[0, n]\n    )\n"
+    texts = {c.text.strip() for c in repair.candidates_for(src, 4, fragment=True)}
+    assert "d[0, n] + d[0, n]" in texts or "d[n, 0] + d[n, 0]" in texts  # a name swapped in
+    assert "d[0, n] + d[n, 0]" in texts and "d[n, 0] + d[n, 0]" in texts  # swapped indices / operands
+    assert "pass" not in texts  # a later line of a statement is never dropped on its own
+    for c in repair.candidates_for(src, 4, fragment=True):
+        assert repair.parses(c.apply(src))
+
+
+CUT_OUT = textwrap.dedent('''\
+    def index_of(arr, x):
+        """Where ``x`` is in the sorted ``arr``, or -1.
+
+        >>> index_of([1, 2, 3, 5, 8], 3)
+        2
+        >>> index_of([1, 2, 3, 5, 8], 1)
+        0
+        >>> index_of([1, 2, 3], 9)
+        -1
+        """
+        def search(start, end):
+            if start == end:
+                return -1
+            mid = start + (end - start) // 2
+            if x < arr[mid]:
+                return search(start, mid)
+            elif x > arr[mid]:
+                return search(mid, end)
+            else:
+                return mid
+        return search(0, len(arr))
+    ''')
+
+
+def test_a_fix_that_leaves_reached_code_unreached_is_not_verified(tmp_path, monkeypatch):
+    p = _write(tmp_path, "bs.py", CUT_OUT)
+    src = p.read_text()
+    tgt = evidence.prepare(p, src, ["index_of"])
+    # ``x != arr[mid]`` makes every example pass (it searches left only), but then no example
+    # reaches line 18 any more: not verified; the search goes on to the real fix
+    opts = debugging.DebugOptions(budget_s=60, per_run_timeout=2.0, use_model=False, keep_going=True)
+    res, rep = debugging.debug_function(None, tgt, "index_of", str(p), opts)
+    cut = {c.text.strip(): lost for c, lost in rep.suspicious}
+    assert cut.get("if x != arr[mid]:") == [18]
+    assert all(c.text.strip() != "if x != arr[mid]:" for c, _ in rep.verified)
+    (h,) = res.hints
+    assert h.evidence == "verified" and h.fix.strip() == "return search(mid + 1, end)"
+    # with only the cutting fix on offer, it is not verified, and the line it cuts out (which the
+    # failing run executed) is named as the likely fault, without a fix
+    monkeypatch.setattr(repair, "candidates_for", lambda source, line, *a, **k: [
+        repair.Candidate(15, "        if x != arr[mid]:", "`<` -> `!=`", "mutation", 0)] if line == 15 else [])
+    res1, rep1 = debugging.debug_function(None, tgt, "index_of", str(p), FAST)
+    (h1,) = res1.hints
+    assert not rep1.verified and h1.evidence == "runs" and h1.line + 1 == 18 and h1.fix is None
+    assert h1.confidence < debugging.VERIFIED_CONFIDENCE and "no verified fix" in h1.message
+    assert "no run reaches line 18 any more" in res1.reasoning and "line 18 is the likely fault" in res1.reasoning
