@@ -261,7 +261,7 @@ def debug_function(engine: Any, tgt: evmod.Target, function: str, path: str | No
                 break
             chunk = ordered[k:k + opts.chunk]
             ok, runs = evmod.check_candidates(tgt, ev, [(f"c{k + i}", c.apply(source)) for i, c in enumerate(chunk)],
-                                              per_run_timeout=opts.per_run_timeout, timeout=left,
+                                              per_run_timeout=2 * opts.per_run_timeout,  # tracing is slower timeout=left,
                                               through_failing=True)
             done += len(chunk)
             new: list[repair.Candidate] = []
@@ -276,7 +276,7 @@ def debug_function(engine: Any, tgt: evmod.Target, function: str, path: str | No
                 # a fix should keep every line the runs reached reachable: one that leaves a
                 # line unreached by every run made the tests pass by cutting behaviour out
                 cov = evmod.coverage_of(tgt, ev, [(f"v{i}", c.apply(source)) for i, c in enumerate(new)],
-                                        per_run_timeout=opts.per_run_timeout,
+                                        per_run_timeout=2 * opts.per_run_timeout,  # tracing is slower
                                         timeout=max(2.0, min(20.0, deadline - time.monotonic())))
                 for i, c in enumerate(new):
                     after = cov.get(f"v{i}")

@@ -504,7 +504,8 @@ def check_candidates(tgt: Target, ev: Evidence, candidates: Sequence[tuple[str, 
 def coverage_of(tgt: Target, ev: Evidence, candidates: Sequence[tuple[str, str]], *,
                 per_run_timeout: float = 2.0, timeout: float = 30.0) -> dict[str, frozenset[int] | None]:
     """The lines of the target file each candidate source executes over all of the evidence's
-    runs (None: it did not finish). For the check that a fix keeps the code the runs used to
+    runs (None: unknown — it did not finish, or a run did not pass under coverage, e.g. slower
+    than its time limit when traced). For the check that a fix keeps the code the runs used to
     reach (a fix that leaves a line no run reaches any more deletes behaviour, not repairs it)."""
     if not candidates:
         return {}
@@ -515,5 +516,6 @@ def coverage_of(tgt: Target, ev: Evidence, candidates: Sequence[tuple[str, str]]
     out: dict[str, frozenset[int] | None] = {}
     for cid, _ in candidates:
         got = runs.get(cid, [])
-        out[cid] = frozenset().union(*(r.lines for r in got)) if cid in ends and got else None
+        complete = cid in ends and len(got) == len(ev.runs) and all(r.passed for r in got)
+        out[cid] = frozenset().union(*(r.lines for r in got)) if complete else None
     return out
