@@ -681,3 +681,63 @@ async def test_debug_run_runs_the_examples_and_shows_the_verified_fix(tmp_path):
         assert turn.state.status == "done"
         assert "verified by running" in turn.state.answer and "return a + b" in turn.state.answer
         assert "`add(2, 3)` returned -1, the docstring expects 5" in turn.state.reasoning
+
+
+# -- start-up and Ctrl+R (issue #20) ------------------------------------------------------
+
+
+async def test_keys_typed_while_the_app_starts_reach_the_prompt(tmp_path, monkeypatch):
+    """A terminal hands over what was typed during start-up as soon as the driver starts,
+    before the screen is composed: a question typed then (and Enter) is asked once the model
+    loads, the rest stays in the prompt."""
+    import threading
+
+    from textual import events
+    from textual.drivers.headless_driver import HeadlessDriver
+
+    start = HeadlessDriver.start_application_mode
+
+    def start_and_type(driver):
+        start(driver)
+        for key, char in [("h", "h"), ("i", "i"), ("enter", "\r"), ("o", "o"), ("k", "k")]:
+            driver._app.post_message(events.Key(key, char))
+        driver._app.post_message(events.Paste(" pasted"))
+
+    monkeypatch.setattr(HeadlessDriver, "start_application_mode", start_and_type)
+    gate = threading.Event()
+
+    def slow_factory(model_dir):
+        gate.wait(10)
+        return ScriptedEngine(delay=0.0)
+
+    app = make_app(tmp_path, None, engine_factory=slow_factory)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.prompt.text == "ok pasted")
+        assert [m.text for m in app.query(UserMessage)] == ["hi"]
+        assert app.focused is app.prompt and "loading" in app.sub_title
+        gate.set()
+        await wait_for(pilot, last_done(app))
+        assert turns(app)[-1].state.status == "done"
+        await type_text(pilot, "!")  # and typing goes on where it was
+        assert app.prompt.text == "ok pasted!"
+
+
+async def test_ctrl_r_leaves_no_pop_up_and_the_footer_says_what_it_does(tmp_path):
+    app = ChatApp(engine=ScriptedEngine(delay=0.0), data_dir=tmp_path / "data", cwd=tmp_path)
+    async with app.run_test(size=(100, 24), notifications=True) as pilot:
+        await app.handle_input("hello")
+        await wait_for(pilot, last_done(app))
+        turn = turns(app)[-1]
+
+        def footer() -> list[str]:
+            return [b.description for _, b, enabled, _ in app.active_bindings.values() if enabled and b.key == "ctrl+r"]
+
+        assert footer() == ["Show reasoning"] and turn.reasoning_block.collapsed
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        assert not turn.reasoning_block.collapsed and footer() == ["Fold reasoning"]
+        assert not app._notifications and not app.screen.query("Toast")  # nothing painted over the prompt
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        assert turn.reasoning_block.collapsed and footer() == ["Show reasoning"]
+        assert not app._notifications and not app.screen.query("Toast")

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from textual import on
+from textual import events, on
 from textual.actions import SkipAction
 from textual.app import App, ComposeResult
 from textual.binding import Binding
@@ -63,9 +63,12 @@ class ChatApp(App):
 
     CSS_PATH = "chat.tcss"
     TITLE = "moecoder chat"
+    AUTO_FOCUS = "#prompt"  # keys go to the prompt from the first frame, not to the conversation
     BINDINGS = [
         Binding("escape", "stop", "Stop", priority=True),
-        Binding("ctrl+r", "toggle_reasoning", "Reasoning"),
+        # one key, two labels: the footer says what Ctrl+R does now (no pop-up to linger)
+        Binding("ctrl+r", "show_reasoning", "Show reasoning"),
+        Binding("ctrl+r", "fold_reasoning", "Fold reasoning"),
         Binding("ctrl+b", "toggle_files", "Files"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
@@ -110,6 +113,9 @@ class ChatApp(App):
         self._events: deque[tuple[AssistantTurn, str, str, object, str]] = deque()
         self._file_tokens: dict[str, int] = {}
         self._budget_seq = 0
+        # keys (and pastes) that come before the prompt is up, replayed into it at the end of
+        # on_mount: a terminal delivers what was typed while the app started all at once
+        self._early_input: list[events.Key | events.Paste] | None = []
 
     # -- layout ---------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -143,6 +149,23 @@ class ChatApp(App):
         if self._engine is None:
             self.run_worker(self._load_initial, thread=True, group="load", exit_on_error=False)
         self._refresh_files()
+        await self._replay_early_input()
+
+    async def on_event(self, event: events.Event) -> None:
+        if (self._early_input is not None and isinstance(event, events.Key | events.Paste)
+                and not event.is_forwarded):
+            self._early_input.append(event)  # the prompt is not up yet: kept, not lost
+            return
+        await super().on_event(event)
+
+    async def _replay_early_input(self) -> None:
+        """Hand the input typed during start-up to the prompt, in order, before any later key
+        (the app's own queue waits while this runs)."""
+        self.screen.set_focus(self.prompt)
+        early, self._early_input = self._early_input or [], None
+        for ev in early:
+            await self.on_event(events.Key(ev.key, ev.character) if isinstance(ev, events.Key)
+                                else events.Paste(ev.text))
 
     # -- messages into the conversation -----------------------------------------------
     async def _note(self, text: str, kind: str = "info", save: bool = True) -> None:
@@ -354,12 +377,30 @@ class ChatApp(App):
         self._emit(turn, "stopped")
         self._drain_timer.resume()
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "show_reasoning":
+            return not self.show_reasoning  # False: the binding is hidden and Ctrl+R goes on to the next
+        if action == "fold_reasoning":
+            return self.show_reasoning
+        return True
+
+    def action_show_reasoning(self) -> None:
+        self._set_reasoning(True)
+
+    def action_fold_reasoning(self) -> None:
+        self._set_reasoning(False)
+
     def action_toggle_reasoning(self) -> None:
-        self.show_reasoning = not self.show_reasoning
+        self._set_reasoning(not self.show_reasoning)
+
+    def _set_reasoning(self, show: bool) -> None:
+        """Show or fold every turn's reasoning. The footer's Ctrl+R label says which is next;
+        no pop-up to outlive its time over the prompt (#20: one stayed painted 17 s)."""
+        self.show_reasoning = show
         for turn in self.query(AssistantTurn):
-            if not turn.running or self.show_reasoning:
-                turn.show_reasoning(self.show_reasoning)
-        self.notify("reasoning shown" if self.show_reasoning else "reasoning folded", timeout=1.5)
+            if not turn.running or show:
+                turn.show_reasoning(show)
+        self.refresh_bindings()
 
     def action_toggle_files(self) -> None:
         panel = self.query_one(FilesPanel)
