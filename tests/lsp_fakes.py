@@ -6,7 +6,9 @@ alone, never from a model:
 - ``complete``: ``"<word>_L<line>_C<column>"`` where line/column are the 0-based cursor
   the server sent (so tests can check position conversion), ``<word>`` is ``done``
   unless the source holds ``FAKE_WORD=<word>``; plus ``"\\nsecond_line"`` (multi-line)
-  when nothing but whitespace follows the cursor on its line.
+  when nothing but whitespace follows the cursor on its line; a one-line completion ends
+  with ``<closers>`` when the source holds ``FAKE_CLOSE=<closers>`` (``)``, ``]``, ``}``: a
+  completion that closes the bracket the code after the cursor already closes).
 - ``comment``: a one-line docstring for the function named in the request.
 - ``debug``: one hint per line containing ``FAKE_BUG`` in the requested function (fix:
   ``FAKE_BUG`` -> ``fixed``).
@@ -33,6 +35,7 @@ from tests.tui_fakes import WordTokenizer
 _DELAY = re.compile(r"FAKE_DELAY=([0-9.]+)")
 _PREFILL = re.compile(r"FAKE_PREFILL=([0-9.]+)")
 _WORD = re.compile(r"FAKE_WORD=(\w+)")
+_CLOSE = re.compile(r"FAKE_CLOSE=([)\]}]+)")
 _DEF = re.compile(r"^([ \t]*)(?:async[ \t]+)?def[ \t]+(\w+)")
 
 
@@ -124,7 +127,8 @@ class FakeEngine:
             word = m.group(1) if m else "done"
             rest = lines[r.line][r.column:] if 0 <= r.line < len(lines) else ""
             multiline = not rest.strip()  # the real rule lives in assistant.tasks.is_multiline
-            text = f"{word}_L{r.line}_C{r.column}" + ("\nsecond_line" if multiline else "")
+            close = _CLOSE.search(r.source)
+            text = f"{word}_L{r.line}_C{r.column}" + ("\nsecond_line" if multiline else close.group(1) if close else "")
             return Completion(text=text, multiline=multiline, reasoning="")
         if r.task == "comment":
             name, def_line, indent = r.function or "", r.line, ""

