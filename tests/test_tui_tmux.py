@@ -80,3 +80,18 @@ def test_chat_in_a_real_terminal(tmp_path):
         assert len(saved) == 1
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def test_keys_typed_while_the_chat_starts_are_kept(tmp_path):
+    """Typed right after the command, before the app has drawn anything (issue #20: lost)."""
+    session = f"moecoder-tui-{uuid.uuid4().hex[:8]}"
+    env = {"MOECODER_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(ROOT), "TERM": "xterm-256color"}
+    exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    cmd = f"cd {shlex.quote(str(tmp_path))} && env {exports} {shlex.quote(sys.executable)} -m tests.tui_fake_chat"
+    tmux("new-session", "-d", "-s", session, "-x", "100", "-y", "30", cmd)
+    try:
+        tmux("send-keys", "-t", session, "-l", "typed early")
+        screen = wait_screen(session, lambda s: "Quit" in s and "│ typed early" in s)
+        assert screen.count("typed early") == 1
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
