@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from assistant import code as codemod
+from model.data.repo_context import fit_related
 
 
 @dataclass
@@ -338,46 +339,7 @@ def build_context(
     return ContextResult(ids, report, prefix_text, suffix_text)
 
 
-def _fit_related(tok, count, items: list[tuple[str, str]], budget: int,
-                 sep: bool = True) -> tuple[list[int], list[str]]:  # fmt: skip
-    """Related files, in order, each from its top, within ``budget`` tokens (exact)."""
-    if not items:
-        return [], []
-    has_sep = sep and getattr(tok, "has_special", lambda _n: True)("file_sep")
-    sep_id = tok.special_id("file_sep") if has_sep else None  # without one, the "# path" lines separate files
-    nl_ids = [] if has_sep else tok.encode("\n")
-    ids: list[int] = []
-    notes: list[str] = []
-    left = budget - 1  # the separator before the document's prefix
-    for path, text in items:
-        head = f"# {path}\n"
-        if left <= count(head) + 1:
-            notes.append(f"dropped related file {path}")
-            left = -1
-            continue
-        kept: list[str] = []
-        used = count(head) + 1
-        file_lines = text.split("\n")
-        for x in file_lines:
-            c = count(x + "\n")
-            if used + c > left:
-                break
-            kept.append(x)
-            used += c
-        piece = tok.encode(head + "\n".join(kept) + "\n")
-        while kept and len(piece) + 1 > left:
-            kept.pop()
-            piece = tok.encode(head + "\n".join(kept) + "\n")
-        if len(piece) + 1 > left:
-            notes.append(f"dropped related file {path}")
-            continue
-        if len(kept) < len(file_lines):
-            notes.append(f"related file {path}: kept {len(kept)} of {len(file_lines)} lines")
-        ids += [sep_id, *piece] if sep_id is not None else [*piece, *nl_ids]
-        left -= len(piece) + 1
-    if ids and sep_id is not None:
-        ids.append(sep_id)
-    return ids, notes
+_fit_related = fit_related  # the one renderer of the related slot (model.data.repo_context)
 
 
 def _plan(tok, count, source, src_lines, line, column, keep_lo, budget, prefix_share):

@@ -7,6 +7,7 @@
 # Continue from released weights (a fresh optimizer, warmup-stable-decay), e.g.:
 #   MAX_STEPS=560 scripts/gpu_train.sh 430 --init model/weights --schedule wsd --decay-frac 0.35 \
 #       --lr 6e-4 --min-lr-ratio 0.02 --warmup-steps 40 --eval-every 80
+# REPO_FIM=N adds N completion examples with repository context (model.data.repo_fim) to the task data.
 set -euo pipefail
 BUDGET_S=${1:-540}; shift || true
 START=$(date +%s)
@@ -27,13 +28,22 @@ if [ ! -f "$WORK/packed/meta.json" ]; then
       --max-functions ${MAX_FUNCTIONS:-120000} --eval-dir .carry/eval 2>&1 | tail -8
   date
 fi
+TASKS="$WORK/tasks"
+if [ -n "${REPO_FIM:-}" ]; then  # completion examples with repository context, appended to the task data
+  if [ ! -f "$WORK/tasks_repo/meta.json" ]; then
+    echo "== repository-context examples"; date
+    $PY -m model.data.repo_fim "$WORK/corpus" --tokenizer $TOK --tasks "$WORK/tasks" --out "$WORK/tasks_repo" \
+        --examples $REPO_FIM --workers 16 | tee "$OUT/repo_fim.json"
+  fi
+  TASKS="$WORK/tasks_repo"
+fi
 [ -n "${COPY_REPORTS:-}" ] && cp "$WORK/corpus/report.json" "$OUT/corpus_report.json" 2>/dev/null || true
 [ -n "${COPY_REPORTS:-}" ] && cp "$WORK/packed/meta.json" "$OUT/packed_meta.json" 2>/dev/null || true
 [ -n "${COPY_REPORTS:-}" ] && cp "$WORK/tasks/meta.json" "$OUT/tasks_meta.json" 2>/dev/null || true
 MINUTES=$(python3 -c "print(round(max(0.5, ($BUDGET_S - ($(date +%s) - $START) - 80) / 60), 2))")
 echo "== train for $MINUTES minutes"; date
 RUN=${RUN:-$WORK/run}
-$PY -m assistant.cli train --preset small --device cuda --data "$WORK/packed" --task-data "$WORK/tasks" \
+$PY -m assistant.cli train --preset small --device cuda --data "$WORK/packed" --task-data "$TASKS" \
    --out "$RUN" --max-minutes "$MINUTES" --resume \
    --override max_seq_len=1024 --seq-len 1024 --batch-size 64 --grad-accum 4 \
    --max-steps ${MAX_STEPS:-2400} --warmup-steps 150 --eval-every 200 --eval-tokens 524288 --log-every 25 \
