@@ -275,6 +275,8 @@ co = coroutine.create(function()
   assert(wait(function() return mode() == "i" end), "no insert mode")
   vim.lsp.completion.get()
   assert(wait(function() return vim.fn.pumvisible() == 1 end), "no completion menu")
+  wait(function() return false end, 100)
+  result.line_with_menu = line1()  -- the doc's completeopt: a lone item is not inserted unasked
   keys("<C-n><C-y>")
   assert(wait(function() return vim.fn.pumvisible() == 0 and line1() ~= before end), "completion not accepted")
   wait(function() return false end, 300)  -- CompleteDone handlers
@@ -331,6 +333,7 @@ def test_neovim_accepts_a_completion_between_brackets_once(tmp_path: Path):
     assert out.exists(), f"nvim wrote no result (rc={proc.returncode}): {proc.stderr[-2000:]}"
     got = json.loads(out.read_text(encoding="utf-8"))
     assert got["errors"] == [], got["errors"]
+    assert got["line_with_menu"] == "y = max()"
     want = "y = max(done_L0_C8)"  # the engine's "done_L0_C8)" and the ")" that was there: one ")"
     assert got["after_completion"] == want
     assert got["after_inline"] == want
