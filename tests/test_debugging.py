@@ -396,3 +396,28 @@ def test_a_fix_that_leaves_reached_code_unreached_is_not_verified(tmp_path, monk
     assert not rep1.verified and h1.evidence == "runs" and h1.line + 1 == 18 and h1.fix is None
     assert h1.confidence < debugging.VERIFIED_CONFIDENCE and "no verified fix" in h1.message
     assert "no run reaches line 18 any more" in res1.reasoning and "line 18 is the likely fault" in res1.reasoning
+
+
+def test_with_nothing_verified_on_the_top_lines_the_search_goes_down_the_ranking(tmp_path):
+    src = textwrap.dedent('''\
+        def area(w, h):
+            """
+            >>> area(2, 3)
+            6
+            >>> area(1, 1)
+            1
+            """
+            a = w
+            b = h
+            return a + b
+        ''')
+    p = _write(tmp_path, "area.py", src)
+    tgt = evidence.prepare(p, src, ["area"])
+    narrow = debugging.DebugOptions(budget_s=60, per_run_timeout=2.0, use_model=False, top_lines=1, widen=False)
+    res, _ = debugging.debug_function(None, tgt, "area", str(p), narrow)
+    assert res.hints[0].evidence == "runs"  # every line ties; the first one has no fix
+    wide = debugging.DebugOptions(budget_s=60, per_run_timeout=2.0, use_model=False, top_lines=1)
+    res, rep = debugging.debug_function(None, tgt, "area", str(p), wide)
+    (h,) = res.hints
+    assert h.evidence == "verified" and h.line + 1 == 10 and h.fix.strip() == "return a * b"
+    assert "the next lines down the ranking" in res.reasoning
