@@ -15,6 +15,7 @@ debug --run``, ``moecoder review --run``, the LSP's "Find the bug (runs examples
    after which some line the runs used to reach is reached by none (``x < a[m]`` -> ``x !=
    a[m]``, so the other branch never runs) made the tests pass by cutting behaviour out: it is
    not verified, and the line it cut out, if failing runs executed it, is named as the fault;
+   nor is a fix after which two branches of a conditional do the same thing;
 4. streams reasoning that cites the evidence, then the answer: a :class:`DebugResult` whose
    hints say what backs them (``Hint.evidence``: "verified" — a fix made every run pass,
    high confidence; "runs" — failing runs point at the line, no fix verified; "model" — no
@@ -273,6 +274,12 @@ def debug_function(engine: Any, tgt: evmod.Target, function: str, path: str | No
                 if ok.get(f"c{k + i}"):
                     new.append(c)
             if new and opts.coverage_check:
+                # a fix after which two branches of a conditional do the same thing made the
+                # condition pointless: the tests passing says nothing about it
+                same = [c for c in new if repair.makes_branches_identical(source, c.apply(source), span[0], span[1])]
+                suspicious += [(c, []) for c in same]
+                new = [c for c in new if c not in same]
+            if new and opts.coverage_check:
                 # a fix should keep every line the runs reached reachable: one that leaves a
                 # line unreached by every run made the tests pass by cutting behaviour out
                 cov = evmod.coverage_of(tgt, ev, [(f"v{i}", c.apply(source)) for i, c in enumerate(new)],
@@ -322,6 +329,13 @@ def debug_function(engine: Any, tgt: evmod.Target, function: str, path: str | No
         msg = f"{best.how}: makes all {_plural(n_runs, 'run')} pass (verified)"
         return finish([Hint(path, function, best.line - 1, msg, best.text, VERIFIED_CONFIDENCE, "",
                             evidence="verified")], "verified")
+    if suspicious and not suspicious[0][1]:
+        c = suspicious[0][0]
+        say(f"\nReplacing line {c.line} with `{_q(c.text.strip(), 60)}` ({c.how}) makes all "
+            f"{_plural(n_runs, 'run')} pass, but then two branches of a condition do the same thing: the "
+            "condition no longer matters, so the tests do not confirm it.")
+        msg = f"{c.how}: makes all {_plural(n_runs, 'run')} pass but makes two branches identical (not verified)"
+        return finish([Hint(path, function, c.line - 1, msg, c.text, RUNS_CONFIDENCE, "", evidence="runs")], "runs")
     if suspicious:
         c, lost = suspicious[0]
         where = ", ".join(map(str, lost[:4])) + (" ..." if len(lost) > 4 else "")

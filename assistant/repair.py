@@ -334,3 +334,52 @@ def function_logprob(engine: Any, text: str) -> float:
     ids = [tok.eos_id, *tok.encode(text)][: engine.context_length]
     lps = engine.backend.token_logprobs(ids)
     return float(sum(lps[1:]))
+
+
+def _branches(node: ast.AST) -> list[list[ast.AST]]:
+    """The bodies of an ``if`` / ``elif`` / ``else`` chain (or both arms of ``a if c else b``)."""
+    if isinstance(node, ast.IfExp):
+        return [[node.body], [node.orelse]]
+    out: list[list[ast.AST]] = []
+    cur: ast.AST | None = node
+    while isinstance(cur, ast.If):
+        out.append(list(cur.body))
+        nxt = cur.orelse
+        if len(nxt) == 1 and isinstance(nxt[0], ast.If):
+            cur = nxt[0]
+        else:
+            if nxt:
+                out.append(list(nxt))
+            cur = None
+    return out
+
+
+def identical_branches(source: str, first: int, last: int) -> set[tuple[int, str]]:
+    """``(line of the if, the repeated code)`` for each conditional between lines ``first`` and
+    ``last`` whose branches do the same thing (``if c: return f(a) else: return f(a)``)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return set()
+    out: set[tuple[int, str]] = set()
+    seen: set[int] = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.If, ast.IfExp)) or not first <= node.lineno <= last or id(node) in seen:
+            continue
+        if isinstance(node, ast.If):
+            cur = node
+            while len(cur.orelse) == 1 and isinstance(cur.orelse[0], ast.If):
+                cur = cur.orelse[0]
+                seen.add(id(cur))  # an ``elif``: part of this chain
+        dumps = [" ".join(ast.dump(s_) for s_ in body) for body in _branches(node)]
+        for i in range(len(dumps)):
+            for j in range(i + 1, len(dumps)):
+                if dumps[i] == dumps[j]:
+                    out.add((node.lineno, dumps[i]))
+    return out
+
+
+def makes_branches_identical(source: str, fixed: str, first: int, last: int) -> bool:
+    """Whether the change leaves a conditional whose branches now do the same thing: the
+    condition stops mattering, so the tests passing says nothing about it (a degenerate fix)."""
+    return bool(identical_branches(fixed, first, last) - identical_branches(source, first, last))

@@ -421,3 +421,28 @@ def test_with_nothing_verified_on_the_top_lines_the_search_goes_down_the_ranking
     (h,) = res.hints
     assert h.evidence == "verified" and h.line + 1 == 10 and h.fix.strip() == "return a * b"
     assert "the next lines down the ranking" in res.reasoning
+
+
+def test_a_fix_that_makes_two_branches_identical_is_not_verified(tmp_path, monkeypatch):
+    p = _write(tmp_path, "bs.py", CUT_OUT)
+    src = p.read_text()
+    assert repair.makes_branches_identical(src, src.replace("search(mid, end)", "search(start, mid)"), 1, 21)
+    assert not repair.makes_branches_identical(src, src.replace("search(mid, end)", "search(mid + 1, end)"), 1, 21)
+    # ``return search(start, mid)`` on line 18 passes every example (a search to the right
+    # never finds anything), but both branches then do the same: not verified
+    monkeypatch.setattr(repair, "candidates_for", lambda source, line, *a, **k: [
+        repair.Candidate(18, "            return search(start, mid)", "the model's completion", "model", -1),
+        repair.Candidate(18, "            return search(mid + 1, end)", "`mid` -> `mid + 1`", "mutation", 2),
+    ] if line == 18 else [])
+    opts = debugging.DebugOptions(budget_s=60, per_run_timeout=2.0, use_model=False, keep_going=True)
+    res, rep = debugging.debug_function(None, evidence.prepare(p, src, ["index_of"]), "index_of", str(p), opts)
+    assert [c.text.strip() for c, _ in rep.suspicious] == ["return search(start, mid)"]
+    (h,) = res.hints
+    assert h.evidence == "verified" and h.fix.strip() == "return search(mid + 1, end)"
+    monkeypatch.setattr(repair, "candidates_for", lambda source, line, *a, **k: [
+        repair.Candidate(18, "            return search(start, mid)", "the model's completion", "model", -1),
+    ] if line == 18 else [])
+    res, rep = debugging.debug_function(None, evidence.prepare(p, src, ["index_of"]), "index_of", str(p), FAST)
+    (h,) = res.hints
+    assert not rep.verified and h.evidence == "runs" and h.line + 1 == 18 and "identical" in h.message
+    assert "two branches of a condition do the same thing" in res.reasoning
