@@ -2,6 +2,7 @@
 
     python -m assistant.bench [--model DIR] [--lines 10000] [--jobs 4] [--max-tokens N] [--skip-review]
                               [--random-preset small] [--calibration N [--seed S] [--legacy-confidence]]
+    python -m assistant.bench --review-path DIR --review-jobs default [--review-baseline REV] [--review-rounds N]
 
 Prints the machine, versions and date, then
 
@@ -12,6 +13,11 @@ Prints the machine, versions and date, then
   + missing-docstring suggestions, batched ``--jobs`` prompts at a time) with the tiny
   preset (random weights, built on the fly: every answer runs to the token limit) and
   with the shipped model (``model/weights/``) when it is there, or ``--model DIR``.
+
+``--review-path DIR`` only times ``moecoder review DIR`` end to end (fresh processes, model load
+included); ``--review-baseline REV`` runs the same review from revision REV's tree too, in the
+same run, and says whether the findings are identical (the review-throughput numbers of
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -161,33 +167,73 @@ def bench_review(model_dir: Path, label: str, jobs: int, max_tokens: int | None)
     return {"functions": n, "seconds": dt, "rate": rate, "tokens": generated[0]}
 
 
-def bench_review_path(path: str, jobs_list: list[int], model: str | None, max_tokens: int | None) -> None:
-    """``moecoder review PATH --jobs N`` end to end (a fresh process each: model load included),
-    for each N: wall time, functions per second, the children's peak RSS."""
+def _baseline_tree(rev: str) -> Path:
+    """The repository at ``rev`` (``git archive``) in a temporary directory: the "before" of a
+    before/after run."""
+    import subprocess
+
+    out = Path(tempfile.mkdtemp(prefix="moecoder-baseline-"))
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", rev], capture_output=True,
+                             check=False)
+    if archive.returncode != 0:
+        raise SystemExit(f"--review-baseline {rev}: {archive.stderr.decode(errors='replace').strip()}")
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive.stdout, check=True)
+    return out
+
+
+def _report_key(rep: dict) -> list[tuple]:
+    return [(f["path"], f["line"], f["rule"], f["confidence"], f["message"], f["fix"], f["reasoning"])
+            for f in rep.get("findings", [])]
+
+
+def bench_review_path(path: str, jobs_list: list[str], model: str | None, max_tokens: int | None,
+                      baseline: str | None = None, rounds: int = 1) -> None:
+    """``moecoder review PATH [--jobs N]`` end to end (a fresh process each: model load included),
+    for each N (``default``: no ``--jobs``, the review's defaults): wall time, functions per
+    second, the children's peak RSS. With ``baseline`` (a git revision) the same review also
+    runs from that revision's tree, alternating with this tree, and the findings are compared."""
     import json
     import resource
     import subprocess
 
-    for jobs in jobs_list:
-        out = Path(tempfile.mkdtemp(prefix="moecoder-bench-")) / "r.json"
-        cmd = [sys.executable, "-m", "assistant.cli", "review", path, "--jobs", str(jobs), "--format", "json",
-               "--output", str(out), "--no-progress"]
-        if model:
-            cmd += ["--model", model]
-        if max_tokens:
-            cmd += ["--max-tokens", str(max_tokens)]
-        t0 = time.perf_counter()
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        dt = time.perf_counter() - t0
-        if not out.exists():
-            print(f"review {path} --jobs {jobs}: failed (exit {r.returncode}): {r.stderr.strip()[-300:]}")
-            continue
-        rep = json.loads(out.read_text())
-        n = rep["summary"]["functions_reviewed"] if "summary" in rep else rep.get("functions_reviewed", 0)
-        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        print(f"review {path} --jobs {jobs}: {n} functions in {dt:.1f} s wall (model load included) = "
-              f"{n / dt:.2f} functions/s; {len(rep.get('findings', []))} findings; largest process so far "
-              f"{rss:.0f} MiB peak RSS", flush=True)
+    trees = [("this tree", ROOT)]
+    if baseline:
+        trees.insert(0, (f"baseline {baseline}", _baseline_tree(baseline)))
+    where = Path(path).resolve().parent  # both trees show the same relative paths
+    reports: dict[str, dict] = {}
+    for r_i in range(rounds):
+        for jobs in jobs_list:
+            for label, tree in trees if r_i % 2 == 0 else trees[::-1]:
+                out = Path(tempfile.mkdtemp(prefix="moecoder-bench-")) / "r.json"
+                cmd = [sys.executable, "-m", "assistant.cli", "review", str(Path(path).resolve()), "--format",
+                       "json", "--output", str(out), "--no-progress"]
+                if jobs != "default":
+                    cmd += ["--jobs", jobs]
+                if model:
+                    cmd += ["--model", model]
+                if max_tokens:
+                    cmd += ["--max-tokens", str(max_tokens)]
+                env = {**os.environ, "PYTHONPATH": str(tree)}
+                load = os.getloadavg()[0]
+                t0 = time.perf_counter()
+                r = subprocess.run(cmd, cwd=where, env=env, capture_output=True, text=True)
+                dt = time.perf_counter() - t0
+                what = f"[{label}] review {path} --jobs {jobs}"
+                if not out.exists():
+                    print(f"{what}: failed (exit {r.returncode}): {r.stderr.strip()[-300:]}")
+                    continue
+                rep = json.loads(out.read_text())
+                reports[label] = rep
+                n = rep.get("functions_reviewed", 0)
+                rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+                print(f"{what}: {n} functions in {dt:.1f} s wall (model load included) = {n / dt:.2f} "
+                      f"functions/s; {len(rep.get('findings', []))} findings; load average {load:.1f} at the "
+                      f"start; largest process so far {rss:.0f} MiB peak RSS", flush=True)
+    if baseline and len(reports) == 2:
+        before, after = (_report_key(reports[label]) for label, _ in trees)
+        same = before == after
+        print(f"findings before/after: {'identical' if same else 'DIFFERENT'} ({len(before)} / {len(after)}; "
+              f"{len(set(before) - set(after))} only before, {len(set(after) - set(before))} only after)")
 
 
 _STANDIN = r"""
@@ -375,7 +421,13 @@ def main(argv: list[str] | None = None) -> int:
                         "to the token limit")
     p.add_argument("--review-path", metavar="DIR",
                    help="only time `moecoder review DIR --jobs N` end to end for each N of --review-jobs")
-    p.add_argument("--review-jobs", default="1,2", help="the --jobs values for --review-path (default 1,2)")
+    p.add_argument("--review-jobs", default="1,2",
+                   help="the --jobs values for --review-path (default 1,2; 'default': no --jobs, the review's defaults)")
+    p.add_argument("--review-baseline", metavar="REV",
+                   help="with --review-path: also run the review from git revision REV's tree (before/after in "
+                        "one run, alternating) and compare the findings")
+    p.add_argument("--review-rounds", type=int, default=1, metavar="N",
+                   help="with --review-path: repeat the runs N times (the order reversed every other round)")
     p.add_argument("--loop-guard-check", type=int, metavar="N", default=0,
                    help="only compare the comment task without/with the repetition guard on N stdlib functions")
     p.add_argument("--review-memory", type=int, metavar="LINES", default=0,
@@ -394,8 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.review_memory:
             bench_review_memory(args.review_memory)
         if args.review_path:
-            bench_review_path(args.review_path, [int(x) for x in args.review_jobs.split(",")], args.model,
-                              args.max_tokens)
+            bench_review_path(args.review_path, [x.strip() for x in args.review_jobs.split(",")], args.model,
+                              args.max_tokens, baseline=args.review_baseline, rounds=args.review_rounds)
         return 0
 
     import torch

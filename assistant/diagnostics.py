@@ -94,10 +94,13 @@ def functions_touching(source: str, lines: set[int]) -> list[codemod.Scope]:
 
 
 def debug_request(source: str, path: str | None, name: str, start_line: int, *,
-                  max_new_tokens: int | None = None, max_seconds: float | None = None) -> TaskRequest:
-    """The debug request for one function (by name, its ``def`` line breaking ties)."""
+                  max_new_tokens: int | None = None, max_seconds: float | None = None,
+                  min_confidence: float | None = None) -> TaskRequest:
+    """The debug request for one function (by name, its ``def`` line breaking ties); with
+    ``min_confidence`` (the face's threshold) a function the gate already clears is not
+    generated for on the batch road (:func:`assistant.tasks.iter_batch`)."""
     return TaskRequest("debug", source, path, line=start_line, function=name, max_new_tokens=max_new_tokens,
-                       max_seconds=max_seconds)
+                       max_seconds=max_seconds, min_confidence=min_confidence)
 
 
 def moved(hint: Hint, line: int) -> Hint:

@@ -133,6 +133,7 @@ class Options:
     run: bool = False  # run each function's evidence (doctests, tests) and verify fixes: executes code
     tests: tuple[str, ...] = ()  # --tests: extra tests run as evidence (with run)
     run_budget_s: float = 60.0  # per function, with run
+    gate: bool = True  # skip generation where the debug gate alone keeps every hint below min_confidence
 
 
 class UsageError(ValueError):
@@ -392,8 +393,11 @@ def plan_review(paths: Sequence[str], opts: Options, report: Report) -> list[_Jo
 def _requests(jobs: list[_Job], opts: Options) -> list[Any]:
     from assistant.tasks import TaskRequest
 
+    # the threshold rides with each debug request: a function whose gate keeps any hint below it
+    # is settled by one forward pass, without generating reasoning and an answer nobody sees
     return [debug_request(j.source, j.path, j.func.qualname, j.func.start_line, max_new_tokens=opts.max_new_tokens,
-                          max_seconds=opts.max_seconds) if j.kind == "debug" else
+                          max_seconds=opts.max_seconds, min_confidence=opts.min_confidence if opts.gate else None)
+            if j.kind == "debug" else
             TaskRequest("comment", j.source, j.path, line=j.func.start_line, max_new_tokens=opts.max_new_tokens,
                         max_seconds=opts.max_seconds) for j in jobs]
 

@@ -69,6 +69,9 @@ class TaskRequest:
     question: str | None = None  # the user's words (chat): explain reads them with the code
     repo: str | None = None  # project root: completion adds definitions from its other files
     recent: list[str] | None = None  # recently edited files of the project, most recent first
+    # debug on the batch road (the review): hints below this confidence are not wanted, so a
+    # function whose debug gate alone already puts any hint below it is not generated for
+    min_confidence: float | None = None
 
 
 @dataclass
@@ -157,6 +160,8 @@ class Plan:
     answer_marker: str | None = None
     loop_guard: int = 0  # SamplingParams.loop_guard: prose tasks never repeat a unit three times in a row
     heal: str = ""  # SamplingParams.heal: token healing of the word at the cursor (completion)
+    # batch road: run before generation (on the worker); a result here is final, nothing is generated
+    pregate: Callable[[Any], object | None] | None = None
 
 
 def _budget(engine: Engine, max_new: int) -> tuple[int, int]:
@@ -295,59 +300,96 @@ def iter_batch(engine: Engine, requests: Sequence[TaskRequest], batch_size: int 
 
     Requests are planned ``window`` at a time (default ``8 x batch_size``, at least 32): a
     plan holds its file's lines, so memory is bounded by the work in flight, not by how many
-    functions a file has."""
+    functions a file has. A plan's ``pregate`` (debug with ``min_confidence``: one forward
+    pass) may settle it before generation; the plans left wait across windows until they
+    fill a batch (fewer than ``batch_size`` per kind of plan wait at any time)."""
     batch_size = max(1, batch_size)
     window = window or max(32, 8 * batch_size)
+    waiting: dict[tuple, list[tuple[int, Plan]]] = {}
     for start in range(0, len(requests), window):
-        yield from _iter_window(engine, requests, range(start, min(start + window, len(requests))), batch_size,
-                                cancel)
+        yield from _plan_window(engine, requests, range(start, min(start + window, len(requests))), cancel, waiting)
+        for key, members in waiting.items():
+            if len(members) >= batch_size:
+                members.sort(key=lambda m: len(m[1].prompt_ids))  # similar lengths batch with less padding
+                full = len(members) - len(members) % batch_size
+                chunk, members[:full] = members[:full], []
+                yield from _generate(engine, key, chunk, batch_size, cancel)
+    for key, members in waiting.items():
+        members.sort(key=lambda m: len(m[1].prompt_ids))
+        yield from _generate(engine, key, members, batch_size, cancel)
 
 
-def _iter_window(engine: Engine, requests: Sequence[TaskRequest], indices: range, batch_size: int,
-                 cancel: Any) -> Iterator[tuple[int, object]]:
+def _submit(engine: Engine, fn: Callable[[], Any], cancel: Any) -> Any:
+    try:
+        return engine.submit(fn)
+    except KeyboardInterrupt:
+        if cancel is not None:
+            cancel.cancel()
+        raise
+
+
+def _error(e: BaseException) -> Exception:
     from assistant.engine import EngineError
 
-    plans: list[tuple[int, Plan]] = []
+    return EngineError(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def _plan_window(engine: Engine, requests: Sequence[TaskRequest], indices: range, cancel: Any,
+                 waiting: dict[tuple, list[tuple[int, Plan]]]) -> Iterator[tuple[int, object]]:
+    """Plan ``indices``; yield what is settled without generation; the rest joins ``waiting``."""
     for i in indices:
         try:
-            plans.append((i, make_plan(engine, requests[i])))
+            p = make_plan(engine, requests[i])
         except Exception as e:  # noqa: BLE001 - reported per request
-            yield i, EngineError(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    groups: dict[tuple, list[tuple[int, Plan]]] = {}
-    for i, p in plans:
-        key = (p.max_new_tokens, p.request.max_seconds, p.stop_strings, p.stop_token_ids, p.think, p.answer_marker,
-               p.loop_guard, p.heal)
-        groups.setdefault(key, []).append((i, p))
-    del plans
-    tok = engine.tokenizer
-    for key, members in groups.items():
-        max_new, max_s, stops, stop_ids, think, marker, _, _ = key
-        members.sort(key=lambda m: len(m[1].prompt_ids))  # similar lengths batch with less padding
-        params = engine.sampling_params(max_new, max_s, stop_strings=stops, stop_token_ids=stop_ids,
-                                        **_guard(members[0][1]))
-        while members:
-            chunk, members[:batch_size] = members[:batch_size], []  # done plans are dropped as we go
-            prompts = [p.prompt_ids for _, p in chunk]
+            yield i, _error(e)
+            continue
+        if p.pregate is not None:
             try:
-                outs = engine.submit(lambda prompts=prompts, params=params: engine.backend.generate_batch(prompts, params, cancel))
+                settled = _submit(engine, lambda p=p: p.pregate(engine), cancel)  # type: ignore[misc]
             except KeyboardInterrupt:
-                if cancel is not None:
-                    cancel.cancel()
                 raise
             except Exception as e:  # noqa: BLE001
-                for i, _ in chunk:
-                    yield i, EngineError(str(e).splitlines()[0] if str(e) else type(e).__name__)
+                yield i, _error(e)
                 continue
-            for (i, p), out in zip(chunk, outs):
-                gen = split_generation(tok, out.token_ids, out.logprobs, think, marker)
-                gen.finish_reason = out.finish_reason
-                try:
-                    result = engine.submit(lambda p=p, gen=gen: p.finish(engine, gen))
-                except KeyboardInterrupt:
-                    raise
-                except Exception as e:  # noqa: BLE001
-                    result = EngineError(str(e).splitlines()[0] if str(e) else type(e).__name__)
-                yield i, result
+            if settled is not None:
+                yield i, settled
+                continue
+        key = (p.max_new_tokens, p.request.max_seconds, p.stop_strings, p.stop_token_ids, p.think, p.answer_marker,
+               p.loop_guard, p.heal)
+        waiting.setdefault(key, []).append((i, p))
+
+
+def _generate(engine: Engine, key: tuple, members: list[tuple[int, Plan]], batch_size: int,
+              cancel: Any) -> Iterator[tuple[int, object]]:
+    """Generate for ``members`` (one kind of plan), ``batch_size`` at a time, and finish each."""
+    if not members:
+        return
+    max_new, max_s, stops, stop_ids, think, marker, _, _ = key
+    tok = engine.tokenizer
+    params = engine.sampling_params(max_new, max_s, stop_strings=stops, stop_token_ids=stop_ids,
+                                    **_guard(members[0][1]))
+    while members:
+        chunk, members[:batch_size] = members[:batch_size], []  # done plans are dropped as we go
+        prompts = [p.prompt_ids for _, p in chunk]
+        try:
+            outs = _submit(engine, lambda prompts=prompts: engine.backend.generate_batch(prompts, params, cancel),
+                           cancel)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001
+            for i, _ in chunk:
+                yield i, _error(e)
+            continue
+        for (i, p), out in zip(chunk, outs):
+            gen = split_generation(tok, out.token_ids, out.logprobs, think, marker)
+            gen.finish_reason = out.finish_reason
+            try:
+                result = engine.submit(lambda p=p, gen=gen: p.finish(engine, gen))
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # noqa: BLE001
+                result = _error(e)
+            yield i, result
 
 
 def execute_batch(engine: Engine, requests: list[TaskRequest], batch_size: int = 4,
@@ -688,15 +730,27 @@ def _plan_function_task(engine: Engine, req: TaskRequest, budget: int, max_new: 
     ids, kept = _fit_code(tok, "debug", code_lines, budget, True, notes)
     surprisal_lines = code_lines[:kept]
 
+    # the calibrated gate reads our model's first reasoning token; open checkpoints use the
+    # answer probability x surprisal rank
+    use_gate = None if prompts.kind(tok) == "moecoder" else False
+    gate: list[float | None] = []  # the gate score once the pre-gate computed it (one forward, not two)
+
     def finish_debug(eng: Any, gen: Generated) -> DebugResult:
-        # the calibrated gate reads our model's first reasoning token; open checkpoints use the
-        # answer probability x surprisal rank
         return make_debug_result(eng, req, name, first, surprisal_lines, src_lines, gen, prompt_ids=ids,
-                                 use_gate=None if prompts.kind(tok) == "moecoder" else False)
+                                 gate_score=gate[0] if gate else None, use_gate=use_gate)
+
+    def pregate(eng: Any) -> DebugResult | None:
+        """No hint when the gate alone keeps any hint below ``req.min_confidence``."""
+        if req.min_confidence is None or not DEBUG_USE_GATE or use_gate is False:
+            return None
+        gate.append(debug_gate_score(eng, ids))
+        if gate[0] is not None and debug_confidence_bound(gate[0]) < req.min_confidence:
+            return DebugResult(hints=[], reasoning="")
+        return None
 
     return Plan(req, ids, max_new, think=True, finish=finish_debug, notes=notes,
                 reasoning_lines=(first, len(surprisal_lines)), answer_marker=prompts.answer_marker(tok),
-                loop_guard=LOOP_GUARD)
+                loop_guard=LOOP_GUARD, pregate=pregate)
 
 
 def question_lines(question: str | None, limit: int = 400) -> list[str]:
@@ -846,6 +900,14 @@ def gate_confidence(score: float, threshold: float | None = None, scale: float |
         z += DEBUG_RANK_WEIGHT * (rank - 0.5)
     z = max(-50.0, min(50.0, z))
     return round(min(0.99, max(0.01, 1.0 / (1.0 + math.exp(-z)))), 3)
+
+
+def debug_confidence_bound(score: float) -> float:
+    """The highest confidence :func:`make_debug_result` can give a hint with gate ``score``:
+    the consistency factors are at most 1, and the rank term (when weighted) at its best. A
+    hint below the review's threshold here needs no generation (the review's pre-gate)."""
+    rank = None if not DEBUG_RANK_WEIGHT else (1.0 if DEBUG_RANK_WEIGHT > 0 else 0.0)
+    return gate_confidence(score, rank=rank)
 
 
 FIX_MIN_SIMILARITY = 0.6  # a fix is a small edit of its line (one token, in training)

@@ -20,6 +20,7 @@ newest complete one); ``moecoder export`` turns one into a model directory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -413,9 +414,34 @@ def check_state_dict(sd: dict[str, torch.Tensor], model: Transformer, where: str
             raise CheckpointError(f"{where}: {k} has dtype {sd[k].dtype}, expected floating point")
 
 
+_INIT_FUNCTIONS = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                   "xavier_normal_", "zeros_", "ones_", "constant_")
+
+
+@contextlib.contextmanager
+def skip_init():
+    """``torch.nn.init`` does nothing inside: a model built on the meta device to be filled
+    from a state dict needs no random values, and torch's meta ``normal_`` imports
+    ``torch._dynamo`` (seconds of a cold start, measured: docs/benchmarks.md, "Review
+    throughput")."""
+    init = torch.nn.init
+    saved = {name: getattr(init, name) for name in _INIT_FUNCTIONS if hasattr(init, name)}
+
+    def keep(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return tensor
+
+    try:
+        for name in saved:
+            setattr(init, name, keep)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)
+
+
 def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], device="cpu", where: str = "") -> Transformer:
     """A Transformer on ``device`` holding ``sd`` (validated) in float32, in eval mode."""
-    with torch.device("meta"):
+    with torch.device("meta"), skip_init():
         model = Transformer(cfg)
     check_state_dict(sd, model, where)
     model.to_empty(device=device)
