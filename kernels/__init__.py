@@ -19,11 +19,14 @@ from kernels import cpu, reference
 from kernels.reference import moe_experts_loop
 
 __all__ = [
+    "add_rms_norm",
     "backend",
+    "decode_attention",
     "grouped_mm",
     "moe_experts",
     "moe_experts_loop",
     "permute",
+    "qk_rope_cache",
     "route",
     "swiglu",
     "unpermute",
@@ -95,3 +98,28 @@ def moe_experts(x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD):
     if x_TD.device.type == "cpu" and _mode() == "auto":
         return cpu.moe_experts(x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD)
     return _impl(x_TD).moe_experts(x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD)
+
+
+# ---------------------------------------------------------------- fused single-token decode (issue #12)
+def _decode_impl(tensor):
+    if backend(tensor) == "triton":
+        from kernels import triton_decode
+
+        return triton_decode
+    return reference
+
+
+def add_rms_norm(x, delta, weight, eps):
+    """(x + delta, RMSNorm(x + delta) * weight); ``delta`` may be None. Inference only."""
+    return _decode_impl(x).add_rms_norm(x, delta, weight, eps)
+
+
+def qk_rope_cache(qkv_BX, q_weight, k_weight, cos_Bd, sin_Bd, k_cache, v_cache, pos, n_heads, n_kv_heads, eps):
+    """One decode token: per-head QK-norm (optional), RoPE, k/v into the static cache at ``pos``; returns q."""
+    return _decode_impl(qkv_BX).qk_rope_cache(qkv_BX, q_weight, k_weight, cos_Bd, sin_Bd, k_cache, v_cache, pos,
+                                             n_heads, n_kv_heads, eps)
+
+
+def decode_attention(q_BHD, k1_BGLD, v_BGLD, pos, pad_B=None, scale=None, k2_BGLD=None):
+    """One query token per row against a static cache up to slot ``pos`` (GQA; MLA with ``k2``)."""
+    return _decode_impl(q_BHD).decode_attention(q_BHD, k1_BGLD, v_BGLD, pos, pad_B, scale, k2_BGLD)

@@ -129,3 +129,63 @@ def moe_experts_loop(
         h = swiglu(x_TD[t] @ w_gate_EDF[e], x_TD[t] @ w_up_EDF[e]) @ w_down_EFD[e]
         out = out.index_add(0, t, h * weights_TK[t, j, None].to(h.dtype))
     return out
+
+
+# --------------------------------------------------------------------------------------
+# fused single-token decode (issue #12): the specification of kernels.triton_decode
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def add_rms_norm(x, delta, weight, eps: float):
+    """(h, y): h = x + delta (or x when delta is None), y = RMSNorm(h) * weight (fp32 math, x's dtype)."""
+    h = x + delta if delta is not None else x
+    a = _acc_dtype(h.dtype)
+    y = F.rms_norm(h.to(a), (h.shape[-1],), weight.to(a), eps).to(h.dtype)
+    return h, y
+
+
+def qk_rope_cache(qkv_BX, q_weight, k_weight, cos_Bd, sin_Bd, k_cache, v_cache, pos, n_heads: int,
+                  n_kv_heads: int, eps: float):
+    """Rotated queries [B, H, Dh]; keys (per-head RMSNorm if weights are given, rotated) and values
+    written into the caches [B, G, L, Dh] at slot ``pos`` ([1] long tensor)."""
+    B = qkv_BX.shape[0]
+    Dh = k_cache.shape[-1]
+    H, G = n_heads, n_kv_heads
+    q, k, v = qkv_BX.view(B, H + 2 * G, Dh).split([H, G, G], dim=1)
+    a = _acc_dtype(qkv_BX.dtype)
+    if q_weight is not None:
+        q = F.rms_norm(q.to(a), (Dh,), q_weight.to(a), eps).to(qkv_BX.dtype)
+        k = F.rms_norm(k.to(a), (Dh,), k_weight.to(a), eps).to(qkv_BX.dtype)
+    cos = cos_Bd.reshape(-1, 1, Dh // 2).to(a)
+    sin = sin_Bd.reshape(-1, 1, Dh // 2).to(a)
+
+    def rope(x):
+        x1, x2 = x.to(a).chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    q, k = rope(q), rope(k)
+    k_cache.index_copy_(2, pos, k[:, :, None].to(k_cache.dtype))
+    v_cache.index_copy_(2, pos, v[:, :, None].to(v_cache.dtype))
+    return q.contiguous()
+
+
+def decode_attention(q_BHD, k1_BGLD, v_BGLD, pos, pad_B=None, scale=None, k2_BGLD=None):
+    """One query token per row over cache slots s with pad[b] <= s <= pos (and s == pos) -> [B, H, DV]."""
+    B, H, Dq = q_BHD.shape
+    G, L = k1_BGLD.shape[1], k1_BGLD.shape[2]
+    k = k1_BGLD if k2_BGLD is None else torch.cat([k1_BGLD, k2_BGLD], dim=-1)
+    scale = Dq ** -0.5 if scale is None else scale
+    R = H // G
+    a = _acc_dtype(q_BHD.dtype)
+    qf = q_BHD.to(a).view(B, G, R, Dq)
+    s = torch.einsum("bgrd,bgld->bgrl", qf, k.to(a)) * scale
+    slots = torch.arange(L, device=q_BHD.device)
+    ok = (slots <= pos)[None]
+    if pad_B is not None:
+        ok = ok & ((slots[None] >= pad_B[:, None]) | (slots == pos)[None])
+    s = s.masked_fill(~ok[:, None, None, :], float("-inf"))
+    o = torch.einsum("bgrl,bgld->bgrd", s.softmax(-1), v_BGLD.to(a))
+    return o.reshape(B, H, -1).to(q_BHD.dtype)

@@ -213,6 +213,49 @@ class Attention(nn.Module):
         y = _attend(q, k, v, T, mask, gqa=self.n_heads != self.n_kv_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1).to(x_BTD.dtype))
 
+    def fused_decode_ok(self) -> bool:
+        """Whether :meth:`decode_fused` covers this configuration (plain weights, per-head or no
+        QK-norm, no clipping, a power-of-two head dim)."""
+        plain = all(isinstance(getattr(m, "weight", None), torch.Tensor) for m in (self.wq, self.wk, self.wv, self.wo))
+        hd = self.head_dim
+        return plain and self.qk_norm in ("head", "none") and not self.clip and hd >= 16 and hd & (hd - 1) == 0
+
+    def _qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """wq, wk, wv as one [(H + 2G) * Dh, D] matrix: one GEMV per decode step instead of three.
+        Built once; the three projections become views into it (no second copy)."""
+        lins = (self.wq, self.wk, self.wv)
+        ptrs = tuple(lin.weight.data_ptr() for lin in lins)
+        if getattr(self, "_qkv", None) is None or self._qkv[0] != ptrs:
+            with torch.no_grad(), torch.inference_mode(False):
+                w = torch.cat([lin.weight.detach() for lin in lins])
+                b = torch.cat([lin.bias.detach() for lin in lins]) if lins[0].bias is not None else None
+                n = 0
+                for lin in lins:
+                    m = lin.weight.shape[0]
+                    lin.weight = nn.Parameter(w[n:n + m], requires_grad=lin.weight.requires_grad)
+                    if b is not None:
+                        lin.bias = nn.Parameter(b[n:n + m], requires_grad=lin.bias.requires_grad)
+                    n += m
+            self._qkv = (tuple(lin.weight.data_ptr() for lin in lins), w, b)
+        return self._qkv[1], self._qkv[2]
+
+    def decode_fused(self, x_B1D: torch.Tensor, cos_Bd: torch.Tensor, sin_Bd: torch.Tensor, pos: torch.Tensor,
+                     cache: tuple[torch.Tensor, torch.Tensor], pad: torch.Tensor | None) -> torch.Tensor:
+        """One decode token against the whole static cache (slot ``pos``, a [1] tensor): one QKV
+        GEMV, one kernel for QK-norm + RoPE + cache write, one attention kernel, the output GEMV."""
+        import kernels
+
+        B = x_B1D.shape[0]
+        w, b = self._qkv_weight()
+        qkv = F.linear(x_B1D.reshape(B, -1), w, b)
+        ck, cv = cache
+        normed = self.qk_norm == "head"
+        q = kernels.qk_rope_cache(qkv, self.q_norm.weight if normed else None, self.k_norm.weight if normed else None,
+                                  cos_Bd, sin_Bd, ck, cv, pos, self.n_heads, self.n_kv_heads,
+                                  self.q_norm.eps if normed else 0.0)
+        y = kernels.decode_attention(q.to(ck.dtype), ck, cv, pos, pad)
+        return self.wo(y.reshape(B, 1, -1).to(x_B1D.dtype))
+
 
 def linear_weight(lin: nn.Module) -> torch.Tensor:
     """The [out, in] weight of a Linear or of a weight-only quantised linear (dequantised)."""
@@ -277,6 +320,32 @@ class MLAttention(nn.Module):
             qq = torch.cat([q_nope, q_pe], dim=-1).to(k.dtype)
             y = _attend(qq, k, v, T, mask, scale=self.scale)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * dv).to(x_BTD.dtype))
+
+    def fused_decode_ok(self) -> bool:
+        dims = (self.r, self.dr)
+        return all(d >= 16 and d & (d - 1) == 0 for d in dims)
+
+    def decode_fused(self, x_B1D, cos_Bd, sin_Bd, pos, cache, pad):
+        """One decode token, absorbed attention over the latent cache by one kernel (no
+        concatenated copy of the cache, no mask)."""
+        import kernels
+
+        B = x_B1D.shape[0]
+        H, dn, dr, dv, r = self.n_heads, self.dn, self.dr, self.dv, self.r
+        q = self.wq_b(self.q_a_norm(self.wq_a(x_B1D))) if hasattr(self, "wq_a") else self.wq(x_B1D)
+        q = q.view(B, 1, H, dn + dr).transpose(1, 2)
+        q_nope, q_pe = q.split([dn, dr], dim=-1)
+        c, k_pe = self.wkv_a(x_B1D).split([r, dr], dim=-1)
+        c = self.kv_a_norm(c).view(B, 1, 1, r)
+        cos, sin = cos_Bd.reshape(-1, 1, dr // 2), sin_Bd.reshape(-1, 1, dr // 2)
+        q_pe, k_pe = apply_rope(q_pe, cos, sin), apply_rope(k_pe.view(B, 1, 1, dr), cos, sin)
+        ck, cpe = _write_cache(cache, c, k_pe, pos)
+        w = linear_weight(self.wkv_b).view(H, dn + dv, r)
+        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope.to(w.dtype), w[:, :dn])
+        qq = torch.cat([q_lat, q_pe.to(q_lat.dtype)], dim=-1).to(ck.dtype)[:, :, 0]
+        o = kernels.decode_attention(qq, ck, ck, pos, pad, self.scale, k2_BGLD=cpe)
+        y = torch.einsum("bhr,hvr->bhv", o.to(w.dtype), w[:, dn:])
+        return self.wo(y.reshape(B, 1, H * dv).to(x_B1D.dtype))
 
 
 class SwiGLU(nn.Module):

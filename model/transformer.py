@@ -146,6 +146,40 @@ class Transformer(nn.Module):
             h = block(h, cos, sin, pos, (cache.k[i], cache.v[i]), mask)
         return F.linear(self.norm(h), self.head_weight()).float()
 
+    def fused_decode(self, tokens: torch.Tensor) -> bool:
+        """MOECODER_FUSED_DECODE=auto|1|0: the fused static decode step. auto: on where the
+        kernels take their Triton path (CUDA); 1 forces it (the reference ops on CPU, for tests)."""
+        import os
+
+        import kernels
+
+        mode = os.environ.get("MOECODER_FUSED_DECODE", "auto").strip().lower() or "auto"
+        if mode not in ("auto", "1", "0"):
+            raise ValueError(f"MOECODER_FUSED_DECODE must be one of auto, 1, 0; got {mode!r}")
+        if mode == "0" or (mode == "auto" and kernels.backend(tokens) != "triton"):
+            return False
+        return all(b.attn.fused_decode_ok() for b in self.layers)
+
+    def _decode_fused(self, tokens_B1: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        import kernels
+
+        pad = cache.pad_lens
+        if pad is None:
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [1, d]
+        else:
+            p = (pos[None, :] - pad[:, None]).clamp_min(0)[:, 0]
+            cos, sin = self.rope_cos[p], self.rope_sin[p]  # [B, d]
+        h = self.tok_emb(tokens_B1)
+        first = self.layers[0].attn_norm if len(self.layers) else self.norm
+        _, xn = kernels.add_rms_norm(h, None, first.weight, first.eps)
+        for i, block in enumerate(self.layers):
+            a = block.attn.decode_fused(xn, cos, sin, pos, (cache.k[i], cache.v[i]), pad)
+            h, xn = kernels.add_rms_norm(h, a, block.ffn_norm.weight, block.ffn_norm.eps)
+            f = block.ffn(xn)
+            nxt = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.norm
+            h, xn = kernels.add_rms_norm(h, f, nxt.weight, nxt.eps)
+        return F.linear(xn, self.head_weight()).float()
+
     # ----------------------------------------------------------------- MoE bookkeeping
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]

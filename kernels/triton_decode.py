@@ -1,0 +1,219 @@
+"""Triton kernels of a fused single-token decode step (issue #12): raw launchers, no autograd.
+
+A decode step at batch 1 is latency-bound: the eager attention half of a block is dozens of
+tiny kernels (casts, norm, RoPE halves, cache writes, the SDPA math path). These replace them
+with three launches per block besides the GEMVs:
+
+- ``add_rms_norm``: h = x + delta (rounded to x's dtype), y = RMSNorm(h) * w — the residual add
+  of one sub-block fused with the norm of the next.
+- ``qk_rope_cache``: per-head RMSNorm of q and k (optional), RoPE on both, k and v written into
+  the static cache at slot ``pos`` (a device tensor: CUDA-graph safe), rotated q returned.
+- ``decode_attention``: one query token per row against the cache slots ``pad[b] <= s <= pos``
+  (and its own slot), online softmax in fp32; the keys may be split in two parts (MLA: latent
+  and rotary key) and the values may be the first key part (MLA).
+
+Same numerics as the eager path: fp32 arithmetic, the same rounding points (norm output and
+rotated vectors rounded to the activation dtype). Under ``TRITON_INTERPRET=1`` they run on CPU
+tensors (tests, float32/float64).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _acc(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, h_ptr, y_ptr, D, eps, HAS_DELTA: tl.constexpr,
+                         ACC: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    m = cols < D
+    x = tl.load(x_ptr + row * D + cols, mask=m, other=0.0)
+    if HAS_DELTA:
+        d = tl.load(d_ptr + row * D + cols, mask=m, other=0.0)
+        h = (x.to(ACC) + d.to(ACC)).to(x_ptr.dtype.element_ty)
+        tl.store(h_ptr + row * D + cols, h, mask=m)
+    else:
+        h = x
+    hf = h.to(ACC)
+    ms = tl.sum(hf * hf, axis=0) / D
+    r = 1.0 / tl.sqrt(ms + eps)
+    w = tl.load(w_ptr + cols, mask=m, other=0.0).to(ACC)
+    tl.store(y_ptr + row * D + cols, (hf * r * w).to(y_ptr.dtype.element_ty), mask=m)
+
+
+def add_rms_norm(x, delta, weight, eps: float):
+    """(h, y): h = x + delta (or x when delta is None), y = RMSNorm(h) * weight; rows of the last dim."""
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D).contiguous()
+    n = x2.shape[0]
+    y = torch.empty_like(x2)
+    h = torch.empty_like(x2) if delta is not None else x2
+    d2 = delta.reshape(-1, D).contiguous() if delta is not None else x2
+    if n:
+        _add_rms_norm_kernel[(n,)](x2, d2, weight, h, y, D, float(eps), HAS_DELTA=delta is not None,
+                                   ACC=_acc(x.dtype), BLOCK=triton.next_power_of_2(D))
+    return h.view(x.shape), y.view(x.shape)
+
+
+@triton.jit
+def _qk_rope_cache_kernel(
+    qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, q_ptr, pos_ptr,
+    H, G, eps, stride_qkv, stride_cos, stride_kb, stride_kg, stride_kl, stride_vb, stride_vg, stride_vl,
+    HAS_NORM: tl.constexpr, ACC: tl.constexpr, HALF: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)  # head: [0, H) queries, [H, H+G) keys, [H+G, H+2G) values
+    pos = tl.load(pos_ptr).to(tl.int64)
+    i = tl.arange(0, HALF)
+    base = qkv_ptr + b * stride_qkv + j * (2 * HALF)
+    x1 = tl.load(base + i)
+    x2 = tl.load(base + HALF + i)
+    dt = x1.dtype
+    if j >= H + G:  # value head: straight into the cache
+        g = j - H - G
+        dst = vc_ptr + b * stride_vb + g * stride_vg + pos * stride_vl
+        tl.store(dst + i, x1.to(vc_ptr.dtype.element_ty))
+        tl.store(dst + HALF + i, x2.to(vc_ptr.dtype.element_ty))
+    else:
+        a1 = x1.to(ACC)
+        a2 = x2.to(ACC)
+        if HAS_NORM:
+            ms = (tl.sum(a1 * a1, axis=0) + tl.sum(a2 * a2, axis=0)) / (2 * HALF)
+            r = 1.0 / tl.sqrt(ms + eps)
+            if j < H:
+                w1 = tl.load(qw_ptr + i).to(ACC)
+                w2 = tl.load(qw_ptr + HALF + i).to(ACC)
+            else:
+                w1 = tl.load(kw_ptr + i).to(ACC)
+                w2 = tl.load(kw_ptr + HALF + i).to(ACC)
+            a1 = (a1 * r * w1).to(dt).to(ACC)  # the norm's output is rounded (as in the eager path)
+            a2 = (a2 * r * w2).to(dt).to(ACC)
+        c = tl.load(cos_ptr + b * stride_cos + i).to(ACC)
+        s = tl.load(sin_ptr + b * stride_cos + i).to(ACC)
+        o1 = a1 * c - a2 * s
+        o2 = a2 * c + a1 * s
+        if j < H:
+            dst = q_ptr + (b * H + j) * (2 * HALF)
+            tl.store(dst + i, o1.to(dt))
+            tl.store(dst + HALF + i, o2.to(dt))
+        else:
+            g = j - H
+            dst = kc_ptr + b * stride_kb + g * stride_kg + pos * stride_kl
+            tl.store(dst + i, o1.to(dt).to(kc_ptr.dtype.element_ty))
+            tl.store(dst + HALF + i, o2.to(dt).to(kc_ptr.dtype.element_ty))
+
+
+def qk_rope_cache(qkv_BX, q_weight, k_weight, cos_Bd, sin_Bd, k_cache, v_cache, pos, n_heads: int,
+                  n_kv_heads: int, eps: float):
+    """Rotated queries [B, H, Dh]; keys (normed, rotated) and values written to the caches
+    [B, G, L, Dh] at slot ``pos`` ([1] long tensor). ``qkv_BX``: [B, (H + 2G) * Dh] for one token."""
+    B = qkv_BX.shape[0]
+    Dh = k_cache.shape[-1]
+    H, G = n_heads, n_kv_heads
+    assert qkv_BX.shape[1] == (H + 2 * G) * Dh and qkv_BX.stride(1) == 1 and Dh & (Dh - 1) == 0
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    q = torch.empty((B, H, Dh), dtype=qkv_BX.dtype, device=qkv_BX.device)
+    cos = cos_Bd.reshape(-1, Dh // 2).expand(B, Dh // 2)
+    sin = sin_Bd.reshape(-1, Dh // 2).expand(B, Dh // 2)
+    has_norm = q_weight is not None
+    _qk_rope_cache_kernel[(B, H + 2 * G)](
+        qkv_BX, q_weight if has_norm else qkv_BX, k_weight if has_norm else qkv_BX, cos, sin, k_cache, v_cache, q,
+        pos, H, G, float(eps), qkv_BX.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        HAS_NORM=has_norm, ACC=_acc(qkv_BX.dtype), HALF=Dh // 2,
+    )  # fmt: skip
+    return q
+
+
+@triton.jit
+def _decode_attn_kernel(
+    q_ptr, k1_ptr, k2_ptr, v_ptr, o_ptr, pos_ptr, pad_ptr, H, R, scale,
+    stride_qb, stride_qh, stride_k1b, stride_k1g, stride_k1l, stride_k2b, stride_k2g, stride_k2l,
+    stride_vb, stride_vg, stride_vl, stride_ob, stride_oh,
+    HAS_K2: tl.constexpr, HAS_PAD: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1).to(tl.int64)
+    pos = tl.load(pos_ptr).to(tl.int64)
+    pad = tl.load(pad_ptr + b).to(tl.int64) if HAS_PAD else 0
+    r = tl.arange(0, BLOCK_R)
+    rm = r < R
+    heads = g * R + r
+    d1 = tl.arange(0, D1)
+    q1 = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d1[None, :], mask=rm[:, None], other=0.0)
+    if HAS_K2:
+        d2 = tl.arange(0, D2)
+        q2 = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + D1 + d2[None, :], mask=rm[:, None],
+                     other=0.0)
+    dv = tl.arange(0, DV)
+    m_i = tl.full((BLOCK_R,), float("-inf"), dtype=ACC)
+    l_i = tl.zeros((BLOCK_R,), dtype=ACC)
+    acc = tl.zeros((BLOCK_R, DV), dtype=ACC)
+    ls = tl.arange(0, BLOCK_L)
+    for l0 in range(0, pos + 1, BLOCK_L):
+        slot = l0 + ls
+        ok = (slot <= pos) & ((slot >= pad) | (slot == pos))
+        k1 = tl.load(k1_ptr + b * stride_k1b + g * stride_k1g + slot[:, None] * stride_k1l + d1[None, :],
+                     mask=(slot <= pos)[:, None], other=0.0)
+        s = tl.dot(q1, tl.trans(k1), input_precision=PREC, out_dtype=ACC)
+        if HAS_K2:
+            k2 = tl.load(k2_ptr + b * stride_k2b + g * stride_k2g + slot[:, None] * stride_k2l + d2[None, :],
+                         mask=(slot <= pos)[:, None], other=0.0)
+            s += tl.dot(q2, tl.trans(k2), input_precision=PREC, out_dtype=ACC)
+        s = tl.where(ok[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no visible slot
+        p = tl.exp(s - m_use[:, None])
+        alpha = tl.exp(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + b * stride_vb + g * stride_vg + slot[:, None] * stride_vl + dv[None, :],
+                    mask=(slot <= pos)[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + dv[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=rm[:, None])
+
+
+def _prec(dtype):
+    return "ieee" if dtype in (torch.float32, torch.float64) else None
+
+
+def decode_attention(q_BHD, k1_BGLD, v_BGLD, pos, pad_B=None, scale=None, k2_BGLD=None):
+    """Attention of one query token per row over cache slots s with pad[b] <= s <= pos (and s == pos).
+
+    q [B, H, D1 (+ D2)]; keys k1 [B, G, L, D1] (and k2 [B, G, L, D2], concatenated along the
+    feature dim); values [B, G, L, DV]; query head h reads kv head h // (H / G). -> [B, H, DV].
+    """
+    B, H, Dq = q_BHD.shape
+    G, D1 = k1_BGLD.shape[1], k1_BGLD.shape[3]
+    D2 = k2_BGLD.shape[3] if k2_BGLD is not None else 0
+    DV = v_BGLD.shape[3]
+    assert Dq == D1 + D2 and H % G == 0 and q_BHD.stride(2) == 1
+    for t in (k1_BGLD, v_BGLD) + ((k2_BGLD,) if k2_BGLD is not None else ()):
+        assert t.stride(3) == 1
+    for d in (D1, DV) + ((D2,) if D2 else ()):
+        assert d & (d - 1) == 0 and d >= 16, "head dims must be powers of two >= 16"
+    R = H // G
+    scale = Dq ** -0.5 if scale is None else scale
+    o = torch.empty((B, H, DV), dtype=q_BHD.dtype, device=q_BHD.device)
+    k2 = k2_BGLD if k2_BGLD is not None else k1_BGLD
+    big = max(D1 + D2, DV)
+    _decode_attn_kernel[(B, G)](
+        q_BHD, k1_BGLD, k2, v_BGLD, o, pos, pad_B if pad_B is not None else pos, H, R, float(scale),
+        q_BHD.stride(0), q_BHD.stride(1), k1_BGLD.stride(0), k1_BGLD.stride(1), k1_BGLD.stride(2),
+        k2.stride(0), k2.stride(1), k2.stride(2), v_BGLD.stride(0), v_BGLD.stride(1), v_BGLD.stride(2),
+        o.stride(0), o.stride(1), HAS_K2=k2_BGLD is not None, HAS_PAD=pad_B is not None,
+        ACC=_acc(q_BHD.dtype), PREC=_prec(q_BHD.dtype), D1=D1, D2=max(D2, 16), DV=DV,
+        BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_L=32 if big > 256 else 64,
+        num_warps=4 if big <= 256 else 8,
+    )  # fmt: skip
+    return o

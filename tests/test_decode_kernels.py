@@ -1,0 +1,114 @@
+"""The fused single-token decode kernels (kernels.triton_decode) against their references.
+
+On a CPU box they run under the Triton interpreter (tests/conftest.py) in float64 and float32;
+on CUDA compiled in bf16. Fresh random inputs; outputs poisoned first; the cache slots other
+than ``pos`` must stay untouched.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+pytest.importorskip("triton")
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.fail("tests/conftest.py sets TRITON_INTERPRET=1 on a machine without CUDA", pytrace=False)
+
+from kernels import reference as ref  # noqa: E402
+from kernels import triton_decode as td  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+DTYPES = [torch.bfloat16] if CUDA else [torch.float64, torch.float32]
+
+
+def tol(dt):
+    return {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dt]
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rms_norm(dt, with_delta):
+    x = torch.randn(3, 1, 48, device=DEV).to(dt)
+    d = torch.randn(3, 1, 48, device=DEV).to(dt) if with_delta else None
+    w = torch.rand(48, device=DEV).to(dt) + 0.5
+    h, y = td.add_rms_norm(x, d, w, 1e-6)
+    hr, yr = ref.add_rms_norm(x, d, w, 1e-6)
+    assert rel(h, hr) <= tol(dt) and rel(y, yr) <= tol(dt)
+    if with_delta:
+        assert rel(h, x.double() + d.double()) <= tol(dt)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("B,H,G,Dh", [(1, 4, 2, 16), (2, 6, 3, 32)])
+def test_qk_rope_cache(dt, norm, B, H, G, Dh):
+    L, pos = 9, 5
+    qkv = torch.randn(B, (H + 2 * G) * Dh, device=DEV).to(dt)
+    qw = (torch.rand(Dh, device=DEV) + 0.5).to(dt) if norm else None
+    kw = (torch.rand(Dh, device=DEV) + 0.5).to(dt) if norm else None
+    cos, sin = torch.randn(B, Dh // 2, device=DEV), torch.randn(B, Dh // 2, device=DEV)
+    caches = [torch.randn(B, G, L, Dh, device=DEV).to(dt) for _ in range(4)]
+    p = torch.tensor([pos], device=DEV)
+    q = td.qk_rope_cache(qkv, qw, kw, cos, sin, caches[0], caches[1], p, H, G, 1e-6)
+    kc, vc = caches[2].clone(), caches[3].clone()
+    kc.copy_(caches[0]), vc.copy_(caches[1])  # slots other than pos start equal
+    qr = ref.qk_rope_cache(qkv, qw, kw, cos, sin, caches[2], caches[3], p, H, G, 1e-6)
+    assert rel(q, qr) <= tol(dt)
+    assert rel(caches[0][:, :, pos], caches[2][:, :, pos]) <= tol(dt)
+    assert torch.equal(caches[1][:, :, pos], caches[3][:, :, pos])
+    assert torch.equal(caches[1][:, :, pos].reshape(B, -1), qkv[:, (H + G) * Dh:].reshape(B, -1).to(dt))
+    others = [i for i in range(L) if i != pos]
+    assert torch.equal(caches[0][:, :, others], kc[:, :, others]) and torch.equal(caches[1][:, :, others],
+                                                                                   vc[:, :, others])
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("case", ["gqa", "mha", "mla", "pad"])
+def test_decode_attention(dt, case):
+    B, H, G, D1, D2, DV, L = 2, 8, 2, 32, 0, 32, 150
+    if case == "mha":
+        H, G = 4, 4
+    if case == "mla":
+        H, G, D1, D2, DV = 4, 1, 64, 16, 64
+    pos = 137
+    q = torch.randn(B, H, D1 + D2, device=DEV).to(dt)
+    k1 = torch.randn(B, G, L, D1, device=DEV).to(dt)
+    k2 = torch.randn(B, G, L, D2, device=DEV).to(dt) if D2 else None
+    v = k1 if case == "mla" else torch.randn(B, G, L, DV, device=DEV).to(dt)
+    k1[:, :, pos + 1:] = float("nan")  # slots after pos are never read into the result
+    if case != "mla":
+        v[:, :, pos + 1:] = float("nan")
+    pad = torch.tensor([0, 70], device=DEV) if case == "pad" else None
+    p = torch.tensor([pos], device=DEV)
+    o = td.decode_attention(q, k1, v, p, pad, 0.3, k2)
+    k1r = k1.clone()
+    k1r[:, :, pos + 1:] = 0
+    vr = k1r if case == "mla" else v.clone()
+    vr[:, :, pos + 1:] = 0
+    orf = ref.decode_attention(q, k1r, vr, p, pad, 0.3, k2)
+    assert rel(o, orf) <= tol(dt)
+    if case == "pad":  # row 1 sees only slots 70..pos: equal to attention over that slice alone
+        sl = ref.decode_attention(q[1:], k1r[1:, :, 70:], vr[1:, :, 70:], p - 70, None, 0.3,
+                                  k2[1:, :, 70:] if k2 is not None else None)
+        assert rel(o[1:], sl) <= tol(dt)
+
+
+def test_decode_attention_fully_padded_first_block():
+    """A row whose first key block is all padding (no NaN from an empty block)."""
+    dt = DTYPES[0]
+    B, H, G, D, L, pos = 1, 2, 1, 16, 200, 190
+    q = torch.randn(B, H, D, device=DEV).to(dt)
+    k = torch.randn(B, G, L, D, device=DEV).to(dt)
+    v = torch.randn(B, G, L, D, device=DEV).to(dt)
+    pad = torch.tensor([150], device=DEV)
+    p = torch.tensor([pos], device=DEV)
+    assert rel(td.decode_attention(q, k, v, p, pad), ref.decode_attention(q, k, v, p, pad)) <= tol(dt)

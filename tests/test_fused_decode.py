@@ -1,0 +1,98 @@
+"""The fused static decode step (Transformer.decode_static with MOECODER_FUSED_DECODE) gives the
+logits of the plain static step and of the ordinary cached forward, for a GQA + QK-norm family
+(Qwen3-MoE) and an MLA family (DeepSeek-V2), with and without left padding; the fused kernels
+run under the Triton interpreter (MOECODER_KERNELS=triton) and as the references."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from model.hf.families import family_from_config  # noqa: E402
+from model.hf_bench import CONFIGS, TINY  # noqa: E402
+from model.transformer import Transformer  # noqa: E402
+
+
+def _model(name: str, seed: int) -> Transformer:
+    hf = {**CONFIGS[name], **TINY[name]}
+    if name == "deepseek-v2-lite":
+        hf.update(qk_rope_head_dim=16)  # the fused MLA kernel wants power-of-two dims >= 16
+    fam = family_from_config(hf, max_context=64)
+    torch.manual_seed(seed)
+    m = Transformer(fam.config).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    return m
+
+
+def _steps(m, prompt, pad, fused: str, kernels_mode: str, monkeypatch, n=3):
+    monkeypatch.setenv("MOECODER_FUSED_DECODE", fused)
+    monkeypatch.setenv("MOECODER_KERNELS", kernels_mode)
+    cache = m.setup_cache(prompt.shape[0], 24)
+    cache.set_padding(pad)
+    out = []
+    with torch.no_grad():
+        logits = m(prompt, 0, cache, last_only=True)
+        tok = logits[:, -1:].argmax(-1)
+        for i in range(n):
+            lg = m.decode_static(tok, torch.tensor([prompt.shape[1] + i]), cache)
+            out.append(lg)
+            tok = lg[:, -1:].argmax(-1)
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "deepseek-v2-lite"])
+@pytest.mark.parametrize("pad", [None, [0, 3]])
+def test_fused_static_decode_same_logits(name, pad, monkeypatch):
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter")
+    m = _model(name, 0)
+    assert all(b.attn.fused_decode_ok() for b in m.layers)
+    prompt = torch.randint(0, 512, (2, 7))
+    plain = _steps(m, prompt, pad, "0", "reference", monkeypatch)
+    ref = _steps(m, prompt, pad, "1", "reference", monkeypatch)
+    tri = _steps(m, prompt, pad, "1", "triton", monkeypatch)
+    assert (ref - plain).abs().max().item() <= 1e-4
+    assert (tri - plain).abs().max().item() <= 1e-4
+    # the ordinary (non-static) cached decode agrees too
+    monkeypatch.setenv("MOECODER_KERNELS", "reference")
+    cache = m.setup_cache(2, 24)
+    cache.set_padding(pad)
+    with torch.no_grad():
+        lg = m(prompt, 0, cache, last_only=True)
+        tok = lg[:, -1:].argmax(-1)
+        first = m(tok, prompt.shape[1], cache)
+    assert (first[:, -1] - plain[:, 0]).abs().max().item() <= 1e-4
+
+
+def test_fused_decode_env_and_fallback(monkeypatch):
+    m = _model("qwen3-30b-a3b", 1)
+    tok = torch.zeros(1, 1, dtype=torch.long)
+    monkeypatch.setenv("MOECODER_FUSED_DECODE", "auto")
+    assert m.fused_decode(tok) is False  # CPU tensors: the kernels take the reference path
+    monkeypatch.setenv("MOECODER_FUSED_DECODE", "1")
+    assert m.fused_decode(tok) is True
+    m.layers[0].attn.clip = 1.0  # clipping is not covered: the plain step runs
+    assert m.fused_decode(tok) is False
+    monkeypatch.setenv("MOECODER_FUSED_DECODE", "yes")
+    with pytest.raises(ValueError, match="MOECODER_FUSED_DECODE"):
+        m.fused_decode(tok)
+
+
+def test_qkv_views_share_storage(monkeypatch):
+    """The fused QKV matrix holds wq, wk, wv as views: no second copy, state_dict unchanged."""
+    m = _model("qwen3-30b-a3b", 2)
+    attn = m.layers[0].attn
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    w, _ = attn._qkv_weight()
+    assert attn.wq.weight.data_ptr() == w.data_ptr()
+    assert attn.wk.weight.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+    after = m.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert attn._qkv_weight()[0] is w  # built once
