@@ -1189,6 +1189,8 @@ def _parser() -> argparse.ArgumentParser:
                         "the model alone on hand-made prompts")  # fmt: skip
     p.add_argument("--repos", default=None, metavar="DIR[,DIR...]",
                    help="held-out project roots for the repo-fim suite (e.g. packages in site-packages)")
+    p.add_argument("--context-tokens", type=int, default=None,
+                   help="with --path product: the completion prompt cap (default: the settings' 512)")
     p.add_argument("--raw-beside", action="store_true",
                    help="with --path product: also the raw model's score where it explains one (fim, docstrings)")
     p.add_argument("--fim-order", choices=["psm", "spm", "both"], default="both",
@@ -1292,6 +1294,11 @@ def main(argv: list[str] | None = None) -> int:
         from assistant.engine import Engine
 
         settings = Settings().for_face("review")
+        if args.context_tokens is not None:
+            if args.context_tokens < 16:
+                print("moecoder eval: error: --context-tokens must be >= 16", file=sys.stderr)
+                return 2
+            settings.completion_context_tokens = args.context_tokens
         engine = Engine.from_loaded(loaded, **settings.engine_options())
         ctx.extra["runner"] = ProductRunner(engine, batch_size=args.batch_size,
                                             min_confidence=settings.review.min_confidence)
