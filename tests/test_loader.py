@@ -190,7 +190,9 @@ def test_fim_chunks_fill_rows(code_dir, special, nl):
     ex = _examples(_stream([rows]), special)
     lengths = [e - a + 1 for a, e in ex[:-1]]
     assert max(lengths) <= L + 1
-    assert sum(n >= L - 10 for n in lengths) > len(lengths) // 3  # long documents give full-row examples
+    # long documents are cut at the line that fills the row, so the typical example is most of a row
+    # (the corpus is this repository's own files, so the exact spread moves as they change)
+    assert float(np.median(lengths)) >= 0.75 * L, sorted(lengths)
 
 
 def test_task_examples_do_not_straddle(code_dir, task_dir, special, nl, tok):
