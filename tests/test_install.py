@@ -93,3 +93,41 @@ def test_our_own_checkout_is_not_reported():
     from assistant.shadow import check
 
     assert check() is None
+
+
+def test_base_dependencies_leave_triton_out_and_the_test_extra_pins_what_it_pulls():
+    """A CPU machine gets no Triton from the base install (torch's GPU builds bring it; the
+    `gpu` extra may pin it), and the test extra pins each tool it pulls, so CI and every
+    developer run the same ones (the issue: an unpinned release-candidate Neovim repackaging)."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    name = lambda req: re.match(r"[A-Za-z0-9_.\-]+", req).group(0).lower()  # noqa: E731
+    assert "triton" not in {name(r) for r in project["dependencies"]}
+    assert any(name(r) == "triton" for r in project["optional-dependencies"]["gpu"])
+    loose = [r for r in project["optional-dependencies"]["test"]
+             if not name(r).startswith("moecoder") and not re.search(r"==\s*[0-9]", r.split(";")[0])]
+    assert loose == [], loose
+
+
+def test_no_installed_distribution_takes_one_of_our_names():
+    """The environment the test extra builds holds no distribution that owns one of our top-level
+    packages: transformers 5.25.0 requires the `kernels` distribution, and `pip install -e
+    ".[test]"` with it left `moecoder` stopping at start with the shadowing error (the test extra
+    pins a transformers release that does not)."""
+    from importlib import metadata
+
+    from assistant.shadow import NAMES
+
+    taken = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"] or "?"
+        if name.lower().replace("_", "-") == "moecoder":
+            continue
+        tops = set((dist.read_text("top_level.txt") or "").split())
+        tops |= {f.parts[0] for f in dist.files or () if len(f.parts) > 1}
+        for ours in NAMES:
+            if ours in tops:
+                taken[ours] = f"{name} {dist.version}"
+    assert taken == {}, taken
