@@ -61,3 +61,76 @@ def test_greedy_generation_does_not_loop_with_the_guard(looping_model):
     guarded = generate(loaded.model, tok, tok.encode("def f():"), dataclasses.replace(params, loop_guard=8))
     ids = guarded.token_ids
     assert not any(ids[k] == ids[k + 1] == ids[k + 2] == word for k in range(len(ids) - 2)), ids
+
+
+SRC = "def scale(xs, k):\n    out = []\n    for x in xs:\n        out.append(x * k)\n    return out\n"
+
+
+@pytest.mark.parametrize("task", ["comment", "explain", "debug"])
+def test_task_commands_do_not_loop(looping_model, task):
+    """comment, explain and debug (and the chat, which runs them) decode with the guard: the
+    model that says " prefixed" forever does not get to say it three times in a row."""
+    from assistant.engine import Engine
+    from assistant.tasks import TaskRequest
+
+    loaded, word = looping_model
+    unit = loaded.tokenizer.decode([word])  # " prefixed", or its first piece on a small vocabulary
+    eng = Engine.from_loaded(loaded)
+    try:
+        req = TaskRequest(task, SRC, function="scale", max_new_tokens=12, min_confidence=None)
+        text = "".join(ev.text or "" for ev in eng.stream(req) if ev.kind in ("reasoning", "answer"))
+    finally:
+        eng.close()
+    assert unit in text, text  # the rigged model did run
+    assert unit * 3 not in text, text
+
+
+def _scripted(loaded, tok, text: str):
+    """Rig the model so that greedy decoding writes ``text`` (then end-of-text)."""
+    script = [*tok.encode(text), tok.eos_id]
+    orig = loaded.model.forward
+    calls = []
+
+    def forward(*args, **kwargs):
+        logits = orig(*args, **kwargs).clone()
+        step = min(len(calls), len(script) - 1)
+        calls.append(step)
+        logits[..., script[step]] += 1000.0
+        return logits
+
+    loaded.model.forward = forward
+    return loaded
+
+
+def test_generate_cli_fim_stops_where_the_suffix_begins(tiny_model_dir, monkeypatch, capsys):
+    """`moecoder generate --fim-suffix`: the middle ends where the suffix's first line would be
+    written again (the issue: it went on past the middle)."""
+    import model.checkpoint
+    from model.generate import main
+
+    real = model.checkpoint.load_model
+
+    def load(path, **kw):
+        loaded = real(path, **kw)
+        return _scripted(loaded, loaded.tokenizer, "x + 1\n    return y\n\n\ndef g():\n    pass\n")
+
+    monkeypatch.setattr(model.checkpoint, "load_model", load)
+    assert main(["--model", str(tiny_model_dir), "--prompt", "def f(x):\n    y = ", "--fim-suffix",
+                 "\n    return y\n", "--max-new-tokens", "40"]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip("\n") == "x + 1", repr(out)
+
+
+def test_generate_cli_guards_greedy_loops_by_default(looping_model, tiny_model_dir, monkeypatch, capsys):
+    import model.checkpoint
+    from model.generate import main
+
+    loaded, word = looping_model
+    unit = loaded.tokenizer.decode([word])
+    monkeypatch.setattr(model.checkpoint, "load_model", lambda path, **kw: loaded)
+    argv = ["--model", str(tiny_model_dir), "--prompt", "def f():", "--max-new-tokens", "12"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert unit in out and unit * 3 not in out, out
+    assert main([*argv, "--loop-guard", "0"]) == 0  # off: the loop the issue saw
+    assert unit * 3 in capsys.readouterr().out
