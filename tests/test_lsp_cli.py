@@ -82,3 +82,45 @@ def test_tcp_mode_answers_initialize():
 def test_help_lists_the_options():
     proc = subprocess.run([*REAL_SERVER_CMD, "--help"], capture_output=True, text=True, timeout=60, env=server_env())
     assert proc.returncode == 0 and "--tcp" in proc.stdout and "--model" in proc.stdout
+
+
+def test_initialize_is_answered_before_torch_or_the_model_loads(tmp_path):
+    """The product's `moecoder lsp` answers initialize (and shutdown) without importing torch:
+    the model loads in the background after `initialized`, so the editor is not kept waiting
+    (the issue: torch imported before the first message was read, initialize after 2-8 s)."""
+    import sys
+
+    code = ("import atexit, sys; "
+            "atexit.register(lambda: sys.__stderr__.write('\\nHEAVY %s\\n' % sorted("
+            "m for m in ('torch', 'model.transformer', 'assistant.engine') if m in sys.modules))); "
+            "from assistant.cli import main; sys.exit(main(['lsp', '--model', sys.argv[1]]))")
+    model_dir = tmp_path / "model"  # never opened: the server must not even look yet
+    model_dir.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", code, str(model_dir)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=server_env())
+    try:
+        def reply() -> dict:
+            length = None
+            while True:
+                line = proc.stdout.readline()
+                assert line, proc.stderr.read().decode()
+                if not line.strip():
+                    return json.loads(proc.stdout.read(length))
+                name, _, value = line.decode().partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value)
+
+        proc.stdin.write(_frame({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                                 "params": {"processId": None, "rootUri": None, "capabilities": {}}}))
+        proc.stdin.flush()
+        assert reply()["result"]["serverInfo"]["name"] == "moecoder"
+        for msg in ({"jsonrpc": "2.0", "id": 2, "method": "shutdown"}, {"jsonrpc": "2.0", "method": "exit"}):
+            proc.stdin.write(_frame(msg))
+            proc.stdin.flush()
+        assert reply()["id"] == 2
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err.decode()
+    assert "HEAVY []" in err.decode(), err.decode()
