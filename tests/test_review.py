@@ -551,3 +551,43 @@ def test_progress_counts_functions_as_the_header_does(fake_engine, monkeypatch):
     report = run_review([str(EXAMPLES)], Options(progress=True, min_confidence=0.0), fake_engine)
     assert seen["total"] == report.functions_reviewed == 9  # 9 functions, 12 prompts
     assert seen["advanced"] == 9
+
+
+@pytest.mark.slow
+def test_a_terminal_sees_a_spinner_while_the_model_loads_then_the_bar(tiny_model_dir, tmp_path):
+    """`moecoder review` with stderr on a terminal: "loading the model..." while the model loads
+    (the issue: nothing for the first seconds), then the bar in functions, as the header counts."""
+    import pty
+    import select
+    import sys
+
+    master, slave = pty.openpty()
+    out = tmp_path / "r.txt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MOECODER_CONFIG": str(tmp_path / "none.toml"), "TERM": "xterm",
+           "COLUMNS": "100"}
+    proc = subprocess.Popen([sys.executable, "-m", "assistant.cli", "review", str(EXAMPLES / "stats.py"), "--model",
+                             str(tiny_model_dir), "--max-tokens", "2", "--jobs", "1", "--output", str(out)],
+                            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave, env=env)
+    os.close(slave)
+    seen = b""
+    try:
+        while select.select([master], [], [], 120)[0]:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not data:
+                break
+            seen += data
+        proc.wait(timeout=120)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    screen = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode(errors="replace"))  # colours, cursor moves
+    assert proc.returncode in (0, 1), screen
+    header = out.read_text().splitlines()[0]
+    n = int(re.search(r"(\d+) functions?", header).group(1))
+    assert "loading the model" in screen, screen
+    assert re.search(rf"reviewing.*\b{n}/{n} functions", screen), screen
+    assert screen.index("loading the model") < screen.index("reviewing"), screen
