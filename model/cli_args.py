@@ -13,7 +13,10 @@ def generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moecoder generate", description="Generate text from a prompt (streams).")
     p.add_argument("--model", default=None, help="model directory (default: the shipped model/weights/)")
     p.add_argument("--prompt", required=True, help="prompt text ('-' reads stdin); with --fim-suffix the prefix")
-    p.add_argument("--fim-suffix", default=None, help="fill in the middle between --prompt and this suffix")
+    p.add_argument("--fim-suffix", default=None,
+                   help="fill in the middle between --prompt and this suffix (the middle ends at end-of-text, where "
+                        "the suffix begins, at the end of the line when the cursor is inside one, or where the "
+                        "block ends)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)

@@ -76,6 +76,131 @@ def fim_suffix_stop(suffix: str, min_chars: int = 4) -> str | None:
     return None
 
 
+class _Scan:
+    """Python's bracket depth and string state over text fed in pieces (enough to tell whether a
+    newline ends a statement; no parser: ``model`` parses no code)."""
+
+    def __init__(self) -> None:
+        self.depth, self.quote, self.comment, self.escape = 0, "", False, False
+
+    def feed(self, text: str, on_newline=None) -> int | None:
+        """Scan ``text``; ``on_newline(i)`` is asked at each newline that ends a logical line
+        (outside brackets and strings, not after a backslash) and may stop the scan: then the
+        index of that newline, else None."""
+        i = 0
+        while i < len(text):
+            c = text[i]
+            if self.escape:
+                self.escape = False
+            elif self.comment:
+                if c == "\n":
+                    self.comment = False
+                    continue  # the newline itself is seen below
+            elif self.quote:
+                if c == "\\":
+                    self.escape = True
+                elif text.startswith(self.quote, i):
+                    i += len(self.quote)
+                    self.quote = ""
+                    continue
+                elif c == "\n" and len(self.quote) == 1:
+                    self.quote = ""  # an unterminated one-line string ends with its line
+            elif c in "\"'":
+                self.quote = c * 3 if text.startswith(c * 3, i) else c
+                i += len(self.quote)
+                continue
+            elif c == "#":
+                self.comment = True
+            elif c == "\\":
+                self.escape = True  # a line continuation
+            elif c in "([{":
+                self.depth += 1
+            elif c in ")]}":
+                self.depth -= 1
+            elif c == "\n" and self.depth <= 0 and on_newline is not None and on_newline(i):
+                return i
+            i += 1
+        return None
+
+
+class FimEnd:
+    """Where a fill-in-the-middle answer ends, for a model that writes neither ``<eos>`` nor the
+    suffix (``fim_suffix_stop``) after the middle. From the text around the cursor:
+
+    * cursor inside a line whose rest is empty in the file (or only closing brackets), the line
+      no block header (``...:``): the middle is the rest of that line and ends at its first
+      newline outside brackets and strings (brackets the prefix's line leaves open and the
+      suffix's line does not close count: after ``x = foo(`` it may take several lines);
+    * cursor on a line of only indentation, outside brackets: the middle ends before the first
+      line indented less than the cursor (the block ended);
+    * otherwise (a block header, column 0, inside brackets): only ``<eos>`` and the suffix end it.
+
+    ``push(text)`` returns ``(text to show, ended)``; a line's indentation is held back until
+    its first character shows whether the line still belongs to the middle."""
+
+    def __init__(self, prefix: str, suffix: str):
+        line = prefix.rsplit("\n", 1)[-1]
+        after = suffix.split("\n", 1)[0]
+        self.one_line = bool(line.strip()) and not line.rstrip().endswith(":") and \
+            all(c in ")]}:;, \t\r" for c in after)
+        self.scan = _Scan()
+        if self.one_line:
+            self.scan.feed(line)
+            self.scan.depth -= sum(after.count(c) for c in ")]}")
+        before = _Scan()
+        before.feed("\n".join(prefix.split("\n")[-50:]))
+        inside = before.depth > 0 or len(before.quote) == 3
+        self.indent = len(line) if not line.strip() and not inside else 0
+        self.text = ""  # the middle so far
+        self.shown = 0  # how much of it push() returned
+        self.judged = 0  # newlines before this index have been judged (indentation rule)
+        self.fed = 0  # the one-line rule's scan has seen the text before this index
+        self.ended = False
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        if self.ended:
+            return "", True
+        self.text += piece
+        if self.one_line:
+            data = self.text[self.fed:]
+            run = len(data) - len(data.rstrip("\"'"))
+            upto = len(data) - run if 0 < run < 3 else len(data)  # `"` + `""` may be one `"""`
+            cut = self.scan.feed(data[:upto], lambda i: True)
+            if cut is not None:
+                return self._show(self.fed + cut, True)
+            self.fed += upto
+            return self._show(len(self.text), False)
+        if self.indent > 0:
+            while (nl := self.text.find("\n", self.judged)) >= 0:
+                nxt = self.text[nl + 1:].split("\n", 1)
+                if len(nxt) == 1 and not nxt[0].strip():
+                    break  # the next line's first character is not in yet
+                self.judged = nl + 1
+                line = nxt[0]
+                if line.strip() and len(line) - len(line.lstrip()) < self.indent and self._outside(nl):
+                    return self._show(len(self.text[:nl].rstrip()), True)
+            body = len(self.text.rstrip())
+            if "\n" in self.text[body:]:
+                return self._show(body, False)  # blank lines and indentation wait for the next line
+        return self._show(len(self.text), False)
+
+    def _outside(self, nl: int) -> bool:
+        """Whether the newline at ``nl`` lies outside the middle's brackets and strings."""
+        return _Scan().feed(self.text[:nl + 1], lambda i: i == nl) == nl
+
+    def _show(self, end: int, ended: bool) -> tuple[str, bool]:
+        self.ended = ended
+        out = self.text[self.shown:max(end, self.shown)]
+        self.shown = max(self.shown, end)
+        return out, ended
+
+    def flush(self) -> str:
+        """What is left to show when generation ended by itself."""
+        out = "" if self.ended else self.text[self.shown:]
+        self.shown = len(self.text)
+        return out
+
+
 def task_prompt(tok: TokenizerLike, task: str, code: str) -> list[int]:
     """Prompt for ``comment``, ``debug`` or ``explain``; ends with <think>.
 

@@ -22,7 +22,7 @@ import torch
 
 from model.cancel import CancelToken  # noqa: F401  (re-exported: the interface names it here)
 from model.cli_args import generate_parser as _parser  # torch-free, for a fast `--help`
-from model.formats import fim_prompt, fim_suffix_stop
+from model.formats import FimEnd, fim_prompt, fim_suffix_stop
 from model.repetition import LoopGuard
 from model.transformer import Transformer
 
@@ -381,15 +381,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if at_suffix is not None:
             params.stop_strings = (*params.stop_strings, at_suffix)
         ids = fim_prompt(tok, prompt, args.fim_suffix, spm=getattr(tok, "fim_spm", True))
+        end = FimEnd(prompt, args.fim_suffix)  # where the middle ends when the model runs on
     else:
         ids = tok.encode(prompt) or [tok.eos_id]
+        end = None
     out = sys.stdout
     try:
         s = stream(model, tok, ids, params)
         t0 = time.perf_counter()
         for ev in s:
-            out.write(ev.text)
+            text, done = end.push(ev.text) if end is not None else (ev.text, False)
+            out.write(text)
             out.flush()
+            if done:
+                s.result.finish_reason = "stop"
+                break
+        else:
+            if end is not None:
+                out.write(end.flush())
+                out.flush()
     except KeyboardInterrupt:
         out.write("\n")
         out.flush()

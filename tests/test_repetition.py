@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from model.formats import fim_suffix_stop
+from model.formats import FimEnd, fim_suffix_stop
 from model.generate import SamplingParams, generate
 from model.repetition import LoopGuard
 
@@ -112,13 +112,48 @@ def test_generate_cli_fim_stops_where_the_suffix_begins(tiny_model_dir, monkeypa
 
     def load(path, **kw):
         loaded = real(path, **kw)
-        return _scripted(loaded, loaded.tokenizer, "x + 1\n    return y\n\n\ndef g():\n    pass\n")
+        return _scripted(loaded, loaded.tokenizer, script.pop(0))
 
     monkeypatch.setattr(model.checkpoint, "load_model", load)
-    assert main(["--model", str(tiny_model_dir), "--prompt", "def f(x):\n    y = ", "--fim-suffix",
+    script = ["    y = x + 1\n    return y\n\n\ndef g():\n    pass\n",
+              "1\n    if a == 0:\n        return a\n    if a == 1:\n        return a\n"]
+    assert main(["--model", str(tiny_model_dir), "--prompt", "def f(x):\n", "--fim-suffix",
                  "\n    return y\n", "--max-new-tokens", "40"]) == 0
-    out = capsys.readouterr().out
-    assert out.rstrip("\n") == "x + 1", repr(out)
+    assert capsys.readouterr().out == "    y = x + 1"  # the model wrote the suffix's line: cut there
+    # the cursor inside a line whose rest is empty: the middle is the rest of the line, though the
+    # model goes on (the issue's `moecoder generate --fim-suffix` ran to --max-new-tokens)
+    assert main(["--model", str(tiny_model_dir), "--prompt", "def add(a, b):\n    total = ", "--fim-suffix",
+                 "\n    return total\n", "--max-new-tokens", "40"]) == 0
+    assert capsys.readouterr().out == "1"
+
+
+def _pieces(prefix: str, suffix: str, middle: str, step: int) -> tuple[str, bool]:
+    end, out = FimEnd(prefix, suffix), ""
+    for i in range(0, len(middle), step):
+        text, done = end.push(middle[i:i + step])
+        out += text
+        if done:
+            return out, True
+    return out + end.flush(), False
+
+
+@pytest.mark.parametrize("prefix, suffix, middle, shown, ended", [
+    ("def add(a, b):\n    total = ", "\n    return total\n", "1\n    if a == 0:\n        return a\n", "1", True),
+    ("x = foo(", "\n", "a,\n    b)\ny = 2\n", "a,\n    b)", True),  # brackets left open on the line
+    ("x = foo(", ")\n", "a, b\nzzz", "a, b", True),  # the suffix closes them
+    ("s = ", "\n", '"""a\nb"""\nnext = 1\n', '"""a\nb"""', True),  # a newline inside a string
+    ("y = a + \\", "\n", "\n    b\nz = 1", "\n    b", True),  # a backslash continuation
+    ("x = 1  # the ", "\n", "value (a\nnext line", "value (a", True),  # a comment's brackets
+    ("def f(x):\n    ", "\n\ndef g():\n    pass\n", "return x + 1\n\n\ndef h():\n    pass\n", "return x + 1",
+     True),  # a new statement: ends where the block does
+    ("def f(x):\n    ", "\n", "if x:\n        return 1\n    return 2\nprint(3)\n",
+     "if x:\n        return 1\n    return 2", True),
+    ("if x:", "\n    pass\n", "\n    y = 1\n", "\n    y = 1\n", False),  # a block header: eos or suffix only
+    ("x = [\n    ", "\n]\n", "1,\n    2,\n]\nfoo()", "1,\n    2,\n]\nfoo()", False),  # inside brackets
+])
+def test_fim_end_finds_the_end_of_the_middle(prefix, suffix, middle, shown, ended):
+    for step in (1, 3, len(middle)):  # token pieces of any size, a `"""` split across them too
+        assert _pieces(prefix, suffix, middle, step) == (shown, ended), step
 
 
 def test_generate_cli_guards_greedy_loops_by_default(looping_model, tiny_model_dir, monkeypatch, capsys):
