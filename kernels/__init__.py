@@ -25,11 +25,13 @@ __all__ = [
     "grouped_mm",
     "moe_experts",
     "moe_experts_loop",
+    "moe_layer_decode",
     "permute",
     "qk_rope_cache",
     "route",
     "swiglu",
     "unpermute",
+    "use_moe_layer_decode",
 ]
 
 _MODES = ("auto", "reference", "triton")
@@ -98,6 +100,24 @@ def moe_experts(x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD):
     if x_TD.device.type == "cpu" and _mode() == "auto":
         return cpu.moe_experts(x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD)
     return _impl(x_TD).moe_experts(x_TD, weights_TK, experts_TK, w_gate_EDF, w_up_EDF, w_down_EFD)
+
+
+def use_moe_layer_decode(x_TD, E: int, K: int) -> bool:
+    """Whether a MoE layer's inference forward of these T tokens should call ``moe_layer_decode``
+    (the Triton path only; ``MOECODER_DECODE`` says when: see ``kernels.autograd``)."""
+    if backend(x_TD) != "triton":
+        return False
+    return _triton_module().use_moe_layer_decode(x_TD.shape[0], E, K)
+
+
+def moe_layer_decode(x_TD, router_w_ED, bias_E, top_k, score_func, renormalize, n_groups, topk_groups, group_score,
+                     routed_scaling, w_gate_EDF, w_up_EDF, w_down_EFD, shared_gate_DF=None, shared_up_DF=None,
+                     shared_down_FD=None):  # fmt: skip
+    """The MoE layer's inference forward (router, routing, routed + shared experts) for a few tokens:
+    (out_TD, weights_TK, experts_TK). No autograd. Shared-expert weights in ``x @ W`` layout."""
+    return _impl(x_TD).moe_layer_decode(x_TD, router_w_ED, bias_E, top_k, score_func, renormalize, n_groups,
+                                        topk_groups, group_score, routed_scaling, w_gate_EDF, w_up_EDF, w_down_EFD,
+                                        shared_gate_DF, shared_up_DF, shared_down_FD)  # fmt: skip
 
 
 # ---------------------------------------------------------------- fused single-token decode (issue #12)

@@ -211,14 +211,68 @@ class _MoEExperts(torch.autograd.Function):
 DECODE_MAX_TOKENS = 0
 
 
-def _use_decode(T: int, K: int) -> bool:
-    """MOECODER_DECODE=auto|fused|tiles: the one-launch decode path for few tokens without autograd."""
+# At most this many tokens take the three-launch decode *layer* op (``moe_layer_decode``:
+# router GEMV + top-k + plan, gate/up with the shared experts, down + combine) in "auto",
+# when the caller (model.moe.MoE) asks ``use_moe_layer_decode``. ``MOECODER_DECODE=layer``
+# forces it up to LAYER_FORCED_MAX_TOKENS. See docs/kernels-notes.md (issue #18).
+DECODE_LAYER_MAX_TOKENS = 0
+LAYER_FORCED_MAX_TOKENS = 8
+
+
+def _decode_mode() -> str:
     mode = os.environ.get("MOECODER_DECODE", "auto").strip().lower() or "auto"
-    if mode not in ("auto", "fused", "tiles"):
-        raise ValueError(f"MOECODER_DECODE must be one of auto, fused, tiles; got {mode!r}")
-    if T == 0 or mode == "tiles":
+    if mode not in ("auto", "fused", "tiles", "layer"):
+        raise ValueError(f"MOECODER_DECODE must be one of auto, fused, tiles, layer; got {mode!r}")
+    return mode
+
+
+def _use_decode(T: int, K: int) -> bool:
+    """MOECODER_DECODE=auto|fused|tiles|layer: the one-launch decode path for few tokens without autograd."""
+    mode = _decode_mode()
+    if T == 0 or mode in ("tiles", "layer"):
         return False
     return mode == "fused" or T <= DECODE_MAX_TOKENS
+
+
+def use_moe_layer_decode(T: int, E: int, K: int) -> bool:
+    """Whether a MoE layer's inference forward of T tokens should be one ``moe_layer_decode`` call.
+
+    MOECODER_DECODE=layer: for 1 <= T <= LAYER_FORCED_MAX_TOKENS; auto: T <= DECODE_LAYER_MAX_TOKENS;
+    fused, tiles: never. Only shapes the kernel holds in registers (E <= 256, T * K <= 128).
+    """
+    mode = _decode_mode()
+    limit = {"layer": LAYER_FORCED_MAX_TOKENS, "auto": DECODE_LAYER_MAX_TOKENS}.get(mode, 0)
+    return 1 <= T <= limit and E <= 256 and T * K <= 128
+
+
+def moe_layer_decode(x_TD, router_w_ED, bias_E, top_k, score_func, renormalize, n_groups, topk_groups, group_score,
+                     routed_scaling, w_gate_EDF, w_up_EDF, w_down_EFD, shared_gate_DF=None, shared_up_DF=None,
+                     shared_down_FD=None):  # fmt: skip
+    """The MoE layer's inference forward for few tokens in three launches (``kernels.triton_moe_layer``)."""
+    from kernels import triton_moe_layer as tml
+
+    if score_func not in ("softmax", "sigmoid"):
+        raise ValueError(f"unknown score_func {score_func!r}")
+    T, D = x_TD.shape
+    E = router_w_ED.shape[0]
+    if not 1 <= T <= tml.MAX_TOKENS or E > 256 or not 1 <= top_k <= E or w_gate_EDF.shape[:2] != (E, D):
+        raise ValueError(f"moe_layer_decode: T={T} (1..{tml.MAX_TOKENS}), E={E} (<= 256), top_k={top_k}, "
+                         f"w_gate {tuple(w_gate_EDF.shape)} for D={D}")  # fmt: skip
+    dt = x_TD.dtype
+    x = x_TD if x_TD.stride(1) == 1 else x_TD.contiguous()
+    wg, wu, wd = (w.to(dt) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
+    if wg.stride() != wu.stride():
+        wg, wu = wg.contiguous(), wu.contiguous()
+    sh = ()
+    if shared_gate_DF is not None:
+        sg, su, sd = (w.to(dt) for w in (shared_gate_DF, shared_up_DF, shared_down_FD))
+        if sg.stride() != su.stride():
+            sg, su = sg.contiguous(), su.contiguous()
+        sh = (sg, su, sd)
+    with torch.no_grad():
+        return tml.moe_layer_decode(x, router_w_ED.detach(), None if bias_E is None else bias_E.detach(), int(top_k),
+                                    score_func, renormalize, n_groups, topk_groups, group_score, routed_scaling,
+                                    wg, wu, wd, *sh)  # fmt: skip
 
 
 def _dh_path(dout, w) -> str:

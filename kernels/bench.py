@@ -8,6 +8,8 @@ the shape has them), bf16. Paths, all with the same FLOPs:
   triton      kernels.autograd (route kernel + the fused experts Function)
   loop        reference routing + a per-expert Python loop (HF transformers' eager MoE)
   grouped_mm  reference routing + torch-side permutation + torch._grouped_mm (torchtitan)
+  layer       decode only: kernels.autograd.moe_layer_decode, the whole layer (router GEMV,
+              top-k, plan, routed + shared experts, combine) in three launches
   dense       the same layer FLOPs as plain dense GEMMs (routed part: T*K rows through one
               expert-sized MLP, no permutation): the ceiling
 Timing: CUDA events around each call, median of many calls after warm-up, rotating among
@@ -115,12 +117,17 @@ def make_layer(path: str, s: Shape, p: Params):
 
     def layer(inp):
         x = inp["x"]
-        logits = x.float() @ p.wr.t()
+        logits = x.float() @ p.wr.t() if path != "layer" else None
         if path == "dense":
             xr = inp["x_rep"]
             y_rep = (F.silu(xr @ p.dg) * (xr @ p.du)) @ p.dd
             sh = shared(x)
             return [logits, y_rep] + ([sh] if sh is not None else [])
+        if path == "layer":  # the whole layer in one op (router inside; three launches), decode only
+            sh = (p.sg, p.su, p.sd) if p.sg is not None else ()
+            y, _, _ = tk.moe_layer_decode(x, p.wr, None, s.K, "softmax", s.renormalize, 1, 1, "max", 1.0,
+                                          p.wg, p.wu, p.wd, *sh)  # fmt: skip
+            return [y]
         if path == "triton":
             w, e = tk.route(logits, s.K, "softmax", None, s.renormalize)
             y = tk.moe_experts(x, w, e, p.wg, p.wu, p.wd)
@@ -305,6 +312,19 @@ def decode_breakdown(s: Shape, T: int, dev, inner: int = 16) -> list[dict]:
         sets.append(dict(x=x, logits=logits, w=w, e=e, plan=plan, hh=hh, y=y))
     wbytes = statistics.mean(float(q["e"].unique().numel()) for q in sets) * D * Fh * 2
     one = torch.zeros(1, device=dev)
+    from kernels import triton_moe_layer as tml
+
+    shw = (p.sg, p.su, p.sd) if p.sg is not None else (None, None, None)
+    sbytes = 3 * D * Fh * s.n_shared * 2
+    for q in sets:
+        q["lp"] = tml.route_plan(q["x"], p.wr, None, K, "softmax", s.renormalize, 1, 1, "max", 1.0)
+        q["lh"] = tml.gate_up(q["x"], q["lp"][2], q["lp"][3], q["lp"][4], K, p.wg, p.wu, shw[0], shw[1])
+        q["lh"] = (q["lh"][0], q["lh"][1] if p.sg is not None else None)
+
+    def shared_torch(i):
+        if p.sg is not None:
+            x = sets[i]["x"]
+            (F.silu(x @ p.sg) * (x @ p.su)) @ p.sd
 
     def tiles_gu(i):
         q = sets[i]
@@ -319,11 +339,33 @@ def decode_breakdown(s: Shape, T: int, dev, inner: int = 16) -> list[dict]:
         "empty launch (one tiny kernel)": (lambda i: one.add_(1.0), 0),
         "router: cast + fp32 GEMV": (lambda i: sets[i]["x"].float() @ p.wr.t(), p.wr.numel() * 4),
         "route (top-k)": (lambda i: ops.route_fwd(sets[i]["logits"], K, "softmax", None, s.renormalize), 0),
-        "decode: experts + combine, 1 launch": (
-            lambda i: ops.decode_experts(sets[i]["x"], sets[i]["w"], sets[i]["e"], p.wg, p.wu, p.wd), 3 * wbytes),
-        "decode: route + experts, 2 launches": (
-            lambda i: ops.decode_experts(sets[i]["x"], *ops.route_fwd(sets[i]["logits"], K, "softmax", None,
-                                                                      s.renormalize), p.wg, p.wu, p.wd), 3 * wbytes),
+        "layer: router+top-k+plan, 1 launch": (
+            lambda i: tml.route_plan(sets[i]["x"], p.wr, None, K, "softmax", s.renormalize, 1, 1, "max", 1.0),
+            p.wr.numel() * 4),
+        "layer: gate/up routed": (
+            lambda i: tml.gate_up(sets[i]["x"], sets[i]["lp"][2], sets[i]["lp"][3], sets[i]["lp"][4], K, p.wg, p.wu),
+            2 * wbytes),
+        "layer: down+combine routed+shared": (
+            lambda i: tml.down_combine(sets[i]["lh"][0], sets[i]["lh"][1], sets[i]["lp"][2], sets[i]["lp"][0],
+                                       sets[i]["lp"][3], sets[i]["lp"][4], T, K, p.wd, shw[2]), wbytes + sbytes / 3),
+        "layer: whole layer, 3 launches": (
+            lambda i: tml.moe_layer_decode(sets[i]["x"], p.wr, None, K, "softmax", s.renormalize, 1, 1, "max", 1.0,
+                                           p.wg, p.wu, p.wd, *(shw if p.sg is not None else ()), shared_in_router=False),
+            p.wr.numel() * 4 + 3 * wbytes + sbytes),
+    }
+    if p.sg is not None:  # where the shared experts' gate/up go: the router's launch or the routed gate/up's
+        pieces["layer: router+top-k+plan + shared gate/up"] = (
+            lambda i: tml.route_plan(sets[i]["x"], p.wr, None, K, "softmax", s.renormalize, 1, 1, "max", 1.0,
+                                     p.sg, p.su), p.wr.numel() * 4 + 2 * sbytes / 3)
+        pieces["layer: gate/up routed+shared"] = (
+            lambda i: tml.gate_up(sets[i]["x"], sets[i]["lp"][2], sets[i]["lp"][3], sets[i]["lp"][4], K, p.wg, p.wu,
+                                  p.sg, p.su), 2 * wbytes + 2 * sbytes / 3)
+        pieces["layer: whole layer, shared gate/up in the router launch"] = (
+            lambda i: tml.moe_layer_decode(sets[i]["x"], p.wr, None, K, "softmax", s.renormalize, 1, 1, "max", 1.0,
+                                           p.wg, p.wu, p.wd, *shw, shared_in_router=True),
+            p.wr.numel() * 4 + 3 * wbytes + sbytes)
+        pieces["shared experts in torch"] = (shared_torch, sbytes)
+    pieces |= {
         "tiles: plan": (lambda i: ops.plan(sets[i]["e"], E, bm), 0),
         "tiles: gate/up+SwiGLU": (tiles_gu, 2 * wbytes),
         "tiles: down": (tiles_down, wbytes),
@@ -471,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
                     touched = p.touched_bytes(s, sum(nt) / len(nt))
                 res = {}
                 for path in paths:
-                    if mode == "decode" and path == "dense":
+                    if (mode == "decode" and path == "dense") or (path == "layer" and (mode != "decode" or T > 16)):
                         continue
                     layer = make_layer(path, s, p)
                     reps = args.reps if not (path == "loop" and T >= 16384) else max(5, args.reps // 4)

@@ -189,3 +189,48 @@ def decode_attention(q_BHD, k1_BGLD, v_BGLD, pos, pad_B=None, scale=None, k2_BGL
     s = s.masked_fill(~ok[:, None, None, :], float("-inf"))
     o = torch.einsum("bgrl,bgld->bgrd", s.softmax(-1), v_BGLD.to(a))
     return o.reshape(B, H, -1).to(q_BHD.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# the MoE layer for a few tokens (issue #18): the specification of kernels.triton_moe_layer
+
+
+def route_groups(logits_TE, top_k: int, score_func: str, bias_E, renormalize: bool, n_groups: int,
+                 topk_groups: int, group_score: str = "max"):  # fmt: skip
+    """Group-limited routing (DeepSeek): only experts of the ``topk_groups`` best groups compete.
+
+    Groups are scored by their best biased score ("max", V2) or the sum of their two best ("top2sum",
+    V3); the weights are the unbiased scores of the chosen experts (renormalised if asked).
+    """
+    T, E = logits_TE.shape
+    logits = logits_TE.float()
+    scores = logits.softmax(-1) if score_func == "softmax" else logits.sigmoid()
+    choice = scores if bias_E is None else scores + bias_E.float()
+    grouped = choice.view(T, n_groups, E // n_groups)
+    g = grouped.amax(-1) if group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
+    keep = torch.zeros_like(g, dtype=torch.bool).scatter_(1, g.topk(topk_groups, dim=-1).indices, True)
+    masked = choice.masked_fill(~keep.repeat_interleave(E // n_groups, dim=1), float("-inf"))
+    experts_TK = masked.topk(top_k, dim=-1).indices
+    weights_TK = scores.gather(-1, experts_TK)
+    if renormalize and top_k > 1:
+        weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+    return weights_TK, experts_TK
+
+
+def moe_layer_decode(x_TD, router_w_ED, bias_E, top_k: int, score_func: str, renormalize: bool, n_groups: int,
+                     topk_groups: int, group_score: str, routed_scaling: float, w_gate_EDF, w_up_EDF, w_down_EFD,
+                     shared_gate_DF=None, shared_up_DF=None, shared_down_FD=None):  # fmt: skip
+    """The whole MoE layer's forward (as ``model.moe.MoE`` computes it): fp32 router, routing
+    (group-limited when ``topk_groups < n_groups``), routed scaling, routed experts, plus the
+    shared experts (SwiGLU with weights in ``x @ W`` layout) when given. -> (out_TD, weights_TK, experts_TK)."""
+    logits = x_TD.float() @ router_w_ED.float().t()
+    if topk_groups < n_groups:
+        w, e = route_groups(logits, top_k, score_func, bias_E, renormalize, n_groups, topk_groups, group_score)
+    else:
+        w, e = route(logits, top_k, score_func, bias_E, renormalize)
+    if routed_scaling != 1.0:
+        w = w * routed_scaling
+    y = moe_experts(x_TD, w, e, w_gate_EDF, w_up_EDF, w_down_EFD)
+    if shared_gate_DF is not None:
+        y = y + (F.silu(x_TD @ shared_gate_DF) * (x_TD @ shared_up_DF)) @ shared_down_FD
+    return y, w, e

@@ -86,12 +86,31 @@ def main(argv: list[str] | None = None) -> int:
         cases.append((f"decode 1-launch BN={c['BLOCK_N']} BK={c['BLOCK_K']} BD={c['BLOCK_D']}", ops._decode_moe_kernel,
                       dec_t, dict(stride_wn=1, stride_dd=1, ACC64=False, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
                                   BLOCK_D=c["BLOCK_D"]), c["w"], c["s"]))  # fmt: skip
+    from kernels import triton_moe_layer as tml
+
+    rt_t = dict(x_ptr=B, wr_ptr=F32, bias_ptr=F32, lg_ptr=F32, cnt_ptr=I32, w_ptr=F32, e_ptr=I64, rowidx_ptr=I64,
+                tm_ptr=I32, scaling="fp32")  # fmt: skip
+    for t_, e_, k_ in ((1, 128, 8), (8, 128, 8), (1, 64, 6), (8, 64, 6)):
+        m_ = tml._router_meta(t_, e_, 2048, k_, 1)
+        w_ = m_.pop("num_warps")
+        cases.append((f"layer router T={t_} E={e_} K={k_}", tml._router_kernel, rt_t,
+                      dict(K=k_, SOFTMAX=True, HAS_BIAS=False, RENORM=True, N_GROUPS=1, TOPK_GROUPS=1,
+                           GROUP_TOP2=False, **m_), w_, 1))  # fmt: skip
+    lgu_t = dict(x_ptr=B, rowidx_ptr=I64, wg_ptr=B, wu_ptr=B, sg_ptr=B, su_ptr=B, h_ptr=B, hs_ptr=B, tm_ptr=I32)
+    ldn_t = dict(h_ptr=B, hs_ptr=B, rowidx_ptr=I64, w_ptr=F32, wd_ptr=B, sd_ptr=B, acc_ptr=F32, cnt_ptr=I32,
+                 out_ptr=B, tm_ptr=I32)  # fmt: skip
+    for c in tml._LAYER_GPU:
+        bn, bk = c["BLOCK_N"], c["BLOCK_K"]
+        cases.append((f"layer gate/up BN={bn} BK={bk}", tml._gu_kernel, lgu_t,
+                      dict(stride_wn=1, stride_sn=1, BM=16, BLOCK_N=bn, BLOCK_K=bk), c["w"], c["s"]))
+        cases.append((f"layer down+combine BN={bn} BK={bk}", tml._down_kernel, ldn_t,
+                      dict(stride_dd=1, stride_sd=1, BM=16, BLOCK_TO=1, BLOCK_N=bn, BLOCK_K=bk), c["w"], c["s"]))
     only = os.environ.get("SASS_ONLY", "")
     cases = [c for c in cases if only in c[0]]
     print(f"{'kernel':34s} warps stages " + " ".join(f"{m:>6s}" for m in MNEMONICS) + "  shared regs")
     for name, fn, types, consts, w, s in cases:
         try:
-            names = (fn.fn if hasattr(fn, "fn") else fn).arg_names
+            names = fn.arg_names if hasattr(fn, "arg_names") else fn.fn.arg_names
             r = _compile(fn, types, {k: v for k, v in {**common, **consts}.items() if k in names}, w, s)
         except Exception as exc:  # report and go on
             print(f"{name:34s} FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")

@@ -55,6 +55,8 @@ class MoE(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
+        if self._layer_decode_ok(x_TD):
+            return self._forward_layer_decode(x_TD).reshape(B, T, D).to(x_BTD.dtype)
         with torch.autocast(x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
         bias = self.expert_bias if self.use_bias else None
@@ -73,6 +75,32 @@ class MoE(nn.Module):
             y_TD = y_TD + self.shared(x_in)
         self._record(logits_TE, experts_TK)
         return y_TD.reshape(B, T, D).to(x_BTD.dtype)
+
+    def _layer_decode_ok(self, x_TD: torch.Tensor) -> bool:
+        """Inference on a few tokens with plain (not quantised, not expert-parallel) weights: the whole
+        layer as one ``kernels.moe_layer_decode`` call (three launches on the Triton path) when
+        ``kernels.use_moe_layer_decode`` says so (MOECODER_DECODE, issue #18)."""
+        if torch.is_grad_enabled() or self.training or type(self.experts) is not GroupedExperts:
+            return False
+        if self.experts.experts_fn is not kernels.moe_experts or type(self.gate) is not nn.Linear:
+            return False
+        sh = self.shared
+        if sh is not None and not (type(sh) is SwiGLU and all(type(m) is nn.Linear for m in (sh.w1, sh.w2, sh.w3))):
+            return False
+        return kernels.use_moe_layer_decode(x_TD, self.n_experts, self.top_k)
+
+    def _forward_layer_decode(self, x_TD: torch.Tensor) -> torch.Tensor:
+        x_in = x_TD
+        if torch.is_autocast_enabled(x_TD.device.type):
+            x_in = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
+        ex, sh = self.experts, self.shared
+        shared = () if sh is None else (sh.w1.weight.t(), sh.w3.weight.t(), sh.w2.weight.t())
+        y_TD, _, experts_TK = kernels.moe_layer_decode(
+            x_in, self.gate.weight, self.expert_bias if self.use_bias else None, self.top_k, self.score_func,
+            self.renormalize, self.n_groups, self.topk_groups, self.group_score, self.routed_scaling,
+            ex.w_gate, ex.w_up, ex.w_down, *shared)  # fmt: skip
+        self._record(x_TD, experts_TK)  # counts only (no grad, so no losses)
+        return y_TD
 
     def _route_groups(self, logits_TE: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Group-limited routing (DeepSeek): only experts of the ``topk_groups`` best groups
@@ -95,7 +123,7 @@ class MoE(nn.Module):
 
     def _record(self, logits_TE: torch.Tensor, experts_TK: torch.Tensor) -> None:
         """Tensor statistics of this forward (no host sync) and, when training, the losses."""
-        if logits_TE.is_cuda and torch.cuda.is_current_stream_capturing():
+        if experts_TK.is_cuda and torch.cuda.is_current_stream_capturing():
             return  # CUDA graph capture (static decode): bincount would sync with the host
         counts = torch.bincount(experts_TK.reshape(-1), minlength=self.n_experts).float()
         last = {"counts": counts}

@@ -454,3 +454,99 @@ def test_tiny_model_same_loss_and_grads_with_either_path(monkeypatch):
     assert grads_t.keys() == grads_r.keys() and any("w_gate" in n for n in grads_t)
     for n in grads_r:
         assert rel(grads_t[n], grads_r[n]) < grad_tol, n
+
+
+# ------------------------------------------------- the decode layer op (issue #18)
+
+
+def _layer_inputs(T, E, D, F, FS, bias):
+    x = rnd(T, D, grad=False)
+    wr = torch.randn(E, D, device=DEV) * D**-0.5  # fp32 router, as in the model
+    b = torch.randn(E, device=DEV) * 0.1 if bias else None
+    ws = [rnd(E, D, F, scale=D**-0.5, grad=False), rnd(E, D, F, scale=D**-0.5, grad=False),
+          rnd(E, F, D, scale=F**-0.5, grad=False)]  # fmt: skip
+    sh = [rnd(D, FS, scale=D**-0.5, grad=False), rnd(D, FS, scale=D**-0.5, grad=False),
+          rnd(FS, D, scale=FS**-0.5, grad=False)] if FS else []  # fmt: skip
+    return x, wr, b, ws, sh
+
+
+@pytest.mark.parametrize(
+    "T,E,K,D,F,FS,score,bias,groups,scaling",
+    [
+        (1, 16, 4, 24, 40, 48, "softmax", False, (1, 1, "max"), 1.0),  # a shared expert wider than the routed
+        (3, 16, 4, 24, 17, 0, "sigmoid", True, (4, 2, "top2sum"), 2.5),  # DeepSeek-V3 style routing
+        (8, 12, 3, 20, 16, 30, "softmax", False, (4, 3, "max"), 1.0),  # DeepSeek-V2 style groups, odd D
+    ],
+)  # fmt: skip
+def test_moe_layer_decode_matches_reference(T, E, K, D, F, FS, score, bias, groups, scaling):
+    """The three-launch decode layer (router GEMV + top-k + plan, gate/up with the shared experts,
+    down + combine) gives the reference layer: same experts, weights, output."""
+    x, wr, b, ws, sh = _layer_inputs(T, E, D, F, FS, bias)
+    ng, tg, gs = groups
+    out, w, e = tk.moe_layer_decode(x, wr, b, K, score, True, ng, tg, gs, scaling, *ws, *sh)
+    outr, wr_, er = ref.moe_layer_decode(ref_of(x), wr, b, K, score, True, ng, tg, gs, scaling,
+                                         *(ref_of(t) for t in ws + sh))  # fmt: skip
+    assert torch.equal(e, er)
+    assert w.dtype == torch.float32 and rel(w, wr_) < TOL_F32
+    assert out.dtype == x.dtype and out.shape == (T, D)
+    assert rel(out, outr) < max(TOL, 1e-6)  # the reference's router is fp32 (as in the model)
+    if FS:  # the shared experts' gate/up in the other launch (router's or routed gate/up's)
+        from kernels import triton_moe_layer as tml
+
+        out2, _, e2 = tml.moe_layer_decode(x, wr, b, K, score, True, ng, tg, gs, scaling, *ws, *sh,
+                                           shared_in_router=not tml.SHARED_IN_ROUTER)  # fmt: skip
+        assert torch.equal(e2, er) and rel(out2, outr) < max(TOL, 1e-6)
+
+
+def test_moe_layer_decode_workspace_left_clean_across_calls():
+    """Logit and output accumulators and counters are zero again after every call (calls of
+    different sizes in a row; one expert shared by every token)."""
+    from kernels import triton_moe_layer as tml
+
+    E, K, D, F, FS = 6, 2, 24, 16, 16
+    for T in (5, 1, 5):
+        x, wr, b, ws, sh = _layer_inputs(T, E, D, F, FS, False)
+        wr[3] = x[0].float() * 10.0 / D**0.5  # expert 3: a large logit for most tokens
+        out, _, e = tk.moe_layer_decode(x, wr, None, K, "softmax", False, 1, 1, "max", 1.0, *ws, *sh)
+        outr, _, er = ref.moe_layer_decode(ref_of(x), wr, None, K, "softmax", False, 1, 1, "max", 1.0,
+                                           *(ref_of(t) for t in ws + sh))  # fmt: skip
+        assert torch.equal(e, er) and rel(out, outr) < max(TOL, 1e-6), T
+        ws_ = tml._WS[(str(x.device), torch.float64 if DT == torch.float64 else torch.float32)]
+        assert all(torch.count_nonzero(t) == 0 for t in ws_), T
+
+
+@pytest.mark.parametrize("mode", ["layer", "auto"])
+def test_model_moe_uses_the_decode_layer_under_no_grad(monkeypatch, mode):
+    """model.moe.MoE calls kernels.moe_layer_decode for few tokens at inference when MOECODER_DECODE
+    says so (``layer``; ``auto``: T <= DECODE_LAYER_MAX_TOKENS), with the same output as the separate
+    ops (tiles path); group-limited sigmoid routing with bias, scaling and a shared expert."""
+    import dataclasses
+
+    from model.config import get_preset
+    from model.moe import MoE
+
+    cfg = dataclasses.replace(get_preset("tiny"), dim=32, n_experts=8, top_k=2, expert_hidden=16, n_shared_experts=1,
+                              score_func="sigmoid", n_groups=4, topk_groups=2, group_score="top2sum",
+                              routed_scaling=1.5, bias_update_rate=0.01)  # fmt: skip
+    torch.manual_seed(0)
+    moe = MoE(cfg).to(DEV).eval()
+    moe.reset_parameters(0.2, 0.2)
+    moe.expert_bias.copy_(torch.randn(8) * 0.05)
+    x = torch.randn(1, 3, 32, device=DEV)
+    monkeypatch.setenv("MOECODER_KERNELS", "triton")
+    used = []
+    real = tk.moe_layer_decode
+    monkeypatch.setattr(tk, "moe_layer_decode", lambda *a: used.append(1) or real(*a))
+    monkeypatch.setenv("MOECODER_DECODE", mode)
+    with torch.no_grad():
+        y = moe(x)
+    counts = moe.last["counts"]
+    assert used == ([1] if mode == "layer" or 3 <= tk.DECODE_LAYER_MAX_TOKENS else [])
+    monkeypatch.setenv("MOECODER_DECODE", "tiles")
+    with torch.no_grad():
+        y_ref = moe(x)
+    assert len(used) <= 1 and y.shape == y_ref.shape
+    assert rel(y, y_ref) < (2e-3 if CUDA else 1e-5)  # fp32 model: TF32 dots on CUDA
+    assert torch.equal(counts, moe.last["counts"]) and int(counts.sum()) == 3 * 2
+    y_grad = moe(x)  # with autograd: never the decode layer
+    assert len(used) <= 1 and rel(y_grad, y_ref) < (2e-3 if CUDA else 1e-5)
