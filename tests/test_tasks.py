@@ -398,3 +398,36 @@ def test_cli_debug_uses_the_reviews_threshold_and_says_what_it_hides(tmp_path, c
     assert "Line 18 reads one past the end." in out and f"{f}:18: off by one (confidence 0.30)" in out
     assert main(["debug", str(f), "window", "--min-confidence", "2"]) == 2
     assert "--min-confidence must be between 0 and 1" in capsys.readouterr().err
+
+
+def test_a_file_of_many_functions_is_planned_a_window_at_a_time(tiny_tokenizer, monkeypatch):
+    """The review's memory is bounded by the work in flight, not by the file's size: a plan holds
+    its file's lines, and plans are made a window at a time as results go out (all up front took
+    3.5 GB on a 20k-line file: docs/benchmarks.md)."""
+    import assistant.tasks as T
+
+    src = "\n\n".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(120))
+    reqs = [TaskRequest("debug", src, function=f"f{i}", max_new_tokens=4) for i in range(120)]
+    eng = Engine.from_loaded(backend=ScriptedBackend(tiny_tokenizer, context_length=4096))
+    made = [0]
+    real = T.make_plan
+
+    def counting(engine, req):
+        made[0] += 1
+        return real(engine, req)
+
+    monkeypatch.setattr(T, "make_plan", counting)
+
+    def most_ahead(**kw) -> int:
+        made[0], done, ahead = 0, 0, 0
+        for _ in T.iter_batch(eng, reqs, batch_size=4, **kw):
+            done += 1
+            ahead = max(ahead, made[0] - done)
+        assert done == len(reqs)
+        return ahead
+
+    try:
+        assert most_ahead() <= 32 + 4  # the default window (32 for batches of 4) + one batch
+        assert most_ahead(window=len(reqs)) > 100  # the measure sees planning all up front
+    finally:
+        eng.close()
