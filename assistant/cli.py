@@ -170,10 +170,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     handler, _ = COMMANDS[name]
     try:
-        return int(handler(rest) or 0)
+        code = int(handler(rest) or 0)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return code
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `moecoder ... | head`: the reader has gone; no traceback, no second error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -44,3 +44,13 @@ def test_train_help_shows_each_default_once(capsys):
     opts = out[out.index("options:"):]
     block = opts[opts.index("--tokenizer"):opts.index("--resume")]
     assert block.count("default") == 1, block
+
+
+def test_a_closed_pipe_is_no_traceback():
+    """`moecoder data --help | head -1`: the reader leaves before the output is written; no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "assistant.cli", "data", "--help"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc.stdout.close()  # before the child writes a byte
+    _, err = proc.communicate(timeout=120)
+    assert b"Traceback" not in err and b"Exception ignored" not in err and b"BrokenPipe" not in err, err.decode()
+    assert proc.returncode == 0
