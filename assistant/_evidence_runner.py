@@ -279,6 +279,310 @@ def _resolve(obj, qualname):
     return obj
 
 
+
+# ----------------------------------------------------------------------------- probing
+# Differential testing of verified candidates: the arguments the evidence called the function
+# with are recorded, inputs are derived from them (small type-driven changes that keep what
+# held for every recorded call: types, sortedness, distinct items, non-negative numbers,
+# an index inside a sequence argument), and the original and each candidate are called on
+# every derived input. The assistant compares what they return.
+
+MAX_PROBE_INPUTS = 120
+_ADDR = None
+
+
+def _norm_repr(v, limit=300):
+    global _ADDR
+    import re
+
+    if _ADDR is None:
+        _ADDR = re.compile(r" at 0x[0-9a-fA-F]+")
+    try:
+        text = repr(v)
+    except BaseException as e:  # noqa: BLE001
+        text = f"<repr failed: {type(e).__name__}>"
+    text = _ADDR.sub("", text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _call_args(code, f_locals):
+    """(positional, keyword) arguments of a call from its frame's locals at the call."""
+    names = code.co_varnames
+    n_pos = code.co_argcount
+    n_kw = code.co_kwonlyargcount
+    pos = [f_locals[n] for n in names[:n_pos]]
+    kw = {n: f_locals[n] for n in names[n_pos:n_pos + n_kw]}
+    i = n_pos + n_kw
+    if code.co_flags & 0x04:  # *args
+        pos += list(f_locals[names[i]])
+        i += 1
+    if code.co_flags & 0x08:  # **kwargs
+        kw.update(f_locals[names[i]])
+    return pos, kw
+
+
+def _sorted_ok(seq):
+    try:
+        return all(seq[i] <= seq[i + 1] for i in range(len(seq) - 1))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _distinct(seq):
+    try:
+        return len(set(seq)) == len(seq)
+    except Exception:  # noqa: BLE001
+        return len(seq) < 2
+
+
+_SEQ = (list, tuple, str)
+
+
+def _facts(v):
+    """What is true of one argument value (compared across the recorded calls)."""
+    f = {"type": type(v).__name__}
+    if isinstance(v, bool):
+        return f
+    if isinstance(v, (int, float)):
+        f["nonneg"] = v >= 0
+        f["pos"] = v > 0
+    if isinstance(v, _SEQ):
+        f["nonempty"] = len(v) > 0
+        f["sorted"] = _sorted_ok(v)
+        f["distinct"] = _distinct(v)
+        f["items"] = sorted({type(x).__name__ for x in v})
+    return f
+
+
+def _invariants(calls):
+    """Facts that hold for an argument position in every recorded call."""
+    inv = {}
+    for pos, _kw in calls:
+        for i, v in enumerate(pos):
+            f = _facts(v)
+            if i not in inv:
+                inv[i] = dict(f)
+            else:
+                inv[i] = {k: val for k, val in inv[i].items() if f.get(k) == val}
+    # an integer argument that indexes a sequence argument in every call
+    rel = set()
+    n = min((len(p) for p, _ in calls), default=0)
+    for i in range(n):
+        for j in range(n):
+            if i != j and all(isinstance(p[i], int) and not isinstance(p[i], bool) and isinstance(p[j], _SEQ)
+                              for p, _ in calls):
+                if all(0 <= p[i] < len(p[j]) for p, _ in calls):
+                    rel.add((i, j, "lt"))
+                elif all(0 <= p[i] <= len(p[j]) for p, _ in calls):
+                    rel.add((i, j, "le"))
+    return inv, rel
+
+
+def _keeps(pos, inv, rel):
+    for i, v in enumerate(pos):
+        want = inv.get(i)
+        if want is None:
+            continue
+        f = _facts(v)
+        for k, val in want.items():
+            if f.get(k) != val:
+                return False
+    for i, j, how in rel:
+        if i < len(pos) and j < len(pos):
+            if not isinstance(pos[i], int) or not isinstance(pos[j], _SEQ):
+                return False
+            if not (0 <= pos[i] < len(pos[j]) if how == "lt" else 0 <= pos[i] <= len(pos[j])):
+                return False
+    return True
+
+
+def _variants(v, depth=0):
+    """Small changes of one value, simplest first."""
+    if isinstance(v, bool):
+        yield not v
+    elif isinstance(v, int):
+        yield from (v + 1, v - 1, 0, v * 2, -v, v + 2)
+    elif isinstance(v, float):
+        yield from (v + 1.0, v - 1.0, 0.0, v * 2, -v, v / 2)
+    elif isinstance(v, str):
+        yield from (v[1:], v[:-1], v[::-1], v + v[:1], v[:1] + v, v.upper(), "")
+    elif isinstance(v, (list, tuple)):
+        mk = type(v)
+        n = len(v)
+        yield mk(v[1:])
+        yield mk(v[:-1])
+        yield mk(v[::-1])
+        if n:
+            yield mk([*v, v[-1]])
+            yield mk([v[0], *v])
+        try:
+            yield mk(sorted(v))
+            yield mk(sorted(v, reverse=True))
+        except Exception:  # noqa: BLE001
+            pass
+        yield mk(v[: n // 2])
+        yield mk(v[n // 2:])
+        for i in range(min(n, 8)):
+            yield mk([*v[:i], *v[i + 1:]])
+        for i in range(min(n - 1, 6)):
+            w = list(v)
+            w[i], w[i + 1] = w[i + 1], w[i]
+            yield mk(w)
+        if depth == 0:
+            for i in range(min(n, 6)):
+                for x in list(_variants(v[i], depth + 1))[:4]:
+                    w = list(v)
+                    w[i] = x
+                    yield mk(w)
+        yield mk([])
+    elif isinstance(v, dict) and depth == 0:
+        for k in list(v)[:6]:
+            yield {kk: vv for kk, vv in v.items() if kk != k}
+
+
+def derive_inputs(calls, limit=MAX_PROBE_INPUTS):
+    """Inputs derived from the recorded calls that keep what held in all of them."""
+    import copy
+
+    inv, rel = _invariants(calls)
+    seen = set()
+    out = []
+    gens = []
+    for pos, kw in calls:
+        seen.add(_norm_repr((pos, kw), 2000))
+
+        def gen(pos=pos, kw=kw):
+            for i, v in enumerate(pos):
+                for x in _variants(v):
+                    w = list(pos)
+                    w[i] = x
+                    yield w, kw
+            # a scalar argument given a value that an item of another argument has
+            for i, v in enumerate(pos):
+                if isinstance(v, (int, float, str)) and not isinstance(v, bool):
+                    for j, seq in enumerate(pos):
+                        if j != i and isinstance(seq, (list, tuple)):
+                            for x in seq[:12]:
+                                if type(x) is type(v):
+                                    w = list(pos)
+                                    w[i] = x
+                                    yield w, kw
+            # two arguments changed together (the first two variants of each)
+            for i in range(len(pos)):
+                for j in range(i + 1, len(pos)):
+                    for x in list(_variants(pos[i]))[:3]:
+                        for y in list(_variants(pos[j]))[:3]:
+                            w = list(pos)
+                            w[i], w[j] = x, y
+                            yield w, kw
+
+        gens.append(gen())
+    # round robin over the recorded calls, so each contributes
+    while gens and len(out) < limit:
+        alive = []
+        for g in gens:
+            for pos, kw in g:
+                key = _norm_repr((pos, kw), 2000)
+                if key in seen or not _keeps(pos, inv, rel):
+                    continue
+                seen.add(key)
+                try:
+                    out.append(copy.deepcopy((pos, kw)))
+                except Exception:  # noqa: BLE001
+                    continue
+                alive.append(g)
+                break
+            if len(out) >= limit:
+                break
+        gens = alive
+    return out
+
+
+def _outcome(fn, pos, kw, t_run):
+    import copy
+    import random
+    import types
+
+    try:
+        pos, kw = copy.deepcopy((pos, kw))
+    except Exception:  # noqa: BLE001
+        return ["skip"]
+    random.seed(0)
+    try:
+        with Timer(t_run):
+            res = fn(*pos, **kw)
+            if isinstance(res, types.GeneratorType):
+                import itertools
+
+                res = list(itertools.islice(res, 1000))
+    except RunTimeout:
+        return ["timeout"]
+    except RecursionError:
+        return ["raise", "RecursionError"]
+    except BaseException as e:  # noqa: BLE001 - the candidate's behaviour
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            return ["raise", type(e).__name__]
+        return ["raise", type(e).__name__]
+    return ["ok", _norm_repr(res), _norm_repr((pos, kw))]
+
+
+def run_probe(spec, mod, fn, orig, use, items, emit_line, t_run):
+    """Record the calls the evidence makes (the original code), derive inputs, and call the
+    original and each candidate on them: one ``probe`` line per input (every version's outcome
+    on it), so a run stopped half-way keeps whole rows. The original runs twice on each input;
+    an input it answers differently is marked unstable."""
+    calls = []
+    fn.__code__ = orig
+    t_end = time.monotonic() + float(spec.get("probe_budget", 15.0))
+
+    def prof(frame, event, arg):
+        if event == "call" and frame.f_code is orig and (frame.f_back is None or frame.f_back.f_code is not orig):
+            import copy
+
+            try:
+                calls.append(copy.deepcopy(_call_args(orig, frame.f_locals)))
+            except Exception:  # noqa: BLE001 - an argument that cannot be copied
+                pass
+
+    devnull = open(os.devnull, "w")
+    old = sys.stdout
+    sys.stdout = devnull
+    sys.setprofile(prof)
+    try:
+        if spec.get("examples"):
+            run_examples_in(dict(spec, stop_on_fail=False), mod, Coverage(spec["target"], False),
+                            lambda rec: None, t_run)
+        for item in items:
+            item.config.hook.pytest_runtest_protocol(item=item, nextitem=None)
+    finally:
+        sys.setprofile(None)
+    try:
+        calls = calls[:200]
+        inputs = derive_inputs(calls, int(spec.get("probe_inputs", MAX_PROBE_INPUTS)))
+        emit_line({"kind": "probe_start", "calls": len(calls), "inputs": len(inputs)})
+        t_call = float(spec.get("probe_timeout", 0.25))
+        usable = [c for c in spec["candidates"] if use(c)]
+        hangs = 0  # calls stopped by the timer: they cost the most, so they are rationed
+        for j, (pos, kw) in enumerate(inputs):
+            if time.monotonic() > t_end or hangs >= int(spec.get("probe_max_hangs", 12)):
+                break
+            fn.__code__ = orig
+            first = _outcome(fn, pos, kw, t_call)
+            if first[0] != "timeout":
+                again = _outcome(fn, pos, kw, t_call)
+                if again != first:
+                    first = ["unstable"]
+            row = {"base": first}
+            for cand in usable:
+                use(cand)
+                row[cand["id"]] = _outcome(fn, pos, kw, t_call)
+            fn.__code__ = orig
+            hangs += sum(1 for v in row.values() if v[0] == "timeout")
+            emit_line({"kind": "probe", "i": j, "input": _norm_repr((pos, kw), 160), "results": row})
+    finally:
+        sys.stdout = old
+        fn.__code__ = orig
+
 def main_swap(spec, out):
     """Many candidates in one process: the function's code object is swapped in place (every
     reference to the function, in the tests too, runs the candidate), the tests collected once."""
@@ -325,6 +629,9 @@ def main_swap(spec, out):
 
     def loop(session=None):
         items = list(session.items) if session is not None else []
+        if spec.get("probe"):
+            run_probe(spec, mod, fn, orig, use, items, lambda rec: out.write(json.dumps(rec) + "\n"), t_run)
+            return
         rank = {n: k for k, n in enumerate(first)}
         items.sort(key=lambda it: rank.get(it.nodeid, len(rank)))
         for cand in spec["candidates"]:

@@ -89,8 +89,12 @@ def run_quixbugs(args: argparse.Namespace) -> dict:
         row["answer_line"] = h.line + 1 if h else None
         row["top1_answer"] = bool(h and h.line + 1 in bug)
         row["verified"] = bool(h and h.evidence == "verified")
+        row["plausible"] = bool(h and h.evidence == "plausible")
         row["fix"] = h.fix.strip() if h and h.fix else None
-        if row["verified"]:
+        row["probe_inputs"] = rep.probe_inputs
+        if rep.crashing:
+            row["raising_fix"] = rep.crashing[0][0].text.strip()
+        if row["verified"] or row["plausible"]:
             fixed = "\n".join(program.split("\n")[: h.line] + [h.fix] + program.split("\n")[h.line + 1:])
             row["fix_matches_reference"] = _same_as_reference(it, h)
             row["heldout_pass"] = run_quixbugs_tests(qb, rec, fixed, 60.0)
@@ -113,7 +117,8 @@ def run_quixbugs(args: argparse.Namespace) -> dict:
         rows.append(row)
         print(f"[{i + 1}/{len(recs)}] {name}: mode={row['mode']} top1={row['top1_answer']} "
               f"ochiai={row['top1_ochiai']} model={row['top1_model']} combined={row['top1_combined']} "
-              f"verified={row['verified']} heldout={row.get('heldout_pass')} fix={row['fix']!r} "
+              f"verified={row['verified']} plausible={row['plausible']} heldout={row.get('heldout_pass')} "
+              f"half={row.get('heldout_half_pass')} fix={row['fix']!r} "
               f"({row['seconds']}s, {row['tried']} tried)", file=sys.stderr, flush=True)
     n = len(rows)
     summary = {
@@ -125,6 +130,9 @@ def run_quixbugs(args: argparse.Namespace) -> dict:
         "top1_answer": sum(r["top1_answer"] for r in rows),
         "verified": sum(r["verified"] for r in rows),
         "verified_failing_heldout": sum(1 for r in rows if r["verified"] and not r.get("heldout_pass")),
+        "plausible": sum(r["plausible"] for r in rows),
+        "plausible_failing_heldout": sum(1 for r in rows if r["plausible"] and not r.get("heldout_pass")),
+        "not_verified_raising": sum(1 for r in rows if "raising_fix" in r and not r["verified"]),
         "verified_same_as_reference": sum(1 for r in rows if r.get("fix_matches_reference")),
         "with_failing_runs": sum(1 for r in rows if r["failing"]),
         "not_verified_cut_out": sum(1 for r in rows if "cut_out_fix" in r),
@@ -134,6 +142,8 @@ def run_quixbugs(args: argparse.Namespace) -> dict:
     if args.split == "evidence":
         summary["verified_failing_heldout_half"] = sum(1 for r in rows if r["verified"]
                                                        and not r.get("heldout_half_pass"))
+        summary["plausible_failing_heldout_half"] = sum(1 for r in rows if r["plausible"]
+                                                        and not r.get("heldout_half_pass"))
         summary["cut_out_failing_heldout_half"] = sum(1 for r in rows if "cut_out_fix" in r
                                                       and not r.get("cut_out_heldout_half_pass"))
     if engine is not None:

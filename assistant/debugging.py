@@ -37,6 +37,7 @@ from assistant.engine import Event
 from assistant.tasks import DebugResult, Hint, TaskRequest
 
 VERIFIED_CONFIDENCE = 0.95  # a fix that makes every failing run pass and keeps the passing ones
+PLAUSIBLE_CONFIDENCE = 0.75  # fixes pass every run but disagree with each other on derived inputs
 RUNS_CONFIDENCE = 0.6  # failing runs, no verified fix: the top line by the spectrum
 MODEL_ONLY_FACTOR = 0.8  # nothing ran: the model's own confidence, lowered
 ALL_PASS_CAP = 0.3  # every run passes: a model hint stays below the review's default threshold
@@ -56,6 +57,8 @@ class DebugOptions:
     keep_going: bool = False  # check every candidate (for measurement) instead of stopping early
     widen: bool = True  # nothing verified on the top lines and time left: try the next lines down
     coverage_check: bool = True  # a fix that leaves a line the runs reached unreached is not verified
+    rivals: bool = True  # once a fix is verified, check the rest of its round for rival fixes
+    differential: bool = True  # call the original and the fixes on inputs derived from the evidence
 
 
 @dataclass
@@ -71,6 +74,10 @@ class FunctionReport:
     model_hint: Hint | None = None
     verified: list[tuple[repair.Candidate, float]] = field(default_factory=list)  # with the model score
     suspicious: list[tuple[repair.Candidate, list[int]]] = field(default_factory=list)  # pass, but lines lost
+    crashing: list[tuple[repair.Candidate, str]] = field(default_factory=list)  # pass, but hang on derived inputs
+    plausible: bool = False  # verified fixes disagree on derived inputs: the best one is only plausible
+    probe_inputs: int = 0  # inputs derived from the evidence's calls (differential testing)
+    disagreement: str = ""  # an input on which two fixes that pass every run disagree
     mutation: dict[int, float] = field(default_factory=dict)  # line -> most failing runs a candidate fixed
     ranked_final: list[localize.Suspect] = field(default_factory=list)  # with the candidates' outcomes
     tried: int = 0
@@ -228,6 +235,9 @@ def debug_function(engine: Any, tgt: evmod.Target, function: str, path: str | No
     fail_ids = {r.id for r in fails}
     pass_ids = {r.id for r in ev.passing}
     mut: dict[int, float] = {}
+    crashing: list[tuple[repair.Candidate, str]] = []  # pass the runs, hang where the original returned
+    outcomes: dict[int, dict[str, tuple[str, ...]]] = {}  # id(candidate) -> derived input -> its outcome
+    base_out: dict[str, tuple[str, ...]] = {}  # derived input -> the original's outcome
     reached = frozenset().union(*(r.lines for r in ev.runs)) & set(lines)
     for r_i, try_heads in enumerate(rounds):
         if r_i and deadline - time.monotonic() < 5:
@@ -262,7 +272,7 @@ def debug_function(engine: Any, tgt: evmod.Target, function: str, path: str | No
                 break
             chunk = ordered[k:k + opts.chunk]
             ok, runs = evmod.check_candidates(tgt, ev, [(f"c{k + i}", c.apply(source)) for i, c in enumerate(chunk)],
-                                              per_run_timeout=2 * opts.per_run_timeout,  # tracing is slower timeout=left,
+                                              per_run_timeout=2 * opts.per_run_timeout, timeout=max(1.0, left),
                                               through_failing=True)
             done += len(chunk)
             new: list[repair.Candidate] = []
@@ -285,24 +295,52 @@ def debug_function(engine: Any, tgt: evmod.Target, function: str, path: str | No
                 cov = evmod.coverage_of(tgt, ev, [(f"v{i}", c.apply(source)) for i, c in enumerate(new)],
                                         per_run_timeout=2 * opts.per_run_timeout,  # tracing is slower
                                         timeout=max(2.0, min(20.0, deadline - time.monotonic())))
+                kept = []
                 for i, c in enumerate(new):
                     after = cov.get(f"v{i}")
                     lost = sorted(reached - after) if after is not None else []
                     if lost:
                         suspicious.append((c, lost))
                     else:
-                        verified.append(c)
-            else:
-                verified += new
+                        kept.append(c)
+                new = kept
+            if new and opts.differential:
+                # call the original and the new fixes on inputs derived from the evidence's calls:
+                # a fix that hangs or recurses without end where the original returned is not verified
+                pr = evmod.probe(tgt, ev, [(f"p{i}", c.apply(source)) for i, c in enumerate(new)],
+                                 timeout=max(2.0, min(20.0, deadline - time.monotonic())))
+                if pr is not None:
+                    base_now = pr.results["base"]
+                    base_out.update(zip(pr.inputs, base_now))
+                    rep.probe_inputs = max(rep.probe_inputs, len(pr.inputs))
+                    kept = []
+                    for i, c in enumerate(new):
+                        got = pr.results.get(f"p{i}")
+                        if got is None:
+                            kept.append(c)
+                            continue
+                        bad = [j for j, (a, b) in enumerate(zip(base_now, got)) if a[0] == "ok" and _stuck(b)]
+                        if bad:
+                            j = bad[0]
+                            what = "does not finish" if got[j][0] == "timeout" else "recurses without end"
+                            crashing.append((c, f"on `{_q(_call_text(function, pr.inputs[j]), 60)}` it {what} where "
+                                                f"the original returned"))
+                        else:
+                            outcomes[id(c)] = dict(zip(pr.inputs, got))
+                            kept.append(c)
+                    new = kept
+            verified += new
             say(f"{done} checked{f', {len(verified)} verified' if verified else ''}"
-                f"{f', {len(suspicious)} passing but cutting code out' if suspicious else ''}; ")
-            if verified and (len(verified) >= opts.max_verified or not opts.keep_going):
+                f"{f', {len(suspicious)} passing but cutting code out' if suspicious else ''}"
+                f"{f', {len(crashing)} passing but not finishing on inputs derived from the runs' if crashing else ''}; ")
+            if verified and (len(verified) >= opts.max_verified or not (opts.keep_going or opts.rivals)):
                 stop = True
                 break
-        if stop:
+        if stop or (verified and not opts.keep_going):
             break
     rep.mutation = mut
     rep.suspicious = suspicious
+    rep.crashing = crashing
     rep.ranked_final = localize.rank(ev, all_lines, surprisal, rep.model_line, mutation=mut, owner=owner)
     rep.tried = done
     scored: list[tuple[repair.Candidate, float]] = []
@@ -318,8 +356,33 @@ def debug_function(engine: Any, tgt: evmod.Target, function: str, path: str | No
             score = -float(c.prior)
         scored.append((c, score))
     scored.sort(key=lambda x: -x[1])
-    rep.verified = scored
     n_runs = len(ev.runs)
+    verdict = _differential(scored, outcomes, base_out, function) if scored else None
+    if verdict is not None:
+        scored, rep.plausible, rep.disagreement, note = verdict
+        if note:
+            say(f"\n{note}")
+    if scored:
+        # fixes that rank alike and behave alike on every derived input: the shortest line first
+        # (``range(len(v))`` over ``range(len(v) * 1)``)
+        key = outcomes.get(id(scored[0][0]))
+
+        def alike(other: dict[str, tuple[str, ...]] | None) -> bool:
+            common = set(key or {}) & set(other or {})
+            return bool(common) and all(key[k] == other[k] for k in common)  # type: ignore[index]
+
+        same = [x for x in scored if x[1] == scored[0][1] and (x is scored[0] or alike(outcomes.get(id(x[0]))))]
+        first = min(same, key=lambda x: len(x[0].text.strip()))
+        scored = [first, *(x for x in scored if x is not first)]
+    rep.verified = scored
+    if scored and rep.plausible:
+        best = scored[0][0]
+        say(f"\nThe best-ranked of them replaces line {best.line} with `{_q(best.text.strip(), 60)}` ({best.how}): "
+            "plausible, not verified.")
+        msg = (f"{best.how}: makes all {_plural(n_runs, 'run')} pass, but so do other fixes that disagree with it on "
+               "inputs derived from the runs (plausible, not verified)")
+        return finish([Hint(path, function, best.line - 1, msg, best.text, PLAUSIBLE_CONFIDENCE, "",
+                            evidence="plausible")], "plausible")
     if scored:
         best = scored[0][0]
         say(f"\nReplacing line {best.line} with `{_q(best.text.strip(), 60)}` ({best.how}) makes all "
@@ -358,6 +421,13 @@ def debug_function(engine: Any, tgt: evmod.Target, function: str, path: str | No
         msg = (f"{c.how}: makes all {_plural(n_runs, 'run')} pass but leaves line{'s' if len(lost) > 1 else ''} "
                f"{where} unreached (not verified)")
         return finish([Hint(path, function, c.line - 1, msg, c.text, RUNS_CONFIDENCE, "", evidence="runs")], "runs")
+    if crashing:
+        c, why = crashing[0]
+        say(f"\nReplacing line {c.line} with `{_q(c.text.strip(), 60)}` ({c.how}) makes all "
+            f"{_plural(n_runs, 'run')} pass, but {why}: the tests do not confirm it.")
+        msg = (f"{c.how}: makes all {_plural(n_runs, 'run')} pass but does not finish on inputs derived from "
+               "them where the original returned (not verified)")
+        return finish([Hint(path, function, c.line - 1, msg, c.text, RUNS_CONFIDENCE, "", evidence="runs")], "runs")
     top = rep.ranked_final[0] if rep.ranked_final else top
     part = mut.get(top.line, 0.0)
     say(f"\nNo one-line fix among {done} candidates made every failing run pass; the most suspicious line is "
@@ -366,6 +436,91 @@ def debug_function(engine: Any, tgt: evmod.Target, function: str, path: str | No
     msg = f"runs in {top.failing} of {len(fails)} failing runs and {top.passing} of {P} passing (no verified fix)"
     conf = RUNS_CONFIDENCE * (0.5 + 0.5 * max(top.ochiai, part))
     return finish([Hint(path, function, top.line - 1, msg, fix, round(conf, 3), "", evidence="runs")], "runs")
+
+
+def _call_text(function: str, args_text: str) -> str:
+    """``f(1, [2])`` from the probe's ``([1, [2]], {})``."""
+    import ast as _ast
+
+    try:
+        pos, kw = _ast.literal_eval(args_text)
+        inner = ", ".join([*(repr(a) for a in pos), *(f"{k}={v!r}" for k, v in kw.items())])
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        inner = args_text
+    return f"{function.split('.')[-1]}({inner})"
+
+
+def _stuck(outcome: Sequence[str]) -> bool:
+    """The call did not finish: a timeout or unbounded recursion (an exception such as
+    ``ZeroDivisionError`` may be the right answer on a derived input; not finishing is not)."""
+    return outcome[0] == "timeout" or tuple(outcome[:2]) == ("raise", "RecursionError")
+
+
+def _show(outcome: Sequence[str]) -> str:
+    if outcome[0] == "ok":
+        return f"returns {_q(outcome[1], 30)}"
+    if outcome[0] == "raise":
+        return f"raises {outcome[1]}"
+    return "does not finish" if outcome[0] == "timeout" else outcome[0]
+
+
+def _differential(scored: list[tuple[repair.Candidate, float]], outcomes: dict[int, dict[str, tuple[str, ...]]],
+                  base_by_input: dict[str, tuple[str, ...]], function: str,
+                  ) -> tuple[list[tuple[repair.Candidate, float]], bool, str, str] | None:
+    """Differential testing of the verified fixes on the inputs derived from the evidence.
+
+    Fixes that behave alike on every derived input are one answer. When they disagree, the
+    evidence cannot say which is right — unless exactly one behaviour keeps everything the
+    original returned and changes only where it raised or hung (the others change results the
+    runs did not ask to change): that one stays verified, ranked first. Otherwise the best-ranked
+    fix is only plausible. Fixes the probe did not reach take no part. Returns (fixes reordered,
+    plausible, an input they disagree on, a sentence for the reasoning), or None when nothing
+    was probed."""
+    probed = [outcomes[id(c)] for c, _ in scored if id(c) in outcomes]
+    # the inputs every probed fix was called on, where the original answered the same twice
+    inputs = [k for k, b in base_by_input.items() if b[0] in ("ok", "raise", "timeout") and all(k in o for o in probed)]
+    if not inputs:
+        return None
+    base = [base_by_input[k] for k in inputs]
+    usable = list(range(len(inputs)))
+    groups: dict[tuple, list[tuple[repair.Candidate, float]]] = {}
+    for c, sc in scored:
+        o = outcomes.get(id(c))
+        if o is not None:
+            groups.setdefault(tuple(o[k] for k in inputs), []).append((c, sc))
+    if len(groups) <= 1:
+        return scored, False, "", ""
+
+    def changed(key: tuple) -> int:
+        return sum(1 for j, out in zip(usable, key) if base[j][0] == "ok" and out != base[j])
+
+    keepers = [k for k in groups if changed(k) == 0]
+    if len(keepers) == 1:
+        first = groups[keepers[0]]
+        rest = [x for x in scored if all(x[0] is not y[0] for y in first)]
+        n_other = sum(len(v) for k, v in groups.items() if k != keepers[0])
+        note = (f"{_plural(n_other, 'other fix')} also make{'s' if n_other == 1 else ''} every run pass but "
+                f"change what the original returns on inputs derived from the runs; "
+                f"`{_q(first[0][0].text.strip(), 50)}` changes only the "
+                f"{_plural(sum(1 for j in usable if base[j][0] != 'ok'), 'input')} where the original raised or "
+                "did not finish.")
+        return first + rest, False, "", note
+    # an input on which the best-ranked probed fix and a rival disagree
+    lead = next(c for c, _ in scored if any(c is y for v in groups.values() for y, _ in v))
+    top = next(k for k, v in groups.items() if any(c is lead for c, _ in v))
+    other = next(k for k in groups if k != top)
+    example = ""
+    for pos, (a, b) in enumerate(zip(top, other)):
+        if a != b:
+            rival = groups[other][0][0]
+            example = (f"on `{_q(_call_text(function, inputs[usable[pos]]), 60)}` "
+                       f"`{_q(lead.text.strip(), 40)}` {_show(a)} and `{_q(rival.text.strip(), 40)}` {_show(b)}")
+            break
+    n = sum(len(v) for v in groups.values())
+    note = (f"{_plural(n, 'fix')} make every run pass, but they behave {len(groups)} different ways on "
+            f"{_plural(len(usable), 'input')} derived from the runs ({example}): the evidence cannot tell which "
+            "is right.")
+    return scored, True, example, note
 
 
 def debug_stream(engine: Any, path: str, source: str, functions: Sequence[str] = (),

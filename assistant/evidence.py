@@ -519,3 +519,47 @@ def coverage_of(tgt: Target, ev: Evidence, candidates: Sequence[tuple[str, str]]
         complete = cid in ends and len(got) == len(ev.runs) and all(r.passed for r in got)
         out[cid] = frozenset().union(*(r.lines for r in got)) if complete else None
     return out
+
+
+@dataclass
+class Probe:
+    """The original and candidate versions called on inputs derived from the evidence's calls."""
+
+    inputs: list[str]  # the derived inputs, as text
+    results: dict[str, list[tuple[str, ...]]]  # candidate id ("base" = the original) -> one outcome per input
+    calls: int = 0  # calls of the function the evidence made (what the inputs derive from)
+
+
+def probe(tgt: Target, ev: Evidence, candidates: Sequence[tuple[str, str]], *, per_call_timeout: float = 0.25,
+          timeout: float = 20.0, max_inputs: int = 120) -> Probe | None:
+    """Differential testing: record the arguments the evidence calls the function with, derive
+    new inputs from them (keeping what held in every recorded call: types, sorted or distinct
+    items, non-negative numbers, an index inside a sequence), and call the original and each
+    candidate on them. An outcome is ``("ok", result, arguments after)``, ``("raise", type)``,
+    ``("timeout",)`` or ``("unstable",)`` (the original answered differently twice). Only the
+    inputs every version was called on are kept (the time budget may stop it early). None when
+    the function cannot be probed (a nested function, no call recorded, nothing finished)."""
+    if "<" in ev.function:
+        return None
+    ex = tgt.examples.get(ev.function, [])
+    ids = [r.id for r in ev.runs if r.kind == "pytest"]
+    if not ex and not ids:
+        return None
+    spec = {"target": tgt.target, "module": tgt.module, "examples": list(ex), "pytest": ids,
+            "pytest_args": tgt.pytest_args, "candidates": [{"id": c, "source": s} for c, s in candidates],
+            "coverage": False, "per_run_timeout": 2.0, "out": RESULTS_NAME, "swap": ev.function,
+            "probe": True, "probe_timeout": per_call_timeout, "probe_inputs": max_inputs,
+            "probe_budget": max(0.5, timeout - 3.0)}
+    files = {**tgt.files, RUNNER_NAME: RUNNER, SPEC_NAME: json.dumps(spec)}
+    res = sandbox.run("path", RUNNER_NAME, [SPEC_NAME], files=files, timeout=max(1.0, timeout),
+                      collect=[RESULTS_NAME], max_file_mb=32, env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+    recs = _parse_results(res.files.get(RESULTS_NAME, ""))
+    start = next((r for r in recs if r.get("kind") == "probe_start"), None)
+    rows = [r for r in recs if r.get("kind") == "probe" and "base" in r.get("results", {})]
+    if start is None or not start.get("calls") or not rows:
+        return None
+    out = Probe([r.get("input", "") for r in rows], {}, int(start["calls"]))
+    for cid in ["base", *(c for c, _ in candidates)]:
+        if all(cid in r["results"] for r in rows):
+            out.results[cid] = [tuple(r["results"][cid]) for r in rows]
+    return out

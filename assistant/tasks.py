@@ -113,7 +113,8 @@ class Hint:
     fix: str | None
     confidence: float
     reasoning: str
-    evidence: str = "model"  # "model": the model alone; "runs": failing runs point here; "verified": a fix passed them
+    evidence: str = "model"  # "model": the model alone; "runs": failing runs point here; "verified": a fix passed them;
+    # "plausible": a fix passed them, but so did rival fixes that behave differently elsewhere
 
 
 @dataclass
@@ -1196,7 +1197,8 @@ def _format_result(result: object, path: str | None, hidden: int = 0, min_confid
             return "no issue" + (f" {note}" if note else "")
         out = [note] if note else []
         for h in result.hints:
-            tag = {"verified": " [verified by running]", "runs": " [from failing runs]"}.get(
+            tag = {"verified": " [verified by running]", "plausible": " [plausible: passes the runs, not confirmed]",
+                   "runs": " [from failing runs]"}.get(
                 getattr(h, "evidence", "model"), " [model only]")
             msg = h.message if not h.message.startswith("[model only]") else h.message[len("[model only] "):]
             out.append(f"{path or h.path}:{h.line + 1}: {msg} (confidence {h.confidence:.2f}){tag}")

@@ -446,3 +446,103 @@ def test_a_fix_that_makes_two_branches_identical_is_not_verified(tmp_path, monke
     (h,) = res.hints
     assert not rep.verified and h.evidence == "runs" and h.line + 1 == 18 and "identical" in h.message
     assert "two branches of a condition do the same thing" in res.reasoning
+
+
+SEVEN = CUT_OUT.replace('''\
+    >>> index_of([1, 2, 3, 5, 8], 3)
+    2
+    >>> index_of([1, 2, 3, 5, 8], 1)
+    0
+    >>> index_of([1, 2, 3], 9)
+    -1''', '''\
+    >>> index_of([1, 2, 3, 4, 6, 7, 8], 4)
+    3
+    >>> index_of([3, 5, 6, 7, 8, 9, 12], 0)
+    -1
+    >>> index_of([24, 26, 28, 50, 59], 101)
+    -1''')
+
+
+def test_a_fix_that_does_not_finish_on_inputs_derived_from_the_runs_is_not_verified(tmp_path, monkeypatch):
+    assert SEVEN != CUT_OUT
+    p = _write(tmp_path, "bs.py", SEVEN)
+    src = p.read_text()
+    tgt = evidence.prepare(p, src, ["index_of"])
+    # ``search(end, mid)`` passes the three examples, but on inputs derived from them (the
+    # examples' own lists and values, changed a little, still sorted) it recurses without end
+    # where the original returned: not verified; the real fix is
+    monkeypatch.setattr(repair, "candidates_for", lambda source, line, *a, **k: [
+        repair.Candidate(18, "            return search(end, mid)", "the model's fix", "model", -1),
+        repair.Candidate(18, "            return search(mid + 1, end)", "`mid` -> `mid + 1`", "mutation", 2),
+    ] if line == 18 else [])
+    res, rep = debugging.debug_function(None, tgt, "index_of", str(p), FAST)
+    assert [c.text.strip() for c, _ in rep.crashing] == ["return search(end, mid)"]
+    assert "recurses without end where the original returned" in rep.crashing[0][1] and rep.probe_inputs > 10
+    (h,) = res.hints
+    assert h.evidence == "verified" and h.fix.strip() == "return search(mid + 1, end)"
+    # alone, it is reported with what it does, not verified
+    monkeypatch.setattr(repair, "candidates_for", lambda source, line, *a, **k: [
+        repair.Candidate(18, "            return search(end, mid)", "the model's fix", "model", -1)] if line == 18 else [])
+    res, rep = debugging.debug_function(None, tgt, "index_of", str(p), FAST)
+    (h,) = res.hints
+    assert not rep.verified and h.evidence == "runs" and h.confidence < debugging.VERIFIED_CONFIDENCE
+    assert "does not finish on inputs derived from them" in h.message and "the tests do not confirm it" in res.reasoning
+
+
+def test_fixes_that_pass_every_run_but_disagree_elsewhere_are_only_plausible(tmp_path, monkeypatch):
+    p = _write(tmp_path, "mod.py", BUGGY)
+    src = p.read_text()
+    tgt = evidence.prepare(p, src, ["count_below"])
+
+    def offer(*texts):
+        monkeypatch.setattr(repair, "candidates_for", lambda source, line, *a, **k: [
+            repair.Candidate(15, "        " + t, f"fix {i}", "mutation", i) for i, t in enumerate(texts)]
+            if line == 15 else [])
+
+    # two spellings of one behaviour: they agree on every derived input, verified
+    offer("if x <= limit:", "if x < limit + 1:")
+    res, rep = debugging.debug_function(None, tgt, "count_below", str(p), FAST)
+    assert len(rep.verified) == 2 and res.hints[0].evidence == "verified" and not rep.plausible
+    # ``x == 2`` also passes the four examples (2 is the first example's limit), but on
+    # ``count_below([1, 2, 3], 1)`` the two fixes disagree: the examples cannot tell which is right
+    offer("if x <= limit or x == 2:", "if x <= limit:")
+    res, rep = debugging.debug_function(None, tgt, "count_below", str(p), FAST)
+    (h,) = res.hints
+    assert len(rep.verified) == 2 and rep.plausible
+    assert h.evidence == "plausible" and h.confidence == debugging.PLAUSIBLE_CONFIDENCE < debugging.VERIFIED_CONFIDENCE
+    assert "plausible, not verified" in h.message and "the evidence cannot tell which is right" in res.reasoning
+    assert "count_below(" in rep.disagreement and rep.disagreement in res.reasoning
+
+
+def test_the_fix_that_changes_only_what_the_original_got_stuck_on_stays_verified(tmp_path, monkeypatch):
+    p = _write(tmp_path, "bs.py", CUT_OUT)
+    src = p.read_text()
+    tgt = evidence.prepare(p, src, ["index_of"])
+    # both pass the examples; ``search(mid, end - 1)`` also changes answers the original gave
+    # (the last item is never found), ``search(mid + 1, end)`` only where it recursed forever
+    monkeypatch.setattr(repair, "candidates_for", lambda source, line, *a, **k: [
+        repair.Candidate(18, "            return search(mid, end - 1)", "the model's fix", "model", -1),
+        repair.Candidate(18, "            return search(mid + 1, end)", "`mid` -> `mid + 1`", "mutation", 2),
+    ] if line == 18 else [])
+    res, rep = debugging.debug_function(None, tgt, "index_of", str(p), FAST)
+    (h,) = res.hints
+    assert not rep.plausible and h.evidence == "verified" and h.fix.strip() == "return search(mid + 1, end)"
+    assert "changes only the" in res.reasoning and "where the original raised or did not finish" in res.reasoning
+
+
+def test_inputs_derived_from_the_recorded_calls_keep_what_held_in_all_of_them():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_runner", evidence.RUNNER)
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    calls = [([[1, 3, 5, 7], 3], {}), ([[2, 4, 9], 9], {}), ([[0, 8], 1], {})]
+    got = runner.derive_inputs(calls, limit=60)
+    assert len(got) == 60 and all(kw == {} for _, kw in got)
+    for (arr, x), _ in got:
+        assert isinstance(arr, list) and arr == sorted(arr) and len(set(arr)) == len(arr) and arr  # sorted, distinct, non-empty
+        assert isinstance(x, int) and x >= 0
+    assert all(list(c) not in [list(g) for g in got] for c in calls)  # new inputs only
+    # an argument that indexes a sequence in every call stays inside it
+    idx = runner.derive_inputs([([[5, 6, 7], 0], {}), ([[1, 2], 1], {})], limit=40)
+    assert idx and all(0 <= i < len(a) for (a, i), _ in idx)

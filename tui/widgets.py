@@ -24,7 +24,8 @@ def format_result(task: str, result: object, streamed: str) -> str:
         for h in result.hints:
             where = f"line {h.line + 1}" + (f" in `{h.function}`" if h.function else "")
             conf = f" _(confidence {h.confidence:.0%})_" if isinstance(h.confidence, int | float) else ""
-            label = {"verified": " _[verified by running]_", "runs": " _[from failing runs]_"}.get(
+            label = {"verified": " _[verified by running]_", "plausible": " _[plausible, not confirmed]_",
+                     "runs": " _[from failing runs]_"}.get(
                 h.evidence, "")
             parts.append(f"**{where}**{conf}{label}: {h.message}")
             if h.fix:
