@@ -213,9 +213,13 @@ DECODE_MAX_TOKENS = 0
 
 # At most this many tokens take the three-launch decode *layer* op (``moe_layer_decode``:
 # router GEMV + top-k + plan, gate/up with the shared experts, down + combine) in "auto",
-# when the caller (model.moe.MoE) asks ``use_moe_layer_decode``. ``MOECODER_DECODE=layer``
-# forces it up to LAYER_FORCED_MAX_TOKENS. See docs/kernels-notes.md (issue #18).
-DECODE_LAYER_MAX_TOKENS = 0
+# when the caller (model.moe.MoE) asks ``use_moe_layer_decode``. 8: on the H200 the layer op
+# measured faster than the separate ops (torch router, route, tiles path, torch shared experts)
+# at T = 1 and T = 8 on both bench shapes (issue #18, docs/benchmarks.md, 2026-12-05 07:50 UTC:
+# Qwen3-30B-A3B 46 -> 40 us and 163 -> 147 us, DeepSeek-V2-Lite 76 -> 55 us and 225 -> 183 us);
+# T = 2..7 were not measured. ``MOECODER_DECODE=layer`` forces it up to LAYER_FORCED_MAX_TOKENS,
+# ``tiles`` / ``fused`` turn it off.
+DECODE_LAYER_MAX_TOKENS = 8
 LAYER_FORCED_MAX_TOKENS = 8
 
 
