@@ -1,19 +1,9 @@
 """Repository context for completion: definitions of names the cursor's code uses from other files.
 
-``RepoIndex(root)`` indexes the Python files of a project (lazily, cached per file on its
-size and mtime). ``index.context_for(path, source, line)`` answers, for a cursor in
-``path``, a list of ``(path, text)`` pieces for the context manager's ``related`` slot:
-
-1. the imports of the document (found with tree-sitter, each statement read with ``ast``)
-   are resolved to files of the project: relative imports against the document's package,
-   absolute ones against the project root (and a ``src/`` layout);
-2. names used near the cursor (nearest first), then the other imported names, are looked up
-   in the files they come from: a function becomes its signature, the first line of its
-   docstring and ``...``; a class its header, docstring line, and its methods' signatures; a
-   module-level constant its assignment line; an imported module (``import pkg.mod as m``;
-   ``m.name`` near the cursor) the definitions used through it, else its outline;
-3. the most recently edited other files of the project (``recent``: the editor's order, or
-   modification times) add their outline (signatures only) last.
+``RepoIndex(root)`` is ``model.data.repo_context.RepoIndex`` (its docstring says what
+``context_for`` answers: the definitions of names used near the cursor, resolved through the
+document's imports, then outlines of recently edited files) with one difference: the
+document's imports are found with tree-sitter.
 
 The index, the resolution and the rendering of the stubs live in ``model.data.repo_context``
 (the training data is built with them, parsing with ``ast``); this module parses with

@@ -211,15 +211,20 @@ def _indent_of(line: str) -> str:
     return line[: len(line) - len(line.lstrip(" \t"))]
 
 
+def _parse(source: str) -> ast.Module | None:
+    try:
+        return ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError):
+        return None
+
+
 def ast_scopes(source: str, tree: ast.Module | None = None) -> list[ScopeInfo]:
     """Every function and class definition (ast), in source order, outer before inner; the
     same traversal as ``assistant.code.scopes`` (definitions inside if/try/with/for/while/match
     blocks count at their enclosing level). [] when the source does not parse."""
+    tree = tree or _parse(source)
     if tree is None:
-        try:
-            tree = ast.parse(source)
-        except (SyntaxError, ValueError, RecursionError):
-            return []
+        return []
     lines = source.split("\n")
     out: list[ScopeInfo] = []
 
@@ -270,11 +275,9 @@ def ast_imports(source: str, tree: ast.Module | None = None) -> list[ast.Import 
     tree-sitter (the module's own first, then those in if/else, try/except/else/finally, with,
     function and class bodies, inner blocks first as a stack pops them; ``elif`` branches,
     loops and ``from __future__`` are not searched). [] when the source does not parse."""
+    tree = tree or _parse(source)
     if tree is None:
-        try:
-            tree = ast.parse(source)
-        except (SyntaxError, ValueError, RecursionError):
-            return []
+        return []
     lines = source.split("\n")
     out: list[ast.Import | ast.ImportFrom] = []
 
