@@ -353,6 +353,15 @@ def decode_breakdown(s: Shape, T: int, dev, inner: int = 16) -> list[dict]:
                                            p.wg, p.wu, p.wd, *(shw if p.sg is not None else ()), shared_in_router=False),
             p.wr.numel() * 4 + 3 * wbytes + sbytes),
     }
+    if T <= 2:  # launch 1 in one warp (reductions by shuffles; kernels-notes run 7), shared gate/up in launch 2
+        pieces["layer: router+top-k+plan, 1 warp"] = (
+            lambda i: tml.route_plan(sets[i]["x"], p.wr, None, K, "softmax", s.renormalize, 1, 1, "max", 1.0,
+                                     num_warps=1), p.wr.numel() * 4)
+        pieces["layer: whole layer, launch 1 in 1 warp"] = (
+            lambda i: tml.moe_layer_decode(sets[i]["x"], p.wr, None, K, "softmax", s.renormalize, 1, 1, "max", 1.0,
+                                           p.wg, p.wu, p.wd, *(shw if p.sg is not None else ()),
+                                           shared_in_router=False, router_warps=1),
+            p.wr.numel() * 4 + 3 * wbytes + sbytes)
     if p.sg is not None:  # where the shared experts' gate/up go: the router's launch or the routed gate/up's
         pieces["layer: router+top-k+plan + shared gate/up"] = (
             lambda i: tml.route_plan(sets[i]["x"], p.wr, None, K, "softmax", s.renormalize, 1, 1, "max", 1.0,

@@ -89,13 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     from kernels import triton_moe_layer as tml
 
     rt_t = dict(x_ptr=B, wr_ptr=F32, bias_ptr=F32, lg_ptr=F32, cnt_ptr=I32, w_ptr=F32, e_ptr=I64, rowidx_ptr=I64,
-                tm_ptr=I32, scaling="fp32")  # fmt: skip
-    for t_, e_, k_ in ((1, 128, 8), (8, 128, 8), (1, 64, 6), (8, 64, 6)):
-        m_ = tml._router_meta(t_, e_, 2048, k_, 1)
+                tm_ptr=I32, sg_ptr=B, su_ptr=B, hs_ptr=B, scaling="fp32")  # fmt: skip
+    for t_, e_, k_, nw in ((1, 128, 8, None), (8, 128, 8, None), (1, 64, 6, None), (8, 64, 6, None),
+                           (1, 128, 8, 1), (2, 128, 8, 1), (1, 64, 6, 1), (2, 64, 6, 1)):
+        m_ = tml._router_meta(t_, e_, 2048, k_, 1, nw)
         w_ = m_.pop("num_warps")
         cases.append((f"layer router T={t_} E={e_} K={k_}", tml._router_kernel, rt_t,
                       dict(K=k_, SOFTMAX=True, HAS_BIAS=False, RENORM=True, N_GROUPS=1, TOPK_GROUPS=1,
-                           GROUP_TOP2=False, **m_), w_, 1))  # fmt: skip
+                           GROUP_TOP2=False, SHARED=False, SBN=32, SBK=128, **m_), w_, 1))  # fmt: skip
     lgu_t = dict(x_ptr=B, rowidx_ptr=I64, wg_ptr=B, wu_ptr=B, sg_ptr=B, su_ptr=B, h_ptr=B, hs_ptr=B, tm_ptr=I32)
     ldn_t = dict(h_ptr=B, hs_ptr=B, rowidx_ptr=I64, w_ptr=F32, wd_ptr=B, sd_ptr=B, acc_ptr=F32, cnt_ptr=I32,
                  out_ptr=B, tm_ptr=I32)  # fmt: skip

@@ -330,22 +330,29 @@ def _workspace(device, acc_dtype, T: int, E: int, D: int):
     return ws
 
 
-def _router_meta(T: int, E: int, D: int, K: int, n_groups: int):
+def _router_meta(T: int, E: int, D: int, K: int, n_groups: int, warps: int | None = None):
+    """Launch 1's blocks and warps. ``warps=1`` (not the default; measured next, see
+    docs/kernels-notes.md run 7): every reduction of the last program by warp shuffles, no block
+    barriers; BLOCK_D shrinks so that the GEMV tile stays at 64 fp32 registers per thread
+    (compiled for sm_90 without spills at T = 1, 2 and E = 64, 128: ``kernels.sass_report``)."""
     BLOCK_T = triton.next_power_of_2(max(T, 1))
     BLOCK_ER = 1  # one router row per program: E programs of D fp32 weights each (all loads at once)
     BLOCK_D = min(triton.next_power_of_2(D), max(256, 8192 // BLOCK_T))  # <= 2 iterations at D = 2048
     BLOCK_E = max(16, triton.next_power_of_2(E))
     BLOCK_K = triton.next_power_of_2(K)
-    warps = 4 if BLOCK_T * BLOCK_K * BLOCK_E <= 16384 else 8
+    if warps is None:
+        warps = 4 if BLOCK_T * BLOCK_K * BLOCK_E <= 16384 else 8
+    elif warps == 1:
+        BLOCK_D = min(triton.next_power_of_2(D), max(64, 2048 // BLOCK_T))
     return dict(BLOCK_T=BLOCK_T, BLOCK_ER=BLOCK_ER, BLOCK_D=BLOCK_D, BLOCK_E=BLOCK_E, BLOCK_K=BLOCK_K,
                 BLOCK_G=triton.next_power_of_2(max(n_groups, 1)), BM=16, BLOCK_TT=32, num_warps=warps)  # fmt: skip
 
 
 def route_plan(x_TD, router_w_ED, bias_E, top_k, score_func, renormalize, n_groups, topk_groups, group_score,
-               routed_scaling, sg_DF=None, su_DF=None):  # fmt: skip
+               routed_scaling, sg_DF=None, su_DF=None, num_warps=None):  # fmt: skip
     """Launch 1: (weights_TK fp32 with the routed scaling applied, experts_TK int64, row_index_N, tile map,
     n_tiles, h_TFs of the shared experts or None). With ``sg_DF``/``su_DF`` the shared experts' gate/up
-    run in the same launch, on programs after the router's."""
+    run in the same launch, on programs after the router's. ``num_warps`` overrides the default (4 or 8)."""
     T, D = x_TD.shape
     E = router_w_ED.shape[0]
     K = int(top_k)
@@ -358,7 +365,7 @@ def route_plan(x_TD, router_w_ED, bias_E, top_k, score_func, renormalize, n_grou
     ex = torch.empty((T, K), dtype=torch.int64, device=dev)
     rowidx = torch.empty(NA, dtype=torch.int64, device=dev)
     tm = torch.empty((3, n_tiles), dtype=torch.int32, device=dev)
-    meta = _router_meta(T, E, D, K, n_groups)
+    meta = _router_meta(T, E, D, K, n_groups, num_warps)
     wr = router_w_ED if router_w_ED.stride(1) == 1 else router_w_ED.contiguous()
     bias = bias_E.contiguous() if bias_E is not None else wr
     n_router = triton.cdiv(E, meta["BLOCK_ER"])
@@ -424,7 +431,7 @@ SHARED_IN_ROUTER = True
 
 def moe_layer_decode(x_TD, router_w_ED, bias_E, top_k, score_func, renormalize, n_groups, topk_groups, group_score,
                      routed_scaling, wg_EDF, wu_EDF, wd_EFD, sg_DF=None, su_DF=None, sd_FD=None,
-                     shared_in_router=None):  # fmt: skip
+                     shared_in_router=None, router_warps=None):  # fmt: skip
     """The MoE layer's forward for 1 <= T <= MAX_TOKENS tokens in three launches: (out_TD, weights_TK, experts_TK).
 
     Same semantics as ``kernels.reference.moe_layer_decode``. Weights already in ``x_TD``'s dtype
@@ -437,7 +444,8 @@ def moe_layer_decode(x_TD, router_w_ED, bias_E, top_k, score_func, renormalize, 
     early = SHARED_IN_ROUTER if shared_in_router is None else shared_in_router
     sh1 = (sg_DF, su_DF) if early else (None, None)
     w, ex, rowidx, tm, n_tiles, hs = route_plan(x_TD, router_w_ED, bias_E, K, score_func, renormalize, n_groups,
-                                                topk_groups, group_score, routed_scaling, *sh1)  # fmt: skip
+                                                topk_groups, group_score, routed_scaling, *sh1,
+                                                num_warps=router_warps)  # fmt: skip
     if early:
         h, _ = gate_up(x_TD, rowidx, tm, n_tiles, K, wg_EDF, wu_EDF)
     else:
