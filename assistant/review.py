@@ -831,6 +831,6 @@ def main(argv: Sequence[str] | None = None, engine: Engine | None = None) -> int
     if not opts.diff and report.files_reviewed == 0:
         what = " ".join(args.paths)
         if report.skipped:
-            return fail(f"nothing reviewed: no file under {what} could be read ({len(report.skipped)} skipped)")
+            return fail(f"nothing reviewed: no file under {what} could be reviewed ({len(report.skipped)} skipped)")
         return fail(f"nothing to review: no Python files under {what}")
     return exit_code(report, fail_on)

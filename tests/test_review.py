@@ -474,6 +474,10 @@ def test_nothing_to_review_and_text_files_are_errors_printed_once(fake_engine, c
     assert Report.from_json(out).files_reviewed == 1 and code in (0, 1)
     code, out, err = run([str(notes), "--format", "json"], fake_engine, capsys)
     assert code == 2 and err.count("notes.txt: not a Python file") == 1  # JSON on stdout: said on stderr once
+    code, out, err = run([str(notes)], fake_engine, capsys)  # alone: the text report says why, stderr what
+    assert code == 2 and out.count("notes.txt: not a Python file") == 1
+    assert err.strip().splitlines() == [f"moecoder review: error: nothing reviewed: no file under {notes} could be "
+                                        "reviewed (1 skipped)"]
 
 
 def test_reasoning_is_labelled(fake_engine, capsys):
