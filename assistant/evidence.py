@@ -551,8 +551,11 @@ def probe(tgt: Target, ev: Evidence, candidates: Sequence[tuple[str, str]], *, p
             "probe": True, "probe_timeout": per_call_timeout, "probe_inputs": max_inputs,
             "probe_budget": max(0.5, timeout - 3.0)}
     files = {**tgt.files, RUNNER_NAME: RUNNER, SPEC_NAME: json.dumps(spec)}
+    # a fixed hash seed: sets and dicts of strings print in one order in every probe process, so
+    # outcomes from different batches compare
     res = sandbox.run("path", RUNNER_NAME, [SPEC_NAME], files=files, timeout=max(1.0, timeout),
-                      collect=[RESULTS_NAME], max_file_mb=32, env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"})
+                      collect=[RESULTS_NAME], max_file_mb=32,
+                      env={"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONHASHSEED": "0"})
     recs = _parse_results(res.files.get(RESULTS_NAME, ""))
     start = next((r for r in recs if r.get("kind") == "probe_start"), None)
     rows = [r for r in recs if r.get("kind") == "probe" and "base" in r.get("results", {})]
