@@ -428,14 +428,15 @@ async def test_shutdown_and_exit(client: LanguageClient, tmp_path):
 async def test_find_the_bug_runs_the_examples_and_offers_the_verified_fix(client: LanguageClient, tmp_path):
     text = ('def count_below(items, limit):\n'
             '    """How many items are at most ``limit``.\n\n'
-            '    >>> count_below([1, 2, 3], 2)\n    2\n    >>> count_below([5], 1)\n    0\n    """\n'
+            '    >>> count_below([1, 2, 3], 2)\n    2\n    >>> count_below([5], 1)\n    0\n'
+            '    >>> count_below([3, 2], 2)\n    1\n    """\n'
             '    n = 0\n    for x in items:\n        if x < limit:\n            n += 1\n    return n\n')
     uri = uri_for(tmp_path, "b.py", text)
     await init(client, options={"diagnosticsDelay": 60})
     open_doc(client, uri, text)
     actions = await client.text_document_code_action_async(types.CodeActionParams(
         text_document=types.TextDocumentIdentifier(uri=uri),
-        range=types.Range(start=types.Position(10, 8), end=types.Position(10, 8)),
+        range=types.Range(start=types.Position(12, 8), end=types.Position(12, 8)),
         context=types.CodeActionContext(diagnostics=[])))
     find = [a for a in actions if a.title.startswith("Find the bug (runs examples)")]
     assert len(find) == 1 and getattr(find[0], "edit", None) is None  # nothing runs until the user picks it
@@ -449,15 +450,15 @@ async def test_find_the_bug_runs_the_examples_and_offers_the_verified_fix(client
     assert name == "moecoder.findBug"
     result = await client.workspace_execute_command_async(types.ExecuteCommandParams(command=name, arguments=args))
     (h,) = result["hints"]
-    assert h["evidence"] == "verified" and h["line"] == 10 and h["fix"] == "        if x <= limit:"
+    assert h["evidence"] == "verified" and h["line"] == 12 and h["fix"] == "        if x <= limit:"
     assert "returned 1, the docstring expects 2" in result["reasoning"]
     # the verified fix is now a diagnostic with a quick fix
     actions = await client.text_document_code_action_async(types.CodeActionParams(
         text_document=types.TextDocumentIdentifier(uri=uri),
-        range=types.Range(start=types.Position(10, 8), end=types.Position(10, 8)),
+        range=types.Range(start=types.Position(12, 8), end=types.Position(12, 8)),
         context=types.CodeActionContext(diagnostics=[])))
     fixes = [a for a in actions if a.title.startswith("Apply fix")]
-    assert fixes and apply_edits(text, edits_of(fixes[0].edit, uri)).split("\n")[10] == "        if x <= limit:"
+    assert fixes and apply_edits(text, edits_of(fixes[0].edit, uri)).split("\n")[12] == "        if x <= limit:"
 
 
 async def test_inline_item_replaces_the_rest_of_the_line(client: LanguageClient, tmp_path):
