@@ -74,7 +74,7 @@ class GenerationResult:
     text: str
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    finish_reason: str = "length"  # "eos" | "stop" | "length" | "time" | "cancelled"
+    finish_reason: str = "length"  # "eos" | "stop" | "length" | "time" | "cancelled" | "repeat"
 
 
 class Healer:
@@ -256,6 +256,8 @@ def _decode(model: Transformer, tok, prompts: list[list[int]], params: SamplingP
             else:
                 delta, hit = txt.push(t)
                 reason = "stop" if hit else None
+                if reason is None and guard is not None and "\n" in delta and guard.repeated_block(txt.text):
+                    reason = "repeat"  # the same block of lines twice in a row: a loop the token ban cannot break
                 if reason is None and (len(res.token_ids) >= params.max_new_tokens or pos + 1 >= total):
                     reason = "length"
                 if reason is None and out_of_time:

@@ -7,6 +7,11 @@ logits to -inf, so the model says something else. Only units with a letter or a 
 runs of whitespace, brackets or ``----`` underlines are left alone. Text that does not loop
 gets exactly the same tokens as without the guard (it only ever bans a token that would make
 a third copy), which is why it is measured, not tuned (docs/benchmarks.md).
+
+Longer loops (a greedy model writing the same three-line function again and again) are units of
+dozens of tokens, beyond what banning one token can break: ``LoopGuard.repeated_block(text)`` sees
+text that ends with the same block of lines twice in a row, and the generator stops there
+(``finish_reason`` "repeat").
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from typing import Any
 
 DEFAULT_MAX_PERIOD = 8
 COPIES = 3
+BLOCK_LINES = 2  # a repeated block has at least this many non-blank lines ...
+BLOCK_CHARS = 16  # ... and this many non-space characters
 
 
 class LoopGuard:
@@ -48,3 +55,19 @@ class LoopGuard:
                     any(self._has_word(u) for u in unit) and t not in out:
                 out.append(t)
         return out
+
+    @staticmethod
+    def repeated_block(text: str) -> bool:
+        """True when ``text``'s complete lines end with two copies in a row of a block of at least
+        ``BLOCK_LINES`` non-blank lines and ``BLOCK_CHARS`` non-space characters, with a letter or digit."""
+        lines = text[: text.rfind("\n") + 1].split("\n")[:-1]
+        n = len(lines)
+        for k in range(BLOCK_LINES, n // 2 + 1):
+            block = lines[n - k:]
+            if block != lines[n - 2 * k:n - k]:
+                continue
+            body = [ln.strip() for ln in block if ln.strip()]
+            if len(body) >= BLOCK_LINES and sum(len("".join(ln.split())) for ln in body) >= BLOCK_CHARS \
+                    and any(c.isalnum() for ln in body for c in ln):
+                return True
+        return False

@@ -169,3 +169,41 @@ def test_generate_cli_guards_greedy_loops_by_default(looping_model, tiny_model_d
     assert unit in out and unit * 3 not in out, out
     assert main([*argv, "--loop-guard", "0"]) == 0  # off: the loop the issue saw
     assert unit * 3 in capsys.readouterr().out
+
+
+def test_a_block_of_lines_twice_in_a_row_is_a_repeat():
+    block = "def g(x):\n    return x + 1\n\n"
+    assert LoopGuard.repeated_block("import os\n" + block + block)
+    assert LoopGuard.repeated_block("import os\n" + block + block + "def")  # judged on complete lines
+    assert not LoopGuard.repeated_block("import os\n" + block)
+    assert not LoopGuard.repeated_block("    x += 1\n    x += 1\n")  # one line twice: code does that
+    assert not LoopGuard.repeated_block("a\nb\na\nb\n")  # too short to call a loop
+    assert not LoopGuard.repeated_block("----\n====\n----\n====\n" * 2)  # no letters or digits
+    assert not LoopGuard.repeated_block(block + "def h(x):\n    return x + 1\n\n")
+
+
+def test_greedy_generation_stops_when_a_block_of_lines_repeats(tiny_model_dir):
+    """A model that writes the same function again and again (a unit of dozens of tokens, beyond the
+    token ban) stops after the second copy with finish_reason "repeat"; without the guard it runs on."""
+    from model.checkpoint import load_model
+
+    loaded = load_model(str(tiny_model_dir))
+    tok = loaded.tokenizer
+    block = "def g(x):\n    return x + 1\n"
+    cycle = tok.encode(block)
+    orig = loaded.model.forward
+    calls = [0]
+
+    def writes_the_block_forever(*args, **kwargs):
+        logits = orig(*args, **kwargs).clone()
+        logits[..., cycle[calls[0] % len(cycle)]] += 1000.0
+        calls[0] += 1
+        return logits
+
+    loaded.model.forward = writes_the_block_forever
+    n = 4 * len(cycle)
+    plain = generate(loaded.model, tok, tok.encode("import os\n"), SamplingParams(max_new_tokens=n))
+    assert plain.text.count(block) >= 3 and plain.finish_reason == "length"
+    calls[0] = 0
+    guarded = generate(loaded.model, tok, tok.encode("import os\n"), SamplingParams(max_new_tokens=n, loop_guard=8))
+    assert guarded.finish_reason == "repeat" and guarded.text == block * 2, guarded.text
