@@ -500,6 +500,8 @@ def execute_review(jobs: list[_Job], opts: Options, engine: Engine | None, repor
             _run_evidence(jobs, opts, engine if pool is None else None, report)
         except KeyboardInterrupt:
             report.interrupted = True
+        finally:
+            report.elapsed_s = round(time.monotonic() - t0, 3)  # the summary's time includes running the code
     report.findings.sort(key=lambda f: (f.path, f.line, f.rule))
     return report
 
@@ -509,32 +511,60 @@ def _run_evidence(jobs: list[_Job], opts: Options, engine: Engine | None, report
     it, ``--tests``), debugging from evidence (:mod:`assistant.debugging`) replaces the model's
     hint: verified fixes, failing runs, or "all runs pass". A function whose evidence cannot
     run is reported as skipped and the review goes on."""
-    from assistant import debugging, evidence
+    from assistant import debugging
 
     dopts = debugging.DebugOptions(tests=opts.tests, budget_s=opts.run_budget_s, use_model=engine is not None)
     targets: dict[str, Any] = {}
     seen: set[tuple[str, str]] = set()
+    todo = []
     for job in jobs:
         key = (job.path, job.func.qualname)
-        if job.kind != "debug" or key in seen:
-            continue
-        seen.add(key)
-        try:
-            if job.path not in targets:
-                targets[job.path] = evidence.prepare(job.path, job.source, [], tests=opts.tests)
-            tgt = targets[job.path]
-            if not tgt.examples.get(job.func.qualname) and not tgt.tests.get(job.func.qualname):
-                continue  # nothing to run: the model's hint stays
-            result, _rep = debugging.debug_function(engine, tgt, job.func.qualname, job.path, dopts)
-        except (evidence.EvidenceError, OSError) as e:
-            report.skipped.append(Skipped(f"{job.path}::{job.func.qualname}", f"--run: {e}"))
-            continue
-        except Exception as e:  # noqa: BLE001 - one function's trouble never stops the review
-            report.skipped.append(Skipped(f"{job.path}::{job.func.qualname}", f"--run failed: {type(e).__name__}: {e}"))
-            continue
-        report.findings = [f for f in report.findings
-                           if not (f.rule == "MC001" and f.path == job.path and f.function == job.func.qualname)]
-        report.findings.extend(_findings(job, result, opts))
+        if job.kind == "debug" and key not in seen:
+            seen.add(key)
+            todo.append(job)
+    progress = None
+    if opts.progress and todo:  # running and repairing takes seconds a function: say what runs
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        progress = Progress(TextColumn("running examples and tests"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("functions"), TimeElapsedColumn(), TextColumn("{task.description}"),
+                            console=Console(stderr=True), transient=True)
+        progress.start()
+        task = progress.add_task("", total=len(todo))
+    try:
+        for job in todo:
+            if progress is not None:
+                progress.update(task, description=f"{job.path}::{job.func.qualname}")
+            _evidence_for(job, opts, engine, dopts, targets, report)
+            if progress is not None:
+                progress.update(task, advance=1)
+    finally:
+        if progress is not None:
+            progress.stop()
+
+
+def _evidence_for(job: _Job, opts: Options, engine: Engine | None, dopts: Any, targets: dict[str, Any],
+                  report: Report) -> None:
+    """One function's evidence run; its verified fix or failing runs replace the model's hint."""
+    from assistant import debugging, evidence
+
+    try:
+        if job.path not in targets:
+            targets[job.path] = evidence.prepare(job.path, job.source, [], tests=opts.tests)
+        tgt = targets[job.path]
+        if not tgt.examples.get(job.func.qualname) and not tgt.tests.get(job.func.qualname):
+            return  # nothing to run: the model's hint stays
+        result, _rep = debugging.debug_function(engine, tgt, job.func.qualname, job.path, dopts)
+    except (evidence.EvidenceError, OSError) as e:
+        report.skipped.append(Skipped(f"{job.path}::{job.func.qualname}", f"--run: {e}"))
+        return
+    except Exception as e:  # noqa: BLE001 - one function's trouble never stops the review
+        report.skipped.append(Skipped(f"{job.path}::{job.func.qualname}", f"--run failed: {type(e).__name__}: {e}"))
+        return
+    report.findings = [f for f in report.findings
+                       if not (f.rule == "MC001" and f.path == job.path and f.function == job.func.qualname)]
+    report.findings.extend(_findings(job, result, opts))
 
 
 # ------------------------------------------------------------------------- output

@@ -557,6 +557,45 @@ def test_progress_counts_functions_as_the_header_does(fake_engine, monkeypatch):
     assert seen["advanced"] == 9
 
 
+def test_running_the_evidence_has_its_own_bar_and_counts_in_the_time(fake_engine, monkeypatch):
+    """--run takes seconds a function after the model's pass: a second bar counts the functions
+    whose code runs, and the summary's time includes that phase."""
+    import time
+
+    import rich.progress
+
+    import assistant.review as review
+    from assistant.review import Options, run_review
+
+    bars = []
+
+    class Recorder:
+        def __init__(self, *columns, **k):
+            self.label, self.total, self.advanced = columns[0].text_format, None, 0
+            bars.append(self)
+
+        def start(self):
+            pass
+
+        def stop(self):
+            pass
+
+        def add_task(self, description, total):
+            self.total = total
+            return 0
+
+        def update(self, task, advance=0, description=""):
+            self.advanced += advance
+
+    ran = []
+    monkeypatch.setattr(rich.progress, "Progress", Recorder)
+    monkeypatch.setattr(review, "_evidence_for", lambda job, *a: (ran.append(job.func.qualname), time.sleep(0.05)))
+    report = run_review([str(EXAMPLES)], Options(progress=True, run=True, min_confidence=0.0), fake_engine)
+    assert [b.label for b in bars] == ["reviewing", "running examples and tests"]
+    assert bars[1].total == bars[1].advanced == len(ran) == report.functions_reviewed == 9
+    assert report.elapsed_s >= 9 * 0.05
+
+
 @pytest.mark.slow
 def test_a_terminal_sees_a_spinner_while_the_model_loads_then_the_bar(tiny_model_dir, tmp_path):
     """`moecoder review` with stderr on a terminal: "loading the model..." while the model loads
