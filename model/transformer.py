@@ -133,7 +133,10 @@ class Transformer(nn.Module):
     def decode_static(self, tokens_B1: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decode step at slot ``pos`` (a [1] long tensor) attending over the whole
         preallocated cache: no host sync and fixed shapes, so it can be captured in a CUDA
-        graph (gpt-fast style). Same logits as ``forward(tokens, int(pos), cache)``."""
+        graph (gpt-fast style). Same logits as ``forward(tokens, int(pos), cache)``.
+        Takes the fused step (:meth:`_decode_fused`) where :meth:`fused_decode` says so."""
+        if self.fused_decode(tokens_B1):
+            return self._decode_fused(tokens_B1, pos, cache)
         pad = cache.pad_lens
         if pad is None:
             cos, sin = self.rope_cos[pos][None], self.rope_sin[pos][None]

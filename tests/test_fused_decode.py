@@ -32,8 +32,13 @@ def _model(name: str, seed: int) -> Transformer:
 
 
 def _steps(m, prompt, pad, fused: str, kernels_mode: str, monkeypatch, n=3):
+    import kernels
+
     monkeypatch.setenv("MOECODER_FUSED_DECODE", fused)
     monkeypatch.setenv("MOECODER_KERNELS", kernels_mode)
+    calls = []
+    real = kernels.add_rms_norm
+    monkeypatch.setattr(kernels, "add_rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
     cache = m.setup_cache(prompt.shape[0], 24)
     cache.set_padding(pad)
     out = []
@@ -44,6 +49,9 @@ def _steps(m, prompt, pad, fused: str, kernels_mode: str, monkeypatch, n=3):
             lg = m.decode_static(tok, torch.tensor([prompt.shape[1] + i]), cache)
             out.append(lg)
             tok = lg[:, -1:].argmax(-1)
+    # the fused step ran (2 add+norm kernels per layer and one before the first), or did not
+    assert len(calls) == (n * (2 * len(m.layers) + 1) if fused == "1" else 0)
+    monkeypatch.setattr(kernels, "add_rms_norm", real)
     return torch.cat(out, 1)
 
 
