@@ -140,6 +140,14 @@ def qk_rope_cache(qkv_BX, q_weight, k_weight, cos_Bd, sin_Bd, k_cache, v_cache, 
                                              n_heads, n_kv_heads, eps)
 
 
-def decode_attention(q_BHD, k1_BGLD, v_BGLD, pos, pad_B=None, scale=None, k2_BGLD=None):
-    """One query token per row against a static cache up to slot ``pos`` (GQA; MLA with ``k2``)."""
-    return _decode_impl(q_BHD).decode_attention(q_BHD, k1_BGLD, v_BGLD, pos, pad_B, scale, k2_BGLD)
+def mla_rope_cache(q_BX, ckv_BX, norm_weight, eps, cos_Bd, sin_Bd, c_cache, pe_cache, pos, n_heads, nope_dim):
+    """MLA, one decode token: normed latent and rotated rotary key into the caches at ``pos``; returns the
+    queries' rotated rotary parts [B, H, Dr]."""
+    return _decode_impl(q_BX).mla_rope_cache(q_BX, ckv_BX, norm_weight, eps, cos_Bd, sin_Bd, c_cache, pe_cache,
+                                             pos, n_heads, nope_dim)
+
+
+def decode_attention(q_BHD, k1_BGLD, v_BGLD, pos, pad_B=None, scale=None, k2_BGLD=None, q2_BHD=None):
+    """One query token per row against a static cache up to slot ``pos`` (GQA; MLA with ``k2``, whose
+    query part may come as its own tensor ``q2_BHD``)."""
+    return _decode_impl(q_BHD).decode_attention(q_BHD, k1_BGLD, v_BGLD, pos, pad_B, scale, k2_BGLD, q2_BHD)

@@ -172,8 +172,33 @@ def qk_rope_cache(qkv_BX, q_weight, k_weight, cos_Bd, sin_Bd, k_cache, v_cache, 
     return q.contiguous()
 
 
-def decode_attention(q_BHD, k1_BGLD, v_BGLD, pos, pad_B=None, scale=None, k2_BGLD=None):
-    """One query token per row over cache slots s with pad[b] <= s <= pos (and s == pos) -> [B, H, DV]."""
+def mla_rope_cache(q_BX, ckv_BX, norm_weight, eps: float, cos_Bd, sin_Bd, c_cache, pe_cache, pos,
+                   n_heads: int, nope_dim: int):
+    """MLA, one decode token: RMSNorm(latent) into ``c_cache`` and the rotated rotary key into
+    ``pe_cache`` at slot ``pos``; returns the rotated rotary part of the queries [B, H, Dr]."""
+    B = q_BX.shape[0]
+    R, Dr = c_cache.shape[-1], pe_cache.shape[-1]
+    a = _acc_dtype(q_BX.dtype)
+    q_pe = q_BX.view(B, n_heads, nope_dim + Dr)[:, :, nope_dim:]
+    lat, k_pe = ckv_BX[:, :R], ckv_BX[:, R:]
+    c = F.rms_norm(lat.to(a), (R,), norm_weight.to(a), eps).to(ckv_BX.dtype)
+    cos = cos_Bd.reshape(-1, 1, Dr // 2).to(a)
+    sin = sin_Bd.reshape(-1, 1, Dr // 2).to(a)
+
+    def rope(x):
+        x1, x2 = x.to(a).chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    c_cache.index_copy_(2, pos, c[:, None, None].to(c_cache.dtype))
+    pe_cache.index_copy_(2, pos, rope(k_pe[:, None])[:, :, None].to(pe_cache.dtype))
+    return rope(q_pe).contiguous()
+
+
+def decode_attention(q_BHD, k1_BGLD, v_BGLD, pos, pad_B=None, scale=None, k2_BGLD=None, q2_BHD=None):
+    """One query token per row over cache slots s with pad[b] <= s <= pos (and s == pos) -> [B, H, DV].
+    ``q2_BHD``: the query's second part (against ``k2``) as its own tensor."""
+    if q2_BHD is not None:
+        q_BHD = torch.cat([q_BHD, q2_BHD.to(q_BHD.dtype)], dim=-1)
     B, H, Dq = q_BHD.shape
     G, L = k1_BGLD.shape[1], k1_BGLD.shape[2]
     k = k1_BGLD if k2_BGLD is None else torch.cat([k1_BGLD, k2_BGLD], dim=-1)

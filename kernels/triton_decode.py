@@ -133,9 +133,65 @@ def qk_rope_cache(qkv_BX, q_weight, k_weight, cos_Bd, sin_Bd, k_cache, v_cache, 
 
 
 @triton.jit
+def _mla_rope_cache_kernel(
+    q_ptr, ckv_ptr, w_ptr, cos_ptr, sin_ptr, cc_ptr, pc_ptr, qpe_ptr, pos_ptr, H, R, DN, eps,
+    stride_q, stride_ckv, stride_cos, stride_cb, stride_cl, stride_pb, stride_pl,
+    ACC: tl.constexpr, HALF: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)  # [0, H): a query head's rotary part; H: the latent and the rotary key
+    i = tl.arange(0, HALF)
+    c = tl.load(cos_ptr + b * stride_cos + i).to(ACC)
+    s = tl.load(sin_ptr + b * stride_cos + i).to(ACC)
+    if j < H:
+        src = q_ptr + b * stride_q + j * (DN + 2 * HALF) + DN
+        dst = qpe_ptr + (b * H + j) * (2 * HALF)
+    else:
+        pos = tl.load(pos_ptr).to(tl.int64)
+        src = ckv_ptr + b * stride_ckv + R
+        dst = pc_ptr + b * stride_pb + pos * stride_pl
+        rr = tl.arange(0, BLOCK_R)
+        rm = rr < R
+        lat = tl.load(ckv_ptr + b * stride_ckv + rr, mask=rm, other=0.0)
+        a = lat.to(ACC)
+        r = 1.0 / tl.sqrt(tl.sum(a * a, axis=0) / R + eps)
+        w = tl.load(w_ptr + rr, mask=rm, other=0.0).to(ACC)
+        tl.store(cc_ptr + b * stride_cb + pos * stride_cl + rr,
+                 (a * r * w).to(lat.dtype).to(cc_ptr.dtype.element_ty), mask=rm)
+    x1 = tl.load(src + i)
+    x2 = tl.load(src + HALF + i)
+    a1 = x1.to(ACC)
+    a2 = x2.to(ACC)
+    tl.store(dst + i, (a1 * c - a2 * s).to(x1.dtype).to(dst.dtype.element_ty))
+    tl.store(dst + HALF + i, (a2 * c + a1 * s).to(x1.dtype).to(dst.dtype.element_ty))
+
+
+def mla_rope_cache(q_BX, ckv_BX, norm_weight, eps: float, cos_Bd, sin_Bd, c_cache, pe_cache, pos,
+                   n_heads: int, nope_dim: int):
+    """MLA, one decode token: the latent ``ckv[:, :R]`` RMSNorm-ed into ``c_cache`` [B, 1, L, R] and the
+    rotary key ``ckv[:, R:]`` rotated into ``pe_cache`` [B, 1, L, Dr] at slot ``pos``; returns the
+    rotated rotary part of every query head [B, H, Dr]. ``q_BX``: [B, H * (nope_dim + Dr)]."""
+    B = q_BX.shape[0]
+    R, Dr = c_cache.shape[-1], pe_cache.shape[-1]
+    H = n_heads
+    assert q_BX.shape[1] == H * (nope_dim + Dr) and ckv_BX.shape[1] == R + Dr and Dr & (Dr - 1) == 0
+    assert q_BX.stride(1) == 1 and ckv_BX.stride(1) == 1 and c_cache.stride(-1) == 1 and pe_cache.stride(-1) == 1
+    qpe = torch.empty((B, H, Dr), dtype=q_BX.dtype, device=q_BX.device)
+    cos = cos_Bd.reshape(-1, Dr // 2).expand(B, Dr // 2)
+    sin = sin_Bd.reshape(-1, Dr // 2).expand(B, Dr // 2)
+    _mla_rope_cache_kernel[(B, H + 1)](
+        q_BX, ckv_BX, norm_weight, cos, sin, c_cache, pe_cache, qpe, pos, H, R, nope_dim, float(eps),
+        q_BX.stride(0), ckv_BX.stride(0), cos.stride(0), c_cache.stride(0), c_cache.stride(2),
+        pe_cache.stride(0), pe_cache.stride(2), ACC=_acc(q_BX.dtype), HALF=Dr // 2,
+        BLOCK_R=triton.next_power_of_2(R),
+    )  # fmt: skip
+    return qpe
+
+
+@triton.jit
 def _decode_attn_kernel(
-    q_ptr, k1_ptr, k2_ptr, v_ptr, o_ptr, pos_ptr, pad_ptr, H, R, scale,
-    stride_qb, stride_qh, stride_k1b, stride_k1g, stride_k1l, stride_k2b, stride_k2g, stride_k2l,
+    q_ptr, q2_ptr, k1_ptr, k2_ptr, v_ptr, o_ptr, pos_ptr, pad_ptr, H, R, scale,
+    stride_qb, stride_qh, stride_q2b, stride_q2h, stride_k1b, stride_k1g, stride_k1l, stride_k2b, stride_k2g, stride_k2l,
     stride_vb, stride_vg, stride_vl, stride_ob, stride_oh,
     HAS_K2: tl.constexpr, HAS_PAD: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
@@ -151,7 +207,7 @@ def _decode_attn_kernel(
     q1 = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d1[None, :], mask=rm[:, None], other=0.0)
     if HAS_K2:
         d2 = tl.arange(0, D2)
-        q2 = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + D1 + d2[None, :], mask=rm[:, None],
+        q2 = tl.load(q2_ptr + b * stride_q2b + heads[:, None] * stride_q2h + d2[None, :], mask=rm[:, None],
                      other=0.0)
     dv = tl.arange(0, DV)
     m_i = tl.full((BLOCK_R,), float("-inf"), dtype=ACC)
@@ -187,32 +243,41 @@ def _prec(dtype):
     return "ieee" if dtype in (torch.float32, torch.float64) else None
 
 
-def decode_attention(q_BHD, k1_BGLD, v_BGLD, pos, pad_B=None, scale=None, k2_BGLD=None):
+def decode_attention(q_BHD, k1_BGLD, v_BGLD, pos, pad_B=None, scale=None, k2_BGLD=None, q2_BHD=None):
     """Attention of one query token per row over cache slots s with pad[b] <= s <= pos (and s == pos).
 
     q [B, H, D1 (+ D2)]; keys k1 [B, G, L, D1] (and k2 [B, G, L, D2], concatenated along the
     feature dim); values [B, G, L, DV]; query head h reads kv head h // (H / G). -> [B, H, DV].
+    ``q2_BHD`` [B, H, D2]: the query's second part as its own tensor (then q is [B, H, D1]).
     """
-    B, H, Dq = q_BHD.shape
+    if q2_BHD is not None:
+        q1 = q_BHD
+    else:
+        D1_ = k1_BGLD.shape[3]
+        q1, q2_BHD = q_BHD[..., :D1_], q_BHD[..., D1_:]
+    B, H, D1q = q1.shape
     G, D1 = k1_BGLD.shape[1], k1_BGLD.shape[3]
     D2 = k2_BGLD.shape[3] if k2_BGLD is not None else 0
     DV = v_BGLD.shape[3]
-    assert Dq == D1 + D2 and H % G == 0 and q_BHD.stride(2) == 1
+    Dq = D1q + q2_BHD.shape[2]
+    assert D1q == D1 and Dq == D1 + D2 and H % G == 0 and q1.stride(2) == 1
+    assert D2 == 0 or q2_BHD.stride(2) == 1
     for t in (k1_BGLD, v_BGLD) + ((k2_BGLD,) if k2_BGLD is not None else ()):
         assert t.stride(3) == 1
     for d in (D1, DV) + ((D2,) if D2 else ()):
         assert d & (d - 1) == 0 and d >= 16, "head dims must be powers of two >= 16"
     R = H // G
     scale = Dq ** -0.5 if scale is None else scale
-    o = torch.empty((B, H, DV), dtype=q_BHD.dtype, device=q_BHD.device)
+    o = torch.empty((B, H, DV), dtype=q1.dtype, device=q1.device)
     k2 = k2_BGLD if k2_BGLD is not None else k1_BGLD
+    q2 = q2_BHD if D2 else q1
     big = max(D1 + D2, DV)
     _decode_attn_kernel[(B, G)](
-        q_BHD, k1_BGLD, k2, v_BGLD, o, pos, pad_B if pad_B is not None else pos, H, R, float(scale),
-        q_BHD.stride(0), q_BHD.stride(1), k1_BGLD.stride(0), k1_BGLD.stride(1), k1_BGLD.stride(2),
+        q1, q2, k1_BGLD, k2, v_BGLD, o, pos, pad_B if pad_B is not None else pos, H, R, float(scale),
+        q1.stride(0), q1.stride(1), q2.stride(0), q2.stride(1), k1_BGLD.stride(0), k1_BGLD.stride(1), k1_BGLD.stride(2),
         k2.stride(0), k2.stride(1), k2.stride(2), v_BGLD.stride(0), v_BGLD.stride(1), v_BGLD.stride(2),
         o.stride(0), o.stride(1), HAS_K2=k2_BGLD is not None, HAS_PAD=pad_B is not None,
-        ACC=_acc(q_BHD.dtype), PREC=_prec(q_BHD.dtype), D1=D1, D2=max(D2, 16), DV=DV,
+        ACC=_acc(q1.dtype), PREC=_prec(q1.dtype), D1=D1, D2=max(D2, 16), DV=DV,
         BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_L=32 if big > 256 else 64,
         num_warps=4 if big <= 256 else 8,
     )  # fmt: skip

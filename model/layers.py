@@ -332,18 +332,16 @@ class MLAttention(nn.Module):
 
         B = x_B1D.shape[0]
         H, dn, dr, dv, r = self.n_heads, self.dn, self.dr, self.dv, self.r
-        q = self.wq_b(self.q_a_norm(self.wq_a(x_B1D))) if hasattr(self, "wq_a") else self.wq(x_B1D)
-        q = q.view(B, 1, H, dn + dr).transpose(1, 2)
-        q_nope, q_pe = q.split([dn, dr], dim=-1)
-        c, k_pe = self.wkv_a(x_B1D).split([r, dr], dim=-1)
-        c = self.kv_a_norm(c).view(B, 1, 1, r)
-        cos, sin = cos_Bd.reshape(-1, 1, dr // 2), sin_Bd.reshape(-1, 1, dr // 2)
-        q_pe, k_pe = apply_rope(q_pe, cos, sin), apply_rope(k_pe.view(B, 1, 1, dr), cos, sin)
-        ck, cpe = _write_cache(cache, c, k_pe, pos)
+        x = x_B1D.reshape(B, -1)
+        q = self.wq_b(self.q_a_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)  # [B, H*(dn+dr)]
+        ck, cpe = cache
+        # one kernel: latent norm + rotary key into the caches, the queries' rotary parts rotated
+        q_pe = kernels.mla_rope_cache(q, self.wkv_a(x), self.kv_a_norm.weight, self.kv_a_norm.eps, cos_Bd, sin_Bd,
+                                      ck, cpe, pos, H, dn)  # fmt: skip
         w = linear_weight(self.wkv_b).view(H, dn + dv, r)
-        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope.to(w.dtype), w[:, :dn])
-        qq = torch.cat([q_lat, q_pe.to(q_lat.dtype)], dim=-1).to(ck.dtype)[:, :, 0]
-        o = kernels.decode_attention(qq, ck, ck, pos, pad, self.scale, k2_BGLD=cpe)
+        q_lat = torch.einsum("bhd,hdr->bhr", q.view(B, H, dn + dr)[:, :, :dn].to(w.dtype), w[:, :dn])
+        o = kernels.decode_attention(q_lat.to(ck.dtype), ck, ck, pos, pad, self.scale, k2_BGLD=cpe,
+                                     q2_BHD=q_pe.to(ck.dtype))  # fmt: skip
         y = torch.einsum("bhr,hvr->bhv", o.to(w.dtype), w[:, dn:])
         return self.wo(y.reshape(B, 1, H * dv).to(x_B1D.dtype))
 

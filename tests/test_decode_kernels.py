@@ -72,27 +72,51 @@ def test_qk_rope_cache(dt, norm, B, H, G, Dh):
 
 
 @pytest.mark.parametrize("dt", DTYPES)
-@pytest.mark.parametrize("case", ["gqa", "mha", "mla", "pad"])
+@pytest.mark.parametrize("B,H,DN,R,Dr", [(1, 4, 16, 32, 16), (2, 3, 8, 48, 32)])
+def test_mla_rope_cache(dt, B, H, DN, R, Dr):
+    L, pos = 7, 4
+    q = torch.randn(B, H * (DN + Dr), device=DEV).to(dt)
+    ckv = torch.randn(B, R + Dr, device=DEV).to(dt)
+    w = (torch.rand(R, device=DEV) + 0.5).to(dt)
+    cos, sin = torch.randn(B, Dr // 2, device=DEV), torch.randn(B, Dr // 2, device=DEV)
+    cc, pc = torch.randn(B, 1, L, R, device=DEV).to(dt), torch.randn(B, 1, L, Dr, device=DEV).to(dt)
+    ccr, pcr = cc.clone(), pc.clone()
+    qpe = td.mla_rope_cache(q, ckv, w, 1e-6, cos, sin, cc, pc, torch.tensor([pos], device=DEV), H, DN)
+    qper = ref.mla_rope_cache(q, ckv, w, 1e-6, cos, sin, ccr, pcr, torch.tensor([pos], device=DEV), H, DN)
+    assert qpe.shape == (B, H, Dr) and rel(qpe, qper) <= tol(dt)
+    assert rel(cc[:, :, pos], ccr[:, :, pos]) <= tol(dt) and rel(pc[:, :, pos], pcr[:, :, pos]) <= tol(dt)
+    assert not torch.equal(cc[:, :, pos], ckv[:, None, :R])  # normed, not copied
+    others = [i for i in range(L) if i != pos]
+    assert torch.equal(cc[:, :, others], ccr[:, :, others]) and torch.equal(pc[:, :, others], pcr[:, :, others])
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("case", ["gqa", "mha", "mla", "mla_q2", "pad"])
 def test_decode_attention(dt, case):
     B, H, G, D1, D2, DV, L = 2, 8, 2, 32, 0, 32, 150
     if case == "mha":
         H, G = 4, 4
-    if case == "mla":
+    if case.startswith("mla"):
         H, G, D1, D2, DV = 4, 1, 64, 16, 64
     pos = 137
     q = torch.randn(B, H, D1 + D2, device=DEV).to(dt)
     k1 = torch.randn(B, G, L, D1, device=DEV).to(dt)
     k2 = torch.randn(B, G, L, D2, device=DEV).to(dt) if D2 else None
-    v = k1 if case == "mla" else torch.randn(B, G, L, DV, device=DEV).to(dt)
+    v = k1 if case.startswith("mla") else torch.randn(B, G, L, DV, device=DEV).to(dt)
     k1[:, :, pos + 1:] = float("nan")  # slots after pos are never read into the result
-    if case != "mla":
+    if not case.startswith("mla"):
         v[:, :, pos + 1:] = float("nan")
     pad = torch.tensor([0, 70], device=DEV) if case == "pad" else None
     p = torch.tensor([pos], device=DEV)
-    o = td.decode_attention(q, k1, v, p, pad, 0.3, k2)
+    if case == "mla_q2":  # the two query parts as separate (strided) tensors
+        qq = torch.randn(B, H, D1 + D2 + 8, device=DEV).to(dt)
+        qq[..., :D1 + D2] = q
+        o = td.decode_attention(qq[..., :D1], k1, v, p, pad, 0.3, k2, q2_BHD=qq[..., D1:D1 + D2])
+    else:
+        o = td.decode_attention(q, k1, v, p, pad, 0.3, k2)
     k1r = k1.clone()
     k1r[:, :, pos + 1:] = 0
-    vr = k1r if case == "mla" else v.clone()
+    vr = k1r if case.startswith("mla") else v.clone()
     vr[:, :, pos + 1:] = 0
     orf = ref.decode_attention(q, k1r, vr, p, pad, 0.3, k2)
     assert rel(o, orf) <= tol(dt)
