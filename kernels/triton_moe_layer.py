@@ -429,6 +429,19 @@ def down_combine(h, hs, rowidx, weights_TK, tm, n_tiles, T, K, wd_EFD, sd_FD=Non
 SHARED_IN_ROUTER = True
 
 
+def router_warps_from_env() -> int | None:
+    """MOECODER_ROUTER_WARPS=auto|1|2|4|8: the warps of launch 1 (auto: 4 or 8 by size; 1: every
+    reduction of the last program by shuffles, the shared experts' gate/up then in launch 2)."""
+    import os
+
+    v = os.environ.get("MOECODER_ROUTER_WARPS", "auto").strip().lower() or "auto"
+    if v == "auto":
+        return None
+    if v not in ("1", "2", "4", "8"):
+        raise ValueError(f"MOECODER_ROUTER_WARPS must be one of auto, 1, 2, 4, 8; got {v!r}")
+    return int(v)
+
+
 def moe_layer_decode(x_TD, router_w_ED, bias_E, top_k, score_func, renormalize, n_groups, topk_groups, group_score,
                      routed_scaling, wg_EDF, wu_EDF, wd_EFD, sg_DF=None, su_DF=None, sd_FD=None,
                      shared_in_router=None, router_warps=None):  # fmt: skip
@@ -441,6 +454,10 @@ def moe_layer_decode(x_TD, router_w_ED, bias_E, top_k, score_func, renormalize, 
     K = int(top_k)
     assert 1 <= T <= MAX_TOKENS and x_TD.stride(1) == 1 and wg_EDF.stride() == wu_EDF.stride()
     assert sg_DF is None or sg_DF.stride() == su_DF.stride()
+    if router_warps is None:
+        router_warps = router_warps_from_env()
+    if router_warps == 1 and shared_in_router is None:
+        shared_in_router = False  # one warp would also run the shared GEMV programs of launch 1
     early = SHARED_IN_ROUTER if shared_in_router is None else shared_in_router
     sh1 = (sg_DF, su_DF) if early else (None, None)
     w, ex, rowidx, tm, n_tiles, hs = route_plan(x_TD, router_w_ED, bias_E, K, score_func, renormalize, n_groups,

@@ -137,19 +137,23 @@ def main(argv=None) -> int:
     p.add_argument("--max-len", type=int, default=152)
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--fused", action="store_true", help="also time MOECODER_FUSED_DECODE=0/1")
+    p.add_argument("--router-warps", default="auto",
+                   help="comma-separated MOECODER_ROUTER_WARPS values to time (e.g. auto,1)")
     args = p.parse_args(argv)
     dev = torch.device(args.device)
     print(torch.__version__, torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", flush=True)
-    modes = ["0", "1"] if args.fused else [os.environ.get("MOECODER_FUSED_DECODE", "")]
+    fused = ["0", "1"] if args.fused else [os.environ.get("MOECODER_FUSED_DECODE", "")]
+    modes = [(f, rw) for f in fused for rw in args.router_warps.split(",")]
     for name in args.configs.split(","):
         res = {}
         for nl in [int(x) for x in args.layers.split(",")]:
             model = build(name, nl, dev, args.max_len)
             with torch.inference_mode():
                 for mode in modes:
-                    if mode:
-                        os.environ["MOECODER_FUSED_DECODE"] = mode
-                    tag = f"{name} layers={nl} fused={mode or '-'}"
+                    if mode[0]:
+                        os.environ["MOECODER_FUSED_DECODE"] = mode[0]
+                    os.environ["MOECODER_ROUTER_WARPS"] = mode[1]
+                    tag = f"{name} layers={nl} fused={mode[0] or '-'} router_warps={mode[1]}"
                     if dev.type == "cuda":
                         ms = graph_step_events_ms(model, dev, args.ctx, args.max_len)
                         res[(nl, mode)] = ms
@@ -165,8 +169,8 @@ def main(argv=None) -> int:
             if len(ls) >= 2 and (ls[0], mode) in res:
                 a, b = res[(ls[0], mode)], res[(ls[-1], mode)]
                 per = (b - a) / (ls[-1] - ls[0])
-                print(f"{name} fused={mode or '-'}: {per * 1e3:.1f} us per layer, intercept {(a - per * ls[0]) * 1e3:.0f} us",
-                      flush=True)
+                print(f"{name} fused={mode[0] or '-'} router_warps={mode[1]}: {per * 1e3:.1f} us per layer, "
+                      f"intercept {(a - per * ls[0]) * 1e3:.0f} us", flush=True)
     return 0
 
 

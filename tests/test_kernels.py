@@ -498,6 +498,24 @@ def test_moe_layer_decode_matches_reference(T, E, K, D, F, FS, score, bias, grou
         assert torch.equal(e2, er) and rel(out2, outr) < max(TOL, 1e-6)
 
 
+def test_moe_layer_decode_one_warp_router_env(monkeypatch):
+    """MOECODER_ROUTER_WARPS=1 (launch 1 in one warp, the shared gate/up moved to launch 2) gives
+    the reference layer; a bad value is refused."""
+    from kernels import triton_moe_layer as tml
+
+    T, E, K, D, F, FS = 2, 16, 4, 24, 40, 48
+    x, wr, b, ws, sh = _layer_inputs(T, E, D, F, FS, False)
+    outr, _, er = ref.moe_layer_decode(ref_of(x), wr, None, K, "softmax", True, 1, 1, "max", 1.0,
+                                       *(ref_of(t) for t in ws + sh))  # fmt: skip
+    monkeypatch.setenv("MOECODER_ROUTER_WARPS", "1")
+    assert tml.router_warps_from_env() == 1
+    out, _, e = tml.moe_layer_decode(x, wr, None, K, "softmax", True, 1, 1, "max", 1.0, *ws, *sh)
+    assert torch.equal(e, er) and rel(out, outr) < max(TOL, 1e-6)
+    monkeypatch.setenv("MOECODER_ROUTER_WARPS", "3")
+    with pytest.raises(ValueError, match="MOECODER_ROUTER_WARPS"):
+        tml.moe_layer_decode(x, wr, None, K, "softmax", True, 1, 1, "max", 1.0, *ws, *sh)
+
+
 def test_moe_layer_decode_workspace_left_clean_across_calls():
     """Logit and output accumulators and counters are zero again after every call (calls of
     different sizes in a row; one expert shared by every token)."""
