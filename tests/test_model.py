@@ -127,6 +127,31 @@ def test_dropless_every_token_reaches_top_k_experts():
         assert sum(counts) == 3 * 17 * 3
 
 
+def test_moe_counts_match_the_routing():
+    moe = make(tiny(n_experts=8, top_k=3)).moe_layers()[0]
+    x = torch.randn(2, 11, 64)
+    with torch.no_grad():
+        moe(x)
+        logits = torch.nn.functional.linear(x.reshape(-1, 64), moe.gate.weight)
+        _, experts = kernels.route(logits, moe.top_k, moe.score_func, None, moe.renormalize)
+    want = torch.bincount(experts.reshape(-1), minlength=8).float()
+    assert torch.equal(moe.last["counts"], want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA host syncs")
+def test_prefill_forward_does_not_sync_with_the_host():
+    model = make(tiny(n_layers=3, n_dense_layers=1)).cuda()
+    x = torch.randint(0, 512, (2, 64), device="cuda")
+    with torch.no_grad():
+        model(x)  # warm-up (autotuning, lazy init)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 def test_moe_block_matches_the_per_expert_loop():
     moe = make().moe_layers()[0]
     x = torch.randn(1, 13, 64)
