@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from model import static_decode
 from model.cancel import CancelToken  # noqa: F401  (re-exported: the interface names it here)
 from model.cli_args import generate_parser as _parser  # torch-free, for a fast `--help`
 from model.formats import FimEnd, fim_prompt, fim_suffix_stop
@@ -216,69 +217,80 @@ def _decode(model: Transformer, tok, prompts: list[list[int]], params: SamplingP
     healer = Healer(tok, params.heal, vocab) if params.heal else None
     t0 = time.monotonic()
 
-    cache = model.setup_cache(B, total, device=device)
-    cache.set_padding([longest - len(p) for p in prompts])
-    for a in range(0, longest, PREFILL_CHUNK):
-        if cancel is not None and cancel.cancelled:  # also between prefill chunks of a long prompt
-            for r in results:
-                r.finish_reason = "cancelled"
-            return
-        logits = model(x[:, a:a + PREFILL_CHUNK], a, cache, last_only=True)
-    last = logits[:, -1]
-    pos = longest
-    while True:
-        allowed = last[:, :vocab].clone()  # ids the tokenizer can decode, never padding
-        if 0 <= pad_id < vocab:
-            allowed[:, pad_id] = float("-inf")
-        if healer is not None:  # the first tokens spell the text typed at the cursor, then anything
+    pads = [longest - len(p) for p in prompts]
+    # On a GPU the decode steps replay a CUDA graph over a static cache (model/static_decode.py).
+    dec = static_decode.acquire(model, B, total, padded=any(pads))
+    if dec is None:
+        cache = model.setup_cache(B, total, device=device)
+        cache.set_padding(pads)
+    else:
+        dec.begin(pads)
+        cache = dec.cache
+    try:
+        for a in range(0, longest, PREFILL_CHUNK):
+            if cancel is not None and cancel.cancelled:  # also between prefill chunks of a long prompt
+                for r in results:
+                    r.finish_reason = "cancelled"
+                return
+            logits = model(x[:, a:a + PREFILL_CHUNK], a, cache, last_only=True)
+        last = logits[:, -1]
+        pos = longest
+        while True:
+            allowed = last[:, :vocab].clone()  # ids the tokenizer can decode, never padding
+            if 0 <= pad_id < vocab:
+                allowed[:, pad_id] = float("-inf")
+            if healer is not None:  # the first tokens spell the text typed at the cursor, then anything
+                for b in range(B):
+                    if active[b] and (keep := healer.allowed(results[b].token_ids, allowed.device)) is not None:
+                        allowed[b].masked_fill_(~keep, float("-inf"))
+            if guard is not None:  # the token that would make a loop's third copy is not an option
+                for b in range(B):
+                    if active[b] and (ban := [t for t in guard.banned(results[b].token_ids) if t < vocab]):
+                        allowed[b, ban] = float("-inf")
+            ids = sample(allowed, params, gen) if wm is None else wm.sample(allowed, params, gen, sampling_probs)
+            lps = last.log_softmax(-1).gather(-1, ids[:, None]).squeeze(-1)
+            ids_l, lps_l = ids.tolist(), lps.tolist()
+            if wm is not None:
+                wm.push(ids_l)
+            out_of_time = params.max_seconds is not None and time.monotonic() - t0 >= params.max_seconds
+            step: list[tuple[int, TokenEvent]] = []
             for b in range(B):
-                if active[b] and (keep := healer.allowed(results[b].token_ids, allowed.device)) is not None:
-                    allowed[b].masked_fill_(~keep, float("-inf"))
-        if guard is not None:  # the token that would make a loop's third copy is not an option
-            for b in range(B):
-                if active[b] and (ban := [t for t in guard.banned(results[b].token_ids) if t < vocab]):
-                    allowed[b, ban] = float("-inf")
-        ids = sample(allowed, params, gen) if wm is None else wm.sample(allowed, params, gen, sampling_probs)
-        lps = last.log_softmax(-1).gather(-1, ids[:, None]).squeeze(-1)
-        ids_l, lps_l = ids.tolist(), lps.tolist()
-        if wm is not None:
-            wm.push(ids_l)
-        out_of_time = params.max_seconds is not None and time.monotonic() - t0 >= params.max_seconds
-        step: list[tuple[int, TokenEvent]] = []
-        for b in range(B):
-            if not active[b]:
-                continue
-            t, lp, res, txt = ids_l[b], lps_l[b], results[b], texts[b]
-            res.token_ids.append(t)
-            res.logprobs.append(lp)
-            if t in stop_ids:
-                delta, reason = txt.flush(), "eos" if t == tok.eos_id else "stop"
-            else:
-                delta, hit = txt.push(t)
-                reason = "stop" if hit else None
-                if reason is None and guard is not None and "\n" in delta and guard.repeated_block(txt.text):
-                    reason = "repeat"  # the same block of lines twice in a row: a loop the token ban cannot break
-                if reason is None and (len(res.token_ids) >= params.max_new_tokens or pos + 1 >= total):
-                    reason = "length"
-                if reason is None and out_of_time:
-                    reason = "time"
-                if reason in ("length", "time"):
-                    delta += txt.flush()
-            if reason is not None:
-                active[b] = False
-                res.finish_reason = reason
-            res.text = txt.text
-            step.append((b, TokenEvent(t, delta, lp)))
-        yield step
-        if not any(active):
-            return
-        if cancel is not None and cancel.cancelled:
-            for b in range(B):
-                if active[b]:
-                    results[b].finish_reason = "cancelled"
-            return
-        last = model(ids[:, None], pos, cache)[:, -1]
-        pos += 1
+                if not active[b]:
+                    continue
+                t, lp, res, txt = ids_l[b], lps_l[b], results[b], texts[b]
+                res.token_ids.append(t)
+                res.logprobs.append(lp)
+                if t in stop_ids:
+                    delta, reason = txt.flush(), "eos" if t == tok.eos_id else "stop"
+                else:
+                    delta, hit = txt.push(t)
+                    reason = "stop" if hit else None
+                    if reason is None and guard is not None and "\n" in delta and guard.repeated_block(txt.text):
+                        reason = "repeat"  # the same block of lines twice in a row: a loop the token ban cannot break
+                    if reason is None and (len(res.token_ids) >= params.max_new_tokens or pos + 1 >= total):
+                        reason = "length"
+                    if reason is None and out_of_time:
+                        reason = "time"
+                    if reason in ("length", "time"):
+                        delta += txt.flush()
+                if reason is not None:
+                    active[b] = False
+                    res.finish_reason = reason
+                res.text = txt.text
+                step.append((b, TokenEvent(t, delta, lp)))
+            yield step
+            if not any(active):
+                return
+            if cancel is not None and cancel.cancelled:
+                for b in range(B):
+                    if active[b]:
+                        results[b].finish_reason = "cancelled"
+                return
+            last = model(ids[:, None], pos, cache)[:, -1] if dec is None else dec.step(model, ids, pos)
+            pos += 1
+    finally:
+        if dec is not None:
+            dec.end()
 
 
 class Stream:

@@ -234,3 +234,64 @@ def test_cli_ctrl_c_stops_cleanly(tmp_path, tiny_tokenizer_path):
             proc.kill()
     assert proc.returncode == 130, err.decode()
     assert b"Traceback" not in err and b"interrupted" in err
+
+
+# ---------------------------------------------------------------- static decode (the CUDA-graph path)
+def test_static_decode_path_matches_eager(loaded, prompt, monkeypatch):
+    """MOECODER_CUDA_GRAPH=1 on the CPU runs the graph path's plumbing eagerly: a bucketed static
+    cache reused across generations (stale slots from the previous one must stay hidden), left
+    padding through its static pad tensor, and a second generation running while the first is
+    unfinished (it must not share the first one's cache)."""
+    from model import static_decode
+
+    model, tok = loaded.model, loaded.tokenizer
+    params = SamplingParams(max_new_tokens=9)
+    prompts = [prompt, prompt[:3], prompt[2:], [tok.encode("x")[0]]]
+    monkeypatch.setenv("MOECODER_CUDA_GRAPH", "0")
+    want_single = [generate(model, tok, p, params) for p in prompts]
+    want_batch = generate_batch(model, tok, prompts, params, batch_size=4)
+    assert "_static_decoders" not in model.__dict__
+
+    monkeypatch.setenv("MOECODER_CUDA_GRAPH", "1")
+    for p, w in zip(prompts, want_single):  # one decoder (batch 1, one bucket), reused 4 times
+        got = generate(model, tok, p, params)
+        assert got.token_ids == w.token_ids and got.text == w.text
+        assert got.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+    pool = model.__dict__["_static_decoders"]
+    assert [k[3:] for k in pool] == [(1, static_decode.BUCKET, False)]
+    got = generate_batch(model, tok, prompts, params, batch_size=4)
+    for r, w in zip(got, want_batch):
+        assert r.token_ids == w.token_ids and r.logprobs == pytest.approx(w.logprobs, abs=1e-4)
+    assert (4, static_decode.BUCKET, True) in [k[3:] for k in pool] and len(pool) <= static_decode.KEEP
+
+    a, b = stream(model, tok, prompts[0], params), stream(model, tok, prompts[2], params)
+    ea = [next(a) for _ in range(4)]  # a holds the batch-1 decoder now
+    eb = list(b)  # b runs while a is unfinished: its own (eager) cache
+    ea += list(a)
+    for events, w in ((ea, want_single[0]), (eb, want_single[2])):
+        assert [e.token_id for e in events] == w.token_ids
+        assert [e.logprob for e in events] == pytest.approx(w.logprobs, abs=1e-4)
+    assert not any(d.busy for d in pool.values())
+
+
+def test_static_decode_mode_is_checked(monkeypatch):
+    from model import static_decode
+
+    monkeypatch.setenv("MOECODER_CUDA_GRAPH", "yes")
+    with pytest.raises(ValueError, match="MOECODER_CUDA_GRAPH"):
+        static_decode.wanted(torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
+def test_cuda_graph_generation_matches_eager(loaded, prompt, monkeypatch):
+    import copy
+
+    model = copy.deepcopy(loaded.model).cuda()
+    tok = loaded.tokenizer
+    params = SamplingParams(max_new_tokens=12)
+    monkeypatch.setenv("MOECODER_CUDA_GRAPH", "0")
+    want = [generate(model, tok, p, params).token_ids for p in (prompt, prompt[:4])]
+    monkeypatch.setenv("MOECODER_CUDA_GRAPH", "auto")
+    got = [generate(model, tok, p, params).token_ids for p in (prompt, prompt[:4])]
+    assert got == want
+    assert all(d.graph is not None for d in model.__dict__["_static_decoders"].values())

@@ -1,0 +1,109 @@
+"""Decode steps replayed from a CUDA graph, for the product's generation loop (gpt-fast style).
+
+An eager decode step of a large MoE is hundreds of small kernels, each launched from Python:
+on a GPU the step is bound by the host, not by the weights it reads (Qwen3-30B-A3B on an
+H100: ~16 tokens/s eager, ~260 from a graph; docs/benchmarks.md). ``StaticDecoder`` keeps a
+preallocated KV cache whose length is rounded up to a bucket, static token/position inputs,
+and one captured ``Transformer.decode_static`` step per (batch, cache length, padded or
+not); later generations of the same shape reuse it (a small cache of decoders per model).
+
+``MOECODER_CUDA_GRAPH=auto|1|0``: auto uses it on CUDA; 1 takes the static step everywhere
+(eagerly where there is no CUDA: the tests check the plumbing on the CPU that way); 0 keeps
+the plain eager step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import torch
+
+BUCKET = 256  # cache lengths are rounded up to a multiple of this, so shapes repeat across calls
+KEEP = 2  # decoders (graph + cache) kept per model, least recently used dropped first
+
+
+def mode() -> str:
+    m = os.environ.get("MOECODER_CUDA_GRAPH", "auto").strip().lower() or "auto"
+    if m not in ("auto", "1", "0"):
+        raise ValueError(f"MOECODER_CUDA_GRAPH must be one of auto, 1, 0; got {m!r}")
+    return m
+
+
+def wanted(device: torch.device) -> bool:
+    m = mode()
+    return m == "1" or (m == "auto" and device.type == "cuda")
+
+
+class StaticDecoder:
+    """A static cache + the inputs of one decode step, and (on CUDA) the step as a graph."""
+
+    def __init__(self, model, batch: int, max_len: int, padded: bool, device: torch.device):
+        self.batch, self.max_len, self.device = batch, max_len, device  # no reference to the model: no cycle
+        self.cache = model.setup_cache(batch, max_len, device=device)
+        self.pad = torch.zeros(batch, dtype=torch.long, device=device) if padded else None
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.busy = False
+
+    def begin(self, pad_lens: list[int]) -> None:
+        """Start a generation: this decoder's cache now belongs to it (stale slots are masked)."""
+        if self.pad is not None:
+            self.pad.copy_(torch.as_tensor(pad_lens, dtype=torch.long))
+        self.cache.pad_lens = self.pad
+        self.busy = True
+
+    def end(self) -> None:
+        self.busy = False
+
+    def step(self, model, ids_B: torch.Tensor, pos: int) -> torch.Tensor:
+        """Logits [B, V] of the tokens ``ids_B`` at position ``pos`` (valid until the next step)."""
+        self.tok.copy_(ids_B.reshape(self.batch, 1))
+        self.pos.fill_(pos)
+        if self.device.type != "cuda":
+            return model.decode_static(self.tok, self.pos, self.cache)[:, -1]
+        if self.graph is None:
+            self._capture(model)
+        self.graph.replay()
+        return self.logits[:, -1]
+
+    def _capture(self, model) -> None:
+        # Warm-up outside the graph (Triton compiles, cuBLAS picks its kernels). Each call writes
+        # this step's key/value into slot ``pos``; the captured step writes the same values again.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model.decode_static(self.tok, self.pos, self.cache)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = model.decode_static(self.tok, self.pos, self.cache)
+        self.graph = graph
+
+
+def acquire(model, batch: int, total: int, padded: bool) -> StaticDecoder | None:
+    """A free decoder for ``batch`` rows and ``total`` positions (None: not wanted here, or the
+    shape's decoder is in use by another generation still running, which then decodes eagerly)."""
+    w = model.tok_emb.weight
+    if not wanted(w.device):
+        return None
+    ctx = model.cfg.max_seq_len
+    max_len = min(ctx, -(-total // BUCKET) * BUCKET)
+    pool: OrderedDict = model.__dict__.setdefault("_static_decoders", OrderedDict())
+    where = (str(w.device), w.dtype, w.data_ptr())  # moved, cast or copied since: the old decoders are stale
+    for k in [k for k, d in pool.items() if k[:3] != where and not d.busy]:
+        del pool[k]
+    key = (*where, batch, max_len, padded)
+    dec = pool.get(key)
+    if dec is not None and dec.busy:
+        return None
+    if dec is None:
+        for k in [k for k, d in pool.items() if not d.busy][: max(0, len(pool) + 1 - KEEP)]:
+            del pool[k]  # least recently used first; their graphs and caches are freed
+        dec = StaticDecoder(model, batch, max_len, padded, w.device)
+        pool[key] = dec
+    pool.move_to_end(key)
+    return dec
