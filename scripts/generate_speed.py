@@ -1,0 +1,50 @@
+"""The product's generation loop (``model.generate.stream``) on a full-size random Qwen3-30B-A3B /
+DeepSeek-V2-Lite: eager decode steps vs the CUDA-graph static decoder (``MOECODER_CUDA_GRAPH``).
+
+    PYTHONPATH=$PWD python scripts/generate_speed.py [qwen3-30b-a3b,deepseek-v2-lite]   # one GPU
+
+A 500-token prompt (the shipped tokenizer on model/generate.py), 64 greedy tokens, four
+generations per model: eager, graph (first: includes the capture), graph again, eager again.
+Decode tokens/s counts from the first streamed token to the last.
+"""
+
+import gc
+import os
+import sys
+import time
+
+import torch
+
+from model.checkpoint import load_model
+from model.generate import SamplingParams, stream
+from model.hf.families import family_from_config
+from model.hf.loader import empty_model
+from model.hf_bench import CONFIGS
+
+tok = load_model().tokenizer
+dev = torch.device("cuda")
+names = sys.argv[1].split(",") if len(sys.argv) > 1 else list(CONFIGS)
+print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+for name in names:
+    fam = family_from_config(dict(CONFIGS[name]), max_context=4096)
+    model, _ = empty_model(fam, dev, "bf16")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+        for moe in model.moe_layers():
+            moe.expert_bias.zero_()
+    model.eval()
+    prompt = tok.encode(open("model/generate.py").read())[:500]
+    params = SamplingParams(max_new_tokens=64)
+    for m in ("0", "auto", "auto", "0"):
+        os.environ["MOECODER_CUDA_GRAPH"] = m
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        times = [time.perf_counter() for _ in stream(model, tok, prompt, params)]
+        n = len(times)
+        dec = (n - 1) / (times[-1] - times[0]) if n > 1 else float("nan")
+        print(f"{name} MOECODER_CUDA_GRAPH={m}: prompt {len(prompt)} tokens, first token {1e3 * (times[0] - t0):.0f} ms, "
+              f"{n} tokens, decode {dec:.1f} tok/s, total {time.perf_counter() - t0:.2f} s", flush=True)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()

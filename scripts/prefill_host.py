@@ -1,0 +1,51 @@
+"""Is prefill bound by the host? Time to enqueue one prefill forward vs its wall time with the
+GPU synchronised, and the top CUDA kernels of a 2k prefill (Qwen3-30B-A3B / DeepSeek-V2-Lite
+shapes, 8 layers, random bf16 weights, full logits, no KV cache).
+
+    PYTHONPATH=$PWD python scripts/prefill_host.py    # one GPU
+"""
+
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from model.hf.families import family_from_config
+from model.hf.loader import empty_model
+from model.hf_bench import CONFIGS
+
+dev = torch.device("cuda")
+for name, c in CONFIGS.items():
+    fam = family_from_config(dict(c, num_hidden_layers=8), max_context=16384)
+    model, _ = empty_model(fam, dev, "bf16")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+        for moe in model.moe_layers():
+            moe.expert_bias.zero_()
+    model.eval()
+    for T in (2048, 8192):
+        x = torch.randint(0, 1000, (1, T), device=dev)
+        with torch.inference_mode():
+            for _ in range(3):
+                model(x)
+            torch.cuda.synchronize()
+            host, tot = [], []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                model(x)
+                t1 = time.perf_counter()
+                torch.cuda.synchronize()
+                host.append(t1 - t0)
+                tot.append(time.perf_counter() - t0)
+        host.sort()
+        tot.sort()
+        print(f"{name} 8 layers T={T}: enqueue {host[2] * 1e3:.1f} ms, total {tot[2] * 1e3:.1f} ms, "
+              f"{T / tot[2]:.0f} tok/s", flush=True)
+        if T == 2048:
+            with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+                model(x)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+    del model
+    torch.cuda.empty_cache()
