@@ -3,9 +3,11 @@
 An eager decode step of a large MoE is hundreds of small kernels, each launched from Python:
 on a GPU the step is bound by the host, not by the weights it reads (Qwen3-30B-A3B on an
 H100: ~16 tokens/s eager, ~260 from a graph; docs/benchmarks.md). ``StaticDecoder`` keeps a
-preallocated KV cache whose length is rounded up to a bucket, static token/position inputs,
-and one captured ``Transformer.decode_static`` step per (batch, cache length, padded or
-not); later generations of the same shape reuse it (a small cache of decoders per model).
+preallocated KV cache whose length is a power of two (>= 1024 positions), static token/position
+inputs, and one captured ``Transformer.decode_static`` step per (batch, cache length, padded or
+not). A later generation reuses any free decoder of its batch whose cache is long enough (the
+fused attention reads the cache only up to the current position, so a longer cache costs memory,
+not time): completions of varying prompt lengths share one graph instead of capturing again.
 
 ``MOECODER_CUDA_GRAPH=auto|1|0``: auto uses it on CUDA; 1 takes the static step everywhere
 (eagerly where there is no CUDA: the tests check the plumbing on the CPU that way); 0 keeps
@@ -19,8 +21,16 @@ from collections import OrderedDict
 
 import torch
 
-BUCKET = 256  # cache lengths are rounded up to a multiple of this, so shapes repeat across calls
+MIN_LEN = 1024  # cache lengths: powers of two from here (capped at the model's context)
 KEEP = 2  # decoders (graph + cache) kept per model, least recently used dropped first
+
+
+def cache_len(total: int, ctx: int) -> int:
+    """The static cache length for ``total`` positions: a power of two >= MIN_LEN, at most ``ctx``."""
+    n = MIN_LEN
+    while n < total:
+        n *= 2
+    return min(n, ctx)
 
 
 def mode() -> str:
@@ -90,17 +100,18 @@ def acquire(model, batch: int, total: int, padded: bool) -> StaticDecoder | None
     w = model.tok_emb.weight
     if not wanted(w.device):
         return None
-    ctx = model.cfg.max_seq_len
-    max_len = min(ctx, -(-total // BUCKET) * BUCKET)
     pool: OrderedDict = model.__dict__.setdefault("_static_decoders", OrderedDict())
     where = (str(w.device), w.dtype, w.data_ptr())  # moved, cast or copied since: the old decoders are stale
     for k in [k for k, d in pool.items() if k[:3] != where and not d.busy]:
         del pool[k]
-    key = (*where, batch, max_len, padded)
-    dec = pool.get(key)
-    if dec is not None and dec.busy:
+    fits = [k for k in pool if k[:3] == where and k[3] == batch and k[5] == padded and k[4] >= total]
+    free = [k for k in fits if not pool[k].busy]
+    if fits and not free:
         return None
+    key = min(free, key=lambda k: k[4]) if free else (*where, batch, cache_len(total, model.cfg.max_seq_len), padded)
+    dec = pool.get(key)
     if dec is None:
+        max_len = key[4]
         for k in [k for k, d in pool.items() if not d.busy][: max(0, len(pool) + 1 - KEEP)]:
             del pool[k]  # least recently used first; their graphs and caches are freed
         dec = StaticDecoder(model, batch, max_len, padded, w.device)

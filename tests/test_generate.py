@@ -253,16 +253,18 @@ def test_static_decode_path_matches_eager(loaded, prompt, monkeypatch):
     assert "_static_decoders" not in model.__dict__
 
     monkeypatch.setenv("MOECODER_CUDA_GRAPH", "1")
-    for p, w in zip(prompts, want_single):  # one decoder (batch 1, one bucket), reused 4 times
+    monkeypatch.setattr(static_decode, "MIN_LEN", 8)  # small buckets: the shorter prompts fit the first's cache
+    for p, w in zip(prompts, want_single):  # one decoder (batch 1), reused 4 times
         got = generate(model, tok, p, params)
         assert got.token_ids == w.token_ids and got.text == w.text
         assert got.logprobs == pytest.approx(w.logprobs, abs=1e-4)
     pool = model.__dict__["_static_decoders"]
-    assert [k[3:] for k in pool] == [(1, static_decode.BUCKET, False)]
+    L = static_decode.cache_len(len(prompt) + 9, model.cfg.max_seq_len)
+    assert [k[3:] for k in pool] == [(1, L, False)]
     got = generate_batch(model, tok, prompts, params, batch_size=4)
     for r, w in zip(got, want_batch):
         assert r.token_ids == w.token_ids and r.logprobs == pytest.approx(w.logprobs, abs=1e-4)
-    assert (4, static_decode.BUCKET, True) in [k[3:] for k in pool] and len(pool) <= static_decode.KEEP
+    assert (4, L, True) in [k[3:] for k in pool] and len(pool) <= static_decode.KEEP
 
     a, b = stream(model, tok, prompts[0], params), stream(model, tok, prompts[2], params)
     ea = [next(a) for _ in range(4)]  # a holds the batch-1 decoder now
@@ -276,6 +278,9 @@ def test_static_decode_path_matches_eager(loaded, prompt, monkeypatch):
 
 def test_static_decode_mode_is_checked(monkeypatch):
     from model import static_decode
+
+    assert [static_decode.cache_len(n, 32768) for n in (1, 1024, 1025, 5000)] == [1024, 1024, 2048, 8192]
+    assert static_decode.cache_len(5000, 4096) == 4096
 
     monkeypatch.setenv("MOECODER_CUDA_GRAPH", "yes")
     with pytest.raises(ValueError, match="MOECODER_CUDA_GRAPH"):
