@@ -32,6 +32,8 @@ from datetime import UTC, datetime
 
 import torch
 
+from model.static_decode import StaticDecoder
+
 QWEN3_30B_A3B = dict(
     architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
     num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
@@ -171,41 +173,20 @@ def to_moecoder(hf, hf_cfg: dict, dev, dtype_name: str):
     return model.eval(), fam
 
 
-class GraphDecoder:
-    """One decode step captured in a CUDA graph: static token/position inputs, static cache."""
+def random_moecoder(name: str, dev, layers: int | None = None, max_context: int = 16384):
+    """Our Transformer for ``CONFIGS[name]`` (``layers`` of them, default all) with random bf16
+    weights made on ``dev`` (no transformers involved): for measurements of our path alone."""
+    from model.hf.families import family_from_config
+    from model.hf.loader import empty_model
 
-    def __init__(self, model, batch: int, max_len: int, dev):
-        self.model, self.dev = model, dev
-        self.cache = model.setup_cache(batch, max_len, device=dev)
-        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
-        self.graph = None
-        self.logits = None
-
-    def prefill(self, x):
-        logits = self.model(x, 0, self.cache, last_only=True)
-        self.tok.copy_(logits[:, -1:].argmax(-1))
-        self.pos.fill_(x.shape[1])
-
-    def capture(self):
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):  # warm up (Triton compiles, cuBLAS picks) outside the graph
-                self.model.decode_static(self.tok, self.pos, self.cache)
-        torch.cuda.current_stream().wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.model.decode_static(self.tok, self.pos, self.cache)
-
-    def step(self):
-        if self.graph is not None:
-            self.graph.replay()
-            logits = self.logits
-        else:
-            logits = self.model.decode_static(self.tok, self.pos, self.cache)
-        self.tok.copy_(logits[:, -1:].argmax(-1))
-        self.pos.add_(1)
+    cfg = dict(CONFIGS[name], **({"num_hidden_layers": layers} if layers else {}))
+    model, _ = empty_model(family_from_config(cfg, max_context=max_context), dev, "bf16")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+        for moe in model.moe_layers():
+            moe.expert_bias.zero_()
+    return model.eval()
 
 
 def bench_moecoder(model, prompts, dev, batches, n_decode: int, reps: int, res: dict, compiled: bool = False):
@@ -237,20 +218,25 @@ def bench_moecoder(model, prompts, dev, batches, n_decode: int, reps: int, res: 
                     out["compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                     continue
             for b in batches:
-                dec = GraphDecoder(model, b, ctx + n_decode + 8, dev)
-                dec.prefill(prompts["decode"][:b])
+                # the product's decoder (model/static_decode.py): static cache, graph unless eager
+                dec = StaticDecoder(model, b, ctx + n_decode + 8, False, dev, graph=mode != "eager")
+                state = {"tok": model(prompts["decode"][:b], 0, dec.cache, last_only=True)[:, -1].argmax(-1),
+                         "pos": ctx}
+
+                def step(dec=dec, state=state):
+                    state["tok"] = dec.step(model, state["tok"], state["pos"]).argmax(-1)
+                    state["pos"] += 1
+
                 try:
-                    if mode != "eager":
-                        dec.capture()
-                    for _ in range(2):
-                        dec.step()
+                    for _ in range(2):  # the first graph step captures
+                        step()
                 except Exception as e:  # noqa: BLE001 - reported, the eager number stands
                     out[f"decode_b{b}_{mode}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                     continue
                 _sync(dev)
                 t0 = time.perf_counter()
                 for _ in range(n_decode):
-                    dec.step()
+                    step()
                 _sync(dev)
                 out[f"decode_b{b}_{mode}_tok_s"] = round(b * n_decode / (time.perf_counter() - t0), 1)
                 print(f"  decode b{b} {mode}: {out[f'decode_b{b}_{mode}_tok_s']} tok/s", flush=True)

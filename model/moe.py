@@ -121,15 +121,17 @@ class MoE(nn.Module):
             weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
         return weights_TK, experts_TK
 
+    def _expert_counts(self, experts_TK: torch.Tensor) -> torch.Tensor:
+        """Assignments per expert (float32 [E]) by scatter-add, not torch.bincount: bincount on CUDA
+        reads the ids' min/max back to size its output, two host syncs per MoE layer."""
+        idx = experts_TK.reshape(-1)
+        return torch.zeros(self.n_experts, device=idx.device).index_add_(0, idx, torch.ones(idx.numel(), device=idx.device))
+
     def _record(self, logits_TE: torch.Tensor, experts_TK: torch.Tensor) -> None:
         """Tensor statistics of this forward (no host sync) and, when training, the losses."""
         if experts_TK.is_cuda and torch.cuda.is_current_stream_capturing():
             return  # CUDA graph capture (static decode): statistics are not needed there
-        # Counts by scatter-add, not torch.bincount: bincount on CUDA reads the ids' min/max back to
-        # size its output, two host syncs per MoE layer that stalled prefill and training.
-        idx = experts_TK.reshape(-1)
-        counts = torch.zeros(self.n_experts, device=idx.device).index_add_(
-            0, idx, torch.ones(idx.numel(), device=idx.device))
+        counts = self._expert_counts(experts_TK)
         last = {"counts": counts}
         if self.training:
             self.counts_acc += counts

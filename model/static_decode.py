@@ -48,8 +48,10 @@ def wanted(device: torch.device) -> bool:
 class StaticDecoder:
     """A static cache + the inputs of one decode step, and (on CUDA) the step as a graph."""
 
-    def __init__(self, model, batch: int, max_len: int, padded: bool, device: torch.device):
+    def __init__(self, model, batch: int, max_len: int, padded: bool, device: torch.device,
+                 graph: bool | None = None):
         self.batch, self.max_len, self.device = batch, max_len, device  # no reference to the model: no cycle
+        self.use_graph = device.type == "cuda" if graph is None else graph  # False: decode_static eagerly
         self.cache = model.setup_cache(batch, max_len, device=device)
         self.pad = torch.zeros(batch, dtype=torch.long, device=device) if padded else None
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -72,7 +74,7 @@ class StaticDecoder:
         """Logits [B, V] of the tokens ``ids_B`` at position ``pos`` (valid until the next step)."""
         self.tok.copy_(ids_B.reshape(self.batch, 1))
         self.pos.fill_(pos)
-        if self.device.type != "cuda":
+        if not self.use_graph:
             return model.decode_static(self.tok, self.pos, self.cache)[:, -1]
         if self.graph is None:
             self._capture(model)

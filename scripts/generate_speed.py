@@ -17,23 +17,14 @@ import torch
 
 from model.checkpoint import load_model
 from model.generate import SamplingParams, stream
-from model.hf.families import family_from_config
-from model.hf.loader import empty_model
-from model.hf_bench import CONFIGS
+from model.hf_bench import CONFIGS, random_moecoder
 
 tok = load_model().tokenizer
 dev = torch.device("cuda")
 names = sys.argv[1].split(",") if len(sys.argv) > 1 else list(CONFIGS)
 print(torch.cuda.get_device_name(), torch.__version__, flush=True)
 for name in names:
-    fam = family_from_config(dict(CONFIGS[name]), max_context=4096)
-    model, _ = empty_model(fam, dev, "bf16")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
-        for moe in model.moe_layers():
-            moe.expert_bias.zero_()
-    model.eval()
+    model = random_moecoder(name, dev, max_context=4096)
     prompt = tok.encode(open("model/generate.py").read())[:500]
     params = SamplingParams(max_new_tokens=64)
     for m in ("0", "auto", "auto", "0"):

@@ -1,8 +1,10 @@
 """A/B: MoE expert counts by torch.bincount (the old code: two host syncs per MoE layer) vs
-index_add_ (now), on the training step of ``python -m model.bench --device cuda``; two rounds.
+index_add_ (now, ``MoE._expert_counts``), on the training step of ``python -m model.bench
+--device cuda``; two rounds, alternated in one process.
 
     PYTHONPATH=$PWD python scripts/moe_counts_ab.py --device cuda --presets small --steps 10
 """
+
 import sys
 
 import torch
@@ -10,30 +12,15 @@ import torch
 from model import bench
 from model.moe import MoE
 
-new_record = MoE._record
+new_counts = MoE._expert_counts
 
 
-def old_record(self, logits_TE, experts_TK):
-    if experts_TK.is_cuda and torch.cuda.is_current_stream_capturing():
-        return
-    counts = torch.bincount(experts_TK.reshape(-1), minlength=self.n_experts).float()
-    last = {"counts": counts}
-    if self.training:
-        self.counts_acc += counts
-    if torch.is_grad_enabled() and (self.aux_loss_coef > 0 or self.z_loss_coef > 0):
-        if self.score_func == "softmax":
-            probs = logits_TE.softmax(-1)
-        else:
-            s = logits_TE.sigmoid()
-            probs = s / s.sum(-1, keepdim=True)
-        frac = counts / counts.sum().clamp_min(1)
-        last["balance_loss"] = self.n_experts * (frac * probs.mean(0)).sum()
-        last["z_loss"] = torch.logsumexp(logits_TE, dim=-1).square().mean()
-    self.last = last
+def old_counts(self, experts_TK):
+    return torch.bincount(experts_TK.reshape(-1), minlength=self.n_experts).float()
 
 
 for rnd in range(2):
-    for name, fn in (("bincount (old)", old_record), ("index_add (new)", new_record)):
-        MoE._record = fn
+    for name, fn in (("bincount (old)", old_counts), ("index_add (new)", new_counts)):
+        MoE._expert_counts = fn
         print(f"== round {rnd} {name}", flush=True)
         bench.main(sys.argv[1:])

@@ -10,20 +10,11 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from model.hf.families import family_from_config
-from model.hf.loader import empty_model
-from model.hf_bench import CONFIGS
+from model.hf_bench import CONFIGS, random_moecoder
 
 dev = torch.device("cuda")
-for name, c in CONFIGS.items():
-    fam = family_from_config(dict(c, num_hidden_layers=8), max_context=16384)
-    model, _ = empty_model(fam, dev, "bf16")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
-        for moe in model.moe_layers():
-            moe.expert_bias.zero_()
-    model.eval()
+for name in CONFIGS:
+    model = random_moecoder(name, dev, layers=8)
     for T in (2048, 8192):
         x = torch.randint(0, 1000, (1, T), device=dev)
         with torch.inference_mode():
