@@ -14,6 +14,12 @@ into columns ``[pos - P, pos)`` (the whole batch shifts right first when ``pos <
 :class:`BatchState` executes *plans* (remove rows, decode one token per row, admit
 prompts, score sequences) and is deterministic, so that under expert parallelism every
 rank executes the same plans (rank 0 broadcasts them) and holds the same cache.
+
+Decode steps on a GPU replay CUDA graphs (``MOECODER_CUDA_GRAPH``, :mod:`model.static_decode`):
+one captured ``decode_static`` step per bucket of rows (powers of two up to the capacity) over
+views of the slot arrays; rows past the live ones in a bucket decode a dummy token into unused
+slots and are ignored. Growing the slot arrays drops the graphs. Not under expert parallelism
+(its all-to-all needs sizes on the host).
 :class:`BatchScheduler` is rank 0's loop: it turns requests into plans, samples, streams
 :class:`~model.generate.TokenEvent` to each request and enforces its limits.
 """
@@ -30,13 +36,14 @@ from typing import Any
 
 import torch
 
+from model import static_decode
 from model.generate import (
-    PREFILL_CHUNK,
     CancelToken,
     GenerationResult,
     SamplingParams,
     TokenEvent,
     _Text,
+    prefill_chunk,
     sample,
     sampling_probs,
     token_logprobs,
@@ -81,7 +88,7 @@ class Plan:
 class BatchState:
     """The shared KV cache of the running batch; see the module docstring."""
 
-    def __init__(self, model: Any, capacity: int = 4, max_len: int | None = None):
+    def __init__(self, model: Any, capacity: int = 4, max_len: int | None = None, static: bool | None = None):
         self.model = model
         cfg = model.cfg
         self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
@@ -92,6 +99,11 @@ class BatchState:
         self.pos = 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
+        if static is None:  # the static (graph-replayed) decode step: not across ranks
+            dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+            static = static_decode.wanted(self.device) and not (dist and torch.distributed.get_world_size() > 1)
+        self.static = static
+        self._steps: dict[int, static_decode.StaticDecoder] = {}  # rows bucket -> its decode step
         self._alloc(capacity)
 
     # ----------------------------------------------------------------- storage
@@ -102,6 +114,7 @@ class BatchState:
         for old, new in zip(self.k + self.v, fresh.k + fresh.v):
             new[:n] = old[:n]
         self.k, self.v, self.capacity = fresh.k, fresh.v, capacity
+        self._steps.clear()  # their graphs point at the old slot arrays
 
     @property
     def n(self) -> int:
@@ -147,10 +160,29 @@ class BatchState:
             self._shift(-min(self.pads))
             if self.pos >= self.max_len:
                 raise RuntimeError("batch cache is full (a row outlived its length limit)")
-        x = torch.tensor(ids, dtype=torch.long, device=self.device)[:, None]
-        logits = self.model(x, self.pos, self._view(0, self.n))[:, -1]
+        if self.static:
+            logits = self._static_step(ids)
+        else:
+            x = torch.tensor(ids, dtype=torch.long, device=self.device)[:, None]
+            logits = self.model(x, self.pos, self._view(0, self.n))[:, -1]
         self.pos += 1
         return logits
+
+    def _static_step(self, ids: Sequence[int]) -> torch.Tensor:
+        """The decode step through a static decoder over the first ``b`` slots (``b`` = the
+        rows rounded up to a power of two, at most the capacity); logits of the live rows
+        (a view, valid until the next step)."""
+        n = self.n
+        b = min(1 << (n - 1).bit_length(), self.capacity)
+        dec = self._steps.get(b)
+        if dec is None:
+            view = _RowsView([t[:b] for t in self.k], [t[:b] for t in self.v], None)
+            dec = static_decode.StaticDecoder(self.model, b, self.max_len, True, self.device, cache=view)
+            dec.begin([0] * b)
+            self._steps[b] = dec
+        fill = [0] * (b - n)  # the rows past the live ones: pad 0, a dummy token, ignored
+        dec.set_pads(self.pads + fill)
+        return dec.step(self.model, torch.as_tensor(list(ids) + fill, dtype=torch.long), self.pos)[:n]
 
     def join(self, joins: Sequence[tuple[int, Sequence[int]]]) -> torch.Tensor:
         """Prefill new rows so that every prompt ends at column ``pos``; logits [len(joins), V].
@@ -177,8 +209,9 @@ class BatchState:
             self.pads.append(self.pos - P)
             view = self._view(i, i + 1)
             x = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
-            for c in range(0, P, PREFILL_CHUNK):
-                logits = self.model(x[:, c:c + PREFILL_CHUNK], self.pos - P + c, view, last_only=True)
+            chunk = prefill_chunk(self.device)
+            for c in range(0, P, chunk):
+                logits = self.model(x[:, c:c + chunk], self.pos - P + c, view, last_only=True)
             out.append(logits[:, -1])
         return torch.cat(out)
 

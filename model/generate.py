@@ -11,6 +11,7 @@ which is what ranking by surprise needs.
 from __future__ import annotations
 
 import codecs
+import os
 import sys
 import time
 import weakref
@@ -27,7 +28,18 @@ from model.formats import FimEnd, fim_prompt, fim_suffix_stop
 from model.repetition import LoopGuard
 from model.transformer import Transformer
 
-PREFILL_CHUNK = 512
+PREFILL_CHUNK = 512  # prompt tokens per forward on the CPU (bounds the attention's memory)
+GPU_PREFILL_CHUNK = 4096  # on a GPU each chunk costs a whole forward's launches: fewer, longer ones
+
+
+def prefill_chunk(device: torch.device | str) -> int:
+    """Prompt tokens per prefill forward: ``MOECODER_PREFILL_CHUNK`` or the device's default."""
+    env = os.environ.get("MOECODER_PREFILL_CHUNK", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"MOECODER_PREFILL_CHUNK must be a positive integer; got {env!r}")
+        return int(env)
+    return PREFILL_CHUNK if torch.device(device).type == "cpu" else GPU_PREFILL_CHUNK
 
 
 @dataclass
@@ -227,12 +239,13 @@ def _decode(model: Transformer, tok, prompts: list[list[int]], params: SamplingP
         dec.begin(pads)
         cache = dec.cache
     try:
-        for a in range(0, longest, PREFILL_CHUNK):
+        chunk = prefill_chunk(device)
+        for a in range(0, longest, chunk):
             if cancel is not None and cancel.cancelled:  # also between prefill chunks of a long prompt
                 for r in results:
                     r.finish_reason = "cancelled"
                 return
-            logits = model(x[:, a:a + PREFILL_CHUNK], a, cache, last_only=True)
+            logits = model(x[:, a:a + chunk], a, cache, last_only=True)
         last = logits[:, -1]
         pos = longest
         while True:

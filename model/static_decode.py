@@ -49,23 +49,32 @@ class StaticDecoder:
     """A static cache + the inputs of one decode step, and (on CUDA) the step as a graph."""
 
     def __init__(self, model, batch: int, max_len: int, padded: bool, device: torch.device,
-                 graph: bool | None = None):
+                 graph: bool | None = None, cache=None):
         self.batch, self.max_len, self.device = batch, max_len, device  # no reference to the model: no cycle
         self.use_graph = device.type == "cuda" if graph is None else graph  # False: decode_static eagerly
-        self.cache = model.setup_cache(batch, max_len, device=device)
+        # ``cache``: an existing KVCache of ``batch`` rows (the batching loop's slot arrays); else a new one
+        self.cache = model.setup_cache(batch, max_len, device=device) if cache is None else cache
         self.pad = torch.zeros(batch, dtype=torch.long, device=device) if padded else None
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self.busy = False
+        self._pads: list[int] | None = None
 
     def begin(self, pad_lens: list[int]) -> None:
         """Start a generation: this decoder's cache now belongs to it (stale slots are masked)."""
         if self.pad is not None:
             self.pad.copy_(torch.as_tensor(pad_lens, dtype=torch.long))
+            self._pads = list(pad_lens)
         self.cache.pad_lens = self.pad
         self.busy = True
+
+    def set_pads(self, pad_lens: list[int]) -> None:
+        """New left padding for the next steps (copied to the device only when it changed)."""
+        if pad_lens != self._pads:
+            self.pad.copy_(torch.as_tensor(pad_lens, dtype=torch.long))
+            self._pads = list(pad_lens)
 
     def end(self) -> None:
         self.busy = False

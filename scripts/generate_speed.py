@@ -5,7 +5,9 @@ DeepSeek-V2-Lite: eager decode steps vs the CUDA-graph static decoder (``MOECODE
 
 A 500-token prompt (the shipped tokenizer on model/generate.py), 64 greedy tokens, four
 generations per model: eager, graph (first: includes the capture), graph again, eager again.
-Decode tokens/s counts from the first streamed token to the last.
+Decode tokens/s counts from the first streamed token to the last. Then the time to the first token
+of a 2,000-token prompt prefilled in chunks of 512 (the CPU's chunk) vs 4,096 (the GPU default),
+``MOECODER_PREFILL_CHUNK``; median of 3 after a warm-up.
 """
 
 import gc
@@ -36,6 +38,21 @@ for name in names:
         dec = (n - 1) / (times[-1] - times[0]) if n > 1 else float("nan")
         print(f"{name} MOECODER_CUDA_GRAPH={m}: prompt {len(prompt)} tokens, first token {1e3 * (times[0] - t0):.0f} ms, "
               f"{n} tokens, decode {dec:.1f} tok/s, total {time.perf_counter() - t0:.2f} s", flush=True)
+    long_prompt = tok.encode(open("model/generate.py").read() + open("model/batching.py").read())[:2000]
+    os.environ["MOECODER_CUDA_GRAPH"] = "auto"
+    for chunk in ("512", "4096"):
+        os.environ["MOECODER_PREFILL_CHUNK"] = chunk
+        firsts = []
+        for _ in range(4):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in stream(model, tok, long_prompt, SamplingParams(max_new_tokens=2)):
+                firsts.append(time.perf_counter() - t0)
+                break
+        ttft = sorted(firsts[1:])[1]
+        print(f"{name} prompt {len(long_prompt)} tokens, MOECODER_PREFILL_CHUNK={chunk}: first token {1e3 * ttft:.0f} ms "
+              f"({len(long_prompt) / ttft:.0f} prompt tok/s)", flush=True)
+    os.environ.pop("MOECODER_PREFILL_CHUNK")
     del model
     gc.collect()
     torch.cuda.empty_cache()

@@ -38,5 +38,10 @@ for name in CONFIGS:
                 model(x)
                 torch.cuda.synchronize()
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+            # where the host's time goes: ops by their own CPU time (launches included)
+            with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+                model(x)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
     del model
     torch.cuda.empty_cache()

@@ -35,12 +35,32 @@ def test_rows_after_remove_mirrors_the_cache():
     assert rows_after_remove([7], [7]) == []
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 @pytest.mark.parametrize("stagger", [0.0, 0.01], ids=["burst", "staggered"])
-def test_batched_greedy_equals_each_prompt_alone(model, tiny_tokenizer, stagger):
+def test_batched_greedy_equals_each_prompt_alone(model, tiny_tokenizer, stagger, static, monkeypatch):
+    """``static``: the decode steps the GPU replays as CUDA graphs (buckets of rows over views of
+    the slot arrays), run eagerly here: joins, leaves, shifts and growth must not disturb them."""
     prompts = _prompts(8)
     params = SamplingParams(max_new_tokens=20)
+    monkeypatch.setenv("MOECODER_CUDA_GRAPH", "0")
     want = [generate(model, tiny_tokenizer, p, params).token_ids for p in prompts]
-    sched = BatchScheduler(model, tiny_tokenizer, max_batch=4).start()
+    monkeypatch.setenv("MOECODER_CUDA_GRAPH", "1" if static else "0")
+    sched = BatchScheduler(model, tiny_tokenizer, max_batch=4)
+    assert sched.state.static is static
+    calls = {"decode": 0, "rows": []}  # rows: (live rows, rows of the static step that ran them)
+    decode, static_step = sched.state.decode, sched.state._static_step
+
+    def counted_decode(ids):
+        calls["decode"] += 1
+        return decode(ids)
+
+    def recorded_static_step(ids):
+        out = static_step(ids)
+        calls["rows"].append((len(ids), sched.state._steps[min(k for k in sched.state._steps if k >= len(ids))].batch))
+        return out
+
+    sched.state.decode, sched.state._static_step = counted_decode, recorded_static_step
+    sched.start()
     try:
         handles = []
         for p in prompts:
@@ -53,9 +73,33 @@ def test_batched_greedy_equals_each_prompt_alone(model, tiny_tokenizer, stagger)
             got.append(h.result.token_ids)
         assert got == want
         assert sched.stats["max_rows"] == 4  # never more than max_batch, and it was reached
+        if static:  # every decode took a static step; 3 live rows ran in the step of 4
+            assert calls["decode"] > 0 and len(calls["rows"]) == calls["decode"]
+            assert (3, 4) in calls["rows"] and (4, 4) in calls["rows"]
+            assert all(b == 1 << (n - 1).bit_length() for n, b in calls["rows"])
+        else:
+            assert calls["decode"] > 0 and calls["rows"] == []
         assert any(len(p) + len(w) >= 48 for p, w in zip(prompts, want))  # some hit the context end
     finally:
         sched.close()
+
+
+def test_static_steps_survive_the_slot_arrays_growing(model, tiny_tokenizer, monkeypatch):
+    """Rows 5-8 arrive while 4 decode: the slot arrays grow (4 -> 8 slots) and the static steps
+    captured over the old arrays are dropped, not replayed over freed memory."""
+    prompts = _prompts(8, seed=5)
+    params = SamplingParams(max_new_tokens=12)
+    monkeypatch.setenv("MOECODER_CUDA_GRAPH", "0")
+    want = [generate(model, tiny_tokenizer, p, params).token_ids for p in prompts]
+    monkeypatch.setenv("MOECODER_CUDA_GRAPH", "1")
+    sched = BatchScheduler(model, tiny_tokenizer, max_batch=8, prefill_tokens=1)  # one join per step
+    try:
+        handles = [sched.submit(p, params) for p in prompts]
+        got = [list(h) and h.result.token_ids for h in handles]
+    finally:
+        sched.close()
+    assert got == want
+    assert sched.state.capacity == 8 and sched.stats["max_rows"] > 4
 
 
 def test_cancel_and_time_limit_leave_the_batch_within_a_step(model, tiny_tokenizer):
@@ -101,10 +145,11 @@ def test_bad_requests_fail_at_submit_and_a_failed_step_fails_everyone(model, tin
         sched.submit([20], SamplingParams())
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2"])
-def test_open_checkpoints_batch_like_alone(tmp_path, family):
+def test_open_checkpoints_batch_like_alone(tmp_path, family, static, monkeypatch):
     """Tiny open checkpoints (GQA + QK-norm; MLA's compressed cache) through the batch loop:
-    each prompt's greedy tokens equal generating it alone."""
+    each prompt's greedy tokens equal generating it alone (also through the static decode step)."""
     pytest.importorskip("transformers")
     import sys
     from pathlib import Path
@@ -121,7 +166,9 @@ def test_open_checkpoints_batch_like_alone(tmp_path, family):
     prompts = [p[:min(len(p), 30)] or [5] for p in _prompts(6, seed=3)]
     prompts = [[t % 250 + 3 for t in p] for p in prompts]
     params = SamplingParams(max_new_tokens=12)
+    monkeypatch.setenv("MOECODER_CUDA_GRAPH", "0")
     want = [generate(model, tok, p, params).token_ids for p in prompts]
+    monkeypatch.setenv("MOECODER_CUDA_GRAPH", "1" if static else "0")
     sched = BatchScheduler(model, tok, max_batch=4).start()
     try:
         handles = [sched.submit(p, params) for p in prompts]
@@ -129,3 +176,26 @@ def test_open_checkpoints_batch_like_alone(tmp_path, family):
     finally:
         sched.close()
     assert got == want
+    assert bool(sched.state._steps) is static
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs")
+def test_cuda_graph_batch_matches_eager(model, tiny_tokenizer, monkeypatch):
+    """On a GPU the batch's decode steps replay captured graphs: same greedy tokens as eager."""
+    import copy
+
+    gpu = copy.deepcopy(model).float().cuda()
+    prompts = _prompts(6, seed=7)
+    params = SamplingParams(max_new_tokens=16)
+    got = {}
+    for mode in ("0", "auto"):
+        monkeypatch.setenv("MOECODER_CUDA_GRAPH", mode)
+        sched = BatchScheduler(gpu, tiny_tokenizer, max_batch=4).start()
+        try:
+            handles = [sched.submit(p, params) for p in prompts]
+            got[mode] = [list(h) and h.result.token_ids for h in handles]
+        finally:
+            sched.close()
+        assert sched.state.static is (mode == "auto")
+    assert got["auto"] == got["0"]
+    assert sched.state._steps and all(d.graph is not None for d in sched.state._steps.values())

@@ -300,3 +300,17 @@ def test_cuda_graph_generation_matches_eager(loaded, prompt, monkeypatch):
     got = [generate(model, tok, p, params).token_ids for p in (prompt, prompt[:4])]
     assert got == want
     assert all(d.graph is not None for d in model.__dict__["_static_decoders"].values())
+
+
+def test_prefill_chunk_by_device_and_override(monkeypatch):
+    """512 prompt tokens per forward on the CPU, 4096 on a GPU (whose chunks cost launches, not
+    memory), MOECODER_PREFILL_CHUNK over both; a bad value is an error, not a silent default."""
+    from model.generate import prefill_chunk
+
+    monkeypatch.delenv("MOECODER_PREFILL_CHUNK", raising=False)
+    assert prefill_chunk("cpu") == 512 and prefill_chunk(torch.device("cuda", 0)) == 4096
+    monkeypatch.setenv("MOECODER_PREFILL_CHUNK", "64")
+    assert prefill_chunk("cpu") == 64 == prefill_chunk("cuda")
+    monkeypatch.setenv("MOECODER_PREFILL_CHUNK", "0")
+    with pytest.raises(ValueError, match="MOECODER_PREFILL_CHUNK"):
+        prefill_chunk("cpu")
