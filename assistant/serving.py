@@ -153,7 +153,8 @@ def split_fim_markers(prompt: str) -> tuple[str, str] | None:
 class Service:
     """One model served through the batching loop (see the module docstring)."""
 
-    def __init__(self, model_dir: str | None = None, device: str = "cpu", *, max_batch: int = 32, ep: int = 1,
+    def __init__(self, model_dir: str | None = None, device: str = "cpu", *, max_batch: int = 32,
+                 context: int | None = None, ep: int = 1,
                  ep_timeout: float = 60.0, name: str | None = None, max_seconds: float = 120.0,
                  max_new_tokens: int = 256, on_fatal: Any = None, small_t: int | None = None,
                  watermark: Any = None, engine_options: dict | None = None):
@@ -167,7 +168,7 @@ class Service:
 
             def on_fatal(msg: str) -> None:  # noqa: F811 - the same callback, with the cause named
                 report(f"the expert-parallel group failed (a rank died or hung?): {msg}")
-        loaded = load_model(model_dir, device=self.dist.device)
+        loaded = load_model(model_dir, device=self.dist.device, max_context=context)
         self.model, self.tokenizer, self.config = loaded.model, loaded.tokenizer, loaded.config
         self.model.eval()
         self.model_dir = model_dir

@@ -85,6 +85,9 @@ class Plan:
         return not (self.remove or self.decode or self.join or self.score or self.stop)
 
 
+RESERVE_BYTES = 4 << 30  # GPU memory kept free of batch cache rows: activations of a prefill chunk, graphs
+
+
 class BatchState:
     """The shared KV cache of the running batch; see the module docstring."""
 
@@ -119,6 +122,20 @@ class BatchState:
     @property
     def n(self) -> int:
         return len(self.rows)
+
+    @property
+    def row_bytes(self) -> int:
+        """KV-cache bytes of one request's row (all layers, ``max_len`` positions)."""
+        return sum(t[0].numel() * t.element_size() for t in self.k + self.v)
+
+    def rows_that_fit(self, free_bytes: int | None = None, reserve_bytes: int = RESERVE_BYTES) -> int | None:
+        """How many rows the device's memory holds (the rows allocated now included), keeping
+        ``reserve_bytes`` for activations and graphs; None on the CPU (no limit applied)."""
+        if free_bytes is None:
+            if self.device.type != "cuda":
+                return None
+            free_bytes = torch.cuda.mem_get_info(self.device)[0]
+        return max(0, (free_bytes + self.capacity * self.row_bytes - reserve_bytes) // self.row_bytes)
 
     def _view(self, a: int, b: int) -> _RowsView:
         pads = torch.tensor(self.pads[a:b], dtype=torch.long, device=self.device)
@@ -333,6 +350,18 @@ class BatchScheduler:
         # while a crowd of new requests is prefilled over several steps
         self.prefill_tokens = prefill_tokens
         self.state = BatchState(model, capacity=min(4, self.max_batch), max_len=max_len)
+        # the batch's KV cache grows with the rows in use: never past what the device holds
+        # (a failed allocation mid-step would stop the loop for every request)
+        self.memory_note = ""
+        fit = self.state.rows_that_fit()
+        if fit is not None and fit < self.max_batch:
+            if fit < 1:
+                raise ValueError(f"no room on {self.state.device} for one request's KV cache "
+                                 f"({self.state.row_bytes / 2**30:.1f} GiB at {self.state.max_len} positions): "
+                                 "use a shorter context (moecoder serve --context)")
+            self.memory_note = (f"batch limited to {fit} requests by device memory "
+                                f"({self.state.row_bytes / 2**30:.2f} GiB of KV cache each at {self.state.max_len} positions)")
+            self.max_batch = fit
         self.ctx = min(model.cfg.max_seq_len, self.state.max_len)  # a request's prompt + new tokens
         self.vocab = min(int(tok.vocab_size), model.cfg.vocab_size)
         self.pad_id = getattr(tok, "pad_id", -1)

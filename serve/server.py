@@ -29,7 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (under torchrun: cuda:LOCAL_RANK; default: the config file's)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (= torchrun's --nproc-per-node)")
     p.add_argument("--ep-timeout", type=float, default=60.0, help="seconds before a silent rank counts as lost")
-    p.add_argument("--max-batch", type=int, default=32, help="requests decoded together at most")
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="requests decoded together at most (fewer where the GPU cannot hold their KV cache)")
+    p.add_argument("--context", type=int, default=None,
+                   help="context length of an open checkpoint (default: its own, at most 32768): "
+                        "each concurrent request's KV cache is this long")
     p.add_argument("--max-seconds", type=float, default=None,
                    help="time limit of every request (default: the config file's [serve] max_seconds, else 120)")
     p.add_argument("--max-tokens", type=int, default=256, help="default max_tokens of chat requests")
@@ -55,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return err(f"{' and '.join(missing)} not installed: install the server extra, pip install 'moecoder[serve]'")
     if not 0 < args.port < 65536:
         return err("--port must be in 1..65535")
+    if args.context is not None and args.context < 16:
+        return err("--context must be at least 16")
     for name in ("max_batch", "max_tokens"):
         if getattr(args, name) < 1:
             return err(f"--{name.replace('_', '-')} must be at least 1")
@@ -88,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from assistant.serving import Service, fatal_exit
 
     try:
-        service = Service(model_dir, device, max_batch=args.max_batch, ep=args.ep, ep_timeout=args.ep_timeout,
+        service = Service(model_dir, device, max_batch=args.max_batch, context=args.context, ep=args.ep,
+                          ep_timeout=args.ep_timeout,
                           name=args.name, max_seconds=max_seconds, max_new_tokens=args.max_tokens,
                           on_fatal=fatal_exit, watermark=watermark, engine_options=opts)
     except ValueError as e:  # CheckpointError, bad --ep layout
@@ -108,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     app = create_app(service, api_key=args.api_key)
+    if service.scheduler is not None and service.scheduler.memory_note:
+        print(f"{PROG}: {service.scheduler.memory_note}", file=sys.stderr)
     print(f"{PROG}: model {service.name} (context {service.context_length}, ep {service.ep}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))

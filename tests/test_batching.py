@@ -102,6 +102,28 @@ def test_static_steps_survive_the_slot_arrays_growing(model, tiny_tokenizer, mon
     assert sched.state.capacity == 8 and sched.stats["max_rows"] > 4
 
 
+def test_the_batch_never_outgrows_device_memory(model, tiny_tokenizer, monkeypatch):
+    """On a GPU the rows decoded together stop where their KV cache would not fit (a failed
+    allocation mid-step would stop the loop for everyone); none fitting is a clear error."""
+    from model.batching import BatchState
+
+    state = BatchState(model, capacity=4)
+    row = state.row_bytes  # float64 K and V, 2 layers, 2 KV heads, 48 positions, head dim 32
+    assert row == 2 * model.cfg.n_layers * model.cfg.n_kv_heads * 48 * model.cfg.head_dim * 8
+    assert state.rows_that_fit() is None  # the CPU: no limit
+    assert state.rows_that_fit(free_bytes=10 * row, reserve_bytes=2 * row) == 12  # the 4 held count too
+    assert state.rows_that_fit(free_bytes=0, reserve_bytes=5 * row) == 0
+
+    monkeypatch.setattr(BatchState, "rows_that_fit", lambda self: 3)
+    sched = BatchScheduler(model, tiny_tokenizer, max_batch=8)
+    assert sched.max_batch == 3 and "limited to 3 requests" in sched.memory_note
+    monkeypatch.setattr(BatchState, "rows_that_fit", lambda self: 9)
+    assert BatchScheduler(model, tiny_tokenizer, max_batch=8).max_batch == 8
+    monkeypatch.setattr(BatchState, "rows_that_fit", lambda self: 0)
+    with pytest.raises(ValueError, match="shorter context"):
+        BatchScheduler(model, tiny_tokenizer, max_batch=8)
+
+
 def test_cancel_and_time_limit_leave_the_batch_within_a_step(model, tiny_tokenizer):
     sched = BatchScheduler(model, tiny_tokenizer, max_batch=4).start()
     try:

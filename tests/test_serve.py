@@ -247,8 +247,9 @@ def test_serve_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     assert main(["--max-batch", "0"]) == 2
     assert main(["--ep", "2", "--model", str(tmp_path)]) == 2  # no torchrun: one line, not a hang
     assert main(["--model", str(tmp_path / "missing")]) == 2
+    assert main(["--context", "8"]) == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert len(lines) == 4 and all(ln.startswith("moecoder serve: error: ") for ln in lines), lines
+    assert len(lines) == 5 and all(ln.startswith("moecoder serve: error: ") for ln in lines), lines
 
 
 def test_a_plain_request_whose_client_leaves_is_cancelled(url, service, monkeypatch):

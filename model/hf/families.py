@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from model.config import ModelConfig
 
-DEFAULT_MAX_CONTEXT = 32768  # RoPE tables and the engine's budget; --context raises it
+DEFAULT_MAX_CONTEXT = 32768  # RoPE tables and the engine's budget; `moecoder serve --context` sets it
 
 
 class HFError(ValueError):
