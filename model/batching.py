@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -177,18 +178,17 @@ class BatchState:
             self._shift(-min(self.pads))
             if self.pos >= self.max_len:
                 raise RuntimeError("batch cache is full (a row outlived its length limit)")
-        if self.static:
-            logits = self._static_step(ids)
-        else:
+        logits = self._static_step(ids) if self.static else None
+        if logits is None:
             x = torch.tensor(ids, dtype=torch.long, device=self.device)[:, None]
             logits = self.model(x, self.pos, self._view(0, self.n))[:, -1]
         self.pos += 1
         return logits
 
-    def _static_step(self, ids: Sequence[int]) -> torch.Tensor:
+    def _static_step(self, ids: Sequence[int]) -> torch.Tensor | None:
         """The decode step through a static decoder over the first ``b`` slots (``b`` = the
         rows rounded up to a power of two, at most the capacity); logits of the live rows
-        (a view, valid until the next step)."""
+        (a view, valid until the next step); None if capturing the step failed (then eager)."""
         n = self.n
         b = min(1 << (n - 1).bit_length(), self.capacity)
         dec = self._steps.get(b)
@@ -199,7 +199,18 @@ class BatchState:
             self._steps[b] = dec
         fill = [0] * (b - n)  # the rows past the live ones: pad 0, a dummy token, ignored
         dec.set_pads(self.pads + fill)
-        return dec.step(self.model, torch.as_tensor(list(ids) + fill, dtype=torch.long), self.pos)[:n]
+        tok = torch.as_tensor(list(ids) + fill, dtype=torch.long)
+        if dec.use_graph and dec.graph is None:  # this step captures: if that fails, decode eagerly from now on
+            try:
+                return dec.step(self.model, tok, self.pos)[:n]
+            except RuntimeError as e:
+                self.static = False
+                self._steps.clear()
+                line = str(e).strip().splitlines()
+                print(f"moecoder: capturing the batch's decode step in a CUDA graph failed, decoding eagerly "
+                      f"({type(e).__name__}: {line[0] if line else ''})", file=sys.stderr, flush=True)
+                return None
+        return dec.step(self.model, tok, self.pos)[:n]
 
     def join(self, joins: Sequence[tuple[int, Sequence[int]]]) -> torch.Tensor:
         """Prefill new rows so that every prompt ends at column ``pos``; logits [len(joins), V].

@@ -102,6 +102,36 @@ def test_static_steps_survive_the_slot_arrays_growing(model, tiny_tokenizer, mon
     assert sched.state.capacity == 8 and sched.stats["max_rows"] > 4
 
 
+def test_a_failed_capture_falls_back_to_eager_steps(model, tiny_tokenizer, monkeypatch, capsys):
+    """If capturing the batch's step fails on a GPU, the requests still finish (eagerly), and it says so."""
+    from model import static_decode
+
+    init = static_decode.StaticDecoder.__init__
+
+    def graph_decoder(self, *a, **k):
+        init(self, *a, **k)
+        self.use_graph = True  # as on a GPU
+
+    def failing_capture(self, model):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(static_decode.StaticDecoder, "__init__", graph_decoder)
+    monkeypatch.setattr(static_decode.StaticDecoder, "_capture", failing_capture)
+    monkeypatch.setenv("MOECODER_CUDA_GRAPH", "0")
+    prompts = _prompts(3, seed=9)
+    params = SamplingParams(max_new_tokens=8)
+    want = [generate(model, tiny_tokenizer, p, params).token_ids for p in prompts]
+    monkeypatch.setenv("MOECODER_CUDA_GRAPH", "1")
+    sched = BatchScheduler(model, tiny_tokenizer, max_batch=4)
+    sched.start()
+    try:
+        got = [list(h) and h.result.token_ids for h in [sched.submit(p, params) for p in prompts]]
+    finally:
+        sched.close()
+    assert got == want and sched.state.static is False and not sched.state._steps
+    assert "decoding eagerly" in capsys.readouterr().err
+
+
 def test_the_batch_never_outgrows_device_memory(model, tiny_tokenizer, monkeypatch):
     """On a GPU the rows decoded together stop where their KV cache would not fit (a failed
     allocation mid-step would stop the loop for everyone); none fitting is a clear error."""
