@@ -431,8 +431,8 @@ def _plan_complete(engine: Engine, req: TaskRequest, budget: int, max_new: int) 
     lines = source.split("\n")  # the window's: the post-filters look at the code near the cursor
     prefix = "\n".join(lines[:line] + [lines[line][:column]])
     suffix = "\n".join([lines[line][column:]] + lines[line + 1:])
-    heal = healing_word(lines[line], column) if TOKEN_HEALING else ""
-    if heal:  # the prompt stops at the word's start (a token boundary); the model spells it again
+    heal = healing_text(lines[line], column) if TOKEN_HEALING else ""
+    if heal:  # the prompt stops at the word's (indentation's) start; the model spells it again
         cut = lines[:line] + [lines[line][:column - len(heal)] + lines[line][column:]] + lines[line + 1:]
         ctx = build_context(tok, "\n".join(cut), line, column - len(heal), budget=budget, related=related,
                             related_share=share, related_sep=not added)
@@ -451,6 +451,7 @@ def _plan_complete(engine: Engine, req: TaskRequest, budget: int, max_new: int) 
 
 
 TOKEN_HEALING = True  # mid-word completion continues the word (lsp.bench --mode midword measures it)
+# and a completion after the indentation starts from the line's start (the eval's fim suite measures it)
 _WORD_END = re.compile(r"[A-Za-z_][A-Za-z0-9_]*$")
 HEAL_MAX_CHARS = 24
 
@@ -463,6 +464,21 @@ def healing_word(line: str, column: int) -> str:
         return ""
     m = _WORD_END.search(line[:column])
     return m.group(0) if m and len(m.group(0)) <= HEAL_MAX_CHARS else ""
+
+
+HEAL_MAX_INDENT = 64
+
+
+def healing_text(line: str, column: int) -> str:
+    """What the completion prompt leaves for the model to spell again: the word at the cursor
+    (``healing_word``), or the indentation when only whitespace precedes the cursor on its line.
+    An editor puts the cursor after the indentation, but the model was trained on middles that
+    begin at a line start: a prompt ending in spaces asks it for a token split it has rarely seen
+    (``12 spaces`` then ``segments`` instead of ``11 spaces`` then `` segments``)."""
+    before = line[:column]
+    if before and not before.strip() and len(before) <= HEAL_MAX_INDENT:
+        return before
+    return healing_word(line, column)
 
 
 REPO_RELATED_SHARE = 0.35  # of the completion prompt, for repository context (stubs are dense)
