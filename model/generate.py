@@ -13,6 +13,7 @@ from __future__ import annotations
 import codecs
 import os
 import sys
+import threading
 import time
 import weakref
 from collections.abc import Iterator, Sequence
@@ -88,6 +89,7 @@ class GenerationResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str = "length"  # "eos" | "stop" | "length" | "time" | "cancelled" | "repeat"
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the previous generation (PrefixKV)
 
 
 class Healer:
@@ -121,6 +123,93 @@ class Healer:
             mask[ok] = True
             self._masks[rest] = mask
         return mask
+
+
+# --------------------------------------------------------------------------- prefix reuse
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class PrefixKV:
+    """The last single-prompt generation's KV cache, kept per model for the next prompt that
+    starts the same way. An editor asks for a completion at nearly every keystroke in one file:
+    the prompt (file window, suffix, prefix up to the healed word) is then the same up to its
+    last few tokens, and only those are prefilled again. Eager path only (CPU; the CUDA-graph
+    decoders keep their own caches); ``MOECODER_PREFIX_CACHE=0`` turns it off. One generation
+    holds the cache at a time: a concurrent one prefills from scratch. The entry is dropped when
+    the weights change in place (``moecoder tune`` trains the model it scores)."""
+
+    MAX_BYTES = 256 << 20  # a longer cache than this is not kept (open checkpoints, long contexts)
+    _entries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    _guard = threading.Lock()
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.cache = None
+        self.ids: list[int] = []
+        self.version: Any = None
+        self.per_position = 0  # bytes of keys + values per cached position
+
+    @staticmethod
+    def enabled() -> bool:
+        return os.environ.get("MOECODER_PREFIX_CACHE", "1").strip() not in ("0", "off", "false")
+
+    @staticmethod
+    def _version(model) -> Any:
+        try:  # in-place updates bump a parameter's version counter
+            return sum(p._version for p in model.parameters())
+        except RuntimeError:  # inference tensors have none, and cannot change outside inference mode
+            return 0
+
+    @classmethod
+    def take(cls, model, prompt: Sequence[int], total: int, device) -> tuple[PrefixKV, int] | None:
+        """(the entry, now held, its cache at least ``total`` long; how many leading prompt tokens
+        are already in it), or None: caching is off, the model trains, or the entry is busy."""
+        if not cls.enabled() or model.training:
+            return None
+        with cls._guard:
+            entry = cls._entries.get(model)
+            if entry is None:
+                entry = cls._entries[model] = cls()
+        if not entry.lock.acquire(blocking=False):
+            return None
+        try:
+            version = cls._version(model)
+            old = entry.cache
+            if old is not None and (entry.version != version or old.k[0].device != torch.device(device)
+                                    or old.k[0].dtype != model.tok_emb.weight.dtype):
+                old, entry.ids = None, []
+            reuse = min(_common_prefix(entry.ids, prompt), len(prompt) - 1) if old is not None else 0
+            if old is None or old.max_len < total:
+                length = min(model.cfg.max_seq_len, max(total, 2 * old.max_len if old is not None else 256))
+                if not entry.per_position:
+                    probe = model.setup_cache(1, 1, device=device)
+                    entry.per_position = sum(t.numel() * t.element_size() for t in (*probe.k, *probe.v))
+                if length * entry.per_position > cls.MAX_BYTES:
+                    length = total
+                    if length * entry.per_position > cls.MAX_BYTES:
+                        entry.cache, entry.ids = None, []
+                        entry.lock.release()
+                        return None
+                new = model.setup_cache(1, length, device=device)
+                for dst, src in zip((*new.k, *new.v), (*old.k, *old.v)) if old is not None and reuse else ():
+                    dst[:, :, :reuse] = src[:, :, :reuse]
+                entry.cache = new
+            entry.cache.set_padding(None)
+            entry.version, entry.ids = version, []  # nothing counts as cached until release()
+            return entry, reuse
+        except BaseException:
+            entry.lock.release()
+            raise
+
+    def release(self, ids: Sequence[int]) -> None:
+        """Give the entry back; ``ids`` = the tokens whose keys/values are now in positions 0..n-1."""
+        self.ids = list(ids)
+        self.lock.release()
 
 
 # --------------------------------------------------------------------------- text state
@@ -217,7 +306,7 @@ def _decode(model: Transformer, tok, prompts: list[list[int]], params: SamplingP
     texts = [_Text(tok, params.stop_strings) for _ in range(B)]
     active = [True] * B
     for r in results:
-        r.text, r.token_ids, r.logprobs, r.finish_reason = "", [], [], "length"
+        r.text, r.token_ids, r.logprobs, r.finish_reason, r.cached_tokens = "", [], [], "length", 0
     gen = _generator(params, device)
     vocab = min(int(tok.vocab_size), model.cfg.vocab_size)
     wm = None
@@ -232,20 +321,29 @@ def _decode(model: Transformer, tok, prompts: list[list[int]], params: SamplingP
     pads = [longest - len(p) for p in prompts]
     # On a GPU the decode steps replay a CUDA graph over a static cache (model/static_decode.py).
     dec = static_decode.acquire(model, B, total, padded=any(pads))
+    held, start, fed = None, 0, 0  # PrefixKV entry; prompt tokens it already holds; tokens written
     if dec is None:
-        cache = model.setup_cache(B, total, device=device)
-        cache.set_padding(pads)
+        taken = PrefixKV.take(model, prompts[0], total, device) if B == 1 else None
+        if taken is not None:
+            held, start = taken
+            cache = held.cache
+            results[0].cached_tokens = start
+        else:
+            cache = model.setup_cache(B, total, device=device)
+            cache.set_padding(pads)
     else:
         dec.begin(pads)
         cache = dec.cache
     try:
         chunk = prefill_chunk(device)
-        for a in range(0, longest, chunk):
+        fed = start
+        for a in range(start, longest, chunk):
             if cancel is not None and cancel.cancelled:  # also between prefill chunks of a long prompt
                 for r in results:
                     r.finish_reason = "cancelled"
                 return
             logits = model(x[:, a:a + chunk], a, cache, last_only=True)
+            fed = min(a + chunk, longest)
         last = logits[:, -1]
         pos = longest
         while True:
@@ -301,9 +399,12 @@ def _decode(model: Transformer, tok, prompts: list[list[int]], params: SamplingP
                 return
             last = model(ids[:, None], pos, cache)[:, -1] if dec is None else dec.step(model, ids, pos)
             pos += 1
+            fed = pos
     finally:
         if dec is not None:
             dec.end()
+        if held is not None:  # what the cache now holds, for the next prompt that starts the same way
+            held.release([*prompts[0], *results[0].token_ids][:fed])
 
 
 class Stream:
