@@ -6,7 +6,9 @@ Starts the real server over stdio (``python -m assistant.cli lsp``) with the giv
 where the assistant asks for a single-line completion. By default (``--mode typed``) each
 line is first cut at the cursor with a ``didChange``, as if the user were typing it, and
 the rest of the original line is the expected answer (exact-match rate reported);
-``--mode inplace`` asks in the unchanged file (code follows the cursor). The time is the
+``--mode inplace`` asks in the unchanged file (code follows the cursor); ``--mode keystrokes``
+types the last ``KEYSTROKES`` characters before each cursor one at a time, a request after each
+(what an editor does while the user types: successive prompts share all but their ends). The time is the
 client's: request sent -> response parsed, the full editor path. Prints p50/p95 plus
 machine, versions and date; ``--json FILE`` also writes the numbers. Diagnostics are
 switched off during the run so only completion work is measured.
@@ -86,6 +88,9 @@ def machine() -> dict:
             "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg())}
 
 
+KEYSTROKES = 6  # --mode keystrokes: characters typed before each cursor, one request each
+
+
 def typed_text(text: str, line: int, col: int) -> tuple[str, str]:
     """The file with ``line`` cut at ``col`` (the user is typing it) and the cut-off rest."""
     lines = text.split("\n")
@@ -103,6 +108,9 @@ async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: li
     if len(positions) < n + warmup:
         raise BenchError(f"only {len(positions)} cursor positions in the files")
     warm, timed = positions[:warmup], positions[warmup:]
+    typing = mode in ("typed", "keystrokes")
+    if mode == "keystrokes":  # each cursor reached by typing its last few characters
+        timed = [(f, line, c) for f, line, col in timed for c in range(max(1, col - KEYSTROKES + 1), col + 1)]
     log = Path(tempfile.gettempdir()) / "moecoder-lsp-bench.log"
     args = ["-m", "assistant.cli", "lsp", "--log-file", str(log)] + (["--model", model] if model else [])
     client = LanguageClient("moecoder-bench", "1")
@@ -127,13 +135,13 @@ async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: li
         uri = f.as_uri()
         text = f.read_text(encoding="utf-8")
         rest = ""
-        if mode == "typed":
+        if typing:
             text, rest = typed_text(text, line, col)
         if f not in versions:
             versions[f] = 1
             client.text_document_did_open(types.DidOpenTextDocumentParams(text_document=types.TextDocumentItem(
                 uri=uri, language_id="python", version=1, text=text)))
-        elif mode == "typed":
+        elif typing:
             versions[f] += 1
             client.text_document_did_change(types.DidChangeTextDocumentParams(
                 text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=versions[f]),
@@ -174,7 +182,7 @@ async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: li
         dt, count, text, rest = await one(f, line, col)
         times.append(dt)
         nonempty += count > 0
-        exact += mode == "typed" and bool(text.strip()) and text.rstrip() == rest.rstrip()
+        exact += typing and bool(text.strip()) and text.rstrip() == rest.rstrip()
         if len(samples) < 5 and text:
             samples.append({"file": f.name, "line": line, "column": col, "text": text, "expected": rest})
         bar.advance(task)
@@ -184,7 +192,7 @@ async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: li
     await client.stop()
     return {
         "model": model or "(shipped model)", "mode": mode, "requests": len(times), "nonempty": nonempty,
-        "exact_match": exact if mode == "typed" else None,
+        "exact_match": exact if typing else None,
         "max_tokens": max_tokens, "max_line_tokens": max_line_tokens, "context_tokens": context_tokens,
         "p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * percentile(times, 0.95),
         "mean_ms": 1000 * statistics.fmean(times), "max_ms": 1000 * max(times),
@@ -206,7 +214,7 @@ def engine_only(model: str | None, positions: list[tuple[str, int, int]], max_to
     try:
         for i, (f, line, col) in enumerate([(positions[0][0], positions[0][1], positions[0][2])] + positions):
             text = texts.setdefault(f, Path(f).read_text(encoding="utf-8"))
-            if mode == "typed":
+            if mode in ("typed", "keystrokes"):
                 text, _ = typed_text(text, line, col)
             start = time.perf_counter()
             engine.run(TaskRequest(task="complete", source=text, path=f, line=line, column=col,
@@ -288,10 +296,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=48, help="completion token limit (server setting maxTokens)")
     p.add_argument("--max-line-tokens", type=int, default=32,
                    help="limit where code follows the cursor (server setting maxLineTokens; all positions here)")
-    p.add_argument("--mode", choices=["typed", "inplace", "midword"], default="typed",
+    p.add_argument("--mode", choices=["typed", "inplace", "midword", "keystrokes"], default="typed",
                    help="typed: cut each line at the cursor first (default); inplace: the unchanged file; "
                         "midword: N cursors 3 characters into an identifier, line cut there, through "
-                        "Engine.run with and without token healing (does the completion continue the word?)")
+                        "Engine.run with and without token healing (does the completion continue the word?); "
+                        f"keystrokes: the last {KEYSTROKES} characters before each of the N cursors typed one "
+                        "at a time, a request after each (N x 6 timed requests)")
     p.add_argument("--context-tokens", type=int, default=512,
                    help="code around the cursor in the prompt (server setting contextTokens)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -341,14 +351,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  machine: {m['cpu']}, {m['cores']} cores; {m['platform']}; load average {m['load_average']}")
     print(f"  python {m['python']}, torch {m['torch']}, pygls {m['pygls']}; {m['date']}")
     if args.compare:
-        cap = args.max_tokens if args.mode == "typed" else min(args.max_tokens, args.max_line_tokens)
+        cap = args.max_tokens if args.mode in ("typed", "keystrokes") else min(args.max_tokens, args.max_line_tokens)
         t = engine_only(args.model, r["positions"], cap, args.context_tokens, args.mode)
         r["engine_p50_ms"], r["engine_p95_ms"] = 1000 * statistics.median(t), 1000 * percentile(t, 0.95)
         print(f"  the same through Engine.run in this process (no server, no JSON-RPC): "
               f"p50 {r['engine_p50_ms']:.0f} ms   p95 {r['engine_p95_ms']:.0f} ms")
     for s in r["samples"][:3]:
         print(f"  e.g. {s['file']}:{s['line'] + 1}:{s['column']} -> {s['text']!r}"
-              + (f" (file: {s['expected']!r})" if r["mode"] == "typed" else ""))
+              + (f" (file: {s['expected']!r})" if r["mode"] != "inplace" else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2), encoding="utf-8")
     return 0
