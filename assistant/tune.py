@@ -121,7 +121,9 @@ def training_example(engine, root: Path, item: tuple[str, str, int], repo: bool)
     except Exception:  # noqa: BLE001 - a line the context manager cannot serve: skip it
         return None
     tok = engine.tokenizer
-    target = tok.encode(ref + "\n") + [tok.eos_id]
+    # the prompt stops where the model starts writing: at the line start when the indentation is
+    # healed (assistant.tasks.healing_text), so the target spells the indentation too
+    target = tok.encode(plan.heal + ref + "\n") + [tok.eos_id]
     return plan.prompt_ids + target, len(plan.prompt_ids)
 
 

@@ -47,7 +47,8 @@ def test_training_examples_are_completion_prompts_and_learning_lowers_the_loss(t
                              completion_context_tokens=128)
     tok = loaded.tokenizer
     ids, start = training_example(eng, root, ("mod0.py", FILE.format(k=0), 1), repo=False)
-    assert ids[start - 1] == tok.special_id("fim_middle") and tok.decode(ids[start:-1]) == "total = width * height\n"
+    assert ids[start - 1] == tok.special_id("fim_middle") and tok.decode(ids[start:-1]) == "    total = width * height\n"
+    assert not tok.decode(ids[:start]).endswith(" ")  # the prompt stops at the line start (healed indentation)
     assert ids[-1] == tok.eos_id
     batch = [ex for ex in (training_example(eng, root, ("mod0.py", FILE.format(k=0), i), repo=False)
                            for i in (1, 2, 6, 7)) if ex]
