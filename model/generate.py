@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,31 +99,52 @@ class Healer:
     model picks how to tokenize it and goes on from there (``text.sp`` -> ``text.split(...)``)."""
 
     _pieces: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> bytes of every id
+    _shared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> recent masks
+    MASKS_KEPT = 256
+    _lock = threading.Lock()
 
     def __init__(self, tok, text: str, vocab: int):
         self.need = text.encode("utf-8")
+        # healed indentation: the cursor's indentation is the line's, so the code follows it
+        # directly (no token may add more spaces or tabs after it)
+        self.indent = bool(text) and not text.strip()
         self.pieces = self._pieces.get(tok)
         if self.pieces is None or len(self.pieces) != vocab:  # once per tokenizer, not per completion
             table = getattr(tok, "_table", None)
             self.pieces = [bytes(table[i]) if table is not None and i < len(table) else tok.decode([i]).encode()
                            for i in range(vocab)]
             self._pieces[tok] = self.pieces
-        self._masks: dict[bytes, torch.Tensor] = {}
+        # masks are kept across completions (the same indentation and words come back as the user types)
+        with self._lock:
+            self._masks: OrderedDict = self._shared.setdefault(tok, OrderedDict())
 
     def allowed(self, produced: list[int], device) -> torch.Tensor | None:
         done = b"".join(self.pieces[t] for t in produced if t < len(self.pieces))
-        if len(done) >= len(self.need):
+        if len(done) > len(self.need) or (len(done) == len(self.need) and not self.indent):
             return None
         rest = self.need[len(done):]
-        mask = self._masks.get(rest)
+        key = (rest, self.indent, str(device), len(self.pieces))
+        with self._lock:
+            mask = self._masks.get(key)
+            if mask is not None:
+                self._masks.move_to_end(key)
         if mask is None:
-            ok = [i for i, p in enumerate(self.pieces) if p and (rest.startswith(p) or p.startswith(rest))]
+            ok = [i for i, p in enumerate(self.pieces) if p and (rest.startswith(p) and rest or self._goes_on(p, rest))]
             if not ok:  # nothing spells it: leave the model free
                 return None
             mask = torch.zeros(len(self.pieces), dtype=torch.bool, device=device)
             mask[ok] = True
-            self._masks[rest] = mask
+            with self._lock:
+                self._masks[key] = mask
+                while len(self._masks) > self.MASKS_KEPT:
+                    self._masks.popitem(last=False)
         return mask
+
+    def _goes_on(self, piece: bytes, rest: bytes) -> bool:
+        """A piece that spells ``rest`` and carries on past it (after indentation: not with blanks)."""
+        if not piece.startswith(rest):
+            return False
+        return not self.indent or (len(piece) > len(rest) and piece[len(rest):len(rest) + 1] not in (b" ", b"\t"))
 
 
 # --------------------------------------------------------------------------- prefix reuse

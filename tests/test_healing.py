@@ -59,5 +59,31 @@ def test_healed_indentation_on_the_tiny_model_is_spelled_first(tiny_model_dir):
 
     loaded = load_model(str(tiny_model_dir))
     tok = loaded.tokenizer
-    out = generate(loaded.model, tok, tok.encode("def f(x):\n"), SamplingParams(max_new_tokens=8, heal="        "))
-    assert out.text.startswith("        "), repr(out.text)
+    for prompt in ("def f(x):\n", "class A:\n    def f(self):\n", "if x:\n"):
+        out = generate(loaded.model, tok, tok.encode(prompt), SamplingParams(max_new_tokens=8, heal="        "))
+        assert out.text.startswith("        "), repr(out.text)
+        assert out.text[8:9] not in (" ", "\t"), repr(out.text)  # the code starts at the cursor's indentation
+
+
+def test_healed_indentation_allows_no_more_blanks_and_word_healing_still_extends(tiny_tokenizer):
+    from model.generate import Healer
+
+    tok = tiny_tokenizer
+    vocab = int(tok.vocab_size)
+    h = Healer(tok, "    ", vocab)
+    first = h.allowed([], "cpu")
+    assert first is not None
+    for i in first.nonzero().flatten().tolist():  # each allowed piece spells part of the indentation, or all of it and then code
+        p = h.pieces[i]
+        assert b"    ".startswith(p) or (p.startswith(b"    ") and p[4:5] not in (b" ", b"\t")), p
+    spaces = tok.encode("    ")
+    after = h.allowed(spaces, "cpu")  # the indentation is spelled: the next piece must not start with a blank
+    assert after is not None and after.any()
+    blank = [i for i, p in enumerate(h.pieces) if p[:1] in (b" ", b"\t")]
+    assert blank and not after[blank].any()
+    assert h.allowed(spaces + tok.encode("x"), "cpu") is None  # then the model is free
+    w = Healer(tok, "r", vocab)  # a word: every piece that spells it and goes on is fine
+    ok = w.allowed([], "cpu")
+    longer = [i for i, p in enumerate(w.pieces) if p.startswith(b"r") and len(p) > 1]
+    assert longer and ok[longer].all()
+    assert w.allowed(tok.encode("r"), "cpu") is None
