@@ -96,3 +96,32 @@ def test_batches_of_several_prompts_do_not_use_it(loaded):
     generate(model, tok, p, SamplingParams(max_new_tokens=2))
     out = generate_batch(model, tok, [p, p[:100]], SamplingParams(max_new_tokens=2))
     assert [r.cached_tokens for r in out] == [0, 0]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2"])
+def test_open_checkpoints_reuse_the_prefix_too(tmp_path, family, monkeypatch):
+    """GQA + QK-norm caches and MLA's compressed latent cache: the reused prefix gives the
+    tokens a fresh cache gives."""
+    pytest.importorskip("transformers")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hf_tiny import import_transformers, make_checkpoint
+
+    from model.checkpoint import load_model
+
+    import_transformers()
+    make_checkpoint(family, tmp_path / family)
+    loaded = load_model(tmp_path / family)
+    model, tok = loaded.model.double().eval(), loaded.tokenizer
+    base = [(7 * i) % 250 + 3 for i in range(60)]
+    prompts = [base[:40], base[:44], base[:52], base[:30]]
+    params = SamplingParams(max_new_tokens=8)
+    monkeypatch.setenv("MOECODER_PREFIX_CACHE", "0")
+    fresh = [generate(model, tok, p, params).token_ids for p in prompts]
+    monkeypatch.setenv("MOECODER_PREFIX_CACHE", "1")
+    reused = [generate(model, tok, p, params) for p in prompts]
+    assert [r.token_ids for r in reused] == fresh
+    assert reused[3].cached_tokens == 29  # a shorter prompt: all but its last token
+    assert reused[1].cached_tokens >= 40 and reused[2].cached_tokens >= 44
