@@ -609,8 +609,8 @@ def postprocess_completion(text: str, prefix: str, suffix: str, multiline: bool)
     text = _cut_repetition(text)
     # 3. balanced brackets: never close what the completion did not open when the suffix
     #    already closes the cursor line's brackets
-    cur_line_before = prefix.rsplit("\n", 1)[-1]
-    stmt_open = _open_brackets(prefix[-4000:]) if multiline else _open_brackets(cur_line_before)
+    # (the statement's brackets, not the line's: a continuation line may close a signature's "(")
+    stmt_open = _open_brackets(prefix[-4000:])
     suffix_closes = len(after_cursor) - len(after_cursor.lstrip(")]} \t"))
     start_stack = [] if after_cursor.lstrip().startswith((")", "]", "}")) or suffix_closes else stmt_open
     stack, bad = _scan_brackets(text, start_stack)

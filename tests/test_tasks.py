@@ -97,6 +97,10 @@ def test_postfilter_balanced_brackets():
     assert postprocess_completion("a, b)", "foo(", "", False) == "a, b)"
     # a closer nothing opened is cut
     assert postprocess_completion("x + 1]) + 2", "y = ", "", False) == "x + 1"
+    # a continuation line may close what an earlier line of the statement opened (a signature)
+    sig = "class A:\n    def f(\n        self, x: int,\n    "
+    assert postprocess_completion(") -> None:", sig, "", False) == ") -> None:"
+    assert postprocess_completion(") -> None:", "x = 1\n", "", False) == ""  # nothing open: cut
     # multi-line: trailing lines that leave a bracket open are dropped
     raw = "    a = 1\n    b = foo(1,\n"
     assert postprocess_completion(raw, "def f():\n", "", True) == "    a = 1"
