@@ -89,6 +89,7 @@ def machine() -> dict:
 
 
 KEYSTROKES = 6  # --mode keystrokes: characters typed before each cursor, one request each
+TYPING = ("typed", "keystrokes")  # modes that cut the line at the cursor, as typed
 
 
 def typed_text(text: str, line: int, col: int) -> tuple[str, str]:
@@ -108,7 +109,7 @@ async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: li
     if len(positions) < n + warmup:
         raise BenchError(f"only {len(positions)} cursor positions in the files")
     warm, timed = positions[:warmup], positions[warmup:]
-    typing = mode in ("typed", "keystrokes")
+    typing = mode in TYPING
     if mode == "keystrokes":  # each cursor reached by typing its last few characters
         timed = [(f, line, c) for f, line, col in timed for c in range(max(1, col - KEYSTROKES + 1), col + 1)]
     log = Path(tempfile.gettempdir()) / "moecoder-lsp-bench.log"
@@ -214,7 +215,7 @@ def engine_only(model: str | None, positions: list[tuple[str, int, int]], max_to
     try:
         for i, (f, line, col) in enumerate([(positions[0][0], positions[0][1], positions[0][2])] + positions):
             text = texts.setdefault(f, Path(f).read_text(encoding="utf-8"))
-            if mode in ("typed", "keystrokes"):
+            if mode in TYPING:
                 text, _ = typed_text(text, line, col)
             start = time.perf_counter()
             engine.run(TaskRequest(task="complete", source=text, path=f, line=line, column=col,
@@ -351,14 +352,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  machine: {m['cpu']}, {m['cores']} cores; {m['platform']}; load average {m['load_average']}")
     print(f"  python {m['python']}, torch {m['torch']}, pygls {m['pygls']}; {m['date']}")
     if args.compare:
-        cap = args.max_tokens if args.mode in ("typed", "keystrokes") else min(args.max_tokens, args.max_line_tokens)
+        cap = args.max_tokens if args.mode in TYPING else min(args.max_tokens, args.max_line_tokens)
         t = engine_only(args.model, r["positions"], cap, args.context_tokens, args.mode)
         r["engine_p50_ms"], r["engine_p95_ms"] = 1000 * statistics.median(t), 1000 * percentile(t, 0.95)
         print(f"  the same through Engine.run in this process (no server, no JSON-RPC): "
               f"p50 {r['engine_p50_ms']:.0f} ms   p95 {r['engine_p95_ms']:.0f} ms")
     for s in r["samples"][:3]:
         print(f"  e.g. {s['file']}:{s['line'] + 1}:{s['column']} -> {s['text']!r}"
-              + (f" (file: {s['expected']!r})" if r["mode"] != "inplace" else ""))
+              + (f" (file: {s['expected']!r})" if r["mode"] in TYPING else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2), encoding="utf-8")
     return 0

@@ -129,7 +129,8 @@ class Healer:
             if mask is not None:
                 self._masks.move_to_end(key)
         if mask is None:
-            ok = [i for i, p in enumerate(self.pieces) if p and (rest.startswith(p) and rest or self._goes_on(p, rest))]
+            # a piece spelling part of what is left, or all of it and then more
+            ok = [i for i, p in enumerate(self.pieces) if p and ((rest and rest.startswith(p)) or self._goes_on(p, rest))]
             if not ok:  # nothing spells it: leave the model free
                 return None
             mask = torch.zeros(len(self.pieces), dtype=torch.bool, device=device)
@@ -207,17 +208,16 @@ class PrefixKV:
                 old, entry.ids = None, []
             reuse = min(_common_prefix(entry.ids, prompt), len(prompt) - 1) if old is not None else 0
             if old is None or old.max_len < total:
-                length = min(model.cfg.max_seq_len, max(total, 2 * old.max_len if old is not None else 256))
                 if not entry.per_position:
                     probe = model.setup_cache(1, 1, device=device)
                     entry.per_position = sum(t.numel() * t.element_size() for t in (*probe.k, *probe.v))
-                if length * entry.per_position > cls.MAX_BYTES:
-                    length = total
-                    if length * entry.per_position > cls.MAX_BYTES:
-                        entry.cache, entry.ids = None, []
-                        entry.lock.release()
-                        return None
-                new = model.setup_cache(1, length, device=device)
+                fits = cls.MAX_BYTES // entry.per_position  # positions the byte budget allows
+                if total > fits:  # this generation's cache would be too large to keep
+                    entry.cache, entry.ids = None, []
+                    entry.lock.release()
+                    return None
+                grown = 2 * old.max_len if old is not None else 256  # grow by doubling, not per request
+                new = model.setup_cache(1, min(model.cfg.max_seq_len, fits, max(total, grown)), device=device)
                 for dst, src in zip((*new.k, *new.v), (*old.k, *old.v)) if old is not None and reuse else ():
                     dst[:, :, :reuse] = src[:, :, :reuse]
                 entry.cache = new

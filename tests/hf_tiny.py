@@ -130,3 +130,13 @@ def make_checkpoint(family: str, out: Path, seed: int = 0, max_shard_size: str |
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kw)
     return model
+
+
+def load_tiny(family: str, out: Path):
+    """A tiny random ``family`` checkpoint saved into ``out`` and loaded by moecoder, in float64
+    (exact comparisons): ``(model, tokenizer)``."""
+    from model.checkpoint import load_model
+
+    make_checkpoint(family, out)
+    loaded = load_model(out)
+    return loaded.model.double().eval(), loaded.tokenizer

@@ -207,14 +207,9 @@ def test_open_checkpoints_batch_like_alone(tmp_path, family, static, monkeypatch
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from hf_tiny import import_transformers, make_checkpoint
+    from hf_tiny import load_tiny
 
-    from model.checkpoint import load_model
-
-    import_transformers()
-    make_checkpoint(family, tmp_path / family)
-    loaded = load_model(tmp_path / family)
-    model, tok = loaded.model.double().eval(), loaded.tokenizer
+    model, tok = load_tiny(family, tmp_path / family)
     prompts = [p[:min(len(p), 30)] or [5] for p in _prompts(6, seed=3)]
     prompts = [[t % 250 + 3 for t in p] for p in prompts]
     params = SamplingParams(max_new_tokens=12)

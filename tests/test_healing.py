@@ -17,41 +17,41 @@ def test_healed_generation_spells_the_typed_word_first(tiny_model_dir):
     assert not plain.text.startswith("retur")  # the random model would not have: the constraint did it
 
 
-def test_completion_prompt_stops_at_the_word_start_and_the_answer_drops_the_typed_part(tiny_tokenizer):
+def _complete(tok, src: str, line: int, column: int, model_writes: str) -> tuple[str, str]:
+    """(the completion prompt, decoded; the completion) with a scripted model writing ``model_writes``."""
     from assistant_fakes import ScriptedBackend
 
     from assistant.engine import Engine
-    from assistant.tasks import TaskRequest, healing_word
+    from assistant.tasks import TaskRequest
+
+    backend = ScriptedBackend(tok, lambda task, code: ("", model_writes))
+    eng = Engine.from_loaded(backend=backend)
+    try:
+        res = eng.run(TaskRequest("complete", src, "a.py", line, column))
+        return tok.decode(backend.prompts[-1]), res.text
+    finally:
+        eng.close()
+
+
+def test_completion_prompt_stops_at_the_word_start_and_the_answer_drops_the_typed_part(tiny_tokenizer):
+    from assistant.tasks import healing_word
 
     assert healing_word("    x = text.sp", 15) == "sp" and healing_word("wo rd", 1) == ""
-    src = "def f(text):\n    return text.sp\n"
-    backend = ScriptedBackend(tiny_tokenizer, lambda task, code: ("", "split()"))
-    eng = Engine.from_loaded(backend=backend)
-    res = eng.run(TaskRequest("complete", src, "a.py", 1, 18))
-    prompt = tiny_tokenizer.decode(backend.prompts[-1])
+    prompt, text = _complete(tiny_tokenizer, "def f(text):\n    return text.sp\n", 1, 18, "split()")
     assert "text." in prompt and "text.sp" not in prompt  # the typed "sp" is left to the model
-    assert res.text == "lit()"  # "split()" minus the "sp" already in the buffer
-    eng.close()
+    assert text == "lit()"  # "split()" minus the "sp" already in the buffer
 
 
 def test_completion_after_the_indentation_starts_the_prompt_at_the_line_start(tiny_tokenizer):
     """An editor's cursor sits after the indentation; the model's middles begin at a line start.
     The prompt stops at the line start and the typed indentation is dropped from the answer."""
-    from assistant_fakes import ScriptedBackend
-
-    from assistant.engine import Engine
-    from assistant.tasks import TaskRequest, healing_text
+    from assistant.tasks import healing_text
 
     assert healing_text("        ", 8) == "        " and healing_text("    x = a.b", 11) == "b"
     assert healing_text("    x", 2) == "  " and healing_text("", 0) == ""
-    src = "def f(x):\n    \n"
-    backend = ScriptedBackend(tiny_tokenizer, lambda task, code: ("", "    return x"))
-    eng = Engine.from_loaded(backend=backend)
-    res = eng.run(TaskRequest("complete", src, "a.py", 1, 4))
-    prompt = tiny_tokenizer.decode(backend.prompts[-1])
+    prompt, text = _complete(tiny_tokenizer, "def f(x):\n    \n", 1, 4, "    return x")
     assert "def f(x):\n" in prompt and "    " not in prompt  # the indentation is the model's to write
-    assert res.text == "return x"  # the typed indentation is not inserted twice
-    eng.close()
+    assert text == "return x"  # the typed indentation is not inserted twice
 
 
 def test_healed_indentation_on_the_tiny_model_is_spelled_first(tiny_model_dir):

@@ -107,14 +107,9 @@ def test_open_checkpoints_reuse_the_prefix_too(tmp_path, family, monkeypatch):
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from hf_tiny import import_transformers, make_checkpoint
+    from hf_tiny import load_tiny
 
-    from model.checkpoint import load_model
-
-    import_transformers()
-    make_checkpoint(family, tmp_path / family)
-    loaded = load_model(tmp_path / family)
-    model, tok = loaded.model.double().eval(), loaded.tokenizer
+    model, tok = load_tiny(family, tmp_path / family)
     base = [(7 * i) % 250 + 3 for i in range(60)]
     prompts = [base[:40], base[:44], base[:52], base[:30]]
     params = SamplingParams(max_new_tokens=8)
@@ -125,3 +120,22 @@ def test_open_checkpoints_reuse_the_prefix_too(tmp_path, family, monkeypatch):
     assert [r.token_ids for r in reused] == fresh
     assert reused[3].cached_tokens == 29  # a shorter prompt: all but its last token
     assert reused[1].cached_tokens >= 40 and reused[2].cached_tokens >= 44
+
+
+def test_a_cache_over_the_byte_budget_is_not_kept(loaded, monkeypatch):
+    import copy
+
+    from model.generate import PrefixKV
+
+    model, tok = copy.deepcopy(loaded.model), loaded.tokenizer  # a model no cache was kept for yet
+    params = SamplingParams(max_new_tokens=4)
+    p = _prompts(tok)[0]
+    monkeypatch.setenv("MOECODER_PREFIX_CACHE", "0")
+    fresh = generate(model, tok, p, params)
+    monkeypatch.setenv("MOECODER_PREFIX_CACHE", "1")
+    monkeypatch.setattr(PrefixKV, "MAX_BYTES", 1024)  # fewer positions than this prompt needs
+    again = [generate(model, tok, p, params) for _ in range(2)]
+    assert [r.cached_tokens for r in again] == [0, 0] and again[0].token_ids == fresh.token_ids
+    monkeypatch.undo()
+    generate(model, tok, p, params)
+    assert generate(model, tok, p, params).cached_tokens == len(p) - 1  # kept under the real budget
