@@ -11,6 +11,7 @@ Example::
     device = "cpu"
     max_seconds = 30
     completion_context_tokens = 512       # prompt cap for completions (prefill time = latency)
+    completion_beams = 1                  # > 1: beam search of single-line completions (slower)
 
     [max_tokens]                          # per task
     complete = 64
@@ -91,6 +92,7 @@ class Settings:
     server: str | None = None  # e.g. "http://127.0.0.1:8000": faces use it instead of an in-process engine
     max_seconds: float | None = 60.0
     completion_context_tokens: int = 512
+    completion_beams: int = 1  # single-line completions: beam search of this width (1 = greedy)
     max_tokens: dict[str, int] = field(default_factory=lambda: {"complete": 64, "comment": 160, "debug": 160,
                                                                  "explain": 160})
     features: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(TASK_NAMES, True))
@@ -119,6 +121,7 @@ class Settings:
         """Keyword arguments of :class:`assistant.engine.Engine` (besides model and device)."""
         return {"default_max_seconds": self.max_seconds, "max_new_tokens_for": dict(self.max_tokens),
                 "completion_context_tokens": self.completion_context_tokens,
+                "completion_beams": self.completion_beams,
                 "disabled_tasks": self.disabled_tasks(), "watermark": self.watermark()}
 
     def watermark(self) -> Any:
@@ -162,6 +165,7 @@ class _File:  # the file as written (every key optional)
     server: str | None = None
     max_seconds: float = 60.0
     completion_context_tokens: int = 512
+    completion_beams: int = 1
     max_tokens: dict[str, int] = field(default_factory=dict)
     features: dict[str, bool] = field(default_factory=dict)
     review: _ReviewTable = field(default_factory=_ReviewTable)
@@ -228,6 +232,7 @@ def parse_settings(data: dict[str, Any], path: Path = Path("<config>")) -> Setti
                "an http:// or https:// URL")
     _check(raw.max_seconds > 0, path, "max_seconds", "a positive number")
     _check(raw.completion_context_tokens >= 16, path, "completion_context_tokens", "an integer >= 16")
+    _check(1 <= raw.completion_beams <= 16, path, "completion_beams", "an integer from 1 to 16")
     for table in ("max_tokens", "features"):
         for k, v in getattr(raw, table).items():
             _check(k in TASK_NAMES, path, f"{table}.{k}", f"one of {', '.join(TASK_NAMES)}")
@@ -246,6 +251,7 @@ def parse_settings(data: dict[str, Any], path: Path = Path("<config>")) -> Setti
             f.model = str(Path(f.model).expanduser())
     s = Settings(model=str(Path(raw.model).expanduser()) if raw.model else None, device=raw.device, server=raw.server,
                  max_seconds=raw.max_seconds, completion_context_tokens=raw.completion_context_tokens,
+                 completion_beams=raw.completion_beams,
                  review=ReviewSettings(r.min_confidence, r.jobs, r.fail_on), source=path,
                  watermark_key=raw.watermark.key, **faces)
     s.max_tokens.update(raw.max_tokens)

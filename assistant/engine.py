@@ -107,7 +107,7 @@ class Engine:
     def __init__(self, model_dir: str | None = None, device: str = "cpu", *, backend: Backend | None = None,
                  default_max_new_tokens: int = 256, default_max_seconds: float | None = 60.0,
                  max_new_tokens_for: dict[str, int] | None = None, completion_context_tokens: int | None = 512,
-                 disabled_tasks: frozenset[str] = frozenset(), watermark: Any = None):
+                 completion_beams: int = 1, disabled_tasks: frozenset[str] = frozenset(), watermark: Any = None):
         if backend is None:
             from model.checkpoint import load_model
 
@@ -120,6 +120,8 @@ class Engine:
         self.default_max_new_tokens_for = dict(max_new_tokens_for or {})
         # completions are latency-bound: their prompt is capped below the context length
         self.completion_context_tokens = completion_context_tokens
+        # single-line completions search this many beams (model.generate._beam_decode); 1 = greedy
+        self.completion_beams = completion_beams
         self.disabled_tasks = frozenset(disabled_tasks)  # the config file's [features] switched off
         self.watermark = watermark  # a model.watermark.Watermark: every generation carries its mark
         self._jobs: queue.Queue[_Job | None] = queue.Queue()

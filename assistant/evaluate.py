@@ -1189,6 +1189,8 @@ def _parser() -> argparse.ArgumentParser:
                         "the model alone on hand-made prompts")  # fmt: skip
     p.add_argument("--repos", default=None, metavar="DIR[,DIR...]",
                    help="held-out project roots for the repo-fim suite (e.g. packages in site-packages)")
+    p.add_argument("--beams", type=int, default=None, metavar="N",
+                   help="product path: beam width of single-line completions (default: the product's, 1 = greedy)")
     p.add_argument("--context-tokens", type=int, default=None,
                    help="with --path product: the completion prompt cap (default: the settings' 512)")
     p.add_argument("--raw-beside", action="store_true",
@@ -1299,6 +1301,11 @@ def main(argv: list[str] | None = None) -> int:
                 print("moecoder eval: error: --context-tokens must be >= 16", file=sys.stderr)
                 return 2
             settings.completion_context_tokens = args.context_tokens
+        if args.beams is not None:
+            if not 1 <= args.beams <= 16:
+                print("moecoder eval: error: --beams must be from 1 to 16", file=sys.stderr)
+                return 2
+            settings.completion_beams = args.beams
         engine = Engine.from_loaded(loaded, **settings.engine_options())
         ctx.extra["runner"] = ProductRunner(engine, batch_size=args.batch_size,
                                             min_confidence=settings.review.min_confidence)

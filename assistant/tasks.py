@@ -161,6 +161,7 @@ class Plan:
     answer_marker: str | None = None
     loop_guard: int = 0  # SamplingParams.loop_guard: prose tasks never repeat a unit three times in a row
     heal: str = ""  # SamplingParams.heal: token healing of the word at the cursor (completion)
+    beams: int = 1  # SamplingParams.beams: beam search (single-line completion)
     # batch road: run before generation (on the worker); a result here is final, nothing is generated
     pregate: Callable[[Any], object | None] | None = None
 
@@ -198,6 +199,8 @@ def _guard(plan: Plan) -> dict[str, Any]:
     out: dict[str, Any] = {"loop_guard": plan.loop_guard} if plan.loop_guard else {}
     if plan.heal:
         out["heal"] = plan.heal
+    if plan.beams > 1:
+        out["beams"] = plan.beams
     return out
 
 
@@ -356,7 +359,7 @@ def _plan_window(engine: Engine, requests: Sequence[TaskRequest], indices: range
                 yield i, settled
                 continue
         key = (p.max_new_tokens, p.request.max_seconds, p.stop_strings, p.stop_token_ids, p.think, p.answer_marker,
-               p.loop_guard, p.heal)
+               p.loop_guard, p.heal, p.beams)
         waiting.setdefault(key, []).append((i, p))
 
 
@@ -365,7 +368,7 @@ def _generate(engine: Engine, key: tuple, members: list[tuple[int, Plan]], batch
     """Generate for ``members`` (one kind of plan), ``batch_size`` at a time, and finish each."""
     if not members:
         return
-    max_new, max_s, stops, stop_ids, think, marker, _, _ = key
+    max_new, max_s, stops, stop_ids, think, marker, *_ = key
     tok = engine.tokenizer
     params = engine.sampling_params(max_new, max_s, stop_strings=stops, stop_token_ids=stop_ids,
                                     **_guard(members[0][1]))
@@ -447,7 +450,8 @@ def _plan_complete(engine: Engine, req: TaskRequest, budget: int, max_new: int) 
     at_suffix = fim_suffix_stop(suffix) if multiline else None  # the middle ends where the suffix begins
     stops = ("\n",) if not multiline else (at_suffix,) if at_suffix else ()
     return Plan(req, ctx.prompt_ids, max_new + (len(heal) + 1 if heal else 0), think=False, finish=finish,
-                stop_strings=stops, stop_token_ids=stop_ids, notes=ctx.report.trimmed, heal=heal)
+                stop_strings=stops, stop_token_ids=stop_ids, notes=ctx.report.trimmed, heal=heal,
+                beams=1 if multiline else max(1, getattr(engine, "completion_beams", 1)))
 
 
 TOKEN_HEALING = True  # mid-word completion continues the word (lsp.bench --mode midword measures it)

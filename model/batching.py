@@ -135,7 +135,7 @@ class BatchState:
         if free_bytes is None:
             if self.device.type != "cuda":
                 return None
-            free_bytes = torch.cuda.mem_get_info(self.device)[0]
+            free_bytes = device_free_bytes(self.device)
         return max(0, (free_bytes + self.capacity * self.row_bytes - reserve_bytes) // self.row_bytes)
 
     def _view(self, a: int, b: int) -> _RowsView:
@@ -340,6 +340,14 @@ class _Score:
     done: threading.Event = field(default_factory=threading.Event)
     value: list[float] | None = None
     error: str | None = None
+
+
+def device_free_bytes(device: torch.device) -> int:
+    """Bytes a new allocation on this GPU can take: the driver's free memory plus what torch's
+    caching allocator holds unused (freed tensors, a previous scheduler's cache: the driver
+    counts those as taken, torch hands them out again)."""
+    free = torch.cuda.mem_get_info(device)[0]
+    return free + max(0, torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
 class BatchScheduler:

@@ -57,6 +57,7 @@ class SamplingParams:
     watermark: Any = None  # a model.watermark.Watermark (its key switches it on); None = off
     loop_guard: int = 0  # > 0: no unit of <= N tokens three times in a row (model/repetition.py)
     heal: str = ""  # token healing: the output must begin with this text (the word typed at the cursor)
+    beams: int = 1  # > 1: beam search of this width (greedy only, one prompt at a time; short answers)
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -75,6 +76,8 @@ class SamplingParams:
             self.watermark.validate()
         if self.loop_guard < 0:
             raise ValueError("loop_guard must be >= 0")
+        if self.beams < 1:
+            raise ValueError("beams must be >= 1")
 
 
 @dataclass
@@ -316,6 +319,11 @@ def _decode(model: Transformer, tok, prompts: list[list[int]], params: SamplingP
             cancel: CancelToken | None, results: list[GenerationResult]) -> Iterator[list[tuple[int, TokenEvent]]]:
     """Generate for every prompt at once (left padded); yields the events of each step."""
     _check(model, prompts, params)
+    if params.beams > 1 and params.temperature <= 0 and params.watermark is None:
+        if len(prompts) != 1:
+            raise ValueError("beam search takes one prompt at a time")
+        yield from _beam_decode(model, tok, list(prompts[0]), params, cancel, results[0])
+        return
     ctx = model.cfg.max_seq_len
     longest = max(len(p) for p in prompts)
     B = len(prompts)
@@ -429,6 +437,122 @@ def _decode(model: Transformer, tok, prompts: list[list[int]], params: SamplingP
             held.release([*prompts[0], *results[0].token_ids][:fed])
 
 
+# --------------------------------------------------------------------------- beam search
+BEAM_LENGTH_ALPHA = 0.5  # a finished answer's score: sum of log-probabilities / tokens ** alpha
+
+
+def _beam_decode(model: Transformer, tok, prompt: list[int], params: SamplingParams,
+                 cancel: CancelToken | None, result: GenerationResult) -> Iterator[list[tuple[int, TokenEvent]]]:
+    """Beam search for a short answer (a completion's line): the ``params.beams`` most likely
+    partial answers are extended together, one cache row each; an answer is finished by a stop
+    token, a stop string or the length limit, and the search ends once ``beams`` answers are
+    finished. The best finished one (log-probability / tokens ** ``BEAM_LENGTH_ALPHA``) is
+    emitted at the end, one event per token, exactly as the greedy loop would have emitted it.
+    The prompt's keys/values are shared by every row (written once, from the ``PrefixKV``
+    entry when it has them); only the answers' positions are reordered as beams are chosen."""
+    W = params.beams
+    device = model.tok_emb.weight.device
+    P = len(prompt)
+    total = min(model.cfg.max_seq_len, P + params.max_new_tokens)
+    stop_ids = {int(tok.eos_id), *map(int, params.stop_token_ids), *getattr(tok, "stop_ids", ())}
+    vocab = min(int(tok.vocab_size), model.cfg.vocab_size)
+    pad_id = getattr(tok, "pad_id", 0)
+    healer = Healer(tok, params.heal, vocab) if params.heal else None
+    result.text, result.token_ids, result.logprobs, result.finish_reason, result.cached_tokens = "", [], [], "length", 0
+    t0 = time.monotonic()
+    taken = PrefixKV.take(model, prompt, total, device)
+    held, start = taken if taken is not None else (None, 0)
+    cache = held.cache if held is not None else model.setup_cache(1, total, device=device)
+    result.cached_tokens, fed = start, start
+    x = torch.tensor([prompt], dtype=torch.long, device=device)
+    try:
+        chunk = prefill_chunk(device)
+        for a in range(start, P, chunk):
+            if cancel is not None and cancel.cancelled:
+                result.finish_reason = "cancelled"
+                return
+            logits = model(x[:, a:a + chunk], a, cache, last_only=True)
+            fed = min(a + chunk, P)
+        last = logits[:, -1]
+        rows = model.setup_cache(W, total, device=device)  # one row per beam, the prompt in each
+        for dst, src in zip((*rows.k, *rows.v), (*cache.k, *cache.v)):
+            dst[:, :, :P] = src[:, :, :P]
+        if held is not None:  # the prompt is copied out: the entry is free for the next request
+            held.release(prompt[:fed])
+            held = None
+        live: list[tuple[list[int], list[float], float]] = [([], [], 0.0)]  # tokens, log-probs, their sum
+        done: list[tuple[list[int], list[float], float, str]] = []
+        pos = P
+        while True:
+            logp = last.float().log_softmax(-1)  # reported log-probabilities: the model's own
+            allowed = logp[:, :vocab].clone()
+            if 0 <= pad_id < vocab:
+                allowed[:, pad_id] = float("-inf")
+            cands = []
+            for b, (toks, _, score) in enumerate(live):
+                row = allowed[b]
+                if healer is not None and (keep := healer.allowed(toks, row.device)) is not None:
+                    row = row.masked_fill(~keep, float("-inf"))
+                top = row.topk(min(W, vocab))
+                cands += [(score + v, b, t) for v, t in zip(top.values.tolist(), top.indices.tolist())
+                          if v != float("-inf")]
+            cands.sort(key=lambda c: -c[0])
+            nxt, parents = [], []
+            for score, b, t in cands:
+                toks, lps = [*live[b][0], t], [*live[b][1], float(logp[b, t])]
+                if t in stop_ids:
+                    done.append((toks, lps, score, "eos" if t == tok.eos_id else "stop"))
+                elif params.stop_strings and any(s in _decoded(tok, toks) for s in params.stop_strings):
+                    done.append((toks, lps, score, "stop"))
+                elif len(toks) >= params.max_new_tokens or pos + 1 >= total:
+                    done.append((toks, lps, score, "length"))
+                else:
+                    nxt.append((toks, lps, score))
+                    parents.append(b)
+                    if len(nxt) == W:
+                        break
+            if len(done) >= W or not nxt:
+                break
+            if cancel is not None and cancel.cancelled:
+                result.finish_reason = "cancelled"
+                return
+            if params.max_seconds is not None and time.monotonic() - t0 >= params.max_seconds:
+                done += [(toks, lps, score, "time") for toks, lps, score in nxt]
+                break
+            n = len(nxt)
+            if pos > P:  # each row takes its parent's answer so far
+                idx = torch.tensor(parents, device=device)
+                for t in (*rows.k, *rows.v):
+                    t[:n, :, P:pos] = t[idx, :, P:pos]
+            ids = torch.tensor([[toks[-1]] for toks, _, _ in nxt], dtype=torch.long, device=device)
+            last = model(ids, pos, rows.head(n))[:, -1]
+            pos += 1
+            live = nxt
+        if not done:
+            return
+        toks, lps, _, reason = max(done, key=lambda d: d[2] / len(d[0]) ** BEAM_LENGTH_ALPHA)
+        result.finish_reason = reason
+        txt = _Text(tok, params.stop_strings)
+        for i, (t, lp) in enumerate(zip(toks, lps)):
+            result.token_ids.append(t)
+            result.logprobs.append(lp)
+            if t in stop_ids:
+                delta = txt.flush()
+            else:
+                delta, _ = txt.push(t)
+                if i == len(toks) - 1 and reason in ("length", "time"):
+                    delta += txt.flush()
+            result.text = txt.text
+            yield [(0, TokenEvent(t, delta, lp))]
+    finally:
+        if held is not None:
+            held.release(prompt[:fed])
+
+
+def _decoded(tok, ids: list[int]) -> str:
+    return tok.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
 class Stream:
     """Iterator of TokenEvents; ``.result`` is filled in once it is exhausted."""
 
@@ -463,6 +587,8 @@ def generate_batch(model: Transformer, tok, prompts: list[list[int]], params: Sa
                    cancel: CancelToken | None = None, batch_size: int = 8) -> list[GenerationResult]:
     """Generate for many prompts, ``batch_size`` rows at a time (left padded)."""
     params = params or SamplingParams()
+    if params.beams > 1:  # each prompt's beams are the batch
+        batch_size = 1
     out: list[GenerationResult] = []
     for a in range(0, len(prompts), batch_size):
         chunk = [list(p) for p in prompts[a:a + batch_size]]

@@ -126,6 +126,14 @@ class KVCache:
             raise ValueError(f"pad_lens must have {self.batch} entries")
         self.pad_lens = pad if bool((pad > 0).any()) else None
 
+    def head(self, n: int) -> KVCache:
+        """The first ``n`` rows, sharing this cache's storage (beam search runs on fewer rows as beams end)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = [t[:n] for t in self.k], [t[:n] for t in self.v]
+        view.batch, view.max_len = n, self.max_len
+        view.pad_lens = None if self.pad_lens is None else self.pad_lens[:n]
+        return view
+
 
 def attention_mask(start_pos: int, T: int, pad_lens: torch.Tensor | None, device) -> torch.Tensor | None:
     """Bool mask [B or 1, 1, T, start_pos + T] (True = attend), or None for plain causal.

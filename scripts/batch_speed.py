@@ -55,6 +55,8 @@ for name in names:
                               f"steps {sched.stats['steps']}", flush=True)
             finally:
                 sched.close()
-    del model, sched
+                del sched  # its cache and graphs go back to torch's allocator before the next one
+                gc.collect()
+    del model
     gc.collect()
     torch.cuda.empty_cache()

@@ -144,6 +144,14 @@ def test_the_batch_never_outgrows_device_memory(model, tiny_tokenizer, monkeypat
     assert state.rows_that_fit(free_bytes=10 * row, reserve_bytes=2 * row) == 12  # the 4 held count too
     assert state.rows_that_fit(free_bytes=0, reserve_bytes=5 * row) == 0
 
+    # memory torch's allocator holds unused (a closed scheduler's cache) counts as free
+    from model.batching import device_free_bytes
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (3 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 40 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 31 << 30)
+    assert device_free_bytes(torch.device("cuda")) == 12 << 30
+
     monkeypatch.setattr(BatchState, "rows_that_fit", lambda self: 3)
     sched = BatchScheduler(model, tiny_tokenizer, max_batch=8)
     assert sched.max_batch == 3 and "limited to 3 requests" in sched.memory_note

@@ -310,11 +310,11 @@ def test_settings_from_toml(tmp_path, monkeypatch):
     from assistant.config import ConfigError, load_settings
 
     cfg = tmp_path / "config.toml"
-    cfg.write_text('model = "~/m"\nmax_seconds = 5\ncompletion_context_tokens = 300\n[max_tokens]\ndebug = 40\n[features]\nexplain = false\n'
+    cfg.write_text('model = "~/m"\nmax_seconds = 5\ncompletion_context_tokens = 300\ncompletion_beams = 2\n[max_tokens]\ndebug = 40\n[features]\nexplain = false\n'
                    '[review]\nmin_confidence = 0.4\njobs = 2\nfail_on = "error"\n')
     s = load_settings(cfg)
     assert s.model.endswith("/m") and not s.model.startswith("~") and s.max_seconds == 5.0
-    assert s.completion_context_tokens == 300
+    assert s.completion_context_tokens == 300 and s.engine_options()["completion_beams"] == 2
     assert s.max_tokens["debug"] == 40 and s.max_tokens["complete"] == 64 and s.features["explain"] is False
     assert (s.review.min_confidence, s.review.jobs, s.review.fail_on) == (0.4, 2, "error")
     monkeypatch.setenv("MOECODER_CONFIG", str(cfg))
@@ -322,7 +322,8 @@ def test_settings_from_toml(tmp_path, monkeypatch):
     monkeypatch.setenv("MOECODER_CONFIG", str(tmp_path / "absent.toml"))
     assert load_settings().review.jobs == 4  # no file: defaults
     for bad, needle in [("jobs = 2\n", "unknown setting"), ("[review]\njobs = 0\n", "review.jobs"),
-                        ("[max_tokens]\ndance = 3\n", "max_tokens.dance"), ("model = [\n", "invalid TOML")]:
+                        ("[max_tokens]\ndance = 3\n", "max_tokens.dance"), ("model = [\n", "invalid TOML"),
+                        ("completion_beams = 0\n", "completion_beams")]:
         cfg.write_text(bad)
         with pytest.raises(ConfigError, match=needle) as info:
             load_settings(cfg)
@@ -337,6 +338,17 @@ def test_completion_prompt_is_capped_for_latency(tiny_tokenizer):
     big = "\n".join(f"value_{i} = {i} * {i}" for i in range(2000))
     eng.run(TaskRequest("complete", big, line=1000, column=0))
     assert len(backend.prompts[-1]) <= 100
+
+
+def test_single_line_completions_search_beams(tiny_tokenizer):
+    from assistant.tasks import make_plan
+
+    eng = Engine.from_loaded(backend=ScriptedBackend(tiny_tokenizer), completion_beams=3)
+    src = "def f(x):\n    a = 1\n    \n    return a\n"
+    assert make_plan(eng, TaskRequest("complete", src, line=2, column=4)).beams == 3  # one line
+    assert make_plan(eng, TaskRequest("complete", "def f(x):\n    ", line=1, column=4)).beams == 1  # a body
+    eng.completion_beams = 1
+    assert make_plan(eng, TaskRequest("complete", src, line=2, column=4)).beams == 1
 
 
 def test_debug_consistency_checks(tiny_tokenizer):
