@@ -11,7 +11,8 @@ Example::
     device = "cpu"
     max_seconds = 30
     completion_context_tokens = 512       # prompt cap for completions (prefill time = latency)
-    completion_beams = 1                  # > 1: beam search of single-line completions (slower)
+    completion_beams = 1                  # > 1: beam search of single-line completions (slower;
+                                          # in-process faces only: `moecoder serve` decodes greedily)
 
     [max_tokens]                          # per task
     complete = 64
