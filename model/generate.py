@@ -462,7 +462,8 @@ def _beam_decode(model: Transformer, tok, prompt: list[int], params: SamplingPar
     t0 = time.monotonic()
     taken = PrefixKV.take(model, prompt, total, device)
     held, start = taken if taken is not None else (None, 0)
-    cache = held.cache if held is not None else model.setup_cache(1, total, device=device)
+    rows = model.setup_cache(W, total, device=device)  # one row per beam, the prompt in each
+    cache = held.cache if held is not None else rows.head(1)  # the prompt is prefilled here
     result.cached_tokens, fed = start, start
     x = torch.tensor([prompt], dtype=torch.long, device=device)
     try:
@@ -474,9 +475,9 @@ def _beam_decode(model: Transformer, tok, prompt: list[int], params: SamplingPar
             logits = model(x[:, a:a + chunk], a, cache, last_only=True)
             fed = min(a + chunk, P)
         last = logits[:, -1]
-        rows = model.setup_cache(W, total, device=device)  # one row per beam, the prompt in each
+        first = 0 if held is not None else 1  # rows still without the prompt
         for dst, src in zip((*rows.k, *rows.v), (*cache.k, *cache.v)):
-            dst[:, :, :P] = src[:, :, :P]
+            dst[first:, :, :P] = src[:, :, :P]
         if held is not None:  # the prompt is copied out: the entry is free for the next request
             held.release(prompt[:fed])
             held = None
