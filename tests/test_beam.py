@@ -6,8 +6,16 @@ import pytest
 import torch
 
 from model.cancel import CancelToken
-from model.generate import (BEAM_LENGTH_ALPHA, GenerationResult, SamplingParams, _beam_decode, generate,
-                            generate_batch, stream, token_logprobs)
+from model.generate import (
+    BEAM_LENGTH_ALPHA,
+    GenerationResult,
+    SamplingParams,
+    _beam_decode,
+    generate,
+    generate_batch,
+    stream,
+    token_logprobs,
+)
 
 
 @pytest.fixture()
