@@ -485,7 +485,7 @@ def _beam_decode(model: Transformer, tok, prompt: list[int], params: SamplingPar
         done: list[tuple[list[int], list[float], float, str]] = []
         pos = P
         while True:
-            logp = last.float().log_softmax(-1)  # reported log-probabilities: the model's own
+            logp = last.log_softmax(-1)  # reported log-probabilities: the model's own (as the greedy loop)
             allowed = logp[:, :vocab].clone()
             if 0 <= pad_id < vocab:
                 allowed[:, pad_id] = float("-inf")

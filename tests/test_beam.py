@@ -106,3 +106,25 @@ def test_beam_search_keeps_healing_cancel_and_batches(loaded):
     assert [b.token_ids for b in batch] == [generate(model, tok, q, params).token_ids for q in _prompts(tok)]
     with pytest.raises(ValueError, match="beams"):
         SamplingParams(beams=0).validate()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2"])
+def test_open_checkpoints_search_beams_too(tmp_path, family, monkeypatch):
+    """GQA + QK-norm caches and MLA's compressed latent cache: rows reordered correctly."""
+    pytest.importorskip("transformers")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hf_tiny import load_tiny
+
+    monkeypatch.setenv("MOECODER_PREFIX_CACHE", "0")
+    model, tok = load_tiny(family, tmp_path / family)
+    p = [(11 * i) % 250 + 3 for i in range(40)]
+    r = generate(model, tok, p, SamplingParams(max_new_tokens=10, beams=4))
+    assert len(r.token_ids) == 10  # ten steps: rows reordered nine times
+    ref = token_logprobs(model, [*p, *r.token_ids])[len(p):]
+    assert r.logprobs == pytest.approx(ref, abs=1e-5)
+    greedy = generate(model, tok, p, SamplingParams(max_new_tokens=10))
+    assert sum(r.logprobs) / len(r.logprobs) ** BEAM_LENGTH_ALPHA >= (
+        sum(greedy.logprobs) / len(greedy.logprobs) ** BEAM_LENGTH_ALPHA - 1e-5)  # batched rows: float noise
