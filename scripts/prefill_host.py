@@ -2,9 +2,10 @@
 GPU synchronised, and the top CUDA kernels of a 2k prefill (Qwen3-30B-A3B / DeepSeek-V2-Lite
 shapes, 8 layers, random bf16 weights, full logits, no KV cache).
 
-    PYTHONPATH=$PWD python scripts/prefill_host.py    # one GPU
+    PYTHONPATH=$PWD python scripts/prefill_host.py [MODELS] [PROFILE_T]   # one GPU
 """
 
+import sys
 import time
 
 import torch
@@ -13,7 +14,9 @@ from torch.profiler import ProfilerActivity, profile
 from model.hf_bench import CONFIGS, random_moecoder
 
 dev = torch.device("cuda")
-for name in CONFIGS:
+names = sys.argv[1].split(",") if len(sys.argv) > 1 else list(CONFIGS)
+profile_t = int(sys.argv[2]) if len(sys.argv) > 2 else 2048  # the prompt length whose kernels are listed
+for name in names:
     model = random_moecoder(name, dev, layers=8)
     for T in (2048, 8192):
         x = torch.randint(0, 1000, (1, T), device=dev)
@@ -33,7 +36,7 @@ for name in CONFIGS:
         tot.sort()
         print(f"{name} 8 layers T={T}: enqueue {host[2] * 1e3:.1f} ms, total {tot[2] * 1e3:.1f} ms, "
               f"{T / tot[2]:.0f} tok/s", flush=True)
-        if T == 2048:
+        if T == profile_t:
             with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
                 model(x)
                 torch.cuda.synchronize()
