@@ -2,9 +2,10 @@
 GPU synchronised, and the top CUDA kernels of a 2k prefill (Qwen3-30B-A3B / DeepSeek-V2-Lite
 shapes, 8 layers, random bf16 weights, full logits, no KV cache).
 
-    PYTHONPATH=$PWD python scripts/prefill_host.py [MODELS] [PROFILE_T]   # one GPU
+    PYTHONPATH=$PWD [COMPILE_POINTWISE=1] python scripts/prefill_host.py [MODELS] [PROFILE_T]   # one GPU
 """
 
+import os
 import sys
 import time
 
@@ -14,6 +15,10 @@ from torch.profiler import ProfilerActivity, profile
 from model.hf_bench import CONFIGS, random_moecoder
 
 dev = torch.device("cuda")
+if os.environ.get("COMPILE_POINTWISE") == "1":  # RMSNorm and RoPE fused by torch.compile (model.layers)
+    from model.layers import compile_pointwise
+
+    compile_pointwise(True)
 names = sys.argv[1].split(",") if len(sys.argv) > 1 else list(CONFIGS)
 profile_t = int(sys.argv[2]) if len(sys.argv) > 2 else 2048  # the prompt length whose kernels are listed
 for name in names:
