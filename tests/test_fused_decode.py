@@ -45,6 +45,7 @@ def _steps(m, prompt, pad, fused: str, kernels_mode: str, monkeypatch, n=3):
     with torch.no_grad():
         logits = m(prompt, 0, cache, last_only=True)
         tok = logits[:, -1:].argmax(-1)
+        calls.clear()  # the prefill's RMSNorms take the kernel too on the Triton path; count the steps'
         for i in range(n):
             lg = m.decode_static(tok, torch.tensor([prompt.shape[1] + i]), cache)
             out.append(lg)
@@ -104,3 +105,30 @@ def test_qkv_views_share_storage(monkeypatch):
     after = m.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert attn._qkv_weight()[0] is w  # built once
+
+
+def test_rms_norm_takes_the_kernel_in_inference_on_the_triton_path(monkeypatch):
+    """Prefill's RMSNorms: one Triton kernel when nothing needs gradients, the same numbers;
+    training keeps the differentiable path."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU: needs the Triton interpreter")
+    import kernels
+    from model.layers import RMSNorm
+
+    norm = RMSNorm(64)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 64)
+    calls = []
+    real = kernels.add_rms_norm
+    monkeypatch.setattr(kernels, "add_rms_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("MOECODER_KERNELS", "reference")
+    with torch.no_grad():
+        ref = norm(x)
+    assert not calls
+    monkeypatch.setenv("MOECODER_KERNELS", "triton")
+    with torch.no_grad():
+        tri = norm(x)
+    assert calls == [1] and (tri - ref).abs().max().item() <= 1e-5
+    y = norm(x.requires_grad_())  # training: the autograd path
+    assert len(calls) == 1 and y.requires_grad
