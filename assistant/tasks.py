@@ -451,7 +451,7 @@ def _plan_complete(engine: Engine, req: TaskRequest, budget: int, max_new: int) 
     stops = ("\n",) if not multiline else (at_suffix,) if at_suffix else ()
     return Plan(req, ctx.prompt_ids, max_new + (len(heal) + 1 if heal else 0), think=False, finish=finish,
                 stop_strings=stops, stop_token_ids=stop_ids, notes=ctx.report.trimmed, heal=heal,
-                beams=1 if multiline else max(1, getattr(engine, "completion_beams", 1)))
+                beams=1 if multiline else max(1, engine.completion_beams))
 
 
 TOKEN_HEALING = True  # mid-word completion continues the word (lsp.bench --mode midword measures it)

@@ -61,7 +61,6 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
