@@ -28,6 +28,7 @@ __all__ = [
     "moe_layer_decode",
     "permute",
     "qk_rope_cache",
+    "rope",
     "route",
     "swiglu",
     "unpermute",
@@ -132,6 +133,11 @@ def _decode_impl(tensor):
 def add_rms_norm(x, delta, weight, eps):
     """(x + delta, RMSNorm(x + delta) * weight); ``delta`` may be None. Inference only."""
     return _decode_impl(x).add_rms_norm(x, delta, weight, eps)
+
+
+def rope(x_BHTD, cos_BTd, sin_BTd):
+    """RoPE over [B, H, T, Dh] (any strides) with cos/sin [B or 1, T, Dh/2]. Inference only."""
+    return _decode_impl(x_BHTD).rope(x_BHTD, cos_BTd, sin_BTd)
 
 
 def qk_rope_cache(qkv_BX, q_weight, k_weight, cos_Bd, sin_Bd, k_cache, v_cache, pos, n_heads, n_kv_heads, eps):

@@ -147,6 +147,14 @@ def add_rms_norm(x, delta, weight, eps: float):
     return h, y
 
 
+def rope(x_BHTD, cos_BTd, sin_BTd):
+    """RoPE (GPT-NeoX halves) over [B, H, T, Dh]; cos/sin [B or 1, T, Dh/2]; fp32 math, x's dtype."""
+    a = _acc_dtype(x_BHTD.dtype)
+    x1, x2 = x_BHTD.to(a).chunk(2, dim=-1)
+    cos, sin = cos_BTd[:, None].to(a), sin_BTd[:, None].to(a)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x_BHTD.dtype)
+
+
 def qk_rope_cache(qkv_BX, q_weight, k_weight, cos_Bd, sin_Bd, k_cache, v_cache, pos, n_heads: int,
                   n_kv_heads: int, eps: float):
     """Rotated queries [B, H, Dh]; keys (per-head RMSNorm if weights are given, rotated) and values

@@ -282,3 +282,48 @@ def decode_attention(q_BHD, k1_BGLD, v_BGLD, pos, pad_B=None, scale=None, k2_BGL
         num_warps=4 if big <= 256 else 8,
     )  # fmt: skip
     return o
+
+
+@triton.jit
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, o_ptr, H, T,
+                 sxb, sxh, sxt, scb, sct, sob, soh, sot,
+                 ACC: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+    bt = tl.program_id(0).to(tl.int64)
+    b, t = bt // T, bt % T
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hm = (h < H)[:, None]
+    i = tl.arange(0, HALF)[None, :]
+    src = x_ptr + b * sxb + t * sxt + h[:, None].to(tl.int64) * sxh + i
+    x1 = tl.load(src, mask=hm, other=0.0)
+    x2 = tl.load(src + HALF, mask=hm, other=0.0)
+    c = tl.load(cos_ptr + b * scb + t * sct + i).to(ACC)
+    s = tl.load(sin_ptr + b * scb + t * sct + i).to(ACC)
+    a1, a2 = x1.to(ACC), x2.to(ACC)
+    dst = o_ptr + b * sob + t * sot + h[:, None].to(tl.int64) * soh + i
+    tl.store(dst, (a1 * c - a2 * s).to(x1.dtype), mask=hm)
+    tl.store(dst + HALF, (a2 * c + a1 * s).to(x1.dtype), mask=hm)
+
+
+def rope(x_BHTD, cos_BTd, sin_BTd):
+    """RoPE (GPT-NeoX halves) over [B, H, T, Dh] of any strides (last dim contiguous) in one launch;
+    cos/sin [B or 1, T, Dh/2]. The output keeps x's layout where x is dense (a transposed
+    [B, T, H, Dh] view stays one), else it is contiguous."""
+    B, H, T, Dh = x_BHTD.shape
+    assert Dh % 2 == 0 and (Dh // 2) & (Dh // 2 - 1) == 0, "head dim must be twice a power of two"
+    if x_BHTD.stride(-1) != 1:
+        x_BHTD = x_BHTD.contiguous()
+    out = torch.empty_like(x_BHTD)
+    if out.stride(-1) != 1:
+        out = torch.empty(x_BHTD.shape, dtype=x_BHTD.dtype, device=x_BHTD.device)
+    cos = cos_BTd.expand(B, T, Dh // 2)
+    sin = sin_BTd.expand(B, T, Dh // 2)
+    assert cos.stride(-1) == 1 and sin.stride() == cos.stride()
+    if B * T == 0 or H == 0:
+        return out
+    bh = min(triton.next_power_of_2(H), max(1, 2048 // Dh))
+    _rope_kernel[(B * T, triton.cdiv(H, bh))](
+        x_BHTD, cos, sin, out, H, T, x_BHTD.stride(0), x_BHTD.stride(1), x_BHTD.stride(2), cos.stride(0),
+        cos.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        ACC=_acc(x_BHTD.dtype), HALF=Dh // 2, BLOCK_H=bh,
+    )  # fmt: skip
+    return out

@@ -105,6 +105,12 @@ def rope_tables(head_dim: int, max_len: int, theta: float, device=None,
 
 def apply_rope(x_BHTD: torch.Tensor, cos_BTd: torch.Tensor, sin_BTd: torch.Tensor) -> torch.Tensor:
     """Rotate the two halves of each head (GPT-NeoX layout); cos/sin are [B or 1, T, Dh/2]."""
+    if not (torch.is_grad_enabled() and x_BHTD.requires_grad):
+        import kernels
+
+        hd = x_BHTD.shape[-1] // 2
+        if hd & (hd - 1) == 0 and kernels.backend(x_BHTD) == "triton":  # inference on a GPU: one kernel
+            return kernels.rope(x_BHTD, cos_BTd, sin_BTd)
     return _POINTWISE["rope"](x_BHTD, cos_BTd, sin_BTd)
 
 

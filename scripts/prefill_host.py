@@ -2,7 +2,10 @@
 GPU synchronised, and the top CUDA kernels of a 2k prefill (Qwen3-30B-A3B / DeepSeek-V2-Lite
 shapes, 8 layers, random bf16 weights, full logits, no KV cache).
 
-    PYTHONPATH=$PWD [COMPILE_POINTWISE=1] python scripts/prefill_host.py [MODELS] [PROFILE_T]   # one GPU
+    PYTHONPATH=$PWD [COMPILE_POINTWISE=1|EAGER_POINTWISE=1] python scripts/prefill_host.py [MODELS] [PROFILE_T]
+
+EAGER_POINTWISE=1: RMSNorm and RoPE as the eager upcast/compute/cast-back ops instead of their
+one-kernel Triton versions (the A/B of the kernels).
 """
 
 import os
@@ -19,6 +22,11 @@ if os.environ.get("COMPILE_POINTWISE") == "1":  # RMSNorm and RoPE fused by torc
     from model.layers import compile_pointwise
 
     compile_pointwise(True)
+if os.environ.get("EAGER_POINTWISE") == "1":
+    import model.layers as layers
+
+    layers.RMSNorm.forward = lambda self, x: layers._POINTWISE["rms_norm"](x, self.weight, self.eps)
+    layers.apply_rope = lambda x, cos, sin: layers._POINTWISE["rope"](x, cos, sin)
 names = sys.argv[1].split(",") if len(sys.argv) > 1 else list(CONFIGS)
 profile_t = int(sys.argv[2]) if len(sys.argv) > 2 else 2048  # the prompt length whose kernels are listed
 for name in names:

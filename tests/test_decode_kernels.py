@@ -136,3 +136,25 @@ def test_decode_attention_fully_padded_first_block():
     pad = torch.tensor([150], device=DEV)
     p = torch.tensor([pos], device=DEV)
     assert rel(td.decode_attention(q, k, v, p, pad), ref.decode_attention(q, k, v, p, pad)) <= tol(dt)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("layout", ["transposed", "slice", "contiguous"])
+@pytest.mark.parametrize("B,H,T,Dh,cos_b", [(1, 3, 5, 16, 1), (2, 40, 3, 32, 2)])
+def test_rope_prefill(dt, layout, B, H, T, Dh, cos_b):
+    """Prefill RoPE over [B, H, T, Dh] views of the layouts the attention makes: q/k as a
+    transposed [B, T, H, Dh] view, MLA's rotary slice of each head, a plain tensor; cos/sin per
+    row or broadcast (cos_b == 1). H = 40 is not a power of two (masked head lanes)."""
+    if layout == "transposed":
+        x = torch.randn(B, T, H, Dh, device=DEV).to(dt).transpose(1, 2)
+    elif layout == "slice":
+        x = torch.randn(B, T, H, Dh + 8, device=DEV).to(dt).transpose(1, 2)[..., 8:]
+    else:
+        x = torch.randn(B, H, T, Dh, device=DEV).to(dt)
+    cos, sin = torch.randn(cos_b, T, Dh // 2, device=DEV), torch.randn(cos_b, T, Dh // 2, device=DEV)
+    got = td.rope(x, cos, sin)
+    want = ref.rope(x, cos, sin)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    assert rel(got, want) <= tol(dt)
+    if layout == "transposed":
+        assert got.stride() == x.stride()  # the [B, T, H, Dh] memory layout kept for attention

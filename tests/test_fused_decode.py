@@ -132,3 +132,28 @@ def test_rms_norm_takes_the_kernel_in_inference_on_the_triton_path(monkeypatch):
     assert calls == [1] and (tri - ref).abs().max().item() <= 1e-5
     y = norm(x.requires_grad_())  # training: the autograd path
     assert len(calls) == 1 and y.requires_grad
+
+
+def test_rope_takes_the_kernel_in_inference_on_the_triton_path(monkeypatch):
+    """Prefill's RoPE: one Triton kernel when nothing needs gradients, the same numbers as the
+    eager rotation; training keeps the differentiable path."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU: needs the Triton interpreter")
+    import kernels
+    from model.layers import apply_rope, rope_tables
+
+    cos, sin = rope_tables(32, 16, 10000.0)
+    x = torch.randn(2, 7, 4, 32).transpose(1, 2)  # [B, H, T, Dh] as the attention makes it
+    calls = []
+    real = kernels.rope
+    monkeypatch.setattr(kernels, "rope", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("MOECODER_KERNELS", "reference")
+    with torch.no_grad():
+        want = apply_rope(x, cos[None, :7], sin[None, :7])
+    assert not calls
+    monkeypatch.setenv("MOECODER_KERNELS", "triton")
+    with torch.no_grad():
+        got = apply_rope(x, cos[None, :7], sin[None, :7])
+    assert calls == [1] and (got - want).abs().max().item() <= 1e-5
+    y = apply_rope(x.requires_grad_(), cos[None, :7], sin[None, :7])
+    assert len(calls) == 1 and y.requires_grad
