@@ -135,9 +135,9 @@ def add_rms_norm(x, delta, weight, eps):
     return _decode_impl(x).add_rms_norm(x, delta, weight, eps)
 
 
-def rope(x_BHTD, cos_BTd, sin_BTd):
-    """RoPE over [B, H, T, Dh] (any strides) with cos/sin [B or 1, T, Dh/2]. Inference only."""
-    return _decode_impl(x_BHTD).rope(x_BHTD, cos_BTd, sin_BTd)
+def rope(x_BHTD, cos_BTd, sin_BTd, out=None):
+    """RoPE over [B, H, T, Dh] (any strides) with cos/sin [B or 1, T, Dh/2]; ``out=x`` in place. Inference only."""
+    return _decode_impl(x_BHTD).rope(x_BHTD, cos_BTd, sin_BTd, out)
 
 
 def qk_rope_cache(qkv_BX, q_weight, k_weight, cos_Bd, sin_Bd, k_cache, v_cache, pos, n_heads, n_kv_heads, eps):

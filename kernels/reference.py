@@ -147,12 +147,14 @@ def add_rms_norm(x, delta, weight, eps: float):
     return h, y
 
 
-def rope(x_BHTD, cos_BTd, sin_BTd):
-    """RoPE (GPT-NeoX halves) over [B, H, T, Dh]; cos/sin [B or 1, T, Dh/2]; fp32 math, x's dtype."""
+def rope(x_BHTD, cos_BTd, sin_BTd, out=None):
+    """RoPE (GPT-NeoX halves) over [B, H, T, Dh]; cos/sin [B or 1, T, Dh/2]; fp32 math, x's dtype.
+    ``out``: written there (``out=x`` rotates in place)."""
     a = _acc_dtype(x_BHTD.dtype)
     x1, x2 = x_BHTD.to(a).chunk(2, dim=-1)
     cos, sin = cos_BTd[:, None].to(a), sin_BTd[:, None].to(a)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x_BHTD.dtype)
+    y = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x_BHTD.dtype)
+    return y if out is None else out.copy_(y)
 
 
 def qk_rope_cache(qkv_BX, q_weight, k_weight, cos_Bd, sin_Bd, k_cache, v_cache, pos, n_heads: int,

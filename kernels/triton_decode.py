@@ -304,15 +304,18 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, o_ptr, H, T,
     tl.store(dst + HALF, (a2 * c + a1 * s).to(x1.dtype), mask=hm)
 
 
-def rope(x_BHTD, cos_BTd, sin_BTd):
+def rope(x_BHTD, cos_BTd, sin_BTd, out=None):
     """RoPE (GPT-NeoX halves) over [B, H, T, Dh] of any strides (last dim contiguous) in one launch;
     cos/sin [B or 1, T, Dh/2]. The output keeps x's layout where x is dense (a transposed
-    [B, T, H, Dh] view stays one), else it is contiguous."""
+    [B, T, H, Dh] view stays one), else it is contiguous; ``out=x`` rotates in place."""
     B, H, T, Dh = x_BHTD.shape
     assert Dh % 2 == 0 and (Dh // 2) & (Dh // 2 - 1) == 0, "head dim must be twice a power of two"
-    if x_BHTD.stride(-1) != 1:
+    if out is not None:
+        assert out.shape == x_BHTD.shape and out.stride(-1) == 1 and x_BHTD.stride(-1) == 1
+    elif x_BHTD.stride(-1) != 1:
         x_BHTD = x_BHTD.contiguous()
-    out = torch.empty_like(x_BHTD)
+    if out is None:
+        out = torch.empty_like(x_BHTD)
     if out.stride(-1) != 1:
         out = torch.empty(x_BHTD.shape, dtype=x_BHTD.dtype, device=x_BHTD.device)
     cos = cos_BTd.expand(B, T, Dh // 2)

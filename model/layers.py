@@ -278,6 +278,19 @@ class Attention(nn.Module):
         return self.wo(y.reshape(B, 1, -1).to(x_B1D.dtype))
 
 
+def _rope_in_place(x_BHTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Rotate ``x`` in place by the Triton kernel when it applies (inference, Triton path); False otherwise."""
+    if torch.is_grad_enabled() and x_BHTD.requires_grad:
+        return False
+    import kernels
+
+    hd = x_BHTD.shape[-1] // 2
+    if hd & (hd - 1) or x_BHTD.stride(-1) != 1 or kernels.backend(x_BHTD) != "triton":
+        return False
+    kernels.rope(x_BHTD, cos, sin, out=x_BHTD)
+    return True
+
+
 def linear_weight(lin: nn.Module) -> torch.Tensor:
     """The [out, in] weight of a Linear or of a weight-only quantised linear (dequantised)."""
     w = getattr(lin, "weight", None)
@@ -323,7 +336,10 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q.split([dn, dr], dim=-1)
         c, k_pe = self.wkv_a(x_BTD).split([r, dr], dim=-1)
         c = self.kv_a_norm(c).view(B, 1, T, r)
-        q_pe, k_pe = apply_rope(q_pe, cos, sin), apply_rope(k_pe.view(B, 1, T, dr), cos, sin)
+        q_rot = _rope_in_place(q_pe, cos, sin)  # inference on a GPU: q's rotary part rotated where it is
+        if not q_rot:
+            q_pe = apply_rope(q_pe, cos, sin)
+        k_pe = apply_rope(k_pe.view(B, 1, T, dr), cos, sin)
         if cache is not None:
             c, k_pe = _write_cache(cache, c, k_pe, start_pos)
         L = c.shape[2]
@@ -338,7 +354,7 @@ class MLAttention(nn.Module):
             kv = self.wkv_b(c[:, 0].to(x_BTD.dtype)).view(B, L, H, dn + dv).transpose(1, 2)
             k_nope, v = kv.split([dn, dv], dim=-1)
             k = torch.cat([k_nope, k_pe.to(k_nope.dtype).expand(B, H, L, dr)], dim=-1)
-            qq = torch.cat([q_nope, q_pe], dim=-1).to(k.dtype)
+            qq = (q if q_rot else torch.cat([q_nope, q_pe], dim=-1)).to(k.dtype)  # no copy when rotated in place
             y = _attend(qq, k, v, T, mask, scale=self.scale)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * dv).to(x_BTD.dtype))
 

@@ -158,3 +158,17 @@ def test_rope_prefill(dt, layout, B, H, T, Dh, cos_b):
     assert rel(got, want) <= tol(dt)
     if layout == "transposed":
         assert got.stride() == x.stride()  # the [B, T, H, Dh] memory layout kept for attention
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_rope_in_place_on_a_slice(dt):
+    """MLA's prefill rotates the queries' rotary part where it lies (``out=x``): the rest of each
+    head is untouched and the rotated part equals the out-of-place result."""
+    q = torch.randn(2, 5, 3, 24 + 16, device=DEV).to(dt).transpose(1, 2)  # [B, H, T, dn + dr]
+    before = q.clone()
+    cos, sin = torch.randn(1, 5, 8, device=DEV), torch.randn(1, 5, 8, device=DEV)
+    want = ref.rope(before[..., 24:], cos, sin)
+    got = td.rope(q[..., 24:], cos, sin, out=q[..., 24:])
+    assert got.data_ptr() == q[..., 24:].data_ptr()
+    assert torch.equal(q[..., :24], before[..., :24])
+    assert rel(q[..., 24:], want) <= tol(dt)
