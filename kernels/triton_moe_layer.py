@@ -69,9 +69,8 @@ def _router_kernel(
             nbs = tl.cdiv(FS, SBN)
             start = (j // nbs) * BM
             _gu_tile(x_ptr, rowidx_ptr, 1, sg_ptr, su_ptr, stride_sk, stride_sn, hs_ptr, stride_hs, stride_x,
-                     start, tl.minimum(start + BM, T), j % nbs, FS, D, hs_ptr, 0, 0, cnt_ptr,
-                     GATHER=False, ACC64=ACC64, PREC=PREC, BLOCK_M=BM, BLOCK_N=SBN, BLOCK_K=SBK,
-                     SPLIT=1)  # fmt: skip
+                     start, tl.minimum(start + BM, T), j % nbs, FS, D,
+                     GATHER=False, ACC64=ACC64, PREC=PREC, BLOCK_M=BM, BLOCK_N=SBN, BLOCK_K=SBK)  # fmt: skip
 
 
 @triton.jit
@@ -178,16 +177,11 @@ def _router_part(
 @triton.jit
 def _gu_tile(
     x_ptr, idx_ptr, DIV, wg_ptr, wu_ptr, stride_wk, stride_wn, h_ptr, stride_h, stride_x,
-    start, end, pid_n, N, D, ws_ptr, ws_row0, NW, cnt_ptr,
+    start, end, pid_n, N, D,
     GATHER: tl.constexpr, ACC64: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """h[rows] = silu(x[row] @ Wg[:, cols]) * (x[row] @ Wu[:, cols]) for rows start..end of one tile.
-
-    SPLIT > 1: this program (``tl.program_id(2)``) sums only its share of D; the gate and up
-    partial sums go into the fp32 workspace (rows ``ws_row0 + rows``, gate in columns [0, NW), up
-    in [NW, 2 NW)) with atomics, and the last of the SPLIT programs of this tile and column block
-    (counter ``cnt_ptr``) applies SwiGLU, writes h and leaves workspace and counter clean."""
+    """h[rows] = silu(x[row] @ Wg[:, cols]) * (x[row] @ Wu[:, cols]) for rows start..end of one tile."""
     rows = start + tl.arange(0, BLOCK_M)
     rmask = rows < end
     if GATHER:
@@ -196,19 +190,13 @@ def _gu_tile(
         arow = rows.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
-    k_lo = 0
-    k_hi = D
-    if SPLIT > 1:
-        chunk = tl.cdiv(tl.cdiv(D, SPLIT), BLOCK_K) * BLOCK_K
-        k_lo = tl.program_id(2) * chunk
-        k_hi = tl.minimum(D, k_lo + chunk)
     ks = tl.arange(0, BLOCK_K)
-    a_off = arow[:, None] * stride_x + (k_lo + ks)[None, :]
-    b_off = (k_lo + ks)[:, None] * stride_wk + cols[None, :] * stride_wn
+    a_off = arow[:, None] * stride_x + ks[None, :]
+    b_off = ks[:, None] * stride_wk + cols[None, :] * stride_wn
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if ACC64 else tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if ACC64 else tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        kmask = (k0 + ks) < k_hi
+    for k0 in range(0, D, BLOCK_K):
+        kmask = (k0 + ks) < D
         a = tl.load(x_ptr + a_off, mask=rmask[:, None] & kmask[None, :], other=0.0)
         bg = tl.load(wg_ptr + b_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
         bu = tl.load(wu_ptr + b_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
@@ -216,111 +204,58 @@ def _gu_tile(
         acc_u = tl.dot(a, bu, acc_u, input_precision=PREC)
         a_off += BLOCK_K
         b_off += BLOCK_K * stride_wk
-    m = rmask[:, None] & cmask[None, :]
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
     o_off = rows[:, None].to(tl.int64) * stride_h + cols[None, :]
-    if SPLIT > 1:
-        w_off = (ws_row0 + rows[:, None]).to(tl.int64) * (2 * NW) + cols[None, :]
-        tl.atomic_add(ws_ptr + w_off, acc_g, mask=m, sem="release")
-        tl.atomic_add(ws_ptr + w_off + NW, acc_u, mask=m, sem="release")
-        tl.debug_barrier()  # every thread's adds done before the counter moves
-        arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
-        if arrived == SPLIT - 1:  # the last share: the sums are complete
-            g = tl.load(ws_ptr + w_off, mask=m, other=0.0, cache_modifier=".cg")
-            u = tl.load(ws_ptr + w_off + NW, mask=m, other=0.0, cache_modifier=".cg")
-            tl.store(h_ptr + o_off, (g / (1.0 + tl.exp(-g)) * u).to(h_ptr.dtype.element_ty), mask=m)
-            zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if ACC64 else tl.float32)
-            tl.store(ws_ptr + w_off, zero, mask=m)
-            tl.store(ws_ptr + w_off + NW, zero, mask=m)
-            tl.store(cnt_ptr, 0)
-    else:
-        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-        tl.store(h_ptr + o_off, h.to(h_ptr.dtype.element_ty), mask=m)
+    tl.store(h_ptr + o_off, h.to(h_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
-# SPLIT: programs per (tile, column block) along the reduction dim (decode streams few experts'
-# weights: at T = 1 and top-8, 8 experts x F / BLOCK_N programs leave SMs idle; issue #18).
 _LAYER_GPU = [
-    dict(BLOCK_N=32, BLOCK_K=128, SPLIT=1, w=4, s=4),  # first: decode (more programs streaming weights)
-    dict(BLOCK_N=64, BLOCK_K=64, SPLIT=1, w=4, s=4),
-    dict(BLOCK_N=64, BLOCK_K=128, SPLIT=1, w=4, s=3),
-    dict(BLOCK_N=16, BLOCK_K=256, SPLIT=1, w=4, s=3),
-    dict(BLOCK_N=64, BLOCK_K=128, SPLIT=2, w=4, s=3),
-    dict(BLOCK_N=64, BLOCK_K=128, SPLIT=4, w=4, s=3),
-    dict(BLOCK_N=128, BLOCK_K=64, SPLIT=4, w=4, s=4),
-    dict(BLOCK_N=32, BLOCK_K=128, SPLIT=4, w=4, s=4),
-    dict(BLOCK_N=64, BLOCK_K=64, SPLIT=8, w=4, s=4),
+    dict(BLOCK_N=32, BLOCK_K=128, w=4, s=4),  # first: decode (more programs streaming weights)
+    dict(BLOCK_N=64, BLOCK_K=64, w=4, s=4),
+    dict(BLOCK_N=64, BLOCK_K=128, w=4, s=3),
+    dict(BLOCK_N=16, BLOCK_K=256, w=4, s=3),
 ]
-_LAYER_INT = dict(BLOCK_N=16, BLOCK_K=16, SPLIT=2)  # the interpreter's one config tests the split path
+_LAYER_INT = dict(BLOCK_N=16, BLOCK_K=16)
 
 
-def split_from_env() -> int | None:
-    """MOECODER_DECODE_SPLIT=1|2|4|8 pins the layer op's split (the A/B of issue #18); unset: autotuned."""
-    import os
-
-    v = os.environ.get("MOECODER_DECODE_SPLIT", "").strip()
-    if not v:
-        return None
-    if v not in ("1", "2", "4", "8"):
-        raise ValueError(f"MOECODER_DECODE_SPLIT must be 1, 2, 4 or 8; got {v!r}")
-    return int(v)
-
-
-def _layer_configs():
-    split = split_from_env()
-    cfgs = _LAYER_GPU if split is None else [c for c in _LAYER_GPU if c["SPLIT"] == split]
-    return _configs(cfgs, _LAYER_INT)
-
-
-@triton.autotune(configs=_layer_configs(), key=["F", "FS", "D", "T"])
+@triton.autotune(configs=_configs(_LAYER_GPU, _LAYER_INT), key=["F", "FS", "D", "T"])
 @triton.jit
 def _gu_kernel(
-    x_ptr, rowidx_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, hs_ptr, tm_ptr, ws_ptr, cnt_ptr, n_tiles, T, F, FS, D,
-    K, NW, stride_x, stride_we, stride_wk, stride_wn, stride_sk, stride_sn, stride_h, stride_hs,
+    x_ptr, rowidx_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, hs_ptr, tm_ptr, n_tiles, T, F, FS, D, K,
+    stride_x, stride_we, stride_wk, stride_wn, stride_sk, stride_sn, stride_h, stride_hs,
     ACC64: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_t = tl.program_id(1)
-    cnt = cnt_ptr + pid_t * tl.num_programs(0) + pid_n
     if pid_t < n_tiles:  # a routed tile: rows of one expert, tokens gathered
         e = tl.load(tm_ptr + pid_t).to(tl.int64)
         start = tl.load(tm_ptr + n_tiles + pid_t)
         end = tl.load(tm_ptr + 2 * n_tiles + pid_t)
         if (start < end) & (pid_n * BLOCK_N < F):
             _gu_tile(x_ptr, rowidx_ptr, K, wg_ptr + e * stride_we, wu_ptr + e * stride_we, stride_wk, stride_wn,
-                     h_ptr, stride_h, stride_x, start, end, pid_n, F, D, ws_ptr, 0, NW, cnt,
-                     GATHER=True, ACC64=ACC64, PREC=PREC, BLOCK_M=BM, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                     SPLIT=SPLIT)  # fmt: skip
-    else:  # a shared-experts tile: the tokens themselves (workspace rows after the routed ones)
+                     h_ptr, stride_h, stride_x, start, end, pid_n, F, D,
+                     GATHER=True, ACC64=ACC64, PREC=PREC, BLOCK_M=BM, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)  # fmt: skip
+    else:  # a shared-experts tile: the tokens themselves
         start = (pid_t - n_tiles) * BM
         if pid_n * BLOCK_N < FS:
             _gu_tile(x_ptr, rowidx_ptr, 1, sg_ptr, su_ptr, stride_sk, stride_sn, hs_ptr, stride_hs, stride_x,
-                     start, tl.minimum(start + BM, T), pid_n, FS, D, ws_ptr, T * K, NW, cnt,
-                     GATHER=False, ACC64=ACC64, PREC=PREC, BLOCK_M=BM, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                     SPLIT=SPLIT)  # fmt: skip
+                     start, tl.minimum(start + BM, T), pid_n, FS, D,
+                     GATHER=False, ACC64=ACC64, PREC=PREC, BLOCK_M=BM, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)  # fmt: skip
 
 
 @triton.jit
 def _down_tile(
     h_ptr, stride_h, wd_ptr, stride_wf, stride_wd, rows, rmask, pid_n, D, Fk,
     ACC64: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT: tl.constexpr,
 ):  # fmt: skip
-    """This program's share (``tl.program_id(2)`` of SPLIT) of h[rows] @ Wd[:, cols], in fp32."""
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < D
-    k_lo = 0
-    k_hi = Fk
-    if SPLIT > 1:
-        chunk = tl.cdiv(tl.cdiv(Fk, SPLIT), BLOCK_K) * BLOCK_K
-        k_lo = tl.program_id(2) * chunk
-        k_hi = tl.minimum(Fk, k_lo + chunk)
     ks = tl.arange(0, BLOCK_K)
-    a_off = rows[:, None].to(tl.int64) * stride_h + (k_lo + ks)[None, :]
-    b_off = (k_lo + ks)[:, None] * stride_wf + cols[None, :] * stride_wd
+    a_off = rows[:, None].to(tl.int64) * stride_h + ks[None, :]
+    b_off = ks[:, None] * stride_wf + cols[None, :] * stride_wd
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if ACC64 else tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        kmask = (k0 + ks) < k_hi
+    for k0 in range(0, Fk, BLOCK_K):
+        kmask = (k0 + ks) < Fk
         a = tl.load(h_ptr + a_off, mask=rmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(wd_ptr + b_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
@@ -329,13 +264,13 @@ def _down_tile(
     return acc
 
 
-@triton.autotune(configs=_layer_configs(), key=["F", "FS", "D", "T"])
+@triton.autotune(configs=_configs(_LAYER_GPU, _LAYER_INT), key=["F", "FS", "D", "T"])
 @triton.jit
 def _down_kernel(
     h_ptr, hs_ptr, rowidx_ptr, w_ptr, wd_ptr, sd_ptr, acc_ptr, cnt_ptr, out_ptr, tm_ptr, n_tiles, T, F, FS, D, K,
     stride_h, stride_hs, stride_de, stride_df, stride_dd, stride_sf, stride_sd, stride_o,
     ACC64: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BLOCK_TO: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     ACC: tl.constexpr = tl.float64 if ACC64 else tl.float32
     pid_n = tl.program_id(0)
@@ -350,8 +285,7 @@ def _down_kernel(
             rows = start + tl.arange(0, BM)
             rmask = rows < end
             acc = _down_tile(h_ptr, stride_h, wd_ptr + e * stride_de, stride_df, stride_dd, rows, rmask, pid_n, D, F,
-                             ACC64=ACC64, PREC=PREC, BLOCK_M=BM, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                             SPLIT=SPLIT)  # fmt: skip
+                             ACC64=ACC64, PREC=PREC, BLOCK_M=BM, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)  # fmt: skip
             a = tl.load(rowidx_ptr + rows, mask=rmask, other=0)
             sc = tl.load(w_ptr + a, mask=rmask, other=0.0).to(ACC)
             tok = a // K
@@ -361,13 +295,12 @@ def _down_kernel(
         rows = (pid_t - n_tiles) * BM + tl.arange(0, BM)
         rmask = rows < T
         acc = _down_tile(hs_ptr, stride_hs, sd_ptr, stride_sf, stride_sd, rows, rmask, pid_n, D, FS,
-                         ACC64=ACC64, PREC=PREC, BLOCK_M=BM, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                         SPLIT=SPLIT)  # fmt: skip
+                         ACC64=ACC64, PREC=PREC, BLOCK_M=BM, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)  # fmt: skip
         tl.atomic_add(acc_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], acc,
                       mask=rmask[:, None] & cmask[None, :], sem="release")  # fmt: skip
     tl.debug_barrier()  # every thread's adds done before the counter moves
     arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-    if arrived == tl.num_programs(1) * tl.num_programs(2) - 1:  # last program of this column block: cast out
+    if arrived == tl.num_programs(1) - 1:  # last program of this column block: cast out, clean up
         ts = tl.arange(0, BLOCK_TO)
         m = (ts < T)[:, None] & cmask[None, :]
         off = ts[:, None].to(tl.int64) * D + cols[None, :]
@@ -394,24 +327,6 @@ def _workspace(device, acc_dtype, T: int, E: int, D: int):
         ws = (torch.zeros(n_lg, dtype=acc_dtype, device=device), torch.zeros(n_acc, dtype=acc_dtype, device=device),
               torch.zeros(n_cnt, dtype=torch.int32, device=device))  # fmt: skip
         _WS[key] = ws
-    return ws
-
-
-_GU_WS: dict = {}
-
-
-def _gu_workspace(device, acc_dtype, K: int, NW: int, n_tiles: int):
-    """The split gate/up's zeroed fp32 sums ((MAX_TOKENS * (K + 1)) rows of gate | up, NW wide) and int32
-    counters per (tile, column block of >= 16), left clean by every launch. One pair per (device, K, NW),
-    sized for MAX_TOKENS and never replaced, so that a captured CUDA graph's pointers stay valid."""
-    key = (str(device), acc_dtype, K, NW)
-    ws = _GU_WS.get(key)
-    n_cnt = (_n_tiles(MAX_TOKENS * K, 256, 16) + triton.cdiv(MAX_TOKENS, 16)) * triton.cdiv(NW, 16)
-    if ws is None:
-        ws = (torch.zeros(MAX_TOKENS * (K + 1) * 2 * NW, dtype=acc_dtype, device=device),
-              torch.zeros(n_cnt, dtype=torch.int32, device=device))  # fmt: skip
-        _GU_WS[key] = ws
-    assert (n_tiles + 1) * triton.cdiv(NW, 16) <= ws[1].numel()
     return ws
 
 
@@ -479,11 +394,9 @@ def gate_up(x_TD, rowidx, tm, n_tiles, K, wg_EDF, wu_EDF, sg_DF=None, su_DF=None
     hs = torch.empty((T, max(FS, 1)), dtype=x_TD.dtype, device=x_TD.device)
     n_sh = triton.cdiv(T, 16) if FS else 0
     sg, su = (sg_DF, su_DF) if FS else (wg_EDF[0], wu_EDF[0])
-    NW = max(F, FS)
-    ws, cnt = _gu_workspace(x_TD.device, torch.float64 if _acc64(x_TD.dtype) else torch.float32, K, NW, n_tiles)
-    grid = lambda meta: (triton.cdiv(NW, meta["BLOCK_N"]), n_tiles + n_sh, meta["SPLIT"])
+    grid = lambda meta: (triton.cdiv(max(F, FS), meta["BLOCK_N"]), n_tiles + n_sh)
     _gu_kernel[grid](
-        x_TD, rowidx, wg_EDF, wu_EDF, sg, su, h, hs, tm, ws, cnt, n_tiles, T, F, FS, D, K, NW,
+        x_TD, rowidx, wg_EDF, wu_EDF, sg, su, h, hs, tm, n_tiles, T, F, FS, D, K,
         x_TD.stride(0), wg_EDF.stride(0), wg_EDF.stride(1), wg_EDF.stride(2), sg.stride(0), sg.stride(1),
         h.stride(0), hs.stride(0), ACC64=_acc64(x_TD.dtype), PREC=_prec(x_TD.dtype), BM=16,
     )  # fmt: skip
@@ -501,7 +414,7 @@ def down_combine(h, hs, rowidx, weights_TK, tm, n_tiles, T, K, wd_EFD, sd_FD=Non
     n_sh = triton.cdiv(T, 16) if FS else 0
     sd = sd_FD if FS else wd_EFD[0]
     hs_ = hs if FS else h
-    grid = lambda meta: (triton.cdiv(D, meta["BLOCK_N"]), n_tiles + n_sh, meta["SPLIT"])
+    grid = lambda meta: (triton.cdiv(D, meta["BLOCK_N"]), n_tiles + n_sh)
     _down_kernel[grid](
         h, hs_, rowidx, weights_TK, wd_EFD, sd, acc, cnt[1:], out, tm, n_tiles, T, F, FS, D, K,
         h.stride(0), hs_.stride(0), wd_EFD.stride(0), wd_EFD.stride(1), wd_EFD.stride(2), sd.stride(0), sd.stride(1),
