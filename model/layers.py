@@ -105,13 +105,21 @@ def rope_tables(head_dim: int, max_len: int, theta: float, device=None,
 
 def apply_rope(x_BHTD: torch.Tensor, cos_BTd: torch.Tensor, sin_BTd: torch.Tensor) -> torch.Tensor:
     """Rotate the two halves of each head (GPT-NeoX layout); cos/sin are [B or 1, T, Dh/2]."""
-    if not (torch.is_grad_enabled() and x_BHTD.requires_grad):
+    if _rope_kernel_ok(x_BHTD):  # inference on a GPU: one kernel
         import kernels
 
-        hd = x_BHTD.shape[-1] // 2
-        if hd & (hd - 1) == 0 and kernels.backend(x_BHTD) == "triton":  # inference on a GPU: one kernel
-            return kernels.rope(x_BHTD, cos_BTd, sin_BTd)
+        return kernels.rope(x_BHTD, cos_BTd, sin_BTd)
     return _POINTWISE["rope"](x_BHTD, cos_BTd, sin_BTd)
+
+
+def _rope_kernel_ok(x_BHTD: torch.Tensor) -> bool:
+    """Whether ``kernels.rope`` takes this rotation: inference, the Triton path, half a head a power of two."""
+    if torch.is_grad_enabled() and x_BHTD.requires_grad:
+        return False
+    import kernels
+
+    hd = x_BHTD.shape[-1] // 2
+    return hd & (hd - 1) == 0 and kernels.backend(x_BHTD) == "triton"
 
 
 class KVCache:
@@ -280,13 +288,10 @@ class Attention(nn.Module):
 
 def _rope_in_place(x_BHTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Rotate ``x`` in place by the Triton kernel when it applies (inference, Triton path); False otherwise."""
-    if torch.is_grad_enabled() and x_BHTD.requires_grad:
+    if x_BHTD.stride(-1) != 1 or not _rope_kernel_ok(x_BHTD):
         return False
     import kernels
 
-    hd = x_BHTD.shape[-1] // 2
-    if hd & (hd - 1) or x_BHTD.stride(-1) != 1 or kernels.backend(x_BHTD) != "triton":
-        return False
     kernels.rope(x_BHTD, cos, sin, out=x_BHTD)
     return True
 
