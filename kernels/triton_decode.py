@@ -312,12 +312,11 @@ def rope(x_BHTD, cos_BTd, sin_BTd, out=None):
     assert Dh % 2 == 0 and (Dh // 2) & (Dh // 2 - 1) == 0, "head dim must be twice a power of two"
     if out is not None:
         assert out.shape == x_BHTD.shape and out.stride(-1) == 1 and x_BHTD.stride(-1) == 1
-    elif x_BHTD.stride(-1) != 1:
-        x_BHTD = x_BHTD.contiguous()
-    if out is None:
-        out = torch.empty_like(x_BHTD)
-    if out.stride(-1) != 1:
-        out = torch.empty(x_BHTD.shape, dtype=x_BHTD.dtype, device=x_BHTD.device)
+    else:
+        x_BHTD = x_BHTD if x_BHTD.stride(-1) == 1 else x_BHTD.contiguous()
+        out = torch.empty_like(x_BHTD)  # same strides where x is dense
+        if out.stride(-1) != 1:
+            out = torch.empty(x_BHTD.shape, dtype=x_BHTD.dtype, device=x_BHTD.device)
     cos = cos_BTd.expand(B, T, Dh // 2)
     sin = sin_BTd.expand(B, T, Dh // 2)
     assert cos.stride(-1) == 1 and sin.stride() == cos.stride()

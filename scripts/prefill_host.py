@@ -27,6 +27,7 @@ if os.environ.get("EAGER_POINTWISE") == "1":
 
     layers.RMSNorm.forward = lambda self, x: layers._POINTWISE["rms_norm"](x, self.weight, self.eps)
     layers.apply_rope = lambda x, cos, sin: layers._POINTWISE["rope"](x, cos, sin)
+    layers._rope_in_place = lambda x, cos, sin: False  # MLA's queries: the eager rotation and cat too
 names = sys.argv[1].split(",") if len(sys.argv) > 1 else list(CONFIGS)
 profile_t = int(sys.argv[2]) if len(sys.argv) > 2 else 2048  # the prompt length whose kernels are listed
 for name in names:
