@@ -31,7 +31,9 @@ from model.repetition import LoopGuard
 from model.transformer import Transformer
 
 PREFILL_CHUNK = 512  # prompt tokens per forward on the CPU (bounds the attention's memory)
-GPU_PREFILL_CHUNK = 4096  # on a GPU each chunk costs a whole forward's launches: fewer, longer ones
+GPU_PREFILL_CHUNK = 8192  # on a GPU each chunk costs a whole forward's launches, and a later chunk's
+# attention takes a mask (SDPA's slower kernels): fewer, longer ones. 4096 made an 8k prefill of
+# Qwen3-30B-A3B 24% slower than one forward (H200, docs/benchmarks.md)
 
 
 def prefill_chunk(device: torch.device | str) -> int:
@@ -372,7 +374,10 @@ def _decode(model: Transformer, tok, prompts: list[list[int]], params: SamplingP
                 for r in results:
                     r.finish_reason = "cancelled"
                 return
-            logits = model(x[:, a:a + chunk], a, cache, last_only=True)
+            if dec is not None:  # the first chunk replays a captured prefill (model/static_decode.py)
+                logits = dec.prefill(model, x[:, a:a + chunk], a)
+            else:
+                logits = model(x[:, a:a + chunk], a, cache, last_only=True)
             fed = min(a + chunk, longest)
         last = logits[:, -1]
         pos = longest

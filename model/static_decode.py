@@ -9,6 +9,15 @@ not). A later generation reuses any free decoder of its batch whose cache is lon
 fused attention reads the cache only up to the current position, so a longer cache costs memory,
 not time): completions of varying prompt lengths share one graph instead of capturing again.
 
+The prompt's first prefill chunk is a graph too (``prefill``): on a GPU a 2k-token prefill of a
+large MoE is also bound by the host's launches (~45 per layer; docs/benchmarks.md). The chunk is
+right-padded to a bucket (``PREFILL_BUCKETS``: 256 x 1, 1.5, 2, 3, ... 32 tokens, so at most a
+third of it is padding) and one graph per bucket is captured, its head computed at the last real
+token (a device index). The padding cannot change the real tokens' logits (attention is causal,
+routing is per token and dropless); its keys and values land in cache slots after the prompt,
+which decoding overwrites before it reads them. Later chunks of a long prompt, and prompts whose
+bucket exceeds the cache, run eagerly.
+
 ``MOECODER_CUDA_GRAPH=auto|1|0``: auto uses it on CUDA; 1 takes the static step everywhere
 (eagerly where there is no CUDA: the tests check the plumbing on the CPU that way); 0 keeps
 the plain eager step.
@@ -23,6 +32,8 @@ import torch
 
 MIN_LEN = 1024  # cache lengths: powers of two from here (capped at the model's context)
 KEEP = 2  # decoders (graph + cache) kept per model, least recently used dropped first
+PREFILL_BUCKETS = tuple(256 * m // 2 for m in (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))  # 256 ... 8192 tokens
+KEEP_PREFILL = 3  # prefill graphs kept per decoder (they share one memory pool)
 
 
 def cache_len(total: int, ctx: int) -> int:
@@ -31,6 +42,12 @@ def cache_len(total: int, ctx: int) -> int:
     while n < total:
         n *= 2
     return min(n, ctx)
+
+
+def prefill_bucket(n: int, limit: int) -> int | None:
+    """The padded length of an ``n``-token first chunk (None: no bucket fits ``limit`` positions)."""
+    b = next((b for b in PREFILL_BUCKETS if b >= n), None)
+    return b if b is not None and b <= limit else None
 
 
 def mode() -> str:
@@ -59,6 +76,9 @@ class StaticDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        # prefill graphs by bucket: (graph or None, static tokens [B, bucket], last index [1], logits)
+        self.prefills: OrderedDict[int, tuple] = OrderedDict()
+        self._prefill_pool = None
         self.busy = False
         self._pads: list[int] | None = None
 
@@ -90,7 +110,51 @@ class StaticDecoder:
         self.graph.replay()
         return self.logits[:, -1]
 
+    def prefill(self, model, ids_BT: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits [B, 1, V] of the last of ``ids_BT`` written at ``start`` (valid until the next
+        prefill of this bucket): the first chunk from a bucket's graph, others eagerly."""
+        T = ids_BT.shape[1]
+        bucket = prefill_bucket(T, self.cache.max_len) if start == 0 and self.batch == ids_BT.shape[0] else None
+        if bucket is None:
+            return model(ids_BT, start, self.cache, last_only=True)
+        entry = self.prefills.get(bucket)
+        if entry is None:
+            entry = self._capture_prefill(model, bucket)
+        self.prefills.move_to_end(bucket)
+        graph, tok, last, logits = entry
+        tok[:, :T].copy_(ids_BT)  # the padding after T keeps whatever ids it had: valid ones, never read
+        last.fill_(T - 1)
+        if graph is None:  # no CUDA: the same padded forward, eagerly (the tests check the plumbing)
+            return model(tok, 0, self.cache, last_index=last)
+        graph.replay()
+        return logits
+
+    def _capture_prefill(self, model, bucket: int) -> tuple:
+        tok = torch.zeros(self.batch, bucket, dtype=torch.long, device=self.device)
+        last = torch.zeros(1, dtype=torch.long, device=self.device)
+        while len(self.prefills) >= KEEP_PREFILL:
+            self.prefills.popitem(last=False)
+        if not self.use_graph:
+            entry = (None, tok, last, None)
+        else:
+            model.prepare_static()  # no weight may move after a capture
+            side = torch.cuda.Stream(self.device)  # warm-up: Triton compiles and tunes for this length
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    model(tok, 0, self.cache, last_index=last)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            if self._prefill_pool is None:
+                self._prefill_pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._prefill_pool):
+                logits = model(tok, 0, self.cache, last_index=last)
+            entry = (graph, tok, last, logits)
+        self.prefills[bucket] = entry
+        return entry
+
     def _capture(self, model) -> None:
+        model.prepare_static()
         # Warm-up outside the graph (Triton compiles, cuBLAS picks its kernels). Each call writes
         # this step's key/value into slot ``pos``; the captured step writes the same values again.
         side = torch.cuda.Stream(self.device)

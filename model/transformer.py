@@ -107,8 +107,10 @@ class Transformer(nn.Module):
         return self.tok_emb.weight if self.output is None else linear_weight(self.output)
 
     def forward(self, tokens_BT: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, V] (float32); ``last_only`` computes the head for the last position only."""
+                last_only: bool = False, last_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V] (float32); ``last_only`` computes the head for the last position only,
+        ``last_index`` (a [1] long tensor) for that position only ([B, 1, V]; no host sync: a
+        right-padded prompt in a captured prefill, model/static_decode.py)."""
         B, T = tokens_BT.shape
         end = start_pos + T
         limit = cache.max_len if cache is not None else self.cfg.max_seq_len
@@ -127,8 +129,11 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             h = block(h, cos, sin, start_pos, kv, mask)
-        h = self.norm(h[:, -1:] if last_only else h)
-        return F.linear(h, self.head_weight()).float()
+        if last_index is not None:
+            h = h.index_select(1, last_index)
+        elif last_only:
+            h = h[:, -1:]
+        return F.linear(self.norm(h), self.head_weight()).float()
 
     def decode_static(self, tokens_B1: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decode step at slot ``pos`` (a [1] long tensor) attending over the whole
@@ -148,6 +153,14 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.layers):
             h = block(h, cos, sin, pos, (cache.k[i], cache.v[i]), mask)
         return F.linear(self.norm(h), self.head_weight()).float()
+
+    def prepare_static(self) -> None:
+        """Build now what the fused decode step would build on its first call (one QKV matrix that
+        wq/wk/wv become views of): a CUDA graph captured earlier, e.g. a prefill's, would otherwise
+        keep reading the projections' freed storage (model/static_decode.py calls this first)."""
+        for b in self.layers:
+            if hasattr(b.attn, "_qkv_weight") and b.attn.fused_decode_ok():
+                b.attn._qkv_weight()
 
     def fused_decode(self, tokens: torch.Tensor) -> bool:
         """MOECODER_FUSED_DECODE=auto|1|0: the fused static decode step. auto: on where the

@@ -107,6 +107,22 @@ def test_qkv_views_share_storage(monkeypatch):
     assert attn._qkv_weight()[0] is w  # built once
 
 
+def test_prepare_static_fixes_the_weights_before_a_capture(monkeypatch):
+    """A graph captured before the first fused decode step (a prefill's) reads wq/wk/wv where they
+    are: prepare_static builds the fused QKV matrix first, so the step moves no weight after."""
+    m = _model("qwen3-30b-a3b", 3)
+    m.prepare_static()
+    ptrs = [(b.attn.wq.weight.data_ptr(), b.attn.wk.weight.data_ptr(), b.attn.wv.weight.data_ptr()) for b in m.layers]
+    assert all(p[0] == b.attn._qkv[1].data_ptr() for p, b in zip(ptrs, m.layers))
+    monkeypatch.setenv("MOECODER_FUSED_DECODE", "1")
+    monkeypatch.setenv("MOECODER_KERNELS", "reference")
+    cache = m.setup_cache(1, 16)
+    with torch.no_grad():
+        m.decode_static(torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]), cache)
+    assert ptrs == [(b.attn.wq.weight.data_ptr(), b.attn.wk.weight.data_ptr(), b.attn.wv.weight.data_ptr())
+                    for b in m.layers]
+
+
 def test_rms_norm_takes_the_kernel_in_inference_on_the_triton_path(monkeypatch):
     """Prefill's RMSNorms: one Triton kernel when nothing needs gradients, the same numbers;
     training keeps the differentiable path."""

@@ -241,7 +241,8 @@ def test_static_decode_path_matches_eager(loaded, prompt, monkeypatch):
     """MOECODER_CUDA_GRAPH=1 on the CPU runs the graph path's plumbing eagerly: a bucketed static
     cache reused across generations (stale slots from the previous one must stay hidden), left
     padding through its static pad tensor, and a second generation running while the first is
-    unfinished (it must not share the first one's cache)."""
+    unfinished (it must not share the first one's cache). The prompts' prefill goes through the
+    bucketed static prefill: right-padded to a bucket, head at the last real token."""
     from model import static_decode
 
     model, tok = loaded.model, loaded.tokenizer
@@ -254,6 +255,7 @@ def test_static_decode_path_matches_eager(loaded, prompt, monkeypatch):
 
     monkeypatch.setenv("MOECODER_CUDA_GRAPH", "1")
     monkeypatch.setattr(static_decode, "MIN_LEN", 8)  # small buckets: the shorter prompts fit the first's cache
+    monkeypatch.setattr(static_decode, "PREFILL_BUCKETS", (2, 4, 6, 8, 12, 16, 24, 32))  # pads most prompts
     for p, w in zip(prompts, want_single):  # one decoder (batch 1), reused 4 times
         got = generate(model, tok, p, params)
         assert got.token_ids == w.token_ids and got.text == w.text
@@ -261,6 +263,8 @@ def test_static_decode_path_matches_eager(loaded, prompt, monkeypatch):
     pool = model.__dict__["_static_decoders"]
     L = static_decode.cache_len(len(prompt) + 9, model.cfg.max_seq_len)
     assert [k[3:] for k in pool] == [(1, L, False)]
+    buckets = {static_decode.prefill_bucket(len(p), L) for p in prompts}
+    assert set(pool[next(iter(pool))].prefills) == buckets - {None} and len(buckets - {None}) >= 2
     got = generate_batch(model, tok, prompts, params, batch_size=4)
     for r, w in zip(got, want_batch):
         assert r.token_ids == w.token_ids and r.logprobs == pytest.approx(w.logprobs, abs=1e-4)
@@ -299,16 +303,23 @@ def test_cuda_graph_generation_matches_eager(loaded, prompt, monkeypatch):
     monkeypatch.setenv("MOECODER_CUDA_GRAPH", "auto")
     got = [generate(model, tok, p, params).token_ids for p in (prompt, prompt[:4])]
     assert got == want
-    assert all(d.graph is not None for d in model.__dict__["_static_decoders"].values())
+    monkeypatch.setenv("MOECODER_CUDA_GRAPH", "0")
+    want_b = [r.token_ids for r in generate_batch(model, tok, [prompt, prompt[:4]], params, batch_size=2)]
+    monkeypatch.setenv("MOECODER_CUDA_GRAPH", "auto")
+    got_b = [r.token_ids for r in generate_batch(model, tok, [prompt, prompt[:4]], params, batch_size=2)]
+    assert got_b == want_b  # left padding inside a right-padded prefill bucket
+    decs = model.__dict__["_static_decoders"].values()
+    assert all(d.graph is not None for d in decs)
+    assert all(d.prefills and all(e[0] is not None for e in d.prefills.values()) for d in decs)
 
 
 def test_prefill_chunk_by_device_and_override(monkeypatch):
-    """512 prompt tokens per forward on the CPU, 4096 on a GPU (whose chunks cost launches, not
+    """512 prompt tokens per forward on the CPU, 8192 on a GPU (whose chunks cost launches, not
     memory), MOECODER_PREFILL_CHUNK over both; a bad value is an error, not a silent default."""
     from model.generate import prefill_chunk
 
     monkeypatch.delenv("MOECODER_PREFILL_CHUNK", raising=False)
-    assert prefill_chunk("cpu") == 512 and prefill_chunk(torch.device("cuda", 0)) == 4096
+    assert prefill_chunk("cpu") == 512 and prefill_chunk(torch.device("cuda", 0)) == 8192
     monkeypatch.setenv("MOECODER_PREFILL_CHUNK", "64")
     assert prefill_chunk("cpu") == 64 == prefill_chunk("cuda")
     monkeypatch.setenv("MOECODER_PREFILL_CHUNK", "0")
