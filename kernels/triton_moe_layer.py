@@ -38,6 +38,11 @@ import triton.language as tl
 
 from kernels.triton_ops import INTERPRET, _acc64, _configs, _n_tiles, _prec, _tile_loop
 
+try:  # grid dependency control (programmatic dependent launch, sm_90+): Triton >= 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton: PDL stays off
+    gdc_wait = gdc_launch_dependents = None
+
 MAX_TOKENS = 16  # the router's last program holds T x E scores and T*K x E one-hots in registers
 
 
@@ -53,10 +58,13 @@ def _router_kernel(
     N_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr, ACC64: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_ER: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr, BM: tl.constexpr, BLOCK_TT: tl.constexpr,
-    SHARED: tl.constexpr, PREC: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr,
+    SHARED: tl.constexpr, PREC: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Programs < n_router: router rows, the last of them routes and plans. With SHARED, the
     programs after them compute the shared experts' gate/up + SwiGLU (independent of the routing)."""
+    if PDL:  # launched early (programmatic dependent launch): x is the previous kernel's output
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     if pid < n_router:
         _router_part(x_ptr, wr_ptr, bias_ptr, lg_ptr, cnt_ptr, w_ptr, e_ptr, rowidx_ptr, tm_ptr,
@@ -224,7 +232,11 @@ def _gu_kernel(
     x_ptr, rowidx_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, hs_ptr, tm_ptr, n_tiles, T, F, FS, D, K,
     stride_x, stride_we, stride_wk, stride_wn, stride_sk, stride_sn, stride_h, stride_hs,
     ACC64: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:  # the tile map and rows are launch 1's output
+        gdc_wait()
+        gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_t = tl.program_id(1)
     if pid_t < n_tiles:  # a routed tile: rows of one expert, tokens gathered
@@ -270,9 +282,12 @@ def _down_kernel(
     h_ptr, hs_ptr, rowidx_ptr, w_ptr, wd_ptr, sd_ptr, acc_ptr, cnt_ptr, out_ptr, tm_ptr, n_tiles, T, F, FS, D, K,
     stride_h, stride_hs, stride_de, stride_df, stride_dd, stride_sf, stride_sd, stride_o,
     ACC64: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BLOCK_TO: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     ACC: tl.constexpr = tl.float64 if ACC64 else tl.float32
+    if PDL:  # h is launch 2's output
+        gdc_wait()
+        gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_t = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -312,6 +327,26 @@ def _down_kernel(
 
 # --------------------------------------------------------------------------------------
 # launchers
+
+def pdl_wanted(device) -> bool:
+    """MOECODER_PDL=auto|1|0: launch the layer op's three kernels with programmatic dependent
+    launch (each may start while the previous one drains; it waits in ``gdc_wait`` before reading
+    that one's output). auto: on CUDA devices of compute capability >= 9 (Hopper)."""
+    import os
+
+    v = os.environ.get("MOECODER_PDL", "auto").strip().lower() or "auto"
+    if v not in ("auto", "1", "0"):
+        raise ValueError(f"MOECODER_PDL must be one of auto, 1, 0; got {v!r}")
+    dev = torch.device(device)
+    if v == "0" or INTERPRET or gdc_wait is None or dev.type != "cuda":
+        return False
+    return v == "1" or torch.cuda.get_device_capability(dev)[0] >= 9
+
+
+def _pdl(device) -> dict:
+    """The launch arguments for PDL on ``device``: the kernels' flag, and Triton's launch option when on."""
+    return dict(PDL=True, launch_pdl=True) if pdl_wanted(device) else dict(PDL=False)
+
 
 _WS: dict = {}
 
@@ -380,7 +415,7 @@ def route_plan(x_TD, router_w_ED, bias_E, top_k, score_func, renormalize, n_grou
         float(routed_scaling), n_tiles, n_router, K=K, SOFTMAX=score_func == "softmax", HAS_BIAS=bias_E is not None,
         RENORM=bool(renormalize and K > 1), N_GROUPS=int(n_groups), TOPK_GROUPS=int(topk_groups),
         GROUP_TOP2=group_score == "top2sum", ACC64=acc64, SHARED=bool(FS), PREC=_prec(x_TD.dtype),
-        SBN=sbn, SBK=sbk, **meta,
+        SBN=sbn, SBK=sbk, **meta, **_pdl(dev),
     )  # fmt: skip
     return w, ex, rowidx, tm, n_tiles, hs
 
@@ -398,7 +433,7 @@ def gate_up(x_TD, rowidx, tm, n_tiles, K, wg_EDF, wu_EDF, sg_DF=None, su_DF=None
     _gu_kernel[grid](
         x_TD, rowidx, wg_EDF, wu_EDF, sg, su, h, hs, tm, n_tiles, T, F, FS, D, K,
         x_TD.stride(0), wg_EDF.stride(0), wg_EDF.stride(1), wg_EDF.stride(2), sg.stride(0), sg.stride(1),
-        h.stride(0), hs.stride(0), ACC64=_acc64(x_TD.dtype), PREC=_prec(x_TD.dtype), BM=16,
+        h.stride(0), hs.stride(0), ACC64=_acc64(x_TD.dtype), PREC=_prec(x_TD.dtype), BM=16, **_pdl(x_TD.device),
     )  # fmt: skip
     return h, (hs if FS else None)
 
@@ -418,7 +453,7 @@ def down_combine(h, hs, rowidx, weights_TK, tm, n_tiles, T, K, wd_EFD, sd_FD=Non
     _down_kernel[grid](
         h, hs_, rowidx, weights_TK, wd_EFD, sd, acc, cnt[1:], out, tm, n_tiles, T, F, FS, D, K,
         h.stride(0), hs_.stride(0), wd_EFD.stride(0), wd_EFD.stride(1), wd_EFD.stride(2), sd.stride(0), sd.stride(1),
-        out.stride(0), ACC64=acc64, PREC=_prec(h.dtype), BM=16, BLOCK_TO=triton.next_power_of_2(T),
+        out.stride(0), ACC64=acc64, PREC=_prec(h.dtype), BM=16, BLOCK_TO=triton.next_power_of_2(T), **_pdl(dev),
     )  # fmt: skip
     return out
 

@@ -5,7 +5,7 @@ same random weights, side by side in one run.
     python -m model.hf_bench --tiny --device cpu  # the same script on tiny configs (debugging)
 
 For each configuration: transformers builds the model with random bf16 weights on the
-device (nothing is downloaded) and is measured (prefill of a 2k and an 8k prompt, decode at
+device (nothing is downloaded) and is measured (prefill of a 2k, an 8k and a 2,049-token prompt, decode at
 batch 1, 8, 64 with its DynamicCache, logits of a fixed batch); its weights are then copied
 through moecoder's loader mapping (``model.hf.loader.fill``, the code that reads
 safetensors shards) into our Transformer (transformers' copy parked in host memory meanwhile,
@@ -33,6 +33,10 @@ from datetime import UTC, datetime
 import torch
 
 from model.generate import prefill_chunk
+
+# prompt lengths of the prefill measurements: 2k and 8k (the issue's), and 2k + 1, the worst case of
+# the product's bucketed prefill graphs (padded to the next bucket, 2560: model/static_decode.py)
+PREFILLS = ("2k", "8k", "2k+1")
 from model.static_decode import StaticDecoder
 
 QWEN3_30B_A3B = dict(
@@ -140,7 +144,7 @@ def bench_transformers(tf, hf_cfg: dict, dev, dtype, prompts: dict, batches, n_d
     out = res["transformers"]
     with torch.inference_mode():
         ref = hf(input_ids=prompts["check"]).logits.float().cpu()
-        for name in ("2k", "8k"):
+        for name in PREFILLS:
             x = prompts[name]
             t = _timeit(lambda x=x: hf(input_ids=x, use_cache=True, logits_to_keep=1), dev, reps)
             out[f"prefill_{name}_tok_s"] = round(x.numel() / t, 1)
@@ -194,7 +198,7 @@ def bench_moecoder(model, prompts, dev, batches, n_decode: int, reps: int, res: 
     out = res["moecoder"]
     with torch.inference_mode():
         ours = model(prompts["check"]).float().cpu()
-        for name in ("2k", "8k"):
+        for name in PREFILLS:
             x = prompts[name]
 
             def run(x=x):  # one eager forward over a fresh cache
@@ -304,7 +308,7 @@ def main(argv=None) -> int:
             hf_cfg.update(TINY[name])
         V = hf_cfg["vocab_size"]
         g = torch.Generator().manual_seed(0)
-        lens = {"2k": 2048, "8k": 8192} if not args.tiny else {"2k": 64, "8k": 128}
+        lens = dict(zip(PREFILLS, (2048, 8192, 2049) if not args.tiny else (64, 128, 65)))
         prompts = {k: torch.randint(0, V, (1, n), generator=g).to(dev) for k, n in lens.items()}
         prompts["check"] = torch.randint(0, V, (2, 128 if not args.tiny else 16), generator=g).to(dev)
         prompts["decode"] = torch.randint(0, V, (max(batches), 128 if not args.tiny else 8), generator=g).to(dev)
@@ -377,7 +381,7 @@ def render(results: dict) -> str:
                      f"{r['logits']['top1_agree']})\n")
         lines.append("| measure | transformers | moecoder | ratio | HBM floor |")
         lines.append("|---|---|---|---|---|")
-        for n in ("2k", "8k"):
+        for n in PREFILLS:
             k = f"prefill_{n}_tok_s"
             a, b, e = t.get(k), m.get(k), m.get(f"prefill_{n}_eager_tok_s")
             how = f" (eager {e}: {e / a:.2f}x)" if e and a and e != b else ""

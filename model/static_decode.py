@@ -11,8 +11,8 @@ not time): completions of varying prompt lengths share one graph instead of capt
 
 The prompt's first prefill chunk is a graph too (``prefill``): on a GPU a 2k-token prefill of a
 large MoE is also bound by the host's launches (~45 per layer; docs/benchmarks.md). The chunk is
-right-padded to a bucket (``PREFILL_BUCKETS``: 256 x 1, 1.5, 2, 3, ... 32 tokens, so at most a
-third of it is padding) and one graph per bucket is captured, its head computed at the last real
+right-padded to a bucket (``PREFILL_BUCKETS``: 256-token steps to 1024, then steps of at most a
+quarter up to 8192) and one graph per bucket is captured, its head computed at the last real
 token (a device index). The padding cannot change the real tokens' logits (attention is causal,
 routing is per token and dropless); its keys and values land in cache slots after the prompt,
 which decoding overwrites before it reads them. Later chunks of a long prompt, and prompts whose
@@ -32,7 +32,8 @@ import torch
 
 MIN_LEN = 1024  # cache lengths: powers of two from here (capped at the model's context)
 KEEP = 2  # decoders (graph + cache) kept per model, least recently used dropped first
-PREFILL_BUCKETS = tuple(256 * m // 2 for m in (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))  # 256 ... 8192 tokens
+# first-chunk lengths: 256-token steps to 1024, then at most a quarter of padding, up to 8192
+PREFILL_BUCKETS = (256, 512, 768, 1024, 1280, 1536, 2048, 2560, 3072, 4096, 5120, 6144, 8192)
 KEEP_PREFILL = 3  # prefill graphs kept per decoder (they share one memory pool)
 
 

@@ -516,6 +516,27 @@ def test_moe_layer_decode_one_warp_router_env(monkeypatch):
         tml.moe_layer_decode(x, wr, None, K, "softmax", True, 1, 1, "max", 1.0, *ws, *sh)
 
 
+def test_moe_layer_decode_pdl_env(monkeypatch):
+    """MOECODER_PDL: programmatic dependent launch only on a CUDA device of sm_90+ (off on the CPU
+    and under the interpreter whatever the setting, so the launches there take no PDL flag); with
+    it forced on or off the layer still gives the reference; a bad value is refused."""
+    from kernels import triton_moe_layer as tml
+
+    T, E, K, D, F, FS = 2, 16, 4, 24, 40, 48
+    x, wr, b, ws, sh = _layer_inputs(T, E, D, F, FS, False)
+    outr, _, er = ref.moe_layer_decode(ref_of(x), wr, None, K, "softmax", True, 1, 1, "max", 1.0,
+                                       *(ref_of(t) for t in ws + sh))  # fmt: skip
+    for v in ("0", "1", "auto"):
+        monkeypatch.setenv("MOECODER_PDL", v)
+        on = tml.pdl_wanted(x.device)
+        assert on == (v != "0" and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= (0 if v == "1" else 9))
+        out, _, e = tml.moe_layer_decode(x, wr, None, K, "softmax", True, 1, 1, "max", 1.0, *ws, *sh)
+        assert torch.equal(e, er) and rel(out, outr) < max(TOL, 1e-6)
+    monkeypatch.setenv("MOECODER_PDL", "yes")
+    with pytest.raises(ValueError, match="MOECODER_PDL"):
+        tml.pdl_wanted(x.device)
+
+
 def test_moe_layer_decode_workspace_left_clean_across_calls():
     """Logit and output accumulators and counters are zero again after every call (calls of
     different sizes in a row; one expert shared by every token)."""
