@@ -328,13 +328,17 @@ def _down_kernel(
 # --------------------------------------------------------------------------------------
 # launchers
 
+DEFAULT_PDL = "0"
+
+
 def pdl_wanted(device) -> bool:
-    """MOECODER_PDL=auto|1|0: launch the layer op's three kernels with programmatic dependent
+    """MOECODER_PDL=0|auto|1: launch the layer op's three kernels with programmatic dependent
     launch (each may start while the previous one drains; it waits in ``gdc_wait`` before reading
-    that one's output). auto: on CUDA devices of compute capability >= 9 (Hopper)."""
+    that one's output). auto: on CUDA devices of compute capability >= 9 (Hopper). Default 0
+    until it is measured on a GPU (issue #18)."""
     import os
 
-    v = os.environ.get("MOECODER_PDL", "auto").strip().lower() or "auto"
+    v = os.environ.get("MOECODER_PDL", DEFAULT_PDL).strip().lower() or DEFAULT_PDL
     if v not in ("auto", "1", "0"):
         raise ValueError(f"MOECODER_PDL must be one of auto, 1, 0; got {v!r}")
     dev = torch.device(device)
