@@ -33,11 +33,11 @@ from datetime import UTC, datetime
 import torch
 
 from model.generate import prefill_chunk
+from model.static_decode import StaticDecoder
 
 # prompt lengths of the prefill measurements: 2k and 8k (the issue's), and 2k + 1, the worst case of
 # the product's bucketed prefill graphs (padded to the next bucket, 2560: model/static_decode.py)
 PREFILLS = ("2k", "8k", "2k+1")
-from model.static_decode import StaticDecoder
 
 QWEN3_30B_A3B = dict(
     architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
@@ -212,9 +212,9 @@ def bench_moecoder(model, prompts, dev, batches, n_decode: int, reps: int, res: 
                 continue
             # the product's prefill (model/generate.py): chunks of prefill_chunk(), the first one
             # replayed from a captured graph of its bucket (model/static_decode.py)
-            dec, chunk = StaticDecoder(model, x.shape[0], x.shape[1], False, dev), prefill_chunk(dev)
+            dec = StaticDecoder(model, x.shape[0], x.shape[1], False, dev)
 
-            def product(x=x, dec=dec):
+            def product(x=x, dec=dec, chunk=prefill_chunk(dev)):
                 for a in range(0, x.shape[1], chunk):
                     logits = dec.prefill(model, x[:, a:a + chunk], a)
                 return logits
