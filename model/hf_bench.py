@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 import torch
 
 from model.generate import prefill_chunk
-from model.static_decode import StaticDecoder
+from model.static_decode import StaticDecoder, cache_len
 
 # prompt lengths of the prefill measurements: 2k and 8k (the issue's), and 2k + 1, the worst case of
 # the product's bucketed prefill graphs (padded to the next bucket, 2560: model/static_decode.py)
@@ -212,7 +212,8 @@ def bench_moecoder(model, prompts, dev, batches, n_decode: int, reps: int, res: 
                 continue
             # the product's prefill (model/generate.py): chunks of prefill_chunk(), the first one
             # replayed from a captured graph of its bucket (model/static_decode.py)
-            dec = StaticDecoder(model, x.shape[0], x.shape[1], False, dev)
+            # the product's cache: a power-of-two length with room for what the prompt generates
+            dec = StaticDecoder(model, x.shape[0], cache_len(x.shape[1] + 1, model.cfg.max_seq_len), False, dev)
 
             def product(x=x, dec=dec, chunk=prefill_chunk(dev)):
                 for a in range(0, x.shape[1], chunk):
