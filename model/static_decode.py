@@ -26,6 +26,7 @@ the plain eager step.
 from __future__ import annotations
 
 import os
+import sys
 from collections import OrderedDict
 
 import torch
@@ -123,6 +124,8 @@ class StaticDecoder:
             entry = self._capture_prefill(model, bucket)
         self.prefills.move_to_end(bucket)
         graph, tok, last, logits = entry
+        if graph is None and self.use_graph:  # its capture failed (reported once): eagerly, unpadded
+            return model(ids_BT, start, self.cache, last_only=True)
         tok[:, :T].copy_(ids_BT)  # the padding after T keeps whatever ids it had: valid ones, never read
         last.fill_(T - 1)
         if graph is None:  # no CUDA: the same padded forward, eagerly (the tests check the plumbing)
@@ -138,21 +141,31 @@ class StaticDecoder:
         if not self.use_graph:
             entry = (None, tok, last, None)
         else:
-            model.prepare_static()  # no weight may move after a capture
-            side = torch.cuda.Stream(self.device)  # warm-up: Triton compiles and tunes for this length
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    model(tok, 0, self.cache, last_index=last)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            if self._prefill_pool is None:
-                self._prefill_pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._prefill_pool):
-                logits = model(tok, 0, self.cache, last_index=last)
-            entry = (graph, tok, last, logits)
+            try:
+                graph, logits = self._record_prefill(model, tok, last)
+                entry = (graph, tok, last, logits)
+            except RuntimeError as e:  # e.g. an op that cannot be captured: this bucket runs eagerly
+                print(f"moecoder: prefill CUDA graph ({bucket} tokens) not captured, eager instead: "
+                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+                entry = (None, tok, last, None)
         self.prefills[bucket] = entry
         return entry
+
+    def _record_prefill(self, model, tok: torch.Tensor, last: torch.Tensor):
+        """Warm up and capture one padded prefill: (graph, its logits)."""
+        model.prepare_static()  # no weight may move after a capture
+        side = torch.cuda.Stream(self.device)  # warm-up: Triton compiles and tunes for this length
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model(tok, 0, self.cache, last_index=last)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._prefill_pool is None:
+            self._prefill_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._prefill_pool):
+            logits = model(tok, 0, self.cache, last_index=last)
+        return graph, logits
 
     def _capture(self, model) -> None:
         model.prepare_static()

@@ -325,3 +325,30 @@ def test_prefill_chunk_by_device_and_override(monkeypatch):
     monkeypatch.setenv("MOECODER_PREFILL_CHUNK", "0")
     with pytest.raises(ValueError, match="MOECODER_PREFILL_CHUNK"):
         prefill_chunk("cpu")
+
+
+def test_failed_prefill_capture_falls_back_to_eager(loaded, prompt, monkeypatch, capsys):
+    """A prefill graph that cannot be captured is reported once on stderr; that bucket then
+    prefills eagerly (unpadded) with the same logits, and later prompts of the bucket do too."""
+    from model import static_decode
+
+    model = loaded.model
+    calls = []
+
+    def failing(self, model, tok, last):
+        calls.append(tok.shape[1])
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(static_decode.StaticDecoder, "_record_prefill", failing)
+    monkeypatch.setattr(static_decode, "PREFILL_BUCKETS", (16, 32, 64))  # both prompts: one bucket
+    assert len(prompt) <= 16
+    dec = static_decode.StaticDecoder(model, 1, 64, False, torch.device("cpu"), graph=True)
+    for ids in (prompt, prompt[:3]):
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            want = model(x, 0, model.setup_cache(1, 64), last_only=True)
+            got = dec.prefill(model, x, 0)
+        assert torch.allclose(got, want, atol=1e-5)
+    assert calls == [16]  # tried once for the bucket, not per prompt
+    err = capsys.readouterr().err
+    assert err.count("prefill CUDA graph") == 1 and "operation not permitted when stream is capturing" in err
