@@ -17,7 +17,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +60,10 @@ class SamplingParams:
     loop_guard: int = 0  # > 0: no unit of <= N tokens three times in a row (model/repetition.py)
     heal: str = ""  # token healing: the output must begin with this text (the word typed at the cursor)
     beams: int = 1  # > 1: beam search of this width (greedy only, one prompt at a time; short answers)
+    # beam search: rerank(model, answers) -> one extra score per finished answer (its token ids),
+    # added to the length-normalised log-probability when the best is picked (assistant.tasks
+    # scores a completion's line with the code after it; see continuation_logprobs)
+    rerank: Callable[[Transformer, list[list[int]]], list[float]] | None = None
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -536,7 +540,10 @@ def _beam_decode(model: Transformer, tok, prompt: list[int], params: SamplingPar
             live = nxt
         if not done:
             return
-        toks, lps, _, reason = max(done, key=lambda d: d[2] / len(d[0]) ** BEAM_LENGTH_ALPHA)
+        extra = params.rerank(model, [d[0] for d in done]) if params.rerank is not None and len(done) > 1 else None
+        best = max(range(len(done)), key=lambda i: done[i][2] / len(done[i][0]) ** BEAM_LENGTH_ALPHA
+                   + (extra[i] if extra is not None else 0.0))
+        toks, lps, _, reason = done[best]
         result.finish_reason = reason
         txt = _Text(tok, params.stop_strings)
         for i, (t, lp) in enumerate(zip(toks, lps)):
@@ -553,6 +560,31 @@ def _beam_decode(model: Transformer, tok, prompt: list[int], params: SamplingPar
     finally:
         if held is not None:
             held.release(prompt[:fed])
+
+
+def continuation_logprobs(model: Transformer, context: Sequence[int], conts: Sequence[Sequence[int]]) -> list[float]:
+    """log P(cont | context) summed over each continuation's tokens: the context prefilled once,
+    then every continuation in one batch over copies of its keys/values (right-padded: causal
+    attention keeps a row's padding out of its own scores)."""
+    if not context:
+        raise ValueError("continuation_logprobs needs a non-empty context")
+    if not conts or any(not c for c in conts):
+        raise ValueError("continuation_logprobs needs non-empty continuations")
+    device = model.tok_emb.weight.device
+    P, L, n = len(context), max(len(c) for c in conts), len(conts)
+    if P + L > model.cfg.max_seq_len:
+        raise ValueError(f"context + continuation ({P + L} tokens) exceed the context length {model.cfg.max_seq_len}")
+    with torch.inference_mode():
+        rows = model.setup_cache(n, P + L, device=device)
+        first = model(torch.tensor([list(context)], dtype=torch.long, device=device), 0, rows.head(1), last_only=True)
+        for t in (*rows.k, *rows.v):
+            t[1:, :, :P] = t[:1, :, :P]
+        x = torch.tensor([list(c) + [0] * (L - len(c)) for c in conts], dtype=torch.long, device=device)
+        logits = torch.cat([first[:, -1:].expand(n, 1, -1), model(x[:, :-1], P, rows)], 1) if L > 1 else \
+            first[:, -1:].expand(n, 1, -1)
+        lp = logits.float().log_softmax(-1).gather(-1, x[:, :, None])[..., 0]  # [n, L]
+        mask = torch.arange(L, device=device)[None] < torch.tensor([len(c) for c in conts], device=device)[:, None]
+        return torch.where(mask, lp, 0.0).sum(-1).tolist()
 
 
 def _decoded(tok, ids: list[int]) -> str:

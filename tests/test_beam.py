@@ -128,3 +128,46 @@ def test_open_checkpoints_search_beams_too(tmp_path, family, monkeypatch):
     greedy = generate(model, tok, p, SamplingParams(max_new_tokens=10))
     assert sum(r.logprobs) / len(r.logprobs) ** BEAM_LENGTH_ALPHA >= (
         sum(greedy.logprobs) / len(greedy.logprobs) ** BEAM_LENGTH_ALPHA - 1e-5)  # batched rows: float noise
+
+
+def test_continuation_logprobs_match_one_forward_each(loaded):
+    """The batched scorer (context prefilled once, continuations right-padded in one batch) gives
+    each continuation's summed log-probability as a plain forward over context + continuation."""
+    from model.generate import continuation_logprobs
+
+    model, tok = loaded.model, loaded.tokenizer
+    ctx = tok.encode("def total(values):\n    result = 0\n")
+    conts = [tok.encode("    for v in values:\n"), tok.encode("    return"), tok.encode("x")]
+    got = continuation_logprobs(model, ctx, conts)
+    for c, g in zip(conts, got):
+        with torch.no_grad():
+            lp = model(torch.tensor([ctx + c]))[0].log_softmax(-1)
+        want = sum(float(lp[len(ctx) - 1 + i, t]) for i, t in enumerate(c))
+        assert g == pytest.approx(want, abs=1e-3)
+    with pytest.raises(ValueError, match="context"):
+        continuation_logprobs(model, [], conts)
+    with pytest.raises(ValueError, match="continuations"):
+        continuation_logprobs(model, ctx, [conts[0], []])
+
+
+def test_rerank_picks_among_the_finished_beams(loaded, monkeypatch):
+    """SamplingParams.rerank sees every finished answer; its extra score decides the pick (here: an
+    answer other than the beam score's best), and the emitted tokens are that answer's."""
+    monkeypatch.setenv("MOECODER_PREFIX_CACHE", "0")
+    model, tok = loaded.model, loaded.tokenizer
+    p = _prompts(tok)[1]
+    params = SamplingParams(max_new_tokens=8, beams=4, stop_strings=("\n",))
+    plain = generate(model, tok, p, params)
+    seen = []
+
+    def first_other(m, answers):  # +1e6 for the first answer that is not the plain pick
+        scores = [0.0] * len(answers)
+        scores[next(i for i, a in enumerate(answers) if list(a) != plain.token_ids)] = 1e6
+        seen.append([list(a) for a in answers])
+        return scores
+
+    r = generate(model, tok, p, SamplingParams(max_new_tokens=8, beams=4, stop_strings=("\n",), rerank=first_other))
+    assert len(seen) == 1 and len(seen[0]) >= 2 and plain.token_ids in seen[0]
+    want = next(a for a in seen[0] if a != plain.token_ids)
+    assert r.token_ids == want and r.text == tok.decode(want).split("\n")[0] + "\n" * ("\n" in tok.decode(want))
+    assert generate(model, tok, p, params).token_ids == plain.token_ids  # no rerank: the beam score's pick

@@ -351,6 +351,45 @@ def test_single_line_completions_search_beams(tiny_tokenizer):
     assert make_plan(eng, TaskRequest("complete", src, line=2, column=4)).beams == 1
 
 
+def test_beam_completions_are_reranked_by_the_code_after(tiny_tokenizer, tiny_model_dir, monkeypatch):
+    """With beams, a single-line completion's plan carries a reranker that scores each finished
+    line followed by the next lines, after the code before it (model.generate.continuation_logprobs);
+    none for a multi-line completion, the file's first line, or COMPLETION_RERANK = 0. Through the
+    engine on a real (tiny) model the reranker runs once per completion, on every finished beam."""
+    from assistant import tasks
+    from model import generate as gen
+    from model.checkpoint import load_model
+
+    eng = Engine.from_loaded(backend=ScriptedBackend(tiny_tokenizer), completion_beams=3)
+    src = "def f(x):\n    a = 1\n    \n    return a\n"
+    assert tasks.make_plan(eng, TaskRequest("complete", src, line=2, column=4)).rerank is not None
+    assert tasks.make_plan(eng, TaskRequest("complete", "def f(x):\n    ", line=1, column=4)).rerank is None
+    assert tasks.make_plan(eng, TaskRequest("complete", "x = ", line=0, column=4)).rerank is None
+    monkeypatch.setattr(tasks, "COMPLETION_RERANK", 0.0)
+    assert tasks.make_plan(eng, TaskRequest("complete", src, line=2, column=4)).rerank is None
+    monkeypatch.setattr(tasks, "COMPLETION_RERANK", 0.1)
+
+    calls = []
+    real = gen.continuation_logprobs
+
+    def spy(model, context, conts):
+        calls.append((tiny_tokenizer.decode(list(context)), [tiny_tokenizer.decode(list(c)) for c in conts]))
+        return real(model, context, conts)
+
+    monkeypatch.setattr(gen, "continuation_logprobs", spy)
+    monkeypatch.setenv("MOECODER_PREFIX_CACHE", "0")
+    real_eng = Engine.from_loaded(load_model(str(tiny_model_dir)), completion_beams=3)
+    try:
+        out = real_eng.run(TaskRequest("complete", src, line=2, column=4))
+    finally:
+        real_eng.close()
+    assert len(calls) == 1
+    context, conts = calls[0]
+    assert context.endswith("    a = 1\n") and len(conts) >= 2
+    assert all(c.startswith("    ") and c.endswith("\n    return a\n") for c in conts)
+    assert any(c == "    " + out.text + "\n    return a\n" for c in conts)  # the pick is one of them
+
+
 def test_debug_consistency_checks(tiny_tokenizer):
     # the hint quotes code that is on the next line: the hint moves there
     eng = _engine(tiny_tokenizer, {"debug": ("r", "line 2: `range(len(xs) - n + 1)` is off by one\n"
