@@ -11,8 +11,10 @@ Example::
     device = "cpu"
     max_seconds = 30
     completion_context_tokens = 512       # prompt cap for completions (prefill time = latency)
-    completion_beams = 1                  # > 1: beam search of single-line completions (slower;
-                                          # in-process faces only: `moecoder serve` decodes greedily)
+    completion_beams = 1                  # > 1: beam search of single-line completions, the beams
+                                          # reranked by the code after the line (5: +2-3 points exact
+                                          # match, ~2x time; in-process faces only: `moecoder serve`
+                                          # decodes greedily)
 
     [max_tokens]                          # per task
     complete = 64
