@@ -491,7 +491,8 @@ def _line_reranker(tok, lines: list[str], line: int, column: int, finish, stop_i
             text = tok.decode_bytes([t for t in ids if t not in stops]).decode("utf-8", errors="replace")
             done = finish(None, Generated("", text.split("\n")[0], [], "stop"))
             conts.append(tok.encode(head + done.text + tail + "\n" + after) or [int(tok.eos_id)])
-        return [COMPLETION_RERANK * lp for lp in continuation_logprobs(model, context, conts)]
+        room = model.cfg.max_seq_len - len(context)  # long lines: the code after is cut, never an error
+        return [COMPLETION_RERANK * lp for lp in continuation_logprobs(model, context, [c[:room] for c in conts])]
 
     return rerank
 

@@ -5,7 +5,7 @@ the next 3 lines after up to 384 tokens of the code before it; exact match of th
 pick vs beam score + lambda x that log-probability / 10, and the oracle (any beam right).
 
     moecoder data corpus $SP/pygls ... --splits 0,0,1 --out /tmp/heldout   # as in docs/model-card.md
-    PYTHONPATH=$PWD python scripts/rerank_lines.py SEED N W   # e.g. 1 400 5; rows to /tmp/rr/
+    PYTHONPATH=$PWD python scripts/rerank_lines.py SEED N W [CTX]  # e.g. 1 400 5; rows to /tmp/rr/
 
 It runs the model's beam search without the product's reranker (a plain SamplingParams) and
 records the finished beams through SamplingParams.rerank (returning no extra score); a beam's
@@ -24,6 +24,7 @@ from assistant.evaluate import completion_request, exact_match, fim_items, heldo
 from model.checkpoint import load_model
 
 seed, n, W = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+CTX = int(sys.argv[4]) if len(sys.argv) > 4 else 384  # tokens of code before the line
 torch.set_num_threads(2)
 loaded = load_model(None)
 model, tok = loaded.model, loaded.tokenizer
@@ -61,7 +62,7 @@ for it in items:
     ind = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
     prefix = "\n".join(lines[:i]) + "\n"
     suffix_head = "\n".join(lines[i + 1 : i + 4])
-    pre_ids = tok.encode(prefix)[-384:]
+    pre_ids = tok.encode(prefix)[-CTX:]
     for toks in done:
         score = sum(G.token_logprobs(model, plan.prompt_ids + toks)[-len(toks):])  # the beam's score
         ans = tok.decode_bytes([t for t in toks if t not in plan.stop_token_ids]).decode("utf-8", "replace")
@@ -78,7 +79,7 @@ for it in items:
                       "ntok": len(toks), "lm": lm})
     rows.append({"ref": ref, "cands": cands})
 print(f"{len(rows)} single-line items, {time.time() - t0:.0f}s", file=sys.stderr)
-json.dump(rows, open(f"/tmp/rr/rows_s{seed}_n{n}_w{W}.json", "w"))
+json.dump(rows, open(f"/tmp/rr/rows_s{seed}_n{n}_w{W}_c{CTX}.json", "w"))
 def em(pick):
     return sum(exact_match(pick(r["cands"])["text"], r["ref"]) for r in rows if r["cands"]) / len(rows)
 print("beam (product pick):", round(em(lambda c: max(c, key=lambda d: d["fim_norm"])), 4))

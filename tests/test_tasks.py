@@ -389,6 +389,17 @@ def test_beam_completions_are_reranked_by_the_code_after(tiny_tokenizer, tiny_mo
     assert all(c.startswith("    ") and c.endswith("\n    return a\n") for c in conts)
     assert any(c == "    " + out.text + "\n    return a\n" for c in conts)  # the pick is one of them
 
+    # lines longer than the model's context after the code before them: cut, still a completion
+    calls.clear()
+    long_src = "def f(x):\n    a = 1\n    \n    return a + " + " + ".join(["x"] * 400) + "\n"
+    real_eng = Engine.from_loaded(load_model(str(tiny_model_dir)), completion_beams=3)
+    try:
+        out = real_eng.run(TaskRequest("complete", long_src, line=2, column=4))
+    finally:
+        real_eng.close()
+    assert len(calls) == 1 and isinstance(out.text, str)
+    assert any(c.endswith("x + x") and "return a" in c for c in calls[0][1])  # the after part, cut
+
 
 def test_debug_consistency_checks(tiny_tokenizer):
     # the hint quotes code that is on the next line: the hint moves there
