@@ -419,8 +419,14 @@ class Layout:
                                f"unexpected {unexpected[:3]}")
         return plain
 
-    def shutdown(self) -> None:
+    def shutdown(self, synchronise: bool = False) -> None:
+        """Leave the process group. ``synchronise`` (every rank ended the run normally): first wait
+        for all ranks, so that none tears its gloo/NCCL connections down while another still uses
+        them (rank 0 exporting while rank 1 exited made rank 0 abort at exit, "terminate called
+        without an active exception"). Not after an error: a dead rank would hang the barrier."""
         if self.distributed and dist.is_initialized():
+            if synchronise:
+                dist.barrier()
             dist.destroy_process_group()
 
 

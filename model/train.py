@@ -1037,6 +1037,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     layout = Layout()
+    code = None
     try:
         try:  # under torchrun: join the process group (a restarted attempt resumes)
             layout = init_from_env(args)
@@ -1045,13 +1046,14 @@ def main(argv: list[str] | None = None) -> int:
         if layout.restart > 0:
             args.resume = True  # torchrun --max-restarts: continue from the last complete checkpoint
         setup = prepare(args)
-        return train(setup, layout, args.max_minutes, args.compile, t_start)
+        code = train(setup, layout, args.max_minutes, args.compile, t_start)
+        return code
     except (TrainError, CheckpointError) as e:
         if layout.is_main:
             print(f"moecoder train: error: {e}", file=sys.stderr)
         return 2
     finally:
-        layout.shutdown()
+        layout.shutdown(synchronise=code == 0)
         torch.set_num_threads(threads)
 
 

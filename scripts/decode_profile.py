@@ -9,6 +9,7 @@ fills a static cache with a 128-token prompt, and for each layer count:
     between two layer counts is the cost of one layer, the intercept the embedding + head);
   - profiles eager decode steps with torch.profiler (CUDA activities): kernels per layer and
     the top kernels by device time per step.
+``--pdl 0,1`` times the MoE layer op without and with programmatic dependent launch.
 ``--fused`` also times ``Transformer.decode_static`` with the fused decode path off/on (env
 MOECODER_FUSED_DECODE=0/1) where it exists.
 """
@@ -139,11 +140,14 @@ def main(argv=None) -> int:
     p.add_argument("--fused", action="store_true", help="also time MOECODER_FUSED_DECODE=0/1")
     p.add_argument("--router-warps", default="auto",
                    help="comma-separated MOECODER_ROUTER_WARPS values to time (e.g. auto,1)")
+    p.add_argument("--pdl", default=os.environ.get("MOECODER_PDL", "0"),
+                   help="comma-separated MOECODER_PDL values to time (e.g. 0,1: the layer op's launches "
+                        "without / with programmatic dependent launch)")
     args = p.parse_args(argv)
     dev = torch.device(args.device)
     print(torch.__version__, torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", flush=True)
     fused = ["0", "1"] if args.fused else [os.environ.get("MOECODER_FUSED_DECODE", "")]
-    modes = [(f, rw) for f in fused for rw in args.router_warps.split(",")]
+    modes = [(f, rw, pdl) for f in fused for rw in args.router_warps.split(",") for pdl in args.pdl.split(",")]
     for name in args.configs.split(","):
         res = {}
         for nl in [int(x) for x in args.layers.split(",")]:
@@ -153,7 +157,8 @@ def main(argv=None) -> int:
                     if mode[0]:
                         os.environ["MOECODER_FUSED_DECODE"] = mode[0]
                     os.environ["MOECODER_ROUTER_WARPS"] = mode[1]
-                    tag = f"{name} layers={nl} fused={mode[0] or '-'} router_warps={mode[1]}"
+                    os.environ["MOECODER_PDL"] = mode[2]
+                    tag = f"{name} layers={nl} fused={mode[0] or '-'} router_warps={mode[1]} pdl={mode[2]}"
                     if dev.type == "cuda":
                         ms = graph_step_events_ms(model, dev, args.ctx, args.max_len)
                         res[(nl, mode)] = ms
@@ -169,7 +174,7 @@ def main(argv=None) -> int:
             if len(ls) >= 2 and (ls[0], mode) in res:
                 a, b = res[(ls[0], mode)], res[(ls[-1], mode)]
                 per = (b - a) / (ls[-1] - ls[0])
-                print(f"{name} fused={mode[0] or '-'} router_warps={mode[1]}: {per * 1e3:.1f} us per layer, "
+                print(f"{name} fused={mode[0] or '-'} router_warps={mode[1]} pdl={mode[2]}: {per * 1e3:.1f} us per layer, "
                       f"intercept {(a - per * ls[0]) * 1e3:.0f} us", flush=True)
     return 0
 
