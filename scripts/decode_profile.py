@@ -141,8 +141,8 @@ def main(argv=None) -> int:
     p.add_argument("--router-warps", default="auto",
                    help="comma-separated MOECODER_ROUTER_WARPS values to time (e.g. auto,1)")
     p.add_argument("--pdl", default=os.environ.get("MOECODER_PDL", "0"),
-                   help="comma-separated MOECODER_PDL values to time (e.g. 0,1: the layer op's launches "
-                        "without / with programmatic dependent launch)")
+                   help="comma-separated MOECODER_PDL values to time (e.g. 0,1,1+pf: the layer op's launches "
+                        "without / with programmatic dependent launch / also MOECODER_L2_PREFETCH=1)")
     args = p.parse_args(argv)
     dev = torch.device(args.device)
     print(torch.__version__, torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", flush=True)
@@ -157,7 +157,8 @@ def main(argv=None) -> int:
                     if mode[0]:
                         os.environ["MOECODER_FUSED_DECODE"] = mode[0]
                     os.environ["MOECODER_ROUTER_WARPS"] = mode[1]
-                    os.environ["MOECODER_PDL"] = mode[2]
+                    os.environ["MOECODER_PDL"] = mode[2].split("+")[0]  # "1+pf": and launch 3's L2 prefetch
+                    os.environ["MOECODER_L2_PREFETCH"] = "1" if mode[2].endswith("+pf") else "0"
                     tag = f"{name} layers={nl} fused={mode[0] or '-'} router_warps={mode[1]} pdl={mode[2]}"
                     if dev.type == "cuda":
                         ms = graph_step_events_ms(model, dev, args.ctx, args.max_len)
