@@ -222,6 +222,10 @@ _LAYER_GPU = [
     dict(BLOCK_N=64, BLOCK_K=64, w=4, s=4),
     dict(BLOCK_N=64, BLOCK_K=128, w=4, s=3),
     dict(BLOCK_N=16, BLOCK_K=256, w=4, s=3),
+    # T=1 streams 8 experts' gate/up: F / 32 x 8 = 192 programs at Qwen3's shape, 1.45 per SM;
+    # deeper or wider K per program is the other way to keep more bytes in flight
+    dict(BLOCK_N=32, BLOCK_K=256, w=4, s=3),
+    dict(BLOCK_N=16, BLOCK_K=128, w=2, s=6),
 ]
 _LAYER_INT = dict(BLOCK_N=16, BLOCK_K=16)
 
