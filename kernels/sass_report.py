@@ -105,13 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         cases.append((f"layer gate/up BN={bn} BK={bk}", tml._gu_kernel, lgu_t,
                       dict(stride_wn=1, stride_sn=1, BM=16, BLOCK_N=bn, BLOCK_K=bk), c["w"], c["s"]))
         cases.append((f"layer down+combine BN={bn} BK={bk}", tml._down_kernel, ldn_t,
-                      dict(stride_dd=1, stride_sd=1, BM=16, BLOCK_TO=1, BLOCK_N=bn, BLOCK_K=bk, PDL=False, L2PF=False,
-                           BLOCK_PF=16), c["w"], c["s"]))  # fmt: skip
-    c = tml._LAYER_GPU[0]  # programmatic dependent launch, and launch 3's L2 prefetch under it
-    for tag, extra in (("PDL", dict(PDL=True, L2PF=False, BLOCK_PF=16)), ("PDL+L2PF", dict(PDL=True, L2PF=True, BLOCK_PF=1024))):
-        cases.append((f"layer down+combine {tag}", tml._down_kernel, ldn_t,
-                      dict(stride_dd=1, stride_sd=1, BM=16, BLOCK_TO=1, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
-                           **extra), c["w"], c["s"]))  # fmt: skip
+                      dict(stride_dd=1, stride_sd=1, BM=16, BLOCK_TO=1, BLOCK_N=bn, BLOCK_K=bk, PDL=False),
+                      c["w"], c["s"]))  # fmt: skip
+    c = tml._LAYER_GPU[0]  # programmatic dependent launch
+    cases.append(("layer down+combine PDL", tml._down_kernel, ldn_t,
+                  dict(stride_dd=1, stride_sd=1, BM=16, BLOCK_TO=1, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
+                       PDL=True), c["w"], c["s"]))  # fmt: skip
     only = os.environ.get("SASS_ONLY", "")
     cases = [c for c in cases if only in c[0]]
     print(f"{'kernel':34s} warps stages " + " ".join(f"{m:>6s}" for m in MNEMONICS) + "  shared regs")

@@ -280,45 +280,16 @@ def _down_tile(
     return acc
 
 
-@triton.jit
-def _l2_prefetch(ptrs):
-    """``prefetch.global.L2`` of each address (no data comes back; PTX on the GPU only)."""
-    tl.inline_asm_elementwise("mov.u32 $0, 0; prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_down(wd_ptr, stride_df, F, pid_n, BLOCK_N: tl.constexpr, BLOCK_PF: tl.constexpr):
-    """Pull one program's slab of a row-major down matrix (F rows x BLOCK_N columns) into L2:
-    the first and the last column of each row (one 128-byte line each for BLOCK_N <= 64 bf16)."""
-    fs = tl.minimum(tl.arange(0, BLOCK_PF), F - 1).to(tl.int64)
-    base = wd_ptr + fs * stride_df + pid_n * BLOCK_N
-    _l2_prefetch(base)
-    _l2_prefetch(base + (BLOCK_N - 1))
-
-
 @triton.autotune(configs=_configs(_LAYER_GPU, _LAYER_INT), key=["F", "FS", "D", "T"])
 @triton.jit
 def _down_kernel(
     h_ptr, hs_ptr, rowidx_ptr, w_ptr, wd_ptr, sd_ptr, acc_ptr, cnt_ptr, out_ptr, tm_ptr, n_tiles, T, F, FS, D, K,
     stride_h, stride_hs, stride_de, stride_df, stride_dd, stride_sf, stride_sd, stride_o,
     ACC64: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BLOCK_TO: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, L2PF: tl.constexpr = False,
-    BLOCK_PF: tl.constexpr = 16,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     ACC: tl.constexpr = tl.float64 if ACC64 else tl.float32
     if PDL:  # h is launch 2's output
-        if L2PF:  # while launch 2 still runs: this program's down weights into L2. The tile map is
-            # launch 1's output, complete and visible: launch 2 let this grid start only after its
-            # own gdc_wait() returned. Row-major weights only (the launcher checks stride_dd == 1).
-            if tl.program_id(1) < n_tiles:
-                pf_e = tl.load(tm_ptr + tl.program_id(1), cache_modifier=".cg").to(tl.int64)
-                pf_s = tl.load(tm_ptr + n_tiles + tl.program_id(1), cache_modifier=".cg")
-                pf_t = tl.load(tm_ptr + 2 * n_tiles + tl.program_id(1), cache_modifier=".cg")
-                if pf_s < pf_t:
-                    _prefetch_down(wd_ptr + pf_e * stride_de, stride_df, F, tl.program_id(0), BLOCK_N, BLOCK_PF)
-            else:
-                _prefetch_down(sd_ptr, stride_sf, FS, tl.program_id(0), BLOCK_N, BLOCK_PF)
         gdc_wait()
         gdc_launch_dependents()
     pid_n = tl.program_id(0)
@@ -367,8 +338,9 @@ DEFAULT_PDL = "0"
 def pdl_wanted(device) -> bool:
     """MOECODER_PDL=0|auto|1: launch the layer op's three kernels with programmatic dependent
     launch (each may start while the previous one drains; it waits in ``gdc_wait`` before reading
-    that one's output). auto: on CUDA devices of compute capability >= 9 (Hopper). Default 0
-    until it is measured on a GPU (issue #18)."""
+    that one's output). auto: on CUDA devices of compute capability >= 9 (Hopper). Default 0:
+    measured on an H100 (2026-12-07, docs/kernels-notes.md) it did not shorten T=1 (Qwen3-30B-A3B
+    shape 47 -> 49 us, DeepSeek-V2-Lite 67 -> 67 us); only DeepSeek at T=8 gained (253 -> 240 us)."""
     import os
 
     v = os.environ.get("MOECODER_PDL", DEFAULT_PDL).strip().lower() or DEFAULT_PDL
@@ -380,25 +352,9 @@ def pdl_wanted(device) -> bool:
     return v == "1" or torch.cuda.get_device_capability(dev)[0] >= 9
 
 
-def l2_prefetch_wanted() -> bool:
-    """MOECODER_L2_PREFETCH=0|1 (with PDL on): launch 3's programs, started early by PDL, pull their
-    down weights into L2 while launch 2 still streams gate/up. Default 0 until measured (issue #18)."""
-    import os
-
-    v = os.environ.get("MOECODER_L2_PREFETCH", "0").strip() or "0"
-    if v not in ("0", "1"):
-        raise ValueError(f"MOECODER_L2_PREFETCH must be 0 or 1; got {v!r}")
-    return v == "1"
-
-
-def _pdl(device, l2_prefetch: bool = False, block_pf: int = 16) -> dict:
-    """The launch arguments for PDL on ``device``: the kernels' flag, and Triton's launch option when on;
-    for launch 3 (``l2_prefetch``: its weights are row-major) the L2 prefetch where wanted."""
-    if not pdl_wanted(device):
-        return dict(PDL=False)
-    if l2_prefetch and l2_prefetch_wanted():
-        return dict(PDL=True, launch_pdl=True, L2PF=True, BLOCK_PF=block_pf)
-    return dict(PDL=True, launch_pdl=True)
+def _pdl(device) -> dict:
+    """The launch arguments for PDL on ``device``: the kernels' flag, and Triton's launch option when on."""
+    return dict(PDL=True, launch_pdl=True) if pdl_wanted(device) else dict(PDL=False)
 
 
 _WS: dict = {}
@@ -506,9 +462,7 @@ def down_combine(h, hs, rowidx, weights_TK, tm, n_tiles, T, K, wd_EFD, sd_FD=Non
     _down_kernel[grid](
         h, hs_, rowidx, weights_TK, wd_EFD, sd, acc, cnt[1:], out, tm, n_tiles, T, F, FS, D, K,
         h.stride(0), hs_.stride(0), wd_EFD.stride(0), wd_EFD.stride(1), wd_EFD.stride(2), sd.stride(0), sd.stride(1),
-        out.stride(0), ACC64=acc64, PREC=_prec(h.dtype), BM=16, BLOCK_TO=triton.next_power_of_2(T),
-        **_pdl(dev, l2_prefetch=wd_EFD.stride(2) == 1 and sd.stride(1) == 1,
-               block_pf=triton.next_power_of_2(max(F, FS, 16))),
+        out.stride(0), ACC64=acc64, PREC=_prec(h.dtype), BM=16, BLOCK_TO=triton.next_power_of_2(T), **_pdl(dev),
     )  # fmt: skip
     return out
 

@@ -46,47 +46,42 @@ def build(name: str, layers: int, dev, max_len: int):
     return model.eval()
 
 
-def graph_step_ms(model, dev, ctx: int, max_len: int, reps: int = 50) -> float:
-    from model.hf_bench import GraphDecoder
+def _decoder(model, dev, ctx: int, max_len: int):
+    """The product's decoder (model/static_decode.py) at batch 1 with a ``ctx``-token prompt in its cache."""
+    from model.static_decode import StaticDecoder
 
-    dec = GraphDecoder(model, 1, max_len, dev)
+    dec = StaticDecoder(model, 1, max_len, False, dev, graph=dev.type == "cuda")
     V = model.cfg.vocab_size
     x = torch.randint(0, V, (1, ctx), device=dev, generator=torch.Generator(device=dev).manual_seed(1))
-    dec.prefill(x)
-    if dev.type == "cuda":
-        dec.capture()
-    for _ in range(3):
-        dec.step()
+    tok = model(x, 0, dec.cache, last_only=True)[:, -1].argmax(-1)
+    for _ in range(3):  # the first graph step captures
+        dec.step(model, tok, ctx)
     _sync(dev)
+    return dec, tok
+
+
+def graph_step_ms(model, dev, ctx: int, max_len: int, reps: int = 50) -> float:
+    """Wall time of one decode step (median of ``reps``), always at position ``ctx``."""
+    dec, tok = _decoder(model, dev, ctx, max_len)
     times = []
     for _ in range(reps):
-        dec.pos.fill_(ctx)  # same slot each time: a fixed amount of cache to attend over
         _sync(dev)
         t0 = time.perf_counter()
-        dec.step()
+        dec.step(model, tok, ctx)
         _sync(dev)
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
 
 
 def graph_step_events_ms(model, dev, ctx: int, max_len: int, inner: int = 20, reps: int = 10) -> float:
-    """Device time of one replay, from CUDA events around ``inner`` back-to-back replays."""
-    from model.hf_bench import GraphDecoder
-
-    dec = GraphDecoder(model, 1, max_len, dev)
-    V = model.cfg.vocab_size
-    x = torch.randint(0, V, (1, ctx), device=dev, generator=torch.Generator(device=dev).manual_seed(1))
-    dec.prefill(x)
-    dec.capture()
-    for _ in range(3):
-        dec.graph.replay()
-    torch.cuda.synchronize()
+    """Device time of one graph-replayed step, from CUDA events around ``inner`` back-to-back steps."""
+    dec, tok = _decoder(model, dev, ctx, max_len)
     out = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         for _ in range(inner):
-            dec.graph.replay()
+            dec.step(model, tok, ctx)
         b.record()
         torch.cuda.synchronize()
         out.append(a.elapsed_time(b) / inner)
@@ -141,8 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--router-warps", default="auto",
                    help="comma-separated MOECODER_ROUTER_WARPS values to time (e.g. auto,1)")
     p.add_argument("--pdl", default=os.environ.get("MOECODER_PDL", "0"),
-                   help="comma-separated MOECODER_PDL values to time (e.g. 0,1,1+pf: the layer op's launches "
-                        "without / with programmatic dependent launch / also MOECODER_L2_PREFETCH=1)")
+                   help="comma-separated MOECODER_PDL values to time (e.g. 0,1: the layer op's launches "
+                        "without / with programmatic dependent launch)")
     args = p.parse_args(argv)
     dev = torch.device(args.device)
     print(torch.__version__, torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", flush=True)
@@ -157,8 +152,7 @@ def main(argv=None) -> int:
                     if mode[0]:
                         os.environ["MOECODER_FUSED_DECODE"] = mode[0]
                     os.environ["MOECODER_ROUTER_WARPS"] = mode[1]
-                    os.environ["MOECODER_PDL"] = mode[2].split("+")[0]  # "1+pf": and launch 3's L2 prefetch
-                    os.environ["MOECODER_L2_PREFETCH"] = "1" if mode[2].endswith("+pf") else "0"
+                    os.environ["MOECODER_PDL"] = mode[2]
                     tag = f"{name} layers={nl} fused={mode[0] or '-'} router_warps={mode[1]} pdl={mode[2]}"
                     if dev.type == "cuda":
                         ms = graph_step_events_ms(model, dev, args.ctx, args.max_len)

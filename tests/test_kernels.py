@@ -519,32 +519,22 @@ def test_moe_layer_decode_one_warp_router_env(monkeypatch):
 def test_moe_layer_decode_pdl_env(monkeypatch):
     """MOECODER_PDL: programmatic dependent launch only on a CUDA device of sm_90+ (off on the CPU
     and under the interpreter whatever the setting, so the launches there take no PDL flag); with
-    it forced on or off, and with launch 3's L2 prefetch (MOECODER_L2_PREFETCH, effective only under
-    PDL) on or off, the layer still gives the reference; a bad value of either is refused."""
+    it forced on or off the layer still gives the reference; a bad value is refused."""
     from kernels import triton_moe_layer as tml
 
     T, E, K, D, F, FS = 2, 16, 4, 24, 40, 48
     x, wr, b, ws, sh = _layer_inputs(T, E, D, F, FS, False)
+    outr, _, er = ref.moe_layer_decode(ref_of(x), wr, None, K, "softmax", True, 1, 1, "max", 1.0,
+                                       *(ref_of(t) for t in ws + sh))  # fmt: skip
     for v in ("0", "1", "auto"):
-        for pf in ("0", "1"):  # launch 3's L2 prefetch (only under PDL)
-            monkeypatch.setenv("MOECODER_PDL", v)
-            monkeypatch.setenv("MOECODER_L2_PREFETCH", pf)
-            on = tml.pdl_wanted(x.device)
-            assert on == (v != "0" and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= (0 if v == "1" else 9))
-            assert tml._pdl(x.device, l2_prefetch=True).get("L2PF", False) == (on and pf == "1")
-            for FS_ in (FS, 0):  # with and without shared experts (their down weights prefetched too)
-                outr_, _, er_ = ref.moe_layer_decode(ref_of(x), wr, None, K, "softmax", True, 1, 1, "max", 1.0,
-                                                     *(ref_of(t) for t in ws + (sh if FS_ else [])))  # fmt: skip
-                out, _, e = tml.moe_layer_decode(x, wr, None, K, "softmax", True, 1, 1, "max", 1.0, *ws,
-                                                 *(sh if FS_ else []))  # fmt: skip
-                assert torch.equal(e, er_) and rel(out, outr_) < max(TOL, 1e-6)
+        monkeypatch.setenv("MOECODER_PDL", v)
+        on = tml.pdl_wanted(x.device)
+        assert on == (v != "0" and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= (0 if v == "1" else 9))
+        out, _, e = tml.moe_layer_decode(x, wr, None, K, "softmax", True, 1, 1, "max", 1.0, *ws, *sh)
+        assert torch.equal(e, er) and rel(out, outr) < max(TOL, 1e-6)
     monkeypatch.setenv("MOECODER_PDL", "yes")
     with pytest.raises(ValueError, match="MOECODER_PDL"):
         tml.pdl_wanted(x.device)
-    monkeypatch.setenv("MOECODER_PDL", "1")
-    monkeypatch.setenv("MOECODER_L2_PREFETCH", "yes")
-    with pytest.raises(ValueError, match="MOECODER_L2_PREFETCH"):
-        tml.l2_prefetch_wanted()
 
 
 def test_moe_layer_decode_workspace_left_clean_across_calls():
