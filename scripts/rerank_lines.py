@@ -63,18 +63,15 @@ for it in items:
     prefix = "\n".join(lines[:i]) + "\n"
     suffix_head = "\n".join(lines[i + 1 : i + 4])
     pre_ids = tok.encode(prefix)[-CTX:]
+    texts, conts = [], []
     for toks in done:
-        score = sum(G.token_logprobs(model, plan.prompt_ids + toks)[-len(toks):])  # the beam's score
         ans = tok.decode_bytes([t for t in toks if t not in plan.stop_token_ids]).decode("utf-8", "replace")
-        ans = ans.split("\n")[0]
-        txt = plan.finish(eng, tasks.Generated("", ans, [], "stop")).text
-        cont = tok.encode(ind + txt + "\n" + suffix_head)
-        x = torch.tensor([pre_ids + cont])
-        with torch.no_grad():
-            lp = model(x).log_softmax(-1)[0, :-1]
-        tgt = x[0, 1:]
-        tl = lp.gather(-1, tgt[:, None])[:, 0]
-        lm = float(tl[len(pre_ids) - 1:].sum())
+        texts.append(plan.finish(eng, tasks.Generated("", ans.split("\n")[0], [], "stop")).text)
+        conts.append(tok.encode(ind + texts[-1] + "\n" + suffix_head)[:model.cfg.max_seq_len - len(pre_ids)])
+    # the line and the lines after it, read left to right after the code before it (the product's scorer)
+    lms = G.continuation_logprobs(model, pre_ids, conts) if done else []
+    for toks, txt, lm in zip(done, texts, lms):
+        score = sum(G.token_logprobs(model, plan.prompt_ids + toks)[-len(toks):])  # the beam's score
         cands.append({"text": txt, "fim": score, "fim_norm": score / len(toks) ** G.BEAM_LENGTH_ALPHA,
                       "ntok": len(toks), "lm": lm})
     rows.append({"ref": ref, "cands": cands})
