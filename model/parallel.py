@@ -422,9 +422,9 @@ class Layout:
     def shutdown(self, synchronise: bool = False) -> None:
         """Leave the process group. ``synchronise`` (every rank ended the run normally): first wait
         for all ranks, so that none tears its gloo/NCCL connections down while another still uses
-        them: without it, rank 1 left while rank 0 was still exporting, and now and then a rank
-        aborted at exit ("terminate called without an active exception"; 1 run in 25 of the 2-rank
-        training under load, 0 in 70 with the barrier). Not after an error: a dead rank would hang it."""
+        them (rank 1 used to leave while rank 0 was still exporting). Not after an error: a dead
+        rank would hang it. The aborts at exit that remained are the interpreter's teardown, which
+        ``model.train`` skips (see ``model.train._end_worker``)."""
         if self.distributed and dist.is_initialized():
             if synchronise:
                 dist.barrier()
