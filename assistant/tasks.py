@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 import textwrap
@@ -163,6 +164,7 @@ class Plan:
     heal: str = ""  # SamplingParams.heal: token healing of the word at the cursor (completion)
     beams: int = 1  # SamplingParams.beams: beam search (single-line completion)
     rerank: Callable[[Any, list[list[int]]], list[float]] | None = None  # SamplingParams.rerank (beams)
+    mix: Callable[[Any, Any], Any] | None = None  # SamplingParams.mix: the repository's memory (completion)
     # batch road: run before generation (on the worker); a result here is final, nothing is generated
     pregate: Callable[[Any], object | None] | None = None
 
@@ -204,6 +206,8 @@ def _guard(plan: Plan) -> dict[str, Any]:
         out["beams"] = plan.beams
     if plan.rerank is not None:
         out["rerank"] = plan.rerank
+    if plan.mix is not None:
+        out["mix"] = plan.mix
     return out
 
 
@@ -362,7 +366,7 @@ def _plan_window(engine: Engine, requests: Sequence[TaskRequest], indices: range
                 yield i, settled
                 continue
         key = (p.max_new_tokens, p.request.max_seconds, p.stop_strings, p.stop_token_ids, p.think, p.answer_marker,
-               p.loop_guard, p.heal, p.beams, p.rerank is not None)
+               p.loop_guard, p.heal, p.beams, p.rerank is not None or p.mix is not None)
         waiting.setdefault(key, []).append((i, p))
 
 
@@ -375,13 +379,14 @@ def _generate(engine: Engine, key: tuple, members: list[tuple[int, Plan]], batch
     tok = engine.tokenizer
     params = engine.sampling_params(max_new, max_s, stop_strings=stops, stop_token_ids=stop_ids,
                                     **_guard(members[0][1]))
-    own = members[0][1].rerank is not None  # each plan's own rerank: one request per call (beams are)
+    # each plan's own rerank / memory (it leaves out the plan's file): one request per call
+    own = members[0][1].rerank is not None or members[0][1].mix is not None
     while members:
         n = 1 if own else batch_size
         chunk, members[:n] = members[:n], []  # done plans are dropped as we go
         prompts = [p.prompt_ids for _, p in chunk]
         if own:
-            params = replace(params, rerank=chunk[0][1].rerank)
+            params = replace(params, rerank=chunk[0][1].rerank, mix=chunk[0][1].mix)
         try:
             outs = _submit(engine, lambda prompts=prompts, params=params: engine.backend.generate_batch(prompts, params, cancel),
                            cancel)
@@ -458,9 +463,27 @@ def _plan_complete(engine: Engine, req: TaskRequest, budget: int, max_new: int) 
     stops = ("\n",) if not multiline else (at_suffix,) if at_suffix else ()
     beams = 1 if multiline else max(1, engine.completion_beams)
     rerank = _line_reranker(tok, lines, line, column, finish, stop_ids) if beams > 1 and COMPLETION_RERANK else None
+    mix = _repo_memory(engine, req) if req.repo and REPO_MEMORY else None
+    if mix is not None:
+        ctx.report.trimmed.insert(0, "repository context: the project's memory (kNN) mixed into each token")
     return Plan(req, ctx.prompt_ids, max_new + (len(heal) + 1 if heal else 0), think=False, finish=finish,
                 stop_strings=stops, stop_token_ids=stop_ids, notes=ctx.report.trimmed, heal=heal,
-                beams=beams, rerank=rerank)
+                beams=beams, rerank=rerank, mix=mix)
+
+
+# With repository context, completion also reads the project through its memory: a kNN-LM over
+# every token position of the project's files (assistant/memory.py). False: the stubs only.
+REPO_MEMORY = True
+
+
+def _repo_memory(engine: Engine, req: TaskRequest):
+    """SamplingParams.mix for a completion in ``req.repo`` (None: the backend has no local model)."""
+    from assistant.memory import CompletionMemory
+
+    model = getattr(engine.backend, "model", None)
+    if model is None or not hasattr(model, "norm") or not os.path.isdir(req.repo):
+        return None
+    return CompletionMemory(model, engine.tokenizer, req.repo, req.path)
 
 
 # Single-line completions searched with beams are picked by their own score plus this weight x the

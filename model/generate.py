@@ -64,6 +64,10 @@ class SamplingParams:
     # added to the length-normalised log-probability when the best is picked (assistant.tasks
     # scores a completion's line with the code after it; see continuation_logprobs)
     rerank: Callable[[Transformer, list[list[int]]], list[float]] | None = None
+    # mix(logits [B, V], head input [B, D]) -> the logits each step picks from (the model's
+    # final-norm output at that position; e.g. assistant.memory's kNN over the user's project).
+    # Eager steps only: no CUDA graph while it is set.
+    mix: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -312,6 +316,24 @@ def _generator(params: SamplingParams, device) -> torch.Generator | None:
 
 
 # --------------------------------------------------------------------------- the decode loop
+class _Mixer:
+    """``SamplingParams.mix`` applied to the last position of each forward: the head's input is
+    caught by a hook on the model's final norm."""
+
+    def __init__(self, model: Transformer, mix):
+        self.mix, self.h = mix, None
+        self._hook = model.norm.register_forward_hook(self._keep)
+
+    def _keep(self, _module, _args, out) -> None:
+        self.h = out
+
+    def __call__(self, last_BV: torch.Tensor) -> torch.Tensor:
+        return self.mix(last_BV, self.h[:, -1])
+
+    def close(self) -> None:
+        self._hook.remove()
+
+
 def _check(model: Transformer, prompts: list[list[int]], params: SamplingParams) -> None:
     params.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -356,7 +378,8 @@ def _decode(model: Transformer, tok, prompts: list[list[int]], params: SamplingP
 
     pads = [longest - len(p) for p in prompts]
     # On a GPU the decode steps replay a CUDA graph over a static cache (model/static_decode.py).
-    dec = static_decode.acquire(model, B, total, padded=any(pads))
+    dec = static_decode.acquire(model, B, total, padded=any(pads)) if params.mix is None else None
+    mixer = _Mixer(model, params.mix) if params.mix is not None else None
     held, start, fed = None, 0, 0  # PrefixKV entry; prompt tokens it already holds; tokens written
     if dec is None:
         taken = PrefixKV.take(model, prompts[0], total, device) if B == 1 else None
@@ -383,7 +406,7 @@ def _decode(model: Transformer, tok, prompts: list[list[int]], params: SamplingP
             else:
                 logits = model(x[:, a:a + chunk], a, cache, last_only=True)
             fed = min(a + chunk, longest)
-        last = logits[:, -1]
+        last = logits[:, -1] if mixer is None else mixer(logits[:, -1])
         pos = longest
         while True:
             allowed = last[:, :vocab].clone()  # ids the tokenizer can decode, never padding
@@ -437,9 +460,13 @@ def _decode(model: Transformer, tok, prompts: list[list[int]], params: SamplingP
                         results[b].finish_reason = "cancelled"
                 return
             last = model(ids[:, None], pos, cache)[:, -1] if dec is None else dec.step(model, ids, pos)
+            if mixer is not None:
+                last = mixer(last)
             pos += 1
             fed = pos
     finally:
+        if mixer is not None:
+            mixer.close()
         if dec is not None:
             dec.end()
         if held is not None:  # what the cache now holds, for the next prompt that starts the same way
@@ -475,6 +502,7 @@ def _beam_decode(model: Transformer, tok, prompt: list[int], params: SamplingPar
     cache = held.cache if held is not None else rows.head(1)  # the prompt is prefilled here
     result.cached_tokens, fed = start, start
     x = torch.tensor([prompt], dtype=torch.long, device=device)
+    mixer = _Mixer(model, params.mix) if params.mix is not None else None
     try:
         chunk = prefill_chunk(device)
         for a in range(start, P, chunk):
@@ -483,7 +511,7 @@ def _beam_decode(model: Transformer, tok, prompt: list[int], params: SamplingPar
                 return
             logits = model(x[:, a:a + chunk], a, cache, last_only=True)
             fed = min(a + chunk, P)
-        last = logits[:, -1]
+        last = logits[:, -1] if mixer is None else mixer(logits[:, -1])
         first = 0 if held is not None else 1  # rows still without the prompt
         for dst, src in zip((*rows.k, *rows.v), (*cache.k, *cache.v)):
             dst[first:, :, :P] = src[:, :, :P]
@@ -536,6 +564,8 @@ def _beam_decode(model: Transformer, tok, prompt: list[int], params: SamplingPar
                     t[:n, :, P:pos] = t[idx, :, P:pos]
             ids = torch.tensor([[toks[-1]] for toks, _, _ in nxt], dtype=torch.long, device=device)
             last = model(ids, pos, rows.head(n))[:, -1]
+            if mixer is not None:
+                last = mixer(last)
             pos += 1
             live = nxt
         if not done:
@@ -558,6 +588,8 @@ def _beam_decode(model: Transformer, tok, prompt: list[int], params: SamplingPar
             result.text = txt.text
             yield [(0, TokenEvent(t, delta, lp))]
     finally:
+        if mixer is not None:
+            mixer.close()
         if held is not None:
             held.release(prompt[:fed])
 

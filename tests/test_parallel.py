@@ -99,7 +99,8 @@ def _pack(tok, out: Path) -> Path:
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "PYTHONFAULTHANDLER": "1"}  # a crash prints every thread's Python stack
 
 
 def _launch(nproc: int, *args: str, restarts: int = 0) -> list[str]:

@@ -1,0 +1,241 @@
+"""Repository memory for completion: a kNN-LM over the user's project.
+
+Every token position of the project's Python files, read left to right by the model, is kept
+as (the head's input there, the token that followed): Khandelwal et al., 2020, "Generalization
+through Memorization: Nearest Neighbor Language Models". At each step of a completion with
+repository context the ``K`` nearest entries vote for the next token::
+
+    p = (1 - LAM) p_model + LAM p_knn,    p_knn(y) = sum over the K nearest with token y of
+                                          softmax(-d / (TAU x d_nearest))
+
+(``d``: squared distance). The model never learnt the user's project; its own reading of the
+project's code gives the identifiers and idioms there back to it. Nothing is trained, so any
+model and any face that passes the repository (``TaskRequest.repo``) gets it.
+
+* The entries of the file being edited are left out: its text is in the prompt already, and the
+  copy on disk may be older than the editor's.
+* Keys are projected on the project's ``PCA_DIMS`` principal components (float32): a quarter of
+  the memory and of the search time of the full 512, the same token accuracy on development
+  packages (``scripts/knn_repo.py --teacher --pca 128``).
+* Built once per (model, project), on the engine's thread at the first completion that asks
+  (a few thousand tokens a second on a laptop CPU: textual's 2.7 MB takes minutes); a file whose
+  size or modification time changed is read again at the next use, at most every ``RECHECK_S``.
+* At most ``MAX_POSITIONS`` entries (the files in ``RepoIndex`` order).
+
+Measured (docs/benchmarks.md, "Repository memory (kNN-LM) for completion"): chosen on development
+packages, confirmed on the held-out packages of the repo-fim suite.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+LAM = 0.5  # the memory's share of the next-token distribution
+TAU = 0.1  # softmax temperature, relative to the nearest entry's distance
+K = 32  # entries that vote
+PCA_DIMS = 128
+WINDOW = 1024  # tokens read at once (the shipped model's context)
+OVERLAP = 256  # a window after the first keeps only positions with at least this much context
+MAX_POSITIONS = 1_500_000
+RECHECK_S = 30.0
+
+
+class RepoMemory:
+    """The memory of one project for one model (``entries`` positions)."""
+
+    def __init__(self, model, tok, root: str | os.PathLike, progress=None):
+        self.model, self.tok, self.root = model, tok, Path(root).resolve()
+        # rel -> ((mtime, size), head inputs [n, D] float16, next token ids [n])
+        self._blocks: dict[str, tuple[tuple[float, int], object, object]] = {}
+        self._checked = 0.0
+        self.progress = progress
+        self.build_s = 0.0
+        self.refresh(force=True)
+
+    # ------------------------------------------------------------------ building
+    def _files(self) -> list[str]:
+        from assistant.repo import RepoIndex
+
+        return list(RepoIndex(self.root).files())
+
+    def _read_file(self, text: str):
+        """(head inputs [N, D] float32, next token ids [N]) of one file's text."""
+        import torch
+
+        ids = self.tok.encode(text) + [int(self.tok.eos_id)]
+        keys, vals = [], []
+        captured: list = []
+        hook = self.model.norm.register_forward_hook(lambda _m, _a, out: captured.append(out))
+        device = self.model.tok_emb.weight.device
+        try:
+            with torch.inference_mode():
+                stride = WINDOW - OVERLAP
+                for a in range(0, max(1, len(ids) - 1), stride):
+                    x = ids[a:a + WINDOW]
+                    if len(x) < 2:
+                        break
+                    captured.clear()
+                    self.model(torch.tensor([x[:-1]], device=device))
+                    lo = 0 if a == 0 else OVERLAP
+                    keys.append(captured[-1][0, lo:].to("cpu", torch.float16))  # projected later
+                    vals.append(torch.tensor(x[1 + lo:]))
+                    if a + WINDOW >= len(ids):
+                        break
+        finally:
+            hook.remove()
+        if not keys:
+            return torch.zeros(0, self.model.cfg.dim, dtype=torch.float16), torch.zeros(0, dtype=torch.long)
+        return torch.cat(keys), torch.cat(vals)
+
+    def refresh(self, force: bool = False) -> None:
+        """Read the files that are new or changed since the last look (at most every RECHECK_S)."""
+        now = time.monotonic()
+        if not force and now - self._checked < RECHECK_S:
+            return
+        self._checked = now
+        t0 = time.monotonic()
+        files = self._files()
+        changed = False
+        seen, total = set(), 0
+        for n, rel in enumerate(files):
+            p = self.root / rel
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            stamp = (st.st_mtime, st.st_size)
+            seen.add(rel)
+            old = self._blocks.get(rel)
+            if old is not None and old[0] == stamp:
+                total += old[2].shape[0]
+                continue
+            if total >= MAX_POSITIONS:
+                continue
+            try:
+                text = p.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            k, v = self._read_file(text)
+            self._blocks[rel] = (stamp, k, v)
+            total += v.shape[0]
+            changed = True
+            if self.progress is not None:
+                self.progress(n + 1, len(files))
+        for rel in list(self._blocks):
+            if rel not in seen:
+                del self._blocks[rel]
+                changed = True
+        if changed or force:
+            self._stack()
+        self.build_s += time.monotonic() - t0
+
+    def _stack(self) -> None:
+        import torch
+
+        rels = list(self._blocks)
+        self.file_ids = {rel: i for i, rel in enumerate(rels)}
+        ks = [self._blocks[r][1] for r in rels]  # float16, the model's width
+        D = self.model.cfg.dim
+        n = sum(k.shape[0] for k in ks)
+        self.vals = torch.cat([self._blocks[r][2] for r in rels]) if rels else torch.zeros(0, dtype=torch.long)
+        self.fids = torch.cat([torch.full((self._blocks[r][2].shape[0],), i) for i, r in enumerate(rels)]) \
+            if rels else torch.zeros(0, dtype=torch.long)
+        dims = min(PCA_DIMS, D)
+        step = max(1, n // 50_000)  # the components from a sample of at most ~50k positions
+        sample = torch.cat([k[::step] for k in ks]).float() if n else torch.zeros(0, D)
+        self.mean = sample.mean(0) if n else torch.zeros(D)
+        if sample.shape[0] > dims:
+            _, _, v = torch.linalg.svd(sample - self.mean, full_matrices=False)
+            self.proj = v[:dims].T.contiguous()
+        else:
+            self.proj = torch.eye(D)[:, :dims].contiguous()
+        self.keys = torch.cat([(k.float() - self.mean) @ self.proj for k in ks]) if n else torch.zeros(0, dims)
+        self.knorm = (self.keys * self.keys).sum(-1)
+
+    @property
+    def entries(self) -> int:
+        return int(self.vals.shape[0])
+
+    # ------------------------------------------------------------------ use
+    def nearest(self, h_BD, exclude: str | None = None, k: int = K):
+        """(squared distances [B, k'], next tokens [B, k']) of the nearest entries to the head
+        inputs ``h_BD``, the entries of the file ``exclude`` (a path under the root) left out."""
+        import torch
+
+        q = (h_BD.float().cpu() - self.mean) @ self.proj
+        d = self.knorm[None] - 2 * q @ self.keys.T + (q * q).sum(-1, keepdim=True)
+        fid = self.file_ids.get(exclude) if exclude is not None else None
+        if fid is not None:
+            d[:, self.fids == fid] = float("inf")
+        k = min(k, d.shape[1])
+        top, i = d.topk(k, dim=-1, largest=False)
+        return top, self.vals[i], torch.isfinite(top)
+
+    def mix(self, logits_BV, h_BD, exclude: str | None = None):
+        """The logits to pick the next token from: log((1 - LAM) softmax(logits) + LAM p_knn)."""
+        import torch
+
+        if self.entries == 0:
+            return logits_BV
+        d, v, ok = self.nearest(h_BD, exclude)
+        if d.shape[1] == 0 or not bool(ok[:, 0].all()):
+            return logits_BV
+        V = logits_BV.shape[-1]
+        w = torch.softmax((-d / (TAU * d[:, :1].clamp_min(1e-6))).masked_fill(~ok, float("-inf")), dim=-1)
+        p_knn = torch.zeros(d.shape[0], V).scatter_add_(1, v.clamp(0, V - 1), w).to(logits_BV.device)
+        p = (1 - LAM) * logits_BV.float().softmax(-1) + LAM * p_knn
+        return p.clamp_min(1e-30).log()
+
+
+_MEMORIES: dict[tuple[int, Path], RepoMemory] = {}
+_LOCK = threading.Lock()
+
+
+def memory_for(model, tok, root: str | os.PathLike, quiet: bool = False) -> RepoMemory:
+    """The memory of ``root`` for ``model`` (built on first use, refreshed after edits). Call it
+    on the thread that runs the model (the engine's worker)."""
+    key = (id(model), Path(root).resolve())
+    with _LOCK:
+        mem = _MEMORIES.get(key)
+    if mem is not None:
+        mem.refresh()
+        return mem
+
+    shown = [0.0]
+
+    def progress(i: int, n: int) -> None:
+        if quiet or time.monotonic() - shown[0] < 5.0:
+            return
+        shown[0] = time.monotonic()
+        print(f"moecoder: reading {key[1]} for completion memory: file {i} of {n}", file=sys.stderr, flush=True)
+
+    mem = RepoMemory(model, tok, key[1], progress=progress)
+    with _LOCK:
+        if len(_MEMORIES) >= 4:
+            _MEMORIES.pop(next(iter(_MEMORIES)))
+        _MEMORIES[key] = mem
+    return mem
+
+
+class CompletionMemory:
+    """``SamplingParams.mix`` for one completion: the memory of ``root`` without ``path``'s entries.
+    The memory is built (or refreshed) at the first step, on the engine's thread."""
+
+    def __init__(self, model, tok, root: str | os.PathLike, path: str | os.PathLike | None):
+        self.model, self.tok, self.root = model, tok, Path(root).resolve()
+        self.exclude = None
+        if path is not None:
+            try:
+                self.exclude = Path(path).resolve().relative_to(self.root).as_posix()
+            except ValueError:
+                self.exclude = None
+        self._mem: RepoMemory | None = None
+
+    def __call__(self, logits_BV, h_BD):
+        if self._mem is None:
+            self._mem = memory_for(self.model, self.tok, self.root)
+        return self._mem.mix(logits_BV, h_BD, self.exclude)

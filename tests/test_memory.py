@@ -1,0 +1,133 @@
+"""Repository memory for completion (``assistant.memory``: a kNN-LM over the project) and the
+generation hook it uses (``SamplingParams.mix``)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from assistant import memory
+from assistant.engine import Engine
+from assistant.tasks import TaskRequest, execute_batch, make_plan
+from model.generate import SamplingParams, generate
+
+UTIL = "def scale(values, factor=2.0):\n    return [v * factor for v in values]\n\n\nLIMIT = 40\n"
+MAIN = "from pkg.util import scale\n\n\ndef main(xs):\n    ys = scale(xs)\n    return ys\n"
+
+
+@pytest.fixture()
+def loaded(tiny_model_dir):
+    from model.checkpoint import load_model
+
+    return load_model(str(tiny_model_dir))
+
+
+def _project(tmp_path):
+    root = tmp_path / "proj"
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "__init__.py").write_text("")
+    (root / "pkg" / "util.py").write_text(UTIL)
+    (root / "pkg" / "main.py").write_text(MAIN)
+    return root
+
+
+def _head_inputs(model, ids):
+    """The final norm's output at every position of ``ids`` (what the memory keys)."""
+    out = []
+    hook = model.norm.register_forward_hook(lambda _m, _a, o: out.append(o))
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids]))
+    hook.remove()
+    return logits[0], out[-1][0]
+
+
+def test_memory_holds_every_position_and_recalls_the_token_that_followed(loaded, tmp_path, monkeypatch):
+    root = _project(tmp_path)
+    model, tok = loaded.model, loaded.tokenizer
+    mem = memory.RepoMemory(model, tok, root)
+    per_file = {rel: len(tok.encode((root / rel).read_text())) for rel in ("pkg/util.py", "pkg/main.py")}
+    assert mem.entries == sum(per_file.values())  # every token predicts the next one (the last: end of text)
+    held = {rel for rel, i in mem.file_ids.items() if bool((mem.fids == i).any())}
+    assert held == {"pkg/util.py", "pkg/main.py"}  # the empty __init__ has no entries
+
+    ids = tok.encode(UTIL)
+    logits, h = _head_inputs(model, ids)
+    # the memory alone (LAM 1): the position's own entry is at distance ~0, so its token wins
+    monkeypatch.setattr(memory, "LAM", 1.0)
+    picked = mem.mix(logits, h).argmax(-1)
+    assert picked.tolist() == ids[1:] + [int(tok.eos_id)]
+    # the model alone would not say so (a tiny random model)
+    assert logits.argmax(-1).tolist() != picked.tolist()
+    # the file being edited is left out: only main.py's entries can vote now
+    d, v, ok = mem.nearest(h, exclude="pkg/util.py")
+    assert bool(ok.all()) and set(v.flatten().tolist()) <= set(tok.encode(MAIN) + [int(tok.eos_id)])
+    # a mixture is a distribution: (1 - LAM) p_model + LAM p_knn
+    monkeypatch.setattr(memory, "LAM", 0.5)
+    p = mem.mix(logits, h).exp()
+    assert torch.allclose(p.sum(-1), torch.ones(len(ids)), atol=1e-4)
+    assert bool((p >= 0.5 * logits.softmax(-1) - 1e-6).all())
+
+
+def test_memory_reads_changed_and_new_files_again(loaded, tmp_path, monkeypatch):
+    root = _project(tmp_path)
+    model, tok = loaded.model, loaded.tokenizer
+    mem = memory.RepoMemory(model, tok, root)
+    before = mem.entries
+    (root / "pkg" / "extra.py").write_text("EXTRA = 'x'\n")
+    mem.refresh()  # within RECHECK_S: nothing is looked at
+    assert mem.entries == before
+    monkeypatch.setattr(memory, "RECHECK_S", 0.0)
+    mem.refresh()
+    assert mem.entries == before + len(tok.encode("EXTRA = 'x'\n"))
+    (root / "pkg" / "extra.py").unlink()
+    later = time.time() + 5
+    (root / "pkg" / "util.py").write_text(UTIL + "OTHER = 1\n")
+    os.utime(root / "pkg" / "util.py", (later, later))
+    mem.refresh()
+    assert "pkg/extra.py" not in mem.file_ids
+    assert mem.entries == before + len(tok.encode(UTIL + "OTHER = 1\n")) - len(tok.encode(UTIL))
+
+
+def test_generation_picks_from_the_mixed_logits_greedy_and_beams(loaded):
+    model, tok = loaded.model, loaded.tokenizer
+    prompt = tok.encode("def main():\n    return ")
+    plain = generate(model, tok, prompt, SamplingParams(max_new_tokens=6))
+    seen = []
+    forced = int(tok.encode("x")[0])
+
+    def mix(logits, h):
+        seen.append((tuple(logits.shape), tuple(h.shape)))
+        out = torch.full_like(logits, float("-inf"))
+        out[:, forced] = 0.0
+        return out
+
+    for beams in (1, 3):
+        seen.clear()
+        r = generate(model, tok, prompt, SamplingParams(max_new_tokens=6, beams=beams, mix=mix))
+        assert r.token_ids == [forced] * 6
+        assert seen and all(s == ((s[0][0], model.cfg.vocab_size), (s[0][0], model.cfg.dim)) for s in seen)
+    assert plain.token_ids != [forced] * 6
+    # the hook is gone afterwards: the plain answer again
+    assert generate(model, tok, prompt, SamplingParams(max_new_tokens=6)).token_ids == plain.token_ids
+
+
+def test_completion_with_repository_context_uses_the_memory(loaded, tmp_path):
+    root = _project(tmp_path)
+    eng = Engine.from_loaded(loaded)
+    src = MAIN.replace("    ys = scale(xs)\n", "    ys = \n")
+    req = TaskRequest("complete", src, path=str(root / "pkg" / "main.py"), line=4, column=9, max_new_tokens=8)
+    assert make_plan(eng, req).mix is None
+    req.repo = str(root)
+    plan = make_plan(eng, req)
+    assert plan.mix is not None and plan.mix.exclude == "pkg/main.py"
+    assert any("memory" in n for n in plan.notes)
+    res = execute_batch(eng, [req], 1)[0]
+    assert isinstance(res.text, str)
+    mem = plan.mix._mem or memory.memory_for(loaded.model, loaded.tokenizer, root)
+    assert mem.entries > 0 and "pkg/util.py" in mem.file_ids
+    # a repository that is not there: no memory, no failure
+    req.repo = str(tmp_path / "missing")
+    assert make_plan(eng, req).mix is None
