@@ -3,6 +3,7 @@
     python -m assistant.bench [--model DIR] [--lines 10000] [--jobs 4] [--max-tokens N] [--skip-review]
                               [--random-preset small] [--calibration N [--seed S] [--legacy-confidence]]
     python -m assistant.bench --review-path DIR --review-jobs default [--review-baseline REV] [--review-rounds N]
+    python -m assistant.bench --repo-memory DIR [--model DIR] [--threads 2]
 
 Prints the machine, versions and date, then
 
@@ -401,6 +402,36 @@ def bench_calibration(n: int, seed: int, jobs: int, model_dir: Path | None, lega
               f"({len(pos)} vs {len(neg)})")
 
 
+def bench_repo_memory(root: str, model_dir: str | None, threads: int) -> None:
+    """Completion memory (assistant/memory.py) of the project at ``root``: time to read it, its
+    size, and the search that each completion token adds (median of 50, one query)."""
+    import resource
+
+    import torch
+
+    from assistant import memory
+    from model.checkpoint import load_model
+
+    torch.set_num_threads(threads)
+    loaded = load_model(model_dir)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.monotonic()
+    mem = memory.RepoMemory(loaded.model, loaded.tokenizer, root)
+    build = time.monotonic() - t0
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    q = torch.randn(1, loaded.model.cfg.dim)
+    logits = torch.randn(1, loaded.model.cfg.vocab_size)
+    times = []
+    for _ in range(50):
+        t = time.perf_counter()
+        mem.mix(logits, q)
+        times.append(time.perf_counter() - t)
+    print(f"repository memory of {root} ({len(mem.file_ids)} files), {threads} threads:")
+    print(f"  read: {build:.1f} s for {mem.entries:,} positions ({mem.entries / build:,.0f} tokens/s)")
+    print(f"  kept: {mem.keys.numel() * 4 / 2**20:.0f} MiB of {mem.keys.shape[1]}-d keys; peak RSS +{rss1 - rss0:.0f} MiB")
+    print(f"  search + mix per generated token: median {1000 * statistics.median(times):.1f} ms")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m assistant.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", metavar="DIR", help="the model to benchmark besides the tiny one (default: shipped)")
@@ -432,7 +463,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="only compare the comment task without/with the repetition guard on N stdlib functions")
     p.add_argument("--review-memory", type=int, metavar="LINES", default=0,
                    help="only measure the review's peak RSS on one file of LINES lines (stand-in model)")
+    p.add_argument("--repo-memory", metavar="DIR",
+                   help="only time the completion memory of the project DIR (read, size, search per token)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for --repo-memory")
     args = p.parse_args(argv)
+    if args.repo_memory:
+        print(f"date: {_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}")
+        print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f} (a shared box)")
+        print(f"versions: {versions()}")
+        bench_repo_memory(args.repo_memory, args.model, args.threads)
+        return 0
     if args.loop_guard_check:
         print(f"date: {_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}")
         print(f"machine: {machine()}; load average {os.getloadavg()[0]:.1f} (a shared box)")

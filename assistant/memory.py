@@ -47,14 +47,15 @@ RECHECK_S = 30.0
 class RepoMemory:
     """The memory of one project for one model (``entries`` positions)."""
 
-    def __init__(self, model, tok, root: str | os.PathLike, progress=None):
+    def __init__(self, model, tok, root: str | os.PathLike, progress=None, read_s: float | None = None):
         self.model, self.tok, self.root = model, tok, Path(root).resolve()
+        self.complete = False  # every file read (False: a read budget ran out; the rest comes later)
         # rel -> ((mtime, size), head inputs [n, D] float16, next token ids [n])
         self._blocks: dict[str, tuple[tuple[float, int], object, object]] = {}
         self._checked = 0.0
         self.progress = progress
         self.build_s = 0.0
-        self.refresh(force=True)
+        self.refresh(force=True, read_s=read_s)
 
     # ------------------------------------------------------------------ building
     def _files(self) -> list[str]:
@@ -68,39 +69,36 @@ class RepoMemory:
 
         ids = self.tok.encode(text) + [int(self.tok.eos_id)]
         keys, vals = [], []
-        captured: list = []
-        hook = self.model.norm.register_forward_hook(lambda _m, _a, out: captured.append(out))
         device = self.model.tok_emb.weight.device
-        try:
-            with torch.inference_mode():
-                stride = WINDOW - OVERLAP
-                for a in range(0, max(1, len(ids) - 1), stride):
-                    x = ids[a:a + WINDOW]
-                    if len(x) < 2:
-                        break
-                    captured.clear()
-                    self.model(torch.tensor([x[:-1]], device=device))
-                    lo = 0 if a == 0 else OVERLAP
-                    keys.append(captured[-1][0, lo:].to("cpu", torch.float16))  # projected later
-                    vals.append(torch.tensor(x[1 + lo:]))
-                    if a + WINDOW >= len(ids):
-                        break
-        finally:
-            hook.remove()
+        window = min(WINDOW, self.model.cfg.max_seq_len)
+        overlap = min(OVERLAP, window // 4)
+        with torch.inference_mode():
+            for a in range(0, max(1, len(ids) - 1), window - 1 - overlap):  # the next keeps from a + window - 1
+                x = ids[a:a + window]
+                if len(x) < 2:
+                    break
+                h = self.model(torch.tensor([x[:-1]], device=device), head=False)[0]  # no logits needed
+                lo = 0 if a == 0 else overlap
+                keys.append(h[lo:].to("cpu", torch.float16))  # projected later
+                vals.append(torch.tensor(x[1 + lo:]))
+                if a + window >= len(ids):
+                    break
         if not keys:
             return torch.zeros(0, self.model.cfg.dim, dtype=torch.float16), torch.zeros(0, dtype=torch.long)
         return torch.cat(keys), torch.cat(vals)
 
-    def refresh(self, force: bool = False) -> None:
-        """Read the files that are new or changed since the last look (at most every RECHECK_S)."""
+    def refresh(self, force: bool = False, read_s: float | None = None) -> None:
+        """Read the files that are new or changed since the last look (at most every RECHECK_S, at
+        once while the memory is incomplete); ``read_s``: stop reading after this many seconds."""
         now = time.monotonic()
-        if not force and now - self._checked < RECHECK_S:
+        if not force and self.complete and now - self._checked < RECHECK_S:
             return
         self._checked = now
         t0 = time.monotonic()
         files = self._files()
         changed = False
-        seen, total = set(), 0
+        seen, total, read = set(), 0, 0
+        self.complete = True
         for n, rel in enumerate(files):
             p = self.root / rel
             try:
@@ -115,12 +113,18 @@ class RepoMemory:
                 continue
             if total >= MAX_POSITIONS:
                 continue
+            if read_s is not None and read > 0 and time.monotonic() - t0 > read_s:
+                self.complete = False  # this file and the ones after it: at the next use (one file a use at least)
+                if old is not None:
+                    total += old[2].shape[0]
+                continue
             try:
                 text = p.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError):
                 continue
             k, v = self._read_file(text)
             self._blocks[rel] = (stamp, k, v)
+            read += 1
             total += v.shape[0]
             changed = True
             if self.progress is not None:
@@ -195,14 +199,15 @@ _MEMORIES: dict[tuple[int, Path], RepoMemory] = {}
 _LOCK = threading.Lock()
 
 
-def memory_for(model, tok, root: str | os.PathLike, quiet: bool = False) -> RepoMemory:
-    """The memory of ``root`` for ``model`` (built on first use, refreshed after edits). Call it
-    on the thread that runs the model (the engine's worker)."""
+def memory_for(model, tok, root: str | os.PathLike, quiet: bool = False, read_s: float | None = None) -> RepoMemory:
+    """The memory of ``root`` for ``model`` (built on first use, refreshed after edits; ``read_s``:
+    at most this long reading files now). Call it on the thread that runs the model (the engine's
+    worker)."""
     key = (id(model), Path(root).resolve())
     with _LOCK:
         mem = _MEMORIES.get(key)
     if mem is not None:
-        mem.refresh()
+        mem.refresh(read_s=read_s)
         return mem
 
     shown = [0.0]
@@ -213,7 +218,7 @@ def memory_for(model, tok, root: str | os.PathLike, quiet: bool = False) -> Repo
         shown[0] = time.monotonic()
         print(f"moecoder: reading {key[1]} for completion memory: file {i} of {n}", file=sys.stderr, flush=True)
 
-    mem = RepoMemory(model, tok, key[1], progress=progress)
+    mem = RepoMemory(model, tok, key[1], progress=progress, read_s=read_s)
     with _LOCK:
         if len(_MEMORIES) >= 4:
             _MEMORIES.pop(next(iter(_MEMORIES)))
@@ -221,12 +226,20 @@ def memory_for(model, tok, root: str | os.PathLike, quiet: bool = False) -> Repo
     return mem
 
 
+def forget(model) -> None:
+    """Drop the memories read by ``model`` (its weights changed: ``moecoder tune``)."""
+    with _LOCK:
+        for key in [k for k in _MEMORIES if k[0] == id(model)]:
+            del _MEMORIES[key]
+
+
 class CompletionMemory:
     """``SamplingParams.mix`` for one completion: the memory of ``root`` without ``path``'s entries.
     The memory is built (or refreshed) at the first step, on the engine's thread."""
 
-    def __init__(self, model, tok, root: str | os.PathLike, path: str | os.PathLike | None):
-        self.model, self.tok, self.root = model, tok, Path(root).resolve()
+    def __init__(self, model, tok, root: str | os.PathLike, path: str | os.PathLike | None,
+                 read_s: float | None = None):
+        self.model, self.tok, self.root, self.read_s = model, tok, Path(root).resolve(), read_s
         self.exclude = None
         if path is not None:
             try:
@@ -237,5 +250,5 @@ class CompletionMemory:
 
     def __call__(self, logits_BV, h_BD):
         if self._mem is None:
-            self._mem = memory_for(self.model, self.tok, self.root)
+            self._mem = memory_for(self.model, self.tok, self.root, read_s=self.read_s)
         return self._mem.mix(logits_BV, h_BD, self.exclude)

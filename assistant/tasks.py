@@ -70,6 +70,9 @@ class TaskRequest:
     question: str | None = None  # the user's words (chat): explain reads them with the code
     repo: str | None = None  # project root: completion adds definitions from its other files
     recent: list[str] | None = None  # recently edited files of the project, most recent first
+    # with ``repo``: at most this long reading the project into its memory (assistant/memory.py) per
+    # request, the rest at later ones (an editor's first completions must not wait); None: all first
+    repo_read_s: float | None = None
     # debug on the batch road (the review): hints below this confidence are not wanted, so a
     # function whose debug gate alone already puts any hint below it is not generated for
     min_confidence: float | None = None
@@ -483,7 +486,7 @@ def _repo_memory(engine: Engine, req: TaskRequest):
     model = getattr(engine.backend, "model", None)
     if model is None or not hasattr(model, "norm") or not os.path.isdir(req.repo):
         return None
-    return CompletionMemory(model, engine.tokenizer, req.repo, req.path)
+    return CompletionMemory(model, engine.tokenizer, req.repo, req.path, read_s=req.repo_read_s)
 
 
 # Single-line completions searched with beams are picked by their own score plus this weight x the
@@ -1200,6 +1203,10 @@ def _parser(task: str) -> argparse.ArgumentParser:
                        help="with --run: seconds per function for running and repairing (default 90)")
     else:
         p.add_argument("target", metavar="FILE:LINE:COL" if task == "complete" else "FILE:START-END")
+    if task == "complete":
+        p.add_argument("--repo", metavar="DIR", default=None,
+                       help="repository context: definitions from the project's other files and the project's "
+                            "memory (the first use reads the project through the model: minutes for a large one)")
     p.add_argument("--model", metavar="DIR", default=None, help="model directory (default: the shipped model)")
     p.add_argument("--max-tokens", type=int, default=None, help="most new tokens per request")
     p.add_argument("--max-seconds", type=float, default=None, help="time limit per request")
@@ -1235,7 +1242,10 @@ def _requests(task: str, args: argparse.Namespace) -> list[TaskRequest]:
         if not 0 <= col <= len(lines[line]):
             raise UsageError(f"{args.target}: column {col + 1} is outside line {line + 1} "
                              f"(columns 1..{len(lines[line]) + 1})")
-        return [TaskRequest("complete", src, m.group(1), line, col, **common)]
+        if args.repo is not None and not os.path.isdir(args.repo):
+            raise UsageError(f"--repo {args.repo}: not a directory")
+        return [TaskRequest("complete", src, m.group(1), line, col, repo=args.repo, recent=[] if args.repo else None,
+                            **common)]
     if task == "explain":
         m = re.fullmatch(r"(.+):(\d+)(?:-(\d+))?", args.target)
         if not m:

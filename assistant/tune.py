@@ -223,6 +223,10 @@ def _run(args) -> int:
     def evaluate(label: str, repo: bool = False) -> tuple[float, float]:
         model.eval()
         te = time.monotonic()
+        if repo:  # the repository's memory holds the model's reading of it: read again with these weights
+            from assistant import memory
+
+            memory.forget(model)
         plain = exact_match_rate(engine, root, valid_items, repo=False)
         with_repo = exact_match_rate(engine, root, valid_items, repo=True) if repo else float("nan")
         model.train()

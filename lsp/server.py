@@ -81,6 +81,9 @@ FIND_BUG_KIND = "moecoder.findBug"  # not a quick fix: it runs code, so only whe
 FIND_BUG_COMMAND = "moecoder.findBug"
 FIND_BUG_TITLE = "Find the bug (runs examples)"
 MAX_RELATED = 2
+# repositoryContext: seconds a completion may spend reading the workspace into its memory; the
+# rest is read at the next completions (assistant/memory.py)
+REPO_READ_S = 0.5
 MAX_RELATED_CHARS = 8_000
 _WORD_TAIL = re.compile(r"[A-Za-z0-9_]*$")
 
@@ -102,8 +105,9 @@ class Settings:
     max_line_tokens: int = 32  # completion where code follows the cursor (surely one line)
     context_tokens: int = 512  # completion prompt cap, tokens (0 = the config file's completion_context_tokens)
     related_tokens: int = 0  # completion prompt: other open Python files (0 = none)
-    # completion prompt: definitions from the workspace's other files. Off by default: the shipped
-    # model never saw such context in training and scores lower with it (docs/model-card.md, repo-fim)
+    # completion: definitions from the workspace's other files and the workspace's memory (a kNN-LM,
+    # assistant/memory.py). Off by default: the first completion reads the whole workspace through
+    # the model (minutes for a large project on a CPU) before it answers
     repository_context: bool = False
     max_task_tokens: int = 256  # docstring, debug, explain (reasoning included)
     max_seconds: float | None = 10.0
@@ -509,7 +513,7 @@ class MoeServer(LanguageServer):
             return {}
         recent = [_path(o.uri) for o in reversed(list(self.docs.values()))
                   if o.uri != doc.uri and o.language_id.lower() in PYTHON_IDS][:MAX_RELATED]
-        return {"repo": root, "recent": recent}
+        return {"repo": root, "recent": recent, "repo_read_s": REPO_READ_S}
 
     def related(self, doc: Document) -> list[tuple[str, str]]:
         """The most recently opened other Python files, cut to ``relatedTokens`` in total

@@ -107,10 +107,11 @@ class Transformer(nn.Module):
         return self.tok_emb.weight if self.output is None else linear_weight(self.output)
 
     def forward(self, tokens_BT: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
-                last_only: bool = False, last_index: torch.Tensor | None = None) -> torch.Tensor:
+                last_only: bool = False, last_index: torch.Tensor | None = None, head: bool = True) -> torch.Tensor:
         """Logits [B, T, V] (float32); ``last_only`` computes the head for the last position only,
         ``last_index`` (a [1] long tensor) for that position only ([B, 1, V]; no host sync: a
-        right-padded prompt in a captured prefill, model/static_decode.py)."""
+        right-padded prompt in a captured prefill, model/static_decode.py). ``head=False``: the
+        head's input instead (the final norm's output [B, T, D]; assistant/memory.py keys on it)."""
         B, T = tokens_BT.shape
         end = start_pos + T
         limit = cache.max_len if cache is not None else self.cfg.max_seq_len
@@ -133,6 +134,8 @@ class Transformer(nn.Module):
             h = h.index_select(1, last_index)
         elif last_only:
             h = h[:, -1:]
+        if not head:
+            return self.norm(h)
         return F.linear(self.norm(h), self.head_weight()).float()
 
     def decode_static(self, tokens_B1: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:

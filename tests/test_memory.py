@@ -131,3 +131,33 @@ def test_completion_with_repository_context_uses_the_memory(loaded, tmp_path):
     # a repository that is not there: no memory, no failure
     req.repo = str(tmp_path / "missing")
     assert make_plan(eng, req).mix is None
+
+
+def test_a_read_budget_fills_the_memory_over_several_uses(loaded, tmp_path, monkeypatch):
+    """An editor's completion reads the project a slice at a time (TaskRequest.repo_read_s)."""
+    root = _project(tmp_path)
+    for i in range(3):
+        (root / "pkg" / f"mod{i}.py").write_text(f"VALUE_{i} = {i}\n" * 20)
+    model, tok = loaded.model, loaded.tokenizer
+    full = memory.RepoMemory(model, tok, root).entries
+    mem = memory.RepoMemory(model, tok, root, read_s=0.0)  # one file per use
+    sizes = [mem.entries]
+    while not mem.complete:
+        mem.refresh(read_s=0.0)  # an incomplete memory goes on at once, RECHECK_S or not
+        sizes.append(mem.entries)
+        assert len(sizes) < 10
+    assert sizes[0] < full and sizes == sorted(sizes) and sizes[-1] == full
+
+
+def test_a_file_longer_than_the_context_is_read_in_overlapping_windows(loaded, tmp_path):
+    """Every position once, each with at least a quarter window of code before it (the tiny
+    model's context is 256 tokens)."""
+    root = tmp_path / "long"
+    root.mkdir()
+    text = "".join(f"def f{i}(x):\n    return x + {i}\n\n\n" for i in range(120))
+    (root / "big.py").write_text(text)
+    model, tok = loaded.model, loaded.tokenizer
+    ids = tok.encode(text)
+    assert len(ids) > 3 * model.cfg.max_seq_len
+    mem = memory.RepoMemory(model, tok, root)
+    assert mem.entries == len(ids) and mem.vals.tolist() == ids[1:] + [int(tok.eos_id)]

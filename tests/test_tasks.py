@@ -302,6 +302,14 @@ def test_cli_runs_with_a_model(tmp_path, tiny_model_dir, capsys):
     out = json.loads(capsys.readouterr().out)
     assert isinstance(out, list) and set(out[0]) == {"hints", "reasoning"}
     assert main(["complete", f"{f}:18:5", "--model", str(tiny_model_dir), "--max-tokens", "4"]) == 0
+    # repository context (stubs + the project's memory, assistant/memory.py); a missing DIR: exit 2
+    capsys.readouterr()
+    assert main(["complete", f"{f}:18:5", "--model", str(tiny_model_dir), "--max-tokens", "4",
+                 "--repo", str(tmp_path), "--json"]) == 0
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)[0]["text"] is not None and "for completion memory: file 1 of 1" in cap.err
+    assert main(["complete", f"{f}:18:5", "--model", str(tiny_model_dir), "--repo", str(tmp_path / "nope")]) == 2
+    assert "not a directory" in capsys.readouterr().err
     assert main(["explain", f"{f}:17-20", "--model", str(tmp_path / "no-model")]) == 2
 
 
