@@ -435,7 +435,8 @@ def _plan_complete(engine: Engine, req: TaskRequest, budget: int, max_new: int) 
     column = min(max(req.column, 0), len(lines[req.line]))
     source, line = source_window(req.source, req.line, budget)
     related, added = list(req.related), []
-    if req.repo:
+    mix = _repo_memory(engine, req) if req.repo and REPO_MEMORY else None
+    if req.repo and (mix is None or REPO_STUBS_WITH_MEMORY):
         related, added = repo_related(req)  # on the whole document: its imports are at the top
     share = REPO_RELATED_SHARE if added else 0.15
     ctx = build_context(tok, source, line, column, budget=budget, related=related, related_share=share,
@@ -466,7 +467,6 @@ def _plan_complete(engine: Engine, req: TaskRequest, budget: int, max_new: int) 
     stops = ("\n",) if not multiline else (at_suffix,) if at_suffix else ()
     beams = 1 if multiline else max(1, engine.completion_beams)
     rerank = _line_reranker(tok, lines, line, column, finish, stop_ids) if beams > 1 and COMPLETION_RERANK else None
-    mix = _repo_memory(engine, req) if req.repo and REPO_MEMORY else None
     if mix is not None:
         ctx.report.trimmed.insert(0, "repository context: the project's memory (kNN) mixed into each token")
     return Plan(req, ctx.prompt_ids, max_new + (len(heal) + 1 if heal else 0), think=False, finish=finish,
@@ -474,9 +474,13 @@ def _plan_complete(engine: Engine, req: TaskRequest, budget: int, max_new: int) 
                 beams=beams, rerank=rerank, mix=mix)
 
 
-# With repository context, completion also reads the project through its memory: a kNN-LM over
-# every token position of the project's files (assistant/memory.py). False: the stubs only.
+# With repository context, completion reads the project through its memory: a kNN-LM over every
+# token position of the project's files (assistant/memory.py). False: the stubs only.
 REPO_MEMORY = True
+# The stubs (signatures of imported names) as well as the memory: they cost the shipped model
+# token accuracy with or without the memory (docs/benchmarks.md, "Repository memory"), so only a
+# backend without a local model (no memory) gets them.
+REPO_STUBS_WITH_MEMORY = False
 
 
 def _repo_memory(engine: Engine, req: TaskRequest):

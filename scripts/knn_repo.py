@@ -77,6 +77,35 @@ class Store:
         return top, self.vals[i]
 
 
+class ProductStore:
+    """The product's memory (assistant.memory.RepoMemory) behind the interface of ``Store``."""
+
+    def __init__(self, mem):
+        self.mem, self.mean, self.proj = mem, mem.mean, mem.proj
+        self.files = {rel: rel for rel in mem.file_ids}
+
+    def __len__(self) -> int:
+        return self.mem.entries
+
+    def dist(self, q_BD, k, exclude):
+        d, v, _ = self.mem.nearest(q_BD, exclude, k)
+        return d, v
+
+    @staticmethod
+    def load(model, tok, root: Path, cache: Path) -> "ProductStore":
+        from assistant.memory import RepoMemory
+
+        if cache.exists():  # the blocks as read before (the experiment's cache)
+            mem = RepoMemory.__new__(RepoMemory)
+            mem.model, mem.tok, mem.root, mem.complete = model, tok, root.resolve(), True
+            mem._blocks = torch.load(cache)
+            mem._stack()
+        else:
+            mem = RepoMemory(model, tok, root)
+            torch.save(mem._blocks, cache)
+        return ProductStore(mem)
+
+
 class KnnMix:
     """Wraps ``model.forward``: the last position's logits become log((1-lam) p + lam p_knn)."""
 
@@ -114,6 +143,7 @@ def teacher(mix, tok, engine, stores, reqs, args) -> int:
     taus = [float(x) for x in args.taus.split(",")]
     stats = {(lam, tau): [0, 0.0, 0] for lam in lams for tau in taus}  # correct tokens, nll, whole lines
     ntok = 0
+    rows = []
     model = mix.model
     captured = []
     hook = model.norm.register_forward_hook(lambda m, a, out: captured.append(out))
@@ -130,17 +160,33 @@ def teacher(mix, tok, engine, stores, reqs, args) -> int:
         d, v = st.dist(h, args.k, st.files.get(it["path"]))
         p_model = logits.softmax(-1)
         ntok += len(target)
+        if args.buckets:  # (nearest distance relative to |q|^2, kNN top-1 right, model top-1 right)
+            w1 = torch.softmax(-d / (0.1 * d[:, :1].clamp_min(1e-6)), dim=-1)
+            pk = torch.zeros_like(p_model).scatter_add_(1, v.clamp_max(p_model.shape[-1] - 1), w1)
+            hq = h if getattr(st, "proj", None) is None else (h - st.mean) @ st.proj
+            rel = d[:, 0] / (hq * hq).sum(-1)
+            rows.extend(zip(rel.tolist(), (pk.argmax(-1) == y).tolist(), (p_model.argmax(-1) == y).tolist()))
         for tau in taus:
             w = torch.softmax(-d / (tau * d[:, :1].clamp_min(1e-6)), dim=-1)
             p_knn = torch.zeros_like(p_model).scatter_add_(1, v.clamp_max(p_model.shape[-1] - 1), w)
+            hq = h if getattr(st, "proj", None) is None else (h - st.mean) @ st.proj
+            rel = (d[:, :1] / (hq * hq).sum(-1, keepdim=True)).clamp_min(0)
             for lam in lams:
-                p = (1 - lam) * p_model + lam * p_knn
+                lam_t = lam * torch.exp(-rel / args.r0) if args.r0 > 0 else lam  # adaptive: near -> trusted
+                p = (1 - lam_t) * p_model + lam_t * p_knn
                 ok = p.argmax(-1) == y
                 s = stats[(lam, tau)]
                 s[0] += int(ok.sum())
                 s[1] += float(-p.gather(1, y[:, None]).clamp_min(1e-30).log().sum())
                 s[2] += bool(ok.all())
     hook.remove()
+    if args.buckets:
+        rows.sort()
+        q = len(rows) // args.buckets
+        for b in range(args.buckets):
+            part = rows[b * q:(b + 1) * q if b < args.buckets - 1 else len(rows)]
+            print(f"relative nearest distance {part[0][0]:.3f}-{part[-1][0]:.3f}: kNN top-1 "
+                  f"{100 * sum(r[1] for r in part) / len(part):.0f}%, model top-1 {100 * sum(r[2] for r in part) / len(part):.0f}%")
     for (lam, tau), (c, nll, lines) in stats.items():
         print(f"lam {lam:g} tau {tau:g} k {args.k}: token top-1 {100 * c / ntok:.1f}% nll {nll / ntok:.3f} "
               f"lines all top-1 {100 * lines / len(reqs):.1f}% ({len(reqs)} lines, {ntok} tokens)")
@@ -156,6 +202,10 @@ def main() -> int:
     ap.add_argument("--taus", default="1")
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--r0", type=float, default=0.0,
+                    help="adaptive: lam x exp(-r / r0), r = nearest distance / |q|^2 (0: a fixed lam)")
+    ap.add_argument("--product-memory", action="store_true", help="the stores: assistant.memory.RepoMemory")
+    ap.add_argument("--buckets", type=int, default=0, help="teacher: accuracy by nearest distance, in N buckets")
     ap.add_argument("--pca", type=int, default=0, help="project keys to this many dimensions")
     ap.add_argument("--stubs", action="store_true", help="also the repository stubs in the prompt")
     ap.add_argument("--teacher", action="store_true",
@@ -174,6 +224,9 @@ def main() -> int:
     model.eval()
     settings = Settings().for_face("review")
     engine = Engine.from_loaded(loaded, **settings.engine_options())
+    import assistant.tasks
+
+    assistant.tasks.REPO_MEMORY = False  # this script mixes its own memory in (KnnMix)
     mix = KnnMix(model)
     roots = [Path(r) for r in args.roots.split(",") if r]
     items = repo_fim_items(roots, args.limit, args.seed)
@@ -181,7 +234,9 @@ def main() -> int:
     for r in roots:
         t = time.monotonic()
         cache = Path(f"/tmp/knn_store_{r.name}.pt")  # built once per package (the experiment's cache)
-        if cache.exists():
+        if args.product_memory:
+            stores[str(r)] = ProductStore.load(model, tok, r, Path(f"/tmp/knn_mem_{r.name}.pt"))
+        elif cache.exists():
             stores[str(r)] = torch.load(cache, weights_only=False)
         else:
             stores[str(r)] = Store(model, tok, r)

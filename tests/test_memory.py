@@ -55,8 +55,8 @@ def test_memory_holds_every_position_and_recalls_the_token_that_followed(loaded,
 
     ids = tok.encode(UTIL)
     logits, h = _head_inputs(model, ids)
-    # the memory alone (LAM 1): the position's own entry is at distance ~0, so its token wins
-    monkeypatch.setattr(memory, "LAM", 1.0)
+    # at distance ~0 the memory alone speaks (lam = LAM_MAX = 1): the position's own entry wins
+    monkeypatch.setattr(memory, "LAM_MAX", 1.0)
     picked = mem.mix(logits, h).argmax(-1)
     assert picked.tolist() == ids[1:] + [int(tok.eos_id)]
     # the model alone would not say so (a tiny random model)
@@ -64,8 +64,12 @@ def test_memory_holds_every_position_and_recalls_the_token_that_followed(loaded,
     # the file being edited is left out: only main.py's entries can vote now
     d, v, ok = mem.nearest(h, exclude="pkg/util.py")
     assert bool(ok.all()) and set(v.flatten().tolist()) <= set(tok.encode(MAIN) + [int(tok.eos_id)])
-    # a mixture is a distribution: (1 - LAM) p_model + LAM p_knn
-    monkeypatch.setattr(memory, "LAM", 0.5)
+    # far from everything it has seen, the memory has little say (lam = LAM_MAX exp(-r / R0))
+    far = h + 50 * torch.randn(h.shape, generator=torch.Generator().manual_seed(0))
+    drift = (mem.mix(logits, far).exp() - logits.softmax(-1)).abs().sum(-1)
+    assert float(drift.max()) < 2 * 0.2  # total variation < 0.2: lam < 0.2 at r ~ 1
+    # a mixture is a distribution: (1 - lam) p_model + lam p_knn, lam <= LAM_MAX
+    monkeypatch.setattr(memory, "LAM_MAX", 0.5)
     p = mem.mix(logits, h).exp()
     assert torch.allclose(p.sum(-1), torch.ones(len(ids)), atol=1e-4)
     assert bool((p >= 0.5 * logits.softmax(-1) - 1e-6).all())
@@ -124,6 +128,7 @@ def test_completion_with_repository_context_uses_the_memory(loaded, tmp_path):
     plan = make_plan(eng, req)
     assert plan.mix is not None and plan.mix.exclude == "pkg/main.py"
     assert any("memory" in n for n in plan.notes)
+    assert not any(n.startswith("repository context: added") for n in plan.notes)  # no stubs beside it
     res = execute_batch(eng, [req], 1)[0]
     assert isinstance(res.text, str)
     mem = plan.mix._mem or memory.memory_for(loaded.model, loaded.tokenizer, root)
