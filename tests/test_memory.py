@@ -84,8 +84,10 @@ def test_memory_reads_changed_and_new_files_again(loaded, tmp_path, monkeypatch)
     mem.refresh()  # within RECHECK_S: nothing is looked at
     assert mem.entries == before
     monkeypatch.setattr(memory, "RECHECK_S", 0.0)
+    basis = mem.proj
     mem.refresh()
     assert mem.entries == before + len(tok.encode("EXTRA = 'x'\n"))
+    assert mem.proj is basis  # the projection is fixed once the project was read: a new file is projected alone
     (root / "pkg" / "extra.py").unlink()
     later = time.time() + 5
     (root / "pkg" / "util.py").write_text(UTIL + "OTHER = 1\n")
