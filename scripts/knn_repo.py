@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 
 class Store:
@@ -92,7 +91,7 @@ class ProductStore:
         return d, v
 
     @staticmethod
-    def load(model, tok, root: Path, cache: Path) -> "ProductStore":
+    def load(model, tok, root: Path, cache: Path) -> ProductStore:
         from assistant.memory import RepoMemory
 
         if cache.exists():  # the blocks as read before (the experiment's cache)
@@ -215,7 +214,7 @@ def main() -> int:
 
     from assistant.config import Settings
     from assistant.engine import Engine
-    from assistant.evaluate import completion_request, edit_similarity, exact_match, repo_fim_items, _text
+    from assistant.evaluate import _text, completion_request, edit_similarity, exact_match, repo_fim_items
     from assistant.tasks import iter_batch
     from model.checkpoint import load_model
 
