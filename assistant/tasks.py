@@ -68,7 +68,7 @@ class TaskRequest:
     max_seconds: float | None = None
     context_tokens: int | None = None  # complete: prompt cap (default: the engine's completion_context_tokens)
     question: str | None = None  # the user's words (chat): explain reads them with the code
-    repo: str | None = None  # project root: completion adds definitions from its other files
+    repo: str | None = None  # project root: completion reads the project's memory (assistant/memory.py)
     recent: list[str] | None = None  # recently edited files of the project, most recent first
     # with ``repo``: at most this long reading the project into its memory (assistant/memory.py) per
     # request, the rest at later ones (an editor's first completions must not wait); None: all first
@@ -1209,8 +1209,8 @@ def _parser(task: str) -> argparse.ArgumentParser:
         p.add_argument("target", metavar="FILE:LINE:COL" if task == "complete" else "FILE:START-END")
     if task == "complete":
         p.add_argument("--repo", metavar="DIR", default=None,
-                       help="repository context: definitions from the project's other files and the project's "
-                            "memory (the first use reads the project through the model: minutes for a large one)")
+                       help="repository context: the project's memory, a kNN-LM over its files (the first use "
+                            "reads the project through the model: minutes for a large one)")
     p.add_argument("--model", metavar="DIR", default=None, help="model directory (default: the shipped model)")
     p.add_argument("--max-tokens", type=int, default=None, help="most new tokens per request")
     p.add_argument("--max-seconds", type=float, default=None, help="time limit per request")
