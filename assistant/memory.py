@@ -11,9 +11,10 @@ repository context the ``K`` nearest entries vote for the next token::
 
 (``d``: squared distance, ``q``: the projected query). The memory is trusted as far as it has
 seen something close: on development packages its top-1 token was right 96% of the time where
-``r`` < 0.09 (the model's: 65%) and 52% where ``r`` > 0.58 (the model's: 74%). The model never learnt the user's project; its own reading of the
-project's code gives the identifiers and idioms there back to it. Nothing is trained, so any
-model and any face that passes the repository (``TaskRequest.repo``) gets it.
+``r`` < 0.09 (the model's: 65%) and 52% where ``r`` > 0.58 (the model's: 74%). The model never
+learnt the user's project; its own reading of the project's code gives the identifiers and
+idioms there back to it. Nothing is trained, so any local model and any face that passes the
+repository (``TaskRequest.repo``) gets it.
 
 * The entries of the file being edited are left out: its text is in the prompt already, and the
   copy on disk may be older than the editor's.
@@ -22,11 +23,14 @@ model and any face that passes the repository (``TaskRequest.repo``) gets it.
   packages (``scripts/knn_repo.py --teacher --pca 128``). The projection is computed once (from
   the first ``PCA_MIN`` positions, or the whole project if smaller); files read later are
   projected as they are read, so taking in a changed file costs its reading only.
-* The search is exact (one matrix-vector product over all keys): it streams the keys from memory
-  for each generated token, ~40 ms for textual's 700k positions on 2 cores.
+* The search is exact (one matrix-vector product over all keys) below ``IVF_MIN`` entries. It
+  streams every key from memory for each generated token: ~40 ms for textual's 700k positions on
+  2 cores. From ``IVF_MIN`` entries an inverted-file index is used instead: k-means cells, fixed
+  once built, and each token searches the entries of its ``IVF_PROBE`` nearest cells.
 * Built once per (model, project), on the engine's thread at the first completion that asks
-  (a few thousand tokens a second on a laptop CPU: textual's 2.7 MB takes minutes); a file whose
-  size or modification time changed is read again at the next use, at most every ``RECHECK_S``.
+  (2,800 tokens a second on 2 cores: textual's 2.7 MB takes 4 minutes), or a slice per
+  completion (``read_s``, the editor's way); a file whose size or modification time changed is
+  read again at the next use, at most every ``RECHECK_S``.
 * At most ``MAX_POSITIONS`` entries (the files in ``RepoIndex`` order).
 
 Measured (docs/benchmarks.md, "Repository memory (kNN-LM) for completion"): chosen on development
@@ -50,6 +54,8 @@ PCA_MIN = 20_000  # positions read before the projection is fixed (a small proje
 WINDOW = 1024  # tokens read at once (the shipped model's context)
 OVERLAP = 256  # a window after the first keeps only positions with at least this much context
 MAX_POSITIONS = 1_500_000
+IVF_MIN = 100_000  # entries from which the search goes through an inverted-file index (k-means cells)
+IVF_PROBE = 16  # cells searched per query, of about 2 sqrt(entries)
 RECHECK_S = 30.0
 
 
@@ -62,6 +68,8 @@ class RepoMemory:
         # the projection is fixed once PCA_MIN positions (or the whole project) were read; before,
         # blocks hold the raw head inputs and each re-stack computes it again
         self._fixed = False
+        self.centroids = None  # the inverted-file index's cells, fixed once IVF_MIN entries are projected
+        self._assign: dict[str, object] = {}  # rel -> each entry's cell
         # rel -> ((mtime, size), head inputs [n, D] float16, next token ids [n])
         self._blocks: dict[str, tuple[tuple[float, int], object, object]] = {}
         self._checked = 0.0
@@ -136,6 +144,7 @@ class RepoMemory:
                 continue
             k, v = self._read_file(text)
             self._blocks[rel] = (stamp, self._project(k) if self._fixed else k, v)
+            self._assign.pop(rel, None)
             read += 1
             total += v.shape[0]
             changed = True
@@ -144,6 +153,7 @@ class RepoMemory:
         for rel in list(self._blocks):
             if rel not in seen:
                 del self._blocks[rel]
+                self._assign.pop(rel, None)
                 changed = True
         if changed or force:
             self._stack()
@@ -182,6 +192,20 @@ class RepoMemory:
                 for r, k in zip(rels, ks):
                     self._blocks[r] = (self._blocks[r][0], k, self._blocks[r][2])
         self.keys = torch.cat(ks) if ks else torch.zeros(0, self.proj.shape[1])
+        n = self.keys.shape[0]
+        if self.centroids is None and self._fixed and n >= IVF_MIN:
+            self.centroids = _kmeans(self.keys, max(IVF_PROBE, int(2 * n ** 0.5)))
+        if self.centroids is not None:  # entries sorted by cell; a file's are no longer contiguous
+            for r, k in zip(rels, ks):
+                if r not in self._assign:
+                    self._assign[r] = _nearest_cell(k, self.centroids)
+            cell = torch.cat([self._assign[r] for r in rels])
+            order = torch.argsort(cell, stable=True)
+            self.keys, self.vals, self.fids = self.keys[order], self.vals[order], self.fids[order]
+            counts = torch.bincount(cell, minlength=self.centroids.shape[0])
+            self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).tolist()
+            self.spans = {}
+            self.cnorm = (self.centroids * self.centroids).sum(-1)
         self.knorm = (self.keys * self.keys).sum(-1)
 
     def _project(self, k):
@@ -199,14 +223,37 @@ class RepoMemory:
         import torch
 
         q = (h_BD.float().cpu() - self.mean) @ self.proj
-        d = self.knorm[None] - 2 * q @ self.keys.T + (q * q).sum(-1, keepdim=True)
-        span = self.spans.get(exclude) if exclude is not None else None
-        if span is not None:
-            d[:, span[0]:span[1]] = float("inf")
-        k = min(k, d.shape[1])
-        top, i = d.topk(k, dim=-1, largest=False)
-        out = (top, self.vals[i], torch.isfinite(top))
-        return (*out, (q * q).sum(-1, keepdim=True)) if with_norm else out
+        qq = (q * q).sum(-1, keepdim=True)
+        if self.centroids is not None:
+            top, vals = self._search_cells(q, qq, exclude, k)
+        else:
+            d = self.knorm[None] - 2 * q @ self.keys.T + qq
+            span = self.spans.get(exclude) if exclude is not None else None
+            if span is not None:
+                d[:, span[0]:span[1]] = float("inf")
+            top, i = d.topk(min(k, d.shape[1]), dim=-1, largest=False)
+            vals = self.vals[i]
+        out = (top, vals, torch.isfinite(top))
+        return (*out, qq) if with_norm else out
+
+    def _search_cells(self, q, qq, exclude: str | None, k: int):
+        """The k nearest among the entries of each query's IVF_PROBE nearest cells (padded with
+        infinite distances where they hold fewer)."""
+        import torch
+
+        cells = (self.cnorm[None] - 2 * q @ self.centroids.T).topk(min(IVF_PROBE, self.centroids.shape[0]),
+                                                                    dim=-1, largest=False).indices
+        fid = self.file_ids.get(exclude) if exclude is not None else None
+        top = torch.full((q.shape[0], k), float("inf"))
+        vals = torch.zeros((q.shape[0], k), dtype=torch.long)
+        for b, row in enumerate(cells.tolist()):
+            idx = torch.cat([torch.arange(self.offsets[c], self.offsets[c + 1]) for c in row])
+            d = self.knorm[idx] - 2 * self.keys[idx] @ q[b] + qq[b]
+            if fid is not None:
+                d[self.fids[idx] == fid] = float("inf")
+            t, i = d.topk(min(k, d.shape[0]), largest=False)
+            top[b, :t.shape[0]], vals[b, :t.shape[0]] = t, self.vals[idx[i]]
+        return top, vals
 
     def mix(self, logits_BV, h_BD, exclude: str | None = None):
         """The logits to pick the next token from: log((1 - lam) softmax(logits) + lam p_knn)."""
@@ -223,6 +270,31 @@ class RepoMemory:
         lam = LAM_MAX * torch.exp(-(d[:, :1] / qq.clamp_min(1e-6)).clamp_min(0) / R0)  # [B, 1]
         p = (1 - lam.to(logits_BV.device)) * logits_BV.float().softmax(-1) + (lam * p_knn).to(logits_BV.device)
         return p.clamp_min(1e-30).log()
+
+
+def _nearest_cell(x, centroids, chunk: int = 32_768):
+    """Each row's nearest centroid (squared distance), ``chunk`` rows at a time."""
+    import torch
+
+    cn = (centroids * centroids).sum(-1)
+    if x.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([(cn[None] - 2 * x[i:i + chunk] @ centroids.T).argmin(-1) for i in range(0, x.shape[0], chunk)])
+
+
+def _kmeans(x, cells: int, iters: int = 6, seed: int = 0):
+    """``cells`` centroids of the rows of ``x`` (Lloyd's iterations on a sample of 32 rows a cell)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    sample = x[torch.randperm(x.shape[0], generator=g)[:32 * cells]]
+    c = sample[torch.randperm(sample.shape[0], generator=g)[:cells]].clone()
+    for _ in range(iters):
+        a = _nearest_cell(sample, c)
+        sums = torch.zeros_like(c).index_add_(0, a, sample)
+        count = torch.bincount(a, minlength=c.shape[0])[:, None]
+        c = torch.where(count > 0, sums / count.clamp_min(1), c)  # an empty cell keeps its centroid
+    return c
 
 
 _MEMORIES: dict[tuple[int, Path], RepoMemory] = {}

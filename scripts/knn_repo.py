@@ -97,6 +97,7 @@ class ProductStore:
         if cache.exists():  # the blocks as read before (the experiment's cache)
             mem = RepoMemory.__new__(RepoMemory)
             mem.model, mem.tok, mem.root, mem.complete, mem._fixed = model, tok, root.resolve(), True, False
+            mem.centroids, mem._assign = None, {}
             mem._blocks = torch.load(cache)
             mem._stack()
         else:

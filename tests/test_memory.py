@@ -168,3 +168,32 @@ def test_a_file_longer_than_the_context_is_read_in_overlapping_windows(loaded, t
     assert len(ids) > 3 * model.cfg.max_seq_len
     mem = memory.RepoMemory(model, tok, root)
     assert mem.entries == len(ids) and mem.vals.tolist() == ids[1:] + [int(tok.eos_id)]
+
+
+def test_a_large_memory_searches_its_nearest_cells(loaded, tmp_path, monkeypatch):
+    """From IVF_MIN entries the search goes through k-means cells: each stored position still
+    finds itself first (its own cell is the query's nearest), the edited file's entries stay out,
+    and a file read later joins the cells that were fixed."""
+    root = tmp_path / "ivf"
+    root.mkdir()
+    for i in range(4):
+        (root / f"m{i}.py").write_text("".join(f"def g{i}_{j}(y):\n    return y * {j}\n\n\n" for j in range(60)))
+    monkeypatch.setattr(memory, "IVF_MIN", 500)
+    monkeypatch.setattr(memory, "IVF_PROBE", 4)
+    model, tok = loaded.model, loaded.tokenizer
+    mem = memory.RepoMemory(model, tok, root)
+    assert mem.centroids is not None and mem.entries > 2000
+    text = (root / "m1.py").read_text()
+    ids = tok.encode(text)[:200]
+    _, h = _head_inputs(model, ids)
+    d, v, ok = mem.nearest(h, k=4)
+    assert float(d[:, 0].abs().max()) < 1e-3 and v[:, 0].tolist() == tok.encode(text)[1:201]
+    d, v, ok = mem.nearest(h, exclude="m1.py", k=4)
+    # its own entries are gone; other files answer (the first tokens, "def g", read the same in all)
+    assert float(d[5:, 0].min()) > 1e-3 and bool(ok.all())
+    cells = mem.centroids
+    (root / "m9.py").write_text("VALUE = 99\n")
+    monkeypatch.setattr(memory, "RECHECK_S", 0.0)
+    mem.refresh()
+    assert mem.centroids is cells and "m9.py" in mem.file_ids
+    assert sum(b - a for a, b in zip(mem.offsets, mem.offsets[1:])) == mem.entries
