@@ -160,7 +160,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="share of training prompts with repository context")
     p.add_argument("--eval-lines", type=int, default=40, help="held-out lines scored before/after")
     p.add_argument("--eval-every", type=float, default=240.0, help="seconds of training between evaluations")
-    p.add_argument("--repo-eval", action="store_true", help="also score with repository context (twice the time)")
+    p.add_argument("--repo-eval", action="store_true", help="also score with repository context: the repository's memory, read again "
+                        "with the current weights at each evaluation (minutes for a large project)")
     p.add_argument("--train-context", type=int, default=256,
                    help="prompt tokens of a training example (smaller = more steps per minute)")
     p.add_argument("--seed", type=int, default=0)
