@@ -314,8 +314,12 @@ def test_resume_after_sigkill_reproduces_losses(data_dir, tmp_path):
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
-    assert latest_checkpoint(killed).name == "step_0000008"
-    assert max(_losses(killed)) >= 10  # it ran past the checkpoint before dying
+    # the kill lands after step 10: usually before the step-12 checkpoint, on a fast idle box
+    # sometimes just after it (seen in a fresh-clone CI run); either way it resumes from a checkpoint
+    # behind the steps it had logged
+    ck = latest_checkpoint(killed).name
+    assert ck in ("step_0000008", "step_0000012")
+    assert max(_losses(killed)) >= 10  # it ran past the step-8 checkpoint before dying
     r = subprocess.run([*args, "--out", str(killed), "--resume"], env=_env(), capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr
