@@ -20,7 +20,7 @@ repository (``TaskRequest.repo``) gets it.
   copy on disk may be older than the editor's.
 * Keys are projected on the project's ``PCA_DIMS`` principal components (float32): a quarter of
   the memory and of the search time of the full 512, the same token accuracy on development
-  packages (``scripts/knn_repo.py --teacher --pca 128``). The projection is computed once (from
+  packages (``scripts/knn_repo.py --teacher --dims 128`` against ``--dims 512``). The projection is computed once (from
   the first ``PCA_MIN`` positions, or the whole project if smaller); files read later are
   projected as they are read, so taking in a changed file costs its reading only.
 * The search is exact (one matrix-vector product over all keys) below ``IVF_MIN`` entries. It
