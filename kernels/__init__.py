@@ -26,6 +26,7 @@ __all__ = [
     "moe_experts",
     "moe_experts_loop",
     "moe_layer_decode",
+    "norm_linear",
     "permute",
     "qk_rope_cache",
     "rope",
@@ -133,6 +134,12 @@ def _decode_impl(tensor):
 def add_rms_norm(x, delta, weight, eps):
     """(x + delta, RMSNorm(x + delta) * weight); ``delta`` may be None. Inference only."""
     return _decode_impl(x).add_rms_norm(x, delta, weight, eps)
+
+
+def norm_linear(x, delta, norm_weight, eps, weight, bias=None):
+    """One token row: (RMSNorm(x + delta) * norm_weight @ weight^T + bias, x + delta) in one launch on the
+    Triton path (no separate norm launch before the GEMV). ``delta`` / ``norm_weight`` may be None. Inference only."""
+    return _decode_impl(x).norm_linear(x, delta, norm_weight, eps, weight, bias)
 
 
 def rope(x_BHTD, cos_BTd, sin_BTd, out=None):

@@ -375,14 +375,7 @@ def decode_breakdown(s: Shape, T: int, dev, inner: int = 16) -> list[dict]:
             p.wr.numel() * 4 + 3 * wbytes + sbytes)
     if T <= tml.SPLIT_MAX_TOKENS:  # the split-K path, its default blocks and a few others
         nb = p.wr.numel() * 4 + 3 * wbytes + sbytes
-        for name, meta in (("default", None),
-                           ("GU 64x64, DN 64x128", dict(GU_BN=64, GU_KC=64, DN_BN=64, DN_KC=128)),
-                           ("GU 128x128, DN 128x256", dict(GU_BN=128, GU_KC=128, DN_BN=128, DN_KC=256)),
-                           ("GU 64x256, DN 64x512", dict(GU_BN=64, GU_KC=256, DN_BN=64, DN_KC=512)),
-                           ("GU 32x256, DN 32x512", dict(GU_BN=32, GU_KC=256, DN_BN=32, DN_KC=512)),
-                           ("8 warps", dict(GU_WARPS=8, DN_WARPS=8)),
-                           ("GU 128x128, DN 128x256, 8 warps",
-                            dict(GU_BN=128, GU_KC=128, DN_BN=128, DN_KC=256, GU_WARPS=8, DN_WARPS=8))):  # fmt: skip
+        for name, meta in (("default", None), ("GU 64x128, DN 64x256", dict(GU_KC=128, DN_KC=256))):
             pieces[f"layer split: whole layer, {name}"] = (
                 lambda i, meta=meta: tml.moe_layer_decode_split(
                     sets[i]["x"], p.wr, None, K, "softmax", s.renormalize, 1, 1, "max", 1.0, p.wg, p.wu, p.wd,

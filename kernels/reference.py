@@ -147,6 +147,16 @@ def add_rms_norm(x, delta, weight, eps: float):
     return h, y
 
 
+def norm_linear(x, delta, norm_weight, eps: float, weight, bias=None):
+    """(y, h): h = x + delta (x when ``delta`` is None), y = RMSNorm(h) * norm_weight @ weight^T + bias
+    (no norm when ``norm_weight`` is None); one token row, [1, N] / [1, K] in x's dtype."""
+    K = x.shape[-1]
+    x = x.reshape(1, K)
+    h = x + delta.reshape(1, K) if delta is not None else x
+    xn = add_rms_norm(h, None, norm_weight, eps)[1] if norm_weight is not None else h
+    return F.linear(xn, weight, bias), h
+
+
 def rope(x_BHTD, cos_BTd, sin_BTd, out=None):
     """RoPE (GPT-NeoX halves) over [B, H, T, Dh]; cos/sin [B or 1, T, Dh/2]; fp32 math, x's dtype.
     ``out``: written there (``out=x`` rotates in place)."""

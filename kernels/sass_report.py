@@ -19,7 +19,7 @@ import tempfile
 MNEMONICS = ("HGMMA", "HMMA", "LDGSTS", "LDG.E.128", "LDL", "STL")
 
 
-def _compile(fn, types: dict, consts: dict, warps: int, stages: int) -> dict:
+def _compile(fn, types: dict, consts: dict, warps: int, stages: int, extra_div: tuple = ()) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -30,7 +30,7 @@ def _compile(fn, types: dict, consts: dict, warps: int, stages: int) -> dict:
     sig, attrs = {}, {}
     for i, n in enumerate(fn.arg_names):
         sig[n] = "constexpr" if n in consts else types.get(n, "i32")
-        if sig[n].startswith("*") or (sig[n] == "i32" and (n.startswith("stride") or n in ("N", "Kd", "F", "D", "M"))):
+        if sig[n].startswith("*") or (sig[n] == "i32" and (n.startswith("stride") or n in ("N", "Kd", "F", "D", "M") + extra_div)):
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
@@ -44,6 +44,12 @@ def _compile(fn, types: dict, consts: dict, warps: int, stages: int) -> dict:
     out["shared"] = k.metadata.shared
     out["regs"] = getattr(k, "n_regs", None) or getattr(k.metadata, "num_regs", None) or -1
     return out
+
+
+def tl_f32():
+    import triton.language as tl
+
+    return tl.float32
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     cases.append(("layer split router T=1 E=128 K=8", tml._router_kernel, rt_t,
                   dict(K=8, SOFTMAX=True, HAS_BIAS=False, RENORM=True, N_GROUPS=1, TOPK_GROUPS=1, GROUP_TOP2=False,
                        SHARED=False, SBN=16, SBK=16, PDL=False, PLAN=False, ZERO=True, BLOCK_Z=256, **m_), w_, 1))
+    from kernels import triton_decode as tdec
+
+    gv_t = dict(x_ptr=B, d_ptr=B, nw_ptr=B, w_ptr=B, b_ptr=B, y_ptr=B, h_ptr=B, eps="fp32")
+    for c in tdec._GEMV_GPU:
+        cases.append((f"decode norm+GEMV BN={c['BN']} BK={c['BK']}", tdec._norm_gemv_kernel, gv_t,
+                      dict(HAS_DELTA=True, HAS_NORM=True, HAS_BIAS=False, ACC=tl_f32(), BN=c["BN"], BK=c["BK"]),
+                      c["w"], 1))  # fmt: skip
     c = tml._LAYER_GPU[0]  # programmatic dependent launch
     cases.append(("layer down+combine PDL", tml._down_kernel, ldn_t,
                   dict(stride_dd=1, stride_sd=1, BM=16, BLOCK_TO=1, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
@@ -129,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn, types, consts, w, s in cases:
         try:
             names = fn.arg_names if hasattr(fn, "arg_names") else fn.fn.arg_names
-            r = _compile(fn, types, {k: v for k, v in {**common, **consts}.items() if k in names}, w, s)
+            r = _compile(fn, types, {k: v for k, v in {**common, **consts}.items() if k in names}, w, s,
+                         ("K",) if "GEMV" in name else ())
         except Exception as exc:  # report and go on
             print(f"{name:34s} FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
             continue

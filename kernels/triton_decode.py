@@ -62,6 +62,85 @@ def add_rms_norm(x, delta, weight, eps: float):
     return h.view(x.shape), y.view(x.shape)
 
 
+_GEMV_GPU = [  # (rows of W per program, K chunk, warps): 32 KB or 16 KB of bf16 weights per step
+    dict(BN=8, BK=2048, w=8), dict(BN=4, BK=4096, w=8), dict(BN=16, BK=1024, w=8),
+    dict(BN=4, BK=2048, w=4), dict(BN=2, BK=4096, w=4), dict(BN=8, BK=1024, w=4),
+]
+
+
+def _gemv_configs():
+    from kernels.triton_ops import INTERPRET
+
+    if INTERPRET:
+        return [triton.Config(dict(BN=4, BK=16), num_warps=1)]
+    return [triton.Config(dict(BN=c["BN"], BK=c["BK"]), num_warps=c["w"]) for c in _GEMV_GPU]
+
+
+@triton.autotune(configs=_gemv_configs(), key=["N", "K", "HAS_NORM"])
+@triton.jit
+def _norm_gemv_kernel(x_ptr, d_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, K, eps, stride_w,
+                      HAS_DELTA: tl.constexpr, HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
+                      BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    """One token: y = RMSNorm(x + delta) * nw @ W^T (+ b). Every program computes the norm of the
+    (small) input row itself, so no separate norm launch runs before the GEMV; program 0 writes
+    h = x + delta. The rounding points are the eager path's: h and the normed row in x's dtype."""
+    pid = tl.program_id(0)
+    ns = pid * BN + tl.arange(0, BN)
+    nm = ns < N
+    dt = x_ptr.dtype.element_ty
+    rstd = 1.0
+    if HAS_NORM:
+        ss = tl.zeros((BK,), dtype=ACC)
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            km = ks < K
+            h = tl.load(x_ptr + ks, mask=km, other=0.0)
+            if HAS_DELTA:
+                h = (h.to(ACC) + tl.load(d_ptr + ks, mask=km, other=0.0).to(ACC)).to(dt)
+                if pid == 0:
+                    tl.store(h_ptr + ks, h, mask=km)
+            hf = h.to(ACC)
+            ss += hf * hf
+        rstd = 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
+    acc = tl.zeros((BN,), dtype=ACC)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        km = ks < K
+        w = tl.load(w_ptr + ns[:, None].to(tl.int64) * stride_w + ks[None, :], mask=nm[:, None] & km[None, :],
+                    other=0.0)  # fmt: skip
+        xk = tl.load(x_ptr + ks, mask=km, other=0.0)
+        if HAS_DELTA:
+            xk = (xk.to(ACC) + tl.load(d_ptr + ks, mask=km, other=0.0).to(ACC)).to(dt)
+        if HAS_NORM:
+            xk = (xk.to(ACC) * rstd * tl.load(nw_ptr + ks, mask=km, other=0.0).to(ACC)).to(dt)
+        acc += tl.sum(w.to(ACC) * xk.to(ACC)[None, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + ns, mask=nm, other=0.0).to(ACC)
+    tl.store(y_ptr + ns, acc.to(y_ptr.dtype.element_ty), mask=nm)
+
+
+def norm_linear(x, delta, norm_weight, eps: float, weight, bias=None):
+    """One token row: (y, h) with h = x + delta (x when ``delta`` is None), y = RMSNorm(h) * norm_weight
+    @ weight^T + bias (no norm when ``norm_weight`` is None). x, delta [1, K] or [K]; weight [N, K] with
+    unit stride along K; y [1, N] in x's dtype."""
+    K = x.shape[-1]
+    N = weight.shape[0]
+    assert x.numel() == K and weight.shape[1] == K and weight.stride(1) == 1
+    x1 = x.reshape(K).contiguous()
+    d1 = delta.reshape(K).contiguous() if delta is not None else x1
+    h = torch.empty_like(x1) if delta is not None else x1
+    y = torch.empty(N, dtype=x.dtype, device=x.device)
+    if delta is not None and norm_weight is None:  # h is written by the norm's first pass
+        x1 = h.copy_(x1 + d1)
+        delta = None
+    nw = norm_weight if norm_weight is not None else x1
+    _norm_gemv_kernel[lambda m: (triton.cdiv(N, m["BN"]),)](
+        x1, d1, nw, weight, bias if bias is not None else weight, y, h, N, K, float(eps), weight.stride(0),
+        HAS_DELTA=delta is not None, HAS_NORM=norm_weight is not None, HAS_BIAS=bias is not None, ACC=_acc(x.dtype),
+    )  # fmt: skip
+    return y.view(1, N), h.view(1, K)
+
+
 @triton.jit
 def _qk_rope_cache_kernel(
     qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, q_ptr, pos_ptr,

@@ -505,9 +505,9 @@ def _gu_workspace(device, acc_dtype, n: int) -> torch.Tensor:
     return ws
 
 
-# The split-K path's blocks: gate/up (BN columns of the gate/up width x KC rows of D: 2 x 16 KB
-# of bf16 per program) and down (BN columns of D x KC rows of the expert's width: 32 KB).
-SPLIT_META = dict(GU_BN=64, GU_KC=128, DN_BN=64, DN_KC=256, GU_WARPS=4, DN_WARPS=4)
+# The split-K path's blocks: gate/up (BN columns of the gate/up width x KC rows of D: 2 x 32 KB
+# of bf16 per program) and down (BN columns of D x KC rows of the expert's width: 64 KB).
+SPLIT_META = dict(GU_BN=64, GU_KC=256, DN_BN=64, DN_KC=512, GU_WARPS=4, DN_WARPS=4)
 _SPLIT_INT = dict(GU_BN=16, GU_KC=16, DN_BN=16, DN_KC=16, GU_WARPS=1, DN_WARPS=1)
 SPLIT_MAX_TOKENS = 4  # the most tokens the split-K path takes (no plan: a slot per (token, expert))
 
@@ -593,7 +593,11 @@ def split_max_tokens_from_env() -> int:
     return int(v)
 
 
-DEFAULT_SPLIT = 1
+# 0: measured on an H100 (2026-12-07, docs/kernels-notes.md) the split-K path was no faster than the
+# tiles path at T = 1..4 (Qwen3-30B-A3B T=1 55 vs 53 us, DeepSeek-V2-Lite 78 vs 74 us; the best block
+# sizes of a sweep, now SPLIT_META, 42.0 vs 42.7 / 62.5 vs 63.8 us back to back): the ramps and launch
+# gaps, not tail waves of the weight-streaming launches, are what keeps T=1 under the floor.
+DEFAULT_SPLIT = 0
 
 
 def _router_meta(T: int, E: int, D: int, K: int, n_groups: int, warps: int | None = None):

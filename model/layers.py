@@ -205,6 +205,57 @@ def _attend(q, k, v, T: int, mask, scale=None, gqa: bool = False) -> torch.Tenso
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
+def _plain_weights(*lins) -> bool:
+    """Plain [out, in] weights with unit stride along ``in`` (not quantised modules)."""
+    return all(isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.stride(1) == 1 for m in lins)
+
+
+def _fuse_rows(owner: nn.Module, name: str, lins) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights (and biases) of ``lins`` stacked as one [sum(out), in] matrix, built once and
+    cached on ``owner`` under ``name``; the Linears' parameters become views into it (no second copy)."""
+    ptrs = tuple(lin.weight.data_ptr() for lin in lins)
+    got = getattr(owner, name, None)
+    if got is None or got[0] != ptrs:
+        with torch.no_grad(), torch.inference_mode(False):
+            w = torch.cat([lin.weight.detach() for lin in lins])
+            has_b = [lin.bias is not None for lin in lins]
+            b = None
+            if any(has_b):
+                b = torch.cat([lin.bias.detach() if lin.bias is not None else lin.weight.new_zeros(lin.weight.shape[0])
+                               for lin in lins])  # fmt: skip
+            n = 0
+            for lin in lins:
+                m = lin.weight.shape[0]
+                lin.weight = nn.Parameter(w[n:n + m], requires_grad=lin.weight.requires_grad)
+                if lin.bias is not None:
+                    lin.bias = nn.Parameter(b[n:n + m], requires_grad=lin.bias.requires_grad)
+                n += m
+        setattr(owner, name, (tuple(lin.weight.data_ptr() for lin in lins), w, b))
+    got = getattr(owner, name)
+    return got[1], got[2]
+
+
+def norm_gemv_wanted() -> bool:
+    """MOECODER_NORM_GEMV=1|0 (default 1): at batch 1 the fused decode step runs each attention's
+    input norm inside its first projection (``kernels.norm_linear``) and the output projection as
+    the same GEMV kernel; 0 keeps the separate norm launch and torch's GEMVs (for A/B runs)."""
+    import os
+
+    v = os.environ.get("MOECODER_NORM_GEMV", "1").strip() or "1"
+    if v not in ("0", "1"):
+        raise ValueError(f"MOECODER_NORM_GEMV must be 0 or 1; got {v!r}")
+    return v == "1"
+
+
+def _out_proj(lin: nn.Module, y: torch.Tensor, B: int) -> torch.Tensor:
+    """The output projection of one decode token: the GEMV kernel at batch 1 with plain weights."""
+    if B == 1 and _plain_weights(lin):
+        import kernels
+
+        return kernels.norm_linear(y.reshape(1, -1), None, None, 0.0, lin.weight, lin.bias)[0].view(1, 1, -1)
+    return lin(y.reshape(B, 1, -1))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -252,38 +303,38 @@ class Attention(nn.Module):
     def _qkv_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """wq, wk, wv as one [(H + 2G) * Dh, D] matrix: one GEMV per decode step instead of three.
         Built once; the three projections become views into it (no second copy)."""
-        lins = (self.wq, self.wk, self.wv)
-        ptrs = tuple(lin.weight.data_ptr() for lin in lins)
-        if getattr(self, "_qkv", None) is None or self._qkv[0] != ptrs:
-            with torch.no_grad(), torch.inference_mode(False):
-                w = torch.cat([lin.weight.detach() for lin in lins])
-                b = torch.cat([lin.bias.detach() for lin in lins]) if lins[0].bias is not None else None
-                n = 0
-                for lin in lins:
-                    m = lin.weight.shape[0]
-                    lin.weight = nn.Parameter(w[n:n + m], requires_grad=lin.weight.requires_grad)
-                    if b is not None:
-                        lin.bias = nn.Parameter(b[n:n + m], requires_grad=lin.bias.requires_grad)
-                    n += m
-            self._qkv = (tuple(lin.weight.data_ptr() for lin in lins), w, b)
-        return self._qkv[1], self._qkv[2]
+        return _fuse_rows(self, "_qkv", (self.wq, self.wk, self.wv))
 
-    def decode_fused(self, x_B1D: torch.Tensor, cos_Bd: torch.Tensor, sin_Bd: torch.Tensor, pos: torch.Tensor,
-                     cache: tuple[torch.Tensor, torch.Tensor], pad: torch.Tensor | None) -> torch.Tensor:
+    def decode_fused(self, x_B1D: torch.Tensor | None, cos_Bd: torch.Tensor, sin_Bd: torch.Tensor, pos: torch.Tensor,
+                     cache: tuple[torch.Tensor, torch.Tensor], pad: torch.Tensor | None, pre=None):
         """One decode token against the whole static cache (slot ``pos``, a [1] tensor): one QKV
-        GEMV, one kernel for QK-norm + RoPE + cache write, one attention kernel, the output GEMV."""
+        GEMV, one kernel for QK-norm + RoPE + cache write, one attention kernel, the output GEMV.
+
+        ``pre=(h, delta, norm)`` (batch 1, instead of ``x_B1D``): the input is norm(h + delta), computed
+        inside the QKV GEMV's launch; returns (output, h + delta) then."""
         import kernels
 
-        B = x_B1D.shape[0]
         w, b = self._qkv_weight()
-        qkv = F.linear(x_B1D.reshape(B, -1), w, b)
+        if pre is not None:
+            hx, dx, nrm = pre
+            B = hx.shape[0]
+            qkv, h_new = kernels.norm_linear(hx, dx, nrm.weight, nrm.eps, w, b)
+        else:
+            B = x_B1D.shape[0]
+            qkv = F.linear(x_B1D.reshape(B, -1), w, b)
         ck, cv = cache
         normed = self.qk_norm == "head"
         q = kernels.qk_rope_cache(qkv, self.q_norm.weight if normed else None, self.k_norm.weight if normed else None,
                                   cos_Bd, sin_Bd, ck, cv, pos, self.n_heads, self.n_kv_heads,
                                   self.q_norm.eps if normed else 0.0)
         y = kernels.decode_attention(q.to(ck.dtype), ck, cv, pos, pad)
+        if pre is not None:
+            return _out_proj(self.wo, y.to(hx.dtype), B), h_new.view(hx.shape)
         return self.wo(y.reshape(B, 1, -1).to(x_B1D.dtype))
+
+    def norm_gemv_ok(self) -> bool:
+        """Whether ``decode_fused(pre=...)`` applies: plain weights (the QKV matrix is built from them)."""
+        return _plain_weights(self.wq, self.wk, self.wv, self.wo)
 
 
 def _rope_in_place(x_BHTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
@@ -367,25 +418,49 @@ class MLAttention(nn.Module):
         dims = (self.r, self.dr)
         return all(d >= 16 and d & (d - 1) == 0 for d in dims)
 
-    def decode_fused(self, x_B1D, cos_Bd, sin_Bd, pos, cache, pad):
+    def _in_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The projections of the block input (wq or wq_a, then wkv_a) as one matrix: one GEMV."""
+        return _fuse_rows(self, "_qa_kva", (self.wq_a if hasattr(self, "wq_a") else self.wq, self.wkv_a))
+
+    def norm_gemv_ok(self) -> bool:
+        first = self.wq_a if hasattr(self, "wq_a") else self.wq
+        return _plain_weights(first, self.wkv_a, self.wo)
+
+    def decode_fused(self, x_B1D, cos_Bd, sin_Bd, pos, cache, pad, pre=None):
         """One decode token, absorbed attention over the latent cache by one kernel (no
-        concatenated copy of the cache, no mask)."""
+        concatenated copy of the cache, no mask). ``pre=(h, delta, norm)`` as ``Attention.decode_fused``:
+        the input norm and both input projections in one GEMV launch; returns (output, h + delta)."""
         import kernels
 
-        B = x_B1D.shape[0]
         H, dn, dr, dv, r = self.n_heads, self.dn, self.dr, self.dv, self.r
-        x = x_B1D.reshape(B, -1)
-        q = self.wq_b(self.q_a_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)  # [B, H*(dn+dr)]
+        if pre is not None:
+            hx, dx, nrm = pre
+            B = hx.shape[0]
+            w_in, b_in = self._in_weight()
+            qa, h_new = kernels.norm_linear(hx, dx, nrm.weight, nrm.eps, w_in, b_in)
+            nq = (self.wq_a if hasattr(self, "wq_a") else self.wq).weight.shape[0]
+            q, ckv = qa[:, :nq], qa[:, nq:]
+            if hasattr(self, "wq_a"):
+                q = self.wq_b(self.q_a_norm(q))
+            dtype = hx.dtype
+        else:
+            B = x_B1D.shape[0]
+            x = x_B1D.reshape(B, -1)
+            q = self.wq_b(self.q_a_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)  # [B, H*(dn+dr)]
+            ckv = self.wkv_a(x)
+            dtype = x_B1D.dtype
         ck, cpe = cache
         # one kernel: latent norm + rotary key into the caches, the queries' rotary parts rotated
-        q_pe = kernels.mla_rope_cache(q, self.wkv_a(x), self.kv_a_norm.weight, self.kv_a_norm.eps, cos_Bd, sin_Bd,
+        q_pe = kernels.mla_rope_cache(q, ckv, self.kv_a_norm.weight, self.kv_a_norm.eps, cos_Bd, sin_Bd,
                                       ck, cpe, pos, H, dn)  # fmt: skip
         w = linear_weight(self.wkv_b).view(H, dn + dv, r)
         q_lat = torch.einsum("bhd,hdr->bhr", q.view(B, H, dn + dr)[:, :, :dn].to(w.dtype), w[:, :dn])
         o = kernels.decode_attention(q_lat.to(ck.dtype), ck, ck, pos, pad, self.scale, k2_BGLD=cpe,
                                      q2_BHD=q_pe.to(ck.dtype))  # fmt: skip
         y = torch.einsum("bhr,hvr->bhv", o.to(w.dtype), w[:, dn:])
-        return self.wo(y.reshape(B, 1, H * dv).to(x_B1D.dtype))
+        if pre is not None:
+            return _out_proj(self.wo, y.to(dtype), B), h_new.view(hx.shape)
+        return self.wo(y.reshape(B, 1, H * dv).to(dtype))
 
 
 class SwiGLU(nn.Module):

@@ -164,6 +164,15 @@ class Transformer(nn.Module):
         for b in self.layers:
             if hasattr(b.attn, "_qkv_weight") and b.attn.fused_decode_ok():
                 b.attn._qkv_weight()
+            if hasattr(b.attn, "_in_weight") and b.attn.fused_decode_ok() and b.attn.norm_gemv_ok():
+                b.attn._in_weight()
+
+    def norm_gemv(self) -> bool:
+        """Whether the batch-1 fused step takes ``kernels.norm_linear`` (``layers.norm_gemv_wanted``;
+        plain attention weights in every layer)."""
+        from model.layers import norm_gemv_wanted
+
+        return norm_gemv_wanted() and len(self.layers) > 0 and all(b.attn.norm_gemv_ok() for b in self.layers)
 
     def fused_decode(self, tokens: torch.Tensor) -> bool:
         """MOECODER_FUSED_DECODE=auto|1|0: the fused static decode step. auto: on where the
@@ -189,6 +198,15 @@ class Transformer(nn.Module):
             p = (pos[None, :] - pad[:, None]).clamp_min(0)[:, 0]
             cos, sin = self.rope_cos[p], self.rope_sin[p]  # [B, d]
         h = self.tok_emb(tokens_B1)
+        if tokens_B1.shape[0] == 1 and self.norm_gemv():  # each attention's input norm inside its QKV GEMV
+            f = None
+            for i, block in enumerate(self.layers):
+                a, h = block.attn.decode_fused(None, cos, sin, pos, (cache.k[i], cache.v[i]), pad,
+                                               pre=(h, f, block.attn_norm))  # fmt: skip
+                h, xn = kernels.add_rms_norm(h, a, block.ffn_norm.weight, block.ffn_norm.eps)
+                f = block.ffn(xn)
+            _, xn = kernels.add_rms_norm(h, f, self.norm.weight, self.norm.eps)
+            return F.linear(xn, self.head_weight()).float()
         first = self.layers[0].attn_norm if len(self.layers) else self.norm
         _, xn = kernels.add_rms_norm(h, None, first.weight, first.eps)
         for i, block in enumerate(self.layers):

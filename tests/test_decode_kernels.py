@@ -48,6 +48,28 @@ def test_add_rms_norm(dt, with_delta):
 
 
 @pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("delta,norm,bias", [(True, True, False), (False, True, True), (False, False, False),
+                                             (True, False, True)])  # fmt: skip
+@pytest.mark.parametrize("N,K", [(37, 40), (8, 64)])
+def test_norm_linear(dt, delta, norm, bias, N, K):
+    """The one-launch add + RMSNorm + GEMV of a decode token gives the eager ops' output and residual,
+    with K over several chunks and N not a multiple of the rows per program."""
+    x = torch.randn(1, K, device=DEV).to(dt)
+    d = torch.randn(1, K, device=DEV).to(dt) if delta else None
+    nw = (torch.rand(K, device=DEV) + 0.5).to(dt) if norm else None
+    w = (torch.randn(N, K, device=DEV) * K**-0.5).to(dt)
+    b = torch.randn(N, device=DEV).to(dt) if bias else None
+    y, h = td.norm_linear(x, d, nw, 1e-6, w, b)
+    yr, hr = ref.norm_linear(x, d, nw, 1e-6, w, b)
+    assert y.shape == (1, N) and h.shape == (1, K) and y.dtype == dt
+    assert rel(h, hr) <= tol(dt) and rel(y, yr) <= tol(dt)
+    xn = x.double() + (d.double() if delta else 0)
+    if norm:
+        xn = xn * torch.rsqrt(xn.pow(2).mean(-1, keepdim=True) + 1e-6) * nw.double()
+    assert rel(y, xn @ w.double().t() + (b.double() if bias else 0)) <= max(tol(dt), 1e-6)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("B,H,G,Dh", [(1, 4, 2, 16), (2, 6, 3, 32)])
 def test_qk_rope_cache(dt, norm, B, H, G, Dh):

@@ -173,3 +173,53 @@ def test_rope_takes_the_kernel_in_inference_on_the_triton_path(monkeypatch):
     assert calls == [1] and (got - want).abs().max().item() <= 1e-5
     y = apply_rope(x.requires_grad_(), cos[None, :7], sin[None, :7])
     assert len(calls) == 1 and y.requires_grad
+
+
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "deepseek-v2-lite"])
+def test_batch_one_norm_gemv_same_logits(name, monkeypatch):
+    """At batch 1 the fused step runs each attention's input norm inside its first projection
+    (kernels.norm_linear: one launch, then the output projection through the same kernel): the
+    logits equal the plain step's, under the interpreter and as the references; MOECODER_NORM_GEMV=0
+    gives the separate-norm step back; the MLA input projections become views of one matrix."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU model: needs the Triton interpreter (the GPU runs tests/test_decode_kernels.py)")
+    import kernels
+
+    m = _model(name, 4)
+    m.prepare_static()
+    if name == "deepseek-v2-lite":
+        a = m.layers[0].attn
+        assert a.wq.weight.data_ptr() == a._qa_kva[1].data_ptr()
+        assert a.wkv_a.weight.untyped_storage().data_ptr() == a._qa_kva[1].untyped_storage().data_ptr()
+    prompt = torch.randint(0, 512, (1, 6))
+    calls = []
+    real = kernels.norm_linear
+    monkeypatch.setattr(kernels, "norm_linear", lambda *a, **k: calls.append(a[2] is not None) or real(*a, **k))
+    plain = _steps(m, prompt, None, "0", "reference", monkeypatch)
+    assert calls == []
+    outs = {}
+    for mode in ("reference", "triton"):
+        calls.clear()
+        monkeypatch.setenv("MOECODER_NORM_GEMV", "1")
+        cache = m.setup_cache(1, 24)
+        monkeypatch.setenv("MOECODER_FUSED_DECODE", "1")
+        monkeypatch.setenv("MOECODER_KERNELS", mode)
+        with torch.no_grad():
+            tok = m(prompt, 0, cache, last_only=True)[:, -1:].argmax(-1)
+            calls.clear()
+            steps = []
+            for i in range(3):
+                lg = m.decode_static(tok, torch.tensor([prompt.shape[1] + i]), cache)
+                steps.append(lg)
+                tok = lg[:, -1:].argmax(-1)
+        outs[mode] = torch.cat(steps, 1)
+        # per step and layer: the input projection with the norm, the output projection without
+        assert calls == [True, False] * (3 * len(m.layers)), mode
+        assert (outs[mode] - plain).abs().max().item() <= 1e-4, mode
+    monkeypatch.setenv("MOECODER_NORM_GEMV", "0")
+    calls.clear()
+    off = _steps(m, prompt, None, "1", "reference", monkeypatch)
+    assert calls == [] and (off - plain).abs().max().item() <= 1e-4
+    monkeypatch.setenv("MOECODER_NORM_GEMV", "2")
+    with pytest.raises(ValueError, match="MOECODER_NORM_GEMV"):
+        m.norm_gemv()
