@@ -25,7 +25,7 @@ def _compile(fn, types: dict, consts: dict, warps: int, stages: int, extra_div: 
     from triton.compiler import ASTSource
     from triton.runtime.autotuner import Autotuner
 
-    if isinstance(fn, Autotuner):
+    while isinstance(fn, Autotuner) or type(fn).__name__ == "Heuristics":
         fn = fn.fn
     sig, attrs = {}, {}
     for i, n in enumerate(fn.arg_names):
@@ -130,8 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     gv_t = dict(x_ptr=B, d_ptr=B, nw_ptr=B, w_ptr=B, b_ptr=B, y_ptr=B, h_ptr=B, eps="fp32")
     for c in tdec._GEMV_GPU:
         cases.append((f"decode norm+GEMV BN={c['BN']} BK={c['BK']}", tdec._norm_gemv_kernel, gv_t,
-                      dict(HAS_DELTA=True, HAS_NORM=True, HAS_BIAS=False, ACC=tl_f32(), BN=c["BN"], BK=c["BK"]),
+                      dict(HAS_DELTA=True, HAS_NORM=True, HAS_BIAS=False, ACC=tl_f32(), BN=c["BN"], BK=c["BK"],
+                           ONE_CHUNK=c["BK"] >= 2048),
                       c["w"], 1))  # fmt: skip
+    at_t = dict(q_ptr=B, q2_ptr=B, k1_ptr=B, k2_ptr=B, v_ptr=B, o_ptr=B, pm_ptr=F32, pa_ptr=F32, pos_ptr=I64,
+                pad_ptr=I64, scale="fp32")  # fmt: skip
+    for name, d1, d2, dv, split in (("MLA", 512, 64, 512, True), ("GQA", 128, 16, 128, True), ("GQA", 128, 16, 128, False)):
+        big = max(d1 + d2, dv)
+        cases.append((f"decode attention {name} split={split}", tdec._decode_attn_kernel, at_t,
+                      dict(HAS_K2=name == "MLA", HAS_PAD=False, ACC=tl_f32(),
+                           PREC=None, D1=d1, D2=d2, DV=dv, BLOCK_R=16, BLOCK_L=32 if big > 256 else 64, SPLIT=split),
+                      8 if big > 256 else 4, 1))  # fmt: skip
+    cases.append(("decode attention combine", tdec._decode_attn_combine, dict(pm_ptr=F32, pa_ptr=F32, o_ptr=B),
+                  dict(BLOCK_R=16, DV=512, BLOCK_S=64, BLOCK_DV=64), 4, 1))
     c = tml._LAYER_GPU[0]  # programmatic dependent launch
     cases.append(("layer down+combine PDL", tml._down_kernel, ldn_t,
                   dict(stride_dd=1, stride_sd=1, BM=16, BLOCK_TO=1, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
@@ -141,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'kernel':34s} warps stages " + " ".join(f"{m:>6s}" for m in MNEMONICS) + "  shared regs")
     for name, fn, types, consts, w, s in cases:
         try:
-            names = fn.arg_names if hasattr(fn, "arg_names") else fn.fn.arg_names
+            names = fn.arg_names if hasattr(fn, "arg_names") else (fn.fn.arg_names if hasattr(fn.fn, "arg_names")
+                                                                    else fn.fn.fn.arg_names)
             r = _compile(fn, types, {k: v for k, v in {**common, **consts}.items() if k in names}, w, s,
                          ("K",) if "GEMV" in name else ())
         except Exception as exc:  # report and go on

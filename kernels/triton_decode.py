@@ -77,10 +77,11 @@ def _gemv_configs():
 
 
 @triton.autotune(configs=_gemv_configs(), key=["N", "K", "HAS_NORM"])
+@triton.heuristics(dict(ONE_CHUNK=lambda a: a["K"] <= a["BK"]))
 @triton.jit
 def _norm_gemv_kernel(x_ptr, d_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, K, eps, stride_w,
                       HAS_DELTA: tl.constexpr, HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
-                      BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+                      BN: tl.constexpr, BK: tl.constexpr, ONE_CHUNK: tl.constexpr):  # fmt: skip
     """One token: y = RMSNorm(x + delta) * nw @ W^T (+ b). Every program computes the norm of the
     (small) input row itself, so no separate norm launch runs before the GEMV; program 0 writes
     h = x + delta. The rounding points are the eager path's: h and the normed row in x's dtype."""
@@ -88,6 +89,10 @@ def _norm_gemv_kernel(x_ptr, d_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, K, ep
     ns = pid * BN + tl.arange(0, BN)
     nm = ns < N
     dt = x_ptr.dtype.element_ty
+    if ONE_CHUNK:  # the weight tile's loads go out first, the norm's pass over the input overlaps them
+        ks0 = tl.arange(0, BK)
+        w0 = tl.load(w_ptr + ns[:, None].to(tl.int64) * stride_w + ks0[None, :], mask=nm[:, None] & (ks0 < K)[None, :],
+                     other=0.0)  # fmt: skip
     rstd = 1.0
     if HAS_NORM:
         ss = tl.zeros((BK,), dtype=ACC)
@@ -106,8 +111,11 @@ def _norm_gemv_kernel(x_ptr, d_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, K, ep
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         km = ks < K
-        w = tl.load(w_ptr + ns[:, None].to(tl.int64) * stride_w + ks[None, :], mask=nm[:, None] & km[None, :],
-                    other=0.0)  # fmt: skip
+        if ONE_CHUNK:
+            w = w0
+        else:
+            w = tl.load(w_ptr + ns[:, None].to(tl.int64) * stride_w + ks[None, :], mask=nm[:, None] & km[None, :],
+                        other=0.0)  # fmt: skip
         xk = tl.load(x_ptr + ks, mask=km, other=0.0)
         if HAS_DELTA:
             xk = (xk.to(ACC) + tl.load(d_ptr + ks, mask=km, other=0.0).to(ACC)).to(dt)
@@ -269,14 +277,19 @@ def mla_rope_cache(q_BX, ckv_BX, norm_weight, eps: float, cos_Bd, sin_Bd, c_cach
 
 @triton.jit
 def _decode_attn_kernel(
-    q_ptr, q2_ptr, k1_ptr, k2_ptr, v_ptr, o_ptr, pos_ptr, pad_ptr, H, R, scale,
+    q_ptr, q2_ptr, k1_ptr, k2_ptr, v_ptr, o_ptr, pm_ptr, pa_ptr, pos_ptr, pad_ptr, H, R, scale, CH,
     stride_qb, stride_qh, stride_q2b, stride_q2h, stride_k1b, stride_k1g, stride_k1l, stride_k2b, stride_k2g, stride_k2l,
     stride_vb, stride_vg, stride_vl, stride_ob, stride_oh,
     HAS_K2: tl.constexpr, HAS_PAD: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
     D1: tl.constexpr, D2: tl.constexpr, DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):  # fmt: skip
+    """Program (b, kv head g, split sp): the R query heads of g over slots [sp * CH, (sp + 1) * CH)
+    up to ``pos``. One split: the output. Several (flash-decoding): the split's running max, sum
+    and unnormalised output into the partials, combined by ``_decode_attn_combine``."""
     b = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1).to(tl.int64)
+    sp = tl.program_id(2)
     pos = tl.load(pos_ptr).to(tl.int64)
     pad = tl.load(pad_ptr + b).to(tl.int64) if HAS_PAD else 0
     r = tl.arange(0, BLOCK_R)
@@ -293,15 +306,18 @@ def _decode_attn_kernel(
     l_i = tl.zeros((BLOCK_R,), dtype=ACC)
     acc = tl.zeros((BLOCK_R, DV), dtype=ACC)
     ls = tl.arange(0, BLOCK_L)
-    for l0 in range(0, pos + 1, BLOCK_L):
+    start = sp * CH
+    end = tl.minimum(start + CH, pos + 1)
+    for l0 in range(start, end, BLOCK_L):
         slot = l0 + ls
-        ok = (slot <= pos) & ((slot >= pad) | (slot == pos))
+        live = slot < end
+        ok = live & ((slot >= pad) | (slot == pos))
         k1 = tl.load(k1_ptr + b * stride_k1b + g * stride_k1g + slot[:, None] * stride_k1l + d1[None, :],
-                     mask=(slot <= pos)[:, None], other=0.0)
+                     mask=live[:, None], other=0.0)
         s = tl.dot(q1, tl.trans(k1), input_precision=PREC, out_dtype=ACC)
         if HAS_K2:
             k2 = tl.load(k2_ptr + b * stride_k2b + g * stride_k2g + slot[:, None] * stride_k2l + d2[None, :],
-                         mask=(slot <= pos)[:, None], other=0.0)
+                         mask=live[:, None], other=0.0)
             s += tl.dot(q2, tl.trans(k2), input_precision=PREC, out_dtype=ACC)
         s = tl.where(ok[None, :], s * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -310,24 +326,82 @@ def _decode_attn_kernel(
         alpha = tl.exp(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + b * stride_vb + g * stride_vg + slot[:, None] * stride_vl + dv[None, :],
-                    mask=(slot <= pos)[:, None], other=0.0)
+                    mask=live[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
         m_i = m_new
-    out = acc / l_i[:, None]
-    tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + dv[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=rm[:, None])
+    if SPLIT:  # partials [B, G, NS, BLOCK_R] (max, sum) and [B, G, NS, BLOCK_R, DV]
+        idx = (b * tl.num_programs(1) + g) * tl.num_programs(2) + sp
+        tl.store(pm_ptr + (idx * 2) * BLOCK_R + r, m_i)
+        tl.store(pm_ptr + (idx * 2 + 1) * BLOCK_R + r, l_i)
+        tl.store(pa_ptr + (idx * BLOCK_R + r[:, None]) * DV + dv[None, :], acc)
+    else:
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + dv[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=rm[:, None])
+
+
+@triton.jit
+def _decode_attn_combine(pm_ptr, pa_ptr, o_ptr, R, NS, stride_ob, stride_oh,
+                         BLOCK_R: tl.constexpr, DV: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):  # fmt: skip
+    """Program (b, head, block of DV): the splits' partial outputs rescaled to their common max and summed."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    j = tl.program_id(2)
+    G = tl.num_programs(1) // R
+    g = h // R
+    r = h % R
+    ss = tl.arange(0, BLOCK_S)
+    sm = ss < NS
+    idx = (b * G + g) * NS + ss
+    m = tl.load(pm_ptr + (idx * 2) * BLOCK_R + r, mask=sm, other=float("-inf"))
+    lsum = tl.load(pm_ptr + (idx * 2 + 1) * BLOCK_R + r, mask=sm, other=0.0)
+    mx = tl.max(m, axis=0)
+    f = tl.where(sm & (m > float("-inf")), tl.exp(m - mx), 0.0)
+    dv = j * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    a = tl.load(pa_ptr + (idx[:, None] * BLOCK_R + r) * DV + dv[None, :], mask=sm[:, None], other=0.0)
+    out = tl.sum(a * f[:, None], axis=0) / tl.sum(lsum * f, axis=0)
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + dv, out.to(o_ptr.dtype.element_ty))
 
 
 def _prec(dtype):
     return "ieee" if dtype in (torch.float32, torch.float64) else None
 
 
-def decode_attention(q_BHD, k1_BGLD, v_BGLD, pos, pad_B=None, scale=None, k2_BGLD=None, q2_BHD=None):
+_N_SM: dict = {}
+MAX_SPLITS = 64
+
+
+def _splits(device, L: int, BLOCK_L: int, BG: int) -> int:
+    """Splits of the cache length: about two programs per SM over B * G, each at least BLOCK_L slots.
+    MOECODER_ATTN_SPLITS=N fixes N (1: one program per (row, kv head), the earlier kernel; for A/B runs)."""
+    import os
+
+    from kernels.triton_ops import INTERPRET
+
+    v = os.environ.get("MOECODER_ATTN_SPLITS", "").strip()
+    if v:
+        if not v.isdigit() or int(v) < 1:
+            raise ValueError(f"MOECODER_ATTN_SPLITS must be a positive integer; got {v!r}")
+        return min(int(v), triton.cdiv(L, BLOCK_L))
+
+    if INTERPRET or device.type != "cuda":
+        n_sm = 2  # the interpreter: a few splits, so that the tests take the split path
+    else:
+        n_sm = _N_SM.get(device.index)
+        if n_sm is None:
+            n_sm = _N_SM[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(L, BLOCK_L), triton.cdiv(2 * n_sm, BG), MAX_SPLITS))
+
+
+def decode_attention(q_BHD, k1_BGLD, v_BGLD, pos, pad_B=None, scale=None, k2_BGLD=None, q2_BHD=None, splits=None):
     """Attention of one query token per row over cache slots s with pad[b] <= s <= pos (and s == pos).
 
     q [B, H, D1 (+ D2)]; keys k1 [B, G, L, D1] (and k2 [B, G, L, D2], concatenated along the
     feature dim); values [B, G, L, DV]; query head h reads kv head h // (H / G). -> [B, H, DV].
     ``q2_BHD`` [B, H, D2]: the query's second part as its own tensor (then q is [B, H, D1]).
+    The cache length is split over ``splits`` programs per (b, kv head) (default: about two programs
+    per SM, flash-decoding) and the partial results combined by a second launch; with one split the
+    first launch writes the output.
     """
     if q2_BHD is not None:
         q1 = q_BHD
@@ -335,7 +409,7 @@ def decode_attention(q_BHD, k1_BGLD, v_BGLD, pos, pad_B=None, scale=None, k2_BGL
         D1_ = k1_BGLD.shape[3]
         q1, q2_BHD = q_BHD[..., :D1_], q_BHD[..., D1_:]
     B, H, D1q = q1.shape
-    G, D1 = k1_BGLD.shape[1], k1_BGLD.shape[3]
+    G, L, D1 = k1_BGLD.shape[1], k1_BGLD.shape[2], k1_BGLD.shape[3]
     D2 = k2_BGLD.shape[3] if k2_BGLD is not None else 0
     DV = v_BGLD.shape[3]
     Dq = D1q + q2_BHD.shape[2]
@@ -351,15 +425,27 @@ def decode_attention(q_BHD, k1_BGLD, v_BGLD, pos, pad_B=None, scale=None, k2_BGL
     k2 = k2_BGLD if k2_BGLD is not None else k1_BGLD
     q2 = q2_BHD if D2 else q1
     big = max(D1 + D2, DV)
-    _decode_attn_kernel[(B, G)](
-        q1, q2, k1_BGLD, k2, v_BGLD, o, pos, pad_B if pad_B is not None else pos, H, R, float(scale),
+    BLOCK_L = 32 if big > 256 else 64
+    BLOCK_R = max(16, triton.next_power_of_2(R))
+    NS = splits if splits is not None else _splits(q1.device, L, BLOCK_L, B * G)
+    CH = triton.cdiv(triton.cdiv(L, NS), BLOCK_L) * BLOCK_L
+    NS = triton.cdiv(L, CH)
+    acc_dt = torch.float64 if q1.dtype == torch.float64 else torch.float32
+    pm = torch.empty((B * G * NS * 2 * BLOCK_R,) if NS > 1 else (1,), dtype=acc_dt, device=q1.device)
+    pa = torch.empty((B * G * NS * BLOCK_R * DV,) if NS > 1 else (1,), dtype=acc_dt, device=q1.device)
+    _decode_attn_kernel[(B, G, NS)](
+        q1, q2, k1_BGLD, k2, v_BGLD, o, pm, pa, pos, pad_B if pad_B is not None else pos, H, R, float(scale), CH,
         q1.stride(0), q1.stride(1), q2.stride(0), q2.stride(1), k1_BGLD.stride(0), k1_BGLD.stride(1), k1_BGLD.stride(2),
         k2.stride(0), k2.stride(1), k2.stride(2), v_BGLD.stride(0), v_BGLD.stride(1), v_BGLD.stride(2),
         o.stride(0), o.stride(1), HAS_K2=k2_BGLD is not None, HAS_PAD=pad_B is not None,
         ACC=_acc(q1.dtype), PREC=_prec(q1.dtype), D1=D1, D2=max(D2, 16), DV=DV,
-        BLOCK_R=max(16, triton.next_power_of_2(R)), BLOCK_L=32 if big > 256 else 64,
-        num_warps=4 if big <= 256 else 8,
+        BLOCK_R=BLOCK_R, BLOCK_L=BLOCK_L, SPLIT=NS > 1, num_warps=4 if big <= 256 else 8,
     )  # fmt: skip
+    if NS > 1:
+        BLOCK_S = triton.next_power_of_2(NS)
+        BLOCK_DV = min(DV, max(16, 4096 // BLOCK_S))
+        _decode_attn_combine[(B, H, DV // BLOCK_DV)](pm, pa, o, R, NS, o.stride(0), o.stride(1), BLOCK_R=BLOCK_R,
+                                                     DV=DV, BLOCK_S=BLOCK_S, BLOCK_DV=BLOCK_DV)  # fmt: skip
     return o
 
 

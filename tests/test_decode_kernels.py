@@ -130,18 +130,21 @@ def test_decode_attention(dt, case):
         v[:, :, pos + 1:] = float("nan")
     pad = torch.tensor([0, 70], device=DEV) if case == "pad" else None
     p = torch.tensor([pos], device=DEV)
-    if case == "mla_q2":  # the two query parts as separate (strided) tensors
-        qq = torch.randn(B, H, D1 + D2 + 8, device=DEV).to(dt)
-        qq[..., :D1 + D2] = q
-        o = td.decode_attention(qq[..., :D1], k1, v, p, pad, 0.3, k2, q2_BHD=qq[..., D1:D1 + D2])
-    else:
-        o = td.decode_attention(q, k1, v, p, pad, 0.3, k2)
     k1r = k1.clone()
     k1r[:, :, pos + 1:] = 0
     vr = k1r if case.startswith("mla") else v.clone()
     vr[:, :, pos + 1:] = 0
     orf = ref.decode_attention(q, k1r, vr, p, pad, 0.3, k2)
-    assert rel(o, orf) <= tol(dt)
+    # the default split of the cache length, one program per (row, kv head), and flash-decoding splits:
+    # 3 (even), 4 (a chunk past pos: an empty split), 5
+    for splits in (None, 1, 3, 4, 5):
+        if case == "mla_q2":  # the two query parts as separate (strided) tensors
+            qq = torch.randn(B, H, D1 + D2 + 8, device=DEV).to(dt)
+            qq[..., :D1 + D2] = q
+            o = td.decode_attention(qq[..., :D1], k1, v, p, pad, 0.3, k2, q2_BHD=qq[..., D1:D1 + D2], splits=splits)
+        else:
+            o = td.decode_attention(q, k1, v, p, pad, 0.3, k2, splits=splits)
+        assert rel(o, orf) <= tol(dt), splits
     if case == "pad":  # row 1 sees only slots 70..pos: equal to attention over that slice alone
         sl = ref.decode_attention(q[1:], k1r[1:, :, 70:], vr[1:, :, 70:], p - 70, None, 0.3,
                                   k2[1:, :, 70:] if k2 is not None else None)
@@ -157,7 +160,31 @@ def test_decode_attention_fully_padded_first_block():
     v = torch.randn(B, G, L, D, device=DEV).to(dt)
     pad = torch.tensor([150], device=DEV)
     p = torch.tensor([pos], device=DEV)
-    assert rel(td.decode_attention(q, k, v, p, pad), ref.decode_attention(q, k, v, p, pad)) <= tol(dt)
+    want = ref.decode_attention(q, k, v, p, pad)
+    for splits in (None, 1, 4):  # with 4 splits the first three see padding only
+        assert rel(td.decode_attention(q, k, v, p, pad, splits=splits), want) <= tol(dt), splits
+
+
+def test_decode_attention_splits_env(monkeypatch):
+    """MOECODER_ATTN_SPLITS=N: N flash-decoding splits (at most one per key block), same result; bad values refused."""
+    import torch as _t
+
+    dt = DTYPES[0]
+    q, k, v = (_t.randn(1, 2, 16, device=DEV).to(dt), _t.randn(1, 1, 200, 16, device=DEV).to(dt),
+               _t.randn(1, 1, 200, 16, device=DEV).to(dt))  # fmt: skip
+    p = _t.tensor([150], device=DEV)
+    want = ref.decode_attention(q, k, v, p)
+    launched = []
+    real = td._decode_attn_kernel
+    monkeypatch.setattr(td, "_decode_attn_kernel", type("K", (), {"__getitem__": lambda self, g: (
+        launched.append(g[2]) or real[g])})())  # fmt: skip
+    for n, ns in (("1", 1), ("2", 2), ("4", 4), ("99", 4)):  # 200 slots: at most 4 blocks of 64
+        monkeypatch.setenv("MOECODER_ATTN_SPLITS", n)
+        launched.clear()
+        assert rel(td.decode_attention(q, k, v, p), want) <= tol(dt) and launched == [ns], n
+    monkeypatch.setenv("MOECODER_ATTN_SPLITS", "0")
+    with pytest.raises(ValueError, match="MOECODER_ATTN_SPLITS"):
+        td.decode_attention(q, k, v, p)
 
 
 @pytest.mark.parametrize("dt", DTYPES)
