@@ -9,11 +9,7 @@ the shape has them), bf16. Paths, all with the same FLOPs:
   loop        reference routing + a per-expert Python loop (HF transformers' eager MoE)
   grouped_mm  reference routing + torch-side permutation + torch._grouped_mm (torchtitan)
   layer       decode only: kernels.autograd.moe_layer_decode, the whole layer (router GEMV,
-              top-k, plan, routed + shared experts, combine) in three launches, the product's
-              choice of path by T (MOECODER_DECODE_SPLIT)
-  layer_tiles, layer_split
-              decode only: the layer op forced onto its tiles path (plan + tile GEMMs) or its
-              split-K path (a program per (slot, column block, K chunk); T <= 4)
+              top-k, plan, routed + shared experts, combine) in three launches
   dense       the same layer FLOPs as plain dense GEMMs (routed part: T*K rows through one
               expert-sized MLP, no permutation): the ceiling
 Timing: CUDA events around each call, median of many calls after warm-up, rotating among
@@ -131,13 +127,6 @@ def make_layer(path: str, s: Shape, p: Params):
             sh = (p.sg, p.su, p.sd) if p.sg is not None else ()
             y, _, _ = tk.moe_layer_decode(x, p.wr, None, s.K, "softmax", s.renormalize, 1, 1, "max", 1.0,
                                           p.wg, p.wu, p.wd, *sh)  # fmt: skip
-            return [y]
-        if path in ("layer_tiles", "layer_split"):  # the layer op on one of its two paths
-            from kernels import triton_moe_layer as tml
-
-            sh = (p.sg, p.su, p.sd) if p.sg is not None else ()
-            y, _, _ = tml.moe_layer_decode(x, p.wr, None, s.K, "softmax", s.renormalize, 1, 1, "max", 1.0,
-                                           p.wg, p.wu, p.wd, *sh, split=path == "layer_split")  # fmt: skip
             return [y]
         if path == "triton":
             w, e = tk.route(logits, s.K, "softmax", None, s.renormalize)
@@ -373,13 +362,6 @@ def decode_breakdown(s: Shape, T: int, dev, inner: int = 16) -> list[dict]:
                                            p.wg, p.wu, p.wd, *(shw if p.sg is not None else ()),
                                            shared_in_router=False, router_warps=1),
             p.wr.numel() * 4 + 3 * wbytes + sbytes)
-    if T <= tml.SPLIT_MAX_TOKENS:  # the split-K path, its default blocks and a few others
-        nb = p.wr.numel() * 4 + 3 * wbytes + sbytes
-        for name, meta in (("default", None), ("GU 64x128, DN 64x256", dict(GU_KC=128, DN_KC=256))):
-            pieces[f"layer split: whole layer, {name}"] = (
-                lambda i, meta=meta: tml.moe_layer_decode_split(
-                    sets[i]["x"], p.wr, None, K, "softmax", s.renormalize, 1, 1, "max", 1.0, p.wg, p.wu, p.wd,
-                    *(shw if p.sg is not None else ()), meta=meta), nb)  # fmt: skip
     if p.sg is not None:  # where the shared experts' gate/up go: the router's launch or the routed gate/up's
         pieces["layer: router+top-k+plan + shared gate/up"] = (
             lambda i: tml.route_plan(sets[i]["x"], p.wr, None, K, "softmax", s.renormalize, 1, 1, "max", 1.0,
@@ -540,8 +522,7 @@ def main(argv: list[str] | None = None) -> int:
                     touched = p.touched_bytes(s, sum(nt) / len(nt))
                 res = {}
                 for path in paths:
-                    if ((mode == "decode" and path == "dense") or (path.startswith("layer") and (mode != "decode" or T > 16))
-                            or (path == "layer_split" and T > 4)):  # fmt: skip
+                    if (mode == "decode" and path == "dense") or (path == "layer" and (mode != "decode" or T > 16)):
                         continue
                     layer = make_layer(path, s, p)
                     reps = args.reps if not (path == "loop" and T >= 16384) else max(5, args.reps // 4)

@@ -95,14 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     from kernels import triton_moe_layer as tml
 
     rt_t = dict(x_ptr=B, wr_ptr=F32, bias_ptr=F32, lg_ptr=F32, cnt_ptr=I32, w_ptr=F32, e_ptr=I64, rowidx_ptr=I64,
-                tm_ptr=I32, sg_ptr=B, su_ptr=B, hs_ptr=B, gz_ptr=F32, scaling="fp32")  # fmt: skip
+                tm_ptr=I32, sg_ptr=B, su_ptr=B, hs_ptr=B, scaling="fp32")  # fmt: skip
     for t_, e_, k_, nw in ((1, 128, 8, None), (8, 128, 8, None), (1, 64, 6, None), (8, 64, 6, None),
                            (1, 128, 8, 1), (2, 128, 8, 1), (1, 64, 6, 1), (2, 64, 6, 1)):
         m_ = tml._router_meta(t_, e_, 2048, k_, 1, nw)
         w_ = m_.pop("num_warps")
         cases.append((f"layer router T={t_} E={e_} K={k_}", tml._router_kernel, rt_t,
                       dict(K=k_, SOFTMAX=True, HAS_BIAS=False, RENORM=True, N_GROUPS=1, TOPK_GROUPS=1,
-                           GROUP_TOP2=False, SHARED=False, SBN=32, SBK=128, PDL=False, PLAN=True, ZERO=False, BLOCK_Z=256, **m_), w_, 1))  # fmt: skip
+                           GROUP_TOP2=False, SHARED=False, SBN=32, SBK=128, PDL=False, **m_), w_, 1))  # fmt: skip
     lgu_t = dict(x_ptr=B, rowidx_ptr=I64, wg_ptr=B, wu_ptr=B, sg_ptr=B, su_ptr=B, h_ptr=B, hs_ptr=B, tm_ptr=I32)
     ldn_t = dict(h_ptr=B, hs_ptr=B, rowidx_ptr=I64, w_ptr=F32, wd_ptr=B, sd_ptr=B, acc_ptr=F32, cnt_ptr=I32,
                  out_ptr=B, tm_ptr=I32)  # fmt: skip
@@ -113,18 +113,6 @@ def main(argv: list[str] | None = None) -> int:
         cases.append((f"layer down+combine BN={bn} BK={bk}", tml._down_kernel, ldn_t,
                       dict(stride_dd=1, stride_sd=1, BM=16, BLOCK_TO=1, BLOCK_N=bn, BLOCK_K=bk, PDL=False),
                       c["w"], c["s"]))  # fmt: skip
-    sgu_t = dict(x_ptr=B, ex_ptr=I64, wg_ptr=B, wu_ptr=B, sg_ptr=B, su_ptr=B, gu_ptr=F32)
-    sdn_t = dict(gu_ptr=F32, ex_ptr=I64, w_ptr=F32, wd_ptr=B, sd_ptr=B, acc_ptr=F32, cnt_ptr=I32, out_ptr=B)
-    sm = tml.SPLIT_META
-    cases.append((f"layer split gate/up BN={sm['GU_BN']} KC={sm['GU_KC']}", tml._gu_split_kernel, sgu_t,
-                  dict(stride_wn=1, stride_sn=1, BN=sm["GU_BN"], KC=sm["GU_KC"]), sm["GU_WARPS"], 1))
-    cases.append((f"layer split down BN={sm['DN_BN']} KC={sm['DN_KC']}", tml._down_split_kernel, sdn_t,
-                  dict(stride_dd=1, stride_sd=1, BN=sm["DN_BN"], KC=sm["DN_KC"], BLOCK_TO=1), sm["DN_WARPS"], 1))
-    m_ = tml._router_meta(1, 128, 2048, 8, 1)
-    w_ = m_.pop("num_warps")
-    cases.append(("layer split router T=1 E=128 K=8", tml._router_kernel, rt_t,
-                  dict(K=8, SOFTMAX=True, HAS_BIAS=False, RENORM=True, N_GROUPS=1, TOPK_GROUPS=1, GROUP_TOP2=False,
-                       SHARED=False, SBN=16, SBK=16, PDL=False, PLAN=False, ZERO=True, BLOCK_Z=256, **m_), w_, 1))
     from kernels import triton_decode as tdec
 
     gv_t = dict(x_ptr=B, d_ptr=B, nw_ptr=B, w_ptr=B, b_ptr=B, y_ptr=B, h_ptr=B, eps="fp32")

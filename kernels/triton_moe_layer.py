@@ -52,34 +52,25 @@ MAX_TOKENS = 16  # the router's last program holds T x E scores and T*K x E one-
 
 @triton.jit
 def _router_kernel(
-    x_ptr, wr_ptr, bias_ptr, lg_ptr, cnt_ptr, w_ptr, e_ptr, rowidx_ptr, tm_ptr, sg_ptr, su_ptr, hs_ptr, gz_ptr,
-    T, E, D, FS, stride_x, stride_wr, stride_sk, stride_sn, stride_hs, scaling, n_tiles, n_router, n_zero,
+    x_ptr, wr_ptr, bias_ptr, lg_ptr, cnt_ptr, w_ptr, e_ptr, rowidx_ptr, tm_ptr, sg_ptr, su_ptr, hs_ptr,
+    T, E, D, FS, stride_x, stride_wr, stride_sk, stride_sn, stride_hs, scaling, n_tiles, n_router,
     K: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, RENORM: tl.constexpr,
     N_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr, ACC64: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_ER: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr, BM: tl.constexpr, BLOCK_TT: tl.constexpr,
     SHARED: tl.constexpr, PREC: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, PDL: tl.constexpr,
-    PLAN: tl.constexpr = True, ZERO: tl.constexpr = False, BLOCK_Z: tl.constexpr = 256,
 ):  # fmt: skip
-    """Programs < n_router: router rows, the last of them routes (and with PLAN plans). With SHARED, the
-    programs after them compute the shared experts' gate/up + SwiGLU (independent of the routing).
-    With ZERO, the router programs first zero ``n_zero`` elements at ``gz_ptr`` between them (the
-    split-K path's gate/up accumulators, read by the previous call's last launch: stream order)."""
+    """Programs < n_router: router rows, the last of them routes and plans. With SHARED, the
+    programs after them compute the shared experts' gate/up + SwiGLU (independent of the routing)."""
     if PDL:  # launched early (programmatic dependent launch): x is the previous kernel's output
         gdc_wait()
         gdc_launch_dependents()
     pid = tl.program_id(0)
-    if ZERO:
-        if pid < n_router:
-            per = tl.cdiv(tl.cdiv(n_zero, n_router), BLOCK_Z) * BLOCK_Z
-            zs = tl.arange(0, BLOCK_Z)
-            for z0 in range(pid * per, tl.minimum(pid * per + per, n_zero), BLOCK_Z):
-                tl.store(gz_ptr + z0 + zs, tl.zeros((BLOCK_Z,), dtype=gz_ptr.dtype.element_ty), mask=z0 + zs < n_zero)
     if pid < n_router:
         _router_part(x_ptr, wr_ptr, bias_ptr, lg_ptr, cnt_ptr, w_ptr, e_ptr, rowidx_ptr, tm_ptr,
                      T, E, D, stride_x, stride_wr, scaling, n_tiles, n_router, pid,
                      K, SOFTMAX, HAS_BIAS, RENORM, N_GROUPS, TOPK_GROUPS, GROUP_TOP2, ACC64,
-                     BLOCK_T, BLOCK_ER, BLOCK_D, BLOCK_E, BLOCK_K, BLOCK_G, BM, BLOCK_TT, PLAN)  # fmt: skip
+                     BLOCK_T, BLOCK_ER, BLOCK_D, BLOCK_E, BLOCK_K, BLOCK_G, BM, BLOCK_TT)  # fmt: skip
     if SHARED:
         if pid >= n_router:
             j = pid - n_router
@@ -98,7 +89,6 @@ def _router_part(
     N_GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr, GROUP_TOP2: tl.constexpr, ACC64: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_ER: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr, BM: tl.constexpr, BLOCK_TT: tl.constexpr,
-    PLAN: tl.constexpr,
 ):  # fmt: skip
     ACC: tl.constexpr = tl.float64 if ACC64 else tl.float32
     rows = tl.arange(0, BLOCK_T)
@@ -172,20 +162,20 @@ def _router_part(
         aid = rows[:, None] * K + kcols[None, :]
         tl.store(w_ptr + aid, wmat.to(w_ptr.dtype.element_ty), mask=amask)
         tl.store(e_ptr + aid, emat.to(tl.int64), mask=amask)
-        if PLAN:  # (as _plan_small_kernel): counts, offsets, stable permuted rows, tile map
-            BLOCK_A: tl.constexpr = BLOCK_T * BLOCK_K
-            fe = tl.reshape(tl.where(amask, emat, -1), (BLOCK_A,))
-            fa = tl.reshape(aid, (BLOCK_A,))
-            fm = fe >= 0
-            onehot = (fe[:, None] == cols[None, :]) & fm[:, None]
-            counts = tl.sum(onehot.to(tl.int32), axis=0)
-            o1 = tl.cumsum(counts, 0)
-            o0 = o1 - counts
-            base = tl.sum(tl.where(onehot, o0[None, :], 0), axis=1)
-            same = (fe[:, None] == fe[None, :]) & (fa[None, :] < fa[:, None]) & fm[None, :]
-            dst = (base + tl.sum(same.to(tl.int32), axis=1)).to(tl.int64)
-            tl.store(rowidx_ptr + dst, fa.to(tl.int64), mask=fm)
-            _tile_loop(o0, o1, cols, cm, tm_ptr, n_tiles, E, BM, BLOCK_TT)
+        # plan (as _plan_small_kernel): counts, offsets, stable permuted rows, tile map
+        BLOCK_A: tl.constexpr = BLOCK_T * BLOCK_K
+        fe = tl.reshape(tl.where(amask, emat, -1), (BLOCK_A,))
+        fa = tl.reshape(aid, (BLOCK_A,))
+        fm = fe >= 0
+        onehot = (fe[:, None] == cols[None, :]) & fm[:, None]
+        counts = tl.sum(onehot.to(tl.int32), axis=0)
+        o1 = tl.cumsum(counts, 0)
+        o0 = o1 - counts
+        base = tl.sum(tl.where(onehot, o0[None, :], 0), axis=1)
+        same = (fe[:, None] == fe[None, :]) & (fa[None, :] < fa[:, None]) & fm[None, :]
+        dst = (base + tl.sum(same.to(tl.int32), axis=1)).to(tl.int64)
+        tl.store(rowidx_ptr + dst, fa.to(tl.int64), mask=fm)
+        _tile_loop(o0, o1, cols, cm, tm_ptr, n_tiles, E, BM, BLOCK_TT)
 
 
 # --------------------------------------------------------------------------------------
@@ -340,113 +330,6 @@ def _down_kernel(
 
 
 # --------------------------------------------------------------------------------------
-# the split-K path (1 <= T <= SPLIT_MAX_TOKENS): no plan, every (slot, column block, K chunk) its own
-# program, so that a few experts' GEMVs spread over many more programs than SMs
-
-
-@triton.jit
-def _gu_split_unit(x_ptr, wg, wu, sk, sn, gu_row, t, r, width, D, stride_x, NKC,
-                   ACC64: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr):  # fmt: skip
-    ACC: tl.constexpr = tl.float64 if ACC64 else tl.float32
-    nb = r // NKC
-    kc = r % NKC
-    ks = kc * KC + tl.arange(0, KC)
-    km = ks < D
-    cols = nb * BN + tl.arange(0, BN)
-    cm = cols < width
-    xv = tl.load(x_ptr + t * stride_x + ks, mask=km, other=0.0).to(ACC)
-    off = ks[:, None] * sk + cols[None, :] * sn
-    m = km[:, None] & cm[None, :]
-    g = tl.sum(tl.load(wg + off, mask=m, other=0.0).to(ACC) * xv[:, None], axis=0)
-    u = tl.sum(tl.load(wu + off, mask=m, other=0.0).to(ACC) * xv[:, None], axis=0)
-    tl.atomic_add(gu_row + cols, g, mask=cm, sem="relaxed")
-    tl.atomic_add(gu_row + width + cols, u, mask=cm, sem="relaxed")
-
-
-@triton.jit
-def _gu_split_kernel(
-    x_ptr, ex_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, gu_ptr, T, F, FS, D, K, n_r, NB_R, NB_S, NKC,
-    stride_x, stride_we, stride_wk, stride_wn, stride_sk, stride_sn,
-    ACC64: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr,
-):  # fmt: skip
-    """Program = (slot, column block of the gate/up width, chunk of D). A slot is a routed
-    assignment a = t * K + k (expert ex[a], width F) or, after the T * K routed ones, token t's
-    shared experts (width FS). Partial x[t, chunk] @ Wg / Wu columns added in fp32 into the slot's
-    zeroed accumulator row [g (width) | u (width)]; the SwiGLU is applied where launch 3 reads them.
-    Each branch calls the unit with its own pointers and strides (no merged values: the compiler
-    keeps their alignment and unit stride, so the weight loads stay 16-byte vectors)."""
-    pid = tl.program_id(0)
-    if pid < n_r:
-        a = pid // (NB_R * NKC)
-        e = tl.load(ex_ptr + a)
-        _gu_split_unit(x_ptr, wg_ptr + e * stride_we, wu_ptr + e * stride_we, stride_wk, stride_wn,
-                       gu_ptr + a.to(tl.int64) * (2 * F), a // K, pid % (NB_R * NKC), F, D, stride_x, NKC,
-                       ACC64, BN, KC)  # fmt: skip
-    else:
-        j = pid - n_r
-        t = j // (NB_S * NKC)
-        _gu_split_unit(x_ptr, sg_ptr, su_ptr, stride_sk, stride_sn,
-                       gu_ptr + T * K * (2 * F) + t.to(tl.int64) * (2 * FS), t, j % (NB_S * NKC), FS, D, stride_x,
-                       NKC, ACC64, BN, KC)  # fmt: skip
-
-
-@triton.jit
-def _down_split_unit(gu_row, wd, sf, sd, sc, acc_ptr, t, r, width, D, NKC,
-                     ACC64: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr):  # fmt: skip
-    ACC: tl.constexpr = tl.float64 if ACC64 else tl.float32
-    nb = r // NKC
-    kc = r % NKC
-    fs = kc * KC + tl.arange(0, KC)
-    fm = fs < width
-    g = tl.load(gu_row + fs, mask=fm, other=0.0)
-    u = tl.load(gu_row + width + fs, mask=fm, other=0.0)
-    h = g / (1.0 + tl.exp(-g)) * u
-    cols = nb * BN + tl.arange(0, BN)
-    cm = cols < D
-    wv = tl.load(wd + fs[:, None] * sf + cols[None, :] * sd, mask=fm[:, None] & cm[None, :], other=0.0)
-    y = tl.sum(wv.to(ACC) * h[:, None], axis=0) * sc
-    tl.atomic_add(acc_ptr + t * D + cols, y, mask=cm, sem="release")
-    return nb
-
-
-@triton.jit
-def _down_split_kernel(
-    gu_ptr, ex_ptr, w_ptr, wd_ptr, sd_ptr, acc_ptr, cnt_ptr, out_ptr, T, F, FS, D, K, n_r, NB, NKC_R, NKC_S,
-    arrivals, stride_de, stride_df, stride_dd, stride_sf, stride_sd, stride_o,
-    ACC64: tl.constexpr, BN: tl.constexpr, KC: tl.constexpr, BLOCK_TO: tl.constexpr,
-):  # fmt: skip
-    """Program = (slot, column block of D, chunk of the slot's width): h = silu(g) * u of that chunk
-    (fp32, from launch 2's accumulators), times the chunk's rows of the slot's down weights, scaled
-    by the routing weight (1 for the shared experts), added in fp32 into the token's output row; the
-    last of a column block's ``arrivals`` programs casts that block of every token out and zeroes it."""
-    ACC: tl.constexpr = tl.float64 if ACC64 else tl.float32
-    pid = tl.program_id(0)
-    if pid < n_r:
-        a = pid // (NB * NKC_R)
-        e = tl.load(ex_ptr + a)
-        nb = _down_split_unit(gu_ptr + a.to(tl.int64) * (2 * F), wd_ptr + e * stride_de, stride_df, stride_dd,
-                              tl.load(w_ptr + a).to(ACC), acc_ptr, a // K, pid % (NB * NKC_R), F, D, NKC_R,
-                              ACC64, BN, KC)  # fmt: skip
-    else:
-        j = pid - n_r
-        t = j // (NB * NKC_S)
-        nb = _down_split_unit(gu_ptr + T * K * (2 * F) + t.to(tl.int64) * (2 * FS), sd_ptr, stride_sf, stride_sd,
-                              1.0, acc_ptr, t, j % (NB * NKC_S), FS, D, NKC_S, ACC64, BN, KC)  # fmt: skip
-    tl.debug_barrier()  # every thread's adds done before the counter moves
-    arrived = tl.atomic_add(cnt_ptr + nb, 1, sem="acq_rel")
-    if arrived == arrivals - 1:  # last program of this column block: cast out, clean up
-        cols = nb * BN + tl.arange(0, BN)
-        cm = cols < D
-        ts = tl.arange(0, BLOCK_TO)
-        mo = (ts < T)[:, None] & cm[None, :]
-        off = ts[:, None].to(tl.int64) * D + cols[None, :]
-        v = tl.load(acc_ptr + off, mask=mo, other=0.0, cache_modifier=".cg")
-        tl.store(out_ptr + ts[:, None].to(tl.int64) * stride_o + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=mo)
-        tl.store(acc_ptr + off, tl.zeros((BLOCK_TO, BN), dtype=ACC), mask=mo)
-        tl.store(cnt_ptr + nb, 0)
-
-
-# --------------------------------------------------------------------------------------
 # launchers
 
 DEFAULT_PDL = "0"
@@ -489,115 +372,6 @@ def _workspace(device, acc_dtype, T: int, E: int, D: int):
               torch.zeros(n_cnt, dtype=torch.int32, device=device))  # fmt: skip
         _WS[key] = ws
     return ws
-
-
-_GU_WS: dict = {}
-
-
-def _gu_workspace(device, acc_dtype, n: int) -> torch.Tensor:
-    """Per-device fp32 gate/up accumulators of the split-K path (zeroed by launch 1 of each call);
-    allocated for SPLIT_MAX_TOKENS at the first call so that a CUDA graph never sees it grow."""
-    key = (str(device), acc_dtype)
-    ws = _GU_WS.get(key)
-    if ws is None or ws.numel() < n:
-        ws = torch.zeros(n, dtype=acc_dtype, device=device)
-        _GU_WS[key] = ws
-    return ws
-
-
-# The split-K path's blocks: gate/up (BN columns of the gate/up width x KC rows of D: 2 x 32 KB
-# of bf16 per program) and down (BN columns of D x KC rows of the expert's width: 64 KB).
-SPLIT_META = dict(GU_BN=64, GU_KC=256, DN_BN=64, DN_KC=512, GU_WARPS=4, DN_WARPS=4)
-_SPLIT_INT = dict(GU_BN=16, GU_KC=16, DN_BN=16, DN_KC=16, GU_WARPS=1, DN_WARPS=1)
-SPLIT_MAX_TOKENS = 4  # the most tokens the split-K path takes (no plan: a slot per (token, expert))
-
-
-def _split_meta(meta: dict | None) -> dict:
-    return dict(_SPLIT_INT if INTERPRET else SPLIT_META, **(meta or {}))
-
-
-def moe_layer_decode_split(x_TD, router_w_ED, bias_E, top_k, score_func, renormalize, n_groups, topk_groups,
-                           group_score, routed_scaling, wg_EDF, wu_EDF, wd_EFD, sg_DF=None, su_DF=None, sd_FD=None,
-                           meta=None):  # fmt: skip
-    """The split-K path of ``moe_layer_decode`` (1 <= T <= SPLIT_MAX_TOKENS), three launches:
-
-    1. router GEMV + top-k (no plan), and the gate/up accumulators zeroed;
-    2. gate/up: a program per (slot, BN columns, KC rows of D), the partial products added in fp32;
-    3. down + combine: a program per (slot, BN columns of D, KC rows of the slot's width), SwiGLU on
-       load, routing weight applied, added in fp32 into the token's row; the last program of each
-       column block casts it out.
-
-    A slot is one (token, routed expert) pair or one token's shared experts. Two tokens that chose
-    the same expert read its weights twice, hence the small T bound."""
-    T, D = x_TD.shape
-    E = router_w_ED.shape[0]
-    F = wg_EDF.shape[2]
-    K = int(top_k)
-    assert 1 <= T <= SPLIT_MAX_TOKENS and x_TD.stride(1) == 1 and wg_EDF.stride() == wu_EDF.stride()
-    FS = sg_DF.shape[1] if sg_DF is not None else 0
-    assert not FS or sg_DF.stride() == su_DF.stride()
-    m = _split_meta(meta)
-    dev = x_TD.device
-    acc64 = _acc64(x_TD.dtype)
-    acc_dt = torch.float64 if acc64 else torch.float32
-    lg, acc, cnt = _workspace(dev, acc_dt, T, E, D)
-    n_zero = T * K * 2 * F + T * 2 * FS
-    gu = _gu_workspace(dev, acc_dt, SPLIT_MAX_TOKENS * (K * 2 * F + 2 * FS))
-    w = torch.empty((T, K), dtype=torch.float32, device=dev)
-    ex = torch.empty((T, K), dtype=torch.int64, device=dev)
-    rm = _router_meta(T, E, D, K, n_groups)
-    wr = router_w_ED if router_w_ED.stride(1) == 1 else router_w_ED.contiguous()
-    bias = bias_E.contiguous() if bias_E is not None else wr
-    n_router = triton.cdiv(E, rm["BLOCK_ER"])
-    _router_kernel[(n_router,)](
-        x_TD, wr, bias, lg, cnt, w, ex, ex, ex, x_TD, x_TD, x_TD, gu,
-        T, E, D, 0, x_TD.stride(0), wr.stride(0), 0, 0, 0, float(routed_scaling), 0, n_router, n_zero,
-        K=K, SOFTMAX=score_func == "softmax", HAS_BIAS=bias_E is not None, RENORM=bool(renormalize and K > 1),
-        N_GROUPS=int(n_groups), TOPK_GROUPS=int(topk_groups), GROUP_TOP2=group_score == "top2sum", ACC64=acc64,
-        SHARED=False, PREC=_prec(x_TD.dtype), SBN=16, SBK=16, PDL=False, PLAN=False, ZERO=True, **rm,
-    )  # fmt: skip
-    bn, kc = m["GU_BN"], m["GU_KC"]
-    NKC = triton.cdiv(D, kc)
-    NB_R, NB_S = triton.cdiv(F, bn), triton.cdiv(FS, bn)
-    n_r = T * K * NB_R * NKC
-    sg, su = (sg_DF, su_DF) if FS else (wg_EDF[0], wu_EDF[0])
-    _gu_split_kernel[(n_r + T * NB_S * NKC,)](
-        x_TD, ex, wg_EDF, wu_EDF, sg, su, gu, T, F, FS, D, K, n_r, NB_R, NB_S, NKC,
-        x_TD.stride(0), wg_EDF.stride(0), wg_EDF.stride(1), wg_EDF.stride(2), sg.stride(0), sg.stride(1),
-        ACC64=acc64, BN=bn, KC=kc, num_warps=m["GU_WARPS"],
-    )  # fmt: skip
-    bn, kc = m["DN_BN"], m["DN_KC"]
-    NB = triton.cdiv(D, bn)
-    NKC_R, NKC_S = triton.cdiv(F, kc), triton.cdiv(FS, kc)
-    n_r = T * K * NB * NKC_R
-    out = torch.empty((T, D), dtype=x_TD.dtype, device=dev)
-    sd = sd_FD if FS else wd_EFD[0]
-    _down_split_kernel[(n_r + T * NB * NKC_S,)](
-        gu, ex, w, wd_EFD, sd, acc, cnt[1:], out, T, F, FS, D, K, n_r, NB, NKC_R, NKC_S,
-        T * K * NKC_R + T * NKC_S, wd_EFD.stride(0), wd_EFD.stride(1), wd_EFD.stride(2), sd.stride(0), sd.stride(1),
-        out.stride(0), ACC64=acc64, BN=bn, KC=kc, BLOCK_TO=triton.next_power_of_2(T), num_warps=m["DN_WARPS"],
-    )  # fmt: skip
-    return out, w, ex
-
-
-def split_max_tokens_from_env() -> int:
-    """MOECODER_DECODE_SPLIT=N: the decode layer op takes the split-K path for T <= N tokens (0: never;
-    at most SPLIT_MAX_TOKENS). Default DEFAULT_SPLIT."""
-    import os
-
-    v = os.environ.get("MOECODER_DECODE_SPLIT", "").strip()
-    if not v:
-        return DEFAULT_SPLIT
-    if not v.isdigit() or int(v) > SPLIT_MAX_TOKENS:
-        raise ValueError(f"MOECODER_DECODE_SPLIT must be an integer 0..{SPLIT_MAX_TOKENS}; got {v!r}")
-    return int(v)
-
-
-# 0: measured on an H100 (2026-12-07, docs/kernels-notes.md) the split-K path was no faster than the
-# tiles path at T = 1..4 (Qwen3-30B-A3B T=1 55 vs 53 us, DeepSeek-V2-Lite 78 vs 74 us; the best block
-# sizes of a sweep, now SPLIT_META, 42.0 vs 42.7 / 62.5 vs 63.8 us back to back): the ramps and launch
-# gaps, not tail waves of the weight-streaming launches, are what keeps T=1 under the floor.
-DEFAULT_SPLIT = 0
 
 
 def _router_meta(T: int, E: int, D: int, K: int, n_groups: int, warps: int | None = None):
@@ -645,9 +419,9 @@ def route_plan(x_TD, router_w_ED, bias_E, top_k, score_func, renormalize, n_grou
     n_sh = triton.cdiv(T, 16) * triton.cdiv(FS, sbn) if FS else 0
     sg, su = (sg_DF, su_DF) if FS else (x_TD, x_TD)
     _router_kernel[(n_router + n_sh,)](
-        x_TD, wr, bias, lg, cnt, w, ex, rowidx, tm, sg, su, hs if FS else x_TD, lg,
+        x_TD, wr, bias, lg, cnt, w, ex, rowidx, tm, sg, su, hs if FS else x_TD,
         T, E, D, FS, x_TD.stride(0), wr.stride(0), sg.stride(0), sg.stride(1), hs.stride(0) if FS else 0,
-        float(routed_scaling), n_tiles, n_router, 0, K=K, SOFTMAX=score_func == "softmax", HAS_BIAS=bias_E is not None,
+        float(routed_scaling), n_tiles, n_router, K=K, SOFTMAX=score_func == "softmax", HAS_BIAS=bias_E is not None,
         RENORM=bool(renormalize and K > 1), N_GROUPS=int(n_groups), TOPK_GROUPS=int(topk_groups),
         GROUP_TOP2=group_score == "top2sum", ACC64=acc64, SHARED=bool(FS), PREC=_prec(x_TD.dtype),
         SBN=sbn, SBK=sbk, **meta, **_pdl(dev),
@@ -714,11 +488,8 @@ def router_warps_from_env() -> int | None:
 
 def moe_layer_decode(x_TD, router_w_ED, bias_E, top_k, score_func, renormalize, n_groups, topk_groups, group_score,
                      routed_scaling, wg_EDF, wu_EDF, wd_EFD, sg_DF=None, su_DF=None, sd_FD=None,
-                     shared_in_router=None, router_warps=None, split=None):  # fmt: skip
+                     shared_in_router=None, router_warps=None):  # fmt: skip
     """The MoE layer's forward for 1 <= T <= MAX_TOKENS tokens in three launches: (out_TD, weights_TK, experts_TK).
-
-    ``split`` (default: T <= MOECODER_DECODE_SPLIT, ``split_max_tokens_from_env``): the split-K path
-    (``moe_layer_decode_split``); otherwise the tiles path (plan, tile GEMMs).
 
     Same semantics as ``kernels.reference.moe_layer_decode``. Weights already in ``x_TD``'s dtype
     (the router's in any float dtype: its GEMV is fp32); any strides with unit stride somewhere.
@@ -727,11 +498,6 @@ def moe_layer_decode(x_TD, router_w_ED, bias_E, top_k, score_func, renormalize, 
     K = int(top_k)
     assert 1 <= T <= MAX_TOKENS and x_TD.stride(1) == 1 and wg_EDF.stride() == wu_EDF.stride()
     assert sg_DF is None or sg_DF.stride() == su_DF.stride()
-    if split is None:
-        split = T <= split_max_tokens_from_env()
-    if split:
-        return moe_layer_decode_split(x_TD, router_w_ED, bias_E, K, score_func, renormalize, n_groups, topk_groups,
-                                      group_score, routed_scaling, wg_EDF, wu_EDF, wd_EFD, sg_DF, su_DF, sd_FD)
     if router_warps is None:
         router_warps = router_warps_from_env()
     if router_warps == 1 and shared_in_router is None:

@@ -498,56 +498,6 @@ def test_moe_layer_decode_matches_reference(T, E, K, D, F, FS, score, bias, grou
         assert torch.equal(e2, er) and rel(out2, outr) < max(TOL, 1e-6)
 
 
-@pytest.mark.parametrize(
-    "T,E,K,D,F,FS,score,bias,groups,scaling",
-    [
-        (1, 16, 4, 40, 40, 48, "softmax", False, (1, 1, "max"), 1.0),  # chunks of D and of F, a wider shared expert
-        (2, 16, 4, 24, 17, 0, "sigmoid", True, (4, 2, "top2sum"), 2.5),  # DeepSeek-V3 routing, odd width
-        (4, 12, 3, 33, 20, 30, "softmax", False, (4, 3, "max"), 1.0),  # V2 groups, odd D, tokens sharing experts
-    ],
-)  # fmt: skip
-def test_moe_layer_decode_split_matches_reference(T, E, K, D, F, FS, score, bias, groups, scaling):
-    """The split-K path (router + top-k without a plan; gate/up and down as a program per (slot,
-    column block, K chunk) with fp32 partial sums) gives the reference layer, and leaves every
-    accumulator (logits, gate/up, output) and counter zero for the next call."""
-    from kernels import triton_moe_layer as tml
-
-    x, wr, b, ws, sh = _layer_inputs(T, E, D, F, FS, bias)
-    ng, tg, gs = groups
-    outr, wr_, er = ref.moe_layer_decode(ref_of(x), wr, b, K, score, True, ng, tg, gs, scaling,
-                                         *(ref_of(t) for t in ws + sh))  # fmt: skip
-    for _ in range(2):  # the second call starts from what the first left
-        out, w, e = tml.moe_layer_decode(x, wr, b, K, score, True, ng, tg, gs, scaling, *ws, *sh, split=True)
-        assert torch.equal(e, er)
-        assert w.dtype == torch.float32 and rel(w, wr_) < TOL_F32
-        assert out.dtype == x.dtype and out.shape == (T, D)
-        assert rel(out, outr) < max(TOL, 1e-6)
-        acc_dt = torch.float64 if DT == torch.float64 else torch.float32
-        assert all(torch.count_nonzero(t) == 0 for t in tml._WS[(str(x.device), acc_dt)])
-    tiles, _, e2 = tml.moe_layer_decode(x, wr, b, K, score, True, ng, tg, gs, scaling, *ws, *sh, split=False)
-    assert torch.equal(e2, er) and rel(tiles, outr) < max(TOL, 1e-6)
-
-
-def test_moe_layer_decode_split_env(monkeypatch):
-    """MOECODER_DECODE_SPLIT=N: the split-K path for T <= N (checked through the gate/up accumulators
-    it alone writes); a bad value is refused."""
-    from kernels import triton_moe_layer as tml
-
-    T, E, K, D, F, FS = 2, 16, 4, 24, 40, 48
-    x, wr, b, ws, sh = _layer_inputs(T, E, D, F, FS, False)
-    calls = []
-    real = tml.moe_layer_decode_split
-    monkeypatch.setattr(tml, "moe_layer_decode_split", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
-    for v, used in (("0", []), ("1", []), ("2", [2]), ("4", [2])):
-        calls.clear()
-        monkeypatch.setenv("MOECODER_DECODE_SPLIT", v)
-        out, _, _ = tml.moe_layer_decode(x, wr, None, K, "softmax", True, 1, 1, "max", 1.0, *ws, *sh)
-        assert calls == used and out.shape == (T, D), v
-    monkeypatch.setenv("MOECODER_DECODE_SPLIT", "9")
-    with pytest.raises(ValueError, match="MOECODER_DECODE_SPLIT"):
-        tml.moe_layer_decode(x, wr, None, K, "softmax", True, 1, 1, "max", 1.0, *ws, *sh)
-
-
 def test_moe_layer_decode_one_warp_router_env(monkeypatch):
     """MOECODER_ROUTER_WARPS=1 (launch 1 in one warp, the shared gate/up moved to launch 2) gives
     the reference layer; a bad value is refused."""
