@@ -13,6 +13,7 @@ every request is guarded by a token limit and a time limit.
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -199,6 +200,22 @@ class Engine:
         if ok:
             return value
         raise value
+
+    def read_repository(self, root: str, read_s: float) -> dict | None:
+        """Read the project at ``root`` into the completion memory (assistant/memory.py) for at most
+        about ``read_s`` seconds (one file at least), on the worker thread; later calls go on where this
+        one stopped and pick up edited files. {"complete", "entries", "files"}; None where the backend
+        has no local model (no memory)."""
+        model = getattr(self.backend, "model", None)
+        if model is None or not hasattr(model, "norm") or not os.path.isdir(root):
+            return None
+        from assistant.memory import memory_for
+
+        def read() -> dict:
+            mem = memory_for(model, self.tokenizer, root, quiet=True, read_s=read_s)
+            return {"complete": mem.complete, "entries": mem.entries, "files": len(mem.file_ids)}
+
+        return self.submit(read)
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the worker after its current job (waits up to ``timeout`` seconds, so that

@@ -328,6 +328,12 @@ def memory_for(model, tok, root: str | os.PathLike, quiet: bool = False, read_s:
     return mem
 
 
+def peek(model, root: str | os.PathLike) -> RepoMemory | None:
+    """The memory of ``root`` for ``model`` as read so far, without reading anything (None: none yet)."""
+    with _LOCK:
+        return _MEMORIES.get((id(model), Path(root).resolve()))
+
+
 def forget(model) -> None:
     """Drop the memories read by ``model`` (its weights changed: ``moecoder tune``)."""
     with _LOCK:
@@ -352,5 +358,10 @@ class CompletionMemory:
 
     def __call__(self, logits_BV, h_BD):
         if self._mem is None:
-            self._mem = memory_for(self.model, self.tok, self.root, read_s=self.read_s)
+            if self.read_s is not None and self.read_s < 0:  # read elsewhere (an editor's idle time)
+                self._mem = peek(self.model, self.root)
+                if self._mem is None:
+                    return logits_BV  # nothing read yet: the model alone
+            else:
+                self._mem = memory_for(self.model, self.tok, self.root, read_s=self.read_s)
         return self._mem.mix(logits_BV, h_BD, self.exclude)

@@ -71,7 +71,8 @@ class TaskRequest:
     repo: str | None = None  # project root: completion reads the project's memory (assistant/memory.py)
     recent: list[str] | None = None  # recently edited files of the project, most recent first
     # with ``repo``: at most this long reading the project into its memory (assistant/memory.py) per
-    # request, the rest at later ones (an editor's first completions must not wait); None: all first
+    # request, the rest at later ones (an editor's first completions must not wait); None: all first;
+    # negative: never read here, use what was read already (the language server reads while idle)
     repo_read_s: float | None = None
     # debug on the batch road (the review): hints below this confidence are not wanted, so a
     # function whose debug gate alone already puts any hint below it is not generated for

@@ -63,7 +63,7 @@ class FakeEngine:
         self.model_dir = model_dir
         self.device = device
         self._lock = threading.Lock()
-        self._stats = {"started": 0, "finished": 0, "cancelled": 0, "requests": []}
+        self._stats = {"started": 0, "finished": 0, "cancelled": 0, "requests": [], "repo": [], "reads": []}
 
     def stats(self) -> dict:
         with self._lock:
@@ -77,6 +77,13 @@ class FakeEngine:
 
     def close(self) -> None:
         pass
+
+    def read_repository(self, root: str, read_s: float) -> dict:
+        """Like Engine.read_repository: the workspace is "complete" after its third slice."""
+        with self._lock:
+            self._stats["reads"].append([root, read_s, time.monotonic()])
+            n = len(self._stats["reads"])
+        return {"complete": n >= 3, "entries": 10 * n, "files": n}
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())
@@ -97,6 +104,7 @@ class FakeEngine:
         with self._lock:
             self._stats["started"] += 1
             self._stats["requests"].append([request.task, request.line, request.column, request.context_tokens])
+            self._stats["repo"].append([request.repo, request.repo_read_s])
         yield Event("reasoning", text=f"thinking about {request.task}")
         p = _PREFILL.search(request.source)
         if p:  # like a model's prefill: not interruptible

@@ -477,3 +477,46 @@ async def test_inline_item_replaces_the_rest_of_the_line(client: LanguageClient,
     # a one-line completion that also closes the bracket does not double it
     assert closing_overlap("a, b)", ")  # two") == 1 and closing_overlap("a, b", ")") == 0
     assert closing_overlap("f(x))", "))") == 2
+
+
+async def _reads_after(client: LanguageClient, n: int, timeout: float = 15.0) -> list:
+    end = asyncio.get_running_loop().time() + timeout
+    while True:
+        got = (await stats(client))["reads"]
+        if len(got) >= n or asyncio.get_running_loop().time() > end:
+            return got
+        await asyncio.sleep(0.1)
+
+
+async def test_the_workspace_is_read_into_the_memory_while_idle(client: LanguageClient, tmp_path):
+    """repositoryContext (on by default): the server reads the workspace into the completion memory
+    a slice at a time, only after IDLE_READ_AFTER_S without requests or edits, until the engine says
+    it is complete; completions carry the workspace and never read themselves (repo_read_s < 0)."""
+    from lsp import server as srv
+
+    await client.initialize_session(types.InitializeParams(capabilities=capabilities(), root_uri=tmp_path.as_uri()))
+    uri = uri_for(tmp_path, "a.py", "value = 1\n")
+    open_doc(client, uri, "value = 1\n")
+    for v in range(2, 8):  # typing: an edit every 0.4 s keeps the reader waiting
+        await asyncio.sleep(0.4)
+        change_doc(client, uri, v, (0, 8), (0, 9), str(v))
+    assert (await stats(client))["reads"] == []
+    reads = await _reads_after(client, 3)
+    assert len(reads) == 3 and all(r[0] == str(tmp_path) and r[1] == srv.READ_SLICE_S for r in reads)
+    assert reads[0][2] >= reads[-1][2] - 5.0  # the slices follow each other while idle
+    await complete(client, uri, 0, 9)
+    s = await stats(client)
+    assert s["repo"][-1] == [str(tmp_path), srv.REPO_READ_S] and srv.REPO_READ_S < 0
+    await asyncio.sleep(0.5)
+    assert len((await stats(client))["reads"]) == 3  # complete: the next look is RECHECK_S later
+
+
+async def test_no_workspace_reading_when_repository_context_is_off(client: LanguageClient, tmp_path):
+    await client.initialize_session(types.InitializeParams(capabilities=capabilities(), root_uri=tmp_path.as_uri(),
+                                                           initialization_options={"repositoryContext": False}))
+    uri = uri_for(tmp_path, "a.py", "value = 1\n")
+    open_doc(client, uri, "value = 1\n")
+    await asyncio.sleep(2.8)
+    await complete(client, uri, 0, 9)
+    s = await stats(client)
+    assert s["reads"] == [] and s["repo"][-1] == [None, None]

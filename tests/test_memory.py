@@ -197,3 +197,36 @@ def test_a_large_memory_searches_its_nearest_cells(loaded, tmp_path, monkeypatch
     mem.refresh()
     assert mem.centroids is cells and "m9.py" in mem.file_ids
     assert sum(b - a for a, b in zip(mem.offsets, mem.offsets[1:])) == mem.entries
+
+
+def test_an_idle_reader_fills_the_memory_and_completions_only_use_it(loaded, tmp_path):
+    """Engine.read_repository (the language server's idle reader) builds the memory a slice at a time;
+    a completion with repo_read_s < 0 reads nothing itself: the model alone before any reading, the
+    memory as read so far after."""
+    root = _project(tmp_path)
+    for i in range(3):
+        (root / "pkg" / f"mod{i}.py").write_text(f"VALUE_{i} = {i}\n" * 20)
+    eng = Engine.from_loaded(loaded)
+    model = loaded.model
+    memory.forget(model)
+    src = MAIN.replace("    ys = scale(xs)\n", "    ys = \n")
+    req = TaskRequest("complete", src, path=str(root / "pkg" / "main.py"), line=4, column=9, max_new_tokens=4,
+                      repo=str(root), repo_read_s=-1.0)
+    plan = make_plan(eng, req)
+    logits = torch.randn(1, model.cfg.vocab_size)
+    h = torch.randn(1, model.cfg.dim)
+    assert plan.mix(logits, h) is logits and memory.peek(model, root) is None  # nothing read, nothing mixed
+    reports = [eng.read_repository(str(root), 0.0)]  # one file a slice
+    while not reports[-1]["complete"]:
+        reports.append(eng.read_repository(str(root), 0.0))
+        assert len(reports) < 10
+    assert len(reports) > 1 and [r["entries"] for r in reports] == sorted(r["entries"] for r in reports)
+    mem = memory.peek(model, root)
+    assert mem is not None and mem.complete and reports[-1]["entries"] == mem.entries
+    before = mem.entries
+    res = execute_batch(eng, [req], 1)[0]
+    assert isinstance(res.text, str) and memory.peek(model, root).entries == before  # the completion read nothing
+    plan = make_plan(eng, req)
+    assert not torch.equal(plan.mix(logits, h), logits)  # now the memory takes part
+    assert eng.read_repository(str(tmp_path / "missing"), 1.0) is None
+    eng.close()
