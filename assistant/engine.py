@@ -201,18 +201,18 @@ class Engine:
             return value
         raise value
 
-    def read_repository(self, root: str, read_s: float) -> dict | None:
+    def read_repository(self, root: str, read_s: float, stop: Callable[[], bool] | None = None) -> dict | None:
         """Read the project at ``root`` into the completion memory (assistant/memory.py) for at most
-        about ``read_s`` seconds (one file at least), on the worker thread; later calls go on where this
-        one stopped and pick up edited files. {"complete", "entries", "files"}; None where the backend
-        has no local model (no memory)."""
+        about ``read_s`` seconds, or until ``stop()`` (checked between the model's windows; one window
+        at least), on the worker thread; later calls go on where this one stopped and pick up edited
+        files. {"complete", "entries", "files"}; None where the backend has no local model (no memory)."""
         model = getattr(self.backend, "model", None)
         if model is None or not hasattr(model, "norm") or not os.path.isdir(root):
             return None
         from assistant.memory import memory_for
 
         def read() -> dict:
-            mem = memory_for(model, self.tokenizer, root, quiet=True, read_s=read_s)
+            mem = memory_for(model, self.tokenizer, root, quiet=True, read_s=read_s, stop=stop)
             return {"complete": mem.complete, "entries": mem.entries, "files": len(mem.file_ids)}
 
         return self.submit(read)

@@ -28,9 +28,10 @@ repository (``TaskRequest.repo``) gets it.
   2 cores. From ``IVF_MIN`` entries an inverted-file index is used instead: k-means cells, fixed
   once built, and each token searches the entries of its ``IVF_PROBE`` nearest cells.
 * Built once per (model, project), on the engine's thread at the first completion that asks
-  (2,800 tokens a second on 2 cores: textual's 2.7 MB takes 4 minutes), or a slice per
-  completion (``read_s``, the editor's way); a file whose size or modification time changed is
-  read again at the next use, at most every ``RECHECK_S``.
+  (2,800 tokens a second on 2 cores: textual's 2.7 MB takes 4 minutes), or a slice at a time
+  (``read_s`` / ``stop``, checked between the model's windows of a file, so a long file is read
+  over several slices: the language server's idle reader); a file whose size or modification time
+  changed is read again at the next use, at most every ``RECHECK_S``.
 * At most ``MAX_POSITIONS`` entries (the files in ``RepoIndex`` order).
 
 Measured (docs/benchmarks.md, "Repository memory (kNN-LM) for completion"): chosen on development
@@ -62,7 +63,7 @@ RECHECK_S = 30.0
 class RepoMemory:
     """The memory of one project for one model (``entries`` positions)."""
 
-    def __init__(self, model, tok, root: str | os.PathLike, progress=None, read_s: float | None = None):
+    def __init__(self, model, tok, root: str | os.PathLike, progress=None, read_s: float | None = None, stop=None):
         self.model, self.tok, self.root = model, tok, Path(root).resolve()
         self.complete = False  # every file read (False: a read budget ran out; the rest comes later)
         # the projection is fixed once PCA_MIN positions (or the whole project) were read; before,
@@ -72,10 +73,11 @@ class RepoMemory:
         self._assign: dict[str, object] = {}  # rel -> each entry's cell
         # rel -> ((mtime, size), head inputs [n, D] float16, next token ids [n])
         self._blocks: dict[str, tuple[tuple[float, int], object, object]] = {}
+        self._partial: dict[str, dict] = {}  # rel -> a file read part way (stamp, ids, windows read)
         self._checked = 0.0
         self.progress = progress
         self.build_s = 0.0
-        self.refresh(force=True, read_s=read_s)
+        self.refresh(force=True, read_s=read_s, stop=stop)
 
     # ------------------------------------------------------------------ building
     def _files(self) -> list[str]:
@@ -83,17 +85,25 @@ class RepoMemory:
 
         return list(RepoIndex(self.root).files())
 
-    def _read_file(self, text: str):
-        """(head inputs [N, D] float32, next token ids [N]) of one file's text."""
+    def _read_file(self, text: str, state: dict | None = None, stop=None):
+        """(head inputs [N, D] float16, next token ids [N]) of one file's text; None when ``stop()``
+        said so between two windows (after one window at least): ``state`` then holds where to go on."""
         import torch
 
-        ids = self.tok.encode(text) + [int(self.tok.eos_id)]
-        keys, vals = [], []
+        if state is None:
+            state = {}
+        if "ids" not in state:
+            state.update(ids=self.tok.encode(text) + [int(self.tok.eos_id)], a=0, keys=[], vals=[])
+        ids, keys, vals = state["ids"], state["keys"], state["vals"]
         device = self.model.tok_emb.weight.device
         window = min(WINDOW, self.model.cfg.max_seq_len)
         overlap = min(OVERLAP, window // 4)
+        a, done = state["a"], 0
         with torch.inference_mode():
-            for a in range(0, max(1, len(ids) - 1), window - 1 - overlap):  # the next keeps from a + window - 1
+            while a < max(1, len(ids) - 1):  # the next window keeps from a + window - 1
+                if done and stop is not None and stop():
+                    state["a"] = a
+                    return None
                 x = ids[a:a + window]
                 if len(x) < 2:
                     break
@@ -101,23 +111,32 @@ class RepoMemory:
                 lo = 0 if a == 0 else overlap
                 keys.append(h[lo:].to("cpu", torch.float16))  # projected later
                 vals.append(torch.tensor(x[1 + lo:]))
+                done += 1
                 if a + window >= len(ids):
                     break
+                a += window - 1 - overlap
         if not keys:
             return torch.zeros(0, self.model.cfg.dim, dtype=torch.float16), torch.zeros(0, dtype=torch.long)
         return torch.cat(keys), torch.cat(vals)
 
-    def refresh(self, force: bool = False, read_s: float | None = None) -> None:
+    def refresh(self, force: bool = False, read_s: float | None = None, stop=None) -> None:
         """Read the files that are new or changed since the last look (at most every RECHECK_S, at
-        once while the memory is incomplete); ``read_s``: stop reading after this many seconds."""
+        once while the memory is incomplete); ``read_s``: stop reading after this many seconds,
+        ``stop()``: stop when it says so (both checked between two windows of a file, after one
+        window at least; a file left half read goes on from there at the next call)."""
         now = time.monotonic()
         if not force and self.complete and now - self._checked < RECHECK_S:
             return
         self._checked = now
         t0 = time.monotonic()
+
+        def halt() -> bool:
+            return (read_s is not None and time.monotonic() - t0 > read_s) or (stop is not None and bool(stop()))
+
         files = self._files()
         changed = False
         seen, total, read = set(), 0, 0
+        stopped = False
         self.complete = True
         for n, rel in enumerate(files):
             p = self.root / rel
@@ -133,19 +152,36 @@ class RepoMemory:
                 continue
             if total >= MAX_POSITIONS:
                 continue
-            if read_s is not None and read > 0 and time.monotonic() - t0 > read_s:
-                self.complete = False  # this file and the ones after it: at the next use (one file a use at least)
+            if stopped or (read > 0 and halt()):
+                stopped = True
+                self.complete = False  # this file and the ones after it: at the next use (one window a use at least)
                 if old is not None:
                     total += old[2].shape[0]
                 continue
-            try:
-                text = p.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError):
+            part = self._partial.get(rel)
+            if part is not None and part["stamp"] != stamp:
+                part = None
+            if part is None:
+                try:
+                    text = p.read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError):
+                    continue
+                part = {"stamp": stamp}
+            else:
+                text = ""
+            read += 1
+            got = self._read_file(text, part, halt)
+            if got is None:  # stopped inside the file: go on from there next time
+                self._partial[rel] = part
+                stopped = True
+                self.complete = False
+                if old is not None:
+                    total += old[2].shape[0]
                 continue
-            k, v = self._read_file(text)
+            self._partial.pop(rel, None)
+            k, v = got
             self._blocks[rel] = (stamp, self._project(k) if self._fixed else k, v)
             self._assign.pop(rel, None)
-            read += 1
             total += v.shape[0]
             changed = True
             if self.progress is not None:
@@ -155,6 +191,9 @@ class RepoMemory:
                 del self._blocks[rel]
                 self._assign.pop(rel, None)
                 changed = True
+        for rel in list(self._partial):
+            if rel not in seen:
+                del self._partial[rel]
         if changed or force:
             self._stack()
         self.build_s += time.monotonic() - t0
@@ -301,15 +340,16 @@ _MEMORIES: dict[tuple[int, Path], RepoMemory] = {}
 _LOCK = threading.Lock()
 
 
-def memory_for(model, tok, root: str | os.PathLike, quiet: bool = False, read_s: float | None = None) -> RepoMemory:
+def memory_for(model, tok, root: str | os.PathLike, quiet: bool = False, read_s: float | None = None,
+               stop=None) -> RepoMemory:
     """The memory of ``root`` for ``model`` (built on first use, refreshed after edits; ``read_s``:
-    at most this long reading files now). Call it on the thread that runs the model (the engine's
-    worker)."""
+    at most this long reading files now, ``stop()``: stop reading when it says so). Call it on the
+    thread that runs the model (the engine's worker)."""
     key = (id(model), Path(root).resolve())
     with _LOCK:
         mem = _MEMORIES.get(key)
     if mem is not None:
-        mem.refresh(read_s=read_s)
+        mem.refresh(read_s=read_s, stop=stop)
         return mem
 
     shown = [0.0]
@@ -320,7 +360,7 @@ def memory_for(model, tok, root: str | os.PathLike, quiet: bool = False, read_s:
         shown[0] = time.monotonic()
         print(f"moecoder: reading {key[1]} for completion memory: file {i} of {n}", file=sys.stderr, flush=True)
 
-    mem = RepoMemory(model, tok, key[1], progress=progress, read_s=read_s)
+    mem = RepoMemory(model, tok, key[1], progress=progress, read_s=read_s, stop=stop)
     with _LOCK:
         if len(_MEMORIES) >= 4:
             _MEMORIES.pop(next(iter(_MEMORIES)))

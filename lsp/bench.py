@@ -43,6 +43,14 @@ def stdlib_files(names: list[str]) -> list[Path]:
     return [root / n for n in names if (root / n).is_file()]
 
 
+def workspace_files(root: Path, limit: int = 12) -> list[Path]:
+    """Up to ``limit`` Python files of ``root`` with 50 lines or more (a seeded choice)."""
+    got = sorted(p for p in root.rglob("*.py") if p.is_file()
+                 and p.read_text(encoding="utf-8", errors="replace").count("\n") >= 50)
+    random.Random(0).shuffle(got)
+    return got[:limit]
+
+
 def cursor_positions(files: list[Path], n: int, seed: int = 0) -> list[tuple[Path, int, int]]:
     """``n`` (file, line, column) cursors: inside a code line, after an identifier character
     or an operator, with code still following on the line (single-line territory)."""
@@ -101,7 +109,8 @@ def typed_text(text: str, line: int, col: int) -> tuple[str, str]:
 
 
 async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: list[Path],
-              max_line_tokens: int = 32, context_tokens: int = 512, mode: str = "typed") -> dict:
+              max_line_tokens: int = 32, context_tokens: int = 512, mode: str = "typed",
+              workspace: Path | None = None, pause: float = 0.0, repo_context: bool = True) -> dict:
     from lsprotocol import types
     from pygls.lsp.client import LanguageClient
 
@@ -126,9 +135,11 @@ async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: li
     caps = types.ClientCapabilities(text_document=types.TextDocumentClientCapabilities(
         completion=types.CompletionClientCapabilities(), diagnostic=types.DiagnosticClientCapabilities()))
     t0 = time.perf_counter()
-    await client.initialize_async(types.InitializeParams(capabilities=caps, initialization_options={
-        "moecoder": {"maxTokens": max_tokens, "maxLineTokens": max_line_tokens, "contextTokens": context_tokens,
-                     "features": {"diagnostics": False}}}))
+    await client.initialize_async(types.InitializeParams(
+        capabilities=caps, root_uri=workspace.resolve().as_uri() if workspace is not None else None,
+        initialization_options={"moecoder": {
+            "maxTokens": max_tokens, "maxLineTokens": max_line_tokens, "contextTokens": context_tokens,
+            "repositoryContext": workspace is not None and repo_context, "features": {"diagnostics": False}}}))
     client.initialized(types.InitializedParams())
     versions: dict[Path, int] = {}
 
@@ -180,6 +191,8 @@ async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: li
     task = bar.add_task("requests", total=len(timed))
     bar.start()
     for f, line, col in timed:
+        if pause:  # the user stops typing: the server reads the workspace meanwhile (repositoryContext)
+            await asyncio.sleep(pause)
         dt, count, text, rest = await one(f, line, col)
         times.append(dt)
         nonempty += count > 0
@@ -198,6 +211,8 @@ async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: li
         "p50_ms": 1000 * statistics.median(times), "p95_ms": 1000 * percentile(times, 0.95),
         "mean_ms": 1000 * statistics.fmean(times), "max_ms": 1000 * max(times),
         "startup_and_warmup_s": load_s, "first_request_s": first, "files": [f.name for f in files],
+        "workspace": str(workspace) if workspace is not None else None, "pause_s": pause,
+        "repository_context": workspace is not None and repo_context,
         "samples": samples, "machine": machine(), "positions": [(str(f), ln, c) for f, ln, c in timed],
     }
 
@@ -305,6 +320,14 @@ def main(argv: list[str] | None = None) -> int:
                         "at a time, a request after each (N x 6 timed requests)")
     p.add_argument("--context-tokens", type=int, default=512,
                    help="code around the cursor in the prompt (server setting contextTokens)")
+    p.add_argument("--workspace", metavar="DIR",
+                   help="open this project as the workspace, repositoryContext on (the server reads it into "
+                        "the completion memory while idle), and complete in its own files (default: stdlib "
+                        "files, no workspace)")
+    p.add_argument("--no-repository-context", action="store_true",
+                   help="with --workspace: repositoryContext off (the same files, no memory; for A/B runs)")
+    p.add_argument("--pause", type=float, default=0.0,
+                   help="seconds of quiet before each timed request (the idle reader works then)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--compare", action="store_true",
                    help="also time the same completions through Engine.run in-process (model time alone)")
@@ -316,6 +339,19 @@ def main(argv: list[str] | None = None) -> int:
         print("lsp.bench: error: -n and --warmup must be >= 1", file=sys.stderr)
         return 2
     files = stdlib_files(DEFAULT_MODULES)
+    workspace = None
+    if args.workspace is not None:
+        workspace = Path(args.workspace)
+        if not workspace.is_dir():
+            print(f"lsp.bench: error: workspace not found: {args.workspace}", file=sys.stderr)
+            return 2
+        files = workspace_files(workspace)
+        if not files:
+            print(f"lsp.bench: error: no Python files of 50 lines or more in {args.workspace}", file=sys.stderr)
+            return 2
+    if args.pause < 0:
+        print("lsp.bench: error: --pause must be >= 0", file=sys.stderr)
+        return 2
     if args.mode == "midword":
         positions = midword_positions(files, args.n)
         r = midword(args.model, positions, args.max_tokens, args.context_tokens)
@@ -335,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         r = asyncio.run(asyncio.wait_for(run(args.model, args.n, args.max_tokens, args.warmup, files, args.max_line_tokens,
-                                      args.context_tokens, args.mode), 3600))
+                                      args.context_tokens, args.mode, workspace, args.pause,
+                                      not args.no_repository_context), 3600))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -343,8 +380,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lsp.bench: error: {e}", file=sys.stderr)
         return 2
     m = r["machine"]
+    where = (f"files of the workspace {r['workspace']} (repositoryContext "
+             f"{'on' if r['repository_context'] else 'off'})" if r["workspace"] else "stdlib files")
     print(f"moecoder LSP completion latency ({r['requests']} single-line requests over stdio, "
-          f"{len(r['files'])} stdlib files, mode {r['mode']})")
+          f"{len(r['files'])} {where}, mode {r['mode']}" + (f", {r['pause_s']:g} s quiet before each" if r["pause_s"]
+                                                             else "") + ")")
     print(f"  model: {r['model']}   maxTokens: {r['max_tokens']}   maxLineTokens: {r['max_line_tokens']}   contextTokens: {r['context_tokens']}   non-empty results: {r['nonempty']}/{r['requests']}"
           + (f"   exact line match: {r['exact_match']}/{r['requests']}" if r["exact_match"] is not None else ""))
     print(f"  p50 {r['p50_ms']:.0f} ms   p95 {r['p95_ms']:.0f} ms   mean {r['mean_ms']:.0f} ms   "

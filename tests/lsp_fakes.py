@@ -78,7 +78,7 @@ class FakeEngine:
     def close(self) -> None:
         pass
 
-    def read_repository(self, root: str, read_s: float) -> dict:
+    def read_repository(self, root: str, read_s: float, stop=None) -> dict:
         """Like Engine.read_repository: the workspace is "complete" after its third slice."""
         with self._lock:
             self._stats["reads"].append([root, read_s, time.monotonic()])

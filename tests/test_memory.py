@@ -230,3 +230,32 @@ def test_an_idle_reader_fills_the_memory_and_completions_only_use_it(loaded, tmp
     assert not torch.equal(plan.mix(logits, h), logits)  # now the memory takes part
     assert eng.read_repository(str(tmp_path / "missing"), 1.0) is None
     eng.close()
+
+
+def test_reading_stops_between_windows_and_goes_on_inside_the_file(loaded, tmp_path):
+    """``stop()`` is checked between the model's windows: a file longer than the context is read over
+    several calls (one window each at least), and the memory ends the same as one uninterrupted read."""
+    root = tmp_path / "long"
+    root.mkdir()
+    text = "".join(f"def f{i}(x):\n    return x + {i}\n\n\n" for i in range(120))
+    (root / "big.py").write_text(text)
+    (root / "small.py").write_text("A = 1\n")
+    model, tok = loaded.model, loaded.tokenizer
+    full = memory.RepoMemory(model, tok, root)
+    calls = [0]
+
+    def stop() -> bool:  # "a request came": after every window
+        calls[0] += 1
+        return True
+
+    mem = memory.RepoMemory(model, tok, root, stop=stop)
+    uses = 1
+    while not mem.complete:
+        assert mem._partial or mem.entries < full.entries
+        mem.refresh(stop=stop)
+        uses += 1
+        assert uses < 40
+    n_windows = -(-len(tok.encode(text)) // (model.cfg.max_seq_len - 1 - model.cfg.max_seq_len // 4))
+    assert uses >= n_windows - 1 and calls[0] >= uses - 1  # a window a call, not a file a call
+    assert mem.entries == full.entries and not mem._partial
+    assert torch.equal(mem.vals, full.vals) and torch.allclose(mem.keys.float(), full.keys.float(), atol=1e-3)
