@@ -271,17 +271,25 @@ def bench_moecoder(model, prompts, dev, batches, n_decode: int, reps: int, res: 
 
 
 def main(argv=None) -> int:
+    global PREFILLS
     p = argparse.ArgumentParser(prog="python -m model.hf_bench", description=__doc__.split("\n")[0])
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="tiny configs (debug the script on a CPU)")
     p.add_argument("--batches", default="1,8,64")
+    p.add_argument("--prefills", default=",".join(PREFILLS),
+                   help="prefill measurements to take, of " + ", ".join(PREFILLS) + " ('' = none: decode only)")
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--compile", action="store_true",
                    help="also decode with RMSNorm/RoPE fused by torch.compile inside the CUDA graph")
     p.add_argument("--out", default=None, help="write the results (JSON) here after each configuration")
     args = p.parse_args(argv)
+    wanted = tuple(x for x in args.prefills.split(",") if x)
+    if any(x not in PREFILLS for x in wanted):
+        p.error(f"--prefills takes names of {', '.join(PREFILLS)}; got {args.prefills!r}")
+    lengths = dict(zip(PREFILLS, (64, 128, 65) if args.tiny else (2048, 8192, 2049)))
+    PREFILLS = wanted
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     dtype_name = "bf16" if dtype == torch.bfloat16 else "fp32"
@@ -309,7 +317,7 @@ def main(argv=None) -> int:
             hf_cfg.update(TINY[name])
         V = hf_cfg["vocab_size"]
         g = torch.Generator().manual_seed(0)
-        lens = dict(zip(PREFILLS, (2048, 8192, 2049) if not args.tiny else (64, 128, 65)))
+        lens = {k: lengths[k] for k in PREFILLS}
         prompts = {k: torch.randint(0, V, (1, n), generator=g).to(dev) for k, n in lens.items()}
         prompts["check"] = torch.randint(0, V, (2, 128 if not args.tiny else 16), generator=g).to(dev)
         prompts["decode"] = torch.randint(0, V, (max(batches), 128 if not args.tiny else 8), generator=g).to(dev)
