@@ -110,7 +110,8 @@ def typed_text(text: str, line: int, col: int) -> tuple[str, str]:
 
 async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: list[Path],
               max_line_tokens: int = 32, context_tokens: int = 512, mode: str = "typed",
-              workspace: Path | None = None, pause: float = 0.0, repo_context: bool = True) -> dict:
+              workspace: Path | None = None, pause: float = 0.0, repo_context: bool = True,
+              settle: float = 0.0) -> dict:
     from lsprotocol import types
     from pygls.lsp.client import LanguageClient
 
@@ -178,6 +179,8 @@ async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: li
         dt, _, _, _ = await one(f, line, col)
         first = first if first is not None else dt
     load_s = time.perf_counter() - t0
+    if settle:  # quiet after the warm-up: the server reads the workspace (repositoryContext)
+        await asyncio.sleep(settle)
     if errors:
         await client.shutdown_async(None)
         client.exit(None)
@@ -212,7 +215,7 @@ async def run(model: str | None, n: int, max_tokens: int, warmup: int, files: li
         "mean_ms": 1000 * statistics.fmean(times), "max_ms": 1000 * max(times),
         "startup_and_warmup_s": load_s, "first_request_s": first, "files": [f.name for f in files],
         "workspace": str(workspace) if workspace is not None else None, "pause_s": pause,
-        "repository_context": workspace is not None and repo_context,
+        "repository_context": workspace is not None and repo_context, "settle_s": settle,
         "samples": samples, "machine": machine(), "positions": [(str(f), ln, c) for f, ln, c in timed],
     }
 
@@ -326,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
                         "files, no workspace)")
     p.add_argument("--no-repository-context", action="store_true",
                    help="with --workspace: repositoryContext off (the same files, no memory; for A/B runs)")
+    p.add_argument("--settle", type=float, default=0.0,
+                   help="seconds of quiet after the warm-up, before the timed requests (the idle reader reads "
+                        "the workspace then)")
     p.add_argument("--pause", type=float, default=0.0,
                    help="seconds of quiet before each timed request (the idle reader works then)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -349,8 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         if not files:
             print(f"lsp.bench: error: no Python files of 50 lines or more in {args.workspace}", file=sys.stderr)
             return 2
-    if args.pause < 0:
-        print("lsp.bench: error: --pause must be >= 0", file=sys.stderr)
+    if args.pause < 0 or args.settle < 0:
+        print("lsp.bench: error: --pause and --settle must be >= 0", file=sys.stderr)
         return 2
     if args.mode == "midword":
         positions = midword_positions(files, args.n)
@@ -372,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         r = asyncio.run(asyncio.wait_for(run(args.model, args.n, args.max_tokens, args.warmup, files, args.max_line_tokens,
                                       args.context_tokens, args.mode, workspace, args.pause,
-                                      not args.no_repository_context), 3600))
+                                      not args.no_repository_context, args.settle), 3600))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -384,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{'on' if r['repository_context'] else 'off'})" if r["workspace"] else "stdlib files")
     print(f"moecoder LSP completion latency ({r['requests']} single-line requests over stdio, "
           f"{len(r['files'])} {where}, mode {r['mode']}" + (f", {r['pause_s']:g} s quiet before each" if r["pause_s"]
-                                                             else "") + ")")
+                                                             else "")
+          + (f", {r['settle_s']:g} s quiet after the warm-up" if r["settle_s"] else "") + ")")
     print(f"  model: {r['model']}   maxTokens: {r['max_tokens']}   maxLineTokens: {r['max_line_tokens']}   contextTokens: {r['context_tokens']}   non-empty results: {r['nonempty']}/{r['requests']}"
           + (f"   exact line match: {r['exact_match']}/{r['requests']}" if r["exact_match"] is not None else ""))
     print(f"  p50 {r['p50_ms']:.0f} ms   p95 {r['p95_ms']:.0f} ms   mean {r['mean_ms']:.0f} ms   "

@@ -311,6 +311,7 @@ class MoeServer(LanguageServer):
         self._last_activity = time.monotonic()  # the last request or edit: the workspace is read when idle
         self._reader: asyncio.Task | None = None
         self.workspace_read: dict | None = None  # the reader's last report (complete, entries, files)
+        self.workspace_read_progress = True  # $/progress while the workspace is first read
 
     def report_server_error(self, error: Exception, source: Any) -> None:
         """Malformed input from the client is logged, not shown to the user; errors in our
@@ -504,27 +505,41 @@ class MoeServer(LanguageServer):
         if not hasattr(engine, "read_repository"):
             return
         loop = asyncio.get_running_loop()
-        while self.settings.repository_context:
-            wait = self._last_activity + IDLE_READ_AFTER_S - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-                continue
-            if engine is not self._engine:  # another model was loaded: its own memory
-                return self.start_workspace_reader_later()
-            seen = self._last_activity
+        progress: Progress | None = None  # shown while the first reading goes on (it spans idle moments)
+        try:
+            while self.settings.repository_context:
+                wait = self._last_activity + IDLE_READ_AFTER_S - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue
+                if engine is not self._engine:  # another model was loaded: its own memory
+                    self.start_workspace_reader_later()
+                    return
+                seen = self._last_activity
 
-            def stop(seen=seen) -> bool:  # a request or an edit came: give the engine back at once
-                return self._last_activity != seen
+                def stop(seen=seen) -> bool:  # a request or an edit came: give the engine back at once
+                    return self._last_activity != seen
 
-            try:
-                got = await loop.run_in_executor(self.executor, engine.read_repository, root, READ_SLICE_S, stop)
-            except Exception as e:  # noqa: BLE001 - reading is a background nicety: log it, stop
-                log.warning("reading the workspace failed: %s", _one_line(e))
-                return
-            if got is None:  # no local model (nothing to read with)
-                return
-            self.workspace_read = got
-            await asyncio.sleep(RECHECK_S if got.get("complete") else 0.05)
+                try:
+                    got = await loop.run_in_executor(self.executor, engine.read_repository, root, READ_SLICE_S, stop)
+                except Exception as e:  # noqa: BLE001 - reading is a background nicety: log it, stop
+                    log.warning("reading the workspace failed: %s", _one_line(e))
+                    return
+                if got is None:  # no local model (nothing to read with)
+                    return
+                self.workspace_read = got
+                if not got.get("complete") and progress is None and self.workspace_read_progress:
+                    progress = await self.progress("moecoder: reading the workspace for completion").__aenter__()
+                if progress is not None:
+                    progress.message(f"{got.get('files', 0)} files, {got.get('entries', 0):,} positions")
+                    if got.get("complete"):
+                        await progress.__aexit__(None, None, None)
+                        progress = None
+                        self.workspace_read_progress = False  # once: later looks read edited files only
+                await asyncio.sleep(RECHECK_S if got.get("complete") else 0.05)
+        finally:
+            if progress is not None:
+                await progress.__aexit__(None, None, None)
 
     def start_workspace_reader_later(self) -> None:
         self._reader = None

@@ -509,6 +509,12 @@ async def test_the_workspace_is_read_into_the_memory_while_idle(client: Language
     assert s["repo"][-1] == [str(tmp_path), srv.REPO_READ_S] and srv.REPO_READ_S < 0
     await asyncio.sleep(0.5)
     assert len((await stats(client))["reads"]) == 3  # complete: the next look is RECHECK_S later
+    # $/progress while it was read: begin, the files so far after each slice, end once complete
+    reports = [r for r in client.progress_reports.values()
+               if r and isinstance(r[0], types.WorkDoneProgressBegin) and "reading the workspace" in r[0].title]
+    assert len(reports) == 1 and isinstance(reports[0][-1], types.WorkDoneProgressEnd)
+    assert [m.message for m in reports[0][1:-1]] == ["1 files, 10 positions", "2 files, 20 positions",
+                                                     "3 files, 30 positions"]
 
 
 async def test_no_workspace_reading_when_repository_context_is_off(client: LanguageClient, tmp_path):
