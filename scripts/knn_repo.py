@@ -1,7 +1,7 @@
 """Experiment (issue #15): settings of the repository memory (assistant/memory.py) on repo-fim lines.
 
     python scripts/knn_repo.py ROOT[,ROOT...] [--limit 60] [--lams 0,0.5] [--taus 0.1] [--r0 0.4]
-                               [--k 32] [--dims 128] [--stubs] [--teacher [--buckets N]]
+                               [--k 32] [--dims 128] [--stubs] [--teacher [--buckets N]] [--ivf-min N]
 
 Each setting sets the memory's constants (``LAM_MAX``; ``R0``, 0 = a fixed lam; ``TAU``; ``K``;
 ``PCA_DIMS``) and either runs the product's completions of the ``repo-fim`` suite's lines of ROOT
@@ -93,6 +93,8 @@ def main() -> int:
     ap.add_argument("--teacher", action="store_true",
                     help="token-level: the reference line's tokens after the product's prompt, every setting")
     ap.add_argument("--buckets", type=int, default=0, help="teacher: accuracy by nearest distance, in N buckets")
+    ap.add_argument("--ivf-min", type=int, default=0,
+                    help="IVF_MIN: entries from which the search goes through the k-means cells (0: the product's)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -110,6 +112,8 @@ def main() -> int:
     model.eval()
     engine = Engine.from_loaded(loaded, **Settings().for_face("review").engine_options())
     memory.PCA_DIMS = args.dims
+    if args.ivf_min:
+        memory.IVF_MIN = args.ivf_min
     roots = [Path(r) for r in args.roots.split(",") if r]
     mems = {}
     for r in roots:
