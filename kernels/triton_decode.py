@@ -10,7 +10,12 @@ with three launches per block besides the GEMVs:
   the static cache at slot ``pos`` (a device tensor: CUDA-graph safe), rotated q returned.
 - ``decode_attention``: one query token per row against the cache slots ``pad[b] <= s <= pos``
   (and its own slot), online softmax in fp32; the keys may be split in two parts (MLA: latent
-  and rotary key) and the values may be the first key part (MLA).
+  and rotary key) and the values may be the first key part (MLA). The cache length is split over
+  about two programs per SM (flash-decoding) and a second launch combines the splits: one program
+  per (row, kv head) left MLA at batch 1 on one SM (2,000 cached tokens: 222 -> 96 us per layer).
+- ``norm_linear`` (batch 1): the residual add + RMSNorm of a block's input inside its first
+  projection's GEMV (each program recomputes the norm of the small input row), and the output
+  projection as the same GEMV: no separate norm launch, no cuBLAS split-K reduce.
 
 Same numerics as the eager path: fp32 arithmetic, the same rounding points (norm output and
 rotated vectors rounded to the activation dtype). Under ``TRITON_INTERPRET=1`` they run on CPU
