@@ -18,9 +18,13 @@ from model.transformer import Transformer  # noqa: E402
 
 
 def _model(name: str, seed: int) -> Transformer:
+    q_lora = name.endswith("+q_lora")  # DeepSeek-V2/V3 with the query's low-rank projection (wq_a, wq_b)
+    name = name.removesuffix("+q_lora")
     hf = {**CONFIGS[name], **TINY[name]}
     if name == "deepseek-v2-lite":
         hf.update(qk_rope_head_dim=16)  # the fused MLA kernel wants power-of-two dims >= 16
+    if q_lora:
+        hf.update(q_lora_rank=32)
     fam = family_from_config(hf, max_context=64)
     torch.manual_seed(seed)
     m = Transformer(fam.config).eval()
@@ -175,7 +179,7 @@ def test_rope_takes_the_kernel_in_inference_on_the_triton_path(monkeypatch):
     assert len(calls) == 1 and y.requires_grad
 
 
-@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "deepseek-v2-lite"])
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "deepseek-v2-lite", "deepseek-v2-lite+q_lora"])
 def test_batch_one_norm_gemv_same_logits(name, monkeypatch):
     """At batch 1 the fused step runs each attention's input norm inside its first projection
     (kernels.norm_linear: one launch, then the output projection through the same kernel): the
@@ -187,9 +191,10 @@ def test_batch_one_norm_gemv_same_logits(name, monkeypatch):
 
     m = _model(name, 4)
     m.prepare_static()
-    if name == "deepseek-v2-lite":
+    if name.startswith("deepseek"):
         a = m.layers[0].attn
-        assert a.wq.weight.data_ptr() == a._qa_kva[1].data_ptr()
+        first = a.wq_a if name.endswith("+q_lora") else a.wq
+        assert first.weight.data_ptr() == a._qa_kva[1].data_ptr()
         assert a.wkv_a.weight.untyped_storage().data_ptr() == a._qa_kva[1].untyped_storage().data_ptr()
     prompt = torch.randint(0, 512, (1, 6))
     calls = []
