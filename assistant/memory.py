@@ -33,6 +33,8 @@ repository (``TaskRequest.repo``) gets it.
   over several slices: the language server's idle reader); a file whose size or modification time
   changed is read again at the next use, at most every ``RECHECK_S``.
 * At most ``MAX_POSITIONS`` entries (the files in ``RepoIndex`` order).
+* Kept on disk (``MemoryCache``: per model and project, under ``~/.cache/moecoder/memory``), so a
+  new process reads only the files that changed since; ``MOECODER_MEMORY_CACHE=0`` turns it off.
 
 Measured (docs/benchmarks.md, "Repository memory (kNN-LM) for completion"): chosen on development
 packages, confirmed on the held-out packages of the repo-fim suite.
@@ -61,6 +63,7 @@ MAX_POSITIONS = 1_500_000
 IVF_MIN = 20_000
 IVF_PROBE = 16  # cells searched per query, of about 2 sqrt(entries)
 RECHECK_S = 30.0
+CACHE_VERSION = 1  # the on-disk layout of a memory (``MemoryCache``)
 
 
 class RepoMemory:
@@ -80,6 +83,8 @@ class RepoMemory:
         self._checked = 0.0
         self.progress = progress
         self.build_s = 0.0
+        self.cache = MemoryCache.for_memory(model, self.root)
+        self.loaded = self.cache.load(self) if self.cache is not None else 0  # files taken from the cache
         self.refresh(force=True, read_s=read_s, stop=stop)
 
     # ------------------------------------------------------------------ building
@@ -138,6 +143,7 @@ class RepoMemory:
 
         files = self._files()
         changed = False
+        dirty: set[str] = set()  # files read now (kept in the cache when it is on)
         seen, total, read = set(), 0, 0
         stopped = False
         self.complete = True
@@ -183,22 +189,26 @@ class RepoMemory:
                 continue
             self._partial.pop(rel, None)
             k, v = got
+            dirty.add(rel)
             self._blocks[rel] = (stamp, self._project(k) if self._fixed else k, v)
             self._assign.pop(rel, None)
             total += v.shape[0]
             changed = True
             if self.progress is not None:
                 self.progress(n + 1, len(files))
-        for rel in list(self._blocks):
-            if rel not in seen:
-                del self._blocks[rel]
-                self._assign.pop(rel, None)
-                changed = True
+        gone = [rel for rel in self._blocks if rel not in seen]
+        for rel in gone:
+            del self._blocks[rel]
+            self._assign.pop(rel, None)
+            changed = True
         for rel in list(self._partial):
             if rel not in seen:
                 del self._partial[rel]
         if changed or force:
+            basis = (self._fixed, self.centroids is not None)
             self._stack()
+            if self.cache is not None:
+                self.cache.save(self, dirty, gone, basis != (self._fixed, self.centroids is not None))
         self.build_s += time.monotonic() - t0
 
     def _stack(self) -> None:
@@ -337,6 +347,113 @@ def _kmeans(x, cells: int, iters: int = 6, seed: int = 0):
         count = torch.bincount(a, minlength=c.shape[0])[:, None]
         c = torch.where(count > 0, sums / count.clamp_min(1), c)  # an empty cell keeps its centroid
     return c
+
+
+def _fingerprint(model) -> str:
+    """A digest of the model's configuration and of a strided sample of every parameter: another
+    model, or these weights after ``moecoder tune``, gets another cache."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha1(repr(getattr(model, "cfg", None)).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 64)][:64].to("cpu", torch.float32)
+            h.update(name.encode())
+            h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+class MemoryCache:
+    """A memory kept on disk, so that a new process (a restarted editor, ``moecoder complete --repo``)
+    reads only the files that changed: ``<cache>/memory/<model and project digest>/`` holds ``meta.pt``
+    (the projection and the index's cells, fixed once made) and a ``f-<digest>.pt`` per file (its
+    stamp, projected keys in float16, next tokens, cells). Written only once the projection is fixed;
+    a file is rewritten when it was read again. ``MOECODER_MEMORY_CACHE=0`` turns it off; the
+    directory is ``$MOECODER_CACHE_DIR`` or ``$XDG_CACHE_HOME/moecoder`` (``~/.cache/moecoder``).
+    Problems writing or reading it are ignored: the memory is then read as without it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @classmethod
+    def for_memory(cls, model, root: Path) -> MemoryCache | None:
+        import hashlib
+
+        if os.environ.get("MOECODER_MEMORY_CACHE", "1").strip() == "0":
+            return None
+        base = os.environ.get("MOECODER_CACHE_DIR")
+        if not base:
+            base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "moecoder")
+        key = hashlib.sha1(f"{_fingerprint(model)}|{root}|{PCA_DIMS}".encode()).hexdigest()[:24]
+        return cls(Path(base) / "memory" / key)
+
+    def _file(self, rel: str) -> Path:
+        import hashlib
+
+        return self.path / f"f-{hashlib.sha1(rel.encode()).hexdigest()[:24]}.pt"
+
+    def load(self, mem: RepoMemory) -> int:
+        """Fill ``mem`` from the cache; the number of files taken (0: none there, or unreadable)."""
+        import torch
+
+        meta = self.path / "meta.pt"
+        if not meta.is_file():
+            return 0
+        try:
+            m = torch.load(meta, weights_only=True)
+            if m.get("version") != CACHE_VERSION:
+                return 0
+            blocks, assign = {}, {}
+            for f in self.path.glob("f-*.pt"):
+                b = torch.load(f, weights_only=True)
+                rel = b["rel"]
+                blocks[rel] = ((b["mtime"], b["size"]), b["keys"].float(), b["vals"].long())
+                if b.get("cells") is not None:
+                    assign[rel] = b["cells"].long()
+        except Exception as e:  # noqa: BLE001 - a broken cache is read again from the sources
+            print(f"moecoder: ignoring the memory cache at {self.path}: {e}", file=sys.stderr)
+            return 0
+        mem.mean, mem.proj, mem._fixed = m["mean"], m["proj"], True
+        mem.centroids = m.get("centroids")
+        mem._blocks = blocks
+        mem._assign = assign if mem.centroids is not None else {}
+        return len(blocks)
+
+    def save(self, mem: RepoMemory, dirty: set[str], gone: list[str], basis_changed: bool) -> None:
+        """Write what changed: every file when the projection or the cells were just made."""
+        import torch
+
+        if not mem._fixed:
+            return
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if basis_changed or not (self.path / "meta.pt").is_file():
+                _atomic_save({"version": CACHE_VERSION, "mean": mem.mean, "proj": mem.proj,
+                              "centroids": mem.centroids}, self.path / "meta.pt")
+                dirty = set(mem._blocks)
+            for rel in dirty:
+                if rel not in mem._blocks:
+                    continue
+                (mtime, size), keys, vals = mem._blocks[rel]
+                cells = mem._assign.get(rel)
+                _atomic_save({"rel": rel, "mtime": float(mtime), "size": int(size), "keys": keys.to(torch.float16),
+                              "vals": vals.to(torch.int32), "cells": None if cells is None else cells.to(torch.int32)},
+                             self._file(rel))
+            for rel in gone:
+                self._file(rel).unlink(missing_ok=True)
+        except OSError as e:
+            print(f"moecoder: could not write the memory cache at {self.path}: {e}", file=sys.stderr)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    import torch
+
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 _MEMORIES: dict[tuple[int, Path], RepoMemory] = {}

@@ -1211,7 +1211,8 @@ def _parser(task: str) -> argparse.ArgumentParser:
     if task == "complete":
         p.add_argument("--repo", metavar="DIR", default=None,
                        help="repository context: the project's memory, a kNN-LM over its files (the first use "
-                            "reads the project through the model: minutes for a large one)")
+                            "reads the project through the model, minutes for a large one; kept in "
+                            "~/.cache/moecoder, later uses read only the files that changed)")
     p.add_argument("--model", metavar="DIR", default=None, help="model directory (default: the shipped model)")
     p.add_argument("--max-tokens", type=int, default=None, help="most new tokens per request")
     p.add_argument("--max-seconds", type=float, default=None, help="time limit per request")

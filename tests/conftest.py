@@ -23,6 +23,11 @@ def _no_cuda() -> bool:
 if "TRITON_INTERPRET" not in os.environ and _no_cuda():
     os.environ["TRITON_INTERPRET"] = "1"
 
+# The repository memory's disk cache (assistant/memory.py) is off in tests, servers started by them
+# included: each test reads its project afresh and nothing is written under the user's home. The
+# tests of the cache switch it on with their own directory.
+os.environ["MOECODER_MEMORY_CACHE"] = "0"
+
 
 # Standard-library modules whose text trains the tiny tokenizer. Not the project's own files:
 # those change with every commit, and with them the tokenizer and every tiny model built on it,

@@ -259,3 +259,51 @@ def test_reading_stops_between_windows_and_goes_on_inside_the_file(loaded, tmp_p
     assert uses >= n_windows - 1 and calls[0] >= uses - 1  # a window a call, not a file a call
     assert mem.entries == full.entries and not mem._partial
     assert torch.equal(mem.vals, full.vals) and torch.allclose(mem.keys.float(), full.keys.float(), atol=1e-3)
+
+
+def test_the_memory_is_kept_on_disk_and_only_changed_files_are_read_again(loaded, tmp_path, monkeypatch):
+    """With the cache on, a new memory of the same project and model (a new process, say) reads no
+    file that did not change, and searches like the first; an edited file is read again, a deleted
+    one leaves; other weights get another cache; MOECODER_MEMORY_CACHE=0 writes nothing."""
+    monkeypatch.setenv("MOECODER_MEMORY_CACHE", "1")
+    monkeypatch.setenv("MOECODER_CACHE_DIR", str(tmp_path / "cache"))
+    root = _project(tmp_path)
+    for i in range(3):
+        (root / "pkg" / f"mod{i}.py").write_text(f"VALUE_{i} = {i}\n" * 20)
+    model, tok = loaded.model, loaded.tokenizer
+    first = memory.RepoMemory(model, tok, root)
+    assert first.loaded == 0 and first.complete
+    stored = sorted(p.name for p in first.cache.path.iterdir())
+    assert "meta.pt" in stored and len(stored) == 1 + len(first.file_ids)
+
+    read = []
+    real = memory.RepoMemory._read_file
+    monkeypatch.setattr(memory.RepoMemory, "_read_file", lambda self, *a, **k: read.append(1) or real(self, *a, **k))
+    again = memory.RepoMemory(model, tok, root)
+    assert read == [] and again.loaded == len(first.file_ids) and again.entries == first.entries
+    _, h = _head_inputs(model, tok.encode(UTIL))
+    d1, v1, _ = first.nearest(h, k=4)
+    d2, v2, _ = again.nearest(h, k=4)
+    assert torch.equal(v1[:, 0], v2[:, 0]) and torch.allclose(d1, d2, atol=1e-2, rtol=1e-2)
+
+    time.sleep(0.01)
+    (root / "pkg" / "mod0.py").write_text("VALUE_0 = 'changed'\n" * 5)
+    (root / "pkg" / "mod1.py").unlink()
+    third = memory.RepoMemory(model, tok, root)
+    assert len(read) == 1 and "pkg/mod1.py" not in third.file_ids
+    assert len(list(third.cache.path.glob("f-*.pt"))) == len(third.file_ids)
+    fresh_vals = torch.tensor(tok.encode("VALUE_0 = 'changed'\n" * 5)[1:] + [int(tok.eos_id)])
+    s, e = third.spans["pkg/mod0.py"]
+    assert torch.equal(third.vals[s:e], fresh_vals)
+
+    with torch.no_grad():
+        model.norm.weight.add_(0.01)  # other weights (moecoder tune): another cache, read afresh
+    try:
+        other = memory.RepoMemory(model, tok, root)
+        assert other.loaded == 0 and other.cache.path != first.cache.path
+    finally:
+        with torch.no_grad():
+            model.norm.weight.sub_(0.01)
+    monkeypatch.setenv("MOECODER_MEMORY_CACHE", "0")
+    monkeypatch.setenv("MOECODER_CACHE_DIR", str(tmp_path / "cache2"))
+    assert memory.RepoMemory(model, tok, root).cache is None and not (tmp_path / "cache2").exists()
