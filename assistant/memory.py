@@ -63,7 +63,7 @@ MAX_POSITIONS = 1_500_000
 IVF_MIN = 20_000
 IVF_PROBE = 16  # cells searched per query, of about 2 sqrt(entries)
 RECHECK_S = 30.0
-CACHE_VERSION = 1  # the on-disk layout of a memory (``MemoryCache``)
+CACHE_VERSION = 2  # the on-disk layout of a memory (``MemoryCache``)
 
 
 class RepoMemory:
@@ -80,6 +80,7 @@ class RepoMemory:
         # rel -> ((mtime, size), head inputs [n, D] float16, next token ids [n])
         self._blocks: dict[str, tuple[tuple[float, int], object, object]] = {}
         self._partial: dict[str, dict] = {}  # rel -> a file read part way (stamp, ids, windows read)
+        self._lines: dict[str, object] = {}  # rel -> the 0-based line of each entry's next token (int32)
         self._checked = 0.0
         self.progress = progress
         self.build_s = 0.0
@@ -94,7 +95,7 @@ class RepoMemory:
         return list(RepoIndex(self.root).files())
 
     def _read_file(self, text: str, state: dict | None = None, stop=None):
-        """(head inputs [N, D] float16, next token ids [N]) of one file's text; None when ``stop()``
+        """(head inputs [N, D] float16, next token ids [N], their lines [N]) of one file's text; None when ``stop()``
         said so between two windows (after one window at least): ``state`` then holds where to go on."""
         import torch
 
@@ -124,8 +125,12 @@ class RepoMemory:
                     break
                 a += window - 1 - overlap
         if not keys:
-            return torch.zeros(0, self.model.cfg.dim, dtype=torch.float16), torch.zeros(0, dtype=torch.long)
-        return torch.cat(keys), torch.cat(vals)
+            return (torch.zeros(0, self.model.cfg.dim, dtype=torch.float16), torch.zeros(0, dtype=torch.long),
+                    torch.zeros(0, dtype=torch.int32))
+        v = torch.cat(vals)
+        nl = _newlines(self.tok)[torch.tensor(ids[:-1])]  # newlines in each token but the last
+        lines = torch.cumsum(nl, 0, dtype=torch.int32)[: v.shape[0]]  # before token t + 1: its line
+        return torch.cat(keys), v, lines
 
     def refresh(self, force: bool = False, read_s: float | None = None, stop=None) -> None:
         """Read the files that are new or changed since the last look (at most every RECHECK_S, at
@@ -188,9 +193,10 @@ class RepoMemory:
                     total += old[2].shape[0]
                 continue
             self._partial.pop(rel, None)
-            k, v = got
+            k, v, ln = got
             dirty.add(rel)
             self._blocks[rel] = (stamp, self._project(k) if self._fixed else k, v)
+            self._lines[rel] = ln
             self._assign.pop(rel, None)
             total += v.shape[0]
             changed = True
@@ -199,6 +205,7 @@ class RepoMemory:
         gone = [rel for rel in self._blocks if rel not in seen]
         for rel in gone:
             del self._blocks[rel]
+            self._lines.pop(rel, None)
             self._assign.pop(rel, None)
             changed = True
         for rel in list(self._partial):
@@ -219,6 +226,7 @@ class RepoMemory:
         self.vals = torch.cat([self._blocks[r][2] for r in rels]) if rels else torch.zeros(0, dtype=torch.long)
         self.fids = torch.cat([torch.full((self._blocks[r][2].shape[0],), i) for i, r in enumerate(rels)]) \
             if rels else torch.zeros(0, dtype=torch.long)
+        self.lines = torch.cat([self._lines[r] for r in rels]) if rels else torch.zeros(0, dtype=torch.int32)
         self.spans, at = {}, 0  # rel -> (first entry, end): a file's entries are contiguous
         for r in rels:
             self.spans[r] = (at, at + self._blocks[r][2].shape[0])
@@ -254,6 +262,7 @@ class RepoMemory:
             cell = torch.cat([self._assign[r] for r in rels])
             order = torch.argsort(cell, stable=True)
             self.keys, self.vals, self.fids = self.keys[order], self.vals[order], self.fids[order]
+            self.lines = self.lines[order]
             counts = torch.bincount(cell, minlength=self.centroids.shape[0])
             self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).tolist()
             self.spans = {}
@@ -268,10 +277,21 @@ class RepoMemory:
         return int(self.vals.shape[0])
 
     # ------------------------------------------------------------------ use
-    def nearest(self, h_BD, exclude: str | None = None, k: int = K, with_norm: bool = False):
+    def _left_out(self, exclude, idx=None):
+        """Which entries (of ``idx``, or all) ``exclude`` leaves out: a path under the root (all of that
+        file's entries) or (path, first line): that file's entries from that 0-based line on."""
+        rel, first = (exclude, None) if isinstance(exclude, str) else exclude
+        fid = self.file_ids.get(rel)
+        if fid is None:
+            return None
+        fids, lines = (self.fids, self.lines) if idx is None else (self.fids[idx], self.lines[idx])
+        out = fids == fid
+        return out if first is None else out & (lines >= first)
+
+    def nearest(self, h_BD, exclude=None, k: int = K, with_norm: bool = False):
         """(squared distances [B, k'], next tokens [B, k'], finite [B, k']) of the nearest entries
-        to the head inputs ``h_BD``, the entries of the file ``exclude`` (a path under the root)
-        left out; ``with_norm``: and the projected queries' squared norms [B, 1]."""
+        to the head inputs ``h_BD``, without the entries ``exclude`` names (``_left_out``: a file, or a
+        file from a line on); ``with_norm``: and the projected queries' squared norms [B, 1]."""
         import torch
 
         q = (h_BD.float().cpu() - self.mean) @ self.proj
@@ -280,34 +300,36 @@ class RepoMemory:
             top, vals = self._search_cells(q, qq, exclude, k)
         else:
             d = self.knorm[None] - 2 * q @ self.keys.T + qq
-            span = self.spans.get(exclude) if exclude is not None else None
-            if span is not None:
-                d[:, span[0]:span[1]] = float("inf")
+            rel = exclude if isinstance(exclude, str) or exclude is None else exclude[0]
+            span = self.spans.get(rel) if rel is not None else None
+            if span is not None:  # a file's entries are contiguous here
+                out = self._left_out(exclude, torch.arange(span[0], span[1]))
+                d[:, span[0]:span[1]].masked_fill_(out[None], float("inf"))
             top, i = d.topk(min(k, d.shape[1]), dim=-1, largest=False)
             vals = self.vals[i]
         out = (top, vals, torch.isfinite(top))
         return (*out, qq) if with_norm else out
 
-    def _search_cells(self, q, qq, exclude: str | None, k: int):
+    def _search_cells(self, q, qq, exclude, k: int):
         """The k nearest among the entries of each query's IVF_PROBE nearest cells (padded with
         infinite distances where they hold fewer)."""
         import torch
 
         cells = (self.cnorm[None] - 2 * q @ self.centroids.T).topk(min(IVF_PROBE, self.centroids.shape[0]),
                                                                     dim=-1, largest=False).indices
-        fid = self.file_ids.get(exclude) if exclude is not None else None
         top = torch.full((q.shape[0], k), float("inf"))
         vals = torch.zeros((q.shape[0], k), dtype=torch.long)
         for b, row in enumerate(cells.tolist()):
             idx = torch.cat([torch.arange(self.offsets[c], self.offsets[c + 1]) for c in row])
             d = self.knorm[idx] - 2 * self.keys[idx] @ q[b] + qq[b]
-            if fid is not None:
-                d[self.fids[idx] == fid] = float("inf")
+            out = self._left_out(exclude, idx) if exclude is not None else None
+            if out is not None:
+                d[out] = float("inf")
             t, i = d.topk(min(k, d.shape[0]), largest=False)
             top[b, :t.shape[0]], vals[b, :t.shape[0]] = t, self.vals[idx[i]]
         return top, vals
 
-    def mix(self, logits_BV, h_BD, exclude: str | None = None):
+    def mix(self, logits_BV, h_BD, exclude=None):
         """The logits to pick the next token from: log((1 - lam) softmax(logits) + lam p_knn)."""
         import torch
 
@@ -322,6 +344,22 @@ class RepoMemory:
         lam = LAM_MAX * torch.exp(-(d[:, :1] / qq.clamp_min(1e-6)).clamp_min(0) / R0)  # [B, 1]
         p = (1 - lam.to(logits_BV.device)) * logits_BV.float().softmax(-1) + (lam * p_knn).to(logits_BV.device)
         return p.clamp_min(1e-30).log()
+
+
+_NEWLINES: dict[int, object] = {}
+
+
+def _newlines(tok):
+    """Newlines in each token id's bytes (int32 [vocab]), once per tokenizer."""
+    import torch
+
+    got = _NEWLINES.get(id(tok))
+    if got is None:
+        n = int(getattr(tok, "vocab_size", 0) or len(tok))
+        got = torch.tensor([tok.decode_bytes([i]).count(b"\n") if hasattr(tok, "decode_bytes")
+                            else tok.decode([i]).count("\n") for i in range(n)], dtype=torch.int32)
+        _NEWLINES[id(tok)] = got
+    return got
 
 
 def _nearest_cell(x, centroids, chunk: int = 32_768):
@@ -406,11 +444,12 @@ class MemoryCache:
             m = torch.load(meta, weights_only=True)
             if m.get("version") != CACHE_VERSION:
                 return 0
-            blocks, assign = {}, {}
+            blocks, assign, lines = {}, {}, {}
             for f in self.path.glob("f-*.pt"):
                 b = torch.load(f, weights_only=True)
                 rel = b["rel"]
                 blocks[rel] = ((b["mtime"], b["size"]), b["keys"].float(), b["vals"].long())
+                lines[rel] = b["lines"].to(torch.int32)
                 if b.get("cells") is not None:
                     assign[rel] = b["cells"].long()
         except Exception as e:  # noqa: BLE001 - a broken cache is read again from the sources
@@ -419,6 +458,7 @@ class MemoryCache:
         mem.mean, mem.proj, mem._fixed = m["mean"], m["proj"], True
         mem.centroids = m.get("centroids")
         mem._blocks = blocks
+        mem._lines = lines
         mem._assign = assign if mem.centroids is not None else {}
         return len(blocks)
 
@@ -440,8 +480,8 @@ class MemoryCache:
                 (mtime, size), keys, vals = mem._blocks[rel]
                 cells = mem._assign.get(rel)
                 _atomic_save({"rel": rel, "mtime": float(mtime), "size": int(size), "keys": keys.to(torch.float16),
-                              "vals": vals.to(torch.int32), "cells": None if cells is None else cells.to(torch.int32)},
-                             self._file(rel))
+                              "vals": vals.to(torch.int32), "lines": mem._lines[rel].to(torch.int32),
+                              "cells": None if cells is None else cells.to(torch.int32)}, self._file(rel))
             for rel in gone:
                 self._file(rel).unlink(missing_ok=True)
         except OSError as e:

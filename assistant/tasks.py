@@ -470,6 +470,9 @@ def _plan_complete(engine: Engine, req: TaskRequest, budget: int, max_new: int) 
     rerank = _line_reranker(tok, lines, line, column, finish, stop_ids) if beams > 1 and COMPLETION_RERANK else None
     if mix is not None:
         ctx.report.trimmed.insert(0, "repository context: the project's memory (kNN) mixed into each token")
+        if MEMORY_OWN_FILE and isinstance(mix.exclude, str):  # the file's lines above the prompt take part
+            first = min(req.line, req.line - line + ctx.report.dropped_prefix_lines)
+            mix.exclude = (mix.exclude, max(0, first))
     return Plan(req, ctx.prompt_ids, max_new + (len(heal) + 1 if heal else 0), think=False, finish=finish,
                 stop_strings=stops, stop_token_ids=stop_ids, notes=ctx.report.trimmed, heal=heal,
                 beams=beams, rerank=rerank, mix=mix)
@@ -478,6 +481,11 @@ def _plan_complete(engine: Engine, req: TaskRequest, budget: int, max_new: int) 
 # With repository context, completion reads the project through its memory: a kNN-LM over every
 # token position of the project's files (assistant/memory.py). False: the stubs only.
 REPO_MEMORY = True
+# The edited file's own entries above the prompt's first line take part too (the file's code that the
+# prompt has no room for; their contexts end before the prompt, so nothing of the cursor's line or
+# after it); False: the whole file is left out. Measured: docs/benchmarks.md, "The edited file's
+# own memory".
+MEMORY_OWN_FILE = True
 # The stubs (signatures of imported names) as well as the memory: they cost the shipped model
 # token accuracy with or without the memory (docs/benchmarks.md, "Repository memory"), so only a
 # backend without a local model (no memory) gets them.

@@ -128,7 +128,8 @@ def test_completion_with_repository_context_uses_the_memory(loaded, tmp_path):
     assert make_plan(eng, req).mix is None
     req.repo = str(root)
     plan = make_plan(eng, req)
-    assert plan.mix is not None and plan.mix.exclude == "pkg/main.py"
+    # the edited file's entries from the prompt's first line on are left out: here the whole file is in the prompt
+    assert plan.mix is not None and plan.mix.exclude == ("pkg/main.py", 0)
     assert any("memory" in n for n in plan.notes)
     assert not any(n.startswith("repository context: added") for n in plan.notes)  # no stubs beside it
     res = execute_batch(eng, [req], 1)[0]
@@ -307,3 +308,42 @@ def test_the_memory_is_kept_on_disk_and_only_changed_files_are_read_again(loaded
     monkeypatch.setenv("MOECODER_MEMORY_CACHE", "0")
     monkeypatch.setenv("MOECODER_CACHE_DIR", str(tmp_path / "cache2"))
     assert memory.RepoMemory(model, tok, root).cache is None and not (tmp_path / "cache2").exists()
+
+
+def test_the_edited_file_takes_part_above_the_prompt(loaded, tmp_path, monkeypatch):
+    """Each entry knows the line of the token it predicts; a completion leaves out the edited file's
+    entries from the prompt's first line on (its code above the prompt's window takes part), and with
+    MEMORY_OWN_FILE off the whole file, as before."""
+    import assistant.tasks as tasks
+
+    root = tmp_path / "own"
+    root.mkdir()
+    text = "".join(f"def helper_{i}(x):\n    return x * {i}\n\n\n" for i in range(80)) + "def main(y):\n    z = 1\n"
+    (root / "m.py").write_text(text)
+    model, tok = loaded.model, loaded.tokenizer
+    mem = memory.RepoMemory(model, tok, root)
+    ids = tok.encode(text) + [int(tok.eos_id)]
+    want = [tok.decode(ids[:t]).count("\n") for t in range(1, len(ids))]  # the line of each predicted token
+    assert mem.lines.tolist() == want
+    out = mem._left_out(("m.py", 10))
+    assert out.tolist() == [ln >= 10 for ln in want] and mem._left_out("m.py").all()
+    _, h = _head_inputs(model, tok.encode(text)[:30])  # positions of the file's first lines
+    d_own, _, _ = mem.nearest(h, exclude=("m.py", 10), k=1)
+    d_all, _, ok = mem.nearest(h, exclude="m.py", k=1)
+    assert float(d_own.max()) < 1e-3 and not bool(ok.any())  # its own entries there; none without the file
+
+    eng = Engine.from_loaded(loaded)
+    lines = text.split("\n")
+    i = len(lines) - 2  # "    z = 1": a completion at the end of a long file
+    src = "\n".join([*lines[:i], "    ", *lines[i + 1:]])
+    req = TaskRequest("complete", src, path=str(root / "m.py"), line=i, column=4, max_new_tokens=4, repo=str(root))
+    plan = tasks.make_plan(eng, req)
+    rel, first = plan.mix.exclude
+    prompt = tok.decode(plan.prompt_ids)
+    defs = [j for j, ln in enumerate(lines) if ln.startswith("def helper_")]
+    above = [j for j in defs if j < first]
+    assert rel == "m.py" and 0 < first <= i and above  # a long file: its top is outside the prompt
+    assert lines[above[-1]] + "\n" not in prompt  # the last def above stays out of the prompt (in the memory)
+    assert all(lines[j] in prompt for j in defs if j >= first)  # from there on the prompt has them (bodies collapsed)
+    monkeypatch.setattr(tasks, "MEMORY_OWN_FILE", False)
+    assert tasks.make_plan(eng, req).mix.exclude == "m.py"
