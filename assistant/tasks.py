@@ -36,6 +36,7 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from assistant import code as codemod
@@ -471,8 +472,9 @@ def _plan_complete(engine: Engine, req: TaskRequest, budget: int, max_new: int) 
     if mix is not None:
         ctx.report.trimmed.insert(0, "repository context: the project's memory (kNN) mixed into each token")
         if MEMORY_OWN_FILE and isinstance(mix.exclude, str):  # the file's lines above the prompt take part
-            first = min(req.line, req.line - line + ctx.report.dropped_prefix_lines)
-            mix.exclude = (mix.exclude, max(0, first))
+            first = max(0, min(req.line, req.line - line + ctx.report.dropped_prefix_lines))
+            if first and _same_above(req, first):
+                mix.exclude = (mix.exclude, first)
     return Plan(req, ctx.prompt_ids, max_new + (len(heal) + 1 if heal else 0), think=False, finish=finish,
                 stop_strings=stops, stop_token_ids=stop_ids, notes=ctx.report.trimmed, heal=heal,
                 beams=beams, rerank=rerank, mix=mix)
@@ -490,6 +492,17 @@ MEMORY_OWN_FILE = True
 # token accuracy with or without the memory (docs/benchmarks.md, "Repository memory"), so only a
 # backend without a local model (no memory) gets them.
 REPO_STUBS_WITH_MEMORY = False
+
+
+def _same_above(req: TaskRequest, first: int) -> bool:
+    """Whether the file on disk (what the memory read) has the request's lines above ``first``: an
+    editor's unsaved edits there would move the lines, and the memory's entries near the cursor
+    could then come from above the prompt's window."""
+    try:
+        disk = Path(req.path).read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError, TypeError):
+        return False
+    return disk[:first] == req.source.split("\n")[:first]
 
 
 def _repo_memory(engine: Engine, req: TaskRequest):

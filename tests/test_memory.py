@@ -128,8 +128,8 @@ def test_completion_with_repository_context_uses_the_memory(loaded, tmp_path):
     assert make_plan(eng, req).mix is None
     req.repo = str(root)
     plan = make_plan(eng, req)
-    # the edited file's entries from the prompt's first line on are left out: here the whole file is in the prompt
-    assert plan.mix is not None and plan.mix.exclude == ("pkg/main.py", 0)
+    # the whole file is in the prompt: all of its entries are left out
+    assert plan.mix is not None and plan.mix.exclude == "pkg/main.py"
     assert any("memory" in n for n in plan.notes)
     assert not any(n.startswith("repository context: added") for n in plan.notes)  # no stubs beside it
     res = execute_batch(eng, [req], 1)[0]
@@ -345,5 +345,10 @@ def test_the_edited_file_takes_part_above_the_prompt(loaded, tmp_path, monkeypat
     assert rel == "m.py" and 0 < first <= i and above  # a long file: its top is outside the prompt
     assert lines[above[-1]] + "\n" not in prompt  # the last def above stays out of the prompt (in the memory)
     assert all(lines[j] in prompt for j in defs if j >= first)  # from there on the prompt has them (bodies collapsed)
+    # unsaved lines inserted above the prompt: the disk's lines have moved, the whole file is left out
+    req.source = "# new\n" + src
+    req.line += 1
+    assert tasks.make_plan(eng, req).mix.exclude == "m.py"
+    req.source, req.line = src, i
     monkeypatch.setattr(tasks, "MEMORY_OWN_FILE", False)
     assert tasks.make_plan(eng, req).mix.exclude == "m.py"
