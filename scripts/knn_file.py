@@ -47,11 +47,12 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    from knn_repo import score, teacher_forced  # scripts/ (this script's directory) is on the path
+
     from assistant import memory
     from assistant.config import Settings
     from assistant.engine import Engine
     from assistant.evaluate import completion_request, fim_items, heldout_sources
-    from assistant.tasks import make_plan
     from model.checkpoint import load_model
 
     memory.MemoryCache.for_memory = classmethod(lambda cls, model, root: None)  # nothing on disk
@@ -67,15 +68,8 @@ def main() -> int:
     for it in items:
         lines = it["source"].split("\n")
         req, ref = completion_request(lines, it["line"] - 1)
-        plan = make_plan(engine, req)
-        target = tok.encode(plan.heal + ref + "\n")
-        x = torch.tensor([(plan.prompt_ids + target)[:-1]])
-        start = len(plan.prompt_ids) - 1
-        with torch.inference_mode():
-            logits = model(x)[0, start:]
-            h = model(x, head=False)[0, start:]
-        y = torch.tensor(target)
-        ntok += len(target)
+        plan, logits, h, y = teacher_forced(model, tok, engine, req, ref)
+        ntok += len(y)
         before, after = outside_prompt(req.source.split("\n"), it["line"] - 1, tok.decode(plan.prompt_ids))
         if args.before_only:
             after = ""
@@ -88,11 +82,7 @@ def main() -> int:
             with_mem += 1
         for lam, s in stats.items():
             memory.LAM_MAX, memory.R0 = lam, args.r0
-            p = mem.mix(logits, h).exp() if lam > 0 and mem is not None else logits.softmax(-1)
-            ok = p.argmax(-1) == y
-            s[0] += int(ok.sum())
-            s[1] += float(-p.gather(1, y[:, None]).clamp_min(1e-30).log().sum())
-            s[2] += bool(ok.all())
+            score(s, mem.mix(logits, h).exp() if lam > 0 and mem is not None else logits.softmax(-1), y)
     print(f"{len(items)} FIM lines of {where} ({with_mem} with text outside the prompt), {ntok} tokens, "
           f"{time.monotonic() - t0:.0f}s", file=sys.stderr)
     for lam, (c, nll, whole) in stats.items():

@@ -34,30 +34,40 @@ def _set(memory, lam: float, tau: float, args) -> None:
     memory.R0 = args.r0 if args.r0 > 0 else math.inf  # inf: lam = LAM_MAX everywhere
 
 
+def teacher_forced(model, tok, engine, req, ref):
+    """(plan, logits, head inputs, target ids) of the reference line's tokens after the product's prompt."""
+    from assistant.tasks import make_plan
+
+    plan = make_plan(engine, req)
+    target = tok.encode(plan.heal + ref + "\n")
+    x = torch.tensor([(plan.prompt_ids + target)[:-1]])
+    start = len(plan.prompt_ids) - 1
+    with torch.inference_mode():
+        logits = model(x)[0, start:]
+        h = model(x, head=False)[0, start:]
+    return plan, logits, h, torch.tensor(target)
+
+
+def score(s: list, p, y) -> None:
+    """Add to ``s`` = [correct tokens, NLL, whole lines] the scores of probabilities ``p`` [T, V] for targets ``y``."""
+    ok = p.argmax(-1) == y
+    s[0] += int(ok.sum())
+    s[1] += float(-p.gather(1, y[:, None]).clamp_min(1e-30).log().sum())
+    s[2] += bool(ok.all())
+
+
 def teacher(model, tok, engine, mems, items, args) -> int:
     from assistant import memory
-    from assistant.tasks import make_plan
 
     stats = {s: [0, 0.0, 0] for s in _settings(args)}  # correct tokens, nll, whole lines
     rows, ntok = [], 0  # buckets: (r, the memory's top-1 right, the model's top-1 right)
     for it, req, ref in items:
-        plan = make_plan(engine, req)
-        target = tok.encode(plan.heal + ref + "\n")
-        x = torch.tensor([(plan.prompt_ids + target)[:-1]])
-        start = len(plan.prompt_ids) - 1
-        with torch.inference_mode():
-            logits = model(x)[0, start:]
-            h = model(x, head=False)[0, start:]
-        y = torch.tensor(target)
+        _, logits, h, y = teacher_forced(model, tok, engine, req, ref)
         mem = mems[it["root"]]
-        ntok += len(target)
+        ntok += len(y)
         for (lam, tau), s in stats.items():
             _set(memory, lam, tau, args)
-            p = mem.mix(logits, h, it["path"]).exp() if lam > 0 else logits.softmax(-1)
-            ok = p.argmax(-1) == y
-            s[0] += int(ok.sum())
-            s[1] += float(-p.gather(1, y[:, None]).clamp_min(1e-30).log().sum())
-            s[2] += bool(ok.all())
+            score(s, mem.mix(logits, h, it["path"]).exp() if lam > 0 else logits.softmax(-1), y)
         if args.buckets:
             _set(memory, 1.0, 0.1, argparse.Namespace(k=args.k, r0=0))
             d, v, _, qq = mem.nearest(h, it["path"], with_norm=True)
