@@ -144,7 +144,7 @@ def bench_transformers(tf, hf_cfg: dict, dev, dtype, prompts: dict, batches, n_d
     out = res["transformers"]
     with torch.inference_mode():
         ref = hf(input_ids=prompts["check"]).logits.float().cpu()
-        for name in PREFILLS:
+        for name in (n for n in PREFILLS if n in prompts):  # the ones asked for (--prefills)
             x = prompts[name]
             t = _timeit(lambda x=x: hf(input_ids=x, use_cache=True, logits_to_keep=1), dev, reps)
             out[f"prefill_{name}_tok_s"] = round(x.numel() / t, 1)
@@ -198,7 +198,7 @@ def bench_moecoder(model, prompts, dev, batches, n_decode: int, reps: int, res: 
     out = res["moecoder"]
     with torch.inference_mode():
         ours = model(prompts["check"]).float().cpu()
-        for name in PREFILLS:
+        for name in (n for n in PREFILLS if n in prompts):
             x = prompts[name]
 
             def run(x=x):  # one eager forward over a fresh cache
@@ -271,7 +271,6 @@ def bench_moecoder(model, prompts, dev, batches, n_decode: int, reps: int, res: 
 
 
 def main(argv=None) -> int:
-    global PREFILLS
     p = argparse.ArgumentParser(prog="python -m model.hf_bench", description=__doc__.split("\n")[0])
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: " + ", ".join(CONFIGS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -289,7 +288,6 @@ def main(argv=None) -> int:
     if any(x not in PREFILLS for x in wanted):
         p.error(f"--prefills takes names of {', '.join(PREFILLS)}; got {args.prefills!r}")
     lengths = dict(zip(PREFILLS, (64, 128, 65) if args.tiny else (2048, 8192, 2049)))
-    PREFILLS = wanted
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     dtype_name = "bf16" if dtype == torch.bfloat16 else "fp32"
@@ -317,7 +315,7 @@ def main(argv=None) -> int:
             hf_cfg.update(TINY[name])
         V = hf_cfg["vocab_size"]
         g = torch.Generator().manual_seed(0)
-        lens = {k: lengths[k] for k in PREFILLS}
+        lens = {k: lengths[k] for k in wanted}
         prompts = {k: torch.randint(0, V, (1, n), generator=g).to(dev) for k, n in lens.items()}
         prompts["check"] = torch.randint(0, V, (2, 128 if not args.tiny else 16), generator=g).to(dev)
         prompts["decode"] = torch.randint(0, V, (max(batches), 128 if not args.tiny else 8), generator=g).to(dev)
@@ -392,6 +390,8 @@ def render(results: dict) -> str:
         lines.append("|---|---|---|---|---|")
         for n in PREFILLS:
             k = f"prefill_{n}_tok_s"
+            if k not in t and k not in m:  # not measured (--prefills)
+                continue
             a, b, e = t.get(k), m.get(k), m.get(f"prefill_{n}_eager_tok_s")
             how = f" (eager {e}: {e / a:.2f}x)" if e and a and e != b else ""
             lines.append(f"| {k} | {a} | {b}{how} | {b / a:.2f}x |  |" if a and b else f"| {k} | {a} | {b} | | |")
