@@ -13,7 +13,6 @@ every request is guarded by a token limit and a time limit.
 from __future__ import annotations
 
 import asyncio
-import os
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -206,10 +205,11 @@ class Engine:
         about ``read_s`` seconds, or until ``stop()`` (checked between the model's windows; one window
         at least), on the worker thread; later calls go on where this one stopped and pick up edited
         files. {"complete", "entries", "files"}; None where the backend has no local model (no memory)."""
+        from assistant.memory import can_read, memory_for
+
         model = getattr(self.backend, "model", None)
-        if model is None or not hasattr(model, "norm") or not os.path.isdir(root):
+        if not can_read(model, root):
             return None
-        from assistant.memory import memory_for
 
         def read() -> dict:
             mem = memory_for(model, self.tokenizer, root, quiet=True, read_s=read_s, stop=stop)

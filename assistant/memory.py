@@ -528,6 +528,12 @@ def memory_for(model, tok, root: str | os.PathLike, quiet: bool = False, read_s:
     return mem
 
 
+def can_read(model, root) -> bool:
+    """Whether ``model`` can build a memory of ``root``: a local model of ours (it has the final norm
+    whose input is the key) and an existing directory."""
+    return model is not None and hasattr(model, "norm") and root is not None and os.path.isdir(root)
+
+
 def peek(model, root: str | os.PathLike) -> RepoMemory | None:
     """The memory of ``root`` for ``model`` as read so far, without reading anything (None: none yet)."""
     with _LOCK:

@@ -507,10 +507,10 @@ def _same_above(req: TaskRequest, first: int) -> bool:
 
 def _repo_memory(engine: Engine, req: TaskRequest):
     """SamplingParams.mix for a completion in ``req.repo`` (None: the backend has no local model)."""
-    from assistant.memory import CompletionMemory
+    from assistant.memory import CompletionMemory, can_read
 
     model = getattr(engine.backend, "model", None)
-    if model is None or not hasattr(model, "norm") or not os.path.isdir(req.repo):
+    if not can_read(model, req.repo):
         return None
     return CompletionMemory(model, engine.tokenizer, req.repo, req.path, read_s=req.repo_read_s)
 

@@ -64,7 +64,7 @@ from pygls.exceptions import (
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol, lsp_method
 
-from assistant import __version__, diagnostics
+from assistant import __version__, diagnostics, memory
 from assistant.config import Settings as Config
 from assistant.config import face_settings, load_settings
 from assistant.protocols import CancelToken, Engine
@@ -86,11 +86,10 @@ MAX_RELATED = 2
 # IDLE_READ_AFTER_S without a request or an edit, READ_SLICE_S at a time on the engine's thread; a
 # request or an edit meanwhile stops the slice after the model's current window (a completion waits
 # for one window at most: 1,024 tokens, ~0.3 s for the shipped model on 2 cores), and again every
-# RECHECK_S once all was read (edited files are read again)
+# assistant.memory.RECHECK_S once all was read (edited files are read again)
 REPO_READ_S = -1.0
 IDLE_READ_AFTER_S = 2.0
 READ_SLICE_S = 1.0
-RECHECK_S = 30.0
 MAX_RELATED_CHARS = 8_000
 _WORD_TAIL = re.compile(r"[A-Za-z0-9_]*$")
 
@@ -310,8 +309,7 @@ class MoeServer(LanguageServer):
         self._progress_ids = itertools.count(1)
         self._last_activity = time.monotonic()  # the last request or edit: the workspace is read when idle
         self._reader: asyncio.Task | None = None
-        self.workspace_read: dict | None = None  # the reader's last report (complete, entries, files)
-        self.workspace_read_progress = True  # $/progress while the workspace is first read
+        self._read_progress = True  # $/progress while the workspace is first read (once)
 
     def report_server_error(self, error: Exception, source: Any) -> None:
         """Malformed input from the client is logged, not shown to the user; errors in our
@@ -527,16 +525,15 @@ class MoeServer(LanguageServer):
                     return
                 if got is None:  # no local model (nothing to read with)
                     return
-                self.workspace_read = got
-                if not got.get("complete") and progress is None and self.workspace_read_progress:
+                if not got.get("complete") and progress is None and self._read_progress:
                     progress = await self.progress("moecoder: reading the workspace for completion").__aenter__()
                 if progress is not None:
                     progress.message(f"{got.get('files', 0)} files, {got.get('entries', 0):,} positions")
                     if got.get("complete"):
                         await progress.__aexit__(None, None, None)
                         progress = None
-                        self.workspace_read_progress = False  # once: later looks read edited files only
-                await asyncio.sleep(RECHECK_S if got.get("complete") else 0.05)
+                        self._read_progress = False  # once: later looks read edited files only
+                await asyncio.sleep(memory.RECHECK_S if got.get("complete") else 0.05)
         finally:
             if progress is not None:
                 await progress.__aexit__(None, None, None)
