@@ -848,6 +848,26 @@ def product_fim(ctx: Context) -> dict:
            "edit_similarity": sum(edit_similarity(p, r) for r, p in scored) / n if n else 0.0,
            "multiline": sum(bool(getattr(p, "multiline", False)) for p in preds if not isinstance(p, BaseException)),
            "n": n, "skipped": len(items) - n, "source": where}  # fmt: skip
+    roots = [Path(r).resolve() for r in ctx.extra.get("repos") or []]
+    if roots:  # the same lines again with the package's memory, as the editor gives it (repositoryContext)
+        reqs2, refs2 = [], []
+        for it, ref in zip(items, refs):
+            src = Path(it["path"]).resolve()
+            root = next((r for r in roots if src.is_relative_to(r)), None)
+            if root is None:
+                continue
+            req, _ = completion_request(it["source"].split("\n"), it["line"] - 1, path=str(src))
+            req.repo, req.recent = str(root), []
+            reqs2.append(req)
+            refs2.append(ref)
+        sc = [(ref, _text(p)) for ref, p in zip(refs2, runner.run(reqs2)) if _text(p) is not None]
+        sc0 = [(ref, _text(p)) for ref, p, it in zip(refs, preds, items) if _text(p) is not None
+               and any(Path(it["path"]).resolve().is_relative_to(r) for r in roots)]  # fmt: skip
+        m = len(sc)
+        out.update({"n_repo": m,
+                    "exact_match_repo_without": sum(exact_match(p, r) for r, p in sc0) / len(sc0) if sc0 else 0.0,
+                    "exact_match_repo": sum(exact_match(p, r) for r, p in sc) / m if m else 0.0,
+                    "edit_similarity_repo": sum(edit_similarity(p, r) for r, p in sc) / m if m else 0.0})  # fmt: skip
     raw_pred = ctx.extra.get("raw_predictor")
     if raw_pred is not None:  # the model alone: whole-line middle, prefix/suffix clipped, no post-filters
         raw = raw_pred.fim([(it["prefix"], it["suffix"]) for it in items], 64, spm=True)
@@ -1103,7 +1123,8 @@ SUITE_FUNCS: dict[str, Callable[[Context], dict]] = {
 
 HEADLINE = {
     "bpb": ["bits_per_byte"],
-    "fim": ["exact_match", "edit_similarity", "exact_match_spm", "edit_similarity_spm", "raw_exact_match_spm"],
+    "fim": ["exact_match", "edit_similarity", "exact_match_spm", "edit_similarity_spm", "raw_exact_match_spm",
+            "exact_match_repo_without", "exact_match_repo"],
     "mbpp": ["pass@1"],
     "mbpp-infill": ["exact_match", "pass", "exact_match_spm", "pass_spm"],
     "quixbugs": ["localisation_top1", "repair_pass", "hints_shown"],
@@ -1188,7 +1209,8 @@ def _parser() -> argparse.ArgumentParser:
                         "debug gate, docstring renderer) with the default settings, what a user gets; raw: "
                         "the model alone on hand-made prompts")  # fmt: skip
     p.add_argument("--repos", default=None, metavar="DIR[,DIR...]",
-                   help="held-out project roots for the repo-fim suite (e.g. packages in site-packages)")
+                   help="held-out project roots (e.g. packages in site-packages): the repo-fim suite's projects; "
+                        "the fim suite also completes its lines in these with the project's memory")
     p.add_argument("--beams", type=int, default=None, metavar="N",
                    help="product path: beam width of single-line completions (default: the product's, 1 = greedy)")
     p.add_argument("--context-tokens", type=int, default=None,

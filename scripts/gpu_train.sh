@@ -18,6 +18,12 @@ PY=python3
 mkdir -p "$WORK" "$OUT"
 TOK=${TOK:-model/weights/tokenizer.model}  # e.g. ../../model/weights/tokenizer.model from a copy under .gpu/
 ROOTS=$($PY -c "import os,site,sysconfig; print(' '.join(p for p in [*site.getsitepackages(), sysconfig.get_paths()['stdlib']] if os.path.isdir(p)))")
+# .carry/extra_py.tar.xz (optional): more Python source carried in from the development machine
+# (packages the GPU machine lacks; held-out evaluation packages excluded), one more corpus root.
+if [ -f .carry/extra_py.tar.xz ] && [ ! -d "$WORK/extra" ]; then
+  mkdir -p "$WORK/extra" && tar -xJf .carry/extra_py.tar.xz -C "$WORK" && echo "== extra source: $(du -sh "$WORK/extra" | cut -f1)"
+fi
+[ -d "$WORK/extra" ] && ROOTS="$ROOTS $WORK/extra"
 if [ ! -f "$WORK/packed/meta.json" ]; then
   echo "== corpus over $ROOTS"; date
   $PY -m assistant.cli data corpus $ROOTS --out "$WORK/corpus" --eval-dir .carry/eval --workers 16 -q 2>&1 | tail -40

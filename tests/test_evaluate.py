@@ -223,6 +223,40 @@ def test_repo_fim_scores_with_and_without_repository_context(tiny_model_dir, tmp
     assert E.main(["--model", str(tiny_model_dir), "--suite", "repo-fim", "--limit", "2"]) == 2  # needs --repos
 
 
+def test_product_fim_with_repos_completes_lines_of_those_projects_with_their_memory(tmp_path):
+    from tests.test_repo import _project
+
+    root = _project(tmp_path)
+    other = tmp_path / "elsewhere.py"
+    other.write_text("def f(a, b):\n    total = a + b\n    return total * 2\n")
+    data = tmp_path / "data" / "test"
+    data.mkdir(parents=True)
+    recs = [{"text": p.read_text(), "path": str(p), "package": "x"} for p in (root / "pkg" / "main.py", other)]
+    (data / "shard-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+    class Runner:  # answers every request right when (and only when) it carries the project's memory
+        def __init__(self):
+            self.seen = []
+
+        def run(self, reqs):
+            self.seen += reqs
+            out = []
+            for r in reqs:
+                ref = Path(r.path).read_text().split("\n")[r.line].strip() if r.path else ""
+                out.append(type("R", (), {"text": ref if r.repo else "nope", "multiline": False})())
+            return out
+
+    runner = Runner()
+    ctx = E.Context(predictor=None, limit=8, seed=0, data=tmp_path / "data", extra={"runner": runner, "repos": [str(root)]})
+    r = E.product_fim(ctx)
+    under = [q for q in runner.seen if q.repo is not None]
+    assert under and all(q.repo == str(root.resolve()) and q.path.startswith(str(root.resolve())) for q in under)
+    assert 0 < r["n_repo"] == len(under) < r["n"] == 8  # lines of elsewhere.py are not in a --repos project
+    assert r["exact_match_repo"] == 1.0 and r["exact_match_repo_without"] == 0.0 and r["exact_match"] == 0.0
+    r = E.product_fim(E.Context(predictor=None, limit=8, seed=0, data=tmp_path / "data", extra={"runner": Runner()}))
+    assert "n_repo" not in r  # no --repos: the plain suite
+
+
 def test_cli_errors(tmp_path, capsys):
     assert E.main(["--suite", "nope"]) == 2
     assert "unknown suite" in capsys.readouterr().err
