@@ -1248,8 +1248,8 @@ def run_suites(ctx: Context, suites: Sequence[str], model=None, progress_cb=None
 
             ctx.predictor.progress = tick
         runner = ctx.extra.get("runner")
-        if runner is not None and progress_cb is not None:
-            total = ctx.n(s)
+        if runner is not None and progress_cb is not None:  # repo-fim, and fim with --repos: two passes
+            total = ctx.n(s) * (2 if s == "repo-fim" or (s == "fim" and ctx.extra.get("repos")) else 1)
             state = {"done": 0}
 
             def rtick(k, _s=s, _total=total, _state=state):
