@@ -88,7 +88,7 @@ def main() -> None:
                             f.endswith(".py") or (Path(d, f).is_dir() and f != "__pycache__"))])
                         size += sum(p.stat().st_size for p in (dst / m).rglob("*.py"))
                     else:
-                        shutil.copy2(src.with_suffix(".py") if not src.suffix else src, dst / f"{m}.py")
+                        shutil.copy2(site / f"{m}.py", dst / f"{m}.py")
                         size += (dst / f"{m}.py").stat().st_size
                 if size == 0:
                     continue

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import tarfile
 from pathlib import Path
 
+from tests.scripts import load_script
+
 
 def _script():
-    path = Path(__file__).resolve().parent.parent / "scripts" / "build_extra.py"
-    spec = importlib.util.spec_from_file_location("build_extra", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("build_extra")
 
 
 def _dist(site: Path, name: str, tops: list[str], module: bool = False) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 from assistant_fakes import ScriptedBackend
@@ -12,6 +10,7 @@ from assistant_fakes import ScriptedBackend
 from assistant import tasks
 from assistant.engine import Engine
 from assistant.tasks import TaskRequest, debug_gate_score, gate_confidence
+from tests.scripts import load_script
 
 SRC = """def total(xs):
     s = 0
@@ -81,11 +80,7 @@ def test_real_model_forward_matches_teacher_forcing(tiny_model_dir):
 
 
 def _script():
-    path = Path(__file__).resolve().parent.parent / "scripts" / "calibrate_debug.py"
-    spec = importlib.util.spec_from_file_location("calibrate_debug", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("calibrate_debug")
 
 
 def test_threshold_is_chosen_on_calibration_packages_only():

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from assistant import evaluate as E
 from model.formats import Finding, format_finding, number_lines
+from tests.scripts import load_script
 from tests.shared_data import needs_shared
 
 EVAL = E._eval_dir(None)
@@ -271,14 +271,7 @@ def test_cli_errors(tmp_path, capsys):
 
 
 def _plot_module():
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "scripts" / "plot_dense_vs_moe.py"
-    spec = importlib.util.spec_from_file_location("plot_dense_vs_moe", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("plot_dense_vs_moe")
 
 
 def _write_run(d: Path, scale: float) -> None:
