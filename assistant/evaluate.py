@@ -850,8 +850,8 @@ def product_fim(ctx: Context) -> dict:
            "n": n, "skipped": len(items) - n, "source": where}  # fmt: skip
     roots = [Path(r).resolve() for r in ctx.extra.get("repos") or []]
     if roots:  # the same lines again with the package's memory, as the editor gives it (repositoryContext)
-        reqs2, refs2 = [], []
-        for it, ref in zip(items, refs):
+        reqs2, refs2, sc0 = [], [], []
+        for it, ref, pred in zip(items, refs, preds):
             src = Path(it["path"]).resolve()
             root = next((r for r in roots if src.is_relative_to(r)), None)
             if root is None:
@@ -860,9 +860,9 @@ def product_fim(ctx: Context) -> dict:
             req.repo, req.recent = str(root), []
             reqs2.append(req)
             refs2.append(ref)
+            if _text(pred) is not None:
+                sc0.append((ref, _text(pred)))
         sc = [(ref, _text(p)) for ref, p in zip(refs2, runner.run(reqs2)) if _text(p) is not None]
-        sc0 = [(ref, _text(p)) for ref, p, it in zip(refs, preds, items) if _text(p) is not None
-               and any(Path(it["path"]).resolve().is_relative_to(r) for r in roots)]  # fmt: skip
         m = len(sc)
         out.update({"n_repo": m,
                     "exact_match_repo_without": sum(exact_match(p, r) for r, p in sc0) / len(sc0) if sc0 else 0.0,
