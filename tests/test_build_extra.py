@@ -9,10 +9,6 @@ from pathlib import Path
 from tests.scripts import load_script
 
 
-def _script():
-    return load_script("build_extra")
-
-
 def _dist(site: Path, name: str, tops: list[str], module: bool = False) -> None:
     di = site / f"{name}-1.0.dist-info"
     di.mkdir(parents=True)
@@ -31,7 +27,7 @@ def _dist(site: Path, name: str, tops: list[str], module: bool = False) -> None:
 
 
 def test_keeps_new_packages_and_leaves_out_held_out_gpu_and_split_ones(tmp_path, monkeypatch, capsys):
-    mod = _script()
+    mod = load_script("build_extra")
     assert mod.package_unit("lima") < mod.SKIP_FRACTION <= min(mod.package_unit(n) for n in ("alpha", "kilo"))
     site = tmp_path / "site"
     _dist(site, "alpha", ["alpha"])
