@@ -23,6 +23,7 @@ __all__ = [
     "backend",
     "decode_attention",
     "grouped_mm",
+    "mla_keys",
     "moe_experts",
     "moe_experts_loop",
     "moe_layer_decode",
@@ -131,9 +132,16 @@ def _decode_impl(tensor):
     return reference
 
 
-def add_rms_norm(x, delta, weight, eps):
-    """(x + delta, RMSNorm(x + delta) * weight); ``delta`` may be None. Inference only."""
-    return _decode_impl(x).add_rms_norm(x, delta, weight, eps)
+def add_rms_norm(x, delta, weight, eps, delta2=None):
+    """(h, RMSNorm(h) * weight) with h = x + (delta + delta2); ``delta``, ``delta2`` may be None
+    (the sum of two parts, e.g. routed and shared experts, is rounded first as in the eager path). Inference only."""
+    return _decode_impl(x).add_rms_norm(x, delta, weight, eps, delta2)
+
+
+def mla_keys(kv_BLHX, pe_BLR, nope_dim):
+    """MLA prefill keys [B, L, H, nope_dim + rope] from the key/value up-projection's output [B, L, H, nope + v]
+    and the shared rotary key [B, L, rope], in one pass on the Triton path. Inference only."""
+    return _decode_impl(kv_BLHX).mla_keys(kv_BLHX, pe_BLR, nope_dim)
 
 
 def norm_linear(x, delta, norm_weight, eps, weight, bias=None):

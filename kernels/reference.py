@@ -139,12 +139,22 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def add_rms_norm(x, delta, weight, eps: float):
-    """(h, y): h = x + delta (or x when delta is None), y = RMSNorm(h) * weight (fp32 math, x's dtype)."""
+def add_rms_norm(x, delta, weight, eps: float, delta2=None):
+    """(h, y): h = x + (delta + delta2) (or x when delta is None; delta2 optional), y = RMSNorm(h) * weight
+    (fp32 math, x's dtype)."""
+    if delta is not None and delta2 is not None:
+        delta = delta + delta2
     h = x + delta if delta is not None else x
     a = _acc_dtype(h.dtype)
     y = F.rms_norm(h.to(a), (h.shape[-1],), weight.to(a), eps).to(h.dtype)
     return h, y
+
+
+def mla_keys(kv_BLHX, pe_BLR, nope_dim: int):
+    """MLA prefill keys [B, L, H, nope + rope]: each head's non-rotary key and the shared rotary key."""
+    B, L, H, _ = kv_BLHX.shape
+    pe = pe_BLR.to(kv_BLHX.dtype)[:, :, None].expand(B, L, H, pe_BLR.shape[-1])
+    return torch.cat([kv_BLHX[..., :nope_dim], pe], dim=-1)
 
 
 def norm_linear(x, delta, norm_weight, eps: float, weight, bias=None):

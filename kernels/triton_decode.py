@@ -34,14 +34,17 @@ def _acc(dtype):
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, h_ptr, y_ptr, D, eps, HAS_DELTA: tl.constexpr,
-                         ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rms_norm_kernel(x_ptr, d_ptr, d2_ptr, w_ptr, h_ptr, y_ptr, D, eps, HAS_DELTA: tl.constexpr,
+                         HAS_DELTA2: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < D
     x = tl.load(x_ptr + row * D + cols, mask=m, other=0.0)
     if HAS_DELTA:
         d = tl.load(d_ptr + row * D + cols, mask=m, other=0.0)
+        if HAS_DELTA2:  # delta + delta2 rounded first, as the eager sum of the two parts is
+            d2 = tl.load(d2_ptr + row * D + cols, mask=m, other=0.0)
+            d = (d.to(ACC) + d2.to(ACC)).to(x_ptr.dtype.element_ty)
         h = (x.to(ACC) + d.to(ACC)).to(x_ptr.dtype.element_ty)
         tl.store(h_ptr + row * D + cols, h, mask=m)
     else:
@@ -53,18 +56,57 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, h_ptr, y_ptr, D, eps, HAS_DELTA: t
     tl.store(y_ptr + row * D + cols, (hf * r * w).to(y_ptr.dtype.element_ty), mask=m)
 
 
-def add_rms_norm(x, delta, weight, eps: float):
-    """(h, y): h = x + delta (or x when delta is None), y = RMSNorm(h) * weight; rows of the last dim."""
+def add_rms_norm(x, delta, weight, eps: float, delta2=None):
+    """(h, y): h = x + (delta + delta2) (or x when delta is None), y = RMSNorm(h) * weight; rows of the last dim."""
     D = x.shape[-1]
     x2 = x.reshape(-1, D).contiguous()
     n = x2.shape[0]
     y = torch.empty_like(x2)
     h = torch.empty_like(x2) if delta is not None else x2
     d2 = delta.reshape(-1, D).contiguous() if delta is not None else x2
+    e2 = delta2.reshape(-1, D).contiguous() if delta is not None and delta2 is not None else d2
     if n:
-        _add_rms_norm_kernel[(n,)](x2, d2, weight, h, y, D, float(eps), HAS_DELTA=delta is not None,
-                                   ACC=_acc(x.dtype), BLOCK=triton.next_power_of_2(D))
+        _add_rms_norm_kernel[(n,)](x2, d2, e2, weight, h, y, D, float(eps), HAS_DELTA=delta is not None,
+                                   HAS_DELTA2=delta is not None and delta2 is not None,
+                                   ACC=_acc(x.dtype), BLOCK=triton.next_power_of_2(D))  # fmt: skip
     return h.view(x.shape), y.view(x.shape)
+
+
+@triton.jit
+def _mla_keys_kernel(kv_ptr, pe_ptr, k_ptr, L, H, skv_b, skv_l, skv_h, spe_b, spe_l, sk_b, sk_l, sk_h,
+                     DN: tl.constexpr, DR: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+                     BLOCK_H: tl.constexpr):  # fmt: skip
+    bl = tl.program_id(0).to(tl.int64)
+    b, l = bl // L, bl % L
+    h = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
+    hm = (h < H)[:, None]
+    i = tl.arange(0, BN)[None, :]
+    im = hm & (i < DN)
+    x = tl.load(kv_ptr + b * skv_b + l * skv_l + h[:, None] * skv_h + i, mask=im)
+    dst = k_ptr + b * sk_b + l * sk_l + h[:, None] * sk_h
+    tl.store(dst + i, x, mask=im)
+    r = tl.arange(0, BR)
+    pe = tl.load(pe_ptr + b * spe_b + l * spe_l + r, mask=r < DR)
+    tl.store(dst + DN + r[None, :], tl.broadcast_to(pe[None, :], (BLOCK_H, BR)), mask=hm & (r[None, :] < DR))
+
+
+def mla_keys(kv_BLHX, pe_BLR, nope_dim: int):
+    """MLA prefill keys [B, L, H, nope + rope] (contiguous): each head's non-rotary key (the first
+    ``nope_dim`` of ``kv``'s last dim) and the shared rotary key, in one pass (no broadcast + cat)."""
+    B, L, H, X = kv_BLHX.shape
+    R = pe_BLR.shape[-1]
+    assert kv_BLHX.stride(-1) == 1 and pe_BLR.stride(-1) == 1 and pe_BLR.shape[:2] == (B, L)
+    k = torch.empty((B, L, H, nope_dim + R), dtype=kv_BLHX.dtype, device=kv_BLHX.device)
+    if B * L == 0 or H == 0:
+        return k
+    bn = triton.next_power_of_2(nope_dim)
+    bh = min(triton.next_power_of_2(H), max(1, 4096 // bn))
+    _mla_keys_kernel[(B * L, triton.cdiv(H, bh))](
+        kv_BLHX, pe_BLR.to(kv_BLHX.dtype), k, L, H, kv_BLHX.stride(0), kv_BLHX.stride(1), kv_BLHX.stride(2),
+        pe_BLR.stride(0), pe_BLR.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        DN=nope_dim, DR=R, BN=bn, BR=triton.next_power_of_2(R), BLOCK_H=bh,
+    )  # fmt: skip
+    return k
 
 
 _GEMV_GPU = [  # (rows of W per program, K chunk, warps): 32 KB or 16 KB of bf16 weights per step

@@ -6,6 +6,7 @@ Shapes: B batch, T new tokens, L keys (cached + new), H query heads, G kv heads,
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -347,6 +348,15 @@ def _rope_in_place(x_BHTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
     return True
 
 
+def _mla_keys_kernel_ok(kv: torch.Tensor) -> bool:
+    """Whether MLA's prefill keys come from ``kernels.mla_keys`` (inference on the Triton path)."""
+    import kernels
+
+    if torch.is_grad_enabled() or os.environ.get("MOECODER_MLA_KEYS", "1") == "0":
+        return False
+    return kv.stride(-1) == 1 and kernels.backend(kv) == "triton"
+
+
 def linear_weight(lin: nn.Module) -> torch.Tensor:
     """The [out, in] weight of a Linear or of a weight-only quantised linear (dequantised)."""
     w = getattr(lin, "weight", None)
@@ -407,9 +417,15 @@ class MLAttention(nn.Module):
             o = _attend(qq, kk, c, T, mask, scale=self.scale, gqa=True)
             y = torch.einsum("bhtr,hvr->bhtv", o.to(w.dtype), w[:, dn:])
         else:
-            kv = self.wkv_b(c[:, 0].to(x_BTD.dtype)).view(B, L, H, dn + dv).transpose(1, 2)
-            k_nope, v = kv.split([dn, dv], dim=-1)
-            k = torch.cat([k_nope, k_pe.to(k_nope.dtype).expand(B, H, L, dr)], dim=-1)
+            kv = self.wkv_b(c[:, 0].to(x_BTD.dtype)).view(B, L, H, dn + dv)
+            if _mla_keys_kernel_ok(kv):  # inference on a GPU: one pass, keys laid out [B, L, H, dn + dr]
+                import kernels
+
+                k = kernels.mla_keys(kv, k_pe[:, 0], dn).transpose(1, 2)
+                v = kv.transpose(1, 2)[..., dn:]
+            else:
+                k_nope, v = kv.transpose(1, 2).split([dn, dv], dim=-1)
+                k = torch.cat([k_nope, k_pe.to(k_nope.dtype).expand(B, H, L, dr)], dim=-1)
             qq = (q if q_rot else torch.cat([q_nope, q_pe], dim=-1)).to(k.dtype)  # no copy when rotated in place
             y = _attend(qq, k, v, T, mask, scale=self.scale)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * dv).to(x_BTD.dtype))
@@ -473,4 +489,9 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and os.environ.get("MOECODER_SWIGLU_KERNEL", "1") != "0":
+            import kernels
+
+            if kernels.backend(x) == "triton":  # inference on a GPU: silu and the product in one kernel
+                return self.w2(kernels.swiglu(self.w1(x), self.w3(x)))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

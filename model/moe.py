@@ -53,10 +53,18 @@ class MoE(nn.Module):
         self.last: dict[str, torch.Tensor] = {}
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        y, shared = self.forward_parts(x_BTD)
+        if shared is not None:
+            y = y + shared
+        return y.to(x_BTD.dtype)
+
+    def forward_parts(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(routed experts' output, shared experts' output or None), both [B, T, D]: the caller adds them
+        (``forward``), or the next residual norm does (``kernels.add_rms_norm``'s ``delta2``, in inference)."""
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         if self._layer_decode_ok(x_TD):
-            return self._forward_layer_decode(x_TD).reshape(B, T, D).to(x_BTD.dtype)
+            return self._forward_layer_decode(x_TD).reshape(B, T, D).to(x_BTD.dtype), None
         with torch.autocast(x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
         bias = self.expert_bias if self.use_bias else None
@@ -71,10 +79,9 @@ class MoE(nn.Module):
         if torch.is_autocast_enabled(x_TD.device.type):
             x_in = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
         y_TD = self.experts(x_in, weights_TK, experts_TK)
-        if self.shared is not None:
-            y_TD = y_TD + self.shared(x_in)
+        shared = self.shared(x_in).reshape(B, T, D) if self.shared is not None else None
         self._record(logits_TE, experts_TK)
-        return y_TD.reshape(B, T, D).to(x_BTD.dtype)
+        return y_TD.reshape(B, T, D), shared
 
     def _layer_decode_ok(self, x_TD: torch.Tensor) -> bool:
         """Inference on a few tokens with plain (not quantised, not expert-parallel) weights: the whole

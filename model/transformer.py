@@ -127,6 +127,8 @@ class Transformer(nn.Module):
         if cache is not None and (pad is not None or (start_pos > 0 and T > 1)):
             mask = attention_mask(start_pos, T, pad, tokens_BT.device)
         h = self.tok_emb(tokens_BT)
+        if self._fused_norms(h):
+            return self._forward_fused_norms(h, cos, sin, start_pos, cache, mask, last_only, last_index, head)
         for i, block in enumerate(self.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             h = block(h, cos, sin, start_pos, kv, mask)
@@ -137,6 +139,45 @@ class Transformer(nn.Module):
         if not head:
             return self.norm(h)
         return F.linear(self.norm(h), self.head_weight()).float()
+
+    def _fused_norms(self, h: torch.Tensor) -> bool:
+        """Inference on the Triton path (a GPU): ``forward`` runs each residual add inside the next
+        RMSNorm's kernel (``kernels.add_rms_norm``), the shared experts' output included, instead of
+        separate add kernels (an 8k prefill spends ~3 adds of [T, D] per layer otherwise; issue #12).
+        MOECODER_FUSED_NORMS=0 turns it off (A/B runs)."""
+        import os
+
+        import kernels
+
+        if torch.is_grad_enabled() or os.environ.get("MOECODER_FUSED_NORMS", "1") == "0":
+            return False
+        if kernels.backend(h) != "triton" or type(self.norm) is not RMSNorm:
+            return False
+        return all(type(b) is Block and type(b.attn_norm) is RMSNorm and type(b.ffn_norm) is RMSNorm for b in self.layers)
+
+    def _forward_fused_norms(self, h, cos, sin, start_pos, cache, mask, last_only, last_index, head):
+        """``forward``'s blocks with the residual adds fused into the norms (same rounding points)."""
+        import kernels
+
+        f = f2 = None  # the last feed-forward's output: routed experts and shared experts, not yet added
+        for i, block in enumerate(self.layers):
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            h, xn = kernels.add_rms_norm(h, f, block.attn_norm.weight, block.attn_norm.eps, f2)
+            a = block.attn(xn, cos, sin, start_pos, kv, mask)
+            h, xn = kernels.add_rms_norm(h, a, block.ffn_norm.weight, block.ffn_norm.eps)
+            f, f2 = block.ffn.forward_parts(xn) if type(block.ffn) is MoE else (block.ffn(xn), None)
+
+        def rows(t):
+            if t is None:
+                return None
+            if last_index is not None:
+                return t.index_select(1, last_index)
+            return t[:, -1:] if last_only else t
+
+        _, xn = kernels.add_rms_norm(rows(h), rows(f), self.norm.weight, self.norm.eps, rows(f2))
+        if not head:
+            return xn
+        return F.linear(xn, self.head_weight()).float()
 
     def decode_static(self, tokens_B1: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decode step at slot ``pos`` (a [1] long tensor) attending over the whole

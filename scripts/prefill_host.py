@@ -4,6 +4,7 @@ shapes, 8 layers, random bf16 weights, full logits, no KV cache).
 
     PYTHONPATH=$PWD [COMPILE_POINTWISE=1|EAGER_POINTWISE=1] python scripts/prefill_host.py [MODELS] [PROFILE_T]
 
+OPS=1: also the ops (with input shapes) by their own GPU time.
 EAGER_POINTWISE=1: RMSNorm and RoPE as the eager upcast/compute/cast-back ops instead of their
 one-kernel Triton versions (the A/B of the kernels).
 """
@@ -55,6 +56,13 @@ for name in names:
                 model(x)
                 torch.cuda.synchronize()
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+            if os.environ.get("OPS") == "1":  # which ops (with their input shapes) launch that GPU time
+                with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                                                     record_shapes=True) as prof:
+                    model(x)
+                    torch.cuda.synchronize()
+                print(prof.key_averages(group_by_input_shape=True).table(
+                    sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=40, max_shapes_column_width=90))
             # where the host's time goes: ops by their own CPU time (launches included)
             with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
                 model(x)

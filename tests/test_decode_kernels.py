@@ -48,6 +48,34 @@ def test_add_rms_norm(dt, with_delta):
 
 
 @pytest.mark.parametrize("dt", DTYPES)
+def test_add_rms_norm_two_deltas(dt):
+    """x + (delta + delta2): the sum of a feed-forward's two parts (routed, shared) rounded first, then
+    added to the residual, as the eager ``x + (routed + shared)``; delta2 without delta is ignored."""
+    x, d, d2 = (torch.randn(5, 2, 48, device=DEV).to(dt) for _ in range(3))
+    w = torch.rand(48, device=DEV).to(dt) + 0.5
+    h, y = td.add_rms_norm(x, d, w, 1e-6, d2)
+    hr, yr = ref.add_rms_norm(x, d + d2, w, 1e-6)
+    assert rel(h, hr) <= tol(dt) and rel(y, yr) <= tol(dt)
+    assert rel(h, x.double() + d.double() + d2.double()) <= tol(dt)
+    h0, y0 = td.add_rms_norm(x, None, w, 1e-6, d2)
+    assert torch.equal(h0, x) and rel(y0, ref.add_rms_norm(x, None, w, 1e-6)[1]) <= tol(dt)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("H,dn,dv,dr", [(16, 128, 128, 64), (3, 24, 16, 8)])
+def test_mla_keys(dt, H, dn, dv, dr):
+    """MLA prefill keys: each head's non-rotary key from the up-projection's output and the shared
+    rotary key, for power-of-two and odd dims, with a strided rotary key (a slice of the cache)."""
+    B, L = 2, 7
+    kv = torch.randn(B, L, H, dn + dv, device=DEV).to(dt)
+    pe = torch.randn(B, L + 3, dr, device=DEV).to(dt)[:, 2:L + 2]
+    k = td.mla_keys(kv, pe, dn)
+    assert k.shape == (B, L, H, dn + dr) and k.is_contiguous()
+    assert torch.equal(k, ref.mla_keys(kv, pe, dn))
+    assert torch.equal(k[:, :, 1, dn:], pe) and torch.equal(k[..., :dn], kv[..., :dn])
+
+
+@pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("delta,norm,bias", [(True, True, False), (False, True, True), (False, False, False),
                                              (True, False, True)])  # fmt: skip
 @pytest.mark.parametrize("N,K", [(37, 40), (8, 64)])

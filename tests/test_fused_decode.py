@@ -228,3 +228,47 @@ def test_batch_one_norm_gemv_same_logits(name, monkeypatch):
     monkeypatch.setenv("MOECODER_NORM_GEMV", "2")
     with pytest.raises(ValueError, match="MOECODER_NORM_GEMV"):
         m.norm_gemv()
+
+
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "deepseek-v2-lite"])
+def test_prefill_with_fused_norms_same_logits(name, monkeypatch):
+    """The inference forward on the Triton path with the residual adds inside the norms (and MLA's keys
+    from ``kernels.mla_keys``) gives the plain forward's logits: whole prompt, last position, a device
+    index and the head's input; the fused path really ran (one add+norm per sub-block and the final one)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU model: needs the Triton interpreter")
+    import kernels
+
+    m = _model(name, 1)
+    prompt = torch.randint(0, 512, (2, 9))
+    monkeypatch.setenv("MOECODER_KERNELS", "triton")
+    real_norm, real_keys, calls = kernels.add_rms_norm, kernels.mla_keys, {"norm": 0, "keys": 0}
+
+    block_norms = {id(n.weight) for b in m.layers for n in (b.attn_norm, b.ffn_norm)} | {id(m.norm.weight)}
+
+    def count(key, fn):
+        def wrapped(*a, **k):
+            calls[key] += key == "keys" or id(a[2]) in block_norms  # not the QK-norms inside attention
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(kernels, "add_rms_norm", count("norm", real_norm))
+    monkeypatch.setattr(kernels, "mla_keys", count("keys", real_keys))
+    outs = {}
+    for fused in ("0", "1"):
+        monkeypatch.setenv("MOECODER_FUSED_NORMS", fused)
+        monkeypatch.setenv("MOECODER_MLA_KEYS", fused)
+        calls.update(norm=0, keys=0)
+        with torch.no_grad():
+            outs[fused] = (m(prompt), m(prompt, last_only=True), m(prompt, last_index=torch.tensor([4])),
+                           m(prompt, head=False))
+        if fused == "1":
+            assert calls["norm"] == 4 * (2 * len(m.layers) + 1)
+            assert calls["keys"] == (4 * len(m.layers) if name == "deepseek-v2-lite" else 0)
+        else:
+            assert calls["keys"] == 0
+    for a, b in zip(outs["0"], outs["1"]):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs["1"][1], outs["1"][0][:, -1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs["1"][2], outs["1"][0][:, 4:5], rtol=1e-5, atol=1e-5)
