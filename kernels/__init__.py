@@ -32,6 +32,7 @@ __all__ = [
     "qk_rope_cache",
     "rope",
     "route",
+    "router_logits",
     "swiglu",
     "unpermute",
     "use_moe_layer_decode",
@@ -136,6 +137,12 @@ def add_rms_norm(x, delta, weight, eps, delta2=None):
     """(h, RMSNorm(h) * weight) with h = x + (delta + delta2); ``delta``, ``delta2`` may be None
     (the sum of two parts, e.g. routed and shared experts, is rounded first as in the eager path). Inference only."""
     return _decode_impl(x).add_rms_norm(x, delta, weight, eps, delta2)
+
+
+def router_logits(x_TD, w_ED):
+    """The router's logits [T, E] in float32 from x and W of one dtype, without a float32 copy of x
+    on the Triton path. Inference only."""
+    return _decode_impl(x_TD).router_logits(x_TD, w_ED)
 
 
 def mla_keys(kv_BLHX, pe_BLR, nope_dim):

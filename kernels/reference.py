@@ -150,6 +150,12 @@ def add_rms_norm(x, delta, weight, eps: float, delta2=None):
     return h, y
 
 
+def router_logits(x_TD, w_ED):
+    """Router logits [T, E] in float32 (float64 for float64 inputs)."""
+    acc = torch.float64 if x_TD.dtype == torch.float64 else torch.float32
+    return F.linear(x_TD.to(acc), w_ED.to(acc))
+
+
 def mla_keys(kv_BLHX, pe_BLR, nope_dim: int):
     """MLA prefill keys [B, L, H, nope + rope]: each head's non-rotary key and the shared rotary key."""
     B, L, H, _ = kv_BLHX.shape

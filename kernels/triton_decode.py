@@ -73,6 +73,47 @@ def add_rms_norm(x, delta, weight, eps: float, delta2=None):
 
 
 @triton.jit
+def _router_kernel(x_ptr, w_ptr, o_ptr, T, E, D, sxt, swe, ACC: tl.constexpr, PREC: tl.constexpr,
+                   BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    rows = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
+    rm = rows < T
+    es = tl.arange(0, BE)
+    em = es < E
+    ks = tl.arange(0, BK)
+    acc = tl.zeros((BT, BE), dtype=ACC)
+    for k0 in range(0, D, BK):
+        km = (k0 + ks) < D
+        a = tl.load(x_ptr + rows[:, None] * sxt + (k0 + ks)[None, :], mask=rm[:, None] & km[None, :], other=0.0)
+        b = tl.load(w_ptr + es[None, :] * swe + (k0 + ks)[:, None], mask=km[:, None] & em[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    tl.store(o_ptr + rows[:, None] * E + es[None, :], acc, mask=rm[:, None] & em[None, :])
+
+
+def router_logits(x_TD, w_ED):
+    """Router logits [T, E] in float32 (float64 for float64 inputs): x @ W^T with the products
+    accumulated in fp32 straight from x's dtype, no float32 copy of x first (the eager router's
+    cast + fp32 GEMM). Equal to ``F.linear(x.float(), W.float())`` up to summation order where both
+    are bf16: every bf16 product is exact in fp32."""
+    T, D = x_TD.shape
+    E = w_ED.shape[0]
+    assert x_TD.dtype == w_ED.dtype and x_TD.stride(1) == 1 and w_ED.stride(1) == 1
+    out = torch.empty((T, E), dtype=torch.float64 if x_TD.dtype == torch.float64 else torch.float32,
+                      device=x_TD.device)
+    if T == 0:
+        return out
+    from kernels.triton_ops import INTERPRET
+
+    BE = max(16, triton.next_power_of_2(E))
+    BT = 16 if INTERPRET else 32
+    _router_kernel[(triton.cdiv(T, BT),)](
+        x_TD, w_ED, out, T, E, D, x_TD.stride(0), w_ED.stride(0), ACC=_acc(x_TD.dtype),
+        PREC="ieee" if x_TD.dtype in (torch.float32, torch.float64) else "tf32",
+        BT=BT, BE=BE, BK=32 if BE > 128 else 64, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
 def _mla_keys_kernel(kv_ptr, pe_ptr, k_ptr, L, H, skv_b, skv_l, skv_h, spe_b, spe_l, sk_b, sk_l, sk_h,
                      DN: tl.constexpr, DR: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
                      BLOCK_H: tl.constexpr):  # fmt: skip

@@ -571,16 +571,19 @@ _GU_GPU = [
     dict(BLOCK_N=128, BLOCK_K=64, w=8, s=3),
     dict(BLOCK_N=64, BLOCK_K=64, w=8, s=4),
     dict(BLOCK_N=32, BLOCK_K=128, w=4, s=4),  # decode: more programs streaming weights
+    dict(BLOCK_N=128, BLOCK_K=64, w=8, s=4),  # prefill on Hopper: a deeper pipeline of the 128x(2x128) tile
+    dict(BLOCK_N=64, BLOCK_K=128, w=8, s=3),
 ]
 
 
 @triton.autotune(configs=_configs(_GU_GPU, _GMM_INT), key=["F", "D", "BLOCK_M", "GATHER"])
+@triton.heuristics(dict(EVEN=lambda a: a["D"] % a["BLOCK_K"] == 0 and a["F"] % a["BLOCK_N"] == 0))
 @triton.jit
 def _gmm_gu_kernel(
     x_ptr, idx_ptr, wg_ptr, wu_ptr, g_ptr, u_ptr, h_ptr, tm_ptr, n_tiles, F, D, DIV,
     stride_xm, stride_we, stride_wk, stride_wn, stride_om,
     GATHER: tl.constexpr, SAVE_GU: tl.constexpr, ACC64: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
     """H = silu(X[row] @ Wg[e]) * (X[row] @ Wu[e]); the gather of X rows and SwiGLU fused."""
     pid_n = tl.program_id(0)
@@ -595,7 +598,7 @@ def _gmm_gu_kernel(
     if GATHER:
         arow = tl.load(idx_ptr + rows, mask=rmask, other=0) // DIV
     else:
-        arow = rows.to(tl.int64)
+        arow = tl.where(rmask, rows, 0).to(tl.int64)  # rows past the tile's end read row 0 (never stored)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < F
     ks = tl.arange(0, BLOCK_K)
@@ -604,10 +607,15 @@ def _gmm_gu_kernel(
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if ACC64 else tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if ACC64 else tl.float32)
     for k0 in range(0, D, BLOCK_K):
-        kmask = (k0 + ks) < D
-        a = tl.load(x_ptr + a_off, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        bg = tl.load(wg_ptr + b_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
-        bu = tl.load(wu_ptr + b_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if EVEN:  # no masks in the main loop: every row index is valid, D and F are whole tiles
+            a = tl.load(x_ptr + a_off)
+            bg = tl.load(wg_ptr + b_off)
+            bu = tl.load(wu_ptr + b_off)
+        else:
+            kmask = (k0 + ks) < D
+            a = tl.load(x_ptr + a_off, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            bg = tl.load(wg_ptr + b_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            bu = tl.load(wu_ptr + b_off, mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc_g = tl.dot(a, bg, acc_g, input_precision=PREC)
         acc_u = tl.dot(a, bu, acc_u, input_precision=PREC)
         a_off += BLOCK_K

@@ -6,6 +6,8 @@ The routed-expert math runs only through the public ops of ``kernels``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -65,8 +67,11 @@ class MoE(nn.Module):
         x_TD = x_BTD.reshape(B * T, D)
         if self._layer_decode_ok(x_TD):
             return self._forward_layer_decode(x_TD).reshape(B, T, D).to(x_BTD.dtype), None
-        with torch.autocast(x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        if self._router_kernel_ok(x_TD):  # inference on a GPU: no float32 copy of x first
+            logits_TE = kernels.router_logits(x_TD, self.gate.weight)
+        else:
+            with torch.autocast(x_TD.device.type, enabled=False):
+                logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
         bias = self.expert_bias if self.use_bias else None
         if self.topk_groups < self.n_groups:
             weights_TK, experts_TK = self._route_groups(logits_TE, bias)
@@ -82,6 +87,13 @@ class MoE(nn.Module):
         shared = self.shared(x_in).reshape(B, T, D) if self.shared is not None else None
         self._record(logits_TE, experts_TK)
         return y_TD.reshape(B, T, D), shared
+
+    def _router_kernel_ok(self, x_TD: torch.Tensor) -> bool:
+        """Inference on the Triton path with x and the router weight in one dtype (MOECODER_ROUTER_KERNEL=0: off)."""
+        if torch.is_grad_enabled() or type(self.gate) is not nn.Linear or os.environ.get("MOECODER_ROUTER_KERNEL") == "0":
+            return False
+        w = self.gate.weight
+        return x_TD.dtype == w.dtype and x_TD.stride(1) == 1 and w.stride(1) == 1 and kernels.backend(x_TD) == "triton"
 
     def _layer_decode_ok(self, x_TD: torch.Tensor) -> bool:
         """Inference on a few tokens with plain (not quantised, not expert-parallel) weights: the whole

@@ -62,6 +62,20 @@ def test_add_rms_norm_two_deltas(dt):
 
 
 @pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("T,E,D", [(37, 6, 40), (64, 64, 128), (3, 160, 96)])
+def test_router_logits(dt, T, E, D):
+    """The router's logits from x's dtype (no float32 copy of x) equal the float32 linear of the same
+    values, for expert counts and widths that are not whole tiles and a row-strided x."""
+    x = torch.randn(T, D + 8, device=DEV).to(dt)[:, 4:D + 4]
+    w = torch.randn(E, D, device=DEV).to(dt)
+    out = td.router_logits(x, w)
+    want = torch.nn.functional.linear(x.double(), w.double())
+    assert out.shape == (T, E) and out.dtype == (torch.float64 if dt == torch.float64 else torch.float32)
+    assert rel(out, want) <= (1e-12 if dt == torch.float64 else 1e-5)
+    assert torch.allclose(ref.router_logits(x, w).double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
 @pytest.mark.parametrize("H,dn,dv,dr", [(16, 128, 128, 64), (3, 24, 16, 8)])
 def test_mla_keys(dt, H, dn, dv, dr):
     """MLA prefill keys: each head's non-rotary key from the up-projection's output and the shared
