@@ -45,7 +45,11 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
         x = torch.randint(0, 1000, (1, T), generator=g).to(dev)
         check = torch.randint(0, 1000, (2, 128), generator=g).to(dev)
-        rows = [("off", set())] + [(s.removeprefix("MOECODER_").lower(), {s}) for s in SWITCHES] + [("all", set(SWITCHES))]
+        rows = (
+            [("off", set())]
+            + [(s.removeprefix("MOECODER_").lower(), {s}) for s in SWITCHES]
+            + [("all", set(SWITCHES))]
+        )
         base = None
         with torch.inference_mode():
             for label, on in rows:
@@ -58,8 +62,11 @@ def main() -> None:
                     base, base_ms = lg, ms
                 d = (lg - base).abs()
                 top1 = float((lg.argmax(-1) == base.argmax(-1)).float().mean())
-                print(f"{name:18s} {label:16s} {ms:7.2f} ms ({base_ms / ms:.3f}x off)  logits vs off: max {float(d.max()):.4f} "
-                      f"mean {float(d.mean()):.5f} top-1 {top1:.3f}", flush=True)
+                print(
+                    f"{name:18s} {label:16s} {ms:7.2f} ms ({base_ms / ms:.3f}x off)  logits vs off: max {float(d.max()):.4f} "
+                    f"mean {float(d.mean()):.5f} top-1 {top1:.3f}",
+                    flush=True,
+                )
         del model
         torch.cuda.empty_cache()
 
