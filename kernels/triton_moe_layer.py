@@ -175,7 +175,7 @@ def _router_part(
         same = (fe[:, None] == fe[None, :]) & (fa[None, :] < fa[:, None]) & fm[None, :]
         dst = (base + tl.sum(same.to(tl.int32), axis=1)).to(tl.int64)
         tl.store(rowidx_ptr + dst, fa.to(tl.int64), mask=fm)
-        _tile_loop(o0, o1, cols, cm, tm_ptr, n_tiles, E, BM, BLOCK_TT)
+        _tile_loop(o0, o1, cols, cm, tm_ptr, n_tiles, E, BM, BLOCK_TT, 0, 1)
 
 
 # --------------------------------------------------------------------------------------

@@ -369,11 +369,12 @@ def block_m_for(n_rows: int, n_groups: int) -> int:
 
 
 @triton.jit
-def _tile_loop(o0, o1, ecols, em, tm_ptr, n_tiles, E, BM: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Write the tile map for groups [o0[e], o1[e]) held in registers (one program)."""
+def _tile_loop(o0, o1, ecols, em, tm_ptr, n_tiles, E, BM: tl.constexpr, BLOCK_T: tl.constexpr, pid, nprog):
+    """Write the tile map for groups [o0[e], o1[e]) held in registers (blocks of BLOCK_T tiles,
+    program ``pid`` of ``nprog`` taking every nprog-th block)."""
     tiles = tl.where(em, (o1 - o0 + BM - 1) // BM, 0)
     cum = tl.cumsum(tiles, 0)
-    for t0 in range(0, n_tiles, BLOCK_T):
+    for t0 in range(pid * BLOCK_T, n_tiles, nprog * BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         le = (cum[None, :] <= t[:, None]) & em[None, :]
         e = tl.sum(le.to(tl.int32), axis=1)
@@ -393,22 +394,59 @@ def _tile_loop(o0, o1, ecols, em, tm_ptr, n_tiles, E, BM: tl.constexpr, BLOCK_T:
 
 @triton.jit
 def _tile_map_kernel(
-    cnt_ptr, offs_ptr, tm_ptr, E, n_tiles,
+    cnt_ptr, offs_ptr, tm_ptr, E, n_tiles, n_segs,
     FROM_COUNTS: tl.constexpr, BM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
-    """One program: (counts -> offsets, written) or offsets read; then the tile map."""
+    """(counts -> offsets, written by program 0) or offsets read; then this program's blocks of the
+    tile map. Counts: ``n_segs`` rows of BLOCK_E (per-segment counts, summed), or one row."""
     ecols = tl.arange(0, BLOCK_E)
     em = ecols < E
     if FROM_COUNTS:  # int32 arithmetic inside (row counts < 2**31)
-        counts = tl.load(cnt_ptr + ecols, mask=em, other=0).to(tl.int32)
+        counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+        for sg in range(0, n_segs):
+            counts += tl.load(cnt_ptr + sg * BLOCK_E + ecols, mask=em, other=0).to(tl.int32)
         o1 = tl.cumsum(counts, 0)
         o0 = o1 - counts
-        tl.store(offs_ptr + 1 + ecols, o1.to(tl.int64), mask=em)
-        tl.store(offs_ptr + ecols, o0.to(tl.int64), mask=ecols == 0)
+        first = (ecols * 0 + tl.program_id(0)) == 0  # program 0 writes the offsets
+        tl.store(offs_ptr + 1 + ecols, o1.to(tl.int64), mask=em & first)
+        tl.store(offs_ptr + ecols, o0.to(tl.int64), mask=(ecols == 0) & first)
     else:
         o0 = tl.load(offs_ptr + ecols, mask=em, other=0).to(tl.int32)
         o1 = tl.load(offs_ptr + ecols + 1, mask=em, other=0).to(tl.int32)
-    _tile_loop(o0, o1, ecols, em, tm_ptr, n_tiles, E, BM, BLOCK_T)
+    _tile_loop(o0, o1, ecols, em, tm_ptr, n_tiles, E, BM, BLOCK_T, tl.program_id(0), tl.num_programs(0))
+
+
+@triton.jit
+def _seg_counts_kernel(flat_ptr, seg_ptr, NA, SEG, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Program s: assignments per expert among [s * SEG, (s + 1) * SEG) -> seg[s, :BLOCK_E] (int32)."""
+    sg = tl.program_id(0)
+    ecols = tl.arange(0, BLOCK_E)
+    acc = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for i0 in range(0, SEG, BLOCK):  # SEG is a multiple of BLOCK
+        ids = sg * SEG + i0 + tl.arange(0, BLOCK)
+        ex = tl.load(flat_ptr + ids, mask=ids < NA, other=-1)
+        acc += tl.sum((ex[:, None] == ecols[None, :]).to(tl.int32), axis=0)
+    tl.store(seg_ptr + sg * BLOCK_E + ecols, acc)
+
+
+@triton.jit
+def _dest_seg_kernel(flat_ptr, offs_ptr, seg_ptr, dest_ptr, rowidx_ptr, NA, SEG,
+                     BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+    """Program (e, s): the stable rank of each assignment to expert e in segment s -> its permuted
+    row (the experts' earlier segments counted from ``seg``)."""
+    e = tl.program_id(0)
+    sg = tl.program_id(1)
+    ss = tl.arange(0, BLOCK_S)
+    before = tl.sum(tl.load(seg_ptr + ss * BLOCK_E + e, mask=ss < sg, other=0), 0)
+    running = tl.load(offs_ptr + e) + before.to(tl.int64)
+    for i0 in range(0, SEG, BLOCK):
+        ids = sg * SEG + i0 + tl.arange(0, BLOCK)
+        ex = tl.load(flat_ptr + ids, mask=ids < NA, other=-1)
+        hit = ex == e
+        d = running + tl.cumsum(hit.to(tl.int32), 0) - 1
+        tl.store(dest_ptr + ids, d, mask=hit)
+        tl.store(rowidx_ptr + d, ids.to(tl.int64), mask=hit)
+        running += tl.sum(hit.to(tl.int32), 0)
 
 
 @triton.jit
@@ -434,7 +472,7 @@ def _plan_small_kernel(
     d = (base + tl.sum(same.to(tl.int32), axis=1)).to(tl.int64)
     tl.store(dest_ptr + a, d, mask=am)
     tl.store(rowidx_ptr + d, a.to(tl.int64), mask=am)
-    _tile_loop(o0, o1, ecols, em, tm_ptr, n_tiles, E, BM, BLOCK_T)
+    _tile_loop(o0, o1, ecols, em, tm_ptr, n_tiles, E, BM, BLOCK_T, 0, 1)
 
 
 def _n_tiles(n_rows: int, E: int, block_m: int) -> int:
@@ -448,7 +486,7 @@ def tile_map(offsets_E1, block_m: int, n_rows: int):
     tm = torch.empty((3, n_tiles), dtype=torch.int32, device=offsets_E1.device)
     offs = offsets_E1.to(torch.int64).contiguous()
     _tile_map_kernel[(1,)](
-        offs, offs, tm, E, n_tiles, FROM_COUNTS=False, BM=block_m,
+        offs, offs, tm, E, n_tiles, 1, FROM_COUNTS=False, BM=block_m,
         BLOCK_E=max(16, triton.next_power_of_2(E)), BLOCK_T=64,
     )  # fmt: skip
     return tm, n_tiles
@@ -476,12 +514,19 @@ def plan(experts_TK, num_experts: int, block_m: int):
             BM=block_m, BLOCK_A=max(16, triton.next_power_of_2(NA)), BLOCK_E=BLOCK_E, BLOCK_T=32,
         )  # fmt: skip
         return offsets, row_index, dest, tm, n_tiles
-    counts = torch.zeros(E, dtype=torch.int64, device=dev)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    _tile_map_kernel[(1,)](counts, offsets, tm, E, n_tiles, FROM_COUNTS=True, BM=block_m, BLOCK_E=BLOCK_E, BLOCK_T=64)
-    if NA > 0:
-        BLOCK = 1024 if NA > 512 else max(16, triton.next_power_of_2(NA))
-        _dest_kernel[(E,)](flat, offsets, dest, row_index, NA, BLOCK=BLOCK)
+    # segments of the assignments: per-segment expert counts (one launch), the offsets and the tile map
+    # from their sums (one launch, blocks of tiles over programs), then one program per (expert, segment)
+    BLOCK = 1024 if NA > 512 else max(16, triton.next_power_of_2(NA))
+    n_seg = max(1, min(64, NA // 2048))
+    SEG = BLOCK * triton.cdiv(triton.cdiv(NA, n_seg), BLOCK)
+    n_seg = triton.cdiv(NA, SEG)
+    seg = torch.empty((n_seg, BLOCK_E), dtype=torch.int32, device=dev)
+    _seg_counts_kernel[(n_seg,)](flat, seg, NA, SEG, BLOCK=max(16, min(BLOCK, 8192 // BLOCK_E)), BLOCK_E=BLOCK_E)
+    _tile_map_kernel[(min(64, triton.cdiv(n_tiles, 64)),)](
+        seg, offsets, tm, E, n_tiles, n_seg, FROM_COUNTS=True, BM=block_m, BLOCK_E=BLOCK_E, BLOCK_T=64,
+    )  # fmt: skip
+    _dest_seg_kernel[(E, n_seg)](flat, offsets, seg, dest, row_index, NA, SEG, BLOCK=BLOCK, BLOCK_E=BLOCK_E,
+                                 BLOCK_S=max(16, triton.next_power_of_2(n_seg)))  # fmt: skip
     return offsets, row_index, dest, tm, n_tiles
 
 

@@ -124,7 +124,10 @@ def test_permute_unpermute(pad_to, T, E, K, one, empty):
     assert rel(gw, gwr) < (TOL if not CUDA else TOL) + TOL_F32
 
 
-@pytest.mark.parametrize("T,E,K,block_m", [(3, 8, 2, 16), (60, 128, 2, 16), (150, 6, 2, 16), (301, 16, 4, 64)])
+@pytest.mark.parametrize(
+    "T,E,K,block_m",  # the last two: several segments of assignments and several tile-map programs
+    [(3, 8, 2, 16), (60, 128, 2, 16), (150, 6, 2, 16), (301, 16, 4, 64), (2600, 64, 2, 16), (2100, 160, 2, 64)],
+)
 def test_plan_matches_permute_and_tiles_cover_every_row(T, E, K, block_m):
     from kernels import triton_ops as ops
 
