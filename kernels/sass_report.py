@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 offs_ptr=I64)  # fmt: skip
     cases = [
         ("fwd gate/up+SwiGLU 128x128x64", ops._gmm_gu_kernel, gu_t,
-         dict(stride_wn=1, GATHER=True, SAVE_GU=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3),
+         dict(stride_wn=1, GATHER=True, SAVE_GU=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, EVEN=False), 8, 3),
         ("fwd down 128x256x64", ops._gmm_kernel, gmm_t,
          dict(stride_ak=1, stride_bn=1, DIV=1, GATHER=False, DUAL=False, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64), 8, 3),
         ("bwd dX dual 128x128x64", ops._gmm_kernel, gmm_t,
@@ -131,6 +131,27 @@ def main(argv: list[str] | None = None) -> int:
                       8 if big > 256 else 4, 1))  # fmt: skip
     cases.append(("decode attention combine", tdec._decode_attn_combine, dict(pm_ptr=F32, pa_ptr=F32, o_ptr=B),
                   dict(BLOCK_R=16, DV=512, BLOCK_S=64, BLOCK_DV=64), 4, 1))
+    # prefill pieces (issue #12, 2026-12-07): router logits from bf16, MLA keys, the segmented plan, add+norm
+    cases.append(("prefill router logits E=64", tdec._router_kernel, dict(x_ptr=B, w_ptr=B, o_ptr=F32),
+                  dict(ACC=tl_f32(), PREC=None, BT=32, BE=64, BK=64), 4, 1))
+    cases.append(("prefill router logits E=256", tdec._router_kernel, dict(x_ptr=B, w_ptr=B, o_ptr=F32),
+                  dict(ACC=tl_f32(), PREC=None, BT=32, BE=256, BK=32), 8, 1))
+    cases.append(("prefill MLA keys", tdec._mla_keys_kernel, dict(kv_ptr=B, pe_ptr=B, k_ptr=B),
+                  dict(DN=128, DR=64, BN=128, BR=64, BLOCK_H=16), 4, 1))
+    cases.append(("add+norm, two deltas", tdec._add_rms_norm_kernel,
+                  dict(x_ptr=B, d_ptr=B, d2_ptr=B, w_ptr=B, h_ptr=B, y_ptr=B, eps="fp32"),
+                  dict(HAS_DELTA=True, HAS_DELTA2=True, ACC=tl_f32(), BLOCK=2048), 4, 1))
+    cases.append(("plan: segment counts", ops._seg_counts_kernel, dict(flat_ptr=I64, seg_ptr=I32),
+                  dict(BLOCK=128, BLOCK_E=64), 4, 1))
+    cases.append(("plan: tile map, 8 programs", ops._tile_map_kernel, dict(cnt_ptr=I32, offs_ptr=I64, tm_ptr=I32),
+                  dict(FROM_COUNTS=True, BM=128, BLOCK_E=64, BLOCK_T=64, NPROG=8), 4, 1))
+    cases.append(("plan: destinations", ops._dest_seg_kernel,
+                  dict(flat_ptr=I64, offs_ptr=I64, seg_ptr=I32, dest_ptr=I64, rowidx_ptr=I64),
+                  dict(BLOCK=1024, BLOCK_E=64, BLOCK_S=32), 4, 1))
+    for c in ops._GU_GPU:
+        cases.append((f"fwd gate/up EVEN BN={c['BLOCK_N']} BK={c['BLOCK_K']}", ops._gmm_gu_kernel, gu_t,
+                      dict(stride_wn=1, GATHER=True, SAVE_GU=False, BLOCK_M=128, BLOCK_N=c["BLOCK_N"],
+                           BLOCK_K=c["BLOCK_K"], EVEN=True), c["w"], c["s"]))  # fmt: skip
     c = tml._LAYER_GPU[0]  # programmatic dependent launch
     cases.append(("layer down+combine PDL", tml._down_kernel, ldn_t,
                   dict(stride_dd=1, stride_sd=1, BM=16, BLOCK_TO=1, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],

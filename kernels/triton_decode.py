@@ -107,8 +107,8 @@ def router_logits(x_TD, w_ED):
     BT = 16 if INTERPRET else 32
     _router_kernel[(triton.cdiv(T, BT),)](
         x_TD, w_ED, out, T, E, D, x_TD.stride(0), w_ED.stride(0), ACC=_acc(x_TD.dtype),
-        PREC="ieee" if x_TD.dtype in (torch.float32, torch.float64) else "tf32",
-        BT=BT, BE=BE, BK=32 if BE > 128 else 64, num_warps=4,
+        PREC="ieee" if x_TD.dtype in (torch.float32, torch.float64) else None,
+        BT=BT, BE=BE, BK=32 if BE > 128 else 64, num_warps=8 if BE > 128 else 4,
     )  # fmt: skip
     return out
 

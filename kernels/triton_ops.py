@@ -369,12 +369,12 @@ def block_m_for(n_rows: int, n_groups: int) -> int:
 
 
 @triton.jit
-def _tile_loop(o0, o1, ecols, em, tm_ptr, n_tiles, E, BM: tl.constexpr, BLOCK_T: tl.constexpr, pid, nprog):
+def _tile_loop(o0, o1, ecols, em, tm_ptr, n_tiles, E, BM: tl.constexpr, BLOCK_T: tl.constexpr, pid, NPROG: tl.constexpr):
     """Write the tile map for groups [o0[e], o1[e]) held in registers (blocks of BLOCK_T tiles,
-    program ``pid`` of ``nprog`` taking every nprog-th block)."""
+    program ``pid`` of ``NPROG`` taking every NPROG-th block)."""
     tiles = tl.where(em, (o1 - o0 + BM - 1) // BM, 0)
     cum = tl.cumsum(tiles, 0)
-    for t0 in range(pid * BLOCK_T, n_tiles, nprog * BLOCK_T):
+    for t0 in range(pid * BLOCK_T, n_tiles, NPROG * BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         le = (cum[None, :] <= t[:, None]) & em[None, :]
         e = tl.sum(le.to(tl.int32), axis=1)
@@ -395,7 +395,7 @@ def _tile_loop(o0, o1, ecols, em, tm_ptr, n_tiles, E, BM: tl.constexpr, BLOCK_T:
 @triton.jit
 def _tile_map_kernel(
     cnt_ptr, offs_ptr, tm_ptr, E, n_tiles, n_segs,
-    FROM_COUNTS: tl.constexpr, BM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
+    FROM_COUNTS: tl.constexpr, BM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr, NPROG: tl.constexpr,
 ):  # fmt: skip
     """(counts -> offsets, written by program 0) or offsets read; then this program's blocks of the
     tile map. Counts: ``n_segs`` rows of BLOCK_E (per-segment counts, summed), or one row."""
@@ -413,7 +413,7 @@ def _tile_map_kernel(
     else:
         o0 = tl.load(offs_ptr + ecols, mask=em, other=0).to(tl.int32)
         o1 = tl.load(offs_ptr + ecols + 1, mask=em, other=0).to(tl.int32)
-    _tile_loop(o0, o1, ecols, em, tm_ptr, n_tiles, E, BM, BLOCK_T, tl.program_id(0), tl.num_programs(0))
+    _tile_loop(o0, o1, ecols, em, tm_ptr, n_tiles, E, BM, BLOCK_T, tl.program_id(0), NPROG)
 
 
 @triton.jit
@@ -487,7 +487,7 @@ def tile_map(offsets_E1, block_m: int, n_rows: int):
     offs = offsets_E1.to(torch.int64).contiguous()
     _tile_map_kernel[(1,)](
         offs, offs, tm, E, n_tiles, 1, FROM_COUNTS=False, BM=block_m,
-        BLOCK_E=max(16, triton.next_power_of_2(E)), BLOCK_T=64,
+        BLOCK_E=max(16, triton.next_power_of_2(E)), BLOCK_T=64, NPROG=1,
     )  # fmt: skip
     return tm, n_tiles
 
@@ -522,8 +522,9 @@ def plan(experts_TK, num_experts: int, block_m: int):
     n_seg = triton.cdiv(NA, SEG)
     seg = torch.empty((n_seg, BLOCK_E), dtype=torch.int32, device=dev)
     _seg_counts_kernel[(n_seg,)](flat, seg, NA, SEG, BLOCK=max(16, min(BLOCK, 8192 // BLOCK_E)), BLOCK_E=BLOCK_E)
-    _tile_map_kernel[(min(64, triton.cdiv(n_tiles, 64)),)](
-        seg, offsets, tm, E, n_tiles, n_seg, FROM_COUNTS=True, BM=block_m, BLOCK_E=BLOCK_E, BLOCK_T=64,
+    nprog = min(64, triton.next_power_of_2(triton.cdiv(n_tiles, 64)))  # a power of two: few compiled variants
+    _tile_map_kernel[(nprog,)](
+        seg, offsets, tm, E, n_tiles, n_seg, FROM_COUNTS=True, BM=block_m, BLOCK_E=BLOCK_E, BLOCK_T=64, NPROG=nprog,
     )  # fmt: skip
     _dest_seg_kernel[(E, n_seg)](flat, offsets, seg, dest, row_index, NA, SEG, BLOCK=BLOCK, BLOCK_E=BLOCK_E,
                                  BLOCK_S=max(16, triton.next_power_of_2(n_seg)))  # fmt: skip
