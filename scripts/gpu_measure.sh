@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One device call that measures what issues #12 and #18 still need, in order of importance, each step
+# with its own time limit; a call cut off at its limit still returns the finished steps' logs (under $OUT, 8 files).
+#   bash scripts/gpu_measure.sh            # on the GPU machine, from the repository root
+# 1. GPU tests of the kernels that changed last (bf16), 2. the prefill switches A/B (scripts/prefill_ab.py),
+# 3. open checkpoints vs transformers (model.hf_bench: prefill 2k/8k, decode b1/b8/b64),
+# 4. the MoE layer (kernels.bench: fwd+bwd and decode vs torch._grouped_mm and the HBM floor), 5. its breakdown.
+set -u
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+L=$OUT/measure.log
+{ echo "== $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) $(date -u) $(git log --oneline -1 2>/dev/null | cut -c1-70)"
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$L"
+step() {  # step SECONDS NAME COMMAND...
+  local s=$1 n=$2; shift 2
+  echo "== $n ($(date -u +%T))" | tee -a "$L"
+  timeout "$s" "$@" 2>&1 | tee "$OUT/$n.log" | tail -40 >> "$L"
+}
+MOECODER_TRITON_AUTOTUNE=0 step 150 tests python3 -m pytest -q -x tests/test_decode_kernels.py tests/test_kernels.py \
+  tests/test_fused_decode.py -k "router or mla or two_deltas or moe_experts or grouped or layer_random or plan or fused_norms"
+step 120 prefill_ab python3 scripts/prefill_ab.py deepseek-v2-lite,qwen3-30b-a3b 8192
+step 270 hf_bench python3 -m model.hf_bench --reps 3 --out "$OUT/hf_bench.json"
+step 150 kernels_bench python3 -m kernels.bench --paths triton,grouped_mm,dense --json "$OUT/kernels_bench.json"
+step 60 breakdown python3 -m kernels.bench --shapes dsv2,qwen3 --breakdown 8192 --reps 10
+echo "== end $(date -u)" | tee -a "$L"
