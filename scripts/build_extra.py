@@ -2,8 +2,14 @@
 GPU image lacks, never a held-out evaluation package, as one `.carry/extra_py.tar.xz`.
 
     python scripts/build_extra.py SITE_PACKAGES... --out .carry/extra_py.tar.xz
+    python scripts/build_extra.py --wheels /opt/pypi/files /opt/pypi-more/files --exclude-from .carry/extra_py.tar.xz \
+        --arcname extra2 --max-mb 90 --out .carry/extra2_py.tar.xz
 
-`scripts/gpu_train.sh` unpacks it into `$WORK/extra` and adds it as one more corpus root (the
+`--wheels`: the ``.py`` files of local wheel files (one per package, the newest version), smallest packages first
+up to ``--max-mb`` of source (the carry must fit the device's 64 MiB with the working tree);
+`--exclude-from`: leave out the packages an earlier archive holds.
+
+`scripts/gpu_train.sh` unpacks each `.carry/extra*_py.tar.xz` under `$WORK` and adds it as one more corpus root (the
 corpus tool dedupes against the rest and drops files that overlap the eval set). Each package
 goes with its `.dist-info` so that the corpus tool names it as in any site-packages directory.
 Packages whose name hashes into the valid/test splits stay out (the splits stay as they were).
@@ -15,6 +21,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import zipfile
 from importlib.metadata import PathDistribution
 from pathlib import Path
 
@@ -62,20 +69,109 @@ def tops(dist_dir: Path) -> list[str]:
     return sorted(names)
 
 
+def _skip(name: str, seen: set[str]) -> bool:
+    return name in seen or name in HELD_OUT or name in GPU_IMAGE or name.startswith(("nvidia-", "types-"))
+
+
+def archived(paths: list[Path]) -> set[str]:
+    """Normalised names of the packages (``.dist-info`` directories) inside earlier archives."""
+    out = set()
+    for p in paths:
+        with tarfile.open(p) as tf:
+            for n in tf.getnames():
+                m = re.match(r"[^/]+/([^/]+)-[^-/]+\.dist-info$", n)
+                if m:
+                    out.add(norm(m.group(1)))
+    return out
+
+
+def wheel_packages(dirs: list[Path], seen: set[str]) -> list[tuple[int, str, Path, list[str], str]]:
+    """(bytes of .py, name, wheel, top-level names, dist-info dir) of the newest wheel of each package in ``dirs``
+    that may go (not held out, not on the GPU image, not already seen, not hashing into valid/test)."""
+    from packaging.utils import InvalidWheelFilename, parse_wheel_filename
+
+    newest: dict[str, tuple] = {}
+    for d in dirs:
+        for whl in sorted(d.glob("*.whl")):
+            try:
+                name, version, _, _ = parse_wheel_filename(whl.name)
+            except InvalidWheelFilename:
+                continue
+            name = norm(name)
+            if not _skip(name, seen) and (name not in newest or version > newest[name][0]):
+                newest[name] = (version, whl)
+    out = []
+    for name, (_, whl) in sorted(newest.items()):
+        try:
+            with zipfile.ZipFile(whl) as z:
+                infos = z.infolist()
+                di = next((i.filename.split("/")[0] for i in infos if i.filename.endswith(".dist-info/METADATA")), None)
+                if di is None:
+                    continue
+                tl = f"{di}/top_level.txt"
+                if tl in z.namelist():
+                    tops_ = [t.strip() for t in z.read(tl).decode().split() if t.strip()]
+                else:
+                    tops_ = sorted({i.filename.split("/")[0].removesuffix(".py") for i in infos
+                                    if not i.filename.split("/")[0].endswith((".dist-info", ".data"))})
+        except (OSError, zipfile.BadZipFile, UnicodeDecodeError):
+            continue
+        tops_ = [t for t in tops_ if t and t != ".."]
+        if not tops_ or any(package_unit(t) < SKIP_FRACTION for t in tops_):
+            continue
+        size = sum(i.file_size for i in infos if i.filename.endswith(".py") and i.filename.split("/")[0].removesuffix(".py")
+                   in tops_)  # fmt: skip
+        if size:
+            out.append((size, name, whl, tops_, di))
+    return out
+
+
+def add_wheels(dirs: list[Path], dst: Path, seen: set[str], max_bytes: float) -> int:
+    """Extract the .py files (and the .dist-info's metadata) of the wheels' packages, smallest first, into ``dst``."""
+    total = 0
+    for size, name, whl, tops_, di in sorted(wheel_packages(dirs, seen)):
+        if total + size > max_bytes:
+            continue
+        with zipfile.ZipFile(whl) as z:
+            for i in z.infolist():
+                f = i.filename
+                top = f.split("/")[0]
+                keep_py = f.endswith(".py") and top.removesuffix(".py") in tops_
+                base = f.split("/", 1)[-1]  # metadata and licences of the .dist-info (no RECORD: its hashes
+                keep_meta = top == di and (base in ("METADATA", "top_level.txt")  # do not compress)
+                                           or base.startswith(("LICEN", "licenses/", "COPYING")))
+                if (keep_py or keep_meta) and ".." not in f.split("/") and not f.startswith("/"):
+                    (dst / f).parent.mkdir(parents=True, exist_ok=True)
+                    (dst / f).write_bytes(z.read(i))
+        if not (dst / di / "top_level.txt").exists():  # how the corpus tool maps the files to this package
+            (dst / di / "top_level.txt").write_text("\n".join(tops_) + "\n")
+        seen.add(name)
+        total += size
+        print(f"{name:32s} {size / 1e6:7.2f} MB  ({', '.join(tops_)}; {whl.name})")
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("sites", nargs="+", type=Path)
+    ap.add_argument("sites", nargs="*", type=Path)
+    ap.add_argument("--wheels", nargs="*", type=Path, default=[], help="directories of .whl files")
+    ap.add_argument("--exclude-from", nargs="*", type=Path, default=[], help="archives whose packages to leave out")
+    ap.add_argument("--max-mb", type=float, default=float("inf"), help="at most this much .py from --wheels")
+    ap.add_argument("--arcname", default="extra", help="the archive's top directory (one per archive)")
     ap.add_argument("--out", type=Path, default=Path(".carry/extra_py.tar.xz"))
     a = ap.parse_args()
-    seen: set[str] = set()
+    if not a.sites and not a.wheels:
+        ap.error("give site-packages directories or --wheels directories")
+    seen: set[str] = archived(a.exclude_from)
+    n_before = len(seen)
     with tempfile.TemporaryDirectory() as tmp:
-        dst = Path(tmp) / "extra"
+        dst = Path(tmp) / a.arcname
         dst.mkdir()
         total = 0
         for site in a.sites:
             for di in sorted(site.glob("*.dist-info")):
                 name = norm(PathDistribution(di).metadata["Name"] or di.name.split("-")[0])
-                if name in seen or name in HELD_OUT or name in GPU_IMAGE or name.startswith(("nvidia-", "types-")):
+                if _skip(name, seen):
                     continue
                 mods = [t for t in tops(di) if (site / t).is_dir() or (site / f"{t}.py").is_file()]
                 if not mods or any(package_unit(m) < SKIP_FRACTION for m in mods):
@@ -96,10 +192,11 @@ def main() -> None:
                 seen.add(name)
                 total += size
                 print(f"{name:32s} {size / 1e6:7.2f} MB  ({', '.join(mods)})")
+        total += add_wheels(a.wheels, dst, seen, a.max_mb * 1e6)
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(a.out, "w:xz") as tf:
-            tf.add(dst, arcname="extra")
-    print(f"{len(seen)} packages, {total / 1e6:.1f} MB of .py -> {a.out} ({a.out.stat().st_size / 1e6:.1f} MB)")
+        with tarfile.open(a.out, "w:xz", preset=9) as tf:
+            tf.add(dst, arcname=a.arcname)
+    print(f"{len(seen) - n_before} packages, {total / 1e6:.1f} MB of .py -> {a.out} ({a.out.stat().st_size / 1e6:.1f} MB)")
 
 
 if __name__ == "__main__":

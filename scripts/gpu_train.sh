@@ -18,12 +18,17 @@ PY=python3
 mkdir -p "$WORK" "$OUT"
 TOK=${TOK:-model/weights/tokenizer.model}  # e.g. ../../model/weights/tokenizer.model from a copy under .gpu/
 ROOTS=$($PY -c "import os,site,sysconfig; print(' '.join(p for p in [*site.getsitepackages(), sysconfig.get_paths()['stdlib']] if os.path.isdir(p)))")
-# .carry/extra_py.tar.xz (optional): more Python source carried in from the development machine
-# (packages the GPU machine lacks; held-out evaluation packages excluded), one more corpus root.
-if [ -f .carry/extra_py.tar.xz ] && [ ! -d "$WORK/extra" ]; then
-  mkdir -p "$WORK/extra" && tar -xJf .carry/extra_py.tar.xz -C "$WORK" && echo "== extra source: $(du -sh "$WORK/extra" | cut -f1)"
-fi
-[ -d "$WORK/extra" ] && ROOTS="$ROOTS $WORK/extra"
+# .carry/extra*_py.tar.xz (optional): more Python source carried in from the development machine
+# (packages the GPU machine lacks; held-out evaluation packages excluded; scripts/build_extra.py), each
+# archive one directory under $WORK (NAME_py.tar.xz holds NAME/) and one more corpus root.
+for arc in .carry/extra*_py.tar.xz; do
+  [ -f "$arc" ] || continue
+  top=$(basename "$arc" _py.tar.xz)  # extra_py.tar.xz holds extra/, extra2_py.tar.xz extra2/ (build_extra.py --arcname)
+  if [ ! -d "$WORK/$top" ]; then
+    tar -xJf "$arc" -C "$WORK" && echo "== extra source $arc: $(du -sh "$WORK/$top" | cut -f1)"
+  fi
+  ROOTS="$ROOTS $WORK/$top"
+done
 if [ ! -f "$WORK/packed/meta.json" ]; then
   echo "== corpus over $ROOTS"; date
   $PY -m assistant.cli data corpus $ROOTS --out "$WORK/corpus" --eval-dir .carry/eval --workers 16 -q 2>&1 | tail -40
