@@ -134,6 +134,8 @@ def add_wheels(dirs: list[Path], dst: Path, seen: set[str], max_bytes: float) ->
             continue
         with zipfile.ZipFile(whl) as z:
             for i in z.infolist():
+                if i.is_dir():
+                    continue
                 f = i.filename
                 top = f.split("/")[0]
                 keep_py = f.endswith(".py") and top.removesuffix(".py") in tops_

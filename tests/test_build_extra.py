@@ -62,6 +62,7 @@ def _wheel(d: Path, name: str, version: str, body: str = "X = 1\n", top_level: b
         z.writestr(f"{di}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
         z.writestr(f"{di}/WHEEL", "Wheel-Version: 1.0\n")
         z.writestr(f"{di}/RECORD", f"{name}/__init__.py,sha256=x,1\n")
+        z.writestr(f"{di}/licenses/", "")  # a directory entry
         z.writestr(f"{di}/licenses/LICENSE", "MIT License\n")
         if top_level:
             z.writestr(f"{di}/top_level.txt", f"{name}\n")
