@@ -3,7 +3,7 @@ GPU image lacks, never a held-out evaluation package, as one `.carry/extra_py.ta
 
     python scripts/build_extra.py SITE_PACKAGES... --out .carry/extra_py.tar.xz
     python scripts/build_extra.py --wheels /opt/pypi/files /opt/pypi-more/files --exclude-from .carry/extra_py.tar.xz \
-        --arcname extra2 --max-mb 90 --out .carry/extra2_py.tar.xz
+        --arcname extra2 --max-mb 80 --out .carry/extra2_py.tar.xz
 
 `--wheels`: the ``.py`` files of local wheel files (one per package, the newest version), smallest packages first
 up to ``--max-mb`` of source (the carry must fit the device's 64 MiB with the working tree);
