@@ -27,8 +27,11 @@ for arc in .carry/extra*_py.tar.xz; do
   if [ ! -d "$WORK/$top" ]; then
     tar -xJf "$arc" -C "$WORK" && echo "== extra source $arc: $(du -sh "$WORK/$top" | cut -f1)"
   fi
-  ROOTS="$ROOTS $WORK/$top"
 done
+# every unpacked source directory counts, also those an earlier call on this warm machine carried in (the
+# device takes at most 64 MiB a call: more archives than fit come in earlier calls, e.g. `UNPACK_ONLY=1`)
+for d in "$WORK"/extra*/; do [ -d "$d" ] && ROOTS="$ROOTS ${d%/}"; done
+[ -n "${UNPACK_ONLY:-}" ] && { echo "== unpacked: $(ls -d "$WORK"/extra*/ 2>/dev/null | tr '\n' ' ')"; exit 0; }
 if [ ! -f "$WORK/packed/meta.json" ]; then
   echo "== corpus over $ROOTS"; date
   $PY -m assistant.cli data corpus $ROOTS --out "$WORK/corpus" --eval-dir .carry/eval --workers 16 -q 2>&1 | tail -40
