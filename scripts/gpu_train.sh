@@ -8,6 +8,10 @@
 #   MAX_STEPS=560 scripts/gpu_train.sh 430 --init model/weights --schedule wsd --decay-frac 0.35 \
 #       --lr 6e-4 --min-lr-ratio 0.02 --warmup-steps 40 --eval-every 80
 # REPO_FIM=N adds N completion examples with repository context (model.data.repo_fim) to the task data.
+# More source than one call can carry (64 MiB with the working tree): first, on a fresh machine,
+#   UNPACK_ONLY=1 bash scripts/gpu_train.sh 60        (run's carry: [".carry/extra3_py.tar.xz"])
+# then, within the warm window, the training call (carry: [".carry/eval", ".carry/extra_py.tar.xz",
+# ".carry/extra2_py.tar.xz"]): the corpus takes every unpacked $WORK/extra*/ directory.
 set -euo pipefail
 BUDGET_S=${1:-540}; shift || true
 START=$(date +%s)
