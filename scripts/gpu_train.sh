@@ -9,9 +9,9 @@
 #       --lr 6e-4 --min-lr-ratio 0.02 --warmup-steps 40 --eval-every 80
 # REPO_FIM=N adds N completion examples with repository context (model.data.repo_fim) to the task data.
 # More source than one call can carry (64 MiB with the working tree): first, on a fresh machine,
-#   UNPACK_ONLY=1 bash scripts/gpu_train.sh 60        (run's carry: [".carry/extra3_py.tar.xz"])
-# then, within the warm window, the training call (carry: [".carry/eval", ".carry/extra_py.tar.xz",
-# ".carry/extra2_py.tar.xz"]): the corpus takes every unpacked $WORK/extra*/ directory.
+#   UNPACK_ONLY=1 bash scripts/gpu_train.sh 60        (run's carry: [".carry_pre"], the archives that do not fit)
+# then, within the warm window, the training call (carry: [".carry"]): the corpus takes every unpacked
+# $WORK/extra*/ directory.
 set -euo pipefail
 BUDGET_S=${1:-540}; shift || true
 START=$(date +%s)
@@ -25,7 +25,7 @@ ROOTS=$($PY -c "import os,site,sysconfig; print(' '.join(p for p in [*site.getsi
 # .carry/extra*_py.tar.xz (optional): more Python source carried in from the development machine
 # (packages the GPU machine lacks; held-out evaluation packages excluded; scripts/build_extra.py), each
 # archive one directory under $WORK (NAME_py.tar.xz holds NAME/) and one more corpus root.
-for arc in .carry/extra*_py.tar.xz; do
+for arc in .carry/extra*_py.tar.xz .carry_pre/extra*_py.tar.xz; do
   [ -f "$arc" ] || continue
   top=$(basename "$arc" _py.tar.xz)  # extra_py.tar.xz holds extra/, extra2_py.tar.xz extra2/ (build_extra.py --arcname)
   if [ ! -d "$WORK/$top" ]; then
