@@ -215,23 +215,6 @@ def route_bwd(logits_TE, weights_TK, experts_TK, dweights_TK, score_func, renorm
 # permutation
 
 
-@triton.jit
-def _dest_kernel(flat_ptr, offs_ptr, dest_ptr, rowidx_ptr, NA, BLOCK: tl.constexpr):
-    """Program e: the stable rank of each assignment to expert e -> its permuted row."""
-    e = tl.program_id(0)
-    base = tl.load(offs_ptr + e)
-    running = base * 0
-    for i0 in range(0, NA, BLOCK):
-        ids = i0 + tl.arange(0, BLOCK)
-        ex = tl.load(flat_ptr + ids, mask=ids < NA, other=-1)
-        hit = ex == e
-        c = tl.cumsum(hit.to(tl.int32), 0)
-        d = base + running + c - 1
-        tl.store(dest_ptr + ids, d, mask=hit)
-        tl.store(rowidx_ptr + d, ids.to(tl.int64), mask=hit)
-        running += tl.sum(hit.to(tl.int32), 0)
-
-
 def permute_index(experts_TK, num_experts, pad_to=1, n_rows=None):
     """counts_E, offsets_E1 (int64), row_index_N, dest_A (assignment -> permuted row).
 
@@ -251,7 +234,9 @@ def permute_index(experts_TK, num_experts, pad_to=1, n_rows=None):
     dest = torch.empty(NA, dtype=torch.int64, device=dev)
     if NA > 0:
         BLOCK = 1024 if NA > 512 else max(16, triton.next_power_of_2(NA))
-        _dest_kernel[(num_experts,)](flat, offsets, dest, row_index, NA, BLOCK=BLOCK)
+        # one segment: no earlier segment's counts are read (any int tensor stands in for them)
+        _dest_seg_kernel[(num_experts, 1)](flat, offsets, offsets, dest, row_index, NA, BLOCK * triton.cdiv(NA, BLOCK),
+                                           BLOCK=BLOCK, BLOCK_E=16, BLOCK_S=16)  # fmt: skip
     return counts, offsets, row_index, dest
 
 
