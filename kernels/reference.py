@@ -152,7 +152,7 @@ def add_rms_norm(x, delta, weight, eps: float, delta2=None):
 
 def router_logits(x_TD, w_ED):
     """Router logits [T, E] in float32 (float64 for float64 inputs)."""
-    acc = torch.float64 if x_TD.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(x_TD.dtype)
     return F.linear(x_TD.to(acc), w_ED.to(acc))
 
 

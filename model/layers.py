@@ -417,15 +417,13 @@ class MLAttention(nn.Module):
             o = _attend(qq, kk, c, T, mask, scale=self.scale, gqa=True)
             y = torch.einsum("bhtr,hvr->bhtv", o.to(w.dtype), w[:, dn:])
         else:
-            kv = self.wkv_b(c[:, 0].to(x_BTD.dtype)).view(B, L, H, dn + dv)
-            if _mla_keys_kernel_ok(kv):  # inference on a GPU: one pass, keys laid out [B, L, H, dn + dr]
-                import kernels
+            import kernels
 
-                k = kernels.mla_keys(kv, k_pe[:, 0], dn).transpose(1, 2)
-                v = kv.transpose(1, 2)[..., dn:]
-            else:
-                k_nope, v = kv.transpose(1, 2).split([dn, dv], dim=-1)
-                k = torch.cat([k_nope, k_pe.to(k_nope.dtype).expand(B, H, L, dr)], dim=-1)
+            kv = self.wkv_b(c[:, 0].to(x_BTD.dtype)).view(B, L, H, dn + dv)
+            # keys [B, L, H, dn + dr]: one kernel in inference on a GPU, broadcast + cat (differentiable) otherwise
+            keys = kernels.mla_keys if _mla_keys_kernel_ok(kv) else kernels.reference.mla_keys
+            k = keys(kv, k_pe[:, 0], dn).transpose(1, 2)
+            v = kv.transpose(1, 2)[..., dn:]
             qq = (q if q_rot else torch.cat([q_nope, q_pe], dim=-1)).to(k.dtype)  # no copy when rotated in place
             y = _attend(qq, k, v, T, mask, scale=self.scale)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * dv).to(x_BTD.dtype))
