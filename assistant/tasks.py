@@ -468,7 +468,8 @@ def _plan_complete(engine: Engine, req: TaskRequest, budget: int, max_new: int) 
     at_suffix = fim_suffix_stop(suffix) if multiline else None  # the middle ends where the suffix begins
     stops = ("\n",) if not multiline else (at_suffix,) if at_suffix else ()
     beams = 1 if multiline else max(1, engine.completion_beams)
-    rerank = _line_reranker(tok, lines, line, column, finish, stop_ids) if beams > 1 and COMPLETION_RERANK else None
+    rerank = _line_reranker(tok, lines, line, column, finish, stop_ids, mix if RERANK_WITH_MEMORY else None) \
+        if beams > 1 and COMPLETION_RERANK else None
     if mix is not None:
         ctx.report.trimmed.insert(0, "repository context: the project's memory (kNN) mixed into each token")
         if MEMORY_OWN_FILE and isinstance(mix.exclude, str):  # the file's lines above the prompt take part
@@ -524,10 +525,14 @@ def _repo_memory(engine: Engine, req: TaskRequest):
 COMPLETION_RERANK = 0.1
 RERANK_SUFFIX_LINES = 3
 RERANK_CONTEXT_TOKENS = 128  # 384: the same exact match on seed 1 (17.3%), at 3x the prefill
+# With repository context the rerank reads the candidates with the memory mixed in too (as the beams
+# were written); False: the model alone, which outvoted the memory's names from other files.
+RERANK_WITH_MEMORY = True
 
 
-def _line_reranker(tok, lines: list[str], line: int, column: int, finish, stop_ids) -> Callable | None:
-    """SamplingParams.rerank for a single-line completion at (``line``, ``column``) of ``lines``."""
+def _line_reranker(tok, lines: list[str], line: int, column: int, finish, stop_ids, mix=None) -> Callable | None:
+    """SamplingParams.rerank for a single-line completion at (``line``, ``column``) of ``lines``; ``mix``:
+    the completion's memory, which reads the candidates as it wrote them."""
     from model.generate import continuation_logprobs
 
     context = tok.encode("\n".join(lines[:line]) + "\n")[-RERANK_CONTEXT_TOKENS:] if line else []
@@ -544,7 +549,8 @@ def _line_reranker(tok, lines: list[str], line: int, column: int, finish, stop_i
             done = finish(None, Generated("", text.split("\n")[0], [], "stop"))
             conts.append(tok.encode(head + done.text + tail + "\n" + after) or [int(tok.eos_id)])
         room = model.cfg.max_seq_len - len(context)  # long lines: the code after is cut, never an error
-        return [COMPLETION_RERANK * lp for lp in continuation_logprobs(model, context, [c[:room] for c in conts])]
+        lps = continuation_logprobs(model, context, [c[:room] for c in conts], mix=mix)
+        return [COMPLETION_RERANK * lp for lp in lps]
 
     return rerank
 

@@ -594,10 +594,12 @@ def _beam_decode(model: Transformer, tok, prompt: list[int], params: SamplingPar
             held.release(prompt[:fed])
 
 
-def continuation_logprobs(model: Transformer, context: Sequence[int], conts: Sequence[Sequence[int]]) -> list[float]:
+def continuation_logprobs(model: Transformer, context: Sequence[int], conts: Sequence[Sequence[int]],
+                          mix: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> list[float]:
     """log P(cont | context) summed over each continuation's tokens: the context prefilled once,
     then every continuation in one batch over copies of its keys/values (right-padded: causal
-    attention keeps a row's padding out of its own scores)."""
+    attention keeps a row's padding out of its own scores). ``mix`` (``SamplingParams.mix``)
+    changes each position's distribution as it changes the decode's: the repository's memory."""
     if not context:
         raise ValueError("continuation_logprobs needs a non-empty context")
     if not conts or any(not c for c in conts):
@@ -606,17 +608,29 @@ def continuation_logprobs(model: Transformer, context: Sequence[int], conts: Seq
     P, L, n = len(context), max(len(c) for c in conts), len(conts)
     if P + L > model.cfg.max_seq_len:
         raise ValueError(f"context + continuation ({P + L} tokens) exceed the context length {model.cfg.max_seq_len}")
-    with torch.inference_mode():
-        rows = model.setup_cache(n, P + L, device=device)
-        first = model(torch.tensor([list(context)], dtype=torch.long, device=device), 0, rows.head(1), last_only=True)
-        for t in (*rows.k, *rows.v):
-            t[1:, :, :P] = t[:1, :, :P]
-        x = torch.tensor([list(c) + [0] * (L - len(c)) for c in conts], dtype=torch.long, device=device)
-        logits = torch.cat([first[:, -1:].expand(n, 1, -1), model(x[:, :-1], P, rows)], 1) if L > 1 else \
-            first[:, -1:].expand(n, 1, -1)
-        lp = logits.float().log_softmax(-1).gather(-1, x[:, :, None])[..., 0]  # [n, L]
-        mask = torch.arange(L, device=device)[None] < torch.tensor([len(c) for c in conts], device=device)[:, None]
-        return torch.where(mask, lp, 0.0).sum(-1).tolist()
+    heads: list[torch.Tensor] = []
+    hook = model.norm.register_forward_hook(lambda _m, _a, out: heads.append(out)) if mix is not None else None
+    try:
+        with torch.inference_mode():
+            rows = model.setup_cache(n, P + L, device=device)
+            first = model(torch.tensor([list(context)], dtype=torch.long, device=device), 0, rows.head(1), last_only=True)
+            for t in (*rows.k, *rows.v):
+                t[1:, :, :P] = t[:1, :, :P]
+            x = torch.tensor([list(c) + [0] * (L - len(c)) for c in conts], dtype=torch.long, device=device)
+            logits = torch.cat([first[:, -1:].expand(n, 1, -1), model(x[:, :-1], P, rows)], 1) if L > 1 else \
+                first[:, -1:].expand(n, 1, -1)
+            if mix is not None:
+                h = heads[0][:, -1:].expand(n, 1, -1)
+                if L > 1:
+                    h = torch.cat([h, heads[1]], 1)
+                V = logits.shape[-1]
+                logits = mix(logits.float().reshape(n * L, V), h.reshape(n * L, -1)).reshape(n, L, V)
+            lp = logits.float().log_softmax(-1).gather(-1, x[:, :, None])[..., 0]  # [n, L]
+            mask = torch.arange(L, device=device)[None] < torch.tensor([len(c) for c in conts], device=device)[:, None]
+            return torch.where(mask, lp, 0.0).sum(-1).tolist()
+    finally:
+        if hook is not None:
+            hook.remove()
 
 
 def _decoded(tok, ids: list[int]) -> str:

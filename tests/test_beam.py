@@ -150,6 +150,43 @@ def test_continuation_logprobs_match_one_forward_each(loaded):
         continuation_logprobs(model, ctx, [conts[0], []])
 
 
+def test_continuation_logprobs_with_a_mix(loaded):
+    """With ``mix`` (the repository's memory) each scored position's distribution is the mix of the
+    model's logits there and the head's input there, as in the decode: the same sums as a plain
+    forward over context + continuation with the mix applied position by position."""
+    from model.generate import continuation_logprobs
+
+    model, tok = loaded.model, loaded.tokenizer
+    ctx = tok.encode("def total(values):\n    result = 0\n")
+    conts = [tok.encode("    for v in values:\n"), tok.encode("    return")]
+    seen = []
+
+    def mix(logits_BV, h_BD):  # favours the tokens whose head input has a positive first coordinate
+        seen.append(h_BD.shape[0])
+        return logits_BV + 3.0 * (h_BD[:, :1] > 0).float() * torch.nn.functional.one_hot(
+            torch.tensor(5), logits_BV.shape[-1]).float()
+
+    got = continuation_logprobs(model, ctx, conts, mix=mix)
+    plain = continuation_logprobs(model, ctx, conts)
+    heads = []
+    hook = model.norm.register_forward_hook(lambda _m, _a, out: heads.append(out))
+    try:
+        for c, g, p in zip(conts, got, plain):
+            heads.clear()
+            with torch.no_grad():
+                logits = model(torch.tensor([ctx + c]))[0].float()
+            h = heads[0][0]
+            rows = range(len(ctx) - 1, len(ctx) - 1 + len(c))
+            lp = mix(logits[list(rows)], h[list(rows)]).log_softmax(-1)
+            want = sum(float(lp[i, t]) for i, t in enumerate(c))
+            assert g == pytest.approx(want, abs=1e-3)
+            assert abs(g - p) > 1e-3 or all(float(h[r, 0]) <= 0 for r in rows)
+    finally:
+        hook.remove()
+    assert seen[0] == len(conts) * max(len(c) for c in conts)  # one call: every row of every continuation
+    assert not model.norm._forward_hooks  # the scorer's hook is gone
+
+
 def test_rerank_picks_among_the_finished_beams(loaded, monkeypatch):
     """SamplingParams.rerank sees every finished answer; its extra score decides the pick (here: an
     answer other than the beam score's best), and the emitted tokens are that answer's."""

@@ -380,9 +380,9 @@ def test_beam_completions_are_reranked_by_the_code_after(tiny_tokenizer, tiny_mo
     calls = []
     real = gen.continuation_logprobs
 
-    def spy(model, context, conts):
+    def spy(model, context, conts, mix=None):
         calls.append((tiny_tokenizer.decode(list(context)), [tiny_tokenizer.decode(list(c)) for c in conts]))
-        return real(model, context, conts)
+        return real(model, context, conts, mix=mix)
 
     monkeypatch.setattr(gen, "continuation_logprobs", spy)
     monkeypatch.setenv("MOECODER_PREFIX_CACHE", "0")
