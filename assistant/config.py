@@ -15,7 +15,7 @@ Example::
                                           # reranked by the code after the line (5: +2-3 points exact
                                           # match, ~2x time; in-process faces only: `moecoder serve`
                                           # decodes greedily; with the repository's memory, 1 is
-                                          # better on lines naming other files: docs/editors.md)
+                                          # still better on lines naming other files: docs/editors.md)
 
     [max_tokens]                          # per task
     complete = 64
