@@ -8,7 +8,9 @@
   file is cut out after its indentation, the context manager builds the prompt around the
   cursor exactly as a completion does (half of them with repository context from PATH), and
   the model learns the whole prompt-plus-line sequence (the prompt's code is the repository's
-  code too; the line is weighted more). A fresh AdamW, a short warmup, a constant rate.
+  code too; the line is weighted more). A fresh AdamW, a short warmup, then a cosine fall to a
+  tenth of the rate by the end of the time left for training (a constant rate overshot: 13.8% ->
+  17.5% at step 173 and 10.0% at step 335 on textual, docs/benchmarks.md).
 * Validation is what a user gets: single-line completions through ``assistant.tasks`` on a
   fixed sample of lines of the held-out files, exact match. It runs before training, every
   ``--eval-every`` seconds and at the end; the best model so far is kept in memory.
@@ -127,6 +129,12 @@ def training_example(engine, root: Path, item: tuple[str, str, int], repo: bool)
     return plan.prompt_ids + target, len(plan.prompt_ids)
 
 
+def time_decay(frac: float, floor: float = 0.1) -> float:
+    """The learning rate's share at ``frac`` of the training time: cosine from 1 to ``floor``."""
+    frac = min(1.0, max(0.0, frac))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
 def _batch_loss(model, batch: list[tuple[list[int], int]], pad: int, line_weight: float = 4.0):
     import torch
     import torch.nn.functional as F
@@ -154,7 +162,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="what --minutes counts: wall time, or this process's CPU time / --threads (a shared, "
                         "busy machine: the minutes it would take on --threads free cores)")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                   help="cosine: the rate falls to a tenth by the end of the time budget's training part")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--repo-context", type=float, default=0.5,
                    help="share of training prompts with repository context")
@@ -279,7 +289,9 @@ def _run(args) -> int:
                     if ex is not None:
                         batch.append(ex)
                 for g in opt.param_groups:
-                    g["lr"] = args.lr * min(1.0, (step + 1) / warmup)
+                    g["lr"] = args.lr * min(1.0, (step + 1) / warmup) * (
+                        time_decay((ts - started) / max(1.0, deadline - reserve - started))
+                        if args.schedule == "cosine" else 1.0)
                 loss = _batch_loss(model, batch, tok.eos_id)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -316,7 +328,8 @@ def _run(args) -> int:
              exact_match_rate(after_engine, root, valid_items, repo=True) if args.repo_eval else float("nan"))
     meta = {"repository": str(root), "base_model": str(base_dir), "train_files": len(split.train),
             "valid_files": [p for p, _ in split.valid], "eval_lines": len(valid_items), "steps": step,
-            "best_step": best_step, "examples": step * args.batch_size, "lr": args.lr,
+            "best_step": best_step, "examples": step * args.batch_size, "lr": args.lr, "schedule": args.schedule,
+            "lr_end": opt.param_groups[0]["lr"],
             "batch_size": args.batch_size, "seconds": round(time.monotonic() - t0, 1), "clock": args.clock,
             "cpu_seconds": round(time.process_time(), 1), "interrupted": interrupted,
             "before": {"exact_match": before[0], "exact_match_repo": None if math.isnan(before[1]) else before[1]},

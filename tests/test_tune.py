@@ -75,9 +75,19 @@ def test_tune_writes_a_loadable_model_with_its_report(tmp_path, tiny_model_dir, 
     meta = json.loads((out / "tune.json").read_text())
     assert meta["steps"] >= 1 and meta["valid_files"] and meta["train_files"] == 11
     assert 0.0 <= meta["after"]["exact_match"] <= 1.0
+    assert meta["schedule"] == "cosine" and 0.0 < meta["lr_end"] < meta["lr"]  # the rate at the last step
     assert load_model(out).config.vocab_size == 512
     assert "before" in capsys.readouterr().out
     # an existing model is not replaced without --force; a missing repository is a one-line error
     assert main([str(root), "--model", str(tiny_model_dir), "--out", str(out), "--minutes", "0.1"]) == 2
     assert main([str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_time_decay_falls_from_the_peak_to_a_tenth():
+    from assistant.tune import time_decay
+
+    vals = [time_decay(f / 10) for f in range(11)]
+    assert vals[0] == 1.0 and abs(vals[-1] - 0.1) < 1e-12 and abs(vals[5] - 0.55) < 1e-12
+    assert all(a > b for a, b in zip(vals, vals[1:]))
+    assert time_decay(-1.0) == 1.0 and time_decay(2.0) == vals[-1]  # clamped outside the budget
