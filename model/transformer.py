@@ -143,7 +143,8 @@ class Transformer(nn.Module):
     def _fused_norms(self, h: torch.Tensor) -> bool:
         """Inference on the Triton path (a GPU): ``forward`` runs each residual add inside the next
         RMSNorm's kernel (``kernels.add_rms_norm``), the shared experts' output included, instead of
-        separate add kernels (an 8k prefill spends ~3 adds of [T, D] per layer otherwise; issue #12).
+        separate add kernels (an 8k prefill spends ~3 adds of [T, D] per layer otherwise; issue #12);
+        the last add, on the rows the head reads, stays separate so that the final norm is the module.
         MOECODER_FUSED_NORMS=0 turns it off (A/B runs)."""
         import os
 
@@ -174,7 +175,11 @@ class Transformer(nn.Module):
                 return t.index_select(1, last_index)
             return t[:, -1:] if last_only else t
 
-        _, xn = kernels.add_rms_norm(rows(h), rows(f), self.norm.weight, self.norm.eps, rows(f2))
+        h = rows(h)
+        if f is not None:  # the last add as the eager path rounds it; the final norm runs as the module, so
+            d = rows(f) if f2 is None else rows(f) + rows(f2)  # its hooks (the memory's head input) fire
+            h = h + d.to(h.dtype)
+        xn = self.norm(h)
         if not head:
             return xn
         return F.linear(xn, self.head_weight()).float()

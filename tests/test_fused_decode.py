@@ -270,5 +270,15 @@ def test_prefill_with_fused_norms_same_logits(name, monkeypatch):
     for a, b in zip(outs["0"], outs["1"]):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the final norm's forward hook (how the decode's memory mix reads the head's input) fires on the fused path
+    seen = []
+    hook = m.norm.register_forward_hook(lambda _m, _a, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            m(prompt, last_only=True)
+    finally:
+        hook.remove()
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], outs["1"][3][:, -1:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs["1"][1], outs["1"][0][:, -1:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(outs["1"][2], outs["1"][0][:, 4:5], rtol=1e-5, atol=1e-5)
