@@ -41,6 +41,7 @@ import platform
 import random
 import re
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -484,8 +485,38 @@ def _target_function(task: dict) -> ast.FunctionDef | None:
     return funcs[-1] if funcs else None
 
 
-def mbpp_prompt(task: dict) -> tuple[str, str] | None:
-    """(prompt, oracle completion): imports, the task as a comment, one test, the signature."""
+# how an MBPP task is put to the model: "comment" (the task and one test as comments above the signature) or
+# "docstring" (the signature, then the task and one test as a doctest in a docstring: as a user writes a function
+# before asking for its body)
+MBPP_PROMPT = "comment"
+
+
+def _doctest_example(test: str, indent: str) -> str | None:
+    """``assert f(x) == y`` as the doctest lines ``>>> f(x)`` / ``y`` (None for any other form)."""
+    try:
+        node = ast.parse(test.strip()).body[0]
+    except (SyntaxError, IndexError):
+        return None
+    if not (isinstance(node, ast.Assert) and isinstance(node.test, ast.Compare) and len(node.test.ops) == 1
+            and isinstance(node.test.ops[0], ast.Eq)):  # fmt: skip
+        return None
+    return f"{indent}>>> {ast.unparse(node.test.left)}\n{indent}{ast.unparse(node.test.comparators[0])}"
+
+
+def _task_sentence(prompt: str) -> str:
+    """'Write a python function to find x.' -> 'Find x.' (a docstring's summary line)."""
+    text = " ".join(prompt.split())
+    m = re.match(r"(?i)write\s+(?:a\s+)?(?:python\s+)?(?:function|program|code)\s+(?:to|that|which)\s+", text)
+    if m:
+        text = text[m.end():]
+    text = text[:1].upper() + text[1:]
+    return text if text.endswith((".", "?", "!")) else text + "."
+
+
+def mbpp_prompt(task: dict, style: str | None = None) -> tuple[str, str] | None:
+    """(prompt, oracle completion): imports, the task and one test (as comments, or as the docstring with a
+    doctest: ``style``, default ``MBPP_PROMPT``), the signature."""
+    style = style or MBPP_PROMPT
     fn = _target_function(task)
     if fn is None:
         return None
@@ -502,17 +533,27 @@ def mbpp_prompt(task: dict) -> tuple[str, str] | None:
         + ":"
     )
     lines = [*imports, *task.get("test_imports", [])]
-    text = " ".join(task["prompt"].split())
-    lines.append(f"# {text}")
-    if task.get("test_list"):
-        lines.append(f"# Example: {task['test_list'][0]}")
-    prompt = "\n".join(lines) + "\n" + header + "\n"
+    if style == "docstring":
+        example = _doctest_example(task["test_list"][0], "    ") if task.get("test_list") else None
+        doc = [f'    """{_task_sentence(task["prompt"])}']
+        if example:
+            doc += ["", example]
+        doc.append('    """')
+        prompt = "\n".join(lines) + ("\n\n\n" if lines else "") + header + "\n" + "\n".join(doc) + "\n"
+    else:
+        text = " ".join(task["prompt"].split())
+        lines.append(f"# {text}")
+        if task.get("test_list"):
+            lines.append(f"# Example: {task['test_list'][0]}")
+        prompt = "\n".join(lines) + "\n" + header + "\n"
     # the oracle: the reference body, then any other top-level code (helpers) of the reference
     body = "\n".join(code_lines[fn.body[0].lineno - 1 : fn.end_lineno])
     if fn.body[0].lineno == fn.lineno:  # one-line def
         body = "    " + code_lines[fn.lineno - 1].split(":", 1)[1].strip()
     others = [ast.get_source_segment(task["code"], n) for n in tree.body
               if n is not fn and not isinstance(n, ast.Import | ast.ImportFrom)]  # fmt: skip
+    if style == "docstring":  # the body under a four-space docstring: four spaces too
+        body = textwrap.indent(textwrap.dedent(body), "    ")
     oracle = body + ("\n\n" + "\n\n".join(o for o in others if o) if others else "") + "\n"
     return prompt, oracle
 

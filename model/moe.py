@@ -89,8 +89,10 @@ class MoE(nn.Module):
         return y_TD.reshape(B, T, D), shared
 
     def _router_kernel_ok(self, x_TD: torch.Tensor) -> bool:
-        """Inference on the Triton path with x and the router weight in one dtype (MOECODER_ROUTER_KERNEL=0: off)."""
-        if torch.is_grad_enabled() or type(self.gate) is not nn.Linear or os.environ.get("MOECODER_ROUTER_KERNEL") == "0":
+        """Inference on the Triton path with x and the router weight in one dtype, opt-in (MOECODER_ROUTER_KERNEL=1):
+        on an H100 it was no faster than the float32 copy + cuBLAS GEMM at 64 experts and 5% slower at 128
+        (docs/benchmarks.md, "Re-measured after the fused-norms fix")."""
+        if torch.is_grad_enabled() or type(self.gate) is not nn.Linear or os.environ.get("MOECODER_ROUTER_KERNEL") != "1":
             return False
         w = self.gate.weight
         return x_TD.dtype == w.dtype and x_TD.stride(1) == 1 and w.stride(1) == 1 and kernels.backend(x_TD) == "triton"

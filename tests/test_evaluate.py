@@ -87,6 +87,28 @@ def test_mbpp_perfect_and_wrong():
 
 
 @needs_eval
+def test_mbpp_docstring_prompt_runs_the_oracle(monkeypatch):
+    tasks = E.load_mbpp(EVAL)[:6]
+    table = {}
+    for t in tasks:
+        prompt, oracle = E.mbpp_prompt(t, "docstring")
+        head, doc = prompt.split('"""', 1)
+        assert head.rstrip().endswith(":") and prompt.rstrip().endswith('"""') and "assert" not in prompt
+        assert not doc.lower().startswith("write ")  # "Write a function to find x." -> "Find x."
+        table[prompt] = oracle
+    monkeypatch.setattr(E, "MBPP_PROMPT", "docstring")
+    ctx = E.Context(predictor=Oracle(table), limit=6, eval_dir=EVAL, jobs=2)
+    assert E.suite_mbpp(ctx)["pass@1"] == 1.0
+
+
+def test_doctest_example_from_an_assert():
+    assert E._doctest_example("assert f(1, [2]) == (3, 4)", "    ") == "    >>> f(1, [2])\n    (3, 4)"
+    assert E._doctest_example("assert math.isclose(f(1), 2.0)", "") is None
+    assert E._doctest_example("assert f(1) != 2", "") is None
+    assert E._task_sentence("Write a python function to  count   bits") == "Count bits."
+
+
+@needs_eval
 def test_mbpp_infill_perfect_and_wrong():
     items = E.mbpp_infill_items(E.load_mbpp(EVAL)[:6], seed=0)
     table = {(it["prefix"], it["suffix"]): it["middle"].rstrip("\n") for it in items}
