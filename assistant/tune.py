@@ -131,8 +131,9 @@ def training_example(engine, root: Path, item: tuple[str, str, int], repo: bool)
 
 def time_decay(frac: float, floor: float = 0.1) -> float:
     """The learning rate's share at ``frac`` of the training time: cosine from 1 to ``floor``."""
-    frac = min(1.0, max(0.0, frac))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    from model.train import cosine_decay
+
+    return cosine_decay(frac, floor)
 
 
 def _batch_loss(model, batch: list[tuple[list[int], int]], pad: int, line_weight: float = 4.0):

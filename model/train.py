@@ -131,6 +131,13 @@ class TrainConfig:
         return self.batch_size * self.grad_accum * self.seq_len
 
 
+def cosine_decay(t: float, floor_ratio: float) -> float:
+    """The share of the peak rate at fraction ``t`` of the decay (clamped to [0, 1]): cosine from 1 to
+    ``floor_ratio`` (``lr_at``'s cosine schedule; ``moecoder tune`` over its time budget)."""
+    t = min(1.0, max(0.0, t))
+    return floor_ratio + (1.0 - floor_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warmup, then cosine to the floor
     (``schedule="cosine"``) or constant until the last ``decay_frac`` of ``max_steps`` and linear to
@@ -146,9 +153,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         t = min(1.0, (step - start + 1) / max(1, cfg.max_steps - start))
         return cfg.lr + (floor - cfg.lr) * t
     span = max(1, cfg.max_steps - cfg.warmup_steps)
-    t = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+    return cfg.lr * cosine_decay((step - cfg.warmup_steps) / span, cfg.min_lr_ratio)
 
 
 def peak_flops(device_name: str) -> float | None:
