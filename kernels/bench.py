@@ -1,7 +1,7 @@
 """Benchmark the MoE layer on a GPU: Triton kernels against their peers.
 
     python -m kernels.bench [--shapes qwen3,dsv2] [--tokens 4096,16384] [--decode 1,8,64]
-                            [--reps 20] [--json PATH] [--check]
+                            [--reps 20] [--json PATH] [--check] [--decode-chain N]
 
 The layer: fp32 router GEMM, top-k routing, routed experts (SwiGLU), shared experts (when
 the shape has them), bf16. Paths, all with the same FLOPs:
@@ -16,7 +16,9 @@ Timing: CUDA events around each call, median of many calls after warm-up, rotati
 fresh random input sets (never zeros). Decode sizes run forward only, replayed from CUDA
 graphs where the path allows it (the loop path syncs, so it runs eagerly), and report the
 bandwidth reached against the HBM floor: bytes of the weights the batch touches over the
-bandwidth of a large device-to-device copy measured in the same run.
+bandwidth of a large device-to-device copy measured in the same run. ``--decode-chain N`` also times each
+decode path as a model runs it: N layers with their own weights back to back in one graph, per layer (no
+graph launch or input copy per layer).
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ def layer_flops(s: Shape, T: int) -> float:
 
 
 class Params:
-    def __init__(self, s: Shape, dev, dt=torch.bfloat16, grad=True):
-        g = torch.Generator(device=dev).manual_seed(1234)
+    def __init__(self, s: Shape, dev, dt=torch.bfloat16, grad=True, seed: int = 1234):
+        g = torch.Generator(device=dev).manual_seed(seed)
 
         def r(*shape, scale, dtype=dt):
             return (torch.randn(*shape, device=dev, generator=g) * scale).to(dtype).requires_grad_(grad)
@@ -212,6 +214,36 @@ def graph_fn(layer, sets):
         static["x"].copy_(inp["x"])
         graph.replay()
 
+    return fn
+
+
+def chain_fn(path: str, s: Shape, n_layers: int, dev, T: int):
+    """Decode as a model runs it: ``n_layers`` layers with their own weights (nothing shared in L2) back to
+    back in one CUDA graph, each layer's output the next one's input. Each call copies a fresh input in
+    and replays; the caller divides by ``n_layers`` for the time of one layer."""
+    ps = [Params(s, dev, grad=False, seed=4321 + i) for i in range(n_layers)]
+    layers = [make_layer(path, s, p) for p in ps]
+    static = torch.randn(T, s.D, device=dev, dtype=torch.bfloat16)
+
+    def run():
+        x = static
+        for layer in layers:
+            x = layer({"x": x})[0]
+        return x
+
+    with torch.no_grad():
+        for _ in range(2):
+            run()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+
+    def fn(inp):
+        static.copy_(inp["x"])
+        graph.replay()
+
+    fn.params = ps  # keep the weights alive with the graph
     return fn
 
 
@@ -414,8 +446,12 @@ def breakdown(s: Shape, T: int, dev, reps: int = 20) -> list[dict]:
     pieces = {
         "route": (lambda: ops.route_fwd(logits, K, "softmax", None, s.renormalize), 0),
         "plan (counts, offsets, tile map, destinations)": (lambda: ops.plan(e, E, bm), 0),
-        "fwd gate/up+swiglu (gather)": (lambda: ops.gmm_gu(x, p.wg, p.wu, tm, nt, bm, N, idx=row_index, div=K), 2 * gemm),
-        "fwd down": (lambda: ops.gmm(h, p.wd, tm, nt, bm, N), gemm),
+        "fwd gate/up+swiglu (gather)": (
+            lambda: ops.gmm_gu(x, p.wg, p.wu, tm, nt, bm, N, idx=row_index, div=K, save_gu=False, tma=False), 2 * gemm),
+        "fwd gate/up+swiglu (gather), TMA weights": (
+            lambda: ops.gmm_gu(x, p.wg, p.wu, tm, nt, bm, N, idx=row_index, div=K, save_gu=False, tma=True), 2 * gemm),
+        "fwd down": (lambda: ops.gmm(h, p.wd, tm, nt, bm, N, tma=False), gemm),
+        "fwd down, TMA": (lambda: ops.gmm(h, p.wd, tm, nt, bm, N, tma=True), gemm),
         "fwd combine": (lambda: ops.combine(h.new_empty(N, D), dest, T, K, scale_TK=w), 0),
         "bwd dH+swiglu'+dw (gather)": (
             lambda: ops.gmm_dh(dout, row_index, K, w.reshape(-1), p.wd, g, u, tm, nt, bm, write_hs=True), gemm),
@@ -464,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="also check Triton vs reference at T=4096")
     ap.add_argument("--breakdown", default="", help="only time each Triton piece at these T (e.g. 16384)")
     ap.add_argument("--decode-breakdown", default="", help="only time each decode launch at these T (e.g. 1,8)")
+    ap.add_argument("--decode-chain", type=int, default=0, metavar="N",
+                    help="also time each decode path as N layers with their own weights in one graph (per layer)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: kernels.bench needs a CUDA GPU", file=sys.stderr)
@@ -539,21 +577,31 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"  {s.name} {mode} T={T} {path}: FAILED {type(exc).__name__}: {exc}", flush=True)
                         continue
                     res[path] = ms
-                    row = {"shape": s.name, "mode": mode, "T": T, "path": path, "ms": ms,
-                           "tflops": flops / (ms * 1e-3) / 1e12}  # fmt: skip
-                    if touched is not None:
-                        row["touched_MB"] = touched / 1e6
-                        row["floor_ms"] = touched / bw * 1e3
-                        row["bw_TBps"] = touched / (ms * 1e-3) / 1e12
-                        row["of_floor"] = row["floor_ms"] / ms
-                    rows.append(row)
-                    extra = ""
-                    if touched is not None:
-                        extra = f"  {row['bw_TBps']:.2f} TB/s = {row['of_floor'] * 100:.0f}% of floor {row['floor_ms'] * 1e3:.1f} us"
-                    print(f"  {s.name:16s} {mode:7s} T={T:6d} {path:10s} {ms:9.3f} ms {row['tflops']:7.1f} TFLOP/s{extra}",
-                          flush=True)  # fmt: skip
+                    timed = [(path, ms)]
+                    if mode == "decode" and path != "loop" and args.decode_chain > 0:
+                        try:
+                            cfn = chain_fn(path, s, args.decode_chain, dev, T)
+                            cms = statistics.median(time_calls(cfn, sets, reps)) / args.decode_chain
+                            timed.append((f"{path}, chain of {args.decode_chain}", cms))
+                            del cfn
+                        except Exception as exc:
+                            print(f"  {s.name} decode chain T={T} {path}: FAILED {type(exc).__name__}: {exc}", flush=True)
+                    for pname, ms in timed:
+                        row = {"shape": s.name, "mode": mode, "T": T, "path": pname, "ms": ms,
+                               "tflops": flops / (ms * 1e-3) / 1e12}  # fmt: skip
+                        if touched is not None:
+                            row["touched_MB"] = touched / 1e6
+                            row["floor_ms"] = touched / bw * 1e3
+                            row["bw_TBps"] = touched / (ms * 1e-3) / 1e12
+                            row["of_floor"] = row["floor_ms"] / ms
+                        rows.append(row)
+                        extra = ""
+                        if touched is not None:
+                            extra = f"  {row['bw_TBps']:.2f} TB/s = {row['of_floor'] * 100:.0f}% of floor {row['floor_ms'] * 1e3:.1f} us"
+                        print(f"  {s.name:16s} {mode:7s} T={T:6d} {pname:10s} {ms:9.3f} ms {row['tflops']:7.1f} TFLOP/s{extra}",
+                              flush=True)  # fmt: skip
                 for row in rows:
-                    if row["shape"] == s.name and row["mode"] == mode and row["T"] == T and "triton" in res:
+                    if row["shape"] == s.name and row["mode"] == mode and row["T"] == T and "triton" in res and row["path"] in res:
                         row["triton_speedup"] = row["ms"] / res["triton"]
                 torch.cuda.empty_cache()
     print()

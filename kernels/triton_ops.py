@@ -37,6 +37,43 @@ def _configs(gpu: list[dict], interp: dict) -> list[triton.Config]:
     return out
 
 
+def _configs_hook(gpu: list[dict], interp: dict, hook) -> list[triton.Config]:
+    """``_configs`` with a pre-hook on each config (the TMA kernels size their descriptors' blocks there)."""
+    out = _configs(gpu, interp)
+    for c in out:
+        c.pre_hook = hook
+    return out
+
+
+def tma_mode() -> bool:
+    """``MOECODER_TMA=1``: the grouped GEMMs of the forward read their weight tiles through TMA descriptors
+    (bf16/fp16 on sm_90+, contiguous weights; other cases keep the pointer kernels). Default 0."""
+    return os.environ.get("MOECODER_TMA", "0").strip() == "1"
+
+
+def _tma_ok(a: torch.Tensor, w_EKN: torch.Tensor) -> bool:
+    """Whether a (E, K, N) weight can be read as one 2-D (E*K, N) TMA descriptor: contiguous rows, 16-byte
+    aligned base and row stride; bf16/fp16 on a Hopper-or-newer GPU (any dtype under the interpreter)."""
+    E, K, N = w_EKN.shape
+    if w_EKN.stride(2) != 1 or w_EKN.stride(0) != K * w_EKN.stride(1) or E * K == 0:
+        return False
+    es = w_EKN.element_size()
+    if (w_EKN.stride(1) * es) % 16 or w_EKN.data_ptr() % 16:
+        return False
+    if INTERPRET:
+        return True
+    return (a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda
+            and torch.cuda.get_device_capability(a.device)[0] >= 9)  # fmt: skip
+
+
+def _wdesc(w_EKN: torch.Tensor):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    E, K, N = w_EKN.shape
+    # block shape placeholder: each config's pre-hook sets (BLOCK_K, BLOCK_N)
+    return TensorDescriptor(w_EKN, [E * K, N], [w_EKN.stride(1), 1], [16, 16])
+
+
 # --------------------------------------------------------------------------------------
 # dtype helpers
 
@@ -571,7 +608,65 @@ def _gmm_kernel(
     tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
-def gmm(a, b_EKN, tm, n_tiles, block_m, n_rows, idx=None, div=1, a2=None, b2=None):
+def _gmm_tma_hook(nargs):
+    nargs["b_desc"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_N"]]
+    if not nargs["GATHER"]:
+        nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+
+
+_GMM_TMA_GPU = [
+    dict(BLOCK_N=128, BLOCK_K=64, w=8, s=3),
+    dict(BLOCK_N=128, BLOCK_K=64, w=8, s=4),
+    dict(BLOCK_N=64, BLOCK_K=64, w=4, s=4),
+    dict(BLOCK_N=256, BLOCK_K=64, w=8, s=3),
+    dict(BLOCK_N=32, BLOCK_K=128, w=4, s=4),
+]
+
+
+@triton.autotune(configs=_configs_hook(_GMM_TMA_GPU, _GMM_INT, _gmm_tma_hook), key=["N", "Kd", "BLOCK_M", "GATHER"])
+@triton.jit
+def _gmm_tma_kernel(
+    a_ptr, a_desc, idx_ptr, b_desc, c_ptr, tm_ptr, n_tiles, N, Kd, DIV, stride_am, stride_cm,
+    GATHER: tl.constexpr, ACC64: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """``_gmm_kernel`` (one product) with the weight tile loaded by TMA from an (E*K, N) descriptor and,
+    when A is not gathered, A's tile too (rows [start, start + BLOCK_M) of A: rows past the tile's end are
+    computed and not stored). K past Kd: A is zero there (mask, or the descriptor's zero fill)."""
+    pid_n = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    e = tl.load(tm_ptr + pid_t)
+    start = tl.load(tm_ptr + n_tiles + pid_t)
+    end = tl.load(tm_ptr + 2 * n_tiles + pid_t)
+    if start >= end:
+        return
+    rows = start + tl.arange(0, BLOCK_M)
+    rmask = rows < end
+    ks = tl.arange(0, BLOCK_K)
+    if GATHER:
+        arow = tl.load(idx_ptr + rows, mask=rmask, other=0) // DIV
+        a_off = arow[:, None] * stride_am + ks[None, :]
+    n0 = pid_n * BLOCK_N
+    wrow = e * Kd
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if ACC64 else tl.float32)
+    for k0 in range(0, Kd, BLOCK_K):
+        if GATHER:
+            a = tl.load(a_ptr + a_off, mask=((k0 + ks) < Kd)[None, :], other=0.0)
+            a_off += BLOCK_K
+        else:
+            a = a_desc.load([start, k0])
+        b = b_desc.load([wrow + k0, n0])
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    c_off = rows[:, None].to(tl.int64) * stride_cm + cols[None, :]
+    tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None] & (cols < N)[None, :])
+
+
+def _a_tma_ok(a: torch.Tensor) -> bool:
+    return a.stride(1) == 1 and (a.stride(0) * a.element_size()) % 16 == 0 and a.data_ptr() % 16 == 0
+
+
+def gmm(a, b_EKN, tm, n_tiles, block_m, n_rows, idx=None, div=1, a2=None, b2=None, tma=None):
     """Grouped GEMM over a tile map. ``b_EKN`` may be any strided (E, K, N) view (transposes are free).
 
     a: (rows, K) (gathered through idx // div when idx is given); a2/b2: a second product added
@@ -587,6 +682,17 @@ def gmm(a, b_EKN, tm, n_tiles, block_m, n_rows, idx=None, div=1, a2=None, b2=Non
     if a2 is not None:
         assert a2.stride() == a.stride() and b2.stride() == b_EKN.stride()
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_tiles)
+    if tma is None:
+        tma = tma_mode()
+    if tma and a2 is None and _tma_ok(a, b_EKN) and (idx is not None or _a_tma_ok(a)):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a_desc = a if idx is not None else TensorDescriptor(a, list(a.shape), [a.stride(0), 1], [16, 16])
+        _gmm_tma_kernel[grid](
+            a, a_desc, idx if idx is not None else tm, _wdesc(b_EKN), c, tm, n_tiles, N, Kd, div, a.stride(0),
+            c.stride(0), GATHER=idx is not None, ACC64=_acc64(a.dtype), PREC=_prec(a.dtype), BLOCK_M=block_m,
+        )  # fmt: skip
+        return c
     _gmm_kernel[grid](
         a, a2 if a2 is not None else a, idx if idx is not None else tm, b_EKN,
         b2 if b2 is not None else b_EKN, c, tm, n_tiles, N, Kd, div,
@@ -661,13 +767,92 @@ def _gmm_gu_kernel(
     tl.store(h_ptr + o_off, h.to(out_ty), mask=omask)
 
 
-def gmm_gu(x, wg_EDF, wu_EDF, tm, n_tiles, block_m, n_rows, idx=None, div=1, save_gu=True):
+def _gu_tma_hook(nargs):
+    bk, bn = nargs["BLOCK_K"], nargs["BLOCK_N"]
+    nargs["wg_desc"].block_shape = [bk, bn]
+    nargs["wu_desc"].block_shape = [bk, bn]
+
+
+_GU_TMA_GPU = [
+    dict(BLOCK_N=128, BLOCK_K=64, w=8, s=3),
+    dict(BLOCK_N=128, BLOCK_K=64, w=8, s=4),
+    dict(BLOCK_N=64, BLOCK_K=64, w=4, s=4),
+    dict(BLOCK_N=64, BLOCK_K=128, w=8, s=3),
+    dict(BLOCK_N=256, BLOCK_K=64, w=8, s=2),
+    dict(BLOCK_N=32, BLOCK_K=128, w=4, s=4),
+]
+
+
+@triton.autotune(configs=_configs_hook(_GU_TMA_GPU, _GMM_INT, _gu_tma_hook), key=["F", "D", "BLOCK_M", "GATHER"])
+@triton.heuristics(dict(EVEN_D=lambda a: a["D"] % a["BLOCK_K"] == 0))
+@triton.jit
+def _gmm_gu_tma_kernel(
+    x_ptr, idx_ptr, wg_desc, wu_desc, g_ptr, u_ptr, h_ptr, tm_ptr, n_tiles, F, D, DIV, stride_xm, stride_om,
+    GATHER: tl.constexpr, SAVE_GU: tl.constexpr, ACC64: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_D: tl.constexpr,
+):  # fmt: skip
+    """``_gmm_gu_kernel`` with the two weight tiles loaded by TMA from (E*D, F) descriptors: no weight
+    address arithmetic or masks in registers. A tile's K rows past D (D not a multiple of BLOCK_K) meet
+    zeros of X (masked), and the descriptor zero-fills past E*D rows and F columns."""
+    pid_n = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    e = tl.load(tm_ptr + pid_t)
+    start = tl.load(tm_ptr + n_tiles + pid_t)
+    end = tl.load(tm_ptr + 2 * n_tiles + pid_t)
+    if start >= end:
+        return
+    rows = start + tl.arange(0, BLOCK_M)
+    rmask = rows < end
+    if GATHER:
+        arow = tl.load(idx_ptr + rows, mask=rmask, other=0) // DIV
+    else:
+        arow = tl.where(rmask, rows, 0).to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    ks = tl.arange(0, BLOCK_K)
+    a_off = arow[:, None] * stride_xm + ks[None, :]
+    wrow = e * D
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if ACC64 else tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if ACC64 else tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        if EVEN_D:  # rows past a tile's end read a valid row (never stored): no mask at all
+            a = tl.load(x_ptr + a_off)
+        else:
+            a = tl.load(x_ptr + a_off, mask=((k0 + ks) < D)[None, :], other=0.0)
+        bg = wg_desc.load([wrow + k0, n0])
+        bu = wu_desc.load([wrow + k0, n0])
+        acc_g = tl.dot(a, bg, acc_g, input_precision=PREC)
+        acc_u = tl.dot(a, bu, acc_u, input_precision=PREC)
+        a_off += BLOCK_K
+    cols = n0 + tl.arange(0, BLOCK_N)
+    o_off = rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+    omask = rmask[:, None] & (cols < F)[None, :]
+    out_ty = h_ptr.dtype.element_ty
+    if SAVE_GU:
+        tl.store(g_ptr + o_off, acc_g.to(out_ty), mask=omask)
+        tl.store(u_ptr + o_off, acc_u.to(out_ty), mask=omask)
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    tl.store(h_ptr + o_off, h.to(out_ty), mask=omask)
+
+
+def gmm_gu(x, wg_EDF, wu_EDF, tm, n_tiles, block_m, n_rows, idx=None, div=1, save_gu=True, tma=None):
+    """H = silu(X[row] @ Wg[e]) * (X[row] @ Wu[e]) over the tile map; (G, U, H) (G, U are H when not saved).
+    ``tma``: read the weights through TMA descriptors (None: ``MOECODER_TMA`` where the weights allow it)."""
     D, F = wg_EDF.shape[1], wg_EDF.shape[2]
     assert wg_EDF.stride() == wu_EDF.stride() and x.stride(1) == 1
     h = torch.empty((n_rows, F), dtype=x.dtype, device=x.device)
     g = torch.empty_like(h) if save_gu else h
     u = torch.empty_like(h) if save_gu else h
     if n_rows == 0:
+        return g, u, h
+    if tma is None:
+        tma = tma_mode()
+    if tma and _tma_ok(x, wg_EDF) and _tma_ok(x, wu_EDF):
+        grid = lambda meta: (triton.cdiv(F, meta["BLOCK_N"]), n_tiles)
+        _gmm_gu_tma_kernel[grid](
+            x, idx if idx is not None else tm, _wdesc(wg_EDF), _wdesc(wu_EDF), g, u, h, tm, n_tiles, F, D, div,
+            x.stride(0), h.stride(0), GATHER=idx is not None, SAVE_GU=save_gu, ACC64=_acc64(x.dtype),
+            PREC=_prec(x.dtype), BLOCK_M=block_m,
+        )  # fmt: skip
         return g, u, h
     grid = lambda meta: (triton.cdiv(F, meta["BLOCK_N"]), n_tiles)
     _gmm_gu_kernel[grid](

@@ -25,7 +25,7 @@ ROOTS=$($PY -c "import os,site,sysconfig; print(' '.join(p for p in [*site.getsi
 # .carry/extra*_py.tar.xz (optional): more Python source carried in from the development machine
 # (packages the GPU machine lacks; held-out evaluation packages excluded; scripts/build_extra.py), each
 # archive one directory under $WORK (NAME_py.tar.xz holds NAME/) and one more corpus root.
-for arc in .carry/extra*_py.tar.xz .carry_pre/extra*_py.tar.xz; do
+for arc in .carry/extra*_py.tar.xz .carry_pre/extra*_py.tar.xz .carry_pre2/extra*_py.tar.xz; do
   [ -f "$arc" ] || continue
   top=$(basename "$arc" _py.tar.xz)  # extra_py.tar.xz holds extra/, extra2_py.tar.xz extra2/ (build_extra.py --arcname)
   if [ ! -d "$WORK/$top" ]; then
