@@ -17,8 +17,8 @@ step() {  # step SECONDS NAME COMMAND...
   echo "== $n ($(date -u +%T))" | tee -a "$L"
   timeout "$s" "$@" 2>&1 | tee "$OUT/$n.log" | tail -40 >> "$L"
 }
-step 90 tests python3 -m pytest -q -x tests/test_kernels.py -k "tma or moe_experts or grouped"
-step 90 breakdown python3 -m kernels.bench --shapes dsv2,qwen3 --breakdown 8192,16384 --reps 10
+MOECODER_TRITON_AUTOTUNE=0 step 80 tests python3 -m pytest -q -x tests/test_kernels.py -k "tma or moe_experts or grouped"
+step 80 breakdown python3 -m kernels.bench --shapes dsv2,qwen3 --breakdown 8192,16384 --reps 10
 step 90 prefill_ab python3 scripts/prefill_ab.py deepseek-v2-lite,qwen3-30b-a3b 8192 MOECODER_TMA
 step 110 kernels_bench python3 -m kernels.bench --tokens 4096,16384 --decode 1,8,64 --paths triton,grouped_mm,layer \
   --decode-chain 8 --json "$OUT/kernels_bench.json"
@@ -36,5 +36,5 @@ print(1 if ms.get("tma", 1e9) < ms.get("off", 0) else 0)
 EOF
 )
 echo "== MOECODER_TMA=$TMA for hf_bench" | tee -a "$L"
-MOECODER_TMA=$TMA step 200 hf_bench python3 -m model.hf_bench --prefills 8k --batches 1 --reps 3 --out "$OUT/hf_bench.json"
+MOECODER_TMA=$TMA step 170 hf_bench python3 -m model.hf_bench --prefills 8k --batches 1 --reps 3 --out "$OUT/hf_bench.json"
 echo "== end $(date -u)" | tee -a "$L"
