@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 
-MNEMONICS = ("HGMMA", "HMMA", "LDGSTS", "LDG.E.128", "LDL", "STL")
+MNEMONICS = ("HGMMA", "HMMA", "LDGSTS", "UTMALDG", "LDG.E.128", "LDL", "STL")
 
 
 def _compile(fn, types: dict, consts: dict, warps: int, stages: int, extra_div: tuple = ()) -> dict:
@@ -152,6 +152,20 @@ def main(argv: list[str] | None = None) -> int:
         cases.append((f"fwd gate/up EVEN BN={c['BLOCK_N']} BK={c['BLOCK_K']}", ops._gmm_gu_kernel, gu_t,
                       dict(stride_wn=1, GATHER=True, SAVE_GU=False, BLOCK_M=128, BLOCK_N=c["BLOCK_N"],
                            BLOCK_K=c["BLOCK_K"], EVEN=True), c["w"], c["s"]))  # fmt: skip
+    # TMA-descriptor weights (MOECODER_TMA; 2026-12-08)
+    for c in ops._GU_TMA_GPU:
+        bk, bn = c["BLOCK_K"], c["BLOCK_N"]
+        d = f"tensordesc<bf16[{bk},{bn}]>"
+        cases.append((f"fwd gate/up TMA BN={bn} BK={bk}", ops._gmm_gu_tma_kernel,
+                      dict(x_ptr=B, idx_ptr=I64, wg_desc=d, wu_desc=d, g_ptr=B, u_ptr=B, h_ptr=B, tm_ptr=I32),
+                      dict(GATHER=True, SAVE_GU=False, BLOCK_M=128, BLOCK_N=bn, BLOCK_K=bk, EVEN_D=True),
+                      c["w"], c["s"]))  # fmt: skip
+    for c in ops._GMM_TMA_GPU:
+        bk, bn = c["BLOCK_K"], c["BLOCK_N"]
+        cases.append((f"fwd down TMA BN={bn} BK={bk}", ops._gmm_tma_kernel,
+                      dict(a_ptr=B, a_desc=f"tensordesc<bf16[128,{bk}]>", idx_ptr=I64,
+                           b_desc=f"tensordesc<bf16[{bk},{bn}]>", c_ptr=B, tm_ptr=I32),
+                      dict(DIV=1, GATHER=False, BLOCK_M=128, BLOCK_N=bn, BLOCK_K=bk), c["w"], c["s"]))  # fmt: skip
     c = tml._LAYER_GPU[0]  # programmatic dependent launch
     cases.append(("layer down+combine PDL", tml._down_kernel, ldn_t,
                   dict(stride_dd=1, stride_sd=1, BM=16, BLOCK_TO=1, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
