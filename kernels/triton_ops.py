@@ -608,6 +608,24 @@ def _gmm_kernel(
     tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
+@triton.jit
+def _tile_rows(tm_ptr, idx_ptr, n_tiles, DIV, GATHER: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's tile (the grid's axis 1) of the tile map: (expert, start, end, rows, row mask, A's rows).
+    A's rows: gathered through idx // DIV, else the rows themselves; a row past the tile's end reads a valid row
+    (never stored)."""
+    pid_t = tl.program_id(1)
+    e = tl.load(tm_ptr + pid_t)
+    start = tl.load(tm_ptr + n_tiles + pid_t)
+    end = tl.load(tm_ptr + 2 * n_tiles + pid_t)
+    rows = start + tl.arange(0, BLOCK_M)
+    rmask = rows < end
+    if GATHER:
+        arow = tl.load(idx_ptr + rows, mask=rmask, other=0) // DIV
+    else:
+        arow = tl.where(rmask, rows, 0).to(tl.int64)
+    return e, start, end, rows, rmask, arow
+
+
 def _gmm_tma_hook(nargs):
     nargs["b_desc"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_N"]]
     if not nargs["GATHER"]:
@@ -633,20 +651,12 @@ def _gmm_tma_kernel(
     """``_gmm_kernel`` (one product) with the weight tile loaded by TMA from an (E*K, N) descriptor and,
     when A is not gathered, A's tile too (rows [start, start + BLOCK_M) of A: rows past the tile's end are
     computed and not stored). K past Kd: A is zero there (mask, or the descriptor's zero fill)."""
-    pid_n = tl.program_id(0)
-    pid_t = tl.program_id(1)
-    e = tl.load(tm_ptr + pid_t)
-    start = tl.load(tm_ptr + n_tiles + pid_t)
-    end = tl.load(tm_ptr + 2 * n_tiles + pid_t)
+    e, start, end, rows, rmask, arow = _tile_rows(tm_ptr, idx_ptr, n_tiles, DIV, GATHER, BLOCK_M)
     if start >= end:
         return
-    rows = start + tl.arange(0, BLOCK_M)
-    rmask = rows < end
     ks = tl.arange(0, BLOCK_K)
-    if GATHER:
-        arow = tl.load(idx_ptr + rows, mask=rmask, other=0) // DIV
-        a_off = arow[:, None] * stride_am + ks[None, :]
-    n0 = pid_n * BLOCK_N
+    a_off = arow[:, None] * stride_am + ks[None, :]
+    n0 = tl.program_id(0) * BLOCK_N
     wrow = e * Kd
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64 if ACC64 else tl.float32)
     for k0 in range(0, Kd, BLOCK_K):
@@ -794,20 +804,10 @@ def _gmm_gu_tma_kernel(
     """``_gmm_gu_kernel`` with the two weight tiles loaded by TMA from (E*D, F) descriptors: no weight
     address arithmetic or masks in registers. A tile's K rows past D (D not a multiple of BLOCK_K) meet
     zeros of X (masked), and the descriptor zero-fills past E*D rows and F columns."""
-    pid_n = tl.program_id(0)
-    pid_t = tl.program_id(1)
-    e = tl.load(tm_ptr + pid_t)
-    start = tl.load(tm_ptr + n_tiles + pid_t)
-    end = tl.load(tm_ptr + 2 * n_tiles + pid_t)
+    e, start, end, rows, rmask, arow = _tile_rows(tm_ptr, idx_ptr, n_tiles, DIV, GATHER, BLOCK_M)
     if start >= end:
         return
-    rows = start + tl.arange(0, BLOCK_M)
-    rmask = rows < end
-    if GATHER:
-        arow = tl.load(idx_ptr + rows, mask=rmask, other=0) // DIV
-    else:
-        arow = tl.where(rmask, rows, 0).to(tl.int64)
-    n0 = pid_n * BLOCK_N
+    n0 = tl.program_id(0) * BLOCK_N
     ks = tl.arange(0, BLOCK_K)
     a_off = arow[:, None] * stride_xm + ks[None, :]
     wrow = e * D

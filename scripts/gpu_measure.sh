@@ -5,17 +5,7 @@
 # 1. GPU tests of the kernels that changed last (bf16), 2. the prefill switches A/B (scripts/prefill_ab.py),
 # 3. open checkpoints vs transformers (model.hf_bench: prefill 2k/8k, decode b1/b8/b64),
 # 4. the MoE layer (kernels.bench: fwd+bwd and decode vs torch._grouped_mm and the HBM floor), 5. its breakdown.
-set -u
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-L=$OUT/measure.log
-{ echo "== $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) $(date -u) $(git log --oneline -1 2>/dev/null | cut -c1-70)"
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$L"
-step() {  # step SECONDS NAME COMMAND...
-  local s=$1 n=$2; shift 2
-  echo "== $n ($(date -u +%T))" | tee -a "$L"
-  timeout "$s" "$@" 2>&1 | tee "$OUT/$n.log" | tail -40 >> "$L"
-}
+. "$(dirname "$0")/gpu_steps.sh"  # the log header and step()
 MOECODER_TRITON_AUTOTUNE=0 step 150 tests python3 -m pytest -q -x tests/test_decode_kernels.py tests/test_kernels.py \
   tests/test_fused_decode.py -k "router or mla or two_deltas or moe_experts or grouped or layer_random or plan or fused_norms"
 step 120 prefill_ab python3 scripts/prefill_ab.py deepseek-v2-lite,qwen3-30b-a3b 8192

@@ -6,17 +6,7 @@
 # 1. GPU tests of the TMA kernels (bf16), 2. each GEMM alone (kernels.bench --breakdown), 3. the 8k prefill with
 # MOECODER_TMA off/on in one process (scripts/prefill_ab.py), 4. the MoE layer fwd+bwd / decode with it off and on,
 # 5. open checkpoints vs transformers at 8k, decode b1 (model.hf_bench) with the better setting.
-set -u
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-L=$OUT/measure.log
-{ echo "== $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) $(date -u) $(git log --oneline -1 2>/dev/null | cut -c1-70)"
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$L"
-step() {  # step SECONDS NAME COMMAND...
-  local s=$1 n=$2; shift 2
-  echo "== $n ($(date -u +%T))" | tee -a "$L"
-  timeout "$s" "$@" 2>&1 | tee "$OUT/$n.log" | tail -40 >> "$L"
-}
+. "$(dirname "$0")/gpu_steps.sh"  # the log header and step()
 MOECODER_TRITON_AUTOTUNE=0 step 80 tests python3 -m pytest -q -x tests/test_kernels.py -k "tma or moe_experts or grouped"
 step 80 breakdown python3 -m kernels.bench --shapes dsv2,qwen3 --breakdown 8192,16384 --reps 10
 step 90 prefill_ab python3 scripts/prefill_ab.py deepseek-v2-lite,qwen3-30b-a3b 8192 MOECODER_TMA
