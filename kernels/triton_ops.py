@@ -723,6 +723,17 @@ _GU_GPU = [
 ]
 
 
+@triton.jit
+def _gu_epilogue(acc_g, acc_u, g_ptr, u_ptr, h_ptr, o_off, omask, SAVE_GU: tl.constexpr):
+    """Store H = silu(G) * U (and G, U for the backward) in the output dtype."""
+    out_ty = h_ptr.dtype.element_ty
+    if SAVE_GU:
+        tl.store(g_ptr + o_off, acc_g.to(out_ty), mask=omask)
+        tl.store(u_ptr + o_off, acc_u.to(out_ty), mask=omask)
+    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+    tl.store(h_ptr + o_off, h.to(out_ty), mask=omask)
+
+
 @triton.autotune(configs=_configs(_GU_GPU, _GMM_INT), key=["F", "D", "BLOCK_M", "GATHER"])
 @triton.heuristics(dict(EVEN=lambda a: a["D"] % a["BLOCK_K"] == 0 and a["F"] % a["BLOCK_N"] == 0))
 @triton.jit
@@ -769,12 +780,7 @@ def _gmm_gu_kernel(
         b_off += BLOCK_K * stride_wk
     o_off = rows[:, None].to(tl.int64) * stride_om + cols[None, :]
     omask = rmask[:, None] & cmask[None, :]
-    out_ty = h_ptr.dtype.element_ty
-    if SAVE_GU:
-        tl.store(g_ptr + o_off, acc_g.to(out_ty), mask=omask)
-        tl.store(u_ptr + o_off, acc_u.to(out_ty), mask=omask)
-    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-    tl.store(h_ptr + o_off, h.to(out_ty), mask=omask)
+    _gu_epilogue(acc_g, acc_u, g_ptr, u_ptr, h_ptr, o_off, omask, SAVE_GU)
 
 
 def _gu_tma_hook(nargs):
@@ -826,12 +832,7 @@ def _gmm_gu_tma_kernel(
     cols = n0 + tl.arange(0, BLOCK_N)
     o_off = rows[:, None].to(tl.int64) * stride_om + cols[None, :]
     omask = rmask[:, None] & (cols < F)[None, :]
-    out_ty = h_ptr.dtype.element_ty
-    if SAVE_GU:
-        tl.store(g_ptr + o_off, acc_g.to(out_ty), mask=omask)
-        tl.store(u_ptr + o_off, acc_u.to(out_ty), mask=omask)
-    h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-    tl.store(h_ptr + o_off, h.to(out_ty), mask=omask)
+    _gu_epilogue(acc_g, acc_u, g_ptr, u_ptr, h_ptr, o_off, omask, SAVE_GU)
 
 
 def gmm_gu(x, wg_EDF, wu_EDF, tm, n_tiles, block_m, n_rows, idx=None, div=1, save_gu=True, tma=None):
