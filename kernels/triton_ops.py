@@ -19,6 +19,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -67,8 +68,6 @@ def _tma_ok(a: torch.Tensor, w_EKN: torch.Tensor) -> bool:
 
 
 def _wdesc(w_EKN: torch.Tensor):
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     E, K, N = w_EKN.shape
     # block shape placeholder: each config's pre-hook sets (BLOCK_K, BLOCK_N)
     return TensorDescriptor(w_EKN, [E * K, N], [w_EKN.stride(1), 1], [16, 16])
@@ -556,6 +555,24 @@ def plan(experts_TK, num_experts: int, block_m: int):
 # --------------------------------------------------------------------------------------
 # grouped GEMM kernels
 
+@triton.jit
+def _tile_rows(tm_ptr, idx_ptr, n_tiles, DIV, GATHER: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's tile (the grid's axis 1) of the tile map: (expert, start, end, rows, row mask, A's rows).
+    A's rows: gathered through idx // DIV, else the rows themselves; a row past the tile's end reads a valid row
+    (never stored)."""
+    pid_t = tl.program_id(1)
+    e = tl.load(tm_ptr + pid_t)
+    start = tl.load(tm_ptr + n_tiles + pid_t)
+    end = tl.load(tm_ptr + 2 * n_tiles + pid_t)
+    rows = start + tl.arange(0, BLOCK_M)
+    rmask = rows < end
+    if GATHER:
+        arow = tl.load(idx_ptr + rows, mask=rmask, other=0) // DIV
+    else:
+        arow = tl.where(rmask, rows, 0).to(tl.int64)
+    return e, start, end, rows, rmask, arow
+
+
 _GMM_GPU = [
     dict(BLOCK_N=128, BLOCK_K=64, w=8, s=3),
     dict(BLOCK_N=64, BLOCK_K=64, w=4, s=4),
@@ -574,20 +591,11 @@ def _gmm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """C[p] = A[row(p)] @ B[e] (+ A2[row(p)] @ B2[e]) for the rows p of each tile of expert e."""
-    pid_n = tl.program_id(0)
-    pid_t = tl.program_id(1)
-    e = tl.load(tm_ptr + pid_t).to(tl.int64)
-    start = tl.load(tm_ptr + n_tiles + pid_t)
-    end = tl.load(tm_ptr + 2 * n_tiles + pid_t)
+    e, start, end, rows, rmask, arow = _tile_rows(tm_ptr, idx_ptr, n_tiles, DIV, GATHER, BLOCK_M)
     if start >= end:
         return
-    rows = start + tl.arange(0, BLOCK_M)
-    rmask = rows < end
-    if GATHER:
-        arow = tl.load(idx_ptr + rows, mask=rmask, other=0) // DIV
-    else:
-        arow = rows.to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    e = e.to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
     ks = tl.arange(0, BLOCK_K)
     a_off = arow[:, None] * stride_am + ks[None, :] * stride_ak
@@ -606,24 +614,6 @@ def _gmm_kernel(
         b_off += BLOCK_K * stride_bk
     c_off = rows[:, None].to(tl.int64) * stride_cm + cols[None, :]
     tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
-
-
-@triton.jit
-def _tile_rows(tm_ptr, idx_ptr, n_tiles, DIV, GATHER: tl.constexpr, BLOCK_M: tl.constexpr):
-    """This program's tile (the grid's axis 1) of the tile map: (expert, start, end, rows, row mask, A's rows).
-    A's rows: gathered through idx // DIV, else the rows themselves; a row past the tile's end reads a valid row
-    (never stored)."""
-    pid_t = tl.program_id(1)
-    e = tl.load(tm_ptr + pid_t)
-    start = tl.load(tm_ptr + n_tiles + pid_t)
-    end = tl.load(tm_ptr + 2 * n_tiles + pid_t)
-    rows = start + tl.arange(0, BLOCK_M)
-    rmask = rows < end
-    if GATHER:
-        arow = tl.load(idx_ptr + rows, mask=rmask, other=0) // DIV
-    else:
-        arow = tl.where(rmask, rows, 0).to(tl.int64)
-    return e, start, end, rows, rmask, arow
 
 
 def _gmm_tma_hook(nargs):
@@ -695,8 +685,6 @@ def gmm(a, b_EKN, tm, n_tiles, block_m, n_rows, idx=None, div=1, a2=None, b2=Non
     if tma is None:
         tma = tma_mode()
     if tma and a2 is None and _tma_ok(a, b_EKN) and (idx is not None or _a_tma_ok(a)):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
         a_desc = a if idx is not None else TensorDescriptor(a, list(a.shape), [a.stride(0), 1], [16, 16])
         _gmm_tma_kernel[grid](
             a, a_desc, idx if idx is not None else tm, _wdesc(b_EKN), c, tm, n_tiles, N, Kd, div, a.stride(0),
@@ -744,20 +732,11 @@ def _gmm_gu_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
 ):  # fmt: skip
     """H = silu(X[row] @ Wg[e]) * (X[row] @ Wu[e]); the gather of X rows and SwiGLU fused."""
-    pid_n = tl.program_id(0)
-    pid_t = tl.program_id(1)
-    e = tl.load(tm_ptr + pid_t).to(tl.int64)
-    start = tl.load(tm_ptr + n_tiles + pid_t)
-    end = tl.load(tm_ptr + 2 * n_tiles + pid_t)
+    e, start, end, rows, rmask, arow = _tile_rows(tm_ptr, idx_ptr, n_tiles, DIV, GATHER, BLOCK_M)
     if start >= end:
         return
-    rows = start + tl.arange(0, BLOCK_M)
-    rmask = rows < end
-    if GATHER:
-        arow = tl.load(idx_ptr + rows, mask=rmask, other=0) // DIV
-    else:
-        arow = tl.where(rmask, rows, 0).to(tl.int64)  # rows past the tile's end read row 0 (never stored)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    e = e.to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < F
     ks = tl.arange(0, BLOCK_K)
     a_off = arow[:, None] * stride_xm + ks[None, :]
@@ -845,17 +824,16 @@ def gmm_gu(x, wg_EDF, wu_EDF, tm, n_tiles, block_m, n_rows, idx=None, div=1, sav
     u = torch.empty_like(h) if save_gu else h
     if n_rows == 0:
         return g, u, h
+    grid = lambda meta: (triton.cdiv(F, meta["BLOCK_N"]), n_tiles)
     if tma is None:
         tma = tma_mode()
     if tma and _tma_ok(x, wg_EDF) and _tma_ok(x, wu_EDF):
-        grid = lambda meta: (triton.cdiv(F, meta["BLOCK_N"]), n_tiles)
         _gmm_gu_tma_kernel[grid](
             x, idx if idx is not None else tm, _wdesc(wg_EDF), _wdesc(wu_EDF), g, u, h, tm, n_tiles, F, D, div,
             x.stride(0), h.stride(0), GATHER=idx is not None, SAVE_GU=save_gu, ACC64=_acc64(x.dtype),
             PREC=_prec(x.dtype), BLOCK_M=block_m,
         )  # fmt: skip
         return g, u, h
-    grid = lambda meta: (triton.cdiv(F, meta["BLOCK_N"]), n_tiles)
     _gmm_gu_kernel[grid](
         x, idx if idx is not None else tm, wg_EDF, wu_EDF, g, u, h, tm, n_tiles, F, D, div,
         x.stride(0), wg_EDF.stride(0), wg_EDF.stride(1), wg_EDF.stride(2), h.stride(0),
