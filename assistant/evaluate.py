@@ -891,8 +891,8 @@ def product_fim(ctx: Context) -> dict:
            "n": n, "skipped": len(items) - n, "source": where}  # fmt: skip
     roots = [Path(r).resolve() for r in ctx.extra.get("repos") or []]
     if roots:  # the same lines again with the package's memory, as the editor gives it (repositoryContext)
-        reqs2, refs2, sc0 = [], [], []
-        for it, ref, pred in zip(items, refs, preds):
+        reqs2, refs2, sc0, at2 = [], [], [], []
+        for k, (it, ref, pred) in enumerate(zip(items, refs, preds)):
             src = Path(it["path"]).resolve()
             root = next((r for r in roots if src.is_relative_to(r)), None)
             if root is None:
@@ -901,14 +901,23 @@ def product_fim(ctx: Context) -> dict:
             req.repo, req.recent = str(root), []
             reqs2.append(req)
             refs2.append(ref)
+            at2.append(k)
             if _text(pred) is not None:
                 sc0.append((ref, _text(pred)))
-        sc = [(ref, _text(p)) for ref, p in zip(refs2, runner.run(reqs2)) if _text(p) is not None]
+        preds2 = runner.run(reqs2)
+        sc = [(ref, _text(p)) for ref, p in zip(refs2, preds2) if _text(p) is not None]
         m = len(sc)
         out.update({"n_repo": m,
                     "exact_match_repo_without": sum(exact_match(p, r) for r, p in sc0) / len(sc0) if sc0 else 0.0,
                     "exact_match_repo": sum(exact_match(p, r) for r, p in sc) / m if m else 0.0,
                     "edit_similarity_repo": sum(edit_similarity(p, r) for r, p in sc) / m if m else 0.0})  # fmt: skip
+    if ctx.extra.get("items"):  # each line, its reference and the completions: to read the misses
+        recs = [{"path": it["path"], "line": it["line"], "reference": ref, "completion": _text(p),
+                 "multiline": bool(getattr(p, "multiline", False))} for it, ref, p in zip(items, refs, preds)]
+        if roots:
+            for k, p in zip(at2, preds2):
+                recs[k]["completion_repo"] = _text(p)
+        out["items"] = recs
     raw_pred = ctx.extra.get("raw_predictor")
     if raw_pred is not None:  # the model alone: whole-line middle, prefix/suffix clipped, no post-filters
         raw = raw_pred.fim([(it["prefix"], it["suffix"]) for it in items], 64, spm=True)
@@ -1256,6 +1265,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="product path: beam width of single-line completions (default: the product's, 1 = greedy)")
     p.add_argument("--context-tokens", type=int, default=None,
                    help="with --path product: the completion prompt cap (default: the settings' 512)")
+    p.add_argument("--items", action="store_true",
+                   help="with --path product and --json: each fim line's reference and completion(s) in the report")
     p.add_argument("--raw-beside", action="store_true",
                    help="with --path product: also the raw model's score where it explains one (fim, docstrings)")
     p.add_argument("--fim-order", choices=["psm", "spm", "both"], default="both",
@@ -1374,6 +1385,7 @@ def main(argv: list[str] | None = None) -> int:
                                             min_confidence=settings.review.min_confidence)
         if args.raw_beside:
             ctx.extra["raw_predictor"] = predictor
+        ctx.extra["items"] = args.items
     if args.repos:
         repos = [r for r in args.repos.split(",") if r]
         missing = [r for r in repos if not Path(r).is_dir()]

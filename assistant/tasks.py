@@ -618,10 +618,11 @@ def is_multiline(source: str, line: int, column: int) -> bool:
     """Whether a completion at the cursor should span lines, from the syntax there.
 
     Single line inside strings and comments, when code follows the cursor on its line, and
-    mid-statement; multi-line right after a block header (``...:``) and on a blank line that
-    ends its block (the next code is less indented, or there is none). A blank line between two
-    statements of one block (the next code as indented as the cursor), or inside open
-    brackets, fills a gap: one line.
+    mid-statement; multi-line right after a block header (``...:``), on the first line of an
+    empty body and on a blank line that ends its block (the next code is less indented, or there
+    is none). A blank line with code below it as indented as the cursor (between two statements,
+    or above a body that is there already), or inside open brackets, fills a gap: one line
+    (measured: docs/benchmarks.md, "One line above a body that is there").
     """
     lines = source.split("\n")
     cur = lines[line] if 0 <= line < len(lines) else ""
@@ -640,12 +641,13 @@ def is_multiline(source: str, line: int, column: int) -> bool:
     if before.strip():
         return before.rstrip().endswith(":") and not _open_brackets(before)
     prev = next((ln for ln in reversed(lines[:line]) if ln.strip()), "")
+    nxt = next((ln for ln in lines[line + 1:] if ln.strip()), None)
+    gap = nxt is not None and _indent_of(nxt) >= len(before)  # code goes on at the cursor's depth: fill a gap
     if prev.rstrip().endswith(":") and not prev.lstrip().startswith("#"):
-        return True  # the first line of a new body
+        return not gap  # the first line of a new body (one line when the body is there already)
     if _open_brackets("\n".join(lines[max(0, line - 50):line])):
         return False
-    nxt = next((ln for ln in lines[line + 1:] if ln.strip()), None)
-    return nxt is None or _indent_of(nxt) < len(before)
+    return not gap
 
 
 def _scan_brackets(text: str, stack: list[str] | None = None) -> tuple[list[str], int | None]:

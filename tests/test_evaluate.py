@@ -275,8 +275,18 @@ def test_product_fim_with_repos_completes_lines_of_those_projects_with_their_mem
     assert under and all(q.repo == str(root.resolve()) and q.path.startswith(str(root.resolve())) for q in under)
     assert 0 < r["n_repo"] == len(under) < r["n"] == 8  # lines of elsewhere.py are not in a --repos project
     assert r["exact_match_repo"] == 1.0 and r["exact_match_repo_without"] == 0.0 and r["exact_match"] == 0.0
+    assert "items" not in r
     r = E.product_fim(E.Context(predictor=None, limit=8, seed=0, data=tmp_path / "data", extra={"runner": Runner()}))
     assert "n_repo" not in r  # no --repos: the plain suite
+    ctx = E.Context(predictor=None, limit=8, seed=0, data=tmp_path / "data",
+                    extra={"runner": Runner(), "repos": [str(root)], "items": True})
+    res = E.product_fim(ctx)  # --items: each line with its completions, to read the misses
+    recs = res["items"]
+    assert len(recs) == 8 and all(x["completion"] == "nope" for x in recs)
+    inside = [x for x in recs if "completion_repo" in x]
+    assert 0 < len(inside) == res["n_repo"] < 8
+    assert all(x["completion_repo"] == x["reference"].strip() and x["path"].startswith(str(root)) for x in inside)
+    assert all("completion_repo" not in x for x in recs if x["path"].endswith("elsewhere.py"))
 
 
 def test_cli_errors(tmp_path, capsys):

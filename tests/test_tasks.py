@@ -63,7 +63,9 @@ def _no_user_config(tmp_path, monkeypatch):
 # -- completion ------------------------------------------------------------------------------
 def test_multiline_decided_from_syntax():
     src = "def f(x):\n    \n    y = g(x, )\n    s = 'abc'\n    # note\n"
-    assert is_multiline(src, 1, 4)  # the first line of a body
+    assert not is_multiline(src, 1, 4)  # above a body that is there already: one line
+    assert is_multiline("def f(x):\n    \n", 1, 4)  # the first line of a new body
+    assert is_multiline("class A:\n    def f(self):\n        \n    def g(self):\n", 2, 8)  # an empty body
     gap = "def f(x):\n    a = 1\n    \n    b = 2\n"
     assert not is_multiline(gap, 2, 4)  # between two statements of one block: one line
     assert is_multiline(gap + "    \n", 4, 4)  # at the end of the block
