@@ -689,8 +689,23 @@ def _scan_brackets(text: str, stack: list[str] | None = None) -> tuple[list[str]
     return stack, None
 
 
+# lines that start a statement: a def, a class, a decorator (never inside brackets; inside a string only in an
+# odd docstring)
+_STATEMENT_START = re.compile(r"^[ \t]*(?:(?:async[ \t]+)?def|class)[ \t]|^[ \t]*@[A-Za-z_]", re.M)
+
+
 def _open_brackets(text: str) -> list[str]:
-    return _scan_brackets(text)[0]
+    """The brackets still open at the end of ``text``: scanned from its last def/class/decorator line (or its start),
+    and afresh after a closer that nothing opened (the text began inside brackets: a window of a file)."""
+    starts = [m.start() for m in _STATEMENT_START.finditer(text)]
+    if starts:
+        text = text[starts[-1]:]
+    stack: list[str] = []
+    while True:
+        stack, bad = _scan_brackets(text, stack)
+        if bad is None:
+            return stack
+        text, stack = text[bad + 1:], []
 
 
 def postprocess_completion(text: str, prefix: str, suffix: str, multiline: bool) -> str:
@@ -717,7 +732,7 @@ def postprocess_completion(text: str, prefix: str, suffix: str, multiline: bool)
     # 3. balanced brackets: never close what the completion did not open when the suffix
     #    already closes the cursor line's brackets
     # (the statement's brackets, not the line's: a continuation line may close a signature's "(")
-    stmt_open = _open_brackets(prefix[-4000:])
+    stmt_open = _open_brackets(prefix[-20000:])
     suffix_closes = len(after_cursor) - len(after_cursor.lstrip(")]} \t"))
     start_stack = [] if after_cursor.lstrip().startswith((")", "]", "}")) or suffix_closes else stmt_open
     stack, bad = _scan_brackets(text, start_stack)

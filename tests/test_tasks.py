@@ -20,6 +20,7 @@ from assistant.tasks import (
     make_docstring,
     parse_debug_answer,
     parse_docstring_text,
+    _open_brackets,
     postprocess_completion,
     render_docstring,
 )
@@ -103,6 +104,11 @@ def test_postfilter_balanced_brackets():
     sig = "class A:\n    def f(\n        self, x: int,\n    "
     assert postprocess_completion(") -> None:", sig, "", False) == ") -> None:"
     assert postprocess_completion(") -> None:", "x = 1\n", "", False) == ""  # nothing open: cut
+    # ... also when the prompt's window starts inside an earlier call (a closer nothing in it opened)
+    window = "        b=2,\n    )\n    return x\n\n" + sig
+    assert postprocess_completion(") -> None:", window, "", False) == ") -> None:"
+    assert _open_brackets("    ]\n    y = (1,\n") == ["("] and _open_brackets("def f(a, b):\n    x = {") == ["{"]
+    assert _open_brackets('x = f(1, ")")\n') == []
     # multi-line: trailing lines that leave a bracket open are dropped
     raw = "    a = 1\n    b = foo(1,\n"
     assert postprocess_completion(raw, "def f():\n", "", True) == "    a = 1"
